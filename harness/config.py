@@ -1,0 +1,575 @@
+"""Typed configuration: schemas (pydantic v2), YAML loading with one ``extends:`` parent, and
+``--set a.b=c`` overrides.
+
+Every schema rejects unknown keys with a did-you-mean. Defaults live in the schemas; the recipe
+defaults (SimMIM, MAE) live in :data:`RECIPE_DEFAULTS` and are merged under what the user wrote,
+so the resolved config that ``mimbench validate`` prints, and that every run stores, holds every
+value that was used.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from harness.errors import UserError
+from harness.registry import did_you_mean
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override is invalid; the message names the key and the fix."""
+
+
+class StrictModel(BaseModel):
+    """Base for all schemas: unknown keys are rejected with a did-you-mean."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = list(cls.model_fields)
+            for key in data:
+                if key not in cls.model_fields:
+                    hint = did_you_mean(str(key), allowed)
+                    raise ValueError(
+                        f"unknown key '{key}';{hint} allowed keys: {', '.join(allowed)}"
+                    )
+        return data
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ShapesConfig(StrictModel):
+    """Parameters of the embedded synthetic dataset (see :mod:`harness.data.shapes`)."""
+
+    image_size: int = Field(32, ge=8)
+    train_per_class: int = Field(100, ge=2)
+    val_per_class: int = Field(25, ge=1)
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    """Where images come from.
+
+    ``source: shapes`` generates the embedded synthetic dataset on demand into a cache;
+    any other value is a path to an ImageFolder root holding ``train/`` and ``val/``.
+    """
+
+    source: str = "shapes"
+    shapes: ShapesConfig = Field(default_factory=ShapesConfig)
+    num_workers: int = Field(0, ge=0)
+    eval_crop_pct: float = Field(0.875, gt=0, le=1.0)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+class EncoderConfig(StrictModel):
+    """A ViT encoder: a preset (``arch``) plus optional overrides of its shape.
+
+    ``None`` fields take the preset's value from :data:`ENCODER_PRESETS`; the resolved config
+    holds the values used.
+    """
+
+    arch: str = "vit_tiny_32"
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> EncoderConfig:
+        if self.arch not in ENCODER_PRESETS:
+            hint = did_you_mean(self.arch, list(ENCODER_PRESETS))
+            raise ValueError(
+                f"unknown encoder arch '{self.arch}';{hint} known: {', '.join(ENCODER_PRESETS)}"
+            )
+        preset = ENCODER_PRESETS[self.arch]
+        for key, value in preset.items():
+            if key != "timm_name" and getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.img_size % self.patch_size:  # type: ignore[operator]
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:  # type: ignore[operator]
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        return self
+
+    @property
+    def timm_name(self) -> str:
+        """The timm model name whose architecture this encoder instantiates (with overrides)."""
+        return str(ENCODER_PRESETS[self.arch]["timm_name"])
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model(self.timm_name, **kwargs)``."""
+        return {
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "num_classes": 0,
+        }
+
+
+# Encoder presets: tiny ones for CPU (tests, the demo), the standard ViTs for GPUs.
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "vit_micro_32": dict(timm_name="vit_tiny_patch16_224", img_size=32, patch_size=8,
+                         embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    "vit_tiny_32": dict(timm_name="vit_tiny_patch16_224", img_size=32, patch_size=4,
+                        embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0),
+    "vit_tiny_16": dict(timm_name="vit_tiny_patch16_224", img_size=224, patch_size=16,
+                        embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
+    "vit_small_16": dict(timm_name="vit_small_patch16_224", img_size=224, patch_size=16,
+                         embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "vit_base_16": dict(timm_name="vit_base_patch16_224", img_size=224, patch_size=16,
+                        embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    "vit_large_16": dict(timm_name="vit_large_patch16_224", img_size=224, patch_size=16,
+                         embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+}
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+class MaskingConfig(StrictModel):
+    """Which patches are hidden.
+
+    Attributes:
+        strategy: ``random`` (SimMIM: random over a grid of masked-patch-size units) or
+            ``shuffle`` (MAE: per-sample random shuffle of tokens).
+        ratio: Fraction of patches masked.
+        mask_patch_size: Side of a masking unit in pixels; ``None`` means the model patch size.
+    """
+
+    strategy: Literal["random", "shuffle"] = "random"
+    ratio: float = Field(0.6, gt=0.0, lt=1.0)
+    mask_patch_size: int | None = None
+
+
+class HeadConfig(StrictModel):
+    """Prediction head: ``linear`` (SimMIM) or ``mae_decoder`` (MAE's transformer decoder)."""
+
+    type: Literal["linear", "mae_decoder"] = "linear"
+    depth: int = Field(8, ge=1)
+    dim: int = Field(512, ge=8)
+    num_heads: int = Field(16, ge=1)
+    mlp_ratio: float = 4.0
+
+
+class TargetConfig(StrictModel):
+    """Reconstruction target: normalized pixels, or per-patch normalized pixels (MAE)."""
+
+    type: Literal["pixels", "norm_pixels"] = "pixels"
+
+
+class LossConfig(StrictModel):
+    """Reconstruction loss and where it is averaged."""
+
+    type: Literal["l1", "l2", "smooth_l1"] = "l1"
+    on: Literal["masked", "all"] = "masked"
+
+
+class RecipeConfig(StrictModel):
+    """A MIM recipe: masking + encoder mode + head + target + loss.
+
+    The recipe ``name`` selects the paper's defaults from :data:`RECIPE_DEFAULTS`; every key
+    given explicitly overrides them, so an ablation changes one value.
+    """
+
+    name: str
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    encoder_mode: Literal["mask_token", "visible"] = "mask_token"
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" in data:
+            name = data["name"]
+            if name not in RECIPE_DEFAULTS:
+                hint = did_you_mean(str(name), list(RECIPE_DEFAULTS))
+                raise ValueError(
+                    f"unknown recipe '{name}';{hint} known recipes: {', '.join(RECIPE_DEFAULTS)}"
+                )
+            return deep_merge(RECIPE_DEFAULTS[name]["recipe"], data)
+        return data
+
+
+class TrainConfig(StrictModel):
+    """Pretraining optimization (AdamW, cosine schedule with linear warmup).
+
+    The learning rate is ``base_lr * batch_size / lr_base_batch`` (MAE: /256; SimMIM: /512).
+    """
+
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: float = Field(10, ge=0)
+    batch_size: int = Field(64, ge=1)
+    base_lr: float = Field(1.5e-4, gt=0)
+    lr_base_batch: int = Field(256, ge=1)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = None
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    ckpt_every_steps: int = Field(200, ge=1)
+    log_every_steps: int = Field(20, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    max_steps: int | None = Field(None, ge=1)
+    num_recon_images: int = Field(8, ge=0)
+
+
+def _recipe_train_defaults(data: Any) -> Any:
+    """Put the recipe's paper training defaults under what the user wrote in ``train``."""
+    if isinstance(data, dict):
+        recipe = data.get("recipe")
+        name = recipe.get("name") if isinstance(recipe, dict) else None
+        if name in RECIPE_DEFAULTS:
+            data = dict(data)
+            data["train"] = deep_merge(RECIPE_DEFAULTS[name]["train"], data.get("train") or {})
+    return data
+
+
+class PretrainSpec(StrictModel):
+    """How an encoder is pretrained (a suite's ``encoders[i].pretrain``)."""
+
+    recipe: RecipeConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_defaults(cls, data: Any) -> Any:
+        return _recipe_train_defaults(data)
+
+
+class PretrainConfig(StrictModel):
+    """A standalone pretraining run (``mimbench pretrain FILE``)."""
+
+    kind: Literal["pretrain"] = "pretrain"
+    name: str = "pretrain"
+    seed: int = 0
+    output_dir: str = "runs/pretrain"
+    data: DataConfig = Field(default_factory=DataConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    recipe: RecipeConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_defaults(cls, data: Any) -> Any:
+        return _recipe_train_defaults(data)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class TaskConfig(StrictModel):
+    """Base of every downstream task config; ``name`` selects the task."""
+
+    name: str
+
+
+class LinearProbeConfig(TaskConfig):
+    """Fast linear probe on cached frozen features (see :mod:`downstream.linear_probe`).
+
+    A grid of heads (``lrs`` x ``pooling``), each MAE's probe head (BatchNorm without affine,
+    then a linear layer), is trained together on features extracted once; the head is chosen on
+    a held-out part of train, never on val.
+    """
+
+    name: Literal["linear_probe"] = "linear_probe"
+    pooling: list[Literal["cls", "avg"]] = Field(default_factory=lambda: ["cls", "avg"], min_length=1)
+    lrs: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0], min_length=1)
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=1)
+    momentum: float = 0.9
+    weight_decay: float = Field(0.0, ge=0)
+    holdout_fraction: float = Field(0.1, gt=0, lt=0.5)
+    batch_size_extract: int = Field(128, ge=1)
+
+
+TASK_CONFIGS: dict[str, type[TaskConfig]] = {"linear_probe": LinearProbeConfig}
+
+
+def parse_task_config(data: Any) -> TaskConfig:
+    """Validate one task entry with the config class its ``name`` selects."""
+    if isinstance(data, TaskConfig):
+        return data
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict) or "name" not in data:
+        raise ValueError("each task needs a 'name', e.g. {name: linear_probe}")
+    name = data["name"]
+    if name not in TASK_CONFIGS:
+        hint = did_you_mean(str(name), list(TASK_CONFIGS))
+        raise ValueError(f"unknown task '{name}';{hint} known tasks: {', '.join(TASK_CONFIGS)}")
+    return TASK_CONFIGS[name].model_validate(data)
+
+
+# --------------------------------------------------------------------------- suites
+
+
+class EncoderEntry(StrictModel):
+    """One encoder of a suite: pretrained here (``pretrain``), loaded (``checkpoint``), or
+    randomly initialized (neither: the baseline)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    pretrain: PretrainSpec | None = None
+    checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncoderEntry:
+        if self.pretrain is not None and self.checkpoint is not None:
+            raise ValueError(
+                f"encoder '{self.name}' has both 'pretrain' and 'checkpoint': keep one"
+            )
+        return self
+
+    @property
+    def source(self) -> str:
+        if self.pretrain is not None:
+            return "pretrain"
+        if self.checkpoint is not None:
+            return "checkpoint"
+        return "random"
+
+
+class SuiteConfig(StrictModel):
+    """A benchmark: encoders x tasks x seeds (``mimbench run FILE``)."""
+
+    kind: Literal["suite"] = "suite"
+    name: str = Field("suite", pattern=r"^[A-Za-z0-9_.\-]+$")
+    output_dir: str = "runs"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    encoders: list[EncoderEntry] = Field(min_length=1)
+    tasks: list[SerializeAsAny[TaskConfig]] = Field(min_length=1)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _parse_tasks(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            raise ValueError("'tasks' must be a list of task entries")
+        return [parse_task_config(v) for v in value]
+
+    @model_validator(mode="after")
+    def _unique_encoder_names(self) -> SuiteConfig:
+        names = [e.name for e in self.encoders]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"encoder names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+
+CONFIG_KINDS: dict[str, type[StrictModel]] = {"suite": SuiteConfig, "pretrain": PretrainConfig}
+
+
+# --------------------------------------------------------------------------- recipe defaults
+
+RECIPE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    # SimMIM (Xie et al., CVPR 2022): random masking of 32 px units on 16 px patches at ratio 0.6,
+    # mask token in the encoder, a linear head, L1 on the masked pixels (Tables 1-4; Sec. 4.1:
+    # AdamW, base lr 8e-4 for batch 2048 scaled linearly per 512, wd 0.05, betas (0.9, 0.999),
+    # 100 epochs with 10 warmup, crops of scale [0.67, 1]).
+    "simmim": {
+        "recipe": {
+            "masking": {"strategy": "random", "ratio": 0.6, "mask_patch_size": 32},
+            "encoder_mode": "mask_token",
+            "head": {"type": "linear"},
+            "target": {"type": "pixels"},
+            "loss": {"type": "l1", "on": "masked"},
+        },
+        "train": {
+            "base_lr": 8e-4 * 512 / 2048,
+            "lr_base_batch": 512,
+            "weight_decay": 0.05,
+            "betas": (0.9, 0.999),
+            "epochs": 100,
+            "warmup_epochs": 10,
+            "crop_scale": (0.67, 1.0),
+            "clip_grad": 5.0,
+        },
+    },
+    # MAE (He et al., CVPR 2022): per-sample random shuffle masking at 0.75, encoder on visible
+    # tokens only, 8-block 512-wide decoder, MSE on per-patch normalized pixels of masked patches
+    # (Table 1; appendix A.1: AdamW, base lr 1.5e-4 per 256, wd 0.05, betas (0.9, 0.95),
+    # 40 warmup epochs for 800-1600 epochs, RandomResizedCrop scale [0.2, 1]).
+    "mae": {
+        "recipe": {
+            "masking": {"strategy": "shuffle", "ratio": 0.75, "mask_patch_size": None},
+            "encoder_mode": "visible",
+            "head": {"type": "mae_decoder", "depth": 8, "dim": 512, "num_heads": 16},
+            "target": {"type": "norm_pixels"},
+            "loss": {"type": "l2", "on": "masked"},
+        },
+        "train": {
+            "base_lr": 1.5e-4,
+            "lr_base_batch": 256,
+            "weight_decay": 0.05,
+            "betas": (0.9, 0.95),
+            "epochs": 800,
+            "warmup_epochs": 40,
+            "crop_scale": (0.2, 1.0),
+        },
+    },
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Merge ``override`` over ``base``: dicts merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = copy.deepcopy(base)
+        for key, value in override.items():
+            out[key] = deep_merge(out[key], value) if key in out else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(override)
+
+
+def load_yaml_with_extends(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, merging it over its single optional ``extends:`` parent.
+
+    The parent path is relative to the file that names it. Chains are allowed, cycles are not.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"'extends' cycle: {chain}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(
+            f"{path}: 'extends' takes one file path (a string); multiple parents are not supported"
+        )
+    base = load_yaml_with_extends(path.parent / parent, (*_seen, path))
+    return deep_merge(base, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides; values are parsed as YAML (numbers, bools, lists).
+
+    List elements are addressed by index: ``tasks.0.epochs=10``.
+    """
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            node = _child(node, part, parts[: i + 1], item, create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = _index(node, last, item)
+            node[idx] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override '{item}': '{'.'.join(parts[:-1])}' is not a mapping")
+    return data
+
+
+def _index(node: list[Any], part: str, item: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"override '{item}': '{part}' is not a valid index of a list of {len(node)}")
+    return int(part)
+
+
+def _child(node: Any, part: str, path: list[str], item: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, item)]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            if not create:
+                raise ConfigError(f"override '{item}': no key '{'.'.join(path)}'")
+            node[part] = {}
+        return node[part]
+    raise ConfigError(f"override '{item}': '{'.'.join(path[:-1])}' is not a mapping")
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``source: path.to.key: message``."""
+    lines = [f"{source}: invalid config ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], source: str = "config", kind: str | None = None) -> StrictModel:
+    """Validate a raw mapping as the schema named by ``kind`` or by its ``kind:`` key."""
+    kind = kind or data.get("kind")
+    if kind is None:
+        raise ConfigError(
+            f"{source}: missing 'kind:' at the top level; use one of: {', '.join(CONFIG_KINDS)}"
+        )
+    if kind not in CONFIG_KINDS:
+        hint = did_you_mean(str(kind), list(CONFIG_KINDS))
+        raise ConfigError(f"{source}: unknown kind '{kind}';{hint} use one of: {', '.join(CONFIG_KINDS)}")
+    try:
+        return CONFIG_KINDS[kind].model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None
+) -> StrictModel:
+    """Load, merge ``extends``, apply overrides and validate a config file."""
+    data = apply_overrides(load_yaml_with_extends(path), overrides)
+    return validate_config(data, source=str(path), kind=kind)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The fully resolved config as YAML (what ``mimbench validate`` prints)."""
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)
+
+
+def to_plain(cfg: BaseModel) -> dict[str, Any]:
+    """JSON-compatible dict of a config (tuples become lists)."""
+    return cfg.model_dump(mode="json")

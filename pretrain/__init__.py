@@ -1,0 +1,1 @@
+"""MIM pretraining: masking, the encoder wrapper, heads, targets and losses, recipes, engine."""

@@ -1,0 +1,318 @@
+"""The pretraining engine: an explicit training loop in the style of MAE's ``engine_pretrain``.
+
+* AdamW with the papers' linear lr scaling ``lr = base_lr * batch / lr_base_batch``
+  (MAE: per 256; SimMIM: per 512), no weight decay on biases, norms, position embeddings and
+  tokens (MAE's ``param_groups_weight_decay``).
+* Per-iteration schedule: linear warmup then half-cosine to ``min_lr`` (MAE's ``lr_sched``).
+* bf16 autocast on a GPU (fused attention through timm's SDPA), fp32 on CPU.
+* Checkpoints every ``ckpt_every_steps`` and at the end hold model, optimizer, step and RNG
+  states; the data order, augmentation and masks are functions of (seed, epoch/step, index), so a
+  resumed run reproduces the uninterrupted loss curve.
+* At the end: the encoder alone under timm's key names (``encoder.pth``) and a PNG grid of
+  original / masked / reconstruction / reconstruction with the visible patches pasted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from harness.config import ConfigError, PretrainConfig, dump_config, to_plain
+from harness.errors import CheckpointError
+from harness.data.datasets import (
+    SeededDataset,
+    denormalize,
+    eval_transform,
+    imagefolder,
+    pretrain_transform,
+    resolve_imagefolder_root,
+)
+from harness.fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, config_hash
+from pretrain.model import MIMModel
+
+CHECKPOINT = "checkpoint.pth"
+ENCODER = "encoder.pth"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished pretraining put its outputs."""
+
+    out_dir: Path
+    encoder_path: Path
+    recon_path: Path | None
+    final_loss: float
+    steps: int
+    wall_s: float
+
+
+def pick_device(pref: str) -> torch.device:
+    """``auto`` takes CUDA when available."""
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'")
+    if pref == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast_dtype(pref: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPU under ``auto``; fp32 (None) on CPU."""
+    if pref == "fp32" or (pref == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: decayed weights, and biases / norms / embeddings / tokens without decay."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_at(step: float, total: int, warmup: float, peak: float, min_lr: float) -> float:
+    """Linear warmup for ``warmup`` steps, then half-cosine from ``peak`` to ``min_lr``."""
+    if step < warmup:
+        return peak * step / warmup
+    if total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _mask_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 9_999_991 + step) % (2**63 - 1))
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed((seed * 7_919 + epoch) % (2**63 - 1))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=print) -> PretrainResult:  # noqa: C901
+    """Run (or resume) one pretraining.
+
+    Args:
+        cfg: The resolved pretraining config.
+        out_dir: Stage directory; holds the resolved config, checkpoint, log, encoder and picture.
+        resume: Continue from ``out_dir/checkpoint.pth`` when it exists (else start over).
+        log: Where progress lines go.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plain = to_plain(cfg)
+    chash = config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+
+    t = cfg.train
+    device = pick_device(t.device)
+    amp_dtype = autocast_dtype(t.precision, device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    root = resolve_imagefolder_root(cfg.data)
+    img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
+    train_ds = SeededDataset(
+        imagefolder(root, "train", pretrain_transform(img_size, t.crop_scale, t.hflip)), cfg.seed
+    )
+    n = len(train_ds)
+    steps_per_epoch = n // t.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train split has {n} images, fewer than one batch of {t.batch_size}: lower train.batch_size"
+        )
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    warmup_steps = t.warmup_epochs * steps_per_epoch
+    peak_lr = t.base_lr * t.batch_size / t.lr_base_batch
+
+    model = MIMModel(cfg.encoder, cfg.recipe).to(device)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak_lr, betas=t.betas)
+
+    step = 0
+    history: list[dict[str, float]] = []
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("config_hash") != chash:
+            raise CheckpointError(
+                f"{ckpt_path} was written by a different config (hash {ck.get('config_hash')} vs "
+                f"{chash}); use another output directory or delete it to start over"
+            )
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step = int(ck["step"])
+        history = list(ck["history"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        random.setstate(_to_py_state(ck["rng"]["python"]))
+        log(f"[pretrain {cfg.name}] resumed at step {step}/{total_steps} from {ckpt_path}")
+
+    def save_checkpoint() -> None:
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "history": history,
+                "config_hash": chash,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                    "python": _from_py_state(random.getstate()),
+                },
+            },
+            ckpt_path,
+        )
+
+    log(
+        f"[pretrain {cfg.name}] recipe={cfg.recipe.name} encoder={cfg.encoder.arch} "
+        f"images={n} batch={t.batch_size} steps={total_steps} lr={peak_lr:.3g} device={device}"
+        f"{' bf16' if amp_dtype else ' fp32'}"
+    )
+    model.train()
+    t0 = time.time()
+    step_at_start = step
+    last_loss = history[-1]["loss"] if history else float("nan")
+    while step < total_steps:
+        epoch, batch_idx = divmod(step, steps_per_epoch)
+        train_ds.set_epoch(epoch)
+        order = _epoch_order(n, cfg.seed, epoch)
+        batches = [
+            order[i * t.batch_size : (i + 1) * t.batch_size]
+            for i in range(batch_idx, steps_per_epoch)
+        ]
+        loader = DataLoader(
+            train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        for imgs, _ in loader:
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr, t.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            mask = model.masker(imgs.shape[0], generator=_mask_generator(cfg.seed, step))
+            imgs = imgs.to(device, non_blocking=True)
+            mask = mask.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = model(imgs, mask).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {step}; the last good checkpoint is "
+                    f"{ckpt_path if ckpt_path.exists() else '(none yet)'}. Lower train.base_lr or "
+                    "set train.clip_grad"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            opt.step()
+            step += 1
+            last_loss = float(loss.item())
+            history.append({"step": step, "loss": last_loss, "lr": lr})
+            if step % t.log_every_steps == 0 or step == total_steps:
+                el = time.time() - t0
+                rate = (step - step_at_start) * t.batch_size / max(el, 1e-9)
+                eta = (total_steps - step) * t.batch_size / max(rate, 1e-9)
+                log(
+                    f"[pretrain {cfg.name}] step {step}/{total_steps} epoch {epoch} "
+                    f"loss {last_loss:.4f} lr {lr:.3g} {rate:.1f} img/s eta {eta:.0f}s"
+                )
+            if step % t.ckpt_every_steps == 0 or step == total_steps:
+                save_checkpoint()
+            if step >= total_steps:
+                break
+
+    wall = time.time() - t0
+    meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": step}
+    model.encoder.save_timm(out / ENCODER, meta=meta)
+    recon = None
+    if t.num_recon_images > 0:
+        recon = save_reconstruction_grid(model, root, cfg, out / "recon.png", device)
+    atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_json(
+        out / SUMMARY,
+        {
+            "status": "ok", "final_loss": last_loss, "steps": step, "wall_s": wall,
+            "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
+        },
+    )
+    return PretrainResult(out, out / ENCODER, recon, last_loss, step, wall)
+
+
+def _from_py_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _to_py_state(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+@torch.no_grad()
+def save_reconstruction_grid(
+    model: MIMModel, root: Path, cfg: PretrainConfig, path: Path, device: torch.device
+) -> Path:
+    """Rows: original, masked input, prediction, prediction with visible patches pasted."""
+    from torchvision.utils import make_grid
+
+    from harness.fsutil import atomic_write_bytes
+
+    img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
+    ds = imagefolder(root, "val", eval_transform(img_size, cfg.data.eval_crop_pct))
+    k = min(cfg.train.num_recon_images, len(ds))
+    step = max(1, len(ds) // k)
+    imgs = torch.stack([ds[i * step][0] for i in range(k)]).to(device)
+    mask = model.masker(k, generator=_mask_generator(cfg.seed, -1)).to(device)
+    was_training = model.training
+    model.eval()
+    out = model(imgs, mask)
+    model.train(was_training)
+    rec = model.reconstruct(out)
+    pix_mask = model.encoder.unpatchify(
+        mask.unsqueeze(-1).float().expand(-1, -1, model.encoder.patch_size**2 * 3)
+    )  # [B, 3, H, W], 1 = masked
+    orig = denormalize(imgs)
+    masked = orig * (1 - pix_mask) + 0.5 * pix_mask
+    pred = denormalize(rec)
+    pasted = orig * (1 - pix_mask) + pred * pix_mask
+    grid = make_grid(torch.cat([orig, masked, pred, pasted]).cpu(), nrow=k, padding=1, pad_value=1.0)
+    up = max(1, 96 // img_size)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(arr)
+    if up > 1:
+        im = im.resize((im.width * up, im.height * up), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def main_log(msg: str) -> None:
+    """Default logger: stdout, flushed."""
+    print(msg, file=sys.stdout, flush=True)
