@@ -292,26 +292,12 @@ class TaskConfig(StrictModel):
     name: str
 
 
-class LinearProbeConfig(TaskConfig):
-    """Fast linear probe on cached frozen features (see :mod:`downstream.linear_probe`).
+def task_config_classes() -> dict[str, type[TaskConfig]]:
+    """Task name -> config class, from the task modules of :mod:`downstream` (imported lazily:
+    each protocol module defines its own config schema next to its code)."""
+    from downstream.base import all_tasks
 
-    A grid of heads (``lrs`` x ``pooling``), each MAE's probe head (BatchNorm without affine,
-    then a linear layer), is trained together on features extracted once; the head is chosen on
-    a held-out part of train, never on val.
-    """
-
-    name: Literal["linear_probe"] = "linear_probe"
-    pooling: list[Literal["cls", "avg"]] = Field(default_factory=lambda: ["cls", "avg"], min_length=1)
-    lrs: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0], min_length=1)
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(256, ge=1)
-    momentum: float = 0.9
-    weight_decay: float = Field(0.0, ge=0)
-    holdout_fraction: float = Field(0.1, gt=0, lt=0.5)
-    batch_size_extract: int = Field(128, ge=1)
-
-
-TASK_CONFIGS: dict[str, type[TaskConfig]] = {"linear_probe": LinearProbeConfig}
+    return {name: task.config_cls for name, task in all_tasks().items()}
 
 
 def parse_task_config(data: Any) -> TaskConfig:
@@ -323,10 +309,11 @@ def parse_task_config(data: Any) -> TaskConfig:
     if not isinstance(data, dict) or "name" not in data:
         raise ValueError("each task needs a 'name', e.g. {name: linear_probe}")
     name = data["name"]
-    if name not in TASK_CONFIGS:
-        hint = did_you_mean(str(name), list(TASK_CONFIGS))
-        raise ValueError(f"unknown task '{name}';{hint} known tasks: {', '.join(TASK_CONFIGS)}")
-    return TASK_CONFIGS[name].model_validate(data)
+    classes = task_config_classes()
+    if name not in classes:
+        hint = did_you_mean(str(name), list(classes))
+        raise ValueError(f"unknown task '{name}';{hint} known tasks: {', '.join(sorted(classes))}")
+    return classes[name].model_validate(data)
 
 
 # --------------------------------------------------------------------------- suites

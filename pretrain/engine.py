@@ -27,7 +27,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from harness.config import ConfigError, PretrainConfig, dump_config, to_plain
-from harness.errors import CheckpointError
 from harness.data.datasets import (
     SeededDataset,
     denormalize,
@@ -36,6 +35,7 @@ from harness.data.datasets import (
     pretrain_transform,
     resolve_imagefolder_root,
 )
+from harness.errors import CheckpointError
 from harness.fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, config_hash
 from pretrain.model import MIMModel
 

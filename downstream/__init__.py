@@ -1,0 +1,1 @@
+"""Downstream evaluation protocols: each reads one encoder and returns metrics."""

@@ -1,0 +1,80 @@
+"""The task interface (in the spirit of lm-evaluation-harness): a name, a version, metric names
+with their direction, and ``run(encoder, config, context) -> TaskResult``.
+
+Bump ``version`` whenever a protocol changes so that old records are never silently compared
+with new ones (the leaderboard keeps the newest version of each task).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from harness.config import DataConfig, TaskConfig
+from harness.registry import Registry
+from pretrain.encoder import ViTEncoder
+
+
+@dataclass
+class TaskContext:
+    """What a task needs besides the encoder and its own config."""
+
+    data: DataConfig
+    seed: int
+    device: torch.device
+    out_dir: Path
+    log: Any = print
+
+
+@dataclass
+class TaskResult:
+    """Metrics (finite floats, named as in ``Task.metrics``) and free-form details."""
+
+    metrics: dict[str, float]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A downstream protocol."""
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    metrics: ClassVar[dict[str, bool]]  # metric name -> higher_is_better
+    config_cls: ClassVar[type[TaskConfig]]
+
+    @abstractmethod
+    def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
+        """Evaluate ``encoder``; must not modify its weights."""
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+def _import_task_modules() -> None:
+    """Import every module of the ``downstream`` package so its tasks register themselves.
+
+    Task modules must be cheap to import: heavy dependencies (mmdet, mmseg, mmcv) are imported
+    inside ``run``, never at module level.
+    """
+    import downstream
+
+    for mod in pkgutil.iter_modules(downstream.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"downstream.{mod.name}")
+
+
+def all_tasks() -> dict[str, type[Task]]:
+    """Every registered task class by name."""
+    _import_task_modules()
+    return {name: TASKS.get(name) for name in TASKS.names()}
+
+
+def get_task(name: str) -> Task:
+    """Instantiate the task registered under ``name`` (importing the task modules first)."""
+    _import_task_modules()
+    return TASKS.get(name)()

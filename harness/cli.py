@@ -1,0 +1,194 @@
+"""The ``mimbench`` command line: run, pretrain, eval, report, validate, data."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.config import (
+    ConfigError,
+    PretrainConfig,
+    SuiteConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    validate_config,
+)
+from harness.errors import UserError
+
+TASK_ALIASES = {"linear": "linear_probe", "linear_probe": "linear_probe"}
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file, args.set)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def _print_report(records_dir: Path, out_dir: Path) -> None:
+    from harness.records import load_records
+    from harness.report import format_markdown, leaderboard, write_report
+
+    paths = write_report(records_dir, out_dir)
+    lb = leaderboard(load_records(records_dir))
+    print()
+    print(format_markdown(lb))
+    print()
+    print("Leaderboard written to: " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.runner import run_suite, suite_dir
+
+    cfg = load_config(args.suite, args.set)
+    if not isinstance(cfg, SuiteConfig):
+        raise ConfigError(f"{args.suite} is a '{cfg.kind}' config; `mimbench run` takes a suite "  # type: ignore[attr-defined]
+                          "(kind: suite). Use `mimbench pretrain` for a pretraining config.")
+    if args.out:
+        cfg.output_dir = args.out
+    records_dir = run_suite(cfg, log=_log)
+    _print_report(records_dir, suite_dir(cfg))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pretrain.engine import CHECKPOINT, pretrain
+
+    cfg = load_config(args.config, args.set, kind="pretrain")
+    assert isinstance(cfg, PretrainConfig)
+    out = Path(args.out or cfg.output_dir)
+    if (out / CHECKPOINT).exists() and not (args.resume or args.overwrite):
+        raise ConfigError(
+            f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
+            "over (the old checkpoint is replaced), or --out to write elsewhere"
+        )
+    res = pretrain(cfg, out, resume=args.resume, log=_log)
+    print(f"encoder: {res.encoder_path}\nreconstructions: {res.recon_path}\n"
+          f"final loss {res.final_loss:.4f} after {res.steps} steps in {res.wall_s:.1f}s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from harness.runner import run_suite, suite_dir
+
+    task = TASK_ALIASES.get(args.task, args.task)
+    if args.encoder.startswith("random:"):
+        arch = args.encoder.split(":", 1)[1]
+        enc: dict[str, Any] = {"name": args.name or f"random-{arch}", "encoder": {"arch": arch}}
+    else:
+        enc = {"name": args.name or re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(args.encoder).stem)}
+        enc["checkpoint"] = args.encoder
+        if args.arch:
+            enc["encoder"] = {"arch": args.arch}
+    raw = {
+        "kind": "suite", "name": args.suite_name, "output_dir": args.out,
+        "seeds": [args.seed], "data": {"source": args.data}, "encoders": [enc],
+        "tasks": [{"name": task}],
+    }
+    raw = apply_overrides(raw, args.set)
+    cfg = validate_config(raw, source="mimbench eval")
+    assert isinstance(cfg, SuiteConfig)
+    records_dir = run_suite(cfg, log=_log)
+    _print_report(records_dir, suite_dir(cfg))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    records = Path(args.records)
+    _print_report(records, Path(args.out) if args.out else records.parent)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from harness.data.shapes import ShapesSpec, generate_shapes
+
+    spec = ShapesSpec(image_size=args.image_size, train_per_class=args.train_per_class,
+                      val_per_class=args.val_per_class, seed=args.seed)
+    t0 = time.time()
+    root = generate_shapes(args.out, spec)
+    print(f"wrote the shapes dataset to {root} in {time.time() - t0:.1f}s "
+          f"(imagefolder/, coco/, ade20k/, manifest.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimbench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_set(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set encoders.0.pretrain.train.epochs=5")
+
+    sp = sub.add_parser("validate", help="print the fully resolved config of a file")
+    sp.add_argument("file")
+    add_set(sp)
+    sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("run", help="run a suite: pretrain, evaluate, collate a leaderboard")
+    sp.add_argument("suite")
+    sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
+    add_set(sp)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("pretrain", help="run one pretraining config")
+    sp.add_argument("config")
+    sp.add_argument("--out", help="stage directory (default: the config's output_dir)")
+    sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    sp.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
+    add_set(sp)
+    sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("eval", help="evaluate one encoder on one task")
+    sp.add_argument("task", help="linear (linear_probe)")
+    sp.add_argument("--encoder", required=True,
+                    help="a mimbench encoder file, or random:<arch> for a randomly initialized preset")
+    sp.add_argument("--arch", help="encoder preset of a plain timm state dict")
+    sp.add_argument("--data", default="shapes", help="ImageFolder root with train/ and val/, or 'shapes'")
+    sp.add_argument("--name", help="encoder name in the leaderboard")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="runs", help="output directory")
+    sp.add_argument("--suite-name", default="eval")
+    add_set(sp)
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("report", help="collate records into a leaderboard")
+    sp.add_argument("records", help="a records directory")
+    sp.add_argument("--out", help="where leaderboard.{md,csv,tex} go (default: beside records)")
+    sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("data", help="datasets")
+    dsub = sp.add_subparsers(dest="data_command", required=True)
+    ds = dsub.add_parser("synth", help="write the synthetic shapes dataset")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--image-size", type=int, default=32)
+    ds.add_argument("--train-per-class", type=int, default=100)
+    ds.add_argument("--val-per-class", type=int, default=25)
+    ds.set_defaults(func=cmd_data_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one clear message and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UserError, FileNotFoundError) as exc:
+        print(f"mimbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mimbench: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

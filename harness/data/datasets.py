@@ -1,0 +1,149 @@
+"""Image datasets and transforms: ImageFolder roots (ImageNet-1k's layout, or the embedded
+synthetic "shapes" generated on demand), with a clear message for a wrong layout.
+
+Augmentation randomness is seeded per (seed, epoch, sample index) inside
+:class:`SeededDataset`, so a batch's content depends on neither the number of loader workers nor
+on whether the run was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from harness.config import DataConfig
+from harness.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset path or layout is wrong; the message says what to fix."""
+
+
+def resolve_imagefolder_root(data: DataConfig) -> Path:
+    """The ImageFolder root (holding ``train/`` and ``val/``) that ``data`` names.
+
+    ``source: shapes`` generates (or reuses from the cache) the synthetic dataset.
+    """
+    if data.source == "shapes":
+        from harness.data.shapes import ShapesSpec, ensure_shapes
+
+        s = data.shapes
+        spec = ShapesSpec(
+            image_size=s.image_size,
+            train_per_class=s.train_per_class,
+            val_per_class=s.val_per_class,
+            seed=s.seed,
+        )
+        return ensure_shapes(spec) / "imagefolder"
+    root = Path(data.source).expanduser()
+    if not root.exists():
+        raise DatasetError(
+            f"dataset path {root} does not exist: set data.source to an ImageFolder root holding "
+            "train/<class>/*.jpg and val/<class>/*.jpg (ImageNet-1k's layout), or to 'shapes'"
+        )
+    if (root / "imagefolder").is_dir() and not (root / "train").is_dir():
+        root = root / "imagefolder"  # the output of `mimbench data synth`
+    for split in ("train", "val"):
+        check_imagefolder_split(root / split)
+    return root
+
+
+def check_imagefolder_split(split_dir: Path) -> list[str]:
+    """Check one split's layout; return its class names (sorted)."""
+    if not split_dir.is_dir():
+        raise DatasetError(
+            f"{split_dir} is missing: an ImageFolder root needs train/ and val/ folders, "
+            "each with one sub-folder per class"
+        )
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise DatasetError(f"{split_dir} has no class folders: put images in {split_dir}/<class>/")
+    empty = [
+        c for c in classes
+        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / c).iterdir())
+    ]
+    if empty:
+        raise DatasetError(
+            f"{split_dir}: class folder(s) without images: {', '.join(empty[:10])}; "
+            "remove them or add images"
+        )
+    return classes
+
+
+def imagefolder(root: Path, split: str, transform: Any) -> datasets.ImageFolder:
+    """torchvision ImageFolder over ``root/split`` (classes must agree between splits)."""
+    ds = datasets.ImageFolder(str(root / split), transform=transform)
+    if split != "train" and (root / "train").is_dir():
+        train_classes = check_imagefolder_split(root / "train")
+        if ds.classes != train_classes:
+            raise DatasetError(
+                f"class folders differ between {root / 'train'} and {root / split}: "
+                f"{sorted(set(ds.classes) ^ set(train_classes))[:10]}"
+            )
+    return ds
+
+
+def pretrain_transform(img_size: int, crop_scale: tuple[float, float], hflip: bool) -> Any:
+    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalization (MAE, SimMIM)."""
+    t: list[Any] = [
+        transforms.RandomResizedCrop(img_size, scale=crop_scale, interpolation=InterpolationMode.BICUBIC)
+    ]
+    if hflip:
+        t.append(transforms.RandomHorizontalFlip())
+    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(t)
+
+
+def eval_transform(img_size: int, crop_pct: float = 0.875) -> Any:
+    """Resize the short side to ``img_size / crop_pct`` (bicubic), center crop, normalize."""
+    resize = int(round(img_size / crop_pct))
+    return transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=InterpolationMode.BICUBIC),
+            transforms.CenterCrop(img_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so each sample's augmentation is seeded by (seed, epoch, index).
+
+    Args:
+        base: A dataset whose ``__getitem__`` draws from torch's global RNG.
+        seed: Run seed.
+    """
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        s = (self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**63 - 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            return self.base[index]
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Undo ImageNet normalization: ``[B, 3, H, W]`` to [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)

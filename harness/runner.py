@@ -1,0 +1,226 @@
+"""Running a suite in-process: pretrain each encoder that needs it (once per config: stage
+directories are keyed by the hash of their resolved config, and an interrupted pretraining
+resumes), evaluate every encoder on every task and seed, write one record per run, collate.
+
+A stage that fails leaves a failed record naming its error and the suite goes on; what finished
+is skipped when the suite runs again.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.config import EncoderEntry, PretrainConfig, SuiteConfig, TaskConfig, to_plain
+from harness.errors import CheckpointError
+from harness.fsutil import config_hash, sha256_file
+from harness.records import (
+    EncoderInfo,
+    ErrorInfo,
+    MetricInfo,
+    Record,
+    TaskInfo,
+    load_records,
+    new_run_id,
+    utc_now,
+    write_record,
+)
+
+
+@dataclass
+class EncoderHandle:
+    """An encoder ready for evaluation and what the record says about it."""
+
+    encoder: Any  # pretrain.encoder.ViTEncoder
+    info: EncoderInfo
+    recipe: dict[str, Any] | None
+    extra: dict[str, Any]
+
+
+def suite_dir(cfg: SuiteConfig) -> Path:
+    """Where a suite writes: ``output_dir/name``."""
+    return Path(cfg.output_dir) / cfg.name
+
+
+def pretrain_config_for(entry: EncoderEntry, suite: SuiteConfig, seed: int) -> PretrainConfig:
+    """The standalone pretraining config an encoder entry of a suite stands for."""
+    assert entry.pretrain is not None
+    return PretrainConfig(
+        name=entry.name,
+        seed=seed,
+        data=suite.data,
+        encoder=entry.encoder,
+        recipe=entry.pretrain.recipe,
+        train=entry.pretrain.train,
+    )
+
+
+def pretrain_stage_dir(root: Path, pcfg: PretrainConfig) -> Path:
+    """``root/pretrain/<name>-s<seed>-<hash>``; the hash covers everything but the name."""
+    plain = to_plain(pcfg)
+    h = config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
+    return root / "pretrain" / f"{pcfg.name}-s{pcfg.seed}-{h[:10]}"
+
+
+def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Path, log: Any) -> EncoderHandle:
+    """Pretrain (or reuse, or resume), load a checkpoint, or randomly initialize."""
+    import torch
+
+    from pretrain.encoder import ViTEncoder, load_encoder_checkpoint
+
+    if entry.pretrain is not None:
+        from pretrain.engine import ENCODER, SUMMARY, pretrain
+
+        pcfg = pretrain_config_for(entry, suite, seed)
+        stage = pretrain_stage_dir(root, pcfg)
+        if (stage / SUMMARY).is_file() and (stage / ENCODER).is_file():
+            log(f"[suite] {entry.name}: pretraining done earlier, reusing {stage}")
+        else:
+            pretrain(pcfg, stage, resume=True, log=log)
+        path = stage / ENCODER
+        enc = load_encoder_checkpoint(path)
+        info = EncoderInfo(name=entry.name, arch=entry.encoder.arch, source="pretrain",
+                           checkpoint=str(path), sha256=sha256_file(path))
+        return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"), {"stage": str(stage)})
+    if entry.checkpoint is not None:
+        path = Path(entry.checkpoint)
+        enc = load_encoder_checkpoint(path, None if _is_mimbench_file(path) else entry.encoder)
+        info = EncoderInfo(name=entry.name, arch=enc.cfg.arch, source="checkpoint",
+                           checkpoint=str(path), sha256=sha256_file(path))
+        return EncoderHandle(enc, info, None, {})
+    torch.manual_seed(seed)
+    enc = ViTEncoder(entry.encoder)
+    info = EncoderInfo(name=entry.name, arch=entry.encoder.arch, source="random")
+    return EncoderHandle(enc, info, None, {})
+
+
+def _is_mimbench_file(path: Path) -> bool:
+    import torch
+
+    if not path.is_file():
+        raise CheckpointError(
+            f"encoder checkpoint {path} does not exist: fix the suite's 'checkpoint' path"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False  # load_encoder_checkpoint reports why
+    return isinstance(obj, dict) and "mimbench" in obj
+
+
+def run_config_for(entry: EncoderEntry, task: TaskConfig, suite: SuiteConfig, seed: int) -> dict[str, Any]:
+    """The resolved config stored in a run's record (and hashed to skip finished runs)."""
+    return {
+        "suite": suite.name,
+        "encoder": entry.model_dump(mode="json"),
+        "task": task.model_dump(mode="json"),
+        "data": suite.data.model_dump(mode="json"),
+        "seed": seed,
+    }
+
+
+def preflight(cfg: SuiteConfig) -> None:
+    """Reject bad input before anything runs: missing checkpoints, a missing dataset path."""
+    from harness.data.datasets import resolve_imagefolder_root
+
+    for entry in cfg.encoders:
+        if entry.checkpoint is not None and not Path(entry.checkpoint).is_file():
+            raise CheckpointError(
+                f"encoder '{entry.name}': checkpoint {entry.checkpoint} does not exist; fix the path"
+            )
+    if cfg.data.source != "shapes":
+        resolve_imagefolder_root(cfg.data)
+
+
+def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = None) -> Path:
+    """Run every (encoder, task, seed) of a suite; return the records directory."""
+    import torch
+
+    preflight(cfg)
+
+    from downstream.base import TaskContext, get_task
+    from harness.provenance import collect_provenance
+    from pretrain.engine import pick_device
+
+    root = suite_dir(cfg)
+    records_dir = root / "records"
+    records_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(t, get_task(t.name)) for t in cfg.tasks]  # unknown tasks fail before anything runs
+    done = {
+        r.config_hash: r for r in load_records(records_dir) if r.status == "ok"
+    }
+    prov = collect_provenance(command or sys.argv)
+    device = pick_device("auto")
+    for seed in cfg.seeds:
+        for entry in cfg.encoders:
+            todo = []
+            for tcfg, task in tasks:
+                rc = run_config_for(entry, tcfg, cfg, seed)
+                rc["task_version"] = task.version
+                h = config_hash(rc)
+                if h in done:
+                    log(f"[suite] {entry.name} / {tcfg.name} / seed {seed}: done earlier "
+                        f"({done[h].run_id}), skipped")
+                    continue
+                todo.append((tcfg, task, rc, h))
+            if not todo:
+                continue
+            started = utc_now()
+            t0 = time.time()
+            try:
+                handle = obtain_encoder(entry, cfg, seed, root, log)
+            except Exception as exc:  # the encoder failed: every task of it fails, suite goes on
+                log(f"[suite] {entry.name}: FAILED to obtain encoder: {type(exc).__name__}: {exc}")
+                for tcfg, task, rc, h in todo:
+                    _write(records_dir, _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov,
+                                                       started, t0, exc))
+                continue
+            for tcfg, task, rc, h in todo:
+                started = utc_now()
+                t0 = time.time()
+                log(f"[suite] {entry.name} / {tcfg.name} / seed {seed}: running")
+                try:
+                    ctx = TaskContext(data=cfg.data, seed=seed, device=device,
+                                      out_dir=root / "tasks" / f"{entry.name}-{tcfg.name}-s{seed}", log=log)
+                    torch.manual_seed(seed)
+                    result = task.run(handle.encoder, tcfg, ctx)
+                    rec = Record(
+                        run_id=new_run_id(f"{entry.name}-{tcfg.name}-s{seed}"),
+                        status="ok", started_at=started, finished_at=utc_now(),
+                        duration_s=time.time() - t0, encoder=handle.info, recipe=handle.recipe,
+                        task=TaskInfo(name=task.name, version=task.version),
+                        metrics={k: float(v) for k, v in result.metrics.items()},
+                        metric_info={k: MetricInfo(higher_is_better=task.metrics[k])
+                                     for k in result.metrics},
+                        details={**result.details, **handle.extra},
+                        config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
+                    )
+                except Exception as exc:
+                    log(f"[suite] {entry.name} / {tcfg.name}: FAILED: {type(exc).__name__}: {exc}")
+                    rec = _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov, started, t0, exc,
+                                         handle.info)
+                _write(records_dir, rec)
+    return records_dir
+
+
+def _write(records_dir: Path, rec: Record) -> None:
+    write_record(rec, records_dir)
+
+
+def _failed_record(entry: EncoderEntry, tcfg: TaskConfig, task: Any, rc: dict[str, Any], h: str,
+                   seed: int, cfg: SuiteConfig, prov: dict[str, Any], started: str, t0: float,
+                   exc: BaseException, info: EncoderInfo | None = None) -> Record:
+    return Record(
+        run_id=new_run_id(f"{entry.name}-{tcfg.name}-s{seed}"),
+        status="failed", started_at=started, finished_at=utc_now(), duration_s=time.time() - t0,
+        encoder=info or EncoderInfo(name=entry.name, arch=entry.encoder.arch, source=entry.source,  # type: ignore[arg-type]
+                                    checkpoint=entry.checkpoint),
+        recipe=entry.pretrain.recipe.model_dump(mode="json") if entry.pretrain else None,
+        task=TaskInfo(name=task.name, version=task.version),
+        config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
+        error=ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()),
+    )
