@@ -60,6 +60,10 @@ class ShapesConfig(StrictModel):
     image_size: int = Field(32, ge=8)
     train_per_class: int = Field(100, ge=2)
     val_per_class: int = Field(25, ge=1)
+    scene_size: int = Field(128, ge=32)
+    train_scenes: int = Field(48, ge=1)
+    val_scenes: int = Field(16, ge=1)
+    max_objects: int = Field(4, ge=1)
     seed: int = 0
 
 

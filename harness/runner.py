@@ -221,6 +221,7 @@ def _failed_record(entry: EncoderEntry, tcfg: TaskConfig, task: Any, rc: dict[st
                                     checkpoint=entry.checkpoint),
         recipe=entry.pretrain.recipe.model_dump(mode="json") if entry.pretrain else None,
         task=TaskInfo(name=task.name, version=task.version),
+        metric_info={k: MetricInfo(higher_is_better=v) for k, v in task.metrics.items()},
         config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
         error=ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()),
     )

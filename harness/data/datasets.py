@@ -34,16 +34,7 @@ def resolve_imagefolder_root(data: DataConfig) -> Path:
     ``source: shapes`` generates (or reuses from the cache) the synthetic dataset.
     """
     if data.source == "shapes":
-        from harness.data.shapes import ShapesSpec, ensure_shapes
-
-        s = data.shapes
-        spec = ShapesSpec(
-            image_size=s.image_size,
-            train_per_class=s.train_per_class,
-            val_per_class=s.val_per_class,
-            seed=s.seed,
-        )
-        return ensure_shapes(spec) / "imagefolder"
+        return resolve_shapes_root(data) / "imagefolder"
     root = Path(data.source).expanduser()
     if not root.exists():
         raise DatasetError(
@@ -55,6 +46,14 @@ def resolve_imagefolder_root(data: DataConfig) -> Path:
     for split in ("train", "val"):
         check_imagefolder_split(root / split)
     return root
+
+
+def resolve_shapes_root(data: DataConfig) -> Path:
+    """Root of the synthetic dataset ``data.shapes`` describes (generated into the cache on
+    first use): ``imagefolder/``, ``coco/`` and ``ade20k/`` live under it."""
+    from harness.data.shapes import ShapesSpec, ensure_shapes
+
+    return ensure_shapes(ShapesSpec(**data.shapes.model_dump()))
 
 
 def check_imagefolder_split(split_dir: Path) -> list[str]:

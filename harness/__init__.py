@@ -1,0 +1,1 @@
+"""mimbench harness: config, registries, CLI, run planning, results store and reports."""
