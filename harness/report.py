@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.errors import UserError
 from harness.fsutil import PathLike, atomic_write_text
 from harness.records import Record, load_records, parse_timestamp
 
@@ -39,6 +40,10 @@ FRAME_COLUMNS: tuple[str, ...] = (
 
 #: Marker appended to a cell whose mean is over the ok seeds while other seeds failed.
 PARTIAL_FAILURE_MARK = "†"
+
+class ReportError(UserError, ValueError):
+    """Nothing to report, or the records cannot be collated."""
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -490,10 +495,13 @@ def write_report(records_dir: PathLike, out_dir: PathLike) -> dict[str, Path]:
     root = Path(records_dir)
     records = load_records(root) if root.is_dir() else []
     if not records:
-        raise ValueError(f"no records found under {root}: run `mimbench run` first")
+        raise ReportError(f"no records found under {root}: run `mimbench run` first")
     lb = leaderboard(records)
     out = Path(out_dir)
-    texts = {"md": format_markdown(lb), "csv": format_csv(lb), "tex": format_latex(lb)}
+    from harness.html_report import format_html
+
+    texts = {"md": format_markdown(lb), "csv": format_csv(lb), "tex": format_latex(lb),
+             "html": format_html(lb, records)}
     return {
         kind: atomic_write_text(out / f"leaderboard.{kind}", text) for kind, text in texts.items()
     }

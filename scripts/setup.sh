@@ -59,6 +59,13 @@ if ! "$VPY" -c 'import mmcv, mmcv.ops' >/dev/null 2>&1; then
   "${PIP[@]}" install -q "$MMCV_DIR"/mmcv-*.whl
 fi
 
+# Debian's Chromium, for the test that opens the HTML leaderboard in a real headless browser.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  log "installing Debian's chromium (browser test of the HTML report)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || log "could not install chromium; the browser test will say so"
+fi
+
 log "installing mimbench with its extras"
 "${PIP[@]}" install -q -e "$ROOT[mm,dev]"
 "$VPY" -c 'import torch, torchvision, timm, mmcv.ops, mmdet, mmseg, mmengine, pandas; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__, "mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmseg", mmseg.__version__)'

@@ -284,7 +284,7 @@ def test_write_report(tmp_path: Path) -> None:
     for rec in standard_records():
         write_record(rec, records_dir / rec.encoder.name)
     paths = write_report(records_dir, tmp_path / "out")
-    assert set(paths) == {"md", "csv", "tex"}
+    assert set(paths) == {"md", "csv", "tex", "html"}
     for kind, path in paths.items():
         assert path == tmp_path / "out" / f"leaderboard.{kind}"
         assert path.read_text().strip()
