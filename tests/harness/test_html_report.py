@@ -7,10 +7,10 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+from test_report import record, standard_records  # noqa: F401  (tests/harness on sys.path)
 
 from harness.html_report import format_html
 from harness.report import leaderboard
-from test_report import record, standard_records  # noqa: F401  (tests/harness on sys.path)
 
 
 class _Table(HTMLParser):
