@@ -121,3 +121,25 @@ def test_missing_dataset_and_tiny_dataset_errors(tmp_path, tiny_imagefolder):
         pretrain(_cfg(tmp_path / "nowhere"), tmp_path / "o", log=lambda m: None)
     with pytest.raises(ConfigError, match="lower train.batch_size"):
         pretrain(_cfg(tiny_imagefolder, batch_size=64), tmp_path / "o2", log=lambda m: None)
+
+
+def test_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint(
+    tiny_imagefolder, tmp_path, monkeypatch
+):
+    calls = {"n": 0}
+    original = MIMModel.forward
+
+    def flaky(self, imgs, mask):
+        out = original(self, imgs, mask)
+        calls["n"] += 1
+        if calls["n"] == 5:  # the 5th training step diverges
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MIMModel, "forward", flaky)
+    cfg = _cfg(tiny_imagefolder, "mae", ckpt_every_steps=2)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 4.*checkpoint.pth"):
+        pretrain(cfg, tmp_path / "o", log=lambda m: None)
+    ck = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)
+    assert ck["step"] == 4 and all(math.isfinite(h["loss"]) for h in ck["history"])
+    assert not (tmp_path / "o" / ENCODER).exists()
