@@ -58,6 +58,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from harness.plan import format_plan, plan_suite
+
+    cfg = load_config(args.suite, args.set)
+    if not isinstance(cfg, SuiteConfig):
+        raise ConfigError(f"{args.suite} is not a suite (kind: suite)")
+    if args.out:
+        cfg.output_dir = args.out
+    print(format_plan(plan_suite(cfg)))
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pretrain.engine import CHECKPOINT, pretrain
 
@@ -138,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
     add_set(sp)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("plan", help="list a suite's stages and which are done / pending / failed")
+    sp.add_argument("suite")
+    sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
+    add_set(sp)
+    sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("pretrain", help="run one pretraining config")
     sp.add_argument("config")

@@ -40,6 +40,8 @@ def test_run_suite_end_to_end_then_skip_on_rerun(tiny_imagefolder, tmp_path, cap
     path = tmp_path / "s.yaml"
     out = tmp_path / "runs"
     path.write_text(yaml.safe_dump(_suite(tiny_imagefolder, out)))
+    assert main(["plan", str(path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("5 pending")  # 2 pretrainings + 3 probes
     assert main(["run", str(path)]) == 0
     text = capsys.readouterr().out
     for name in ("random-init", "simmim", "mae"):
@@ -54,6 +56,10 @@ def test_run_suite_end_to_end_then_skip_on_rerun(tiny_imagefolder, tmp_path, cap
     for f in ("leaderboard.md", "leaderboard.csv", "leaderboard.tex"):
         assert (out / "mini" / f).is_file()
     assert list((out / "mini" / "pretrain").glob("simmim-*/recon.png"))
+    assert main(["plan", str(path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("5 done")
+    assert main(["plan", str(path), "--set", "encoders.1.pretrain.recipe.masking.ratio=0.4"]) == 0
+    assert capsys.readouterr().out.strip().endswith("3 done, 2 pending")
     # a second run does nothing new
     assert main(["run", str(path)]) == 0
     text = capsys.readouterr().out

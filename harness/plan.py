@@ -1,0 +1,97 @@
+"""Planning a suite: the stages it expands into, their dependencies and their state.
+
+A suite becomes pretraining stages (one per encoder that is pretrained here, per seed) and
+task runs (encoder x task x seed) that depend on them. Each stage is keyed by the hash of its
+resolved config, so ``mimbench plan`` can tell, without running anything, what is done, what was
+interrupted (a checkpoint without a summary: it will resume), what failed, and what is pending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.config import SuiteConfig
+from harness.fsutil import config_hash
+from harness.records import Record, load_records
+from harness.runner import pretrain_config_for, pretrain_stage_dir, run_config_for, suite_dir
+
+
+@dataclass
+class Stage:
+    """One unit of work of a suite."""
+
+    kind: str  # "pretrain" or a task name
+    encoder: str
+    seed: int
+    key: str  # config hash (task runs) or stage directory name (pretraining)
+    state: str  # done | interrupted | failed | pending
+    depends_on: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+def plan_suite(cfg: SuiteConfig) -> list[Stage]:
+    """Every stage of ``cfg`` with its current state, in execution order."""
+    from downstream.base import get_task
+    from pretrain.engine import CHECKPOINT, ENCODER, SUMMARY
+
+    root = suite_dir(cfg)
+    records_dir = root / "records"
+    latest: dict[str, Record] = {}
+    if records_dir.is_dir():
+        for r in sorted(load_records(records_dir), key=lambda r: r.finished_at or r.started_at):
+            latest[r.config_hash] = r
+    stages: list[Stage] = []
+    for seed in cfg.seeds:
+        for entry in cfg.encoders:
+            deps: list[str] = []
+            if entry.pretrain is not None:
+                d = pretrain_stage_dir(root, pretrain_config_for(entry, cfg, seed))
+                if (d / SUMMARY).is_file() and (d / ENCODER).is_file():
+                    state, detail = "done", str(d)
+                elif (d / CHECKPOINT).is_file():
+                    state, detail = "interrupted", f"resumes from {d / CHECKPOINT}"
+                else:
+                    state, detail = "pending", str(d)
+                stages.append(Stage("pretrain", entry.name, seed, d.name, state, [], detail))
+                deps = [d.name]
+            for tcfg in cfg.tasks:
+                task = get_task(tcfg.name)
+                rc = run_config_for(entry, tcfg, cfg, seed)
+                rc["task_version"] = task.version
+                h = config_hash(rc)
+                rec = latest.get(h)
+                if rec is None:
+                    state, detail = "pending", ""
+                elif rec.status == "ok":
+                    state, detail = "done", rec.run_id
+                elif rec.status == "failed":
+                    state = "failed"
+                    detail = f"{rec.error.type}: {rec.error.message}" if rec.error else rec.run_id
+                else:
+                    state, detail = "running", rec.run_id
+                stages.append(Stage(tcfg.name, entry.name, seed, h, state, deps, detail))
+    return stages
+
+
+def format_plan(stages: list[Stage]) -> str:
+    """A plain-text table of the stages and a count per state."""
+    rows = [("stage", "encoder", "seed", "state", "key", "detail")]
+    rows += [(s.kind, s.encoder, str(s.seed), s.state, s.key, s.detail[:80]) for s in stages]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    counts: dict[str, int] = {}
+    for s in stages:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    lines.append("")
+    lines.append(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def stage_dirs(cfg: SuiteConfig) -> list[Path]:
+    """Pretraining stage directories of a suite (for cleaning or inspection)."""
+    root = suite_dir(cfg)
+    return [
+        pretrain_stage_dir(root, pretrain_config_for(e, cfg, s))
+        for s in cfg.seeds for e in cfg.encoders if e.pretrain is not None
+    ]
