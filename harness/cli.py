@@ -53,7 +53,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "(kind: suite). Use `mimbench pretrain` for a pretraining config.")
     if args.out:
         cfg.output_dir = args.out
-    records_dir = run_suite(cfg, log=_log)
+    if args.launcher == "inprocess":
+        records_dir = run_suite(cfg, log=_log)
+    else:
+        from harness.launch import SlurmOptions, launch_submitit
+
+        opts = SlurmOptions(partition=args.partition, timeout_min=args.timeout_min,
+                            gpus_per_node=args.gpus_per_node)
+        records_dir = launch_submitit(cfg, args.launcher, opts, log=_log)
     _print_report(records_dir, suite_dir(cfg))
     return 0
 
@@ -148,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run a suite: pretrain, evaluate, collate a leaderboard")
     sp.add_argument("suite")
     sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
+    sp.add_argument("--launcher", default="inprocess",
+                    choices=["inprocess", "submitit-local", "slurm"],
+                    help="where stages run: this process, local submitit jobs, or SLURM jobs")
+    sp.add_argument("--partition", help="SLURM partition")
+    sp.add_argument("--gpus-per-node", type=int, default=0)
+    sp.add_argument("--timeout-min", type=int, default=24 * 60)
     add_set(sp)
     sp.set_defaults(func=cmd_run)
 

@@ -136,8 +136,27 @@ def preflight(cfg: SuiteConfig) -> None:
         resolve_imagefolder_root(cfg.data)
 
 
-def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = None) -> Path:
-    """Run every (encoder, task, seed) of a suite; return the records directory."""
+@dataclass(frozen=True)
+class StageFilter:
+    """Restricts :func:`run_suite` to part of a suite (what one launcher job runs).
+
+    Attributes:
+        encoder: Only this encoder entry (None: all).
+        seed: Only this seed (None: all).
+        task: Only this task (None: all).
+        pretrain_only: Obtain (pretrain) the encoders but run no task.
+    """
+
+    encoder: str | None = None
+    seed: int | None = None
+    task: str | None = None
+    pretrain_only: bool = False
+
+
+def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = None,
+              only: StageFilter | None = None) -> Path:
+    """Run every (encoder, task, seed) of a suite, or the part ``only`` selects; return the
+    records directory."""
     import torch
 
     preflight(cfg)
@@ -155,10 +174,21 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
     }
     prov = collect_provenance(command or sys.argv)
     device = pick_device("auto")
+    only = only or StageFilter()
     for seed in cfg.seeds:
+        if only.seed is not None and seed != only.seed:
+            continue
         for entry in cfg.encoders:
+            if only.encoder is not None and entry.name != only.encoder:
+                continue
+            if only.pretrain_only:
+                if entry.pretrain is not None:
+                    obtain_encoder(entry, cfg, seed, root, log)
+                continue
             todo = []
             for tcfg, task in tasks:
+                if only.task is not None and tcfg.name != only.task:
+                    continue
                 rc = run_config_for(entry, tcfg, cfg, seed)
                 rc["task_version"] = task.version
                 h = config_hash(rc)

@@ -1,0 +1,53 @@
+"""Launchers: submitit's local executor runs the same stages as the in-process runner and gets
+the same numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.config import validate_config
+from harness.launch import SlurmOptions, launch_submitit
+from harness.records import load_records
+from harness.runner import StageFilter, run_suite
+
+
+def _suite(data, out, name):
+    return validate_config({
+        "kind": "suite", "name": name, "output_dir": str(out), "seeds": [0],
+        "data": {"source": str(data), "eval_crop_pct": 1.0},
+        "encoders": [
+            {"name": "random-init", "encoder": {"arch": "vit_micro_32"}},
+            {"name": "mae", "encoder": {"arch": "vit_micro_32"},
+             "pretrain": {"recipe": {"name": "mae", "head": {"depth": 1, "dim": 32, "num_heads": 2}},
+                          "train": {"epochs": 1, "warmup_epochs": 0.5, "batch_size": 8,
+                                    "num_recon_images": 0}}},
+        ],
+        "tasks": [{"name": "linear_probe", "epochs": 3, "batch_size": 8, "lrs": [0.1]}],
+    })
+
+
+def _metrics(records_dir):
+    return {r.encoder.name: r.metrics for r in load_records(records_dir, strict=True)}
+
+
+@pytest.mark.slow
+def test_submitit_local_matches_inprocess(tiny_imagefolder, tmp_path):
+    a = run_suite(_suite(tiny_imagefolder, tmp_path / "a", "s"), log=lambda m: None)
+    lines: list[str] = []
+    b = launch_submitit(_suite(tiny_imagefolder, tmp_path / "b", "s"), "submitit-local",
+                        SlurmOptions(timeout_min=10), log=lines.append)
+    assert sum("submitted" in m for m in lines) == 3  # 1 pretraining + 2 task runs
+    assert list((tmp_path / "b" / "s" / "jobs").iterdir())  # submitit's job folders
+    ma, mb = _metrics(a), _metrics(b)
+    assert ma.keys() == mb.keys() == {"random-init", "mae"}
+    for enc in ma:
+        assert ma[enc] == pytest.approx(mb[enc], abs=1e-9)
+
+
+def test_stage_filter_runs_only_the_selected_stage(tiny_imagefolder, tmp_path):
+    cfg = _suite(tiny_imagefolder, tmp_path, "f")
+    rd = run_suite(cfg, log=lambda m: None, only=StageFilter(encoder="mae", pretrain_only=True))
+    assert not load_records(rd)  # pretraining only: no task record
+    assert list((tmp_path / "f" / "pretrain").glob("mae-s0-*/encoder.pth"))
+    run_suite(cfg, log=lambda m: None, only=StageFilter(encoder="random-init", task="linear_probe"))
+    assert [r.encoder.name for r in load_records(rd)] == ["random-init"]
