@@ -41,6 +41,18 @@ class EncoderHandle:
     extra: dict[str, Any]
 
 
+def tee_log(log: Any, path: Path) -> Any:
+    """A logger that also appends each line, time-stamped, to ``path`` (a stage's log file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _log(msg: str) -> None:
+        with open(path, "a") as f:
+            f.write(f"{utc_now()} {msg}\n")
+        log(msg)
+
+    return _log
+
+
 def suite_dir(cfg: SuiteConfig) -> Path:
     """Where a suite writes: ``output_dir/name``."""
     return Path(cfg.output_dir) / cfg.name
@@ -80,7 +92,7 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
         if (stage / SUMMARY).is_file() and (stage / ENCODER).is_file():
             log(f"[suite] {entry.name}: pretraining done earlier, reusing {stage}")
         else:
-            pretrain(pcfg, stage, resume=True, log=log)
+            pretrain(pcfg, stage, resume=True, log=tee_log(log, stage / "log.txt"))
         path = stage / ENCODER
         enc = load_encoder_checkpoint(path)
         info = EncoderInfo(name=entry.name, arch=entry.encoder.arch, source="pretrain",
@@ -214,8 +226,9 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
                 t0 = time.time()
                 log(f"[suite] {entry.name} / {tcfg.name} / seed {seed}: running")
                 try:
-                    ctx = TaskContext(data=cfg.data, seed=seed, device=device,
-                                      out_dir=root / "tasks" / f"{entry.name}-{tcfg.name}-s{seed}", log=log)
+                    tdir = root / "tasks" / f"{entry.name}-{tcfg.name}-s{seed}-{h[:10]}"
+                    ctx = TaskContext(data=cfg.data, seed=seed, device=device, out_dir=tdir,
+                                      log=tee_log(log, tdir / "log.txt"))
                     torch.manual_seed(seed)
                     result = task.run(handle.encoder, tcfg, ctx)
                     rec = Record(

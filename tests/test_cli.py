@@ -56,6 +56,9 @@ def test_run_suite_end_to_end_then_skip_on_rerun(tiny_imagefolder, tmp_path, cap
     for f in ("leaderboard.md", "leaderboard.csv", "leaderboard.tex"):
         assert (out / "mini" / f).is_file()
     assert list((out / "mini" / "pretrain").glob("simmim-*/recon.png"))
+    logs = list((out / "mini").glob("*/*/log.txt"))
+    assert len(logs) == 5  # one per stage: 2 pretrainings + 3 probes
+    assert any("[pretrain simmim]" in p.read_text() for p in logs)
     assert main(["plan", str(path)]) == 0
     assert capsys.readouterr().out.strip().endswith("5 done")
     assert main(["plan", str(path), "--set", "encoders.1.pretrain.recipe.masking.ratio=0.4"]) == 0
