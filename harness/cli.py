@@ -19,7 +19,11 @@ from harness.config import (
 )
 from harness.errors import UserError
 
-TASK_ALIASES = {"linear": "linear_probe", "linear_probe": "linear_probe"}
+TASK_ALIASES = {
+    "linear": "linear_probe", "linear_probe": "linear_probe",
+    "linear-faithful": "linear_probe_faithful", "linear_faithful": "linear_probe_faithful",
+    "knn": "knn", "finetune": "finetune", "ft": "finetune",
+}
 
 
 def _log(msg: str) -> None:
@@ -101,21 +105,108 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.encoder.startswith("random:"):
         arch = args.encoder.split(":", 1)[1]
         enc: dict[str, Any] = {"name": args.name or f"random-{arch}", "encoder": {"arch": arch}}
+    elif _timm_model_name(args.encoder):
+        name = args.encoder.removeprefix("timm:")
+        enc = {"name": args.name or f"timm-{name}", "checkpoint": f"timm:{name}"}
     else:
         enc = {"name": args.name or re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(args.encoder).stem)}
         enc["checkpoint"] = args.encoder
         if args.arch:
             enc["encoder"] = {"arch": args.arch}
+    task_entry: dict[str, Any] = {"name": task}
+    if args.strict:
+        from harness.config import task_config_classes
+
+        cls = task_config_classes().get(task)
+        if cls is None or "strict_data" not in cls.model_fields:
+            raise ConfigError(f"--strict: task '{task}' has no strict_data option")
+        task_entry["strict_data"] = True
     raw = {
         "kind": "suite", "name": args.suite_name, "output_dir": args.out,
         "seeds": [args.seed], "data": {"source": args.data}, "encoders": [enc],
-        "tasks": [{"name": task}],
+        "tasks": [task_entry],
     }
     raw = apply_overrides(raw, args.set)
     cfg = validate_config(raw, source="mimbench eval")
     assert isinstance(cfg, SuiteConfig)
+    entry = cfg.encoders[0]
+    if entry.checkpoint and not entry.checkpoint.startswith("timm:") and (
+        args.format != "auto" or args.allow_partial
+    ):
+        # a forced format or a partial load: convert once into an encoder file the suite reads
+        from downstream.checkpoints import import_checkpoint
+        from harness.fsutil import sha256_file
+
+        src = Path(entry.checkpoint)
+        if not src.is_file():
+            raise ConfigError(f"--encoder {src}: no such file")
+        dst = (Path(args.out) / args.suite_name / "imported"
+               / f"{src.stem}-{args.format}-{sha256_file(src)[:10]}.pth")
+        given = entry.encoder if "encoder" in entry.model_fields_set else None
+        report = import_checkpoint(src, dst, given, args.format, args.allow_partial)
+        print(report.format())
+        entry.checkpoint = str(dst)
     records_dir = run_suite(cfg, log=_log)
     _print_report(records_dir, suite_dir(cfg))
+    return 0
+
+
+def _timm_model_name(text: str) -> bool:
+    """``timm:<name>``, or a bare timm model name that is not an existing path."""
+    if text.startswith("timm:"):
+        return True
+    if Path(text).exists() or "/" in text or Path(text).suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        return False
+    import timm
+
+    return bool(timm.is_model(text))
+
+
+def _encoder_for_cli(spec: str, fmt: str, allow_partial: bool, arch: str | None,
+                     img_size: int | None, seed: int) -> Any:
+    """An encoder from a file (any supported family), ``random:<preset>`` or a timm name."""
+    import torch
+
+    from downstream.checkpoints import encoder_from_timm_name, load_checkpoint
+    from harness.config import EncoderConfig
+    from pretrain.encoder import create_encoder
+
+    given = EncoderConfig(arch=arch, **({"img_size": img_size} if img_size else {})) if arch else None
+    if spec.startswith("random:"):
+        torch.manual_seed(seed)
+        return create_encoder(EncoderConfig(arch=spec.split(":", 1)[1]))
+    if _timm_model_name(spec):
+        torch.manual_seed(seed)
+        return encoder_from_timm_name(spec.removeprefix("timm:"))[0]
+    enc, report = load_checkpoint(spec, given, fmt, allow_partial, img_size)
+    print(report.format())
+    return enc
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from downstream.checkpoints import export_encoder, timm_architecture
+
+    enc = _encoder_for_cli(args.encoder, args.format, args.allow_partial, args.arch, args.img_size, args.seed)
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    paths = export_encoder(enc, args.out, formats, extra_meta={"exported_from": args.encoder})
+    name, kwargs = timm_architecture(enc)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    print(f"load with: timm.create_model('{name}', pretrained=False, checkpoint_path='{paths[0]}', "
+          + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from downstream.checkpoints import import_checkpoint
+
+    given = None
+    if args.arch:
+        from harness.config import EncoderConfig
+
+        given = EncoderConfig(arch=args.arch, **({"img_size": args.img_size} if args.img_size else {}))
+    report = import_checkpoint(args.checkpoint, args.out, given, args.format, args.allow_partial, args.img_size)
+    print(report.format())
+    print(f"wrote {args.out} (a mimbench encoder file: use it as a suite's 'checkpoint')")
     return 0
 
 
@@ -136,6 +227,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     root = generate_shapes(args.out, spec)
     print(f"wrote the shapes dataset to {root} in {time.time() - t0:.1f}s "
           f"(imagefolder/, coco/, ade20k/, manifest.json)")
+    return 0
+
+
+def cmd_viz_masks(args: argparse.Namespace) -> int:
+    from pretrain.viz import save_mask_picture
+
+    path = save_mask_picture(args.out, arch=args.arch, strategies=args.strategy,
+                             samples=args.samples, ratio=args.ratio, seed=args.seed)
+    print(f"wrote {path}")
     return 0
 
 
@@ -179,10 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_pretrain)
 
     sp = sub.add_parser("eval", help="evaluate one encoder on one task")
-    sp.add_argument("task", help="linear (linear_probe)")
+    sp.add_argument("task", help="linear (linear_probe), linear-faithful (linear_probe_faithful), "
+                    "knn, finetune, or any registered task name")
     sp.add_argument("--encoder", required=True,
-                    help="a mimbench encoder file, or random:<arch> for a randomly initialized preset")
-    sp.add_argument("--arch", help="encoder preset of a plain timm state dict")
+                    help="a checkpoint (mimbench, timm, MAE, BEiT, SimMIM, mmpretrain, safetensors), "
+                    "random:<preset>, or a timm model name (random init)")
+    sp.add_argument("--arch", help="encoder preset the checkpoint fits (default: inferred from its weights)")
+    sp.add_argument("--format", default="auto", help="checkpoint family: auto (detect from the keys), "
+                    "mimbench, mimbench_ckpt, timm, mae, beit, simmim, mmpretrain, swin")
+    sp.add_argument("--allow-partial", action="store_true",
+                    help="load a checkpoint whose keys do not all match (they are listed)")
+    sp.add_argument("--strict", action="store_true",
+                    help="unreadable image files are fatal (default: skipped and counted in the record)")
     sp.add_argument("--data", default="shapes", help="ImageFolder root with train/ and val/, or 'shapes'")
     sp.add_argument("--name", help="encoder name in the leaderboard")
     sp.add_argument("--seed", type=int, default=0)
@@ -190,6 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--suite-name", default="eval")
     add_set(sp)
     sp.set_defaults(func=cmd_eval)
+
+    for cmd, helptext in (("export", "write an encoder as a timm state dict (.pth) and .safetensors"),
+                          ("import", "convert a checkpoint of a known family into a mimbench encoder file")):
+        sp = sub.add_parser(cmd, help=helptext)
+        if cmd == "export":
+            sp.add_argument("encoder", help="checkpoint file, random:<preset>, or a timm model name")
+            sp.add_argument("--out", required=True, help="output path without suffix (.pth/.safetensors/.json)")
+            sp.add_argument("--formats", default="timm,safetensors", help="comma-separated: timm, safetensors")
+            sp.add_argument("--seed", type=int, default=0, help="seed of a random init")
+        else:
+            sp.add_argument("checkpoint")
+            sp.add_argument("--out", required=True, help="the mimbench encoder file to write")
+        sp.add_argument("--format", default="auto", help="checkpoint family (default: detect)")
+        sp.add_argument("--allow-partial", action="store_true", help="accept missing / unused keys")
+        sp.add_argument("--arch", help="encoder preset the checkpoint fits (default: inferred)")
+        sp.add_argument("--img-size", type=int, help="target resolution (position embeddings are resized)")
+        sp.set_defaults(func=cmd_export if cmd == "export" else cmd_import)
 
     sp = sub.add_parser("report", help="collate records into a leaderboard")
     sp.add_argument("records", help="a records directory")
@@ -205,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--train-per-class", type=int, default=100)
     ds.add_argument("--val-per-class", type=int, default=25)
     ds.set_defaults(func=cmd_data_synth)
+
+    sp = sub.add_parser("viz", help="pictures")
+    vsub = sp.add_subparsers(dest="viz_command", required=True)
+    vm = vsub.add_parser("masks", help="a PNG of each masking strategy's masks")
+    vm.add_argument("--out", default="masks.png")
+    vm.add_argument("--arch", default="vit_base_16", help="encoder preset whose patch grid is masked")
+    vm.add_argument("--strategy", action="append", help="a strategy to draw (repeatable; default: all)")
+    vm.add_argument("--ratio", type=float, help="one mask ratio for all (default: each paper's)")
+    vm.add_argument("--samples", type=int, default=6)
+    vm.add_argument("--seed", type=int, default=0)
+    vm.set_defaults(func=cmd_viz_masks)
     return p
 
 

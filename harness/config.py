@@ -109,7 +109,8 @@ class EncoderConfig(StrictModel):
             )
         preset = ENCODER_PRESETS[self.arch]
         for key, value in preset.items():
-            if key != "timm_name" and getattr(self, key) is None:
+            # architecture-only preset keys (timm_name, family, Swin's stages) are not fields
+            if key in type(self).model_fields and getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         if self.img_size % self.patch_size:  # type: ignore[operator]
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
@@ -120,10 +121,35 @@ class EncoderConfig(StrictModel):
     @property
     def timm_name(self) -> str:
         """The timm model name whose architecture this encoder instantiates (with overrides)."""
-        return str(ENCODER_PRESETS[self.arch]["timm_name"])
+        return str(ENCODER_PRESETS[self.arch].get("timm_name") or "")
+
+    @property
+    def family(self) -> str:
+        """``vit`` (:class:`pretrain.encoder.ViTEncoder`), ``swin`` (:class:`pretrain.swin.SwinEncoder`)
+        or ``conv`` (the Context Encoder's convolutional encoder, not a timm model)."""
+        return str(ENCODER_PRESETS[self.arch].get("family", "vit"))
 
     def timm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``timm.create_model(self.timm_name, **kwargs)``."""
+        """Keyword arguments for ``timm.create_model(self.timm_name, **kwargs)``.
+
+        For Swin, ``depth`` and ``num_heads`` are the totals of the preset's stages: the stage
+        depths, stage heads and window size come from the preset (``stage_depths``,
+        ``stage_heads``, ``window_size``).
+        """
+        preset = ENCODER_PRESETS[self.arch]
+        if self.family == "swin":
+            return {
+                "img_size": self.img_size,
+                "patch_size": self.patch_size,
+                "embed_dim": self.embed_dim,
+                "depths": tuple(preset["stage_depths"]),
+                "num_heads": tuple(preset["stage_heads"]),
+                "window_size": preset["window_size"],
+                "mlp_ratio": self.mlp_ratio,
+                "num_classes": 0,
+            }
+        if self.family == "conv":
+            return {}
         return {
             "img_size": self.img_size,
             "patch_size": self.patch_size,
@@ -149,6 +175,23 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
                         embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
     "vit_large_16": dict(timm_name="vit_large_patch16_224", img_size=224, patch_size=16,
                          embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+    # Swin (Liu et al. 2021) as SimMIM pretrains it: 192 px, window 6, patch 4, stride 32.
+    # ``depth``/``num_heads`` are the first stage's totals for the schema; the stages are below.
+    "swin_micro_32": dict(timm_name="swin_tiny_patch4_window7_224", family="swin", img_size=32,
+                          patch_size=4, embed_dim=16, depth=3, num_heads=1, mlp_ratio=2.0,
+                          stage_depths=(1, 1, 1), stage_heads=(1, 2, 4), window_size=4),
+    "swin_tiny_192": dict(timm_name="swin_tiny_patch4_window7_224", family="swin", img_size=192,
+                          patch_size=4, embed_dim=96, depth=12, num_heads=3, mlp_ratio=4.0,
+                          stage_depths=(2, 2, 6, 2), stage_heads=(3, 6, 12, 24), window_size=6),
+    "swin_base_192": dict(timm_name="swin_base_patch4_window7_224", family="swin", img_size=192,
+                          patch_size=4, embed_dim=128, depth=24, num_heads=4, mlp_ratio=4.0,
+                          stage_depths=(2, 2, 18, 2), stage_heads=(4, 8, 16, 32), window_size=6),
+    # Context Encoder's convolutional encoder (Pathak et al. 2016): ``depth`` stride-2 4x4 convs
+    # ending at ``embed_dim`` channels; ``patch_size`` is the masking unit in pixels.
+    "ce_conv_32": dict(family="conv", img_size=32, patch_size=4, embed_dim=64, depth=3,
+                       num_heads=1, mlp_ratio=1.0),
+    "ce_conv_128": dict(family="conv", img_size=128, patch_size=8, embed_dim=512, depth=5,
+                        num_heads=1, mlp_ratio=1.0),
 }
 
 
@@ -156,41 +199,165 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class MaskingConfig(StrictModel):
-    """Which patches are hidden.
+    """Which patches are hidden (see :mod:`pretrain.masking`).
 
     Attributes:
-        strategy: ``random`` (SimMIM: random over a grid of masked-patch-size units) or
-            ``shuffle`` (MAE: per-sample random shuffle of tokens).
+        strategy: ``random`` (SimMIM: random units of ``mask_patch_size``), ``shuffle`` (MAE:
+            per-token random shuffle), ``block`` (BEiT: random rectangles of at least
+            ``min_block_patches``), ``central`` (Context Encoder: the central square),
+            ``random_blocks`` (Context Encoder: several smaller, possibly overlapping
+            rectangles), ``random_region`` (Context Encoder: one connected region of random
+            shape), ``grid`` (MAE Table 1f: keep one unit of every ``k x k``).
         ratio: Fraction of patches masked.
         mask_patch_size: Side of a masking unit in pixels; ``None`` means the model patch size.
+        min_block_patches: ``block`` / ``random_blocks``: smallest rectangle, in units (BEiT: 16).
+        max_block_patches: Largest rectangle in units; ``None``: all that is left to mask
+            (``block``) or a quarter of it (``random_blocks``).
+        min_aspect: Rectangles' aspect ratio lies in ``[min_aspect, 1 / min_aspect]`` (BEiT: 0.3).
+        mask_token_prob: Of the masked patches, the fraction whose embedding becomes the mask
+            token (1.0 everywhere except ViT's masked patch prediction: 0.8).
+        random_token_prob: Of the masked patches, the fraction given another patch's embedding
+            (ViT masked patch prediction: 0.1); the rest keep their own embedding.
     """
 
-    strategy: Literal["random", "shuffle"] = "random"
+    strategy: Literal[
+        "random", "shuffle", "block", "central", "random_blocks", "random_region", "grid"
+    ] = "random"
     ratio: float = Field(0.6, gt=0.0, lt=1.0)
     mask_patch_size: int | None = None
+    min_block_patches: int = Field(16, ge=1)
+    max_block_patches: int | None = Field(None, ge=1)
+    min_aspect: float = Field(0.3, gt=0.0, le=1.0)
+    mask_token_prob: float = Field(1.0, ge=0.0, le=1.0)
+    random_token_prob: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _probs_sum(self) -> MaskingConfig:
+        if self.mask_token_prob + self.random_token_prob > 1.0 + 1e-9:
+            raise ValueError(
+                f"mask_token_prob ({self.mask_token_prob}) + random_token_prob "
+                f"({self.random_token_prob}) exceeds 1"
+            )
+        return self
 
 
 class HeadConfig(StrictModel):
-    """Prediction head: ``linear`` (SimMIM) or ``mae_decoder`` (MAE's transformer decoder)."""
+    """Prediction head (see :mod:`pretrain.heads`).
 
-    type: Literal["linear", "mae_decoder"] = "linear"
+    Attributes:
+        type: ``linear`` (SimMIM: 1x1 conv + pixel shuffle), ``mlp`` (2-layer MLP, SimMIM
+            Table 3), ``inverse_swin`` (Swin blocks that upsample back to the patch grid, SimMIM
+            Table 3), ``mae_decoder`` (MAE's transformer decoder), ``upconv`` (Context Encoder:
+            channel-wise fully connected layer + up-convolutions).
+        depth: ``mae_decoder``: blocks; ``inverse_swin``: blocks per stage when
+            ``stage_depths`` is not given.
+        dim: ``mae_decoder``: width; ``mlp``: hidden width; ``inverse_swin``: width of the
+            coarsest stage (halved at every upsampling); ``upconv``: width of the first up-conv.
+        num_heads: Attention heads (``inverse_swin``: of the coarsest stage, halved per stage).
+        mlp_ratio: MLP ratio of transformer blocks.
+        window_size: ``inverse_swin``: attention window.
+        stage_depths: ``inverse_swin``: blocks per stage from coarse to fine (SimMIM's
+            inverse Swin-T: ``[2, 6, 2, 2]``); one stage per 2x upsampling plus one.
+    """
+
+    type: Literal["linear", "mlp", "inverse_swin", "mae_decoder", "upconv"] = "linear"
     depth: int = Field(8, ge=1)
     dim: int = Field(512, ge=8)
     num_heads: int = Field(16, ge=1)
     mlp_ratio: float = 4.0
+    window_size: int = Field(7, ge=1)
+    stage_depths: list[int] | None = None
+
+
+class HOGConfig(StrictModel):
+    """Histograms of oriented gradients (MaskFeat's target, see :mod:`pretrain.maskfeat`).
+
+    Attributes:
+        orientations: Unsigned orientation bins over 180 degrees (MaskFeat: 9).
+        cell_size: Cell side in pixels (MaskFeat: 8, so a 16 px patch holds 2x2 cells).
+        gradient: ``sobel`` (MaskFeat, reflect-padded) or ``central`` ([-1, 0, 1] differences,
+            zero at the image border: Dalal-Triggs and scikit-image).
+        gaussian_window: Side of the Gaussian weighting window in pixels, repeated over the
+            image (MaskFeat: 16, sigma = window / 2); 0 disables it.
+    """
+
+    orientations: int = Field(9, ge=2)
+    cell_size: int = Field(8, ge=1)
+    gradient: Literal["sobel", "central"] = "sobel"
+    gaussian_window: int = Field(16, ge=0)
+
+
+class TokenizerConfig(StrictModel):
+    """Discrete visual tokens for BEiT-style targets (see :mod:`pretrain.tokenizers`).
+
+    Attributes:
+        type: ``dall_e`` (DALL-E's dVAE encoder, loaded from ``path``: 8192 tokens on 112 px
+            inputs in BEiT), or a tokenizer the harness trains before pretraining: ``kmeans``
+            (a k-means codebook over patch pixels, iGPT-style clusters), ``vqvae`` (a small
+            VQ-VAE) or ``dvae`` (a small Gumbel-softmax dVAE).
+        path: ``dall_e``: the weights (the official ``encoder.pkl`` or a state dict with its
+            keys). Other types: optional file of an already trained tokenizer to reuse.
+        vocab_size: Number of tokens (DALL-E: 8192).
+        input_size: Side of the tokenizer's input in pixels (BEiT: 112 for DALL-E, so 8x
+            downsampling gives the 14x14 patch grid); ``None``: the encoder's image size.
+        hidden: ``vqvae``/``dvae``: conv width.
+        code_dim: ``vqvae``/``dvae``: codebook vector width.
+        train_steps: ``vqvae``/``dvae``: optimization steps before pretraining.
+        train_images: Images drawn from the training split to fit the tokenizer.
+        kmeans_iters: ``kmeans``: Lloyd iterations.
+        lr: ``vqvae``/``dvae``: Adam learning rate.
+        batch_size: Tokenizer training batch.
+    """
+
+    type: Literal["dall_e", "kmeans", "vqvae", "dvae"] = "dall_e"
+    path: str | None = None
+    vocab_size: int = Field(8192, ge=2)
+    input_size: int | None = Field(None, ge=8)
+    hidden: int = Field(64, ge=4)
+    code_dim: int = Field(32, ge=2)
+    train_steps: int = Field(500, ge=0)
+    train_images: int = Field(2048, ge=1)
+    kmeans_iters: int = Field(20, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+
+
+DISCRETE_TARGETS = ("color_bins", "mean_color", "tokens")
 
 
 class TargetConfig(StrictModel):
-    """Reconstruction target: normalized pixels, or per-patch normalized pixels (MAE)."""
+    """What the head predicts for each patch (see :mod:`pretrain.targets`).
 
-    type: Literal["pixels", "norm_pixels"] = "pixels"
+    Attributes:
+        type: ``pixels`` (SimMIM), ``norm_pixels`` (MAE: per-patch normalized), ``hog``
+            (MaskFeat), ``color_bins`` (each pixel's channel values in ``bins`` bins: SimMIM
+            Table 4's 8-bit color with 256), ``mean_color`` (the patch's mean color with ``bins``
+            per channel, one ``bins^3``-way class: ViT's 3-bit color with 8), ``tokens`` (BEiT).
+        bins: Color bins per channel for ``color_bins`` and ``mean_color``.
+        hog: HOG parameters for ``hog``.
+        tokenizer: The tokenizer for ``tokens``.
+    """
+
+    type: Literal["pixels", "norm_pixels", "hog", "color_bins", "mean_color", "tokens"] = "pixels"
+    bins: int = Field(8, ge=2, le=256)
+    hog: HOGConfig = Field(default_factory=HOGConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
 
 
 class LossConfig(StrictModel):
-    """Reconstruction loss and where it is averaged."""
+    """Loss and where it is averaged.
 
-    type: Literal["l1", "l2", "smooth_l1"] = "l1"
+    Attributes:
+        type: ``l1``, ``l2``, ``smooth_l1`` for continuous targets, ``cross_entropy`` for the
+            discrete ones (color bins, mean color, tokens).
+        on: ``masked`` patches only, or ``all`` patches (SimMIM Table 5).
+        adv_weight: Weight of the adversarial loss (Context Encoder: 0.001, the reconstruction
+            then weighs ``1 - adv_weight`` = 0.999); 0 disables the discriminator.
+    """
+
+    type: Literal["l1", "l2", "smooth_l1", "cross_entropy"] = "l1"
     on: Literal["masked", "all"] = "masked"
+    adv_weight: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class RecipeConfig(StrictModel):
@@ -219,6 +386,35 @@ class RecipeConfig(StrictModel):
                 )
             return deep_merge(RECIPE_DEFAULTS[name]["recipe"], data)
         return data
+
+    @model_validator(mode="after")
+    def _axes_fit_together(self) -> RecipeConfig:
+        discrete = self.target.type in DISCRETE_TARGETS
+        if discrete and self.loss.type != "cross_entropy":
+            raise ValueError(
+                f"target '{self.target.type}' is discrete: set loss.type: cross_entropy "
+                f"(got '{self.loss.type}')"
+            )
+        if not discrete and self.loss.type == "cross_entropy":
+            raise ValueError(
+                f"loss 'cross_entropy' needs a discrete target ({', '.join(DISCRETE_TARGETS)}); "
+                f"target '{self.target.type}' is continuous: use l1, l2 or smooth_l1"
+            )
+        if self.encoder_mode == "visible":
+            if self.head.type != "mae_decoder":
+                raise ValueError(
+                    f"encoder_mode 'visible' leaves masked positions empty; head '{self.head.type}' "
+                    "predicts from every encoder token: use head.type: mae_decoder or "
+                    "encoder_mode: mask_token"
+                )
+            if self.masking.mask_token_prob < 1.0 or self.masking.random_token_prob > 0.0:
+                raise ValueError(
+                    "masking.mask_token_prob / random_token_prob corrupt masked embeddings inside "
+                    "the encoder: they need encoder_mode: mask_token"
+                )
+        if self.loss.adv_weight > 0 and self.target.type not in ("pixels", "norm_pixels"):
+            raise ValueError("loss.adv_weight (adversarial loss) needs a pixel target")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -425,6 +621,96 @@ RECIPE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
             "epochs": 800,
             "warmup_epochs": 40,
             "crop_scale": (0.2, 1.0),
+        },
+    },
+    # BEiT (Bao et al., ICLR 2022): block-wise masking of ~40 % (75 of 196 patches, blocks of at
+    # least 16 patches with aspect ratio in [0.3, 1/0.3]), mask token in the encoder, a linear
+    # head predicting DALL-E dVAE tokens (8192, from 112 px inputs) with cross-entropy on the
+    # masked positions (Sec. 2; appendix: Adam betas (0.9, 0.999), lr 1.5e-3 at batch 2048,
+    # wd 0.05, 10 warmup epochs, gradient clipping 3.0, crops of scale [0.08, 1]).
+    "beit": {
+        "recipe": {
+            "masking": {"strategy": "block", "ratio": 75 / 196, "mask_patch_size": None,
+                        "min_block_patches": 16, "min_aspect": 0.3},
+            "encoder_mode": "mask_token",
+            "head": {"type": "linear"},
+            "target": {"type": "tokens",
+                       "tokenizer": {"type": "dall_e", "vocab_size": 8192, "input_size": 112}},
+            "loss": {"type": "cross_entropy", "on": "masked"},
+        },
+        "train": {
+            "base_lr": 1.5e-3,
+            "lr_base_batch": 2048,
+            "weight_decay": 0.05,
+            "betas": (0.9, 0.999),
+            "epochs": 800,
+            "warmup_epochs": 10,
+            "crop_scale": (0.08, 1.0),
+            "clip_grad": 3.0,
+        },
+    },
+    # MaskFeat (Wei et al., CVPR 2022), image version: block-wise masking of 40 %, mask token,
+    # a linear head regressing HOG (9 orientations, 8x8 cells, per RGB channel, Sobel gradients,
+    # Gaussian window 16) of the masked patches with L2. Train values follow the public
+    # reproduction in mmselfsup (lr 2e-4 per 256, betas (0.9, 0.999), wd 0.05, crops [0.5, 1]),
+    # not the paper's tables.
+    "maskfeat": {
+        "recipe": {
+            "masking": {"strategy": "block", "ratio": 0.4, "mask_patch_size": None,
+                        "min_block_patches": 16, "min_aspect": 0.3},
+            "encoder_mode": "mask_token",
+            "head": {"type": "linear"},
+            "target": {"type": "hog", "hog": {"orientations": 9, "cell_size": 8,
+                                              "gradient": "sobel", "gaussian_window": 16}},
+            "loss": {"type": "l2", "on": "masked"},
+        },
+        "train": {
+            "base_lr": 2e-4,
+            "lr_base_batch": 256,
+            "weight_decay": 0.05,
+            "betas": (0.9, 0.999),
+            "epochs": 300,
+            "warmup_epochs": 30,
+            "crop_scale": (0.5, 1.0),
+        },
+    },
+    # ViT masked patch prediction (Dosovitskiy et al., ICLR 2021, appendix B.1.2): corrupt 50 %
+    # of the patch embeddings (80 % mask token, 10 % another patch's embedding, 10 % kept) and
+    # classify each corrupted patch's 3-bit mean color (512 classes). Adam, base lr 2e-4 at
+    # batch 4096 with cosine decay.
+    "vit_mpp": {
+        "recipe": {
+            "masking": {"strategy": "shuffle", "ratio": 0.5, "mask_patch_size": None,
+                        "mask_token_prob": 0.8, "random_token_prob": 0.1},
+            "encoder_mode": "mask_token",
+            "head": {"type": "linear"},
+            "target": {"type": "mean_color", "bins": 8},
+            "loss": {"type": "cross_entropy", "on": "masked"},
+        },
+        "train": {
+            "base_lr": 2e-4,
+            "lr_base_batch": 4096,
+            "betas": (0.9, 0.999),
+        },
+    },
+    # Context Encoder (Pathak et al., CVPR 2016): a convolutional encoder (preset ce_conv_128),
+    # a channel-wise fully connected bottleneck and up-convolutions predicting the pixels of the
+    # central square (a quarter of the image), L2 on the hole plus an adversarial loss with
+    # weights 0.999 / 0.001; Adam (lr 2e-4, beta1 0.5) as in DCGAN, batch 64.
+    "context_encoder": {
+        "recipe": {
+            "masking": {"strategy": "central", "ratio": 0.25, "mask_patch_size": None},
+            "encoder_mode": "mask_token",
+            "head": {"type": "upconv", "dim": 512},
+            "target": {"type": "pixels"},
+            "loss": {"type": "l2", "on": "masked", "adv_weight": 0.001},
+        },
+        "train": {
+            "base_lr": 2e-4,
+            "lr_base_batch": 64,
+            "weight_decay": 0.0,
+            "betas": (0.5, 0.999),
+            "warmup_epochs": 0,
         },
     },
 }

@@ -30,6 +30,9 @@ from harness.records import (
     write_record,
 )
 
+#: ``checkpoint: "timm:<model name>"`` evaluates a randomly initialized timm architecture.
+TIMM_PREFIX = "timm:"
+
 
 @dataclass
 class EncoderHandle:
@@ -82,7 +85,7 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
     """Pretrain (or reuse, or resume), load a checkpoint, or randomly initialize."""
     import torch
 
-    from pretrain.encoder import ViTEncoder, load_encoder_checkpoint
+    from pretrain.encoder import create_encoder, load_any_encoder_checkpoint
 
     if entry.pretrain is not None:
         from pretrain.engine import ENCODER, SUMMARY, pretrain
@@ -94,18 +97,29 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
         else:
             pretrain(pcfg, stage, resume=True, log=tee_log(log, stage / "log.txt"))
         path = stage / ENCODER
-        enc = load_encoder_checkpoint(path)
+        enc = load_any_encoder_checkpoint(path)
         info = EncoderInfo(name=entry.name, arch=entry.encoder.arch, source="pretrain",
                            checkpoint=str(path), sha256=sha256_file(path))
         return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"), {"stage": str(stage)})
     if entry.checkpoint is not None:
+        from downstream.checkpoints import encoder_from_timm_name, load_checkpoint
+
+        if entry.checkpoint.startswith(TIMM_PREFIX):  # a timm architecture, randomly initialized
+            name = entry.checkpoint.removeprefix(TIMM_PREFIX)
+            torch.manual_seed(seed)
+            enc, report = encoder_from_timm_name(name)
+            info = EncoderInfo(name=entry.name, arch=name, source="random")
+            return EncoderHandle(enc, info, None, {"import": report.summary()})
         path = Path(entry.checkpoint)
-        enc = load_encoder_checkpoint(path, None if _is_mimbench_file(path) else entry.encoder)
-        info = EncoderInfo(name=entry.name, arch=enc.cfg.arch, source="checkpoint",
-                           checkpoint=str(path), sha256=sha256_file(path))
-        return EncoderHandle(enc, info, None, {})
+        # any supported checkpoint family; the suite's encoder config is the target when given
+        given = entry.encoder if "encoder" in entry.model_fields_set else None
+        enc, report = load_checkpoint(path, given)
+        log(f"[suite] {entry.name}: " + report.format())
+        info = EncoderInfo(name=entry.name, arch=str(report.encoder["arch"]), source="checkpoint",
+                           checkpoint=str(path), sha256=report.sha256)
+        return EncoderHandle(enc, info, None, {"import": report.summary()})
     torch.manual_seed(seed)
-    enc = ViTEncoder(entry.encoder)
+    enc = create_encoder(entry.encoder)
     info = EncoderInfo(name=entry.name, arch=entry.encoder.arch, source="random")
     return EncoderHandle(enc, info, None, {})
 
@@ -140,6 +154,8 @@ def preflight(cfg: SuiteConfig) -> None:
     from harness.data.datasets import resolve_imagefolder_root
 
     for entry in cfg.encoders:
+        if entry.checkpoint is not None and entry.checkpoint.startswith(TIMM_PREFIX):
+            continue
         if entry.checkpoint is not None and not Path(entry.checkpoint).is_file():
             raise CheckpointError(
                 f"encoder '{entry.name}': checkpoint {entry.checkpoint} does not exist; fix the path"

@@ -85,6 +85,39 @@ class ViTEncoder(nn.Module):
         """Number of transformer blocks."""
         return len(self.vit.blocks)
 
+    # The output side of the encoder contract that prediction heads read (same names on
+    # SwinEncoder and the Context Encoder's ConvEncoder).
+    @property
+    def encoder_stride(self) -> int:
+        """Pixels per output token (the patch size for a ViT)."""
+        return self.patch_size
+
+    @property
+    def num_features(self) -> int:
+        """Width of the output tokens."""
+        return self.embed_dim
+
+    @property
+    def feature_grid(self) -> tuple[int, int]:
+        """Grid of the output tokens after the prefix tokens."""
+        return self.grid_size
+
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings only, ``[B, C, H, W] -> [B, L, D]`` (before mask token and position)."""
+        self._check_input(x)
+        return self.vit.patch_embed(x)
+
+    def forward_tokens(self, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward_features` from given patch embeddings ``[B, L, D]`` (e.g. corrupted
+        ones, ViT's masked patch prediction): mask token, positions, class token, blocks, norm."""
+        if mask is not None:
+            w = mask.unsqueeze(-1).to(t.dtype)  # [B, L, 1]
+            t = t * (1.0 - w) + self.mask_token.to(t.dtype) * w
+        t = t + self.vit.pos_embed[:, 1:, :]
+        cls = (self.vit.cls_token + self.vit.pos_embed[:, :1, :]).expand(t.shape[0], -1, -1)
+        t = self.vit.norm_pre(torch.cat([cls, t], dim=1))  # [B, 1 + L, D]
+        return self.vit.norm(self.vit.blocks(t))
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (besides biases and norms)."""
         return {"vit.pos_embed", "vit.cls_token", "mask_token"}
@@ -281,3 +314,43 @@ def count_parameters(module: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in module.parameters())
 
+
+def create_encoder(cfg: EncoderConfig) -> nn.Module:
+    """The encoder wrapper of ``cfg.family``: :class:`ViTEncoder`, :class:`pretrain.swin.SwinEncoder`
+    or the Context Encoder's :class:`pretrain.context_encoder.ConvEncoder`."""
+    if cfg.family == "swin":
+        from pretrain.swin import SwinEncoder
+
+        return SwinEncoder(cfg)
+    if cfg.family == "conv":
+        from pretrain.context_encoder import ConvEncoder
+
+        return ConvEncoder(cfg)
+    return ViTEncoder(cfg)
+
+
+def load_any_encoder_checkpoint(path: str | Path, cfg: EncoderConfig | None = None) -> nn.Module:
+    """Like :func:`load_encoder_checkpoint` for every encoder family (ViT, Swin, conv)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"encoder checkpoint not found: {path}: check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError and friends
+        raise CheckpointError(
+            f"cannot load {path} weights-only ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "only checkpoints holding tensors and plain types are accepted"
+        ) from None
+    meta = obj.get("mimbench") if isinstance(obj, dict) else None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    if cfg is None:
+        if not meta:
+            raise CheckpointError(
+                f"{path} is not a mimbench encoder file; give the encoder config it was trained with"
+            )
+        cfg = EncoderConfig.model_validate(meta["encoder"])
+    enc = create_encoder(cfg)
+    enc.load_timm_state_dict(state, str(path))  # type: ignore[operator]
+    return enc

@@ -8,8 +8,12 @@
 * Checkpoints every ``ckpt_every_steps`` and at the end hold model, optimizer, step and RNG
   states; the data order, augmentation and masks are functions of (seed, epoch/step, index), so a
   resumed run reproduces the uninterrupted loss curve.
+* Recipes whose target needs fitting first (BEiT's tokenizers trained here) fit it at the start
+  of a fresh run on seeded training images (``model.prepare``); the fitted tokenizer lives in the
+  model's state, so a resumed run restores it from the checkpoint.
 * At the end: the encoder alone under timm's key names (``encoder.pth``) and a PNG grid of
-  original / masked / reconstruction / reconstruction with the visible patches pasted.
+  original / masked / the recipe's rows (pixel targets: reconstruction and reconstruction with
+  the visible patches pasted; HOG, colors and tokens: target and prediction drawn).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from torch.utils.data import DataLoader
 from harness.config import ConfigError, PretrainConfig, dump_config, to_plain
 from harness.data.datasets import (
     SeededDataset,
-    denormalize,
     eval_transform,
     imagefolder,
     pretrain_transform,
@@ -37,7 +40,7 @@ from harness.data.datasets import (
 )
 from harness.errors import CheckpointError
 from harness.fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, config_hash
-from pretrain.model import MIMModel
+from pretrain.model import MIMModel, create_model
 
 CHECKPOINT = "checkpoint.pth"
 ENCODER = "encoder.pth"
@@ -108,6 +111,18 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def _image_sampler(ds: SeededDataset, seed: int, device: torch.device):
+    """``n -> [n, 3, H, W]``: the first ``n`` training images of a seeded order (epoch-0
+    augmentation), cycling when the split is smaller; what tokenizers fit on."""
+
+    def sample(n: int) -> torch.Tensor:
+        ds.set_epoch(0)
+        order = _epoch_order(len(ds), seed, -1)
+        return torch.stack([ds[order[i % len(order)]][0] for i in range(n)]).to(device)
+
+    return sample
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=print) -> PretrainResult:  # noqa: C901
     """Run (or resume) one pretraining.
 
@@ -146,13 +161,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
     warmup_steps = t.warmup_epochs * steps_per_epoch
     peak_lr = t.base_lr * t.batch_size / t.lr_base_batch
 
-    model = MIMModel(cfg.encoder, cfg.recipe).to(device)
+    model = create_model(cfg.encoder, cfg.recipe).to(device)
+    ckpt_path = out / CHECKPOINT
+    resuming = resume and ckpt_path.is_file()
+    if not resuming:
+        model.prepare(_image_sampler(train_ds, cfg.seed, device), log)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak_lr, betas=t.betas)
 
     step = 0
     history: list[dict[str, float]] = []
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.is_file():
+    if resuming:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck.get("config_hash") != chash:
             raise CheckpointError(
@@ -274,7 +292,7 @@ def _to_py_state(state: list) -> tuple:
 def save_reconstruction_grid(
     model: MIMModel, root: Path, cfg: PretrainConfig, path: Path, device: torch.device
 ) -> Path:
-    """Rows: original, masked input, prediction, prediction with visible patches pasted."""
+    """Rows from :meth:`MIMModel.visualize`: original, masked input, then the recipe's rows."""
     from torchvision.utils import make_grid
 
     from harness.fsutil import atomic_write_bytes
@@ -289,15 +307,8 @@ def save_reconstruction_grid(
     model.eval()
     out = model(imgs, mask)
     model.train(was_training)
-    rec = model.reconstruct(out)
-    pix_mask = model.encoder.unpatchify(
-        mask.unsqueeze(-1).float().expand(-1, -1, model.encoder.patch_size**2 * 3)
-    )  # [B, 3, H, W], 1 = masked
-    orig = denormalize(imgs)
-    masked = orig * (1 - pix_mask) + 0.5 * pix_mask
-    pred = denormalize(rec)
-    pasted = orig * (1 - pix_mask) + pred * pix_mask
-    grid = make_grid(torch.cat([orig, masked, pred, pasted]).cpu(), nrow=k, padding=1, pad_value=1.0)
+    rows = [img.float().clamp(0, 1).cpu() for _, img in model.visualize(imgs, out)]
+    grid = make_grid(torch.cat(rows), nrow=k, padding=1, pad_value=1.0)
     up = max(1, 96 // img_size)
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
     import io

@@ -19,20 +19,30 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from harness.config import HeadConfig
-from pretrain.encoder import ViTEncoder, sincos_pos_embed_2d
+from pretrain.encoder import sincos_pos_embed_2d
+from pretrain.heads import HEADS
 
 
+@HEADS.register("mae_decoder")
 class MAEDecoder(nn.Module):
     """MAE's transformer decoder.
 
     Args:
-        encoder: The encoder whose tokens it reads.
+        encoder: The ViT encoder whose tokens it reads (one class token, one token per patch).
         cfg: Decoder depth, width, heads and MLP ratio.
-        out_chans: Channels of the predicted pixels.
+        out_dim: Predictions per patch (``p*p*3`` for pixels, the vocabulary for tokens, ...).
+        pixel_channels: Unused.
     """
 
-    def __init__(self, encoder: ViTEncoder, cfg: HeadConfig, out_chans: int = 3) -> None:
+    def __init__(
+        self, encoder: nn.Module, cfg: HeadConfig, out_dim: int, pixel_channels: int | None = None
+    ) -> None:
         super().__init__()
+        if encoder.num_prefix_tokens != 1 or encoder.encoder_stride != encoder.patch_size:
+            raise ValueError(
+                "mae_decoder reads a ViT's class token and one token per patch; use head.type "
+                "linear, mlp or inverse_swin with this encoder"
+            )
         if cfg.dim % cfg.num_heads:
             raise ValueError(f"decoder dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
         self.num_patches = encoder.num_patches
@@ -46,7 +56,7 @@ class MAEDecoder(nn.Module):
             for _ in range(cfg.depth)
         )
         self.decoder_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(cfg.dim, encoder.patch_size**2 * out_chans)
+        self.decoder_pred = nn.Linear(cfg.dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_weights)
 
@@ -64,7 +74,7 @@ class MAEDecoder(nn.Module):
             ids_restore: ``[B, L]`` un-shuffle indices; None when ``tokens`` covers all patches.
 
         Returns:
-            ``[B, L, p*p*C]``.
+            ``[B, L, out_dim]``.
         """
         x = self.decoder_embed(tokens)  # [B, 1 + K, Dd]
         if ids_restore is not None:
@@ -78,7 +88,7 @@ class MAEDecoder(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
-        return self.decoder_pred(x)[:, 1:]  # [B, L, p*p*C]
+        return self.decoder_pred(x)[:, 1:]  # [B, L, out_dim]
 
 
 def _init_weights(m: nn.Module) -> None:

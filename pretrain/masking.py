@@ -7,12 +7,32 @@ with exactly the same number of masked patches in every sample (so visible token
   ``(mask_patch_size / patch_size)^2`` patches.
 * ``shuffle``: MAE's per-sample random shuffle (He et al., CVPR 2022, Sec. 3): a uniform noise
   per token is sorted, and the last ``L - int(L * (1 - ratio))`` tokens of the order are masked.
+* ``block``: BEiT's block-wise masking (Bao et al., ICLR 2022, Algorithm 1): rectangles with an
+  area drawn from ``[min_block_patches, remaining]`` and a log-uniform aspect ratio in
+  ``[min_aspect, 1 / min_aspect]`` are added while they bring at most the remaining count.
+* ``central``: Context Encoder's central square (Pathak et al., CVPR 2016, Sec. 3.3): the same
+  centered rectangle of ``sqrt(ratio)`` of each side in every sample.
+* ``random_blocks``: Context Encoder's "random block": several smaller, possibly overlapping
+  rectangles placed uniformly.
+* ``random_region``: Context Encoder's "random region": one connected region of random shape.
+  The paper takes shapes from PASCAL VOC segmentations; without that data, the region is grown
+  from a random seed unit by adding random neighbours (Eden growth).
+* ``grid``: MAE's grid-wise sampling (Table 1f): one unit of every ``k x k`` is kept, with
+  ``k = 1 / sqrt(1 - ratio)`` (ratio 0.75: one of every four), at a random offset per sample.
+
+The last five work on masking units of ``mask_patch_size`` pixels like ``random`` and draw each
+sample with Python's ``random.Random`` seeded from the torch generator, so masks are a function
+of the generator state. ``block``, ``random_blocks`` and ``random_region`` hit the count exactly:
+when BEiT's rejection loop stops short, the block mask grows by random neighbouring units, and
+the last random block is cut to the count.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
 
 from harness.config import MaskingConfig
@@ -96,6 +116,196 @@ class ShuffleMasker(Masker):
         ids_shuffle = noise.argsort(dim=1)
         mask = torch.ones(batch_size, self.num_patches, dtype=torch.bool)
         mask.scatter_(1, ids_shuffle[:, : self.len_keep], False)
+        return mask
+
+
+class UnitMasker(Masker):
+    """Base of the maskers that draw each sample on a grid of ``mask_patch_size`` units.
+
+    Subclasses implement :meth:`sample_units`, one ``[uh, uw]`` boolean array per sample.
+    """
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        mps = cfg.mask_patch_size or patch_size
+        if mps % patch_size:
+            raise ValueError(
+                f"mask_patch_size {mps} must be a multiple of the model patch size {patch_size}"
+            )
+        self.scale = mps // patch_size
+        if grid[0] % self.scale or grid[1] % self.scale:
+            raise ValueError(
+                f"mask_patch_size {mps} does not tile the {grid[0] * patch_size}x"
+                f"{grid[1] * patch_size} image; use a divisor of the image size"
+            )
+        self.unit_grid = (grid[0] // self.scale, grid[1] // self.scale)
+        self.num_units = self.unit_grid[0] * self.unit_grid[1]
+        self.units_masked = min(self.num_units - 1, max(1, round(self.num_units * cfg.ratio)))
+
+    @property
+    def num_masked(self) -> int:
+        return self.units_masked * self.scale * self.scale
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        """One sample's mask over the unit grid, ``[uh, uw]`` bool with ``units_masked`` set."""
+        raise NotImplementedError
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        rng = random.Random(seed)
+        units = torch.from_numpy(np.stack([self.sample_units(rng) for _ in range(batch_size)]))
+        mask = units.repeat_interleave(self.scale, 1).repeat_interleave(self.scale, 2)  # [B, gh, gw]
+        return mask.reshape(batch_size, self.num_patches)
+
+
+def _grow(mask: np.ndarray, count: int, rng: random.Random) -> int:
+    """Mask ``count`` more units, each a random visible 4-neighbour of the masked set (a random
+    visible unit when nothing is masked yet). Returns how many were added."""
+    added = 0
+    while added < count:
+        m = mask
+        near = np.zeros_like(m)
+        near[1:] |= m[:-1]
+        near[:-1] |= m[1:]
+        near[:, 1:] |= m[:, :-1]
+        near[:, :-1] |= m[:, 1:]
+        cand = np.argwhere(near & ~m) if m.any() else np.argwhere(~m)
+        if len(cand) == 0:  # the masked set has no visible neighbour left
+            cand = np.argwhere(~m)
+        r, c = cand[rng.randrange(len(cand))]
+        mask[r, c] = True
+        added += 1
+    return added
+
+
+@MASKERS.register("block")
+class BlockMasker(UnitMasker):
+    """BEiT's block-wise masking (Algorithm 1 of the paper, as in its reference code).
+
+    ``last_blocks`` keeps the rectangles of the most recent sample as
+    ``(top, left, h, w, target_area, aspect)`` and ``last_grown`` the units added to reach the
+    exact count; the tests check them against the paper's bounds.
+    """
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        self.min_area = cfg.min_block_patches
+        self.max_area = cfg.max_block_patches or self.units_masked
+        self.log_aspect = (math.log(cfg.min_aspect), math.log(1.0 / cfg.min_aspect))
+        self.last_blocks: list[tuple[int, int, int, int, float, float]] = []
+        self.last_grown = 0
+
+    def _add_block(self, mask: np.ndarray, max_new: int, rng: random.Random) -> int:
+        uh, uw = self.unit_grid
+        for _ in range(10):  # BEiT: ten attempts per block
+            area = rng.uniform(self.min_area, max_new)
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < w < uw and 0 < h < uh:
+                top, left = rng.randint(0, uh - h), rng.randint(0, uw - w)
+                new = h * w - int(mask[top : top + h, left : left + w].sum())
+                if 0 < new <= max_new:
+                    mask[top : top + h, left : left + w] = True
+                    self.last_blocks.append((top, left, h, w, area, aspect))
+                    return new
+        return 0
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        mask = np.zeros(self.unit_grid, dtype=bool)
+        self.last_blocks = []
+        count = 0
+        while count < self.units_masked:
+            delta = self._add_block(mask, min(self.units_masked - count, self.max_area), rng)
+            if delta == 0:
+                break
+            count += delta
+        self.last_grown = _grow(mask, self.units_masked - count, rng)
+        return mask
+
+
+@MASKERS.register("central")
+class CentralMasker(UnitMasker):
+    """Context Encoder's central region: a centered rectangle of ``sqrt(ratio)`` of each side."""
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        uh, uw = self.unit_grid
+        side = math.sqrt(cfg.ratio)
+        self.box_h = min(uh, max(1, round(side * uh)))
+        self.box_w = min(uw, max(1, round(side * uw)))
+        self.units_masked = self.box_h * self.box_w
+        self.top, self.left = (uh - self.box_h) // 2, (uw - self.box_w) // 2
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        mask = np.zeros(self.unit_grid, dtype=bool)
+        mask[self.top : self.top + self.box_h, self.left : self.left + self.box_w] = True
+        return mask
+
+
+@MASKERS.register("random_blocks")
+class RandomBlocksMasker(UnitMasker):
+    """Context Encoder's random blocks: rectangles of random size and aspect, possibly
+    overlapping, until the count is reached (the last one cut to it in row-major order)."""
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        self.min_area = min(cfg.min_block_patches, self.units_masked)
+        self.max_area = max(self.min_area, cfg.max_block_patches or self.units_masked // 4)
+        self.log_aspect = (math.log(cfg.min_aspect), math.log(1.0 / cfg.min_aspect))
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        uh, uw = self.unit_grid
+        mask = np.zeros(self.unit_grid, dtype=bool)
+        count = 0
+        while count < self.units_masked:
+            area = rng.uniform(self.min_area, self.max_area)
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h = min(uh, max(1, int(round(math.sqrt(area * aspect)))))
+            w = min(uw, max(1, int(round(math.sqrt(area / aspect)))))
+            top, left = rng.randint(0, uh - h), rng.randint(0, uw - w)
+            box = np.zeros_like(mask)
+            box[top : top + h, left : left + w] = True
+            new = np.argwhere(box & ~mask)[: self.units_masked - count]
+            mask[new[:, 0], new[:, 1]] = True
+            count += len(new)
+        return mask
+
+
+@MASKERS.register("random_region")
+class RandomRegionMasker(UnitMasker):
+    """Context Encoder's random region: one connected region of random shape."""
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        mask = np.zeros(self.unit_grid, dtype=bool)
+        _grow(mask, self.units_masked, rng)
+        return mask
+
+
+@MASKERS.register("grid")
+class GridMasker(UnitMasker):
+    """MAE's grid-wise sampling: keep one unit of every ``k x k`` cell at a random offset."""
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        self.k = max(2, round(1.0 / math.sqrt(1.0 - cfg.ratio)))
+        exact = 1.0 - 1.0 / self.k**2
+        if abs(exact - cfg.ratio) > 0.02:
+            raise ValueError(
+                f"grid masking keeps one unit of every k x k, so its ratio is 1 - 1/k^2 "
+                f"(0.75, 0.889, 0.9375, ...); {cfg.ratio} is not one of them"
+            )
+        uh, uw = self.unit_grid
+        if uh % self.k or uw % self.k:
+            raise ValueError(
+                f"grid masking with k={self.k} needs a unit grid divisible by {self.k}, got {uh}x{uw}"
+            )
+        self.units_masked = self.num_units - (uh // self.k) * (uw // self.k)
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        dy, dx = rng.randrange(self.k), rng.randrange(self.k)
+        mask = np.ones(self.unit_grid, dtype=bool)
+        mask[dy :: self.k, dx :: self.k] = False
         return mask
 
 

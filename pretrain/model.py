@@ -1,29 +1,43 @@
-"""One model class for every pixel-predicting recipe: encoder + head + target + loss.
+"""One model class for every recipe: masker + encoder + head + target + loss.
 
-The ablation axes of SimMIM and MAE are config values here, not code paths: the masker
-(:mod:`pretrain.masking`), whether the encoder sees mask tokens or only visible patches, the head
-(SimMIM's linear head in :mod:`pretrain.simmim`, MAE's decoder in :mod:`pretrain.mae`), the
-target and the loss (:mod:`pretrain.targets`).
+The ablation axes of the papers are config values here, not code paths: the masker
+(:mod:`pretrain.masking`), whether the encoder sees mask tokens or only visible patches (and
+whether masked embeddings are corrupted, ViT's masked patch prediction), the head
+(:mod:`pretrain.heads`), the target and the loss (:mod:`pretrain.targets`), and an optional
+adversarial loss (Context Encoder). The recipe modules register their parts:
+
+==================  ==============================================================
+SimMIM              :mod:`pretrain.simmim` (linear head), ViT or :mod:`pretrain.swin`
+MAE                 :mod:`pretrain.mae` (decoder), ``encoder_mode: visible``
+BEiT                :mod:`pretrain.beit` (tokens), :mod:`pretrain.tokenizers`, :mod:`pretrain.dall_e`
+MaskFeat            :mod:`pretrain.maskfeat` (HOG)
+ViT MPP             :mod:`pretrain.vit_mpp` (corruption, mean color)
+Context Encoder     :mod:`pretrain.context_encoder` (conv encoder, up-conv head, discriminator)
+==================  ==============================================================
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+# Importing the recipe modules registers their heads and targets.
+import pretrain.beit  # noqa: F401
+import pretrain.context_encoder as ce
+import pretrain.mae  # noqa: F401
+import pretrain.maskfeat  # noqa: F401
+import pretrain.simmim  # noqa: F401
 from harness.config import EncoderConfig, RecipeConfig
-from harness.registry import Registry
-from pretrain.encoder import ViTEncoder
-from pretrain.mae import MAEDecoder
+from pretrain.encoder import create_encoder
+from pretrain.heads import HEADS
 from pretrain.masking import Masker, create_masker, mask_to_indices
-from pretrain.simmim import LinearPixelShuffleHead
-from pretrain.targets import make_target, reconstruction_loss
+from pretrain.targets import ImageSampler, TargetOut, create_target, to_unit
+from pretrain.vit_mpp import corrupt_and_encode
 
-HEADS: Registry[type[nn.Module]] = Registry("head")
-HEADS.register("linear", LinearPixelShuffleHead)
-HEADS.register("mae_decoder", MAEDecoder)
+__all__ = ["HEADS", "MIMModel", "MIMOutput", "create_model"]
 
 
 @dataclass
@@ -31,39 +45,71 @@ class MIMOutput:
     """What one forward returns."""
 
     loss: torch.Tensor
-    pred: torch.Tensor  # [B, L, P] in target space
-    target: torch.Tensor  # [B, L, P]
+    pred: torch.Tensor  # [B, L, out_dim]
+    target: torch.Tensor  # [B, L, P] values or [B, L, G] class indices
     mask: torch.Tensor  # [B, L]
     target_mean: torch.Tensor | None = None  # [B, L, 1] for norm_pixels
     target_std: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # loss terms (detached)
 
 
 class MIMModel(nn.Module):
-    """Masked image modeling with pixel targets.
+    """Masked image modeling from a recipe.
 
     Args:
-        encoder_cfg: The encoder to pretrain.
+        encoder_cfg: The encoder to pretrain (ViT, Swin or the Context Encoder's conv net).
         recipe: Masking, encoder mode, head, target and loss.
     """
 
     def __init__(self, encoder_cfg: EncoderConfig, recipe: RecipeConfig) -> None:
         super().__init__()
         self.recipe = recipe
-        self.encoder = ViTEncoder(encoder_cfg)
-        self.head = HEADS.get(recipe.head.type)(self.encoder, recipe.head)
+        self.encoder = create_encoder(encoder_cfg)
+        self.target = create_target(recipe.target, self.encoder.patch_size, self.encoder.grid_size)
+        if recipe.encoder_mode == "visible" and encoder_cfg.family != "vit":
+            raise ValueError(
+                f"encoder_mode 'visible' needs a ViT encoder; '{encoder_cfg.arch}' is a "
+                f"{encoder_cfg.family} encoder that needs the full grid: use encoder_mode: mask_token"
+            )
+        self.head = HEADS.get(recipe.head.type)(
+            self.encoder, recipe.head, self.target.out_dim, self.target.pixel_channels
+        )
         if recipe.encoder_mode == "visible" and getattr(self.head, "requires_full_sequence", False):
             raise ValueError(
                 f"head '{recipe.head.type}' predicts from every token, so it needs "
                 "encoder_mode: mask_token (visible-only encoding leaves masked positions empty)"
             )
-        self.masker: Masker = create_masker(
-            recipe.masking, self.encoder.grid_size, self.encoder.patch_size
+        m = recipe.masking
+        self.corrupt = m.mask_token_prob < 1.0 or m.random_token_prob > 0.0
+        if self.corrupt and not hasattr(self.encoder, "patch_tokens"):
+            raise ValueError(
+                "masking.mask_token_prob / random_token_prob need a ViT or Swin encoder"
+            )
+        self.masker: Masker = create_masker(m, self.encoder.grid_size, self.encoder.patch_size)
+        self.discriminator = (
+            ce.Discriminator(int(encoder_cfg.img_size)) if recipe.loss.adv_weight > 0 else None  # type: ignore[arg-type]
         )
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides biases and norm weights."""
         names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
         return names | {"head.mask_token", "head.decoder_pos_embed"}
+
+    def prepare(self, sample_images: ImageSampler, log: Callable[[str], None] = print) -> None:
+        """Fit what the target needs before pretraining (a tokenizer); the engine calls it once,
+        before the first step of a fresh run (a resumed run restores it from the checkpoint)."""
+        self.target.prepare(sample_images, log)
+
+    def encode(
+        self, imgs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder tokens under the recipe's mode, and ``ids_restore`` for visible-only encoding."""
+        if self.recipe.encoder_mode == "visible":
+            ids_keep, ids_restore = mask_to_indices(mask)
+            return self.encoder.forward_visible(imgs, ids_keep), ids_restore  # [B, 1 + K, D]
+        if self.corrupt:
+            return corrupt_and_encode(self.encoder, imgs, mask, self.recipe.masking), None
+        return self.encoder.forward_features(imgs, mask), None  # [B, P + h*w, C]
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
         """Encode with the recipe's mode, predict, and compute the loss.
@@ -72,21 +118,57 @@ class MIMModel(nn.Module):
             imgs: Normalized images ``[B, C, H, W]``.
             mask: ``[B, L]`` boolean, True = masked.
         """
-        if self.recipe.encoder_mode == "visible":
-            ids_keep, ids_restore = mask_to_indices(mask)
-            tokens = self.encoder.forward_visible(imgs, ids_keep)  # [B, 1 + K, D]
-            pred = self.head(tokens, mask, ids_restore)
-        else:
-            tokens = self.encoder.forward_features(imgs, mask)  # [B, 1 + L, D]
-            pred = self.head(tokens, mask, None)
-        target, mean, std = make_target(self.encoder.patchify(imgs), self.recipe.target)
-        loss = reconstruction_loss(pred, target, mask, self.recipe.loss)
-        return MIMOutput(loss, pred, target, mask, mean, std)
+        tokens, ids_restore = self.encode(imgs, mask)
+        pred = self.head(tokens, mask, ids_restore)  # [B, L, out_dim]
+        tgt = self.target(imgs)
+        loss = self.target.loss(pred, tgt, mask, self.recipe.loss)
+        parts = {"rec": loss.detach()}
+        if self.discriminator is not None:
+            w = self.recipe.loss.adv_weight
+            g_adv, d_loss = ce.adversarial_losses(
+                self.discriminator, imgs, self._paste(imgs, pred, tgt, mask)
+            )
+            loss = (1.0 - w) * loss + w * g_adv + d_loss
+            parts |= {"adv_g": g_adv.detach(), "adv_d": d_loss.detach()}
+        return MIMOutput(loss, pred, tgt.value, mask, tgt.mean, tgt.std, parts)
+
+    def _paste(
+        self, imgs: torch.Tensor, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The input with the predicted pixels in the masked region (normalized space)."""
+        p = pred.float()
+        if tgt.mean is not None and tgt.std is not None:
+            p = p * tgt.std + tgt.mean
+        rec = self.encoder.unpatchify(p.to(imgs.dtype))
+        pm = ce.mask_to_pixels(mask, self.encoder.patch_size, self.encoder.grid_size).to(imgs.dtype)
+        return imgs * (1.0 - pm) + rec * pm
 
     @torch.no_grad()
     def reconstruct(self, out: MIMOutput) -> torch.Tensor:
-        """The prediction as a normalized image ``[B, C, H, W]`` (per-patch stats undone)."""
+        """A pixel prediction as a normalized image ``[B, C, H, W]`` (per-patch stats undone)."""
         pred = out.pred.float()
         if out.target_mean is not None and out.target_std is not None:
             pred = pred * out.target_std + out.target_mean
         return self.encoder.unpatchify(pred)
+
+    @torch.no_grad()
+    def visualize(self, imgs: torch.Tensor, out: MIMOutput) -> list[tuple[str, torch.Tensor]]:
+        """Rows of the reconstruction picture, each ``[B, 3, H, W]`` in [0, 1]: original, masked
+        input, then what makes sense for the target (pixels: prediction and prediction pasted
+        into the visible patches; HOG, colors, tokens: the target and the prediction drawn)."""
+        orig = to_unit(imgs.float())
+        pm = ce.mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size).to(orig)
+        rows = [("original", orig), ("masked", orig * (1 - pm) + 0.5 * pm)]
+        tgt = TargetOut(out.target, out.target_mean, out.target_std)
+        pred = self.target.pred_image(out.pred, tgt)
+        target = self.target.target_image(tgt)
+        if pred is None:
+            return rows
+        if target is None:  # pixel targets: the prediction, and pasted into the visible input
+            return [*rows, ("prediction", pred), ("pasted", orig * (1 - pm) + pred * pm)]
+        return [*rows, ("target", target), ("prediction", target * (1 - pm) + pred * pm)]
+
+
+def create_model(encoder_cfg: EncoderConfig, recipe: RecipeConfig) -> MIMModel:
+    """The pretraining model of a recipe."""
+    return MIMModel(encoder_cfg, recipe)

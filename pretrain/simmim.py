@@ -1,14 +1,16 @@
 """SimMIM: A Simple Framework for Masked Image Modeling (Xie et al., CVPR 2022).
 
 SimMIM keeps the encoder on the full token sequence: masked patches are replaced by a learned
-mask token at the patch embedding (:meth:`pretrain.encoder.ViTEncoder.forward_features`), and a
-one-layer prediction head maps every token back to its pixels: a 1x1 convolution to
+mask token at the patch embedding (:meth:`pretrain.encoder.ViTEncoder.forward_features`, and
+:class:`pretrain.swin.SwinEncoder` for the paper's main Swin-B setting), and a one-layer
+prediction head maps every output token back to its pixels: a 1x1 convolution to
 ``stride^2 * 3`` channels followed by a pixel shuffle of the encoder stride (Sec. 3.3, "linear
 head"). The loss is L1 on the masked pixels only (Sec. 3.4, Table 5).
 
 Paper defaults (see :data:`harness.config.RECIPE_DEFAULTS`): random masking of 32 px units on
 16 px patches at ratio 0.6 (Table 1), AdamW with base lr 8e-4 at batch 2048 scaled per 512,
-weight decay 0.05, 100 epochs with 10 warmup, crops of scale [0.67, 1].
+weight decay 0.05, 100 epochs with 10 warmup, crops of scale [0.67, 1]. The ablation axes of
+Tables 1-5 (masking, head, target, loss) are config values; see ``configs/sweeps/``.
 """
 
 from __future__ import annotations
@@ -17,44 +19,50 @@ import torch
 from torch import nn
 
 from harness.config import HeadConfig
-from pretrain.encoder import ViTEncoder
+from pretrain.heads import HEADS, map_to_patches, tokens_to_map, upsample_factor
 
 
+@HEADS.register("linear")
 class LinearPixelShuffleHead(nn.Module):
-    """SimMIM's linear head: 1x1 conv to ``stride^2 * C`` channels, then pixel shuffle.
+    """SimMIM's linear head: 1x1 conv, then a pixel shuffle from the encoder grid to the patch grid.
+
+    The conv maps each output token to ``r^2 * out_dim`` values, ``r = encoder_stride /
+    patch_size`` (1 for a ViT, 8 for Swin with 4 px patches), and the shuffle hands each of the
+    ``r x r`` patches under the token its ``out_dim`` predictions. For pixel targets this is the
+    paper's ``Conv2d(C, stride^2 * 3, 1) + PixelShuffle(stride)`` with its output channels in
+    another order (the same linear map up to a permutation).
 
     Args:
-        encoder: The encoder whose tokens it reads (for width, stride and grid).
+        encoder: The encoder whose tokens it reads (width, stride, grid, prefix tokens).
         cfg: Head config (unused fields ignored: the head is one layer by design).
-        out_chans: Channels of the predicted image.
+        out_dim: Predictions per patch (``p*p*3`` for pixels).
+        pixel_channels: Unused.
     """
 
-    def __init__(self, encoder: ViTEncoder, cfg: HeadConfig, out_chans: int = 3) -> None:
-        super().__init__()
-        self.encoder_stride = encoder.patch_size
-        self.grid = encoder.grid_size
-        self.out_chans = out_chans
-        self.proj = nn.Conv2d(encoder.embed_dim, self.encoder_stride**2 * out_chans, kernel_size=1)
-        self.shuffle = nn.PixelShuffle(self.encoder_stride)
-        self._patchify = encoder.patchify
-
     requires_full_sequence = True
+
+    def __init__(
+        self, encoder: nn.Module, cfg: HeadConfig, out_dim: int, pixel_channels: int | None = None
+    ) -> None:
+        super().__init__()
+        r = upsample_factor(encoder)
+        self.prefix, self.grid = int(encoder.num_prefix_tokens), tuple(encoder.feature_grid)
+        self.proj = nn.Conv2d(encoder.num_features, out_dim * r * r, kernel_size=1)
+        self.shuffle = nn.PixelShuffle(r)
 
     def forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Predict every patch's pixels.
+        """Predict every patch.
 
         Args:
-            tokens: Encoder output ``[B, 1 + L, D]``.
+            tokens: Encoder output ``[B, P + h*w, C]`` (P prefix tokens).
             mask: ``[B, L]`` (unused: every position is predicted, the loss picks).
             ids_restore: Unused.
 
         Returns:
-            ``[B, L, p*p*C]`` in :meth:`ViTEncoder.patchify` order.
+            ``[B, L, out_dim]`` in :meth:`ViTEncoder.patchify` order.
         """
-        b, _, d = tokens.shape
-        gh, gw = self.grid
-        x = tokens[:, 1:].transpose(1, 2).reshape(b, d, gh, gw)  # [B, D, gh, gw]
-        img = self.shuffle(self.proj(x))  # [B, C, H, W]
-        return self._patchify(img)  # [B, L, p*p*C]
+        x = tokens_to_map(tokens, self.prefix, self.grid)  # [B, C, h, w]
+        x = self.shuffle(self.proj(x))  # [B, out_dim, gh, gw]
+        return map_to_patches(x)  # [B, L, out_dim]

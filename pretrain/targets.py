@@ -1,26 +1,201 @@
-"""Reconstruction targets and losses shared by the pixel-predicting recipes.
+"""Prediction targets and losses: the ``target`` and ``loss`` axes of a recipe.
 
-Targets live in patch space ``[B, L, p*p*C]`` (see :meth:`ViTEncoder.patchify`):
+Targets live in patch space (see :meth:`ViTEncoder.patchify`): one row per patch, ``[B, L, P]``
+values for continuous targets, ``[B, L, G]`` class indices for discrete ones (``G`` groups of
+``num_classes`` each; the head then predicts ``G * num_classes`` logits per patch).
 
 * ``pixels``: the (ImageNet-normalized) input pixels (SimMIM).
 * ``norm_pixels``: each patch normalized by its own mean and variance (MAE's ``norm_pix_loss``,
-  He et al. 2022, Sec. 3 and Table 1c; unbiased variance, eps 1e-6 as in the reference code).
+  He et al. 2022, Sec. 3 and Table 1d; unbiased variance, eps 1e-6 as in the reference code).
+* ``color_bins``: each pixel's R, G and B in ``bins`` uniform bins of [0, 1] (SimMIM Table 4's
+  "8-bit" color classification with 256 bins), one classification per pixel and channel.
+* ``hog`` (:mod:`pretrain.maskfeat`), ``mean_color`` (:mod:`pretrain.vit_mpp`) and ``tokens``
+  (:mod:`pretrain.beit`) register themselves in :data:`TARGETS`.
 
-Losses average an element-wise error within each patch, then over the masked patches
-(``on: masked``, both papers) or over all patches (``on: all``, SimMIM Table 5). For SimMIM's
-L1 this equals the paper's sum over masked pixels and channels divided by their count.
+Losses average an element-wise error (or cross-entropy per group) within each patch, then over
+the masked patches (``on: masked``, every paper's default) or over all patches (``on: all``,
+SimMIM Table 5). For SimMIM's L1 this equals the paper's sum over masked pixels and channels
+divided by their count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from harness.config import LossConfig, TargetConfig
+from harness.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from harness.registry import Registry
+
+TARGETS: Registry[type[Target]] = Registry("target")
+
+# (n) -> n training images [n, 3, H, W] (normalized, train augmentation): what tokenizers fit on.
+ImageSampler = Callable[[int], torch.Tensor]
 
 
-def make_target(patches: torch.Tensor, cfg: TargetConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Turn patchified pixels ``[B, L, P]`` into the target.
+# --------------------------------------------------------------------------- pixel helpers
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, L, p*p*C]`` (row-major patches, channels last inside a patch)."""
+    b, c, h, w = imgs.shape
+    x = imgs.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """``[B, L, p*p*C] -> [B, C, H, W]``, the inverse of :func:`patchify`."""
+    b = x.shape[0]
+    gh, gw = grid
+    x = x.reshape(b, gh, gw, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, gh * p, gw * p)
+
+
+def to_unit(imgs: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalized images to [0, 1] (clamped)."""
+    mean = imgs.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = imgs.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (imgs * std + mean).clamp(0.0, 1.0)
+
+
+def from_unit(imgs: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images to ImageNet-normalized ones."""
+    mean = imgs.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = imgs.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (imgs - mean) / std
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class TargetOut:
+    """A target batch: ``value`` ``[B, L, P]`` (float) or ``[B, L, G]`` (long class indices);
+    ``mean`` / ``std`` ``[B, L, 1]`` for ``norm_pixels`` (to undo it for display)."""
+
+    value: torch.Tensor
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+
+class Target(nn.Module):
+    """Base class of the targets.
+
+    Attributes:
+        out_dim: Head outputs per patch.
+        num_classes: Classes per group for discrete targets (0 for continuous ones).
+        pixel_channels: For targets that are a per-pixel map (pixels, color bins), the values
+            per pixel, so a head may predict a full-resolution map (the ``upconv`` head); None
+            for per-patch targets.
+    """
+
+    out_dim: int = 0
+    num_classes: int = 0
+    pixel_channels: int | None = None
+
+    def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = patch_size
+        self.grid = grid
+
+    @property
+    def discrete(self) -> bool:
+        return self.num_classes > 0
+
+    def prepare(self, sample_images: ImageSampler, log: Callable[[str], None]) -> None:
+        """Fit whatever the target needs before pretraining (a tokenizer); default: nothing."""
+
+    def forward(self, imgs: torch.Tensor) -> TargetOut:
+        """Targets of normalized images ``[B, C, H, W]``."""
+        raise NotImplementedError
+
+    def loss(
+        self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor, cfg: LossConfig
+    ) -> torch.Tensor:
+        """The recipe's loss of ``pred`` ``[B, L, out_dim]`` against the target."""
+        if self.discrete:
+            return classification_loss(pred, tgt.value, mask, cfg, self.num_classes)
+        return reconstruction_loss(pred, tgt.value, mask, cfg)
+
+    def pred_image(self, pred: torch.Tensor, tgt: TargetOut) -> torch.Tensor | None:
+        """The prediction drawn as an image in [0, 1] ``[B, 3, H, W]``, or None."""
+        return None
+
+    def target_image(self, tgt: TargetOut) -> torch.Tensor | None:
+        """The target drawn as an image in [0, 1] when it is not the input itself, or None."""
+        return None
+
+
+@TARGETS.register("pixels")
+class PixelTarget(Target):
+    """The normalized input pixels (SimMIM)."""
+
+    def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
+        super().__init__(cfg, patch_size, grid)
+        self.out_dim = patch_size * patch_size * 3
+        self.pixel_channels = 3
+
+    def forward(self, imgs: torch.Tensor) -> TargetOut:
+        return TargetOut(patchify(imgs, self.patch_size))  # [B, L, p*p*3]
+
+    def pred_image(self, pred: torch.Tensor, tgt: TargetOut) -> torch.Tensor:
+        pred = pred.float()
+        if tgt.mean is not None and tgt.std is not None:
+            pred = pred * tgt.std + tgt.mean
+        return to_unit(unpatchify(pred, self.patch_size, self.grid))
+
+
+@TARGETS.register("norm_pixels")
+class NormPixelTarget(PixelTarget):
+    """Per-patch normalized pixels (MAE's ``norm_pix_loss``)."""
+
+    def forward(self, imgs: torch.Tensor) -> TargetOut:
+        value, mean, std = make_target(patchify(imgs, self.patch_size), self.cfg)
+        return TargetOut(value, mean, std)
+
+
+@TARGETS.register("color_bins")
+class ColorBinsTarget(Target):
+    """Each pixel's channel values in ``bins`` uniform bins of [0, 1]: ``p*p*3`` classifications
+    per patch (SimMIM Table 4's 8-bit color target is ``bins: 256``)."""
+
+    def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
+        super().__init__(cfg, patch_size, grid)
+        self.num_classes = cfg.bins
+        self.out_dim = patch_size * patch_size * 3 * cfg.bins
+        self.pixel_channels = 3 * cfg.bins
+
+    def forward(self, imgs: torch.Tensor) -> TargetOut:
+        bins = (to_unit(imgs.float()) * self.num_classes).long().clamp_(max=self.num_classes - 1)
+        return TargetOut(patchify(bins, self.patch_size))  # [B, L, p*p*3] in [0, bins)
+
+    def pred_image(self, pred: torch.Tensor, tgt: TargetOut) -> torch.Tensor:
+        b, n, _ = pred.shape
+        idx = pred.float().view(b, n, -1, self.num_classes).argmax(-1)  # [B, L, p*p*3]
+        return unpatchify((idx.float() + 0.5) / self.num_classes, self.patch_size, self.grid)
+
+    def target_image(self, tgt: TargetOut) -> torch.Tensor:
+        vals = (tgt.value.float() + 0.5) / self.num_classes
+        return unpatchify(vals, self.patch_size, self.grid)
+
+
+def create_target(cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> Target:
+    """Build the target named by ``cfg.type``."""
+    return TARGETS.get(cfg.type)(cfg, patch_size, grid)
+
+
+# --------------------------------------------------------------------------- functions and losses
+
+
+def make_target(
+    patches: torch.Tensor, cfg: TargetConfig
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Turn patchified pixels ``[B, L, P]`` into a pixel target.
 
     Returns:
         The target, and for ``norm_pixels`` the per-patch mean and std (to undo it for display).
@@ -32,7 +207,14 @@ def make_target(patches: torch.Tensor, cfg: TargetConfig) -> tuple[torch.Tensor,
         var = patches.var(dim=-1, keepdim=True)
         std = (var + 1.0e-6) ** 0.5
         return (patches - mean) / std, mean, std
-    raise ValueError(f"unknown target '{cfg.type}'")
+    raise ValueError(f"make_target handles pixel targets only, got '{cfg.type}'")
+
+
+def _average(per_patch: torch.Tensor, mask: torch.Tensor, on: str) -> torch.Tensor:
+    if on == "all":
+        return per_patch.mean()
+    w = mask.to(per_patch.dtype)
+    return (per_patch * w).sum() / w.sum().clamp_min(1.0)
 
 
 def reconstruction_loss(
@@ -55,9 +237,30 @@ def reconstruction_loss(
     elif cfg.type == "smooth_l1":
         err = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
     else:
-        raise ValueError(f"unknown loss '{cfg.type}'")
-    per_patch = err.mean(dim=-1)  # [B, L]
-    if cfg.on == "all":
-        return per_patch.mean()
-    w = mask.to(per_patch.dtype)
-    return (per_patch * w).sum() / w.sum().clamp_min(1.0)
+        raise ValueError(f"loss '{cfg.type}' does not apply to a continuous target")
+    return _average(err.mean(dim=-1), mask, cfg.on)  # [B, L] -> scalar
+
+
+def classification_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: LossConfig,
+    num_classes: int,
+) -> torch.Tensor:
+    """Cross-entropy per group, mean within each patch, mean over masked (or all) patches.
+
+    Args:
+        logits: ``[B, L, G * K]``.
+        labels: ``[B, L, G]`` class indices in ``[0, K)``.
+        mask: ``[B, L]`` boolean, True = masked.
+        cfg: ``type`` must be ``cross_entropy``.
+        num_classes: ``K``.
+    """
+    if cfg.type != "cross_entropy":
+        raise ValueError(f"a discrete target needs loss 'cross_entropy', got '{cfg.type}'")
+    b, n, g = labels.shape
+    ce = F.cross_entropy(
+        logits.float().reshape(b * n * g, num_classes), labels.reshape(-1), reduction="none"
+    )
+    return _average(ce.view(b, n, g).mean(dim=-1), mask, cfg.on)

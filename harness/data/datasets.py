@@ -91,6 +91,64 @@ def imagefolder(root: Path, split: str, transform: Any) -> datasets.ImageFolder:
     return ds
 
 
+class CheckedImageFolder(datasets.ImageFolder):
+    """An ImageFolder that survives unreadable image files.
+
+    A file PIL cannot decode (corrupt, truncated, not an image) makes ``__getitem__`` return
+    ``None`` (batch with :func:`collate_skipping`, which drops it and says which ones it kept),
+    or, with ``strict``, raise :class:`DatasetError` naming the file.
+    """
+
+    def __init__(self, root: str, transform: Any = None, strict: bool = False) -> None:
+        super().__init__(root, transform=transform)
+        self.strict = strict
+
+    def __getitem__(self, index: int) -> Any:
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            if self.strict:
+                raise DatasetError(
+                    f"unreadable image {path} ({type(exc).__name__}: {exc}); remove or replace it, "
+                    "or run without --strict to skip unreadable files (they are counted in the record)"
+                ) from None
+            return None
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample, target
+
+
+def imagefolder_checked(root: Path, split: str, transform: Any, strict: bool = False) -> CheckedImageFolder:
+    """Like :func:`imagefolder`, with unreadable files skipped (or fatal with ``strict``)."""
+    check_imagefolder_split(root / split)
+    ds = CheckedImageFolder(str(root / split), transform=transform, strict=strict)
+    if split != "train" and (root / "train").is_dir():
+        train_classes = check_imagefolder_split(root / "train")
+        if ds.classes != train_classes:
+            raise DatasetError(
+                f"class folders differ between {root / 'train'} and {root / split}: "
+                f"{sorted(set(ds.classes) ^ set(train_classes))[:10]}"
+            )
+    return ds
+
+
+def collate_skipping(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate ``(image, label)`` pairs, dropping the ``None`` of unreadable files.
+
+    Returns:
+        Images ``[K, C, H, W]``, labels ``[K]`` and a boolean ``[len(batch)]`` marking the
+        samples kept (K of them; K may be 0).
+    """
+    kept = torch.tensor([b is not None for b in batch], dtype=torch.bool)
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), kept
+    imgs = torch.stack([b[0] for b in good])
+    labels = torch.tensor([int(b[1]) for b in good], dtype=torch.long)
+    return imgs, labels, kept
+
+
 def pretrain_transform(img_size: int, crop_scale: tuple[float, float], hflip: bool) -> Any:
     """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalization (MAE, SimMIM)."""
     t: list[Any] = [

@@ -35,12 +35,14 @@ def test_stratified_holdout_takes_every_class_and_is_disjoint():
 
 
 def test_heads_learn_linearly_separable_features_and_lr_matters():
-    g = torch.Generator().manual_seed(0)
-    n, d, c = 600, 16, 4
+    g = torch.Generator().manual_seed(
+        123
+    )  # not the heads' seed: their init would match the centers
+    n, d, c = 600, 16, 10
     centers = torch.randn(c, d, generator=g) * 3
     y = torch.randint(0, c, (n,), generator=g)
     x = centers[y] + torch.randn(n, d, generator=g)
-    cfg = LinearProbeConfig(pooling=["cls"], lrs=[1e-6, 0.1], epochs=20, batch_size=64)
+    cfg = LinearProbeConfig(pooling=["cls"], lrs=[1e-6, 0.1], epochs=8, batch_size=100)
     heads = train_heads({"cls": x}, y, c, cfg, seed=0)
     with torch.no_grad():
         acc_tiny = topk_accuracy(heads[("cls", 1e-6)](x), y, 1)
@@ -54,16 +56,32 @@ def test_linear_probe_task_end_to_end(tiny_imagefolder, tmp_path):
     torch.manual_seed(0)
     enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    cfg = LinearProbeConfig(lrs=[0.1, 1.0], epochs=5, batch_size=8)
-    ctx = TaskContext(data=DataConfig(source=str(tiny_imagefolder)), seed=0,
-                      device=torch.device("cpu"), out_dir=tmp_path, log=lambda m: None)
+    cfg = LinearProbeConfig(
+        lrs=[0.1, 1.0],
+        epochs=5,
+        batch_size=8,
+        pooling=["cls", "avg"],
+        last_blocks=[1],
+        cache_dir=str(tmp_path / "cache"),
+    )
+    ctx = TaskContext(
+        data=DataConfig(source=str(tiny_imagefolder)),
+        seed=0,
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        log=lambda m: None,
+    )
     res = task.run(enc, cfg, ctx)
     assert set(res.metrics) == set(task.metrics)
     assert 0.0 <= res.metrics["top1"] <= res.metrics["top5"] <= 100.0
     heads = res.details["heads"]
     assert len(heads) == 4  # 2 poolings x 2 lrs
     best = max(heads, key=lambda h: h["holdout_top1"])
-    assert res.details["best_head"] == {"pooling": best["pooling"], "lr": best["lr"]}
+    assert res.details["best_head"] == {
+        "pooling": best["pooling"],
+        "last_blocks": 1,
+        "lr": best["lr"],
+    }
     assert res.metrics["top1"] == best["val_top1"]  # chosen on holdout, reported on val
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # frozen
 
@@ -71,3 +89,176 @@ def test_linear_probe_task_end_to_end(tiny_imagefolder, tmp_path):
 def test_unknown_task_suggests():
     with pytest.raises(KeyError, match="did you mean 'linear_probe'"):
         get_task("linear_prob")
+
+
+# --------------------------------------------------------------------------- grid, cache, views
+
+
+def _ctx(root, tmp_path, log=None):
+    return TaskContext(
+        data=DataConfig(source=str(root)),
+        seed=0,
+        device=torch.device("cpu"),
+        out_dir=tmp_path / "task",
+        log=log or (lambda m: None),
+    )
+
+
+def test_features_select_follows_dinov2_inputs():
+    from downstream.features import Features
+
+    cls = torch.arange(2 * 1 * 3 * 4, dtype=torch.float32).view(2, 1, 3, 4)  # [N, V, blocks, D]
+    avg = -cls
+    f = Features({"cls": cls, "avg": avg}, torch.tensor([0, 1]), 0, 0.0, None, False)
+    assert torch.equal(f.select("cls", 1), cls[:, :, 2])
+    assert torch.equal(f.select("avg", 2), avg[:, :, 1:].flatten(2))
+    both = f.select(
+        "cls_avg", 2
+    )  # class tokens of the last 2 blocks + mean patch token of the last
+    assert both.shape == (2, 1, 12) and torch.equal(both[..., 8:], avg[:, :, 2])
+
+
+def test_grid_cache_and_views(tiny_imagefolder, tmp_path):
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    cfg = LinearProbeConfig(
+        pooling=["cls", "cls_avg"],
+        last_blocks=[1, 4],
+        lrs=[0.1],
+        epochs=2,
+        batch_size=8,
+        train_views=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    task = get_task("linear_probe")
+    res = task.run(enc, cfg, _ctx(tiny_imagefolder, tmp_path))
+    heads = {(h["pooling"], h["last_blocks"]) for h in res.details["heads"]}
+    assert heads == {("cls", 1), ("cls", 2), ("cls_avg", 1), ("cls_avg", 2)}  # 4 clipped to depth 2
+    assert res.details["train_views"] == 2
+    assert res.details["feature_cache"]["train"] is False
+    assert len(list((tmp_path / "cache").glob("*-v2-*-b2.safetensors"))) == 1
+    again = task.run(enc, cfg, _ctx(tiny_imagefolder, tmp_path))
+    assert again.details["feature_cache"] == {
+        **res.details["feature_cache"],
+        "train": True,
+        "val": True,
+    }
+    assert again.metrics == res.metrics  # same cached features, same seeds
+    # another encoder's weights are another key
+    with torch.no_grad():
+        enc.vit.norm.weight.mul_(2)
+    other = task.run(enc, cfg, _ctx(tiny_imagefolder, tmp_path))
+    assert other.details["feature_cache"]["train"] is False
+
+
+def test_swin_and_beit_encoders_probe(tiny_imagefolder, tmp_path):
+    from downstream.beit_encoder import BeitEncoder
+    from pretrain.swin import SwinEncoder
+
+    task = get_task("linear_probe")
+    cfg = LinearProbeConfig(
+        lrs=[0.1], epochs=1, batch_size=8, last_blocks=[1, 2], cache_features=False
+    )
+    torch.manual_seed(0)
+    res = task.run(
+        SwinEncoder(EncoderConfig(arch="swin_micro_32")), cfg, _ctx(tiny_imagefolder, tmp_path)
+    )
+    assert {(h["pooling"], h["last_blocks"]) for h in res.details["heads"]} == {("avg", 1)}
+    beit = BeitEncoder(
+        EncoderConfig(arch="vit_micro_32"),
+        {"use_shared_rel_pos_bias": True, "use_rel_pos_bias": False},
+    )
+    res = task.run(beit, cfg, _ctx(tiny_imagefolder, tmp_path))
+    assert len(res.details["heads"]) == 6  # 3 poolings x last 1, 2 blocks
+
+
+# --------------------------------------------------------------------------- faithful mode
+
+
+def test_lars_scales_matrices_by_trust_ratio_and_not_biases():
+    from downstream.linear_probe import LARS
+
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=1.0, weight_decay=0.0, momentum=0.0, trust_coefficient=0.001)
+    w.grad = torch.tensor([[0.0, 2.0]])  # ||g|| = 2
+    b.grad = torch.tensor([0.5])
+    opt.step()
+    assert torch.allclose(w, torch.tensor([[3.0, 4.0 - 0.001 * 5 / 2 * 2.0]]))
+    assert torch.allclose(b, torch.tensor([0.5]))  # plain SGD for 1-d parameters
+
+
+def test_faithful_probe_runs_and_resumes(tiny_imagefolder, tmp_path):
+    from downstream.linear_probe import LinearProbeFaithfulConfig
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_1(msg):
+        if "epoch 1/3" in msg:
+            raise Stop
+
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    cfg = LinearProbeFaithfulConfig(epochs=3, warmup_epochs=1, batch_size=8, micro_batch_size=4)
+    assert (
+        LinearProbeFaithfulConfig().batch_size == 16384 and LinearProbeFaithfulConfig().epochs == 90
+    )
+    task = get_task("linear_probe_faithful")
+    full = task.run(enc, cfg, _ctx(tiny_imagefolder, tmp_path / "a"))
+    assert 0.0 <= full.metrics["top1"] <= full.metrics["top5"] <= 100.0
+    assert full.details["steps"] == 3 * (24 // 8)
+    with pytest.raises(Stop):
+        task.run(enc, cfg, _ctx(tiny_imagefolder, tmp_path / "b", stop_after_epoch_1))
+    logs = []
+    resumed = task.run(enc, cfg, _ctx(tiny_imagefolder, tmp_path / "b", logs.append))
+    assert any("resumed after epoch 1" in m for m in logs)
+    assert resumed.metrics == full.metrics
+    assert resumed.details["history"] == full.details["history"]
+
+
+def test_faithful_batch_larger_than_data_says_what_to_do(tiny_imagefolder, tmp_path):
+    from downstream.linear_probe import LinearProbeFaithfulConfig
+    from harness.config import ConfigError
+
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    with pytest.raises(ConfigError, match="fewer than one batch of 16384"):
+        get_task("linear_probe_faithful").run(
+            enc, LinearProbeFaithfulConfig(), _ctx(tiny_imagefolder, tmp_path)
+        )
+
+
+def test_bench_probe_puts_both_modes_side_by_side(tiny_imagefolder, tmp_path, capsys):
+    import json
+
+    from downstream.bench_probe import main
+
+    out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "--encoder",
+                "random:vit_micro_32",
+                "--data",
+                str(tiny_imagefolder),
+                "--faithful-batch",
+                "8",
+                "--faithful-epochs",
+                "2",
+                "--faithful-warmup",
+                "1",
+                "--fast-epochs",
+                "2",
+                "--fast-batch",
+                "8",
+                "--knn",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["time_ratio_faithful_over_fast"] > 0
+    assert res["top1_delta_fast_minus_faithful"] == res["fast"]["top1"] - res["faithful"]["top1"]
+    assert "knn" in res and "time ratio faithful / fast" in capsys.readouterr().out

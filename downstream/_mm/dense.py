@@ -1,0 +1,86 @@
+"""The run of a dense task shared by detection and segmentation: export the encoder's weights,
+generate the mm config, key the work directory by its hash (so an interrupted run resumes and
+a changed config starts over), train and evaluate, summarize."""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import ConfigError
+from harness.fsutil import config_hash, sha256_file
+from pretrain.encoder import ViTEncoder
+
+from ..base import TaskContext
+
+# build(init_checkpoint, work_dir, experiment_name, amp) -> full mm config
+ConfigBuilder = Callable[[str, str, str, bool], dict[str, Any]]
+
+
+def require_vit(encoder: object, task: str) -> None:
+    """Dense tasks build on :class:`ViTEncoder`; other encoder families fail with a clear message."""
+    if not isinstance(encoder, ViTEncoder):
+        cfg = getattr(encoder, "cfg", None)
+        arch, family = getattr(cfg, "arch", "?"), getattr(cfg, "family", type(encoder).__name__)
+        raise ConfigError(
+            f"{task} supports ViT encoders only for now; encoder '{arch}' is a {family} encoder "
+            "(Swin backbones through mmdet's / mmseg's own Swin are not implemented yet)"
+        )
+
+
+def run_dense_task(
+    task: str,
+    encoder: ViTEncoder,
+    ctx: TaskContext,
+    build: ConfigBuilder,
+    module: str,
+    amp: str = "auto",
+) -> Any:
+    """Train and evaluate one mm config built by ``build``; returns a ``common.MMRunResult``.
+
+    The encoder is handed over as a file (``encoder_init.pth`` in ``ctx.out_dir``, loaded
+    weights-only by the backbone), so the caller's encoder is never modified.
+    """
+    require_vit(encoder, task)
+    importlib.import_module(module)  # registers our types in mmdet's / mmseg's registries
+    from .common import run_mm
+
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    init = out / "encoder_init.pth"
+    encoder.save_timm(init)
+    use_amp = amp == "on" or (amp == "auto" and torch.cuda.is_available())
+    probe = build(str(init), "<work_dir>", "<name>", use_amp)
+    h = config_hash({"config": probe, "encoder_sha256": sha256_file(init)})[:12]
+    work_dir = out / f"mm-{h}"
+    name = f"{task}-{h[:8]}-{uuid.uuid4().hex[:6]}"
+    cfg = build(str(init), str(work_dir), name, use_amp)
+    ctx.log(f"[{task}] mm config: {out / f'{task}_config.py'}; work dir {work_dir}")
+    return run_mm(cfg, out / f"{task}_config.py")
+
+
+def run_details(res: Any) -> dict[str, Any]:
+    """Loss curve summary, timings and memory of a run for a record's ``details``."""
+    losses = res.losses
+    k = max(1, min(5, len(losses) // 3))
+    return {
+        "iters_run": len(losses),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "loss_mean_first": sum(losses[:k]) / k if losses else None,
+        "loss_mean_last": sum(losses[-k:]) / k if losses else None,
+        "losses": losses[:: max(1, len(losses) // 200)],
+        "seconds_per_iter": res.seconds_per_iter(),
+        "wall_seconds": res.wall_seconds,
+        "memory": res.memory,
+        "mm_config": str(res.config_path),
+        "work_dir": str(res.work_dir),
+        "raw_metrics": {
+            k2: float(v) for k2, v in res.metrics.items() if isinstance(v, int | float)
+        },
+    }

@@ -1,0 +1,353 @@
+"""Frozen features, extracted once and cached on disk (the fast linear probe and kNN read them).
+
+A cache entry holds, for every image of one split, the class token and the average of the patch
+tokens after each of the last ``n`` blocks (each through the encoder's final norm, as DINOv2's
+``get_intermediate_layers(norm=True)``), for ``V`` views: view 0 is the evaluation transform
+(resize + center crop), views 1..V-1 are random training augmentations seeded by
+(seed, view, image index). Images that cannot be decoded are skipped and counted.
+
+Entries are keyed by what determines the numbers: a hash of the encoder's weights (the
+checkpoint hash), the dataset (root, class names, file list), the split, the transforms, the
+device kind and precision. A request is served by any entry with at least as many blocks and
+views (same key; views > 1 must share the augmentation), so kNN reuses what the linear probe
+extracted. Files are safetensors, written atomically; the default location is
+``$MIMBENCH_CACHE/features`` (``~/.cache/mimbench/features``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from harness.fsutil import canonical_json
+
+FEATURE_CACHE_VERSION = 1
+
+
+def default_feature_cache_dir() -> Path:
+    """``$MIMBENCH_CACHE/features``, or ``~/.cache/mimbench/features``."""
+    env = os.environ.get("MIMBENCH_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "mimbench") / "features"
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """SHA-256 over the encoder's class, state-dict keys, shapes, dtypes and bytes."""
+    h = hashlib.sha256(type(encoder).__name__.encode())
+    for k, v in sorted(encoder.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def dataset_fingerprint(ds: Any) -> str:
+    """SHA-256 of an ImageFolder's root, classes and (relative path, label) list."""
+    root = Path(ds.root).resolve()
+    h = hashlib.sha256(str(root).encode())
+    h.update(json.dumps(list(ds.classes)).encode())
+    for path, target in ds.samples:
+        h.update(f"{os.path.relpath(path, root)}\t{target}\n".encode())
+    return h.hexdigest()
+
+
+def last_block_tokens(encoder: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Tokens after each of the last ``n`` blocks, through the final norm: ``n x [B, N, D]``."""
+    if n == 1:
+        return [encoder.forward_features(x)]  # type: ignore[operator]
+    if hasattr(encoder, "block_outputs"):
+        return encoder.block_outputs(x, n)  # type: ignore[operator]
+    vit = getattr(encoder, "vit", None)
+    if vit is not None:
+        t = vit.norm_pre(encoder.embed(x))  # type: ignore[operator]
+        outs = []
+        for blk in vit.blocks:
+            t = blk(t)
+            outs.append(t)
+        return [vit.norm(t) for t in outs[-n:]]
+    raise ValueError(f"{type(encoder).__name__} has no per-block outputs: use last_blocks [1]")
+
+
+def supported_poolings(encoder: nn.Module) -> tuple[str, ...]:
+    """``('cls', 'avg')`` for encoders with a class token, ``('avg',)`` otherwise (Swin)."""
+    return ("cls", "avg") if int(getattr(encoder, "num_prefix_tokens", 1)) > 0 else ("avg",)
+
+
+def max_blocks(encoder: nn.Module) -> int:
+    """How many last blocks can be read: all for ViT / BEiT, only the output for others."""
+    if hasattr(encoder, "block_outputs") or hasattr(encoder, "vit"):
+        return int(encoder.num_layers)  # type: ignore[arg-type]
+    return 1
+
+
+@dataclass
+class Features:
+    """Cached features of one split.
+
+    Attributes:
+        feats: ``{'cls' | 'avg': [N, V, n_blocks, D]}`` (blocks in order, the last one last).
+        labels: ``[N]``.
+        num_skipped: Unreadable images left out.
+        seconds: Extraction time (0 when read from the cache).
+        path: The cache file (None when caching is off).
+        from_cache: Whether the features were read from the cache.
+    """
+
+    feats: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    num_skipped: int
+    seconds: float
+    path: Path | None
+    from_cache: bool
+
+    @property
+    def num_views(self) -> int:
+        return next(iter(self.feats.values())).shape[1]
+
+    def select(self, pooling: str, k: int, views: int | None = None) -> torch.Tensor:
+        """Linear-probe input of (pooling, last ``k`` blocks): ``[N, V, D']``.
+
+        ``cls`` / ``avg``: that token of each of the last ``k`` blocks, concatenated; ``cls_avg``:
+        the class tokens of the last ``k`` blocks and the average patch token of the last block
+        (DINOv2's ``avgpool=True`` linear input).
+        """
+        v = slice(None) if views is None else slice(0, views)
+        if pooling in ("cls", "avg"):
+            return self.feats[pooling][:, v, -k:].flatten(2)
+        if pooling == "cls_avg":
+            return torch.cat(
+                [self.feats["cls"][:, v, -k:].flatten(2), self.feats["avg"][:, v, -1]], dim=2
+            )
+        raise ValueError(f"unknown pooling '{pooling}': use cls, avg or cls_avg")
+
+
+class _ViewDataset(Dataset):
+    """View ``v`` of a checked ImageFolder: the eval transform (v = 0) or a seeded augmentation."""
+
+    def __init__(self, base: Any, transform: Any, seed: int, view: int) -> None:
+        self.base, self.transform, self.seed, self.view = base, transform, seed, view
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        path, target = self.base.samples[index]
+        try:
+            img = self.base.loader(path)
+        except (OSError, ValueError, SyntaxError):
+            if self.base.strict:
+                return self.base[index]  # raises the DatasetError naming the file
+            return None
+        if self.view == 0:
+            return self.transform(img), target
+        s = (self.seed * 1_000_003 + self.view * 100_003 + index) % (2**63 - 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            import random
+
+            state = random.getstate()
+            random.seed(s)
+            try:
+                return self.transform(img), target
+            finally:
+                random.setstate(state)
+
+
+@torch.no_grad()
+def extract(
+    encoder: nn.Module,
+    ds: Any,
+    transforms: list[Any],
+    n_blocks: int,
+    device: torch.device,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    log: Any = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Run the frozen encoder over ``ds`` once per view.
+
+    Args:
+        encoder: Encoder wrapper (eval mode is set here; weights are not modified).
+        ds: A :class:`harness.data.datasets.CheckedImageFolder` (its transform is not used).
+        transforms: One transform per view (view 0: the evaluation transform).
+        n_blocks: How many last blocks to keep.
+
+    Returns:
+        ``({'cls' | 'avg': [N, V, n_blocks, D]}, labels [N], number of images skipped)``.
+    """
+    from harness.data.datasets import collate_skipping
+    from pretrain.engine import autocast_dtype
+
+    encoder.eval()
+    encoder.to(device)
+    amp = autocast_dtype("auto", device)
+    pools = supported_poolings(encoder)
+    per_view: list[dict[str, torch.Tensor]] = []
+    labels = torch.empty(0, dtype=torch.long)
+    kept_all: torch.Tensor | None = None
+    for v, tf in enumerate(transforms):
+        loader = DataLoader(
+            _ViewDataset(ds, tf, seed, v),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate_skipping,
+            pin_memory=device.type == "cuda",
+        )
+        out: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
+        ys, kept = [], []
+        t0 = time.time()
+        for imgs, y, keep in loader:
+            kept.append(keep)
+            if imgs.numel() == 0:
+                continue
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                blocks = last_block_tokens(encoder, imgs.to(device, non_blocking=True), n_blocks)
+            for p in pools:
+                pooled = torch.stack([encoder.pool(t, p) for t in blocks], dim=1)  # [B, n, D]
+                out[p].append(pooled.float().to("cpu", dtype))
+            ys.append(y)
+        kept_v = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.bool)
+        if kept_all is None:
+            kept_all, labels = kept_v, (torch.cat(ys) if ys else labels)
+        elif not torch.equal(kept_all, kept_v):
+            raise RuntimeError("the set of readable images changed between views")
+        per_view.append({p: torch.cat(f) if f else torch.empty(0) for p, f in out.items()})
+        if log is not None:
+            log(f"[features] view {v}: {int(kept_v.sum())} images in {time.time() - t0:.1f}s")
+    feats = {p: torch.stack([pv[p] for pv in per_view], dim=1) for p in pools}  # [N, V, n, D]
+    skipped = int((~kept_all).sum()) if kept_all is not None else 0
+    return feats, labels, skipped
+
+
+def _split_key(
+    encoder_hash: str, ds: Any, split: str, eval_tf: Any, device: torch.device, dtype: torch.dtype
+) -> str:
+    from pretrain.engine import autocast_dtype
+
+    amp = autocast_dtype("auto", device)
+    parts = {
+        "v": FEATURE_CACHE_VERSION,
+        "encoder": encoder_hash,
+        "dataset": dataset_fingerprint(ds),
+        "split": split,
+        "eval_transform": repr(eval_tf),
+        "device": device.type,
+        "amp": str(amp),
+        "dtype": str(dtype),
+    }
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:24]
+
+
+def _aug_key(aug_tf: Any, seed: int) -> str:
+    return hashlib.sha256(canonical_json({"aug": repr(aug_tf), "seed": seed}).encode()).hexdigest()[
+        :12
+    ]
+
+
+def _find(cache_dir: Path, key: str, n_blocks: int, views: int, aug: str) -> Path | None:
+    """A cache file of ``key`` with at least ``n_blocks`` blocks and ``views`` views."""
+    best = None
+    for p in cache_dir.glob(f"{key}-*.safetensors"):
+        try:
+            _, v, a, b = p.stem.split("-")
+            v_n, b_n = int(v[1:]), int(b[1:])
+        except ValueError:
+            continue
+        fits = b_n >= n_blocks and v_n >= views and (views == 1 or a == aug)
+        if fits and (best is None or (v_n, b_n) < best[0]):
+            best = ((v_n, b_n), p)
+    return best[1] if best else None
+
+
+def get_features(
+    encoder: nn.Module,
+    ds: Any,
+    split: str,
+    eval_tf: Any,
+    n_blocks: int,
+    device: torch.device,
+    views: int = 1,
+    aug_tf: Any = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    log: Any = None,
+    encoder_hash: str | None = None,
+) -> Features:
+    """Features of ``ds`` (one split) from the cache, or extracted and cached.
+
+    Args:
+        encoder: Frozen encoder wrapper.
+        ds: A checked ImageFolder of the split.
+        split: Split name (part of the key).
+        eval_tf: Evaluation transform (view 0).
+        n_blocks: Last blocks to keep (clipped to what the encoder has).
+        device: Where the encoder runs.
+        views: 1, or K > 1 for K - 1 extra augmented views of each image.
+        aug_tf: Augmentation of views 1..K-1 (needed when ``views > 1``).
+        seed: Seed of the augmented views.
+        cache_dir: Cache directory (default :func:`default_feature_cache_dir`).
+        use_cache: Read and write the cache.
+        dtype: Storage dtype (float16 halves memory, e.g. for ImageNet).
+        encoder_hash: Precomputed :func:`encoder_fingerprint`.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from harness.fsutil import atomic_write_bytes
+
+    n_blocks = max(1, min(n_blocks, max_blocks(encoder)))
+    if views > 1 and aug_tf is None:
+        raise ValueError("views > 1 needs an augmentation transform")
+    cache = Path(cache_dir).expanduser() if cache_dir else default_feature_cache_dir()
+    key = aug = ""
+    if use_cache:
+        key = _split_key(
+            encoder_hash or encoder_fingerprint(encoder), ds, split, eval_tf, device, dtype
+        )
+        aug = _aug_key(aug_tf, seed) if views > 1 else "x"
+        hit = _find(cache, key, n_blocks, views, aug)
+        if hit is not None:
+            tensors = load_file(str(hit))
+            with safe_open(str(hit), framework="pt") as f:
+                meta = f.metadata()
+            feats = {p: t[:, :views, -n_blocks:] for p, t in tensors.items() if p in ("cls", "avg")}
+            if log is not None:
+                log(f"[features] {split}: read from cache {hit.name}")
+            return Features(
+                feats, tensors["labels"], int(meta.get("num_skipped", 0)), 0.0, hit, True
+            )
+    t0 = time.time()
+    tfs = [eval_tf] + [aug_tf] * (views - 1)
+    feats, labels, skipped = extract(
+        encoder, ds, tfs, n_blocks, device, batch_size, num_workers, seed, dtype, log
+    )
+    secs = time.time() - t0
+    path = None
+    if use_cache:
+        path = cache / f"{key}-v{views}-{aug}-b{n_blocks}.safetensors"
+        blob = save(
+            {**{p: t.contiguous() for p, t in feats.items()}, "labels": labels.contiguous()},
+            metadata={
+                "num_skipped": str(skipped),
+                "split": split,
+                "root": str(ds.root),
+                "seconds": f"{secs:.3f}",
+            },
+        )
+        atomic_write_bytes(path, blob)
+    return Features(feats, labels, skipped, secs, path, False)

@@ -1,0 +1,553 @@
+"""End-to-end fine-tuning for classification: the MAE / BEiT recipe.
+
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022, appendix A.3 (Table 9),
+following Bao et al., "BEiT", ICLR 2022: AdamW (betas 0.9, 0.999; weight decay 0.05) with
+``lr = base_lr * batch / 256`` (base_lr 5e-4 for ViT-B, 1e-3 for ViT-L; batch 1024), layer-wise
+lr decay (0.65 ViT-B, 0.75 ViT-L; the scale of a layer is ``decay^(L + 1 - layer)``, groups from
+the encoder wrapper's ``layer_id`` so Swin and BEiT work too), drop path (0.1 ViT-B, 0.2 ViT-L),
+RandAugment (m9, mstd 0.5), mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25,
+100 epochs for ViT-B / 50 for ViT-L with 5 warmup epochs then a per-iteration half-cosine to
+``min_lr`` 1e-6. The classifier reads the global average of the patch tokens through a LayerNorm
+(``fc_norm``; the encoder's final norm is skipped, as in MAE's ``global_pool``) and is initialized
+with std 2e-5. Augmentation, mixup / cutmix and the losses are timm's. Top-1 and top-5 on val
+after the last epoch are reported (no selection on val).
+
+Values marked "auto" in :class:`FinetuneConfig` take the ViT-B setting for encoders with fewer
+than 24 blocks and the ViT-L one otherwise; the record holds the resolved values.
+
+Resume works as in pretraining: a checkpoint (model, optimizer, step) is written every
+``ckpt_every_steps`` steps into the task directory, and data order, augmentation, mixup and
+drop path are functions of (seed, epoch / step, index), so a resumed run follows the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.data import Dataset
+
+from harness.config import TaskConfig
+
+from .base import TASKS, Task, TaskContext, TaskResult
+
+#: Per-size paper settings: (epochs, base_lr, layer_decay, drop_path).
+PAPER_SETTINGS: dict[str, dict[str, float]] = {
+    "base": {"epochs": 100, "base_lr": 5e-4, "layer_decay": 0.65, "drop_path": 0.1},
+    "large": {"epochs": 50, "base_lr": 1e-3, "layer_decay": 0.75, "drop_path": 0.2},
+}
+
+
+class FinetuneConfig(TaskConfig):
+    """Fine-tuning (see :mod:`downstream.finetune`). ``None`` means the paper value for the
+    encoder's size: ViT-B's below 24 blocks, ViT-L's from 24 (:data:`PAPER_SETTINGS`).
+
+    Attributes:
+        epochs: Training epochs (auto: 100 ViT-B, 50 ViT-L).
+        warmup_epochs: Linear warmup (5).
+        batch_size: Effective batch (1024).
+        micro_batch_size: Images per forward; gradients are accumulated to ``batch_size``
+            (None: no accumulation). Mixup / cutmix act within a micro-batch.
+        base_lr: Per 256 images (auto: 5e-4 ViT-B, 1e-3 ViT-L).
+        min_lr: Floor of the cosine schedule (1e-6).
+        layer_decay: Layer-wise lr decay (auto: 0.65 ViT-B, 0.75 ViT-L).
+        weight_decay: AdamW weight decay (0.05; none on biases, norms, tokens, position tables).
+        betas: AdamW betas.
+        drop_path: Stochastic depth rate, linear over the blocks (auto: 0.1 ViT-B, 0.2 ViT-L).
+        clip_grad: Gradient norm clip (None, as MAE).
+        global_pool: Average patch tokens + fc_norm (MAE) instead of the class token.
+        mixup: Mixup alpha (0.8). cutmix: CutMix alpha (1.0). mixup_prob: Probability of
+            mixing a batch. mixup_switch_prob: Probability of cutmix instead of mixup.
+        smoothing: Label smoothing (0.1).
+        auto_augment: timm policy (``rand-m9-mstd0.5-inc1``); None disables it.
+        color_jitter: Color jitter strength (None: off, as with RandAugment in MAE).
+        reprob: Random erasing probability (0.25), ``remode`` / ``recount`` its mode / count.
+        head_init_std: Std of the classifier's init (2e-5).
+        eval_every_epochs: Also evaluate val every n epochs for the details (0: only at the end).
+        max_steps: Stop after this many optimizer steps (smoke runs).
+        ckpt_every_steps: Checkpoint interval for resuming.
+        keep_checkpoint: Keep the last checkpoint after a successful run.
+        log_every_steps: Progress line interval.
+        precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16``.
+        num_workers: Loader workers (None: the data config's).
+        strict_data: Unreadable image files are fatal instead of skipped and counted.
+    """
+
+    name: Literal["finetune"] = "finetune"
+    epochs: int | None = Field(None, ge=1)
+    warmup_epochs: float = Field(5, ge=0)
+    batch_size: int = Field(1024, ge=2)
+    micro_batch_size: int | None = Field(None, ge=2)
+    base_lr: float | None = Field(None, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    drop_path: float | None = Field(None, ge=0, lt=1)
+    clip_grad: float | None = None
+    global_pool: bool = True
+    mixup: float = Field(0.8, ge=0)
+    cutmix: float = Field(1.0, ge=0)
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    smoothing: float = Field(0.1, ge=0, lt=1)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float | None = None
+    reprob: float = Field(0.25, ge=0, le=1)
+    remode: Literal["pixel", "rand", "const"] = "pixel"
+    recount: int = Field(1, ge=1)
+    head_init_std: float = Field(2e-5, gt=0)
+    eval_every_epochs: int = Field(0, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    ckpt_every_steps: int = Field(500, ge=1)
+    keep_checkpoint: bool = False
+    log_every_steps: int = Field(20, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_workers: int | None = Field(None, ge=0)
+    strict_data: bool = False
+
+
+def resolve_settings(cfg: FinetuneConfig, num_layers: int) -> dict[str, Any]:
+    """The ``auto`` values for an encoder with ``num_layers`` blocks, merged with ``cfg``."""
+    size = "large" if num_layers >= 24 else "base"
+    paper = PAPER_SETTINGS[size]
+    return {
+        "size": size,
+        "epochs": int(cfg.epochs if cfg.epochs is not None else paper["epochs"]),
+        "base_lr": float(cfg.base_lr if cfg.base_lr is not None else paper["base_lr"]),
+        "layer_decay": float(
+            cfg.layer_decay if cfg.layer_decay is not None else paper["layer_decay"]
+        ),
+        "drop_path": float(cfg.drop_path if cfg.drop_path is not None else paper["drop_path"]),
+    }
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _blocks_of(encoder: nn.Module) -> list[nn.Module]:
+    for attr in ("vit", "beit"):
+        inner = getattr(encoder, attr, None)
+        if inner is not None:
+            return list(inner.blocks)
+    swin = getattr(encoder, "swin", None)
+    if swin is not None:
+        return [b for layer in swin.layers for b in layer.blocks]
+    return []
+
+
+def set_drop_path(encoder: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 to ``rate`` over the blocks (timm's rule)."""
+    from timm.layers import DropPath
+
+    blocks = _blocks_of(encoder)
+    for i, blk in enumerate(blocks):
+        r = rate * i / max(1, len(blocks) - 1)
+        for name in ("drop_path1", "drop_path2", "drop_path"):
+            if hasattr(blk, name):
+                setattr(blk, name, DropPath(r) if r > 0 else nn.Identity())
+
+
+class FinetuneModel(nn.Module):
+    """Encoder + (average pool + fc_norm | class token) + linear classifier.
+
+    Args:
+        encoder: An encoder wrapper (a copy: fine-tuning changes its weights).
+        num_classes: Classes.
+        global_pool: MAE's global pooling: mean of the patch tokens before the final norm, then
+            a new LayerNorm (Swin: mean of the normed output tokens, its usual head).
+        head_init_std: Classifier weight init std.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        global_pool: bool = True,
+        head_init_std: float = 2e-5,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.global_pool = global_pool
+        dim = int(encoder.num_features)  # type: ignore[arg-type]
+        has_prefix = int(getattr(encoder, "num_prefix_tokens", 1)) > 0
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if global_pool and has_prefix else nn.Identity()
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=head_init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``[B, D]``."""
+        enc = self.encoder
+        if not self.global_pool:
+            return enc.pool(enc.forward_features(x), "cls")  # type: ignore[operator]
+        if hasattr(enc, "vit"):
+            t = enc.vit.blocks(enc.vit.norm_pre(enc.embed(x)))  # [B, 1 + L, D], no final norm
+            return self.fc_norm(t[:, 1:].mean(dim=1))
+        if hasattr(enc, "beit"):
+            t = enc._blocks(enc.embed(x))[-1]
+            return self.fc_norm(t[:, 1:].mean(dim=1))
+        return self.fc_norm(enc.pool(enc.forward_features(x), "avg"))  # type: ignore[operator]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def param_groups_layer_decay(
+    model: FinetuneModel, weight_decay: float, layer_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups with ``lr_scale = layer_decay^(L + 1 - layer_id)`` (BEiT / MAE).
+
+    No weight decay on 1-d parameters (biases, norms), tokens, position embeddings and relative
+    position tables (the encoder's ``no_weight_decay``).
+    """
+    enc = model.encoder
+    num_layers = int(enc.num_layers)  # type: ignore[arg-type]
+    skip = (
+        {f"encoder.{n}" for n in enc.no_weight_decay()}
+        if hasattr(enc, "no_weight_decay")
+        else set()
+    )
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = (
+            enc.layer_id(name.removeprefix("encoder."))
+            if name.startswith("encoder.")
+            else num_layers + 1
+        )  # type: ignore[operator]
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name in skip
+        key = (lid, no_decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (num_layers + 1 - lid),
+                "layer_id": lid,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class FullySeededDataset(Dataset):
+    """Seeds torch, Python's ``random`` and numpy per (seed, epoch, index) around each sample, so
+    timm's augmentations (RandAugment, random erasing, crops) are reproducible under resume and
+    independent of the number of loader workers."""
+
+    def __init__(self, base: Any, seed: int) -> None:
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        s = (self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**32 - 1)
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s)
+            try:
+                return self.base[index]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
+
+
+def _seed_step(seed: int, step: int, device: torch.device) -> None:
+    """Mixup / cutmix (numpy) and drop path (torch) draws of one step."""
+    s = (seed * 9_999_991 + step * 7_777 + 13) % (2**32 - 1)
+    np.random.seed(s)
+    random.seed(s)
+    torch.manual_seed(s)  # also seeds every CUDA device
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None
+) -> tuple[float, float, int, int]:
+    """``(top1, top5, images, skipped)`` on a loader of ``(x, y, kept)`` batches."""
+    from downstream.linear_probe import topk_accuracy
+
+    model.eval()
+    logits, labels, skipped = [], [], 0
+    for x, y, keep in loader:
+        skipped += int((~keep).sum())
+        if x.numel() == 0:
+            continue
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x.to(device, non_blocking=True))
+        logits.append(out.float().cpu())
+        labels.append(y)
+    lv, yv = torch.cat(logits), torch.cat(labels)
+    return topk_accuracy(lv, yv, 1), topk_accuracy(lv, yv, 5), int(yv.numel()), skipped
+
+
+# --------------------------------------------------------------------------- task
+
+
+@TASKS.register("finetune")
+class Finetune(Task):
+    """MAE / BEiT fine-tuning (see the module docstring)."""
+
+    name = "finetune"
+    version = 1
+    metrics = {"top1": True, "top5": True}
+    config_cls = FinetuneConfig
+
+    def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:  # noqa: C901
+        assert isinstance(cfg, FinetuneConfig)
+        from timm.data import Mixup, create_transform
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from torch.utils.data import DataLoader
+
+        from downstream.features import encoder_fingerprint
+        from harness.config import ConfigError
+        from harness.data.datasets import (
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            collate_skipping,
+            eval_transform,
+            imagefolder_checked,
+            resolve_imagefolder_root,
+        )
+        from harness.fsutil import atomic_torch_save, config_hash
+        from pretrain.engine import autocast_dtype, lr_at
+
+        t0 = time.time()
+        device = ctx.device
+        amp = autocast_dtype(cfg.precision, device)
+        settings = resolve_settings(cfg, int(encoder.num_layers))
+        img = int(encoder.cfg.img_size)
+        root = resolve_imagefolder_root(ctx.data)
+        train_tf = create_transform(
+            img,
+            is_training=True,
+            auto_augment=cfg.auto_augment,
+            color_jitter=cfg.color_jitter,
+            interpolation="bicubic",
+            re_prob=cfg.reprob,
+            re_mode=cfg.remode,
+            re_count=cfg.recount,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
+        train = imagefolder_checked(root, "train", train_tf, cfg.strict_data)
+        val = imagefolder_checked(
+            root, "val", eval_transform(img, ctx.data.eval_crop_pct), cfg.strict_data
+        )
+        num_classes = len(train.classes)
+        n = len(train)
+        micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
+        if cfg.batch_size % micro:
+            raise ConfigError(f"micro_batch_size {micro} must divide batch_size {cfg.batch_size}")
+        accum = cfg.batch_size // micro
+        steps_per_epoch = n // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"train split has {n} images, fewer than one batch of {cfg.batch_size}: "
+                "lower batch_size (the lr scales with it)"
+            )
+        total = settings["epochs"] * steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        warmup = cfg.warmup_epochs * steps_per_epoch
+        peak = settings["base_lr"] * cfg.batch_size / 256
+
+        # the model: a copy of the encoder (its weights change), drop path, every weight trained
+        enc = copy.deepcopy(encoder).cpu()
+        set_drop_path(enc, settings["drop_path"])
+        for pname, p in enc.named_parameters():
+            p.requires_grad_(pname != "mask_token")
+        torch.manual_seed(ctx.seed)
+        model = FinetuneModel(enc, num_classes, cfg.global_pool, cfg.head_init_std).to(device)
+        groups = param_groups_layer_decay(model, cfg.weight_decay, settings["layer_decay"])
+        opt = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak, betas=cfg.betas
+        )
+        mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
+        mixer = (
+            Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob,
+                mode="batch",
+                label_smoothing=cfg.smoothing,
+                num_classes=num_classes,
+            )
+            if mixup_on
+            else None
+        )
+        if mixer is not None:
+            criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+
+        # resume
+        chash = config_hash(
+            {
+                "cfg": cfg.model_dump(mode="json"),
+                "encoder": encoder_fingerprint(encoder),
+                "data": ctx.data.model_dump(mode="json"),
+                "seed": ctx.seed,
+            }
+        )
+        ckpt_path = ctx.out_dir / "finetune_checkpoint.pth"
+        step, history, evals, skipped = 0, [], [], 0
+        if ckpt_path.is_file():
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if ck.get("config_hash") == chash:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                step, history, evals = int(ck["step"]), list(ck["history"]), list(ck["evals"])
+                skipped = int(ck["skipped"])
+                ctx.log(f"[finetune] resumed at step {step}/{total} from {ckpt_path}")
+            else:
+                ctx.log(f"[finetune] {ckpt_path} is from another config or encoder: starting over")
+
+        def save_checkpoint() -> None:
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "history": history,
+                    "evals": evals,
+                    "skipped": skipped,
+                    "config_hash": chash,
+                },
+                ckpt_path,
+            )
+
+        workers = ctx.data.num_workers if cfg.num_workers is None else cfg.num_workers
+        seeded = FullySeededDataset(train, ctx.seed)
+        vloader = DataLoader(
+            val, batch_size=micro, shuffle=False, num_workers=workers, collate_fn=collate_skipping
+        )
+        ctx.log(
+            f"[finetune] {n} images, {num_classes} classes, {steps_per_epoch} steps/epoch, {total} steps, "
+            f"batch {cfg.batch_size} ({accum} x {micro}), lr {peak:.3g}, layer decay "
+            f"{settings['layer_decay']}, drop path {settings['drop_path']}, device {device}"
+            f"{' bf16' if amp else ' fp32'}"
+        )
+        t_train0 = time.time()
+        step_at_start = step
+        while step < total:
+            epoch, batch_idx = divmod(step, steps_per_epoch)
+            seeded.set_epoch(epoch)
+            g = torch.Generator().manual_seed((ctx.seed * 7_919 + epoch) % (2**63 - 1))
+            order = torch.randperm(n, generator=g)[: steps_per_epoch * cfg.batch_size]
+            micro_batches = order[batch_idx * cfg.batch_size :].view(-1, micro).tolist()
+            loader = DataLoader(
+                seeded,
+                batch_sampler=micro_batches,
+                num_workers=workers,
+                collate_fn=collate_skipping,
+                pin_memory=device.type == "cuda",
+            )
+            model.train()
+            for i, (x, y, keep) in enumerate(loader):
+                if i % accum == 0:
+                    lr = lr_at(step, total, warmup, peak, cfg.min_lr)
+                    for grp in opt.param_groups:
+                        grp["lr"] = lr * grp["lr_scale"]
+                skipped += int((~keep).sum())
+                if x.shape[0] % 2 and mixer is not None:  # batch mixing pairs samples up
+                    x, y = x[:-1], y[:-1]
+                if x.shape[0] > 0:
+                    _seed_step(ctx.seed, step * accum + i % accum, device)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if mixer is not None:
+                        x, y = mixer(x, y)
+                    with torch.autocast(
+                        device.type, dtype=amp or torch.float32, enabled=amp is not None
+                    ):
+                        loss = criterion(model(x), y)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"fine-tuning loss is {loss.item()} at step {step}: lower base_lr or set clip_grad"
+                        )
+                    (loss / accum).backward()
+                    last_loss = float(loss.item())
+                else:
+                    last_loss = float("nan")
+                if (i + 1) % accum:
+                    continue
+                if cfg.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                history.append({"step": step, "loss": last_loss, "lr": lr})
+                if step % cfg.ckpt_every_steps == 0 or step == total:
+                    save_checkpoint()
+                if step % cfg.log_every_steps == 0 or step == total:
+                    rate = (
+                        (step - step_at_start) * cfg.batch_size / max(time.time() - t_train0, 1e-9)
+                    )
+                    ctx.log(
+                        f"[finetune] step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
+                        f"lr {lr:.3g} {rate:.1f} img/s"
+                    )
+                epoch_done = step % steps_per_epoch == 0
+                if (
+                    cfg.eval_every_epochs
+                    and epoch_done
+                    and (step // steps_per_epoch) % cfg.eval_every_epochs == 0
+                    and step < total
+                ):
+                    top1, top5, _, _ = evaluate(model, vloader, device, amp)
+                    evals.append({"epoch": step // steps_per_epoch, "top1": top1, "top5": top5})
+                    ctx.log(f"[finetune] epoch {step // steps_per_epoch}: val top1 {top1:.2f}")
+                    model.train()
+                if step >= total:
+                    break
+        t_train = time.time() - t_train0
+        top1, top5, n_val, val_skipped = evaluate(model, vloader, device, amp)
+        evals.append({"epoch": step / steps_per_epoch, "top1": top1, "top5": top5})
+        ctx.log(f"[finetune] val top1 {top1:.2f} top5 {top5:.2f} after {step} steps")
+        if not cfg.keep_checkpoint and ckpt_path.is_file():
+            ckpt_path.unlink()
+        losses = [h["loss"] for h in history if not math.isnan(h["loss"])]
+        return TaskResult(
+            metrics={"top1": top1, "top5": top5},
+            details={
+                "resolved": {
+                    **settings,
+                    "lr": peak,
+                    "batch_size": cfg.batch_size,
+                    "accum": accum,
+                    "steps": step,
+                    "warmup_steps": warmup,
+                },
+                "num_classes": num_classes,
+                "num_train": n,
+                "num_val": n_val,
+                "skipped_images": {"train_batches_total": skipped, "val": val_skipped},
+                "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None,
+                "evals": evals,
+                "train_seconds": t_train,
+                "total_seconds": time.time() - t0,
+            },
+        )

@@ -1,0 +1,160 @@
+"""Weighted k-nearest-neighbour classification on frozen features (DINO's protocol).
+
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021, Sec. 4.1
+and ``eval_knn.py``: features (the class token after the final norm) of the train and val images,
+both with the evaluation transform, are L2-normalized; each val image votes among its k most
+cosine-similar train images, neighbour j with weight ``exp(sim_j / T)`` for its class;
+k = 20 and T = 0.07. Top-1 and top-5 of the summed votes are reported, and the accuracies for the
+other k of DINO's table (10, 100, 200) go into the details.
+
+Features come from the on-disk cache of :mod:`downstream.features`, shared with the fast linear
+probe (an entry the probe wrote with more blocks or views serves kNN too).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from harness.config import TaskConfig
+
+from .base import TASKS, Task, TaskContext, TaskResult
+
+
+class KNNConfig(TaskConfig):
+    """Weighted kNN (see :mod:`downstream.knn`).
+
+    Attributes:
+        k: Neighbours that vote (DINO: 20).
+        temperature: Vote weight ``exp(similarity / temperature)`` (DINO: 0.07).
+        extra_k: Further k evaluated for the details (DINO's table: 10, 20, 100, 200).
+        pooling: ``cls`` (DINO) or ``avg`` (mean patch token; the only one for Swin).
+        chunk_size: Val images compared with the whole train set at once.
+        batch_size_extract: Batch of the feature extraction.
+        cache_features: Read / write the on-disk feature cache.
+        cache_dir: Feature cache directory (default ``$MIMBENCH_CACHE/features``).
+        strict_data: Unreadable image files are fatal instead of skipped and counted.
+    """
+
+    name: Literal["knn"] = "knn"
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+    extra_k: list[int] = Field(default_factory=lambda: [10, 100, 200])
+    pooling: Literal["cls", "avg"] = "cls"
+    chunk_size: int = Field(256, ge=1)
+    batch_size_extract: int = Field(128, ge=1)
+    cache_features: bool = True
+    cache_dir: str | None = None
+    strict_data: bool = False
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Class scores ``[Q, C]`` of weighted kNN votes.
+
+    Args:
+        train_feats: ``[N, D]``, L2-normalized.
+        train_labels: ``[N]``.
+        query: ``[Q, D]``, L2-normalized.
+        num_classes: C.
+        k: Neighbours (clipped to N).
+        temperature: Weights are ``exp(cosine / temperature)``.
+        chunk_size: Queries per similarity matrix.
+    """
+    k = min(k, train_feats.shape[0])
+    out = []
+    for i in range(0, query.shape[0], chunk_size):
+        sim = query[i : i + chunk_size] @ train_feats.T  # [q, N]
+        top_sim, top_idx = sim.topk(k, dim=1)  # [q, k]
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        out.append(votes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+@TASKS.register("knn")
+class KNN(Task):
+    """Weighted kNN (see the module docstring)."""
+
+    name = "knn"
+    version = 1
+    metrics = {"top1": True, "top5": True}
+    config_cls = KNNConfig
+
+    def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
+        assert isinstance(cfg, KNNConfig)
+        from downstream.features import encoder_fingerprint, get_features, supported_poolings
+        from downstream.linear_probe import topk_accuracy
+        from harness.data.datasets import (
+            eval_transform,
+            imagefolder_checked,
+            resolve_imagefolder_root,
+        )
+
+        if cfg.pooling not in supported_poolings(encoder):
+            raise ValueError(f"{type(encoder).__name__} has no class token: set pooling: avg")
+        t0 = time.time()
+        root = resolve_imagefolder_root(ctx.data)
+        tf = eval_transform(int(encoder.cfg.img_size), ctx.data.eval_crop_pct)
+        train = imagefolder_checked(root, "train", None, cfg.strict_data)
+        val = imagefolder_checked(root, "val", None, cfg.strict_data)
+        num_classes = len(train.classes)
+        common = dict(
+            n_blocks=1,
+            device=ctx.device,
+            cache_dir=cfg.cache_dir,
+            use_cache=cfg.cache_features,
+            batch_size=cfg.batch_size_extract,
+            num_workers=ctx.data.num_workers,
+            log=ctx.log,
+            encoder_hash=encoder_fingerprint(encoder) if cfg.cache_features else None,
+        )
+        ftr = get_features(encoder, train, "train", tf, **common)
+        fva = get_features(encoder, val, "val", tf, **common)
+        t_feat = time.time() - t0
+        dev = ctx.device
+        xtr = F.normalize(ftr.select(cfg.pooling, 1, views=1)[:, 0].float().to(dev), dim=1)
+        xva = F.normalize(fva.select(cfg.pooling, 1, views=1)[:, 0].float().to(dev), dim=1)
+        ytr, yva = ftr.labels.to(dev), fva.labels.to(dev)
+        by_k = {}
+        for k in sorted({cfg.k, *cfg.extra_k}):
+            scores = knn_predict(
+                xtr, ytr, xva, num_classes, k, cfg.temperature, cfg.chunk_size
+            ).cpu()
+            by_k[k] = {
+                "top1": topk_accuracy(scores, yva.cpu(), 1),
+                "top5": topk_accuracy(scores, yva.cpu(), 5),
+            }
+        res = by_k[cfg.k]
+        ctx.log(
+            f"[knn] k={cfg.k} T={cfg.temperature}: top1 {res['top1']:.2f} top5 {res['top5']:.2f}"
+        )
+        return TaskResult(
+            metrics={"top1": res["top1"], "top5": res["top5"]},
+            details={
+                "k": cfg.k,
+                "temperature": cfg.temperature,
+                "pooling": cfg.pooling,
+                "by_k": {str(k): v for k, v in by_k.items()},
+                "num_classes": num_classes,
+                "num_train": int(ytr.numel()),
+                "num_val": int(yva.numel()),
+                "skipped_images": {"train": ftr.num_skipped, "val": fva.num_skipped},
+                "feature_cache": {"train": ftr.from_cache, "val": fva.from_cache},
+                "feature_seconds": t_feat,
+                "total_seconds": time.time() - t0,
+            },
+        )

@@ -1,0 +1,246 @@
+"""Sweeps: one config file that stands for a family of configs (an ablation table).
+
+A sweep file is an ordinary config (usually a suite) with a top-level ``sweep:`` block::
+
+    kind: suite
+    ...                                   # the base config: the table's default row
+    sweep:
+      name: mae_decoder_depth             # optional, for reports
+      table: MAE Table 1a                 # optional, which published table it reproduces
+      mode: grid                          # grid (every combination) or zip (row i of every axis)
+      prefix: encoders.0.pretrain         # optional, prepended to every axis key
+      axes:                               # key path -> list of values, in table order
+        recipe.head.depth: [1, 2, 4, 8, 12]
+      names:                              # optional short tag names (default: the last key)
+        recipe.head.depth: depth
+
+An axis key is a dotted path into the config (list items by index: ``encoders.0...``); a value is
+a scalar, a list, or a mapping deep-merged into what the base config holds at that path (so one
+axis can change several keys at once: ``recipe.target: [{type: pixels}, {type: tokens}]``).
+Keys of the ``sweep:`` block and axis paths are checked against the config schema: an unknown
+one is rejected with its path and a did-you-mean. Every expanded config is validated.
+
+:func:`expand_sweep` returns ``(tags, config)`` pairs: ``tags`` maps each axis' short name to the
+row's value, in axis order; the config no longer holds the ``sweep:`` block. The harness runs
+each config as it would run the file without the block.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from harness.config import (
+    CONFIG_KINDS,
+    ConfigError,
+    StrictModel,
+    deep_merge,
+    load_yaml_with_extends,
+    validate_config,
+)
+from harness.registry import did_you_mean
+
+SWEEP_KEYS = ("name", "table", "description", "mode", "prefix", "axes", "names")
+
+
+class SweepError(ConfigError):
+    """A sweep block is malformed; the message names the key path."""
+
+
+def expand_sweep(
+    raw: dict[str, Any], validate: bool = True
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Expand a config holding a ``sweep:`` block into one config per table row.
+
+    Args:
+        raw: The config mapping (``extends`` already merged). Without a ``sweep:`` block the
+            result is the config itself with empty tags.
+        validate: Validate every expanded config with its schema (``kind``).
+
+    Returns:
+        ``[(tags, config), ...]`` in table order (grid: the first axis varies slowest).
+
+    Raises:
+        SweepError: Unknown or malformed sweep keys, unknown axis paths, unequal zip lengths, or an
+            expanded config that does not validate (the message names the row).
+    """
+    if "sweep" not in raw:
+        return [({}, copy.deepcopy(raw))]
+    sweep = raw["sweep"]
+    base = {k: v for k, v in raw.items() if k != "sweep"}
+    if not isinstance(sweep, dict):
+        raise SweepError(
+            "sweep: must be a mapping with 'axes' (and optionally mode, prefix, names)"
+        )
+    for key in sweep:
+        if key not in SWEEP_KEYS:
+            hint = did_you_mean(str(key), list(SWEEP_KEYS))
+            raise SweepError(
+                f"sweep.{key}: unknown key;{hint} allowed keys: {', '.join(SWEEP_KEYS)}"
+            )
+    mode = sweep.get("mode", "grid")
+    if mode not in ("grid", "zip"):
+        hint = did_you_mean(str(mode), ["grid", "zip"])
+        raise SweepError(f"sweep.mode: '{mode}' is not a mode;{hint} use grid or zip")
+    axes = sweep.get("axes")
+    if not isinstance(axes, dict) or not axes:
+        raise SweepError("sweep.axes: give at least one 'key.path: [values]' entry")
+    prefix = sweep.get("prefix") or ""
+    names = sweep.get("names") or {}
+    if not isinstance(names, dict):
+        raise SweepError("sweep.names: must map axis keys to short names")
+    for key in names:
+        if key not in axes:
+            hint = did_you_mean(str(key), list(axes))
+            raise SweepError(f"sweep.names.{key}: not an axis;{hint} axes: {', '.join(axes)}")
+
+    kind = base.get("kind")
+    model = CONFIG_KINDS.get(kind) if isinstance(kind, str) else None
+    paths: list[list[str]] = []
+    for key, values in axes.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        parts = [p for p in full.split(".") if p]
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"sweep.axes.{key}: must be a non-empty list of values")
+        if model is not None:
+            check_path(model, parts, base, f"sweep.axes.{key}")
+        paths.append(parts)
+    lengths = [len(v) for v in axes.values()]
+    if mode == "zip" and len(set(lengths)) > 1:
+        detail = ", ".join(f"{k}: {n}" for k, n in zip(axes, lengths, strict=True))
+        raise SweepError(f"sweep.axes: zip mode needs lists of equal length ({detail})")
+
+    tag_names = [str(names.get(k, str(k).split(".")[-1])) for k in axes]
+    if len(set(tag_names)) < len(tag_names):
+        raise SweepError(f"sweep.names: tag names must differ, got {tag_names}: set sweep.names")
+    rows = itertools.product(*axes.values()) if mode == "grid" else zip(*axes.values(), strict=True)
+    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for row in rows:
+        cfg = copy.deepcopy(base)
+        for parts, value in zip(paths, row, strict=True):
+            set_path(cfg, parts, value)
+        tags = dict(zip(tag_names, (copy.deepcopy(v) for v in row), strict=True))
+        if validate:
+            try:
+                validate_config(cfg, source=f"sweep row {variant_name(tags)}")
+            except ConfigError as exc:
+                raise SweepError(str(exc)) from None
+        out.append((tags, cfg))
+    return out
+
+
+def load_sweep(
+    path: str | Path, validate: bool = True
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Read a sweep file (with its ``extends`` parent merged) and expand it."""
+    return expand_sweep(load_yaml_with_extends(path), validate=validate)
+
+
+def variant_name(tags: dict[str, Any]) -> str:
+    """A file-name-safe name of a row, e.g. ``depth=8,dim=512``."""
+
+    def short(v: Any) -> str:
+        if isinstance(v, dict):
+            return "-".join(short(x) for x in v.values())
+        return str(v)
+
+    text = ",".join(f"{k}={short(v)}" for k, v in tags.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9_.,=\-]", "_", text)
+
+
+def set_path(cfg: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set ``value`` at a key path, creating mappings on the way; a mapping value is deep-merged
+    into a mapping already there."""
+    node: Any = cfg
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = deep_merge(node[last], value)
+    else:
+        node[last] = copy.deepcopy(value)
+
+
+def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The pydantic model inside an annotation (``X``, ``X | None``, ``list[X]``), and whether
+    it sits in a list."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (list, tuple):
+        inner, _ = _model_of(args[0]) if args else (None, False)
+        return inner, True
+    if args and origin is not None:  # Union / Optional / Annotated / SerializeAsAny
+        for a in args:
+            m, in_list = _model_of(a)
+            if m is not None or in_list:
+                return m, in_list
+        return None, False
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    return None, False
+
+
+def check_path(model: type[BaseModel], parts: list[str], data: Any, where: str) -> None:
+    """Check a key path against the schema; unknown keys raise :class:`SweepError` naming
+    ``where`` and the path. Checking stops at fields without a fixed schema (task entries,
+    free mappings)."""
+    node_model: type[BaseModel] | None = model
+    node_data = data
+    walked: list[str] = []
+    i = 0
+    while i < len(parts) and node_model is not None:
+        part = parts[i]
+        walked.append(part)
+        fields = node_model.model_fields
+        if part not in fields:
+            hint = did_you_mean(part, list(fields))
+            raise SweepError(
+                f"{where}: '{'.'.join(walked)}' is not a config key;{hint} "
+                f"'{node_model.__name__}' has: {', '.join(fields)}"
+            )
+        inner, in_list = _model_of(fields[part].annotation)
+        node_data = node_data.get(part) if isinstance(node_data, dict) else None
+        i += 1
+        if in_list and i < len(parts):
+            idx = parts[i]
+            walked.append(idx)
+            if not idx.lstrip("-").isdigit():
+                raise SweepError(
+                    f"{where}: '{'.'.join(walked)}': '{part}' is a list, index it by number"
+                )
+            if isinstance(node_data, list):
+                if not -len(node_data) <= int(idx) < len(node_data):
+                    raise SweepError(
+                        f"{where}: '{'.'.join(walked)}': index {idx} out of range "
+                        f"(the base config's '{part}' has {len(node_data)} items)"
+                    )
+                node_data = node_data[int(idx)]
+            else:
+                node_data = None
+            i += 1
+        node_model = inner if inner is not None and issubclass(inner, StrictModel) else None
+        if node_model is not None and node_model.__name__ == "TaskConfig":
+            node_model = _task_model(node_data)  # polymorphic: the entry's name picks the schema
+
+
+def _task_model(entry: Any) -> type[BaseModel] | None:
+    """The config class of a task entry (by its ``name``), or None when it cannot be told."""
+    name = entry.get("name") if isinstance(entry, dict) else entry
+    if not isinstance(name, str):
+        return None
+    from harness.config import task_config_classes
+
+    return task_config_classes().get(name)

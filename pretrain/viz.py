@@ -1,0 +1,94 @@
+"""Pictures of masks: one row per masking strategy, one column per sample (``mimbench viz masks``).
+
+Each strategy is drawn at its paper's setting unless a ratio is given: SimMIM's random masking
+of 32 px units at 0.6, MAE's shuffle at 0.75, BEiT's blocks at 75 of 196 patches, the Context
+Encoder's central square, random blocks and random region at a quarter of the image, and MAE's
+grid at 0.75. Masked patches are dark, visible ones light, on the encoder's patch grid.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from harness.config import EncoderConfig, MaskingConfig
+from pretrain.masking import MASKERS, create_masker
+
+PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
+    "random": {"ratio": 0.6, "mask_patch_size": 32},
+    "shuffle": {"ratio": 0.75},
+    "block": {"ratio": 75 / 196},
+    "central": {"ratio": 0.25},
+    "random_blocks": {"ratio": 0.25},
+    "random_region": {"ratio": 0.25},
+    "grid": {"ratio": 0.75},
+}
+
+
+def mask_rows(
+    arch: str = "vit_base_16",
+    strategies: list[str] | None = None,
+    samples: int = 6,
+    ratio: float | None = None,
+    seed: int = 0,
+) -> list[tuple[str, torch.Tensor]]:
+    """``(label, masks [samples, gh, gw])`` for each strategy on the preset's patch grid."""
+    enc = EncoderConfig(arch=arch)
+    p = int(enc.patch_size)  # type: ignore[arg-type]
+    grid = (int(enc.img_size) // p, int(enc.img_size) // p)  # type: ignore[arg-type]
+    rows = []
+    for name in strategies or MASKERS.names():
+        MASKERS.get(name)  # unknown names fail with a did-you-mean
+        kw = dict(PAPER_MASKING.get(name, {}))
+        if ratio is not None:
+            kw["ratio"] = ratio
+        mps = kw.get("mask_patch_size")
+        if mps is not None and (int(mps) % p or grid[0] % (int(mps) // p)):
+            kw["mask_patch_size"] = None  # the paper's unit does not fit this encoder
+        cfg = MaskingConfig(strategy=name, **kw)  # type: ignore[arg-type]
+        masker = create_masker(cfg, grid, p)
+        m = masker(samples, generator=torch.Generator().manual_seed(seed))
+        label = f"{name} {masker.num_masked}/{masker.num_patches}"
+        rows.append((label, m.view(samples, *grid)))
+    return rows
+
+
+def render_masks(
+    rows: list[tuple[str, torch.Tensor]], cell: int = 6, label_w: int = 150
+) -> Image.Image:
+    """Draw the rows: a label, then each sample's mask (``cell`` px per patch)."""
+    samples, gh, gw = rows[0][1].shape
+    tile_h, tile_w, gap = gh * cell, gw * cell, 6
+    img = Image.new(
+        "RGB", (label_w + samples * (tile_w + gap), len(rows) * (tile_h + gap) + gap), "white"
+    )
+    draw = ImageDraw.Draw(img)
+    for r, (label, masks) in enumerate(rows):
+        y = gap + r * (tile_h + gap)
+        draw.text((4, y + tile_h // 2 - 5), label, fill="black")
+        for s in range(samples):
+            m = masks[s].numpy().astype(bool)
+            tile = np.where(m[..., None], np.array([60, 60, 70]), np.array([225, 232, 240])).astype(
+                np.uint8
+            )
+            tile = tile.repeat(cell, 0).repeat(cell, 1)
+            tile[::cell, :] = tile[::cell, :] * 0.85  # faint patch grid
+            tile[:, ::cell] = tile[:, ::cell] * 0.85
+            img.paste(Image.fromarray(tile), (label_w + s * (tile_w + gap), y))
+    return img
+
+
+def save_mask_picture(path: str | Path, **kwargs) -> Path:
+    """Write the PNG of :func:`mask_rows` (keyword arguments as there) and return its path."""
+    from harness.fsutil import atomic_write_bytes
+
+    img = render_masks(mask_rows(**kwargs))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

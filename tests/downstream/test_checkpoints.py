@@ -1,0 +1,552 @@
+"""Checkpoint import / export: every family's key layout is built from a model with known
+weights, imported, and the imported encoder must reproduce the original's outputs."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import types
+
+import pytest
+import timm
+import torch
+
+from downstream.beit_encoder import BeitEncoder
+from downstream.checkpoints import (
+    detect_family,
+    encoder_from_timm_name,
+    export_encoder,
+    import_checkpoint,
+    load_checkpoint,
+)
+from harness.config import EncoderConfig
+from harness.errors import CheckpointError
+from pretrain.encoder import ViTEncoder
+from pretrain.swin import SwinEncoder
+
+MICRO = EncoderConfig(arch="vit_micro_32", pos_embed="learned")
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Known, non-trivial weights everywhere (gammas, rel tables and biases included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module.eval()
+
+
+def _vit(seed: int = 0) -> ViTEncoder:
+    torch.manual_seed(seed)
+    return _randomize(ViTEncoder(MICRO), seed)
+
+
+def _beit(shared: bool, abs_pos: bool = False, seed: int = 1) -> BeitEncoder:
+    opts = {
+        "use_abs_pos_emb": abs_pos,
+        "use_rel_pos_bias": not shared,
+        "use_shared_rel_pos_bias": shared,
+        "layer_scale": True,
+        "qkv_bias": True,
+    }
+    return _randomize(BeitEncoder(MICRO, opts), seed)
+
+
+def _x(n: int = 2, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(5))
+
+
+def _diff(a: torch.nn.Module, b: torch.nn.Module, size: int = 32) -> float:
+    with torch.no_grad():
+        return float(
+            (a.eval().forward_features(_x(size=size)) - b.eval().forward_features(_x(size=size)))
+            .abs()
+            .max()
+        )
+
+
+def _save(obj, path):
+    torch.save(obj, path)
+    return path
+
+
+# --------------------------------------------------------------------------- layout builders
+
+
+def mae_layout(enc: ViTEncoder) -> dict:
+    """MAE's release: timm keys under 'model', its decoder, and the pickled args."""
+    sd = dict(enc.timm_state_dict())
+    sd["mask_token"] = torch.randn(1, 1, 24)  # the decoder's (width 24 here)
+    sd["decoder_embed.weight"] = torch.randn(24, 32)
+    sd["decoder_pos_embed"] = torch.randn(1, 17, 24)
+    sd["decoder_blocks.0.norm1.weight"] = torch.randn(24)
+    sd["decoder_pred.weight"] = torch.randn(192, 24)
+    return {
+        "model": sd,
+        "args": argparse.Namespace(model="mae_vit_micro", mask_ratio=0.75),
+        "epoch": 799,
+    }
+
+
+def beit_layout(enc: BeitEncoder) -> dict:
+    """BEiT's release: timm-Beit keys plus index buffers, lm_head and the encoder mask token."""
+    sd = dict(enc.timm_state_dict())
+    for k in list(sd):
+        if k.endswith("relative_position_bias_table"):
+            sd[k.replace("bias_table", "index")] = torch.zeros(17, 17, dtype=torch.long)
+    sd["mask_token"] = enc.mask_token.detach().clone()
+    sd["lm_head.weight"] = torch.randn(8192, 32)
+    return {"model": sd}
+
+
+def simmim_vit_layout(enc: BeitEncoder) -> dict:
+    """SimMIM's ViT: BEiT-style encoder under 'encoder.', a 1x1-conv decoder under 'decoder.'."""
+    inner = beit_layout(enc)["model"]
+    inner.pop("lm_head.weight")
+    sd = {f"encoder.{k}": v for k, v in inner.items()}
+    sd["decoder.0.weight"] = torch.randn(8 * 8 * 3, 32, 1, 1)
+    sd["decoder.0.bias"] = torch.randn(8 * 8 * 3)
+    return {"model": sd, "epoch": 99}
+
+
+def swin_original_layout(enc: SwinEncoder) -> dict[str, torch.Tensor]:
+    """The Swin repo's layout: downsampling at the end of a stage, index / mask buffers."""
+    sd = {}
+    for k, v in enc.timm_state_dict().items():
+        k = re.sub(
+            r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k
+        )
+        sd[k] = v
+        if k.endswith("relative_position_bias_table"):
+            sd[k.replace("bias_table", "index")] = torch.zeros(4, 4, dtype=torch.long)
+    return sd
+
+
+def mmpretrain_layout(state: dict[str, torch.Tensor]) -> dict:
+    """mmpretrain: 'backbone.' prefix, ln1/ln2, ffn.layers, patch_embed.projection, its neck/head."""
+    rules = [
+        (r"^patch_embed\.proj\.", "patch_embed.projection."),
+        (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
+        (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.ln2."),
+        (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
+        (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
+        (r"^blocks\.(\d+)\.ls1\.gamma$", r"layers.\1.attn.gamma1.weight"),
+        (r"^blocks\.(\d+)\.ls2\.gamma$", r"layers.\1.ffn.gamma2.weight"),
+        (r"^blocks\.(\d+)\.", r"layers.\1."),
+        (r"^norm\.", "ln1."),
+    ]
+    sd = {}
+    for k, v in state.items():
+        for pat, rep in rules:
+            nk = re.sub(pat, rep, k)
+            if nk != k:
+                k = nk
+                break
+        sd[f"backbone.{k}"] = v
+    sd["neck.decoder_embed.weight"] = torch.randn(16, 32)
+    sd["head.fc.weight"] = torch.randn(10, 32)
+    return {"meta": {"mmpretrain_version": "1.2.0", "epoch": 1}, "state_dict": sd}
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_mimbench_file_round_trip(tmp_path):
+    enc = _vit()
+    enc.save_timm(tmp_path / "e.pth")
+    got, rep = load_checkpoint(tmp_path / "e.pth")
+    assert rep.family == "mimbench" and not rep.missing and not rep.unexpected
+    assert _diff(enc, got) == 0.0
+
+
+def test_plain_timm_state_dict_with_head(tmp_path):
+    enc = _vit()
+    sd = {**enc.timm_state_dict(), "head.weight": torch.randn(5, 32), "head.bias": torch.randn(5)}
+    path = _save(sd, tmp_path / "t.pth")
+    got, rep = load_checkpoint(path, cfg=MICRO)
+    assert rep.family == "timm" and rep.target == "vit"
+    assert rep.dropped["classifier head"] == ["head.weight", "head.bias"]
+    assert _diff(enc, got) == 0.0
+
+
+def test_timm_layer_scale_and_no_qkv_bias_fold_exactly(tmp_path):
+    torch.manual_seed(0)
+    m = _randomize(
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            num_classes=0,
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2.0,
+            init_values=0.1,
+            qkv_bias=False,
+        ),
+        3,
+    )
+    path = _save(m.state_dict(), tmp_path / "ls.pth")
+    got, rep = load_checkpoint(path, cfg=MICRO)
+    assert any("layer-scale" in n for n in rep.notes) and any(
+        "zeros inserted" in n for n in rep.notes
+    )
+    with torch.no_grad():
+        ref = m.forward_features(_x())
+        assert float((got.forward_features(_x()) - ref).abs().max()) < 1e-5
+
+
+def test_mae_release_layout(tmp_path):
+    enc = _vit()
+    path = _save(mae_layout(enc), tmp_path / "mae.pth")
+    got, rep = load_checkpoint(path, cfg=MICRO)
+    assert rep.family == "mae" and rep.container == "model"
+    assert len(rep.dropped["MAE decoder"]) == 4 and rep.dropped["MAE decoder's mask token"] == [
+        "mask_token"
+    ]
+    assert _diff(enc, got) == 0.0
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_beit_release_layout(tmp_path, shared):
+    enc = _beit(shared)
+    path = _save(beit_layout(enc), tmp_path / "beit.pth")
+    got, rep = load_checkpoint(path)  # heads read from the relative position table
+    assert rep.family == "beit" and rep.target == "beit"
+    assert rep.options["use_shared_rel_pos_bias"] is shared and rep.options["layer_scale"]
+    assert "lm_head.weight" in rep.dropped["classifier / token-prediction head"]
+    assert "encoder mask token loaded" in rep.notes
+    assert torch.equal(got.mask_token, enc.mask_token)
+    assert _diff(enc, got) == 0.0
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::3] = True
+    with torch.no_grad():  # the mask token path matches too
+        assert torch.equal(got.forward_features(_x(), mask), enc.forward_features(_x(), mask))
+
+
+def test_simmim_vit_layout(tmp_path):
+    enc = _beit(shared=True)
+    path = _save(simmim_vit_layout(enc), tmp_path / "simmim.pth")
+    got, rep = load_checkpoint(path)
+    assert rep.family == "simmim" and rep.target == "beit"
+    assert sorted(rep.dropped["SimMIM decoder"]) == ["decoder.0.bias", "decoder.0.weight"]
+    assert _diff(enc, got) == 0.0
+
+
+def test_simmim_swin_layout(tmp_path):
+    torch.manual_seed(0)
+    enc = _randomize(SwinEncoder(EncoderConfig(arch="swin_micro_32")), 2)
+    sd = {f"encoder.{k}": v for k, v in swin_original_layout(enc).items()}
+    sd["encoder.mask_token"] = enc.mask_token.detach().clone()
+    sd["decoder.0.weight"] = torch.randn(3 * 32 * 32, 64, 1, 1)
+    path = _save({"model": sd}, tmp_path / "simmim_swin.pth")
+    got, rep = load_checkpoint(path)
+    assert (
+        rep.family == "simmim" and rep.target == "swin" and rep.encoder["arch"] == "swin_micro_32"
+    )
+    assert _diff(enc, got) == 0.0
+
+
+def test_mmpretrain_vit_with_layer_scale(tmp_path):
+    torch.manual_seed(0)
+    m = _randomize(
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            num_classes=0,
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2.0,
+            init_values=0.1,
+        ),
+        4,
+    )
+    path = _save(mmpretrain_layout(m.state_dict()), tmp_path / "mmpre.pth")
+    got, rep = load_checkpoint(path, cfg=MICRO)
+    assert rep.family == "mmpretrain" and rep.container == "state_dict"
+    assert len(rep.dropped["not the backbone (neck / head / preprocessor)"]) == 2
+    with torch.no_grad():
+        assert float((got.forward_features(_x()) - m.forward_features(_x())).abs().max()) < 1e-5
+
+
+def test_mmpretrain_beit(tmp_path):
+    enc = _beit(shared=False)
+    path = _save(mmpretrain_layout(enc.timm_state_dict()), tmp_path / "mmbeit.pth")
+    got, rep = load_checkpoint(path)
+    assert rep.family == "mmpretrain" and rep.target == "beit"
+    assert _diff(enc, got) == 0.0
+
+
+def test_our_pretraining_checkpoint(tmp_path):
+    from harness.config import RecipeConfig
+    from pretrain.model import MIMModel
+
+    torch.manual_seed(0)
+    model = MIMModel(MICRO, RecipeConfig(name="simmim", masking={"mask_patch_size": 16}))
+    _randomize(model.encoder, 7)
+    path = _save({"model": model.state_dict(), "step": 3}, tmp_path / "checkpoint.pth")
+    got, rep = load_checkpoint(path, cfg=MICRO)
+    assert rep.family == "mimbench_ckpt" and "encoder mask token loaded" in rep.notes
+    assert _diff(model.encoder, got) == 0.0
+
+
+def test_export_then_import_and_timm_loads_it(tmp_path):
+    enc = _beit(shared=True, abs_pos=True)
+    paths = export_encoder(enc, tmp_path / "out" / "enc")
+    assert sorted(p.suffix for p in paths) == [".json", ".pth", ".safetensors"]
+    for suffix in (".pth", ".safetensors"):
+        got, rep = load_checkpoint(tmp_path / "out" / f"enc{suffix}")
+        assert rep.family == "mimbench" and _diff(enc, got) == 0.0  # meta from sidecar / metadata
+    # timm rebuilds it from the exported state dict alone
+    import json
+
+    arch = json.loads((tmp_path / "out" / "enc.json").read_text())
+    m = timm.create_model(
+        arch["timm_name"],
+        pretrained=False,
+        checkpoint_path=str(tmp_path / "out" / "enc.pth"),
+        **arch["timm_kwargs"],
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(m.forward_features(_x()), enc.forward_features(_x()))
+
+
+def test_export_vit_loads_in_timm_without_mimbench(tmp_path):
+    enc = _vit()
+    export_encoder(enc, tmp_path / "v.pth", formats=("safetensors",))
+    from safetensors.torch import load_file
+
+    m = timm.create_model(enc.cfg.timm_name, pretrained=False, **enc.cfg.timm_kwargs()).eval()
+    m.load_state_dict(load_file(str(tmp_path / "v.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(m.forward_features(_x()), enc.forward_features(_x()))
+
+
+# --------------------------------------------------------------------------- conversions, errors
+
+
+def test_pos_embed_and_rel_tables_are_resized(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+
+    enc = _vit()
+    path = _save(enc.timm_state_dict(), tmp_path / "v.pth")
+    big = EncoderConfig(arch="vit_micro_32", img_size=48, pos_embed="learned")
+    got, rep = load_checkpoint(path, cfg=big)
+    expect = resample_abs_pos_embed(
+        enc.vit.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=1
+    )
+    assert torch.allclose(got.vit.pos_embed, expect) and "4x4 -> 6x6" in " ".join(rep.notes)
+    assert got.forward_features(_x(size=48)).shape == (2, 37, 32)
+    beit = _beit(shared=False)
+    got, rep = load_checkpoint(_save(beit_layout(beit), tmp_path / "b.pth"), img_size=48)
+    assert got.beit.blocks[0].attn.relative_position_bias_table.shape == (11 * 11 + 3, 2)
+    assert any("relative position bias" in n for n in rep.notes)
+
+
+def test_partial_load_is_refused_unless_allowed(tmp_path):
+    enc = _vit()
+    sd = enc.timm_state_dict()
+    del sd["norm.weight"], sd["norm.bias"]
+    sd["extra.weight"] = torch.randn(3)
+    path = _save(sd, tmp_path / "p.pth")
+    with pytest.raises(
+        CheckpointError,
+        match=r"2 encoder weights missing.*norm\.bias.*1 checkpoint tensors unused.*allow-partial",
+    ):
+        load_checkpoint(path, cfg=MICRO)
+    got, rep = load_checkpoint(path, cfg=MICRO, allow_partial=True)
+    assert (
+        rep.partial
+        and rep.missing == ["norm.bias", "norm.weight"]
+        and rep.unexpected == ["extra.weight"]
+    )
+    assert torch.equal(got.vit.blocks[0].attn.qkv.weight, enc.vit.blocks[0].attn.qkv.weight)
+
+
+def test_shape_mismatch_and_wrong_config_name_the_fix(tmp_path):
+    path = _save(_vit().timm_state_dict(), tmp_path / "v.pth")
+    with pytest.raises(CheckpointError, match="embed_dim: checkpoint 32 vs config 128"):
+        load_checkpoint(path, cfg=EncoderConfig(arch="vit_tiny_32"))
+    with pytest.raises(CheckpointError, match="cannot infer num_heads for embed_dim 32"):
+        load_checkpoint(path)  # 32 is no multiple of 64: the config must say
+
+
+def test_unsafe_pickle_is_refused_with_the_reason(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _vit().timm_state_dict(), "cfg": Evil()}, path)
+    with pytest.raises(
+        CheckpointError, match=r"refusing to load .*pickled 'print' object.*arbitrary code"
+    ):
+        load_checkpoint(path)
+
+
+def test_yacs_config_inside_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    """SimMIM's training checkpoints pickle their yacs config: refused, with the way out."""
+    mod = types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    mod.CfgNode = CfgNode
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", mod)
+    path = tmp_path / "simmim_ckpt.pth"
+    torch.save(
+        {"model": {"encoder.cls_token": torch.zeros(1, 1, 32)}, "config": CfgNode(a=1)}, path
+    )
+    with pytest.raises(CheckpointError, match=r"yacs\.config\.CfgNode.*weights\.pth"):
+        load_checkpoint(path)
+
+
+def test_unknown_layout_and_forced_format(tmp_path):
+    path = _save({"foo.weight": torch.randn(2, 2)}, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="cannot tell the format.*--format"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="did you mean 'beit'"):
+        load_checkpoint(path, fmt="beat")
+    enc = _vit()
+    path = _save({"model": enc.timm_state_dict()}, tmp_path / "m.pth")
+    assert detect_family(enc.timm_state_dict(), None, "model") == "mae"
+    got, rep = load_checkpoint(path, cfg=MICRO, fmt="timm")
+    assert rep.family == "timm" and rep.detected == "mae" and _diff(enc, got) == 0.0
+
+
+def test_import_writes_a_mimbench_file(tmp_path):
+    enc = _beit(shared=True)
+    src = _save(simmim_vit_layout(enc), tmp_path / "s.pth")
+    rep = import_checkpoint(src, tmp_path / "imported.pth")
+    got, rep2 = load_checkpoint(tmp_path / "imported.pth")
+    assert rep2.family == "mimbench" and rep2.target == "beit" and _diff(enc, got) == 0.0
+    obj = torch.load(tmp_path / "imported.pth", weights_only=True)
+    assert obj["mimbench"]["imported"]["family"] == rep.family == "simmim"
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("vit_tiny_patch16_224", "vit"),
+        pytest.param("beit_base_patch16_224", "beit", marks=pytest.mark.slow),
+    ],
+)
+def test_timm_model_names_build_random_encoders(name, kind):
+    torch.manual_seed(0)
+    enc, rep = encoder_from_timm_name(name)
+    assert rep.target == kind and enc.cfg.img_size == 224
+    with pytest.raises(CheckpointError, match="did you mean"):
+        encoder_from_timm_name(name[:-1])
+
+
+# --------------------------------------------------------------------------- command line, suites
+
+
+def test_cli_export_import_and_eval_a_foreign_checkpoint(tiny_imagefolder, tmp_path, capsys):
+    from harness.cli import main
+    from harness.records import load_records
+
+    assert main(["export", "random:vit_micro_32", "--out", str(tmp_path / "exp" / "enc")]) == 0
+    out = capsys.readouterr().out
+    assert "enc.safetensors" in out and "timm.create_model('vit_tiny_patch16_224'" in out
+    assert (
+        main(
+            ["import", str(tmp_path / "exp" / "enc.safetensors"), "--out", str(tmp_path / "i.pth")]
+        )
+        == 0
+    )
+    assert "family mimbench" in capsys.readouterr().out
+    # an MAE-layout file: detected, converted, recorded
+    enc = _vit()
+    mae = _save(mae_layout(enc), tmp_path / "mae.pth")
+    common = [
+        "--data",
+        str(tiny_imagefolder),
+        "--out",
+        str(tmp_path / "runs"),
+        "--arch",
+        "vit_micro_32",
+        "--set",
+        "tasks.0.cache_features=false",
+        "--set",
+        "tasks.0.k=3",
+        "--set",
+        "tasks.0.extra_k=[]",
+    ]
+    assert main(["eval", "knn", "--encoder", str(mae), *common]) == 0
+    rec = load_records(tmp_path / "runs" / "eval" / "records", strict=True)[0]
+    assert rec.status == "ok" and rec.encoder.source == "checkpoint"
+    assert rec.details["import"]["family"] == "mae" and rec.task.name == "knn"
+    # a partial load goes through only when asked, via an imported file
+    sd = enc.timm_state_dict()
+    del sd["norm.bias"]
+    part = _save(sd, tmp_path / "part.pth")
+    assert main(["eval", "knn", "--encoder", str(part), "--name", "p1", *common]) == 0
+    recs = {r.encoder.name: r for r in load_records(tmp_path / "runs" / "eval" / "records")}
+    assert recs["p1"].status == "failed" and "allow-partial" in recs["p1"].error.message
+    assert (
+        main(
+            [
+                "eval",
+                "knn",
+                "--encoder",
+                str(part),
+                "--name",
+                "p2",
+                "--format",
+                "timm",
+                "--allow-partial",
+                *common,
+            ]
+        )
+        == 0
+    )
+    recs = {r.encoder.name: r for r in load_records(tmp_path / "runs" / "eval" / "records")}
+    assert recs["p2"].status == "ok" and "imported" in recs["p2"].encoder.checkpoint
+    assert "MISSING 1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_suite_entry_with_a_simmim_checkpoint_and_a_timm_name(tiny_imagefolder, tmp_path):
+    from harness.config import SuiteConfig
+    from harness.records import load_records
+    from harness.runner import run_suite
+
+    src = _save(simmim_vit_layout(_beit(shared=True)), tmp_path / "simmim.pth")
+    suite = SuiteConfig.model_validate(
+        {
+            "kind": "suite",
+            "name": "imp",
+            "output_dir": str(tmp_path / "runs"),
+            "data": {"source": str(tiny_imagefolder)},
+            "encoders": [
+                {"name": "simmim-vit", "checkpoint": str(src)},
+                {"name": "timm-vit", "checkpoint": "timm:vit_tiny_patch16_224"},
+            ],
+            "tasks": [
+                {
+                    "name": "knn",
+                    "k": 3,
+                    "extra_k": [],
+                    "cache_features": False,
+                    "batch_size_extract": 36,
+                }
+            ],
+        }
+    )
+    records = {r.encoder.name: r for r in load_records(run_suite(suite, log=lambda m: None))}
+    assert (
+        records["simmim-vit"].status == "ok"
+        and records["simmim-vit"].details["import"]["target"] == "beit"
+    )
+    assert (
+        records["timm-vit"].status == "ok"
+        and records["timm-vit"].encoder.arch == "vit_tiny_patch16_224"
+    )
