@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from harness.fsutil import canonical_json
+from harness.tracking import progress
 
 FEATURE_CACHE_VERSION = 1
 
@@ -207,7 +208,7 @@ def extract(
         out: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
         ys, kept = [], []
         t0 = time.time()
-        for imgs, y, keep in loader:
+        for imgs, y, keep in progress(loader, desc=f"features view {v}", unit="batch"):
             kept.append(keep)
             if imgs.numel() == 0:
                 continue

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from harness.config import TaskConfig
+from harness.tracking import ScalarLogger, progress
 
 from .base import TASKS, Task, TaskContext, TaskResult
 
@@ -67,6 +68,7 @@ class FinetuneConfig(TaskConfig):
         mixup: Mixup alpha (0.8). cutmix: CutMix alpha (1.0). mixup_prob: Probability of
             mixing a batch. mixup_switch_prob: Probability of cutmix instead of mixup.
         smoothing: Label smoothing (0.1).
+        crop_scale: RandomResizedCrop scale range (timm's / MAE's default (0.08, 1)).
         auto_augment: timm policy (``rand-m9-mstd0.5-inc1``); None disables it.
         color_jitter: Color jitter strength (None: off, as with RandAugment in MAE).
         reprob: Random erasing probability (0.25), ``remode`` / ``recount`` its mode / count.
@@ -99,6 +101,7 @@ class FinetuneConfig(TaskConfig):
     mixup_prob: float = Field(1.0, ge=0, le=1)
     mixup_switch_prob: float = Field(0.5, ge=0, le=1)
     smoothing: float = Field(0.1, ge=0, lt=1)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float | None = None
     reprob: float = Field(0.25, ge=0, le=1)
@@ -243,6 +246,27 @@ def param_groups_layer_decay(
 # --------------------------------------------------------------------------- data
 
 
+def _posterize_compat(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, with 0 bits giving the black image older Pillow returned (Pillow >= 11
+    rejects ``bits=0``, which RandAugment's increasing posterize asks for at magnitude 10)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def pillow_safe(transform: Any) -> Any:
+    """Point the posterize ops of a timm RandAugment inside ``transform`` at the compatible one."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if str(getattr(op, "name", "")).startswith("Posterize"):
+                op.aug_fn = _posterize_compat
+    return transform
+
+
 class FullySeededDataset(Dataset):
     """Seeds torch, Python's ``random`` and numpy per (seed, epoch, index) around each sample, so
     timm's augmentations (RandAugment, random erasing, crops) are reproducible under resume and
@@ -337,17 +361,20 @@ class Finetune(Task):
         settings = resolve_settings(cfg, int(encoder.num_layers))
         img = int(encoder.cfg.img_size)
         root = resolve_imagefolder_root(ctx.data)
-        train_tf = create_transform(
-            img,
-            is_training=True,
-            auto_augment=cfg.auto_augment,
-            color_jitter=cfg.color_jitter,
-            interpolation="bicubic",
-            re_prob=cfg.reprob,
-            re_mode=cfg.remode,
-            re_count=cfg.recount,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
+        train_tf = pillow_safe(
+            create_transform(
+                img,
+                is_training=True,
+                scale=cfg.crop_scale,
+                auto_augment=cfg.auto_augment,
+                color_jitter=cfg.color_jitter,
+                interpolation="bicubic",
+                re_prob=cfg.reprob,
+                re_mode=cfg.remode,
+                re_count=cfg.recount,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+            )
         )
         train = imagefolder_checked(root, "train", train_tf, cfg.strict_data)
         val = imagefolder_checked(
@@ -452,76 +479,86 @@ class Finetune(Task):
         )
         t_train0 = time.time()
         step_at_start = step
-        while step < total:
-            epoch, batch_idx = divmod(step, steps_per_epoch)
-            seeded.set_epoch(epoch)
-            g = torch.Generator().manual_seed((ctx.seed * 7_919 + epoch) % (2**63 - 1))
-            order = torch.randperm(n, generator=g)[: steps_per_epoch * cfg.batch_size]
-            micro_batches = order[batch_idx * cfg.batch_size :].view(-1, micro).tolist()
-            loader = DataLoader(
-                seeded,
-                batch_sampler=micro_batches,
-                num_workers=workers,
-                collate_fn=collate_skipping,
-                pin_memory=device.type == "cuda",
-            )
-            model.train()
-            for i, (x, y, keep) in enumerate(loader):
-                if i % accum == 0:
-                    lr = lr_at(step, total, warmup, peak, cfg.min_lr)
-                    for grp in opt.param_groups:
-                        grp["lr"] = lr * grp["lr_scale"]
-                skipped += int((~keep).sum())
-                if x.shape[0] % 2 and mixer is not None:  # batch mixing pairs samples up
-                    x, y = x[:-1], y[:-1]
-                if x.shape[0] > 0:
-                    _seed_step(ctx.seed, step * accum + i % accum, device)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if mixer is not None:
-                        x, y = mixer(x, y)
-                    with torch.autocast(
-                        device.type, dtype=amp or torch.float32, enabled=amp is not None
-                    ):
-                        loss = criterion(model(x), y)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"fine-tuning loss is {loss.item()} at step {step}: lower base_lr or set clip_grad"
+        scalars = ScalarLogger(ctx.out_dir, run_name=ctx.out_dir.name)
+        bar = progress(total=total, initial=step, desc="finetune", unit="step")
+        try:
+            while step < total:
+                epoch, batch_idx = divmod(step, steps_per_epoch)
+                seeded.set_epoch(epoch)
+                g = torch.Generator().manual_seed((ctx.seed * 7_919 + epoch) % (2**63 - 1))
+                order = torch.randperm(n, generator=g)[: steps_per_epoch * cfg.batch_size]
+                micro_batches = order[batch_idx * cfg.batch_size :].view(-1, micro).tolist()
+                loader = DataLoader(
+                    seeded,
+                    batch_sampler=micro_batches,
+                    num_workers=workers,
+                    collate_fn=collate_skipping,
+                    pin_memory=device.type == "cuda",
+                )
+                model.train()
+                for i, (x, y, keep) in enumerate(loader):
+                    if i % accum == 0:
+                        lr = lr_at(step, total, warmup, peak, cfg.min_lr)
+                        for grp in opt.param_groups:
+                            grp["lr"] = lr * grp["lr_scale"]
+                    skipped += int((~keep).sum())
+                    if x.shape[0] % 2 and mixer is not None:  # batch mixing pairs samples up
+                        x, y = x[:-1], y[:-1]
+                    if x.shape[0] > 0:
+                        _seed_step(ctx.seed, step * accum + i % accum, device)
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        if mixer is not None:
+                            x, y = mixer(x, y)
+                        with torch.autocast(
+                            device.type, dtype=amp or torch.float32, enabled=amp is not None
+                        ):
+                            loss = criterion(model(x), y)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"fine-tuning loss is {loss.item()} at step {step}: lower base_lr or set clip_grad"
+                            )
+                        (loss / accum).backward()
+                        last_loss = float(loss.item())
+                    else:
+                        last_loss = float("nan")
+                    if (i + 1) % accum:
+                        continue
+                    if cfg.clip_grad is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    history.append({"step": step, "loss": last_loss, "lr": lr})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+                    scalars.scalars({"finetune/loss": last_loss, "finetune/lr": lr}, step)
+                    if step % cfg.ckpt_every_steps == 0 or step == total:
+                        save_checkpoint()
+                    if step % cfg.log_every_steps == 0 or step == total:
+                        rate = (
+                            (step - step_at_start) * cfg.batch_size / max(time.time() - t_train0, 1e-9)
                         )
-                    (loss / accum).backward()
-                    last_loss = float(loss.item())
-                else:
-                    last_loss = float("nan")
-                if (i + 1) % accum:
-                    continue
-                if cfg.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                history.append({"step": step, "loss": last_loss, "lr": lr})
-                if step % cfg.ckpt_every_steps == 0 or step == total:
-                    save_checkpoint()
-                if step % cfg.log_every_steps == 0 or step == total:
-                    rate = (
-                        (step - step_at_start) * cfg.batch_size / max(time.time() - t_train0, 1e-9)
-                    )
-                    ctx.log(
-                        f"[finetune] step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
-                        f"lr {lr:.3g} {rate:.1f} img/s"
-                    )
-                epoch_done = step % steps_per_epoch == 0
-                if (
-                    cfg.eval_every_epochs
-                    and epoch_done
-                    and (step // steps_per_epoch) % cfg.eval_every_epochs == 0
-                    and step < total
-                ):
-                    top1, top5, _, _ = evaluate(model, vloader, device, amp)
-                    evals.append({"epoch": step // steps_per_epoch, "top1": top1, "top5": top5})
-                    ctx.log(f"[finetune] epoch {step // steps_per_epoch}: val top1 {top1:.2f}")
-                    model.train()
-                if step >= total:
-                    break
+                        ctx.log(
+                            f"[finetune] step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
+                            f"lr {lr:.3g} {rate:.1f} img/s"
+                        )
+                    epoch_done = step % steps_per_epoch == 0
+                    if (
+                        cfg.eval_every_epochs
+                        and epoch_done
+                        and (step // steps_per_epoch) % cfg.eval_every_epochs == 0
+                        and step < total
+                    ):
+                        top1, top5, _, _ = evaluate(model, vloader, device, amp)
+                        evals.append({"epoch": step // steps_per_epoch, "top1": top1, "top5": top5})
+                        scalars.scalars({"finetune/val_top1": top1, "finetune/val_top5": top5}, step)
+                        ctx.log(f"[finetune] epoch {step // steps_per_epoch}: val top1 {top1:.2f}")
+                        model.train()
+                    if step >= total:
+                        break
+        finally:
+            bar.close()
+            scalars.close()
         t_train = time.time() - t_train0
         top1, top5, n_val, val_skipped = evaluate(model, vloader, device, amp)
         evals.append({"epoch": step / steps_per_epoch, "top1": top1, "top5": top5})

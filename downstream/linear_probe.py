@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from harness.config import TaskConfig
+from harness.tracking import progress
 
 from .base import TASKS, Task, TaskContext, TaskResult
 
@@ -568,7 +569,8 @@ class LinearProbeFaithful(Task):
             )
             head.train()
             losses = []
-            for i, (x, y, keep) in enumerate(loader):
+            bar = progress(loader, desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+            for i, (x, y, keep) in enumerate(bar):
                 if i % accum == 0:
                     lr = lr_at(step, total, warmup, peak, cfg.min_lr)
                     for grp in opt.param_groups:

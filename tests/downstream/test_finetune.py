@@ -162,3 +162,33 @@ def test_beit_encoder_finetunes(tiny_imagefolder, tmp_path):
         enc, FinetuneConfig(**{**TINY, "max_steps": 1}), _ctx(tiny_imagefolder, tmp_path)
     )
     assert res.details["resolved"]["steps"] == 1
+
+
+def test_randaugment_posterize_at_full_magnitude_works_with_new_pillow():
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    from downstream.finetune import pillow_safe
+
+    tf = pillow_safe(create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1"))
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", []) if op.name.startswith("Posterize")]
+    assert ops
+    img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(ops[0].aug_fn(img, 0)).max() == 0  # what Pillow < 11 returned for 0 bits
+    assert np.asarray(ops[0].aug_fn(img, 8)).max() == 200
+
+
+def test_finetune_writes_tensorboard_scalars(tiny_imagefolder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    cfg = FinetuneConfig(**{**TINY, "max_steps": 2}, mixup=0, cutmix=0, auto_augment=None, reprob=0)
+    res = get_task("finetune").run(enc, cfg, _ctx(tiny_imagefolder, tmp_path))
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    loss = acc.Scalars("finetune/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert loss[0].value == pytest.approx(res.details["loss_first"], rel=1e-5)
+    assert loss[1].value == pytest.approx(res.details["loss_last"], rel=1e-5)
+    assert [e.step for e in acc.Scalars("finetune/lr")] == [1, 2]
