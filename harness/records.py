@@ -92,6 +92,28 @@ class ErrorInfo(_Strict):
         return cls(type=type(exc).__name__, message=str(exc), traceback=formatted)
 
 
+class SweepInfo(_Strict):
+    """Which row of which sweep (ablation table) a run belongs to (see :mod:`harness.sweep`).
+
+    The ablation report (:mod:`harness.ablation`) rebuilds the table from these fields alone:
+    rows are ordered by ``row`` and labelled by ``tags``.
+    """
+
+    name: str = Field(description="Sweep name (the sweep block's 'name', else the suite's).")
+    table: str | None = Field(
+        default=None, description="The published table it reproduces, e.g. 'MAE Table 1a'."
+    )
+    mode: Literal["grid", "zip"] = Field(default="grid", description="How the axes combine.")
+    axes: list[str] = Field(
+        default_factory=list, description="Tag names of the axes, in the sweep's order."
+    )
+    row: int = Field(ge=0, description="0-based position of the row in the sweep's expansion.")
+    rows: int = Field(ge=1, description="Number of rows of the sweep.")
+    tags: dict[str, Any] = Field(
+        default_factory=dict, description="Axis tag name -> the row's value (JSON), axis order."
+    )
+
+
 class Record(_Strict):
     """One run of one task on one encoder with one seed.
 
@@ -128,6 +150,9 @@ class Record(_Strict):
     suite: str | None = Field(default=None, description="Suite the run belongs to, if any.")
     tags: dict[str, str] = Field(
         default_factory=dict, description="Free labels, e.g. sweep axis values."
+    )
+    sweep: SweepInfo | None = Field(
+        default=None, description="The sweep row this run belongs to; None outside sweeps."
     )
     provenance: dict[str, Any] = Field(
         default_factory=dict, description="collect_provenance(): git, packages, hardware."

@@ -23,14 +23,21 @@ one is rejected with its path and a did-you-mean. Every expanded config is valid
 :func:`expand_sweep` returns ``(tags, config)`` pairs: ``tags`` maps each axis' short name to the
 row's value, in axis order; the config no longer holds the ``sweep:`` block. The harness runs
 each config as it would run the file without the block.
+
+:func:`sweep_rows` is what ``mimbench run`` and ``mimbench plan`` use: it expands and validates
+every row up front (a bad row rejects the sweep before anything runs) and checks that the rows
+share one suite directory; each row's records carry a :class:`harness.records.SweepInfo` (sweep
+name, table, row index, tags), from which :mod:`harness.ablation` rebuilds the table.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +47,12 @@ from harness.config import (
     CONFIG_KINDS,
     ConfigError,
     StrictModel,
+    SuiteConfig,
     deep_merge,
     load_yaml_with_extends,
     validate_config,
 )
+from harness.records import SweepInfo
 from harness.registry import did_you_mean
 
 SWEEP_KEYS = ("name", "table", "description", "mode", "prefix", "axes", "names")
@@ -142,15 +151,102 @@ def load_sweep(
     return expand_sweep(load_yaml_with_extends(path), validate=validate)
 
 
+@dataclass
+class SweepRow:
+    """One row of a sweep, ready to run: its validated suite and what its records carry.
+
+    Attributes:
+        info: The row's place in the sweep (stored in every record of the row).
+        config: The row's suite (the base config with the row's axis values set).
+    """
+
+    info: SweepInfo
+    config: SuiteConfig
+
+    @property
+    def label(self) -> str:
+        """The row's file-name-safe name, e.g. ``depth=8``."""
+        return variant_name(self.info.tags)
+
+
+def sweep_rows(raw: dict[str, Any], source: str = "sweep") -> list[SweepRow]:
+    """Expand a suite holding a ``sweep:`` block into validated rows that share one output
+    directory, so that one report covers the whole table.
+
+    Every row is validated before any is returned: a bad row rejects the whole sweep before
+    anything runs.
+
+    Args:
+        raw: The config mapping (``extends`` merged, ``--set`` overrides applied).
+        source: Where the mapping came from, for error messages (the file path).
+
+    Raises:
+        SweepError: The sweep or one of its rows is invalid, the config is not a suite, or the
+            rows would write to different directories (a swept ``name`` or ``output_dir``).
+    """
+    if not isinstance(raw.get("sweep"), dict):
+        raise SweepError(f"{source}: no 'sweep:' block (a mapping with 'axes') to expand")
+    if raw.get("kind") != "suite":
+        raise SweepError(
+            f"{source}: a sweep runs as a suite: set 'kind: suite' (got kind {raw.get('kind')!r})"
+        )
+    try:
+        expanded = expand_sweep(raw, validate=False)
+    except SweepError as exc:
+        raise SweepError(f"{source}: {exc}") from None
+    block = raw["sweep"]
+    seen: dict[str, int] = {}
+    for i, (tags, _) in enumerate(expanded):
+        j = seen.setdefault(json.dumps(tags, sort_keys=True), i)
+        if j != i:
+            raise SweepError(
+                f"{source}: sweep.axes: rows {j} and {i} have the same axis values "
+                f"({variant_name(tags)}); each row of a table needs its own values"
+            )
+    suites = []
+    for tags, cfg in expanded:
+        try:
+            suites.append(validate_config(cfg, source=f"{source}: sweep row {variant_name(tags)}"))
+        except ConfigError as exc:
+            raise SweepError(str(exc)) from None
+    dirs = {(s.output_dir, s.name) for s in suites if isinstance(s, SuiteConfig)}
+    if len(dirs) > 1:
+        raise SweepError(
+            f"{source}: sweep.axes: the rows would write to {len(dirs)} suite directories; do not "
+            "sweep 'name' or 'output_dir' (all rows of a sweep share one output directory)"
+        )
+    name = str(block.get("name") or suites[0].name)  # type: ignore[attr-defined]
+    table = block.get("table")
+    axes = list(expanded[0][0])
+    rows = []
+    for i, ((tags, _), suite) in enumerate(zip(expanded, suites, strict=True)):
+        assert isinstance(suite, SuiteConfig)
+        info = SweepInfo(name=name, table=str(table) if table else None,
+                         mode=block.get("mode", "grid"), axes=axes, row=i,
+                         rows=len(expanded), tags=tags)
+        rows.append(SweepRow(info=info, config=suite))
+    return rows
+
+
+def tag_text(value: Any) -> str:
+    """A short text of a tag value (mapping values joined by ``-``), for labels and tables."""
+    if isinstance(value, dict):
+        return "-".join(tag_text(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(tag_text(v) for v in value) + "]"
+    return str(value)
+
+
+def row_encoder_name(encoder: str, info: SweepInfo | None) -> str:
+    """The name an encoder of a sweep row has in records and leaderboards:
+    ``<encoder>@<row label>`` (each row is its own leaderboard entry)."""
+    return encoder if info is None else f"{encoder}@{variant_name(info.tags)}"
+
+
 def variant_name(tags: dict[str, Any]) -> str:
     """A file-name-safe name of a row, e.g. ``depth=8,dim=512``."""
 
-    def short(v: Any) -> str:
-        if isinstance(v, dict):
-            return "-".join(short(x) for x in v.values())
-        return str(v)
-
-    text = ",".join(f"{k}={short(v)}" for k, v in tags.items()) or "base"
+    text = ",".join(f"{k}={tag_text(v)}" for k, v in tags.items()) or "base"
     return re.sub(r"[^A-Za-z0-9_.,=\-]", "_", text)
 
 

@@ -215,3 +215,161 @@ def test_published_numbers_match_the_sweep_rows():
     } <= ids
     depth = next(t for t in pub["tables"] if t["id"] == "mae_decoder_depth")
     assert [(r["tags"]["depth"], r["ft"], r["lin"]) for r in depth["rows"]][3] == (8, 84.9, 73.5)
+
+
+# --------------------------------------------------------------------------- running sweeps
+
+
+def _tiny_sweep(out: Path, **block) -> dict:
+    """A tiny MAE suite on the synthetic dataset (two pretraining steps, a 1-epoch probe)."""
+    return {
+        "kind": "suite", "name": "tiny-sweep", "output_dir": str(out), "seeds": [0],
+        "data": {"source": "shapes", "eval_crop_pct": 1.0,
+                 "shapes": {"image_size": 32, "train_per_class": 4, "val_per_class": 2,
+                            "train_scenes": 1, "val_scenes": 1}},
+        "encoders": [{
+            "name": "mae-micro", "encoder": {"arch": "vit_micro_32"},
+            "pretrain": {
+                "recipe": {"name": "mae", "head": {"depth": 1, "dim": 32, "num_heads": 2},
+                           "target": {"type": "pixels"}},
+                "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "max_steps": 2,
+                          "num_recon_images": 2, "log_every_steps": 1},
+            },
+        }],
+        "tasks": [{"name": "linear_probe", "epochs": 1, "batch_size": 16, "lrs": [0.1]}],
+        "sweep": block,
+    }
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_sweep_rows_carry_their_place_in_the_table(tmp_path):
+    from harness.sweep import sweep_rows
+
+    raw = _tiny_sweep(tmp_path, name="dec", table="MAE Table 1a", mode="zip",
+                      prefix="encoders.0.pretrain.recipe.head",
+                      axes={"depth": [1, 2], "dim": [32, 64]})
+    rows = sweep_rows(raw, source="s.yaml")
+    assert [r.label for r in rows] == ["depth=1,dim=32", "depth=2,dim=64"]
+    assert [(r.info.row, r.info.rows, r.info.tags) for r in rows] == [
+        (0, 2, {"depth": 1, "dim": 32}), (1, 2, {"depth": 2, "dim": 64})]
+    assert rows[1].info.name == "dec" and rows[1].info.table == "MAE Table 1a"
+    assert rows[1].info.mode == "zip" and rows[1].info.axes == ["depth", "dim"]
+    assert rows[1].config.encoders[0].pretrain.recipe.head.dim == 64
+    assert {(r.config.output_dir, r.config.name) for r in rows} == {(str(tmp_path), "tiny-sweep")}
+    # without a name, the sweep is named after the suite
+    raw = _tiny_sweep(tmp_path, axes={"seeds": [[0], [1]]})
+    assert sweep_rows(raw)[0].info.name == "tiny-sweep"
+
+
+@pytest.mark.parametrize(
+    "block,match",
+    [
+        ({"axes": {"output_dir": ["a", "b"]}}, r"rows would write to 2 suite directories"),
+        ({"axes": {"encoders.0.pretrain.recipe.head.depth": [1, 2, 1]}},
+         r"rows 0 and 2 have the same axis values \(depth=1\)"),
+        ({"axes": {"encoders.0.pretrain.recipe.masking.ratio": [0.5, 1.5]}},
+         r"(?s)sweep row ratio=1\.5: invalid config.*encoders\.0\.pretrain\.recipe\.masking\.ratio"),
+    ],
+)
+def test_sweep_rows_reject_rows_that_cannot_share_a_table(tmp_path, block, match):
+    from harness.sweep import sweep_rows
+
+    with pytest.raises(SweepError, match=match):
+        sweep_rows(_tiny_sweep(tmp_path, **block), source="s.yaml")
+
+
+@pytest.mark.parametrize(
+    "axes,path",
+    [
+        ({"encoders.0.pretrain.recipe.head.deepth": [1, 2]}, "encoders.0.pretrain.recipe.head.deepth"),
+        ({"encoders.0.pretrain.recipe.masking.ratio": [0.5, 1.5]},
+         "encoders.0.pretrain.recipe.masking.ratio"),
+        ({"tasks.0.epoch": [1, 2]}, "tasks.0.epoch"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_cli_rejects_a_bad_sweep_before_anything_is_written(tmp_path, capsys, axes, path, command):
+    from harness.cli import main
+
+    out = tmp_path / "runs"
+    sweep = _write(tmp_path, _tiny_sweep(out, axes=axes))
+    assert main([command, str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimbench: error: ") and path in err and str(sweep) in err
+    assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_plan_lists_every_row_and_shares_identical_stages(tmp_path, capsys):
+    from harness.cli import main
+
+    # rows 0 and 2 resolve to the same config (the base head already has dim 32)
+    sweep = _write(tmp_path, _tiny_sweep(tmp_path / "runs", prefix="encoders.0.pretrain.recipe",
+                                         axes={"head": [{"depth": 1}, {"depth": 2},
+                                                        {"depth": 1, "dim": 32}]}))
+    assert main(["plan", str(sweep)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["row", "stage", "encoder"]
+    body = [x.split() for x in lines[1:-2]]
+    assert [(b[0], b[1]) for b in body] == [
+        ("head=1", "pretrain"), ("head=1", "linear_probe"), ("head=2", "pretrain"),
+        ("head=2", "linear_probe"), ("head=1-32", "linear_probe")]  # one pretraining for 2 rows
+    assert body[1][2] == "mae-micro@head=1" and body[4][2] == "mae-micro@head=1-32"
+    assert body[4][5] == body[1][5]  # the same stage key
+    assert "same config as row head=1" in lines[-3]
+    assert lines[-1] == "5 pending"
+
+
+def test_run_a_sweep_end_to_end_then_report_the_ablation_table(tmp_path, capsys):
+    import time
+
+    from harness.cli import main
+    from harness.records import load_records
+
+    out = tmp_path / "runs"
+    sweep = _write(tmp_path, _tiny_sweep(
+        out, name="mae_decoder_depth", table="MAE Table 1a", prefix="encoders.0.pretrain.recipe",
+        axes={"head": [{"depth": 1}, {"depth": 2}, {"depth": 1, "dim": 32}]},
+        names={"head": "head"}))
+    t0 = time.time()
+    assert main(["run", str(sweep)]) == 0
+    wall = time.time() - t0
+    text = capsys.readouterr().out
+    root = out / "tiny-sweep"
+    records = sorted(load_records(root / "records", strict=True), key=lambda r: r.sweep.row)
+    assert [r.sweep.row for r in records] == [0, 1, 2]  # one record per row
+    assert [r.sweep.tags for r in records] == [
+        {"head": {"depth": 1}}, {"head": {"depth": 2}}, {"head": {"depth": 1, "dim": 32}}]
+    assert all(r.status == "ok" and r.sweep.name == "mae_decoder_depth" for r in records)
+    assert [r.encoder.name for r in records] == [
+        "mae-micro@head=1", "mae-micro@head=2", "mae-micro@head=1-32"]
+    assert records[0].recipe["head"]["depth"] == 1 and records[1].recipe["head"]["depth"] == 2
+    # row 2's config is row 0's: its pretraining and probe are shared, not repeated
+    assert len(list((root / "pretrain").iterdir())) == 2
+    assert records[2].details["reused_from"] == records[0].run_id
+    assert records[2].metrics == records[0].metrics
+    assert records[2].config_hash == records[0].config_hash != records[1].config_hash
+    # the ablation table comes with the leaderboard
+    md = (root / "ablation" / "mae_decoder_depth.md").read_text()
+    assert md.startswith("### MAE Table 1a: mae_decoder_depth") and md in text
+    table_rows = [x for x in md.splitlines() if x.startswith("| ") and "---" not in x][1:]
+    assert [x.split(" | ")[0] for x in table_rows] == ["| 1", "| 2", "| 1-32"]
+    top1 = f"{records[1].metrics['top1']:.2f}"
+    assert table_rows[1].split(" | ")[1] == top1
+    for kind in ("csv", "tex", "png"):
+        assert (root / "ablation" / f"mae_decoder_depth.{kind}").is_file()
+    assert (root / "leaderboard.md").is_file()
+    # a second run finds every row done; the plan agrees
+    assert main(["run", str(sweep)]) == 0
+    assert capsys.readouterr().out.count("done earlier") == 3
+    assert len(load_records(root / "records")) == 3
+    assert main(["plan", str(sweep)]) == 0
+    assert capsys.readouterr().out.strip().endswith("5 done")
+    # the ablation command rebuilds the table from the records alone
+    assert main(["ablation", str(root / "records"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "ablation" / "mae_decoder_depth.md").read_text() == md
+    print(f"sweep of 3 rows (2 pretrainings + 2 probes): {wall:.1f}s")
