@@ -1,6 +1,10 @@
 """Launchers: where a suite's stages run. The suite itself never changes.
 
 * ``inprocess``: everything in this process, in order (:func:`harness.runner.run_suite`).
+* ``torchrun``: the same command re-executed under ``python -m torch.distributed.run``, one
+  process per GPU (or per CPU worker, gloo) on one or several machines; the pretrainings run
+  data-parallel across all of them and rank 0 runs the downstream tasks
+  (:mod:`harness.distributed`).
 * ``submitit-local`` / ``slurm``: one job per stage through submitit: a job per pretraining,
   then a job per task run that depends on its encoder's pretraining (``afterok`` on SLURM;
   on the local executor the dependents are submitted once the pretrainings finished). Jobs are
@@ -10,6 +14,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,77 @@ class SlurmOptions:
     gpus_per_node: int = 0
     cpus_per_task: int = 2
     mem_gb: int = 16
+
+
+@dataclass
+class TorchrunOptions:
+    """Where the torchrun launcher's processes run (torchrun's own flags of the same names).
+
+    Attributes:
+        nproc_per_node: Processes on this machine (one per GPU; any number on CPU).
+        nnodes: Machines in the run; each runs the same command with its own ``node_rank``.
+        node_rank: This machine's index in ``[0, nnodes)``.
+        master_addr: Address of the node with rank 0 (required with ``nnodes > 1``).
+        master_port: A free TCP port on that node.
+    """
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int = 29500
+
+    def validate(self) -> None:
+        """Reject impossible placements before anything starts.
+
+        Raises:
+            UserError: Naming the flag to fix.
+        """
+        if self.nproc_per_node < 1:
+            raise UserError(f"--nproc-per-node must be at least 1, got {self.nproc_per_node}")
+        if self.nnodes < 1:
+            raise UserError(f"--nnodes must be at least 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"--node-rank {self.node_rank} is outside [0, --nnodes {self.nnodes})")
+        if self.nnodes > 1 and not self.master_addr:
+            raise UserError(
+                f"--nnodes {self.nnodes} needs --master-addr: the address of the node with "
+                "--node-rank 0, which every node can reach"
+            )
+
+
+def torchrun_command(cli_args: list[str], opts: TorchrunOptions) -> list[str]:
+    """The command that runs ``mimbench <cli_args>`` under ``torch.distributed.run``.
+
+    One machine without ``--master-addr`` uses torchrun's ``--standalone`` rendezvous (a free
+    local port); otherwise the static rendezvous on ``master_addr:master_port``.
+    """
+    opts.validate()
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={opts.nproc_per_node}"]
+    if opts.nnodes == 1 and not opts.master_addr:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={opts.nnodes}", f"--node-rank={opts.node_rank}",
+                f"--master-addr={opts.master_addr}", f"--master-port={opts.master_port}"]
+    return [*cmd, "-m", "harness.cli", *cli_args]
+
+
+def launch_torchrun(cli_args: list[str], opts: TorchrunOptions, log: Any = print) -> int:
+    """Re-execute ``mimbench <cli_args>`` under torchrun and wait; returns its exit status.
+
+    Args:
+        cli_args: The mimbench arguments each process runs (with ``--launcher inprocess``).
+        opts: Process placement.
+        log: Where the launch line goes.
+    """
+    cmd = torchrun_command(cli_args, opts)
+    log(f"[launch] torchrun: {opts.nnodes} node(s) x {opts.nproc_per_node} process(es): "
+        + " ".join(cmd))
+    env = dict(os.environ)
+    # each worker imports the project from the checkout it was launched from
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(cmd, env=env).returncode
 
 
 class StageJob:
@@ -65,7 +143,7 @@ def launch_submitit(cfg: SuiteConfig, kind: str, opts: SlurmOptions, log: Any = 
     elif kind == "submitit-local":
         executor = submitit.LocalExecutor(folder=folder)
     else:
-        raise UserError(f"unknown launcher '{kind}': use inprocess, submitit-local or slurm")
+        raise UserError(f"unknown launcher '{kind}': use inprocess, torchrun, submitit-local or slurm")
     params: dict[str, Any] = {"timeout_min": opts.timeout_min}
     if kind == "slurm":
         params.update(slurm_partition=opts.partition, gpus_per_node=opts.gpus_per_node,

@@ -11,6 +11,12 @@
 * Recipes whose target needs fitting first (BEiT's tokenizers trained here) fit it at the start
   of a fresh run on seeded training images (``model.prepare``); the fitted tokenizer lives in the
   model's state, so a resumed run restores it from the checkpoint.
+* Data parallel under ``torchrun`` (:mod:`harness.distributed`): ``train.batch_size`` is the
+  global batch; each rank takes its disjoint slice of the same seeded global order and of the
+  masks generated for the whole global batch, the model is wrapped in DistributedDataParallel
+  (gradients averaged over equal slices = the gradient of the global mean loss), the logged loss
+  is the mean over ranks, and only rank 0 writes files. Every rank loads the checkpoint on resume;
+  checkpoints also hold each rank's RNG state.
 * At the end: the encoder alone under timm's key names (``encoder.pth``) and a PNG grid of
   original / masked / the recipe's rows (pixel targets: reconstruction and reconstruction with
   the visible patches pasted; HOG, colors and tokens: target and prediction drawn).
@@ -30,6 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from harness import distributed
 from harness.config import ConfigError, PretrainConfig, dump_config, to_plain
 from harness.data.datasets import (
     SeededDataset,
@@ -40,6 +47,7 @@ from harness.data.datasets import (
 )
 from harness.errors import CheckpointError
 from harness.fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, config_hash
+from harness.tracking import ScalarLogger, progress
 from pretrain.model import MIMModel, create_model
 
 CHECKPOINT = "checkpoint.pth"
@@ -102,6 +110,46 @@ def lr_at(step: float, total: int, warmup: float, peak: float, min_lr: float) ->
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def local_batch_size(global_batch: int, world_size: int) -> int:
+    """Each rank's share of the global batch; it must divide evenly.
+
+    Equal slices make DDP's gradient average over ranks equal the gradient of the mean loss over
+    the global batch, so a run on ``world_size`` processes follows the single-process run.
+
+    Raises:
+        ConfigError: ``global_batch`` is not a multiple of ``world_size``.
+    """
+    if global_batch % world_size != 0:
+        lo = global_batch // world_size * world_size
+        raise ConfigError(
+            f"train.batch_size={global_batch} (the global batch) is not divisible by the "
+            f"{world_size} processes of this distributed run: set train.batch_size to a multiple "
+            f"of {world_size} (e.g. {max(lo, world_size)} or {lo + world_size}) or change "
+            "--nproc-per-node / --nnodes"
+        )
+    return global_batch // world_size
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank ``rank > 0``'s global RNG streams (rank 0 keeps the run's own)."""
+    return (seed * 1_000_033 + rank * 7_777_777 + step) % (2**31 - 1)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+        "python": _from_py_state(random.getstate()),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    random.setstate(_to_py_state(state["python"]))
+
+
 def _mask_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 9_999_991 + step) % (2**63 - 1))
 
@@ -136,9 +184,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
     out.mkdir(parents=True, exist_ok=True)
     plain = to_plain(cfg)
     chash = config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-
     t = cfg.train
+    # data parallel when launched by torchrun (harness.distributed.init_from_env was called)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    is_main = rank == 0
+    local_batch = local_batch_size(t.batch_size, world)
+    if not is_main:
+        log = _silent  # rank 0 reports for everyone
+    if is_main:
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+
     device = pick_device(t.device)
     amp_dtype = autocast_dtype(t.precision, device)
     torch.manual_seed(cfg.seed)
@@ -164,6 +219,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
     model = create_model(cfg.encoder, cfg.recipe).to(device)
     ckpt_path = out / CHECKPOINT
     resuming = resume and ckpt_path.is_file()
+    if world > 1:  # rank 0 decides; every rank must then see the same checkpoint file
+        resuming = bool(distributed.broadcast_object(resuming))
+        if resuming and not ckpt_path.is_file():
+            raise CheckpointError(
+                f"rank {rank} cannot see {ckpt_path}, which rank 0 resumes from: the output "
+                "directory must be on a filesystem shared by all nodes"
+            )
     if not resuming:
         model.prepare(_image_sampler(train_ds, cfg.seed, device), log)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak_lr, betas=t.betas)
@@ -181,101 +243,146 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
         opt.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
         history = list(ck["history"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
-        random.setstate(_to_py_state(ck["rng"]["python"]))
+        per_rank = ck.get("rng_ranks")
+        if world > 1 and per_rank is not None and len(per_rank) == world:
+            _set_rng_state(per_rank[rank], device)
+        elif is_main:
+            _set_rng_state(ck["rng"], device)
+        else:  # a checkpoint from another world size: fresh, still seeded, streams for rank > 0
+            torch.manual_seed(_rank_seed(cfg.seed, rank, step))
+            random.seed(_rank_seed(cfg.seed, rank, step))
+        if world > 1 and int(ck.get("world_size", 1)) != world:
+            log(f"[pretrain {cfg.name}] checkpoint written by {ck.get('world_size', 1)} process(es), "
+                f"resumed by {world}: the data order and masks continue exactly; the RNG streams "
+                "of ranks > 0 (drop path, token corruption) are reseeded")
         log(f"[pretrain {cfg.name}] resumed at step {step}/{total_steps} from {ckpt_path}")
+    elif not is_main:
+        # rank 0 keeps the single-process RNG stream; the others get their own, so in-forward
+        # randomness (drop path, token corruption) is not repeated across ranks
+        torch.manual_seed(_rank_seed(cfg.seed, rank))
+        random.seed(_rank_seed(cfg.seed, rank))
+
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # some parameters never get a gradient (MAE's encoder mask token); DDP must look for
+        # them each step (static_graph=True gave wrong cls-token gradients here: 0.2 off)
+        ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def save_checkpoint() -> None:
-        atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "history": history,
-                "config_hash": chash,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                    "python": _from_py_state(random.getstate()),
-                },
-            },
-            ckpt_path,
-        )
+        ck = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "history": history,
+            "config_hash": chash,
+            "rng": _rng_state(device),
+        }
+        if world > 1:  # a collective: every rank calls it, rank 0 writes
+            ck["rng_ranks"] = distributed.all_gather_object(_rng_state(device))
+            ck["world_size"] = world
+        if is_main:
+            atomic_torch_save(ck, ckpt_path)
 
     log(
         f"[pretrain {cfg.name}] recipe={cfg.recipe.name} encoder={cfg.encoder.arch} "
         f"images={n} batch={t.batch_size} steps={total_steps} lr={peak_lr:.3g} device={device}"
         f"{' bf16' if amp_dtype else ' fp32'}"
+        + (f" ranks={world} (batch {local_batch} each)" if world > 1 else "")
     )
-    model.train()
+    net.train()
     t0 = time.time()
     step_at_start = step
     last_loss = history[-1]["loss"] if history else float("nan")
-    while step < total_steps:
-        epoch, batch_idx = divmod(step, steps_per_epoch)
-        train_ds.set_epoch(epoch)
-        order = _epoch_order(n, cfg.seed, epoch)
-        batches = [
-            order[i * t.batch_size : (i + 1) * t.batch_size]
-            for i in range(batch_idx, steps_per_epoch)
-        ]
-        loader = DataLoader(
-            train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=False,
-        )
-        for imgs, _ in loader:
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr, t.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            mask = model.masker(imgs.shape[0], generator=_mask_generator(cfg.seed, step))
-            imgs = imgs.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = model(imgs, mask).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step}; the last good checkpoint is "
-                    f"{ckpt_path if ckpt_path.exists() else '(none yet)'}. Lower train.base_lr or "
-                    "set train.clip_grad"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            opt.step()
-            step += 1
-            last_loss = float(loss.item())
-            history.append({"step": step, "loss": last_loss, "lr": lr})
-            if step % t.log_every_steps == 0 or step == total_steps:
-                el = time.time() - t0
-                rate = (step - step_at_start) * t.batch_size / max(el, 1e-9)
-                eta = (total_steps - step) * t.batch_size / max(rate, 1e-9)
-                log(
-                    f"[pretrain {cfg.name}] step {step}/{total_steps} epoch {epoch} "
-                    f"loss {last_loss:.4f} lr {lr:.3g} {rate:.1f} img/s eta {eta:.0f}s"
-                )
-            if step % t.ckpt_every_steps == 0 or step == total_steps:
-                save_checkpoint()
-            if step >= total_steps:
-                break
+    scalars = ScalarLogger(out, run_name=out.name, enabled=is_main)
+    bar = progress(total=total_steps, initial=step, desc=f"pretrain {cfg.name}", unit="step") if is_main else None
+    try:
+        while step < total_steps:
+            epoch, batch_idx = divmod(step, steps_per_epoch)
+            train_ds.set_epoch(epoch)
+            order = _epoch_order(n, cfg.seed, epoch)
+            # this rank's slice of each global batch (the whole batch for a single process)
+            lo = rank * local_batch
+            batches = [
+                order[i * t.batch_size + lo : i * t.batch_size + lo + local_batch]
+                for i in range(batch_idx, steps_per_epoch)
+            ]
+            loader = DataLoader(
+                train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
+                pin_memory=device.type == "cuda", persistent_workers=False,
+            )
+            for imgs, _ in loader:
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr, t.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                # masks of the whole global batch, then this rank's rows: the union over ranks is
+                # the single-process mask
+                mask = model.masker(imgs.shape[0] * world, generator=_mask_generator(cfg.seed, step))
+                mask = mask[lo : lo + imgs.shape[0]]  # [b, L]
+                imgs = imgs.to(device, non_blocking=True)
+                mask = mask.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = net(imgs, mask).loss
+                loss_value = distributed.all_reduce_mean(loss.detach())  # global-batch mean
+                if not math.isfinite(loss_value):  # the same verdict on every rank
+                    raise FloatingPointError(
+                        f"loss is {loss_value} at step {step}; the last good checkpoint is "
+                        f"{ckpt_path if ckpt_path.exists() else '(none yet)'}. Lower train.base_lr or "
+                        "set train.clip_grad"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                opt.step()
+                step += 1
+                last_loss = loss_value
+                history.append({"step": step, "loss": last_loss, "lr": lr})
+                scalars.scalars({"pretrain/loss": last_loss, "pretrain/lr": lr}, step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+                if step % t.log_every_steps == 0 or step == total_steps:
+                    el = time.time() - t0
+                    rate = (step - step_at_start) * t.batch_size / max(el, 1e-9)
+                    eta = (total_steps - step) * t.batch_size / max(rate, 1e-9)
+                    log(
+                        f"[pretrain {cfg.name}] step {step}/{total_steps} epoch {epoch} "
+                        f"loss {last_loss:.4f} lr {lr:.3g} {rate:.1f} img/s eta {eta:.0f}s"
+                    )
+                if step % t.ckpt_every_steps == 0 or step == total_steps:
+                    save_checkpoint()
+                if step >= total_steps:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        scalars.close()
 
     wall = time.time() - t0
-    meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": step}
-    model.encoder.save_timm(out / ENCODER, meta=meta)
-    recon = None
-    if t.num_recon_images > 0:
-        recon = save_reconstruction_grid(model, root, cfg, out / "recon.png", device)
-    atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    atomic_write_json(
-        out / SUMMARY,
-        {
-            "status": "ok", "final_loss": last_loss, "steps": step, "wall_s": wall,
-            "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
-        },
-    )
+    recon = out / "recon.png" if t.num_recon_images > 0 else None
+    if is_main:  # the other ranks wait at the barrier below until the outputs exist
+        meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": step}
+        model.encoder.save_timm(out / ENCODER, meta=meta)
+        if recon is not None:
+            recon = save_reconstruction_grid(model, root, cfg, recon, device)
+        atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_json(
+            out / SUMMARY,
+            {
+                "status": "ok", "final_loss": last_loss, "steps": step, "wall_s": wall,
+                "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
+                **({"world_size": world} if world > 1 else {}),
+            },
+        )
+    distributed.barrier()
     return PretrainResult(out, out / ENCODER, recon, last_loss, step, wall)
+
+
+def _silent(msg: str) -> None:
+    """The logger of ranks > 0."""
 
 
 def _from_py_state(state: tuple) -> list:

@@ -84,6 +84,15 @@ def test_outputs_and_loss_goes_down_on_a_fixed_batch(tiny_imagefolder, tmp_path)
     assert im.width > 3 * 32 and im.height > 4 * 32  # 4 rows of 3 images, upscaled
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == 6
+    # TensorBoard scalars: the loss curve of loss.jsonl, step for step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "o" / "tb"))
+    acc.Reload()
+    curve = [json.loads(line) for line in (tmp_path / "o" / "loss.jsonl").read_text().splitlines()]
+    tb = acc.Scalars("pretrain/loss")
+    assert [e.step for e in tb] == [h["step"] for h in curve] == list(range(1, 7))
+    assert [e.value for e in tb] == pytest.approx([h["loss"] for h in curve], rel=1e-6)
     # the same model optimized on one fixed batch drives the loss down
     from harness.config import EncoderConfig, RecipeConfig
 
