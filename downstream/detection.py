@@ -16,6 +16,12 @@ Detection", ECCV 2022), with which MAE (He et al., CVPR 2022, Table 4: ViT-B 50.
   lr decay 0.7 (ViT-B), 250 warmup iterations, 184,375 iterations (100 epochs) with the lr
   divided by 10 at 88.9 % and 96.3 %.
 
+Swin encoders (SimMIM's main setting) run as mmdet's own Swin with our weights mapped in (see
+:mod:`downstream._mm.swin_dense`) and a standard FPN on the stages (Liu et al., ICCV 2021,
+Sec. 4.2); everything else (heads, LSJ, schedule) is the protocol above, as ViTDet (Table 5)
+compares plain and hierarchical backbones under one recipe. Layer-wise lr decay runs over all
+Swin blocks with ``swin_layer_decay`` (0.9, SimMIM's Swin-B fine-tuning value).
+
 Metrics are mmdet's CocoMetric (pycocotools' COCOeval) on val: ``box_ap`` and ``mask_ap`` on a
 0-100 scale (AP at IoU .50:.95), the other COCO numbers in ``details``. The full mm config is
 generated from :class:`DetectionConfig` and saved beside the run as ``detection_config.py``.
@@ -40,7 +46,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from harness.config import DataConfig, EncoderConfig, TaskConfig
+from harness.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
 from harness.data.datasets import DatasetError, resolve_shapes_root
 from pretrain.encoder import ViTEncoder
 
@@ -52,7 +58,9 @@ IMG_STD = [58.395, 57.12, 57.375]
 
 
 class DetectionConfig(TaskConfig):
-    """Mask R-CNN with ViTDet's backbone adaptations (see :mod:`downstream.detection`).
+    """Mask R-CNN with ViTDet's backbone adaptations (see :mod:`downstream.detection`); the
+    window, global-block and relative-position fields apply to ViT encoders only (a Swin keeps
+    its own windows and relative position biases).
 
     Defaults are ViTDet's ViT-B COCO schedule; the learning rate is ``lr * batch_size /
     lr_base_batch`` (``lr_base_batch: null`` uses ``lr`` as it is).
@@ -79,6 +87,7 @@ class DetectionConfig(TaskConfig):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = Field(0.7, gt=0, le=1.0)
+    swin_layer_decay: float = Field(0.9, gt=0, le=1.0)  # over all blocks of a Swin (SimMIM's 0.9)
     clip_grad: float | None = None
     max_per_img: int = Field(100, ge=1)
     score_thr: float = Field(0.05, ge=0.0, lt=1.0)  # detections kept for evaluation
@@ -175,6 +184,34 @@ def check_coco(root: Path, classes: list[str] | None) -> list[str]:
 # --------------------------------------------------------------------------- mm config
 
 
+def _backbone_and_neck(
+    cfg: DetectionConfig, encoder: EncoderConfig, init_checkpoint: str | None, scales: list[int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ViT: ViTDet's windowed backbone and simple feature pyramid. Swin: mmdet's Swin (our
+    weights mapped in) with a standard FPN on its stages, the extra levels up to stride 64 by
+    max pooling (Swin's Mask R-CNN)."""
+    if encoder.family == "swin":
+        from ._mm.swin_dense import mm_swin_kwargs, swin_stage_channels
+
+        swin = mm_swin_kwargs(encoder, cfg.drop_path_rate)
+        n = len(swin["depths"])
+        if [swin["patch_size"] * 2**i for i in range(n)] != scales[:n]:
+            raise ConfigError(f"Swin encoder '{encoder.arch}' has patch size {swin['patch_size']}; "
+                              "detection needs stage strides 4, 8, 16, ... (patch size 4)")  # fmt: skip
+        backbone = dict(type="MimSwin", **swin, init_checkpoint=init_checkpoint)
+        neck = dict(type="FPN", in_channels=swin_stage_channels(encoder), out_channels=cfg.fpn_channels,
+                    num_outs=len(scales) + 1)  # fmt: skip
+        return backbone, neck
+    backbone = dict(
+        type="MimViTDetBackbone", encoder=encoder.model_dump(mode="json"), out_indices=[-1],
+        img_size=cfg.img_size, window_size=cfg.window_size, global_blocks=cfg.global_blocks,
+        rel_pos=cfg.rel_pos, drop_path_rate=cfg.drop_path_rate, init_checkpoint=init_checkpoint,
+    )  # fmt: skip
+    neck = dict(type="MimSimpleFPN", in_dim=encoder.embed_dim, patch_size=encoder.patch_size,
+                out_channels=cfg.fpn_channels, strides=scales, extra_pool=True)  # fmt: skip
+    return backbone, neck
+
+
 def build_mm_config(
     cfg: DetectionConfig,
     encoder: EncoderConfig,
@@ -193,6 +230,7 @@ def build_mm_config(
     s, c, k = cfg.img_size, cfg.fpn_channels, len(classes)
     norm = dict(type="MimLN2d", requires_grad=True)
     scales = [4, 8, 16, 32]
+    backbone, neck = _backbone_and_neck(cfg, encoder, init_checkpoint, scales)
     bbox_coder = dict(
         type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]
     )
@@ -203,13 +241,8 @@ def build_mm_config(
             pad_mask=True, pad_size_divisor=32,
             batch_augments=[dict(type="BatchFixedSizePad", size=(s, s), pad_mask=True)],
         ),
-        backbone=dict(
-            type="MimViTDetBackbone", encoder=encoder.model_dump(mode="json"), out_indices=[-1],
-            img_size=s, window_size=cfg.window_size, global_blocks=cfg.global_blocks,
-            rel_pos=cfg.rel_pos, drop_path_rate=cfg.drop_path_rate, init_checkpoint=init_checkpoint,
-        ),
-        neck=dict(type="MimSimpleFPN", in_dim=encoder.embed_dim, patch_size=encoder.patch_size,
-                  out_channels=c, strides=scales, extra_pool=True),
+        backbone=backbone,
+        neck=neck,
         rpn_head=dict(
             type="RPNHead", in_channels=c, feat_channels=c, num_convs=2,
             anchor_generator=dict(type="AnchorGenerator", scales=[cfg.anchor_scale], ratios=[0.5, 1.0, 2.0],
@@ -293,6 +326,7 @@ def build_mm_config(
 
     warmup = min(cfg.warmup_iters, cfg.max_iters)
     lr = cfg.lr * (cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else 1.0)
+    layer_decay = cfg.swin_layer_decay if encoder.family == "swin" else cfg.layer_decay
     out = runtime_config(
         scope="mmdet", module="downstream._mm.mmdet_modules", work_dir=work_dir,
         experiment_name=experiment_name, seed=seed, max_iters=cfg.max_iters,
@@ -303,7 +337,7 @@ def build_mm_config(
         model=model,
         train_dataloader=dataloader(dataset("train", train_pipeline, False), cfg.batch_size, num_workers, True),
         optim_wrapper=optim_config(lr=lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                   layer_decay=cfg.layer_decay, amp=amp, clip_grad=cfg.clip_grad),
+                                   layer_decay=layer_decay, amp=amp, clip_grad=cfg.clip_grad),
         param_scheduler=[
             dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=max(warmup, 1)),
             dict(type="MultiStepLR", by_epoch=False, begin=0, end=cfg.max_iters, gamma=0.1,
@@ -362,7 +396,7 @@ class Detection(Task):
         assert isinstance(cfg, DetectionConfig)
         from ._mm import dense
 
-        dense.require_vit(encoder, "detection")
+        dense.dense_family(encoder, "detection")
         root = resolve_coco_root(ctx.data)
         classes = check_coco(root, cfg.classes)
         res = dense.run_dense_task(

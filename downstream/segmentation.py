@@ -18,6 +18,11 @@ that MAE (He et al., CVPR 2022, Table 5: ViT-B 48.1 mIoU) follows:
 * optimization: AdamW lr 1e-4 at batch 16 (betas 0.9 / 0.999, weight decay 0.05), layer-wise lr
   decay 0.65, 1,500 linear warmup iterations, then poly (power 1) decay to 160,000 iterations.
 
+Swin encoders run as mmseg's own Swin with our weights mapped in (see
+:mod:`downstream._mm.swin_dense`), UperNet directly on its four stages and the auxiliary head on
+the third (Liu et al., ICCV 2021, Sec. 4.3); the rest is the protocol above, with layer-wise lr
+decay over all Swin blocks by ``swin_layer_decay`` (0.9, SimMIM's Swin-B fine-tuning value).
+
 The metric is mmseg's IoUMetric on val: ``miou`` (0-100, mean over classes present in the
 ground truth or the predictions); pixel accuracy and mean class accuracy go to ``details``.
 The full mm config is generated from :class:`SegmentationConfig` and saved beside the run as
@@ -45,7 +50,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from harness.config import DataConfig, EncoderConfig, TaskConfig
+from harness.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
 from harness.data.datasets import DatasetError, resolve_shapes_root
 from pretrain.encoder import ViTEncoder
 
@@ -58,7 +63,8 @@ IGNORE_INDEX = 255
 
 
 class SegmentationConfig(TaskConfig):
-    """UperNet + auxiliary FCN head on four ViT blocks (see :mod:`downstream.segmentation`).
+    """UperNet + auxiliary FCN head on four ViT blocks or on a Swin's stages (see
+    :mod:`downstream.segmentation`); ``out_indices`` and ``rel_pos`` apply to ViT encoders only.
 
     Defaults are BEiT's / MAE's ViT-B ADE20K schedule; the learning rate is ``lr * batch_size /
     lr_base_batch`` (``lr_base_batch: null`` uses ``lr`` as it is).
@@ -86,6 +92,7 @@ class SegmentationConfig(TaskConfig):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = Field(0.65, gt=0, le=1.0)
+    swin_layer_decay: float = Field(0.9, gt=0, le=1.0)  # over all blocks of a Swin (SimMIM's 0.9)
     clip_grad: float | None = None
     test_mode: Literal["slide", "whole"] = "slide"
     test_stride: int | None = Field(None, ge=1)  # None: 2/3 of the crop (341 at 512)
@@ -194,6 +201,35 @@ def _resolve_classes(root: Path, classes: list[str] | None) -> list[str]:
 # --------------------------------------------------------------------------- mm config
 
 
+def _backbone_and_neck(
+    cfg: SegmentationConfig, encoder: EncoderConfig, init_checkpoint: str | None
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[int]]:
+    """ViT: four blocks' maps rescaled to strides 4-32 by the multi-level neck (BEiT / MAE).
+    Swin: mmseg's Swin (our weights mapped in), UperNet directly on its stages (Swin's ADE20K
+    setting). Returns the backbone, the neck (``None``: none) and the channels of the levels."""
+    if encoder.family == "swin":
+        from ._mm.swin_dense import mm_swin_kwargs, swin_stage_channels
+
+        if cfg.out_indices is not None:
+            raise ConfigError("out_indices picks ViT blocks; a Swin encoder always feeds UperNet "
+                              "all of its stages: remove out_indices from the task config")  # fmt: skip
+        swin = mm_swin_kwargs(encoder, cfg.drop_path_rate)
+        backbone = dict(type="MimSwin", **swin, init_checkpoint=init_checkpoint)
+        return backbone, None, swin_stage_channels(encoder)
+    from ._mm.vit_dense import default_out_indices
+
+    d = int(encoder.embed_dim)  # type: ignore[arg-type]
+    backbone = dict(
+        type="MimViT", encoder=encoder.model_dump(mode="json"),
+        out_indices=cfg.out_indices or default_out_indices(int(encoder.depth)),  # type: ignore[arg-type]
+        img_size=cfg.crop_size, window_size=0, rel_pos=cfg.rel_pos,
+        drop_path_rate=cfg.drop_path_rate, init_checkpoint=init_checkpoint,
+    )  # fmt: skip
+    neck = dict(type="MimMultiLevelNeck", in_dim=d, patch_size=encoder.patch_size,
+                strides=[4, 8, 16, 32], norm="bn")  # fmt: skip
+    return backbone, neck, [d] * 4
+
+
 def build_mm_config(
     cfg: SegmentationConfig,
     encoder: EncoderConfig,
@@ -209,11 +245,10 @@ def build_mm_config(
     save_checkpoints: bool = True,
 ) -> dict[str, Any]:
     """The full mmseg config of a run (plain dicts; see the module docstring for the protocol)."""
-    from ._mm.vit_dense import default_out_indices
-
-    c, d, k = cfg.crop_size, int(encoder.embed_dim), len(classes)  # type: ignore[arg-type]
-    depth = int(encoder.depth)  # type: ignore[arg-type]
+    c, k = cfg.crop_size, len(classes)
     norm = dict(type="BN", requires_grad=True)
+    backbone, neck, channels = _backbone_and_neck(cfg, encoder, init_checkpoint)
+    aux = len(channels) - 2  # the third of four levels (BEiT's and Swin's auxiliary FCN input)
     stride = cfg.test_stride or max(1, (2 * c) // 3)
     scale = tuple(cfg.resize_scale) if cfg.resize_scale else (4 * c, c)
     model = dict(
@@ -222,21 +257,18 @@ def build_mm_config(
             type="SegDataPreProcessor", mean=IMG_MEAN, std=IMG_STD, bgr_to_rgb=True, pad_val=0,
             seg_pad_val=IGNORE_INDEX, size=(c, c), test_cfg=dict(size_divisor=32),
         ),
-        backbone=dict(
-            type="MimViT", encoder=encoder.model_dump(mode="json"),
-            out_indices=cfg.out_indices or default_out_indices(depth), img_size=c, window_size=0,
-            rel_pos=cfg.rel_pos, drop_path_rate=cfg.drop_path_rate, init_checkpoint=init_checkpoint,
-        ),
-        neck=dict(type="MimMultiLevelNeck", in_dim=d, patch_size=encoder.patch_size,
-                  strides=[4, 8, 16, 32], norm="bn"),
+        backbone=backbone,
+        **({"neck": neck} if neck else {}),
         decode_head=dict(
-            type="UPerHead", in_channels=[d] * 4, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
+            type="UPerHead", in_channels=channels, in_index=list(range(len(channels))),
+            pool_scales=(1, 2, 3, 6),
             channels=cfg.decode_channels, dropout_ratio=0.1, num_classes=k, norm_cfg=norm,
             align_corners=False, ignore_index=IGNORE_INDEX,
             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
         ),
         auxiliary_head=dict(
-            type="FCNHead", in_channels=d, in_index=2, channels=cfg.aux_channels, num_convs=1,
+            type="FCNHead", in_channels=channels[aux], in_index=aux, channels=cfg.aux_channels,
+            num_convs=1,
             concat_input=False, dropout_ratio=0.1, num_classes=k, norm_cfg=norm,
             align_corners=False, ignore_index=IGNORE_INDEX,
             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=cfg.aux_loss_weight),
@@ -272,6 +304,7 @@ def build_mm_config(
 
     warmup = min(cfg.warmup_iters, cfg.max_iters - 1)
     lr = cfg.lr * (cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else 1.0)
+    layer_decay = cfg.swin_layer_decay if encoder.family == "swin" else cfg.layer_decay
     sched: list[dict[str, Any]] = []
     if warmup > 0:
         sched.append(dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup))
@@ -288,7 +321,7 @@ def build_mm_config(
         train_dataloader=dataloader(dataset(ADE_SPLITS["train"], train_pipeline), cfg.batch_size,
                                     num_workers, True),
         optim_wrapper=optim_config(lr=lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                   layer_decay=cfg.layer_decay, amp=amp, clip_grad=cfg.clip_grad),
+                                   layer_decay=layer_decay, amp=amp, clip_grad=cfg.clip_grad),
         param_scheduler=sched,
     )  # fmt: skip
     if with_val:
@@ -325,7 +358,7 @@ class Segmentation(Task):
         assert isinstance(cfg, SegmentationConfig)
         from ._mm import dense
 
-        dense.require_vit(encoder, "segmentation")
+        dense.dense_family(encoder, "segmentation")
         root = resolve_ade_root(ctx.data)
         classes = check_ade(root, cfg.classes)
         res = dense.run_dense_task(

@@ -44,12 +44,14 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """Layer-wise lr decay: a parameter in backbone layer ``i`` (of ``L + 2`` groups: 0 =
     embeddings, 1..L = blocks, L + 1 = everything above) gets ``lr * rate ** (L + 1 - i)``.
 
-    Norms, biases, position embeddings and relative position tables get no weight decay
-    (BEiT / MAE fine-tuning). ``paramwise_cfg = dict(layer_decay_rate=...)``; the model's
-    ``backbone`` must have ``num_layers`` and ``layer_id(name)``.
+    Norms, biases, position embeddings and relative position tables (ViT's decomposed ones,
+    Swin's bias tables) get no weight decay (BEiT / MAE fine-tuning; Swin's configs).
+    ``paramwise_cfg = dict(layer_decay_rate=...)``; the model's ``backbone`` must have
+    ``num_layers`` and ``layer_id(name)`` (our ViT backbones and ``MimSwin`` do).
     """
 
-    NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "rel_pos_h", "rel_pos_w")
+    NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "rel_pos_h", "rel_pos_w",
+                         "relative_position_bias_table")  # fmt: skip
 
     def add_params(
         self,

@@ -22,20 +22,27 @@ from ..base import TaskContext
 ConfigBuilder = Callable[[str, str, str, bool], dict[str, Any]]
 
 
-def require_vit(encoder: object, task: str) -> None:
-    """Dense tasks build on :class:`ViTEncoder`; other encoder families fail with a clear message."""
-    if not isinstance(encoder, ViTEncoder):
-        cfg = getattr(encoder, "cfg", None)
-        arch, family = getattr(cfg, "arch", "?"), getattr(cfg, "family", type(encoder).__name__)
-        raise ConfigError(
-            f"{task} supports ViT encoders only for now; encoder '{arch}' is a {family} encoder "
-            "(Swin backbones through mmdet's / mmseg's own Swin are not implemented yet)"
-        )
+def dense_family(encoder: object, task: str) -> str:
+    """``vit`` (:class:`ViTEncoder`: ViTDet / BEiT backbones of our own) or ``swin``
+    (:class:`~pretrain.swin.SwinEncoder`: mmdet's / mmseg's Swin with the weights mapped in);
+    other encoder families fail with a clear message."""
+    from pretrain.swin import SwinEncoder
+
+    if isinstance(encoder, ViTEncoder):
+        return "vit"
+    if isinstance(encoder, SwinEncoder):
+        return "swin"
+    cfg = getattr(encoder, "cfg", None)
+    arch, family = getattr(cfg, "arch", "?"), getattr(cfg, "family", type(encoder).__name__)
+    raise ConfigError(
+        f"{task} supports ViT and Swin encoders; encoder '{arch}' is a {family} encoder, which "
+        "has no dense backbone: evaluate it with linear_probe, knn or finetune instead"
+    )
 
 
 def run_dense_task(
     task: str,
-    encoder: ViTEncoder,
+    encoder: Any,
     ctx: TaskContext,
     build: ConfigBuilder,
     module: str,
@@ -43,10 +50,11 @@ def run_dense_task(
 ) -> Any:
     """Train and evaluate one mm config built by ``build``; returns a ``common.MMRunResult``.
 
-    The encoder is handed over as a file (``encoder_init.pth`` in ``ctx.out_dir``, loaded
+    ``encoder`` is a :class:`ViTEncoder` or a :class:`~pretrain.swin.SwinEncoder`; it is handed
+    over as a file (``encoder_init.pth`` in ``ctx.out_dir``, loaded
     weights-only by the backbone), so the caller's encoder is never modified.
     """
-    require_vit(encoder, task)
+    dense_family(encoder, task)
     importlib.import_module(module)  # registers our types in mmdet's / mmseg's registries
     from .common import run_mm
 

@@ -2,8 +2,9 @@
 (imports mmseg).
 
 Importing this module registers ``MimViT`` (:class:`~downstream._mm.vit_dense.DenseViT` returning
-four blocks' maps), ``MimMultiLevelNeck`` (BEiT / MAE's deconvolution / pooling neck for
-UperNet) and ``MimLoadSegAnnotations`` (mmseg's ``LoadAnnotations`` that names an unreadable
+four blocks' maps), ``MimSwin`` (mmseg's own ``SwinTransformer`` loading our timm-keyed Swin
+weights, see :mod:`downstream._mm.swin_dense`), ``MimMultiLevelNeck`` (BEiT / MAE's
+deconvolution / pooling neck for UperNet) and ``MimLoadSegAnnotations`` (mmseg's ``LoadAnnotations`` that names an unreadable
 label map or a label outside the configured classes), plus the shared pieces of
 :mod:`downstream._mm.common`. Generated segmentation configs name this module in
 ``custom_imports``.
@@ -15,17 +16,24 @@ from typing import Any
 
 import numpy as np
 from mmseg.datasets.transforms import LoadAnnotations
+from mmseg.models.backbones import SwinTransformer
 from mmseg.registry import MODELS, TRANSFORMS
 
 from harness.data.datasets import DatasetError
 
 from . import common  # noqa: F401  (registers the LLRD constructor and the image loader)
+from .swin_dense import MimSwinMixin
 from .vit_dense import DenseViT, MultiLevelNeck
 
 
 @MODELS.register_module(name="MimViT", force=True)
 class MimViT(DenseViT):
     """A plain ViT returning several blocks' maps (see :class:`DenseViT`)."""
+
+
+@MODELS.register_module(name="MimSwin", force=True)
+class MimSwin(MimSwinMixin, SwinTransformer):
+    """mmseg's Swin with our encoder's weights mapped in (see :class:`MimSwinMixin`)."""
 
 
 @MODELS.register_module(name="MimMultiLevelNeck", force=True)

@@ -139,6 +139,28 @@ def attention(attn: nn.Module, x: torch.Tensor, rel_pos: DecomposedRelPos | None
     return y.reshape(b, h, w, -1)
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of an encoder file (``{'state_dict': ...}``) or a bare one, loaded
+    weights-only.
+
+    Raises:
+        CheckpointError: The file cannot be loaded weights-only, or holds no state dict.
+    """
+    from harness.errors import CheckpointError
+
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot load encoder weights {path} weights-only ({type(exc).__name__}: {exc})"
+        ) from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    return state
+
+
 def default_global_blocks(depth: int) -> list[int]:
     """ViTDet's global blocks: four evenly spaced, ending at the last (ViT-B: 2, 5, 8, 11)."""
     return sorted({max(0, (k + 1) * depth // 4 - 1) for k in range(4)})
@@ -234,19 +256,9 @@ class DenseViT(nn.Module):
         """Load ``init_checkpoint`` into the encoder (weights-only, strict)."""
         if not self.init_checkpoint:
             return
-        from harness.errors import CheckpointError
-
-        path = Path(self.init_checkpoint)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(
-                f"cannot load encoder weights {path} weights-only ({type(exc).__name__}: {exc})"
-            ) from None
-        state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path} holds no state dict")
-        self.encoder.load_timm_state_dict(state, str(path))
+        self.encoder.load_timm_state_dict(
+            read_state_dict(self.init_checkpoint), str(self.init_checkpoint)
+        )
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Patch position embedding resized to the grid: ``[1, h, w, D]``."""
