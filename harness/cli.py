@@ -46,19 +46,74 @@ def _print_report(records_dir: Path, out_dir: Path) -> None:
     print(format_markdown(lb))
     print()
     print("Leaderboard written to: " + ", ".join(str(p) for p in paths.values()))
+    _print_ablation(records_dir, out_dir)
+
+
+def _print_ablation(records_dir: Path, out_dir: Path, published: Path | None = None) -> int:
+    """Write and print the ablation table of every sweep in the records; returns how many."""
+    from harness.ablation import DEFAULT_PUBLISHED, write_ablation_reports
+
+    written = write_ablation_reports(records_dir, out_dir, published or DEFAULT_PUBLISHED)
+    for paths in written.values():
+        print()
+        print(paths["md"].read_text())
+        print("Ablation table written to: " + ", ".join(str(p) for p in paths.values()))
+    return len(written)
+
+
+def _load_suite_or_sweep(args: argparse.Namespace) -> Any:
+    """The suite of ``args.suite``, or the rows of its sweep when the file has a ``sweep:``
+    block (every row validated); ``--out`` applied."""
+    from harness.config import load_yaml_with_extends
+
+    raw = apply_overrides(load_yaml_with_extends(args.suite), args.set)
+    if "sweep" in raw:
+        from harness.sweep import sweep_rows
+
+        rows = sweep_rows(raw, source=str(args.suite))
+        for row in rows:
+            if args.out:
+                row.config.output_dir = args.out
+        return rows
+    cfg = validate_config(raw, source=str(args.suite))
+    if not isinstance(cfg, SuiteConfig):
+        raise ConfigError(f"{args.suite} is a '{cfg.kind}' config; `mimbench {args.command}` takes "  # type: ignore[attr-defined]
+                          "a suite (kind: suite). Use `mimbench pretrain` for a pretraining config.")
+    if args.out:
+        cfg.output_dir = args.out
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.runner import run_suite, suite_dir
+    from harness.runner import run_suite, run_sweep, suite_dir
 
-    cfg = load_config(args.suite, args.set)
-    if not isinstance(cfg, SuiteConfig):
-        raise ConfigError(f"{args.suite} is a '{cfg.kind}' config; `mimbench run` takes a suite "  # type: ignore[attr-defined]
-                          "(kind: suite). Use `mimbench pretrain` for a pretraining config.")
-    if args.out:
-        cfg.output_dir = args.out
+    cfg = _load_suite_or_sweep(args)
+    if args.launcher == "torchrun":  # every process runs this command with --launcher inprocess
+        from harness.launch import TorchrunOptions, launch_torchrun
+
+        topts = TorchrunOptions(args.nproc_per_node, args.nnodes, args.node_rank,
+                                args.master_addr, args.master_port)
+        child = ["run", args.suite, "--launcher", "inprocess",
+                 *(["--out", args.out] if args.out else []), *(a for s in args.set for a in ("--set", s))]
+        return launch_torchrun(child, topts, log=_log)
+    from harness import distributed
+
+    distributed.init_from_env()  # a torchrun worker joins the group (else a no-op)
+    main = distributed.is_main()  # rank 0 logs and reports
+    if isinstance(cfg, list):  # a sweep: every row into one suite directory
+        if args.launcher != "inprocess":
+            raise ConfigError(f"{args.suite}: sweeps run with --launcher inprocess for now; "
+                              "submit one job running `mimbench run` on the sweep file instead")
+        records_dir = run_sweep(cfg, log=_log if main else _quiet)
+        distributed.cleanup()
+        if main:
+            _print_report(records_dir, suite_dir(cfg[0].config))
+        return 0
     if args.launcher == "inprocess":
-        records_dir = run_suite(cfg, log=_log)
+        records_dir = run_suite(cfg, log=_log if main else _quiet)
+        distributed.cleanup()
+        if not main:
+            return 0
     else:
         from harness.launch import SlurmOptions, launch_submitit
 
@@ -69,16 +124,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from harness.plan import format_plan, plan_suite
+def _quiet(msg: str) -> None:
+    """The logger of ranks > 0 under torchrun."""
 
-    cfg = load_config(args.suite, args.set)
-    if not isinstance(cfg, SuiteConfig):
-        raise ConfigError(f"{args.suite} is not a suite (kind: suite)")
-    if args.out:
-        cfg.output_dir = args.out
-    print(format_plan(plan_suite(cfg)))
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from harness.plan import format_plan, plan_suite, plan_sweep
+
+    cfg = _load_suite_or_sweep(args)
+    print(format_plan(plan_sweep(cfg) if isinstance(cfg, list) else plan_suite(cfg)))
     return 0
+
+
+def status_root(target: str, overrides: list[str], out: str | None) -> Path:
+    """The output directory a ``mimbench status`` argument stands for: a directory as it is, a
+    suite (or sweep) file's ``output_dir/name``."""
+    from harness.config import apply_overrides, load_yaml_with_extends, validate_config
+    from harness.runner import suite_dir
+
+    path = Path(target)
+    if path.is_dir():
+        return path
+    raw = apply_overrides(load_yaml_with_extends(path), overrides)
+    raw.pop("sweep", None)  # every row of a sweep writes under the same suite directory
+    cfg = validate_config(raw, source=target)
+    if not isinstance(cfg, SuiteConfig):
+        raise ConfigError(f"{target} is not a suite (kind: suite) nor an output directory")
+    if out:
+        cfg.output_dir = out
+    return suite_dir(cfg)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from harness.status import format_status, stage_status
+
+    root = status_root(args.target, args.set, args.out)
+    while True:
+        text = format_status(stage_status(root, stale_s=args.stale))
+        if not args.watch:
+            print(f"{root}\n{text}")
+            return 0
+        print(f"\033[2J\033[H{time.strftime('%H:%M:%S')}  {root}\n{text}", flush=True)
+        time.sleep(args.watch)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -92,7 +181,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
             "over (the old checkpoint is replaced), or --out to write elsewhere"
         )
-    res = pretrain(cfg, out, resume=args.resume, log=_log)
+    from harness import distributed
+
+    distributed.init_from_env()  # under torchrun: data-parallel (else a no-op)
+    main = distributed.is_main()
+    res = pretrain(cfg, out, resume=args.resume, log=_log if main else _quiet)
+    distributed.cleanup()
+    if not main:
+        return 0
     print(f"encoder: {res.encoder_path}\nreconstructions: {res.recon_path}\n"
           f"final loss {res.final_loss:.4f} after {res.steps} steps in {res.wall_s:.1f}s")
     return 0
@@ -216,6 +312,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablation(args: argparse.Namespace) -> int:
+    records = Path(args.records)
+    out = Path(args.out) if args.out else records.parent
+    if not _print_ablation(records, out, Path(args.published) if args.published else None):
+        raise ConfigError(f"no record under {records} belongs to a sweep: run a sweep file "
+                          "(one with a 'sweep:' block) with `mimbench run` first")
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     import time
 
@@ -256,8 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("suite")
     sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
     sp.add_argument("--launcher", default="inprocess",
-                    choices=["inprocess", "submitit-local", "slurm"],
-                    help="where stages run: this process, local submitit jobs, or SLURM jobs")
+                    choices=["inprocess", "torchrun", "submitit-local", "slurm"],
+                    help="where stages run: this process, torchrun processes (data-parallel "
+                    "pretraining), local submitit jobs, or SLURM jobs")
+    sp.add_argument("--nproc-per-node", type=int, default=1, help="torchrun: processes per machine")
+    sp.add_argument("--nnodes", type=int, default=1, help="torchrun: machines")
+    sp.add_argument("--node-rank", type=int, default=0, help="torchrun: this machine's index")
+    sp.add_argument("--master-addr", help="torchrun: address of the node with --node-rank 0")
+    sp.add_argument("--master-port", type=int, default=29500, help="torchrun: a free port there")
     sp.add_argument("--partition", help="SLURM partition")
     sp.add_argument("--gpus-per-node", type=int, default=0)
     sp.add_argument("--timeout-min", type=int, default=24 * 60)
@@ -269,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
     add_set(sp)
     sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("status", help="live progress of a suite's stages (bars, ETA, state)")
+    sp.add_argument("target", help="a suite or sweep file, or its output directory")
+    sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
+    sp.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                    help="refresh every SECONDS until interrupted")
+    sp.add_argument("--stale", type=float, default=300.0, metavar="SECONDS",
+                    help="a stage whose log is older than this is 'interrupted', not 'running'")
+    add_set(sp)
+    sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("pretrain", help="run one pretraining config")
     sp.add_argument("config")
@@ -321,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="where leaderboard.{md,csv,tex} go (default: beside records)")
     sp.set_defaults(func=cmd_report)
 
+    sp = sub.add_parser("ablation", help="collate a sweep's records into its ablation table "
+                        "(md, csv, tex, png) with the published numbers beside ours")
+    sp.add_argument("records", help="a records directory")
+    sp.add_argument("--out", help="where ablation/<sweep>.* go (default: beside records)")
+    sp.add_argument("--published", help="published numbers (default: results/published_ablations.yaml)")
+    sp.set_defaults(func=cmd_ablation)
+
     sp = sub.add_parser("data", help="datasets")
     dsub = sp.add_subparsers(dest="data_command", required=True)
     ds = dsub.add_parser("synth", help="write the synthetic shapes dataset")
@@ -341,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--samples", type=int, default=6)
     vm.add_argument("--seed", type=int, default=0)
     vm.set_defaults(func=cmd_viz_masks)
+
+    from harness import bench as bench_mod
+
+    sp = sub.add_parser("bench", help="img/s, peak memory and FLOPs of each recipe's and task's step")
+    bench_mod.build_parser(sp)
+    sp.set_defaults(func=bench_mod.main)
     return p
 
 

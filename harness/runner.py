@@ -4,14 +4,27 @@ resumes), evaluate every encoder on every task and seed, write one record per ru
 
 A stage that fails leaves a failed record naming its error and the suite goes on; what finished
 is skipped when the suite runs again.
+
+A sweep (:func:`run_sweep`) runs each row as a suite in one shared directory; each row's records
+carry the row's :class:`~harness.records.SweepInfo`. Stages are keyed by their resolved config
+alone, so rows whose configs are identical share them: the pretraining directory is the same,
+and a task run already done for another row is not repeated: the row gets its own record holding
+that run's metrics (``details.reused_from`` names it).
+
+Under ``torchrun`` (a process group from :mod:`harness.distributed`), every rank first runs the
+pending pretrainings together, data-parallel; then the group is closed and rank 0 alone runs the
+downstream tasks and writes the records while the other ranks return (no collective spans a
+task, so no rank waits at a barrier for hours, and task code never sees a process group).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +36,14 @@ from harness.records import (
     ErrorInfo,
     MetricInfo,
     Record,
+    SweepInfo,
     TaskInfo,
     load_records,
     new_run_id,
     utc_now,
     write_record,
 )
+from harness.sweep import SweepRow, row_encoder_name, tag_text
 
 #: ``checkpoint: "timm:<model name>"`` evaluates a randomly initialized timm architecture.
 TIMM_PREFIX = "timm:"
@@ -181,12 +196,62 @@ class StageFilter:
     pretrain_only: bool = False
 
 
+def row_key(info: SweepInfo | None) -> tuple[str, str] | None:
+    """What tells the records of one sweep row from another's (None outside sweeps)."""
+    if info is None:
+        return None
+    return info.name, json.dumps(info.tags, sort_keys=True)
+
+
+def preflight_sweep(rows: list[SweepRow]) -> None:
+    """Reject a bad row before any row runs: missing checkpoints or data, unknown tasks."""
+    from downstream.base import get_task
+
+    for row in rows:
+        preflight(row.config)
+        for t in row.config.tasks:
+            get_task(t.name)
+
+
+def run_sweep(rows: list[SweepRow], log: Any = print, command: list[str] | None = None) -> Path:
+    """Run every row of a sweep (see :func:`harness.sweep.sweep_rows`) into one suite directory.
+
+    Every row is checked (:func:`preflight_sweep`) before the first runs. Returns the records
+    directory.
+    """
+    preflight_sweep(rows)
+    records_dir = suite_dir(rows[0].config) / "records"
+    if not _data_parallel_pretraining(lambda: [
+        run_suite(r.config, log, command, StageFilter(pretrain_only=True), r.info) for r in rows
+    ]):
+        return records_dir
+    for row in rows:
+        log(f"[sweep] {row.info.name}: row {row.info.row + 1}/{row.info.rows}: {row.label}")
+        records_dir = run_suite(row.config, log=log, command=command, sweep=row.info)
+    return records_dir
+
+
 def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = None,
-              only: StageFilter | None = None) -> Path:
+              only: StageFilter | None = None, sweep: SweepInfo | None = None) -> Path:
     """Run every (encoder, task, seed) of a suite, or the part ``only`` selects; return the
-    records directory."""
+    records directory.
+
+    Args:
+        cfg: The suite.
+        log: Where progress lines go.
+        command: The command line stored in the records' provenance (default: ``sys.argv``).
+        only: Run only this part of the suite (one launcher job).
+        sweep: The sweep row this suite is; its records carry it, and encoders are named
+            ``<encoder>@<row>`` in them (:func:`harness.sweep.row_encoder_name`).
+    """
     import torch
 
+    only = only or StageFilter()
+    pre_only = replace(only, pretrain_only=True)
+    if not only.pretrain_only and not _data_parallel_pretraining(
+        lambda: run_suite(cfg, log, command, pre_only, sweep)
+    ):
+        return suite_dir(cfg) / "records"
     preflight(cfg)
 
     from downstream.base import TaskContext, get_task
@@ -197,9 +262,11 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
     records_dir = root / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     tasks = [(t, get_task(t.name)) for t in cfg.tasks]  # unknown tasks fail before anything runs
-    done = {
-        r.config_hash: r for r in load_records(records_dir) if r.status == "ok"
-    }
+    ok_records = [r for r in load_records(records_dir) if r.status == "ok"]
+    done = {(r.config_hash, row_key(r.sweep)): r for r in ok_records}
+    by_hash = {r.config_hash: r for r in ok_records}  # another row's run of the same config
+    mine = row_key(sweep)
+    tags = {k: tag_text(v) for k, v in sweep.tags.items()} if sweep else {}
     prov = collect_provenance(command or sys.argv)
     device = pick_device("auto")
     only = only or StageFilter()
@@ -220,27 +287,36 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
                 rc = run_config_for(entry, tcfg, cfg, seed)
                 rc["task_version"] = task.version
                 h = config_hash(rc)
-                if h in done:
+                if (h, mine) in done:
                     log(f"[suite] {entry.name} / {tcfg.name} / seed {seed}: done earlier "
-                        f"({done[h].run_id}), skipped")
+                        f"({done[(h, mine)].run_id}), skipped")
+                    continue
+                if h in by_hash:  # identical config run for another sweep row: share it
+                    rec = _reused_record(by_hash[h], entry, seed, sweep, tags, prov)
+                    log(f"[suite] {rec.encoder.name} / {tcfg.name} / seed {seed}: same config as "
+                        f"{by_hash[h].run_id}, its result is reused")
+                    _write(records_dir, rec)
+                    done[(h, mine)] = rec
                     continue
                 todo.append((tcfg, task, rc, h))
             if not todo:
                 continue
             started = utc_now()
             t0 = time.time()
+            name = row_encoder_name(entry.name, sweep)
             try:
                 handle = obtain_encoder(entry, cfg, seed, root, log)
             except Exception as exc:  # the encoder failed: every task of it fails, suite goes on
-                log(f"[suite] {entry.name}: FAILED to obtain encoder: {type(exc).__name__}: {exc}")
+                log(f"[suite] {name}: FAILED to obtain encoder: {type(exc).__name__}: {exc}")
                 for tcfg, task, rc, h in todo:
-                    _write(records_dir, _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov,
-                                                       started, t0, exc))
+                    rec = _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov, started, t0, exc)
+                    _write(records_dir, _in_row(rec, sweep, tags))
                 continue
+            info = handle.info.model_copy(update={"name": name})
             for tcfg, task, rc, h in todo:
                 started = utc_now()
                 t0 = time.time()
-                log(f"[suite] {entry.name} / {tcfg.name} / seed {seed}: running")
+                log(f"[suite] {name} / {tcfg.name} / seed {seed}: running")
                 try:
                     tdir = root / "tasks" / f"{entry.name}-{tcfg.name}-s{seed}-{h[:10]}"
                     ctx = TaskContext(data=cfg.data, seed=seed, device=device, out_dir=tdir,
@@ -248,26 +324,65 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
                     torch.manual_seed(seed)
                     result = task.run(handle.encoder, tcfg, ctx)
                     rec = Record(
-                        run_id=new_run_id(f"{entry.name}-{tcfg.name}-s{seed}"),
+                        run_id=new_run_id(f"{name}-{tcfg.name}-s{seed}"),
                         status="ok", started_at=started, finished_at=utc_now(),
-                        duration_s=time.time() - t0, encoder=handle.info, recipe=handle.recipe,
+                        duration_s=time.time() - t0, encoder=info, recipe=handle.recipe,
                         task=TaskInfo(name=task.name, version=task.version),
                         metrics={k: float(v) for k, v in result.metrics.items()},
                         metric_info={k: MetricInfo(higher_is_better=task.metrics[k])
                                      for k in result.metrics},
                         details={**result.details, **handle.extra},
                         config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
+                        tags=tags, sweep=sweep,
                     )
                 except Exception as exc:
-                    log(f"[suite] {entry.name} / {tcfg.name}: FAILED: {type(exc).__name__}: {exc}")
+                    log(f"[suite] {name} / {tcfg.name}: FAILED: {type(exc).__name__}: {exc}")
                     rec = _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov, started, t0, exc,
-                                         handle.info)
-                _write(records_dir, rec)
+                                         info)
+                _write(records_dir, _in_row(rec, sweep, tags))
     return records_dir
+
+
+def _data_parallel_pretraining(pretrain_all: Callable[[], Any]) -> bool:
+    """Under torchrun: run ``pretrain_all`` on every rank (the engine trains data-parallel),
+    then close the process group. Returns whether this process goes on to the tasks: always
+    without a process group, rank 0 only with one."""
+    from harness import distributed
+
+    if distributed.get_world_size() == 1:
+        return True
+    pretrain_all()
+    main = distributed.is_main()
+    distributed.barrier()
+    distributed.cleanup()  # rank 0 runs the tasks as a plain process
+    return main
 
 
 def _write(records_dir: Path, rec: Record) -> None:
     write_record(rec, records_dir)
+
+
+def _in_row(rec: Record, sweep: SweepInfo | None, tags: dict[str, str]) -> Record:
+    """The record as one of a sweep row's: tagged, its encoder named after the row."""
+    if sweep is None:
+        return rec
+    base = rec.encoder.name.split("@")[0]  # suite encoder names cannot hold '@'
+    enc = rec.encoder.model_copy(update={"name": row_encoder_name(base, sweep)})
+    return rec.model_copy(update={"sweep": sweep, "tags": tags, "encoder": enc})
+
+
+def _reused_record(src: Record, entry: EncoderEntry, seed: int, sweep: SweepInfo | None,
+                   tags: dict[str, str], prov: dict[str, Any]) -> Record:
+    """A record of this row holding the result of ``src``, a run of the identical config."""
+    name = row_encoder_name(entry.name, sweep)
+    now = utc_now()
+    return src.model_copy(update={
+        "run_id": new_run_id(f"{name}-{src.task.name}-s{seed}"),
+        "started_at": now, "finished_at": now, "duration_s": 0.0,
+        "encoder": src.encoder.model_copy(update={"name": name}),
+        "details": {**src.details, "reused_from": src.run_id},
+        "tags": tags, "sweep": sweep, "provenance": prov,
+    })
 
 
 def _failed_record(entry: EncoderEntry, tcfg: TaskConfig, task: Any, rc: dict[str, Any], h: str,

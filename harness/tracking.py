@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,10 +59,10 @@ class ScalarLogger:
         out = Path(out_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard not installed: scalars stay in the stage's jsonl logs
-            SummaryWriter = None  # noqa: N806
-        if SummaryWriter is not None:
+
             self.tb = SummaryWriter(log_dir=str(out / "tb"))
+        except ImportError:  # tensorboard not installed: scalars stay in the stage's own logs
+            self.tb = None
         project = os.environ.get("MIMBENCH_WANDB_PROJECT")
         if project:
             try:

@@ -1,0 +1,156 @@
+"""``mimbench status``: live progress of every stage under a suite's output directory.
+
+Reads only what the stages write as they go, so it works for any launcher (in-process, torchrun,
+SLURM jobs on other nodes sharing the file system) and for sweeps, without the suite file:
+
+* ``pretrain/<stage>/``: ``summary.json`` means done; otherwise the stage log's last progress line
+  (``step S/T``) gives how far it got, and the log's modification time whether it is alive;
+* ``tasks/<stage>/``: the same from the task's log (``step S/T`` or ``epoch E/T``); its record in
+  ``records/`` (matched by the config hash in the directory name) says done or failed.
+
+A stage whose log has not changed for ``stale_s`` seconds and that has no result is
+``interrupted`` (killed, preempted or waiting to resume); one that changed recently is
+``running``. The ETA extrapolates the rate between the first and the last progress line of the
+current attempt.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from harness.records import Record, load_records
+
+PROGRESS = re.compile(r"\b(step|epoch) (\d+)/(\d+)")
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT[\d:.]+\+00:00) ")
+
+
+@dataclass
+class StageStatus:
+    """What one stage directory says about its progress."""
+
+    kind: str  # "pretrain" or the task name
+    name: str  # directory name
+    state: str  # done | running | interrupted | failed | pending
+    done: int | None = None  # steps (or epochs) done
+    total: int | None = None
+    unit: str = "step"
+    eta_s: float | None = None
+    detail: str = ""
+
+    @property
+    def fraction(self) -> float | None:
+        return self.done / self.total if self.done is not None and self.total else None
+
+
+def _progress(log: Path) -> tuple[int, int, str, float | None] | None:
+    """(done, total, unit, eta seconds) from a stage log's progress lines, or None."""
+    if not log.is_file():
+        return None
+    points: list[tuple[float, int, int, str]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "resumed" in line or "] recipe=" in line:
+            points = []  # a new attempt: its rate starts at its first step line (not startup)
+            continue
+        m = PROGRESS.search(line)
+        s = STAMP.match(line)
+        if m is None or s is None:
+            continue
+        t = datetime.fromisoformat(s.group(1)).timestamp()
+        points.append((t, int(m.group(2)), int(m.group(3)), m.group(1)))
+    if not points:
+        return None
+    t1, done, total, unit = points[-1]
+    eta = None
+    if len(points) >= 2:
+        t0, done0 = points[0][0], points[0][1]
+        if done > done0 and t1 > t0:
+            eta = (total - done) * (t1 - t0) / (done - done0)
+    return done, total, unit, eta
+
+
+def _task_kind(dirname: str, records: dict[str, Record]) -> tuple[str, Record | None]:
+    """Task name and record of ``tasks/<encoder>-<task>-s<seed>-<hash10>``."""
+    h = dirname.rsplit("-", 1)[-1]
+    rec = records.get(h)
+    if rec is not None:
+        return rec.task.name, rec
+    parts = dirname.rsplit("-", 3)
+    return (parts[-3] if len(parts) == 4 else "task"), None
+
+
+def stage_status(root: str | Path, stale_s: float = 300.0, now: float | None = None) -> list[StageStatus]:
+    """Every stage under a suite output directory ``root`` (``output_dir/name``)."""
+    root = Path(root)
+    now = time.time() if now is None else now
+    out: list[StageStatus] = []
+
+    def live_state(log: Path, has_ckpt: bool) -> str:
+        if log.is_file() and now - log.stat().st_mtime < stale_s:
+            return "running"
+        return "interrupted" if has_ckpt or log.is_file() else "pending"
+
+    for d in sorted((root / "pretrain").glob("*/")):
+        prog = _progress(d / "log.txt")
+        if (d / "summary.json").is_file():
+            st = StageStatus("pretrain", d.name, "done")
+        else:
+            st = StageStatus("pretrain", d.name, live_state(d / "log.txt", (d / "checkpoint.pth").is_file()))
+        if prog:
+            st.done, st.total, st.unit, eta = prog
+            st.eta_s = eta if st.state == "running" else None
+        out.append(st)
+    records: dict[str, Record] = {}
+    if (root / "records").is_dir():
+        for r in sorted(load_records(root / "records"), key=lambda r: r.finished_at or r.started_at):
+            records[r.config_hash[:10]] = r
+    for d in sorted((root / "tasks").glob("*/")):
+        kind, rec = _task_kind(d.name, records)
+        prog = _progress(d / "log.txt")
+        if rec is not None and rec.status == "ok":
+            metric = ", ".join(f"{k} {v:.2f}" for k, v in list(rec.metrics.items())[:2])
+            st = StageStatus(kind, d.name, "done", detail=metric)
+        elif rec is not None and rec.status == "failed" and not (
+            (d / "log.txt").is_file() and (d / "log.txt").stat().st_mtime > _ts(rec.finished_at)
+        ):
+            err = f"{rec.error.type}: {rec.error.message}" if rec.error else ""
+            st = StageStatus(kind, d.name, "failed", detail=err[:80])
+        else:
+            st = StageStatus(kind, d.name, live_state(d / "log.txt", any(d.glob("*.pth"))))
+        if prog:
+            st.done, st.total, st.unit, eta = prog
+            st.eta_s = eta if st.state == "running" else None
+        out.append(st)
+    return out
+
+
+def _ts(iso: str | None) -> float:
+    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+
+
+def _eta(s: float | None) -> str:
+    if s is None:
+        return ""
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_status(stages: list[StageStatus], width: int = 20) -> str:
+    """A table with a text progress bar per stage and a count per state."""
+    rows = [("stage", "name", "state", "progress", "eta", "detail")]
+    for s in stages:
+        bar = ""
+        if s.fraction is not None:
+            fill = int(round(width * min(s.fraction, 1.0)))
+            bar = f"[{'#' * fill}{'.' * (width - fill)}] {s.unit} {s.done}/{s.total}"
+        rows.append((s.kind, s.name, s.state, bar, _eta(s.eta_s), s.detail))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    counts: dict[str, int] = {}
+    for s in stages:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    lines += ["", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no stages yet"]
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""``mimbench bench``: FLOP counts against hand-computed ones, rows, ratios, CSV, bad targets."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from harness import bench
+from harness.cli import main
+from pretrain import bench as pretrain_bench
+
+
+def vit_forward_flops(img: int, patch: int, dim: int, depth: int, mlp_ratio: float) -> int:
+    """Matrix-product FLOPs (2 per multiply-add) of a ViT's forward pass with a class token."""
+    tokens = (img // patch) ** 2
+    n = tokens + 1
+    hidden = int(dim * mlp_ratio)
+    embed = 2 * tokens * (3 * patch * patch) * dim
+    block = (
+        2 * n * dim * 3 * dim  # qkv
+        + 2 * n * n * dim  # q @ k^T over all heads
+        + 2 * n * n * dim  # attn @ v
+        + 2 * n * dim * dim  # proj
+        + 2 * n * dim * hidden * 2  # mlp fc1 + fc2
+    )
+    return embed + depth * block
+
+
+def test_count_flops_of_a_linear_layer_forward_and_backward():
+    lin = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+
+    def step() -> None:
+        lin(x).sum().backward()
+
+    # forward 2*4*16*8; backward: grad of the weight only (x needs no grad), the same again
+    assert bench.count_flops(step) == 2 * (2 * 4 * 16 * 8)
+
+
+def test_frozen_forward_flops_match_the_vit_formula():
+    step, size = bench._task_step("knn", "vit_micro_32", batch=3, device=torch.device("cpu"))
+    assert size == 32
+    want = 3 * vit_forward_flops(img=32, patch=8, dim=32, depth=2, mlp_ratio=2.0)
+    assert bench.count_flops(step) == want
+
+
+def test_finetune_step_costs_about_three_forwards():
+    fwd, _ = bench._task_step("knn", "vit_micro_32", batch=2, device=torch.device("cpu"))
+    ft, _ = bench._task_step("finetune", "vit_micro_32", batch=2, device=torch.device("cpu"))
+    ratio = bench.count_flops(ft) / bench.count_flops(fwd)
+    # backward costs about twice the forward (the patch embedding's input needs no gradient)
+    assert 2.7 < ratio < 3.05
+
+
+def test_mae_visible_only_encoder_needs_fewer_flops_than_mask_tokens(monkeypatch):
+    tiny_head = {"head": {"depth": 1, "dim": 32, "num_heads": 2}}
+    monkeypatch.setitem(pretrain_bench.BENCH_RECIPES, "mae_micro",
+                        ("vit_micro_32", {"name": "mae", **tiny_head}))  # fmt: skip
+    monkeypatch.setitem(pretrain_bench.BENCH_RECIPES, "mae_micro_tok",
+                        ("vit_micro_32", {"name": "mae", "encoder_mode": "mask_token", **tiny_head}))  # fmt: skip
+    cpu = torch.device("cpu")
+    vis, _, arch = bench._pretrain_step("mae_micro", None, 2, cpu, "/tmp")
+    tok, _, _ = bench._pretrain_step("mae_micro_tok", None, 2, cpu, "/tmp")
+    assert arch == "vit_micro_32"
+    # The encoder blocks see 1 + 4 tokens instead of 1 + 16 (16 patches, 75 % masked) and so does
+    # the decoder's input projection; patch embedding, decoder blocks and loss are the same.
+    # Forward + backward: 3x the forward for linear layers, 3.5x for attention (the backward
+    # recomputes the scores: 5 batched products against 2).
+    d, b, depth, n_tok, n_vis = 32, 2, 2, 17, 5
+    linear = 2 * (3 * d * d + d * d + 2 * 2 * d * d)  # qkv, proj, mlp (ratio 2) per token
+    attention = 4 * d  # q @ k^T and attn @ v, per (query, key) pair
+    per_image = depth * (3 * linear * (n_tok - n_vis) + 3.5 * attention * (n_tok**2 - n_vis**2))
+    per_image += 3 * 2 * d * d * (n_tok - n_vis)  # decoder_embed
+    assert bench.count_flops(tok) - bench.count_flops(vis) == b * per_image
+
+
+def test_measure_reports_consistent_figures():
+    row = bench.measure("task/linear_probe_faithful", "vit_micro_32", batch=4, steps=1, device_name="cpu")
+    assert set(bench.COLUMNS) <= set(row)
+    assert row["img_per_s"] == pytest.approx(4 / row["step_s"])
+    assert row["gflops_per_img"] > 0 and row["peak_mb"] > 0 and row["mfu"] is None
+
+
+def test_compare_table_and_csv(tmp_path):
+    rows = [
+        {"target": "a", "arch": "x", "img": 32, "batch": 8, "step_s": 0.5, "img_per_s": 16.0,
+         "peak_mb": 100.0, "gflops_per_img": 1.5, "mfu": None, "device": "cpu"},
+        {"target": "b", "arch": "x", "img": 32, "batch": 8, "step_s": 2.0, "img_per_s": 4.0,
+         "peak_mb": 90.0, "gflops_per_img": 3.0, "mfu": 0.25, "device": "H200"},
+        {"target": "c", "arch": "x", "error": "RuntimeError: boom"},
+    ]  # fmt: skip
+    assert "ratio 4.00x" in bench.compare(rows, "a", "b")
+    assert "not measured" in bench.compare(rows, "a", "c")
+    text = bench.format_table(rows)
+    assert "25.0%" in text and "failed: RuntimeError: boom" in text
+    bench.write_csv(rows, tmp_path / "b.csv")
+    with open(tmp_path / "b.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [r["target"] for r in got] == ["a", "b", "c"] and got[2]["error"] == "RuntimeError: boom"
+    assert float(got[1]["img_per_s"]) == 4.0
+
+
+def test_peak_fraction_uses_the_device_table():
+    assert bench.peak_fraction(494.5e12, "NVIDIA H200") == pytest.approx(0.5)
+    assert bench.peak_fraction(1e12, "Some Unknown GPU") is None
+
+
+def test_unknown_target_suggests(capsys):
+    assert main(["bench", "pretrain/simim"]) == 2
+    assert "did you mean 'pretrain/simmim'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_cli_runs_targets_in_subprocesses_and_compares(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    rc = main(["bench", "task/knn", "task/linear_probe_faithful", "--arch", "vit_micro_32",
+               "--batch", "2", "--steps", "1", "--threads", "1", "--csv", str(out),
+               "--compare", "task/knn", "task/linear_probe_faithful"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "task/knn vs task/linear_probe_faithful" in text and "ratio" in text
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["target"] for r in rows] == ["task/knn", "task/linear_probe_faithful"]
+    want = vit_forward_flops(img=32, patch=8, dim=32, depth=2, mlp_ratio=2.0) / 1e9
+    assert float(rows[0]["gflops_per_img"]) == pytest.approx(want)
