@@ -246,17 +246,23 @@ class CentralMasker(UnitMasker):
 @MASKERS.register("random_blocks")
 class RandomBlocksMasker(UnitMasker):
     """Context Encoder's random blocks: rectangles of random size and aspect, possibly
-    overlapping, until the count is reached (the last one cut to it in row-major order)."""
+    overlapping, until the count is reached (the last one cut to it in row-major order).
+
+    ``last_blocks`` keeps the rectangles of the most recent sample as
+    ``(top, left, h, w, target_area, aspect)``; the tests check them against the bounds.
+    """
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         super().__init__(cfg, grid, patch_size)
         self.min_area = min(cfg.min_block_patches, self.units_masked)
         self.max_area = max(self.min_area, cfg.max_block_patches or self.units_masked // 4)
         self.log_aspect = (math.log(cfg.min_aspect), math.log(1.0 / cfg.min_aspect))
+        self.last_blocks: list[tuple[int, int, int, int, float, float]] = []
 
     def sample_units(self, rng: random.Random) -> np.ndarray:
         uh, uw = self.unit_grid
         mask = np.zeros(self.unit_grid, dtype=bool)
+        self.last_blocks = []
         count = 0
         while count < self.units_masked:
             area = rng.uniform(self.min_area, self.max_area)
@@ -267,6 +273,7 @@ class RandomBlocksMasker(UnitMasker):
             box = np.zeros_like(mask)
             box[top : top + h, left : left + w] = True
             new = np.argwhere(box & ~mask)[: self.units_masked - count]
+            self.last_blocks.append((top, left, h, w, area, aspect))
             mask[new[:, 0], new[:, 1]] = True
             count += len(new)
         return mask

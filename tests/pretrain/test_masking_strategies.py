@@ -126,6 +126,35 @@ def test_random_blocks_are_rectangles_within_bounds():
     assert np.mean(comps) > 2  # several smaller blocks, not one region
 
 
+def test_random_blocks_sizes_and_aspect_ratios_stay_in_bounds():
+    cfg = MaskingConfig(
+        strategy="random_blocks", ratio=0.25, min_block_patches=4, max_block_patches=16
+    )
+    m = create_masker(cfg, (16, 16), 8)
+    rng = random.Random(0)
+    areas, aspects = [], []
+    for _ in range(300):
+        mask = m.sample_units(rng)
+        assert mask.sum() == 64 and len(m.last_blocks) >= 4  # 64 units in blocks of <= 16
+        union = np.zeros_like(mask)
+        for i, (top, left, h, w, area, aspect) in enumerate(m.last_blocks):
+            assert 4 <= area <= 16 and 0.3 - 1e-9 <= aspect <= 1 / 0.3 + 1e-9
+            assert h == max(1, round(math.sqrt(area * aspect)))
+            assert w == max(1, round(math.sqrt(area / aspect)))
+            assert top + h <= 16 and left + w <= 16
+            box = np.zeros_like(mask)
+            box[top : top + h, left : left + w] = True
+            if i < len(m.last_blocks) - 1:  # every block but the last (cut to the count) is whole
+                assert (box <= mask).all()
+            union |= box
+            areas.append(area)
+            aspects.append(math.log(aspect))
+        assert (mask <= union).all()  # nothing masked outside the drawn rectangles
+    # areas uniform on [4, 16], log-aspects uniform on [log 0.3, -log 0.3]
+    assert abs(np.mean(areas) - 10) < 0.5 and abs(np.mean(aspects)) < 0.1
+    assert np.std(aspects) > 0.6  # uniform on +-1.2: std 0.70
+
+
 def test_grid_keeps_one_unit_per_cell_at_a_random_offset():
     m = create_masker(MaskingConfig(strategy="grid", ratio=0.75), (14, 14), 16)
     mask = m(400, generator=torch.Generator().manual_seed(0)).view(400, 7, 2, 7, 2)
