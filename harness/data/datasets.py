@@ -43,6 +43,11 @@ def resolve_imagefolder_root(data: DataConfig) -> Path:
         )
     if (root / "imagefolder").is_dir() and not (root / "train").is_dir():
         root = root / "imagefolder"  # the output of `mimbench data synth`
+    if not (root / "train").is_dir() and root.name in ("train", "val") and _has_images(root, "*/*"):
+        raise DatasetError(
+            f"{root} looks like one split (class folders of images), not a dataset root: pass "
+            f"its parent {root.parent}, which must hold both train/ and val/"
+        )
     for split in ("train", "val"):
         check_imagefolder_split(root / split)
     return root
@@ -56,6 +61,11 @@ def resolve_shapes_root(data: DataConfig) -> Path:
     return ensure_shapes(ShapesSpec(**data.shapes.model_dump()))
 
 
+def _has_images(folder: Path, pattern: str) -> bool:
+    """Whether a path of ``folder.glob(pattern)`` is an image file (stops at the first one)."""
+    return any(f.suffix.lower() in IMG_EXTENSIONS and f.is_file() for f in folder.glob(pattern))
+
+
 def check_imagefolder_split(split_dir: Path) -> list[str]:
     """Check one split's layout; return its class names (sorted)."""
     if not split_dir.is_dir():
@@ -65,11 +75,18 @@ def check_imagefolder_split(split_dir: Path) -> list[str]:
         )
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     if not classes:
-        raise DatasetError(f"{split_dir} has no class folders: put images in {split_dir}/<class>/")
-    empty = [
-        c for c in classes
-        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / c).iterdir())
-    ]
+        flat = _has_images(split_dir, "*")
+        raise DatasetError(
+            f"{split_dir} has no class folders: put images in {split_dir}/<class>/"
+            + (
+                " (it holds images directly; ImageNet-1k's val archive unpacks flat: sort it into "
+                "the 1000 wnid folders of train/ first, e.g. with the LOC_val_solution.csv labels)"
+                if flat
+                else ""
+            )
+        )
+    # torchvision's ImageFolder walks each class folder recursively: so does this check
+    empty = [c for c in classes if not _has_images(split_dir / c, "**/*")]
     if empty:
         raise DatasetError(
             f"{split_dir}: class folder(s) without images: {', '.join(empty[:10])}; "
