@@ -1,6 +1,8 @@
 """Faithful vs fast linear probe on the same encoder and data: wall time and accuracy.
 
-    python -m downstream.bench_probe --encoder ENC [--data shapes|PATH] [--json out.json]
+    mimbench bench-probe --encoder ENC [--data shapes|PATH] [--json out.json] [--work DIR]
+
+(or ``python -m downstream.bench_probe``, the same options).
 
 ENC is anything ``mimbench eval`` takes (a checkpoint of a supported family, ``random:<preset>``
 or a timm model name). Both tasks run in this process, one after the other, through the same
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -75,7 +78,7 @@ def _num_train(data: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m downstream.bench_probe",
+        prog="mimbench bench-probe",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast-views", type=int, default=1)
     p.add_argument("--knn", action="store_true", help="also run kNN on the cached features")
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--work",
+        help="keep the feature cache and the task outputs here (default: a temporary folder, "
+        "removed at the end; on ImageNet the cached features take gigabytes)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -123,7 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     encoder = _encoder_for_cli(args.encoder, "auto", False, args.arch, None, args.seed)
-    work = Path(tempfile.mkdtemp(prefix="bench_probe_"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_probe_"))
+    try:
+        return _bench(args, encoder, data, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, encoder: Any, data: Any, work: Path) -> int:
+    """Run the fast and faithful probes (and kNN) with their outputs under ``work``."""
+    import torch
+
     cache = str(work / "features")
     fast_cfg = {
         "epochs": args.fast_epochs,

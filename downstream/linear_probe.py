@@ -19,7 +19,7 @@ affine parameters (eps 1e-6) before a linear classifier initialized with std 0.0
   ``micro_batch_size`` (MAE: 512 per GPU, gradients accumulated to the full batch). The val
   accuracy after the last epoch is reported (no selection on val). Resumes per epoch.
 
-``python -m downstream.bench_probe`` runs both on the same encoder and data.
+``mimbench bench-probe`` (:mod:`downstream.bench_probe`) runs both on the same encoder and data.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class LinearProbeFaithfulConfig(TaskConfig):
     """MAE's linear probe protocol (He et al., CVPR 2022, appendix A.2, Table 9).
 
     Attributes:
-        pooling: ``cls`` (MAE's default) or ``avg`` (global average pooling of patch tokens).
+        pooling: ``cls`` (MAE's default) or ``avg`` (MAE's ``global_pool``: the mean of the
+            patch tokens before the final norm, then an affine-free LayerNorm).
         base_lr: LARS base learning rate; ``lr = base_lr * batch_size / 256`` (MAE: 0.1).
         batch_size: Effective batch (MAE: 16384).
         micro_batch_size: Images per forward; BatchNorm statistics are per micro-batch and
@@ -410,6 +411,24 @@ def probe_train_transform(img_size: int, crop_scale: tuple[float, float], hflip:
 # --------------------------------------------------------------------------- faithful mode
 
 
+def mae_global_pool(encoder: Any, x: torch.Tensor) -> torch.Tensor:
+    """MAE's ``global_pool`` features (``models_vit.py``, used by its linear probe): the mean of
+    the patch tokens *before* the final norm, through a fresh ``fc_norm`` LayerNorm (eps 1e-6)
+    that the probe keeps frozen at its init, i.e. a LayerNorm without affine. ``[B, D]``.
+
+    Encoders without a class token (Swin) use their own head's pooling: the mean of the normed
+    output tokens.
+    """
+    if hasattr(encoder, "vit"):
+        t = encoder.vit.blocks(encoder.vit.norm_pre(encoder.embed(x)))  # [B, 1 + L, D]
+    elif hasattr(encoder, "beit"):
+        t = encoder._blocks(encoder.embed(x))[-1]  # [B, 1 + L, D]
+    else:
+        return encoder.pool(encoder.forward_features(x), "avg")
+    pooled = t[:, 1:].mean(dim=1)  # [B, D]
+    return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
+
+
 class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017) as used by MAE's linear probe: SGD with momentum whose update of
     each weight matrix is scaled by ``trust_coefficient * ||w|| / ||g + wd * w||``; parameters
@@ -461,10 +480,14 @@ class LARS(torch.optim.Optimizer):
 
 @TASKS.register("linear_probe_faithful")
 class LinearProbeFaithful(Task):
-    """MAE's linear probe, end to end (see the module docstring)."""
+    """MAE's linear probe, end to end (see the module docstring).
+
+    Version 2: ``pooling: avg`` is MAE's ``global_pool`` (:func:`mae_global_pool`), no longer
+    the mean of the normed patch tokens.
+    """
 
     name = "linear_probe_faithful"
-    version = 1
+    version = 2
     metrics = {"top1": True, "top5": True}
     config_cls = LinearProbeFaithfulConfig
 
@@ -547,8 +570,10 @@ class LinearProbeFaithful(Task):
                 torch.no_grad(),
                 torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None),
             ):
-                tokens = encoder.forward_features(x.to(device, non_blocking=True))
-            return encoder.pool(tokens, cfg.pooling).float()
+                x = x.to(device, non_blocking=True)
+                if cfg.pooling == "avg":
+                    return mae_global_pool(encoder, x).float()
+                return encoder.pool(encoder.forward_features(x), "cls").float()
 
         ctx.log(
             f"[linear_probe_faithful] {n} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "

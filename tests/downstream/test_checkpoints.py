@@ -170,6 +170,19 @@ def test_plain_timm_state_dict_with_head(tmp_path):
     assert _diff(enc, got) == 0.0
 
 
+def test_foreign_safetensors_without_our_metadata(tmp_path):
+    """A hub-style ``model.safetensors`` (a timm state dict, no mimbench meta, no sidecar)."""
+    from safetensors.torch import save_file
+
+    enc = _vit(seed=3)
+    sd = {**enc.timm_state_dict(), "head.weight": torch.randn(5, 32), "head.bias": torch.randn(5)}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    got, rep = load_checkpoint(tmp_path / "model.safetensors", cfg=MICRO)
+    assert rep.family == rep.detected == "timm" and rep.container is None
+    assert sorted(rep.dropped["classifier head"]) == ["head.bias", "head.weight"]
+    assert _diff(enc, got) == 0.0
+
+
 def test_timm_layer_scale_and_no_qkv_bias_fold_exactly(tmp_path):
     torch.manual_seed(0)
     m = _randomize(

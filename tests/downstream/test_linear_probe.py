@@ -188,6 +188,30 @@ def test_lars_scales_matrices_by_trust_ratio_and_not_biases():
     assert torch.allclose(b, torch.tensor([0.5]))  # plain SGD for 1-d parameters
 
 
+def test_faithful_avg_pooling_is_maes_global_pool():
+    """MAE's ``global_pool``: mean patch token before the final norm, then a fresh LayerNorm;
+    timm builds the same with ``global_pool='avg', fc_norm=True`` (the final norm dropped)."""
+    import timm
+
+    from downstream.linear_probe import mae_global_pool
+
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32", pos_embed="learned")).eval()
+    with torch.no_grad():
+        enc.vit.norm.weight.uniform_(0.5, 2.0)  # a final norm that matters
+        enc.vit.norm.bias.normal_()
+    kwargs = {**enc.cfg.timm_kwargs(), "global_pool": "avg", "fc_norm": True, "num_classes": 0}
+    ref = timm.create_model(enc.cfg.timm_name, pretrained=False, **kwargs).eval()
+    missing, unexpected = ref.load_state_dict(enc.timm_state_dict(), strict=False)
+    assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight"]
+    assert sorted(unexpected) == ["norm.bias", "norm.weight"]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got = mae_global_pool(enc, x)
+        assert torch.allclose(got, ref(x), atol=1e-5)
+        assert not torch.allclose(got, enc.pool(enc.forward_features(x), "avg"), atol=1e-3)
+
+
 def test_faithful_probe_runs_and_resumes(tiny_imagefolder, tmp_path):
     from downstream.linear_probe import LinearProbeFaithfulConfig
 
@@ -231,12 +255,15 @@ def test_faithful_batch_larger_than_data_says_what_to_do(tiny_imagefolder, tmp_p
 def test_bench_probe_puts_both_modes_side_by_side(tiny_imagefolder, tmp_path, capsys):
     import json
 
-    from downstream.bench_probe import main
+    from harness.cli import main
 
     out = tmp_path / "bench.json"
     assert (
         main(
             [
+                "bench-probe",
+                "--work",
+                str(tmp_path / "work"),
                 "--encoder",
                 "random:vit_micro_32",
                 "--data",
@@ -263,3 +290,4 @@ def test_bench_probe_puts_both_modes_side_by_side(tiny_imagefolder, tmp_path, ca
     assert faithful["time_ratio_over_fast"] > 0
     assert faithful["top1_delta_fast_minus_faithful"] == res["fast"]["top1"] - faithful["top1"]
     assert "knn" in res and "time ratio faithful / fast" in capsys.readouterr().out
+    assert list((tmp_path / "work" / "features").glob("*.safetensors"))  # --work keeps the cache
