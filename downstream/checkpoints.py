@@ -15,7 +15,8 @@ beit          BEiT's release: relative position bias, layer scale,   BEiT
               q/v biases (``blocks.i.gamma_1``, ...)
 simmim        SimMIM's: ``encoder.`` prefix; ViT (BEiT-style) or     BEiT / Swin
               Swin (the Swin repo's layout)
-mmpretrain    ``backbone.`` prefix, ``layers.i.ln1``/``ffn.layers``  ViT / BEiT
+mmpretrain    ``backbone.`` prefix, ``layers.i.ln1``/``ffn.layers``  ViT / BEiT / Swin
+              (ViT, BEiT) or ``stages.i.blocks.j`` (Swin)
 swin          a Swin state dict (timm's or the Swin repo's layout)   Swin
 ============  =====================================================  ======================
 
@@ -425,11 +426,7 @@ def _convert_mmpretrain(
         else:
             report.drop("not the backbone (neck / head / preprocessor)", k)
     if any(k.startswith("stages.") for k in inner):
-        raise CheckpointError(
-            f"{report.source}: an mmpretrain Swin backbone ('backbone.stages.*'); only mmpretrain "
-            "ViT and BEiT backbones are converted. Import the Swin release in the Swin repo's or "
-            "timm's layout instead (family 'swin' / 'simmim')."
-        )
+        return "swin", _convert_mmpretrain_swin(inner, report)
     renamed: dict[str, torch.Tensor] = {}
     for k, v in inner.items():
         if k.startswith("ln2."):
@@ -449,6 +446,36 @@ def _convert_mmpretrain(
     if beit:
         return "beit", _convert_beit_like(renamed, report)
     return "vit", _convert_vit_like(renamed, report)
+
+
+def _convert_mmpretrain_swin(
+    inner: dict[str, torch.Tensor], report: ImportReport
+) -> dict[str, torch.Tensor]:
+    """mmpretrain's Swin backbone (keys without ``backbone.``) -> timm Swin keys.
+
+    Its layout is mmdet's / mmseg's (the same ``PatchMerging`` with ``nn.Unfold``), so the
+    dense tasks' mapping (:mod:`downstream.swin_keys`) applies inverted: merging moved to the
+    start of the next stage, merged channels back to timm's order, the last stage's output
+    norm (``norm{last}``, or ``norm`` in old files) to timm's ``norm``. Keys outside the mapping
+    (``absolute_pos_embed``, Swin V2's ``logit_scale`` / ``cpb_mlp``) stay under their names and
+    are reported as unexpected.
+    """
+    from downstream.swin_keys import mm_to_timm_swin
+
+    st = {k: v for k, v in inner.items() if k != "mask_token"}
+    out, dropped, unknown = mm_to_timm_swin(st)
+    for reason, keys in dropped.items():
+        for k in keys:
+            report.drop(reason, f"backbone.{k}")
+    for k in unknown:
+        out[f"backbone.{k}"] = inner[k]
+    if "mask_token" in inner:  # mmpretrain's SimMIMSwinTransformer
+        out["__mask_token__"] = inner["mask_token"]
+    report.notes.append(
+        "mmpretrain Swin: patch merging moved to the start of the next stage and its channels "
+        "reordered from nn.Unfold's to timm's order (exact)"
+    )
+    return out
 
 
 def convert_state(

@@ -6,30 +6,11 @@ Swin (Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shift
 ICCV 2021) is SimMIM's main encoder (Xie et al., CVPR 2022). Its dense protocols are the
 OpenMMLab ones: Mask R-CNN with an FPN on the four stages (Swin's Sec. 4.2) and UperNet directly
 on the four stages (Sec. 4.3). We therefore build OpenMMLab's own Swin with the architecture of
-our encoder and translate the weights:
-
-===============================================  ==================================================
-timm 1.0 (our checkpoints)                       mmdet / mmseg
-===============================================  ==================================================
-``patch_embed.proj`` / ``patch_embed.norm``      ``patch_embed.projection`` / ``patch_embed.norm``
-``layers.i.blocks.j.norm1`` / ``norm2``          ``stages.i.blocks.j.norm1`` / ``norm2``
-``layers.i.blocks.j.attn.{qkv,proj}``            ``stages.i.blocks.j.attn.w_msa.{qkv,proj}``
-``...attn.relative_position_bias_table``         ``...attn.w_msa.relative_position_bias_table``
-``layers.i.blocks.j.mlp.fc1`` / ``fc2``          ``stages.i.blocks.j.ffn.layers.0.0`` / ``layers.1``
-``layers.i.downsample.{norm,reduction}`` (i>0)   ``stages.(i-1).downsample.{norm,reduction}``
-``norm`` (after the last stage)                  ``norm{last}`` (the last stage's output norm)
-===============================================  ==================================================
-
-Two differences need more than a rename:
-
-* Where patch merging sits: timm 1.0 merges at the *start* of stage ``i`` (``layers.i.downsample``,
-  none in stage 0), OpenMMLab at the *end* of stage ``i - 1``. The stage outputs differ
-  accordingly; the features a dense head reads (the last block of each stage) are the same.
-* The channel order of the merged 2 x 2 neighbourhood: timm concatenates the four tokens
-  neighbour-major in the order (row, col) = (0, 0), (1, 0), (0, 1), (1, 1), i.e. channel
-  ``(2 * col + row) * C + c``; OpenMMLab unfolds with ``nn.Unfold``, channel-major with the
-  neighbour in row-major order, i.e. channel ``4 * c + 2 * row + col``. The merge's LayerNorm
-  (over the ``4C`` concatenation) and the input columns of its reduction are permuted to match.
+our encoder and translate the weights with the pure-PyTorch mapping of
+:mod:`downstream.swin_keys` (renames; patch merging moved from the start of timm's stage ``i``
+to the end of OpenMMLab's stage ``i - 1``; the merged channels reordered from timm's
+concatenation to ``nn.Unfold``'s order). Checkpoint import uses the same mapping inverted for
+mmpretrain's Swin, whose layout is mmdet's / mmseg's.
 
 The relative position index buffers are rebuilt by OpenMMLab and not copied. A bias table made
 for a smaller window (timm shrinks the window of a stage whose grid is smaller than it, as at
@@ -43,23 +24,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
+from downstream.swin_keys import (
+    SKIPPED_SUFFIXES,
+    merge_order_timm_to_mm,
+    resize_bias_table,
+    timm_to_mm_swin,
+)
 from harness.config import ConfigError, EncoderConfig
 from harness.errors import CheckpointError
 
-_BLOCK_RENAMES = (
-    ("attn.qkv.", "attn.w_msa.qkv."),
-    ("attn.proj.", "attn.w_msa.proj."),
-    ("attn.relative_position_bias_table", "attn.w_msa.relative_position_bias_table"),
-    ("mlp.fc1.", "ffn.layers.0.0."),
-    ("mlp.fc2.", "ffn.layers.1."),
-    ("norm1.", "norm1."),
-    ("norm2.", "norm2."),
-)
-# buffers that both sides rebuild from the architecture
-_SKIPPED_SUFFIXES = ("relative_position_index", "attn_mask")
+__all__ = [
+    "MimSwinMixin",
+    "merge_order_timm_to_mm",
+    "mm_swin_kwargs",
+    "resize_bias_table",
+    "swin_stage_channels",
+    "timm_to_mm_swin",
+]
 
 
 def mm_swin_kwargs(
@@ -101,89 +82,6 @@ def swin_stage_channels(encoder: EncoderConfig) -> list[int]:
     """Channels of the stage outputs: ``C, 2C, 4C, ...``."""
     kw = encoder.timm_kwargs()
     return [int(kw["embed_dim"]) * 2**i for i in range(len(kw["depths"]))]
-
-
-def merge_order_timm_to_mm(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Reorder the ``4C`` merged channels along ``dim`` from timm's to OpenMMLab's order.
-
-    timm channel ``(2 * col + row) * C + c`` becomes OpenMMLab channel ``4 * c + 2 * row + col``.
-    """
-    x = x.movedim(dim, -1)
-    c = x.shape[-1] // 4
-    y = x.reshape(*x.shape[:-1], 2, 2, c)  # [..., col, row, C]
-    y = y.permute(*range(y.ndim - 3), -1, -2, -3)  # [..., C, row, col]
-    return y.reshape(*x.shape).movedim(-1, dim)
-
-
-def resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
-    """A relative position bias table ``[(2w' - 1)^2, heads]`` resized bicubically to window
-    ``window`` (Swin, Sec. 3.2)."""
-    side = round(table.shape[0] ** 0.5)
-    new = 2 * window - 1
-    if side == new:
-        return table
-    grid = table.t().reshape(1, table.shape[1], side, side)  # [1, heads, s, s]
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    return grid.reshape(table.shape[1], new * new).t().contiguous()
-
-
-def timm_to_mm_swin(
-    state: dict[str, torch.Tensor], num_stages: int, window_size: int, source: str = "checkpoint"
-) -> dict[str, torch.Tensor]:
-    """Translate a timm 1.0 Swin state dict into mmdet's / mmseg's Swin key names.
-
-    Args:
-        state: timm keys (``patch_embed.*``, ``layers.*``, ``norm.*``); no classifier.
-        num_stages: Stages of the target model.
-        window_size: Window of the target model (bias tables of other windows are resized).
-        source: Named in errors.
-
-    Returns:
-        The mapped tensors (without the index buffers, which the target builds itself).
-
-    Raises:
-        CheckpointError: A key this mapping does not know (a classifier head, another family).
-    """
-    out: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key, v in state.items():
-        parts = key.split(".")
-        if key.endswith(_SKIPPED_SUFFIXES):
-            continue
-        if parts[0] == "patch_embed" and parts[1] in ("proj", "norm"):
-            module = "projection" if parts[1] == "proj" else "norm"
-            out[".".join(["patch_embed", module, *parts[2:]])] = v
-        elif parts[0] == "norm":
-            out[f"norm{num_stages - 1}.{parts[1]}"] = v
-        elif parts[0] == "layers" and len(parts) > 3 and parts[2] == "downsample":
-            stage = int(parts[1])
-            if stage == 0 or stage >= num_stages or parts[3] not in ("norm", "reduction"):
-                unknown.append(key)
-                continue
-            # norm: [4C]; reduction: [2C, 4C]; both indexed by the merged channels last
-            out[f"stages.{stage - 1}.downsample.{'.'.join(parts[3:])}"] = merge_order_timm_to_mm(
-                v, dim=-1
-            )
-        elif parts[0] == "layers" and len(parts) > 4 and parts[2] == "blocks":
-            rest = ".".join(parts[4:])
-            for old, new in _BLOCK_RENAMES:
-                if rest.startswith(old):
-                    mapped = new + rest[len(old) :]
-                    if mapped.endswith("relative_position_bias_table"):
-                        v = resize_bias_table(v, window_size)
-                    out[f"stages.{parts[1]}.blocks.{parts[3]}.{mapped}"] = v
-                    break
-            else:
-                unknown.append(key)
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            f"{source}: keys {unknown[:5]} are not part of a timm Swin backbone (a classifier "
-            "head, or another family's weights?): save the encoder with mimbench (or import it "
-            "with `mimbench import`) so that it holds the Swin's timm keys only"
-        )
-    return out
 
 
 class MimSwinMixin:
@@ -242,7 +140,7 @@ class MimSwinMixin:
         own = self.state_dict()  # type: ignore[attr-defined]
         new_ok = tuple(f"norm{i}." for i in self.out_indices)  # type: ignore[attr-defined]
         missing = sorted(
-            k for k in own if k not in mapped and not k.endswith(_SKIPPED_SUFFIXES)
+            k for k in own if k not in mapped and not k.endswith(SKIPPED_SUFFIXES)
             and not k.startswith(new_ok)
         )  # fmt: skip
         unexpected = sorted(set(mapped) - set(own))

@@ -20,7 +20,8 @@ from downstream.checkpoints import (
     import_checkpoint,
     load_checkpoint,
 )
-from harness.config import EncoderConfig
+from downstream.swin_keys import timm_to_mm_swin
+from harness.config import ENCODER_PRESETS, EncoderConfig
 from harness.errors import CheckpointError
 from pretrain.encoder import ViTEncoder
 from pretrain.swin import SwinEncoder
@@ -146,6 +147,38 @@ def mmpretrain_layout(state: dict[str, torch.Tensor]) -> dict:
         sd[f"backbone.{k}"] = v
     sd["neck.decoder_embed.weight"] = torch.randn(16, 32)
     sd["head.fc.weight"] = torch.randn(10, 32)
+    return {"meta": {"mmpretrain_version": "1.2.0", "epoch": 1}, "state_dict": sd}
+
+
+# 3 stages, window 2 below every stage's grid at 64 px (16, 8, 4): neither timm nor OpenMMLab
+# shrinks, pads or unshifts a window, so mmdet's Swin computes what timm's does
+SWIN_64 = dict(timm_name="swin_tiny_patch4_window7_224", family="swin", img_size=64,
+               patch_size=4, embed_dim=16, depth=6, num_heads=1, mlp_ratio=2.0,
+               stage_depths=(2, 2, 2), stage_heads=(1, 2, 4), window_size=2)  # fmt: skip
+
+
+@pytest.fixture
+def swin64(monkeypatch: pytest.MonkeyPatch) -> EncoderConfig:
+    monkeypatch.setitem(ENCODER_PRESETS, "swin_test_64", SWIN_64)
+    return EncoderConfig(arch="swin_test_64")
+
+
+def mmpretrain_swin_layout(enc: SwinEncoder) -> dict:
+    """mmpretrain's Swin (mmdet's / mmseg's key layout): the dense tasks' timm -> OpenMMLab
+    mapping under 'backbone.', persistent index buffers, the last stage's output norm, a head."""
+    n = enc.num_stages
+    mm = timm_to_mm_swin(enc.timm_state_dict(), n, int(enc.cfg.timm_kwargs()["window_size"]))
+    sd = {}
+    for k, v in mm.items():
+        sd[f"backbone.{k}"] = v
+        if k.endswith("relative_position_bias_table"):
+            w = (round(v.shape[0] ** 0.5) + 1) // 2
+            sd[f"backbone.{k.replace('bias_table', 'index')}"] = torch.zeros(
+                w * w, w * w, dtype=torch.long
+            )
+    assert f"backbone.norm{n - 1}.weight" in sd
+    sd["head.fc.weight"] = torch.randn(10, enc.num_features)
+    sd["head.fc.bias"] = torch.randn(10)
     return {"meta": {"mmpretrain_version": "1.2.0", "epoch": 1}, "state_dict": sd}
 
 
@@ -293,6 +326,111 @@ def test_mmpretrain_beit(tmp_path):
     got, rep = load_checkpoint(path)
     assert rep.family == "mmpretrain" and rep.target == "beit"
     assert _diff(enc, got) == 0.0
+
+
+def _swin(cfg: EncoderConfig, seed: int = 6) -> SwinEncoder:
+    torch.manual_seed(seed)
+    return _randomize(SwinEncoder(cfg), seed)
+
+
+def _swin_stages(enc: SwinEncoder, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return enc.eval().forward_intermediates(x, list(range(enc.num_stages)), norm=True)
+
+
+def test_mmpretrain_swin(tmp_path, swin64):
+    enc = _swin(swin64)
+    ckpt = mmpretrain_swin_layout(enc)
+    sd = ckpt["state_dict"]
+    assert detect_family(sd, None, "state_dict") == "mmpretrain"
+    # an mmpretrain Swin built with out_indices (0, 1, 2) also keeps the earlier stages' norms
+    sd["backbone.norm0.weight"], sd["backbone.norm0.bias"] = torch.ones(16), torch.zeros(16)
+    path = _save(ckpt, tmp_path / "mmswin.pth")
+    got, rep = load_checkpoint(path)  # auto-detected, architecture from the keys
+    assert rep.family == rep.detected == "mmpretrain" and rep.target == "swin"
+    assert rep.encoder["arch"] == "swin_test_64" and not rep.missing and not rep.unexpected
+    assert sorted(rep.dropped["not the backbone (neck / head / preprocessor)"]) == [
+        "head.fc.bias",
+        "head.fc.weight",
+    ]
+    assert len(rep.dropped["index / mask buffer (rebuilt)"]) == 6  # one per block
+    assert rep.dropped["output norm of an earlier stage (timm's Swin has none)"] == [
+        "backbone.norm0.weight",
+        "backbone.norm0.bias",
+    ]
+    assert rep.loaded == len(enc.timm_state_dict())  # timm's index buffers are not persistent
+    for k, v in enc.timm_state_dict().items():
+        assert torch.equal(got.swin.state_dict()[k], v), k
+    x = _x(size=64)
+    for a, b in zip(_swin_stages(got, x), _swin_stages(enc, x), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert _diff(enc, got, size=64) < 1e-5
+    # mmpretrain's SimMIM Swin keeps its mask token in the backbone
+    sd["backbone.mask_token"] = torch.randn(1, 1, 16)
+    got, rep = load_checkpoint(_save(ckpt, tmp_path / "mmsimmim.pth"), cfg=swin64)
+    assert "encoder mask token loaded" in rep.notes
+    assert torch.equal(got.mask_token, sd["backbone.mask_token"])
+
+
+def test_mmpretrain_swin_missing_and_unknown_keys_are_reported(tmp_path, swin64):
+    ckpt = mmpretrain_swin_layout(_swin(swin64))
+    sd = ckpt["state_dict"]
+    del sd["backbone.stages.1.blocks.0.norm2.weight"], sd["backbone.norm2.bias"]
+    sd["backbone.absolute_pos_embed"] = torch.zeros(1, 256, 16)
+    path = _save(ckpt, tmp_path / "partial.pth")
+    with pytest.raises(
+        CheckpointError,
+        match=r"2 encoder weights missing.*layers\.1\.blocks\.0\.norm2\.weight.*"
+        r"1 checkpoint tensors unused \(backbone\.absolute_pos_embed\)",
+    ):
+        load_checkpoint(path)
+    got, rep = load_checkpoint(path, allow_partial=True)
+    assert rep.partial and rep.missing == ["layers.1.blocks.0.norm2.weight", "norm.bias"]
+    assert rep.unexpected == ["backbone.absolute_pos_embed"]
+
+
+@pytest.mark.mm
+def test_mmpretrain_swin_layout_is_openmmlabs(swin64):
+    """The layout built above is what OpenMMLab's own Swin loads: mmdet's ``SwinTransformer``
+    (mmpretrain's has the same keys) with those weights computes our encoder's stage features,
+    and mmcv's ``PatchMerging`` (mmpretrain's) equals mmdet's (same ``nn.Unfold`` order)."""
+    import torch.nn.functional as F
+    from mmcv.cnn.bricks.transformer import PatchMerging as MmcvMerging
+    from mmdet.models.backbones import SwinTransformer
+    from mmdet.models.layers import PatchMerging as MmdetMerging
+
+    from downstream._mm.swin_dense import mm_swin_kwargs
+
+    enc = _swin(swin64)
+    sd = {
+        k.removeprefix("backbone."): v
+        for k, v in mmpretrain_swin_layout(enc)["state_dict"].items()
+        if k.startswith("backbone.") and not k.endswith("relative_position_index")
+    }
+    model = SwinTransformer(**mm_swin_kwargs(swin64, 0.0))
+    model.eval()  # (mmdet's Swin.train returns None)
+    res = model.load_state_dict(sd, strict=False)
+    assert not res.unexpected_keys
+    assert all(
+        k.endswith("relative_position_index") or k.startswith(("norm0.", "norm1."))
+        for k in res.missing_keys
+    ), res.missing_keys
+    x = _x(size=64)
+    with torch.no_grad():
+        got = model(x)
+    ref = _swin_stages(enc, x)
+    # mmdet's new output norms of the earlier stages are identity-affine LayerNorms
+    ref[:-1] = [
+        F.layer_norm(r.permute(0, 2, 3, 1), r.shape[1:2]).permute(0, 3, 1, 2) for r in ref[:-1]
+    ]
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5), float((g - r).abs().max())
+
+    torch.manual_seed(0)
+    a, b = MmcvMerging(8, 16), MmdetMerging(8, 16)
+    b.load_state_dict(a.state_dict())
+    t = torch.randn(2, 6 * 4, 8)
+    assert torch.equal(a(t, (6, 4))[0], b(t, (6, 4))[0])
 
 
 def test_our_pretraining_checkpoint(tmp_path):

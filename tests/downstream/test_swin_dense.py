@@ -121,6 +121,22 @@ def test_mapping_rejects_keys_of_other_models(test_swin):
         timm_to_mm_swin({**state, "head.fc.weight": torch.zeros(3, 256)}, 4, 2)
 
 
+def test_inverse_mapping_restores_timm_weights(test_swin):
+    """OpenMMLab -> timm (mmpretrain import) undoes timm -> OpenMMLab exactly."""
+    from downstream.swin_keys import merge_order_mm_to_timm, mm_to_timm_swin
+
+    x = torch.randn(4 * 3, 4 * 5)
+    assert torch.equal(merge_order_mm_to_timm(merge_order_timm_to_mm(x, -1), -1), x)
+    assert torch.equal(merge_order_timm_to_mm(merge_order_mm_to_timm(x, 0), 0), x)
+    state = _randomized_swin(test_swin).timm_state_dict()
+    mm = timm_to_mm_swin(state, 4, 2)
+    back, dropped, unknown = mm_to_timm_swin({**mm, "norm1.weight": torch.ones(64), "x.y": x})
+    kept = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+    assert sorted(back) == sorted(kept) and all(torch.equal(back[k], v) for k, v in kept.items())
+    assert dropped == {"output norm of an earlier stage (timm's Swin has none)": ["norm1.weight"]}
+    assert unknown == ["x.y"]
+
+
 # --------------------------------------------------------------------------- mm backbones
 
 
