@@ -233,32 +233,9 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
 
 
 def _pretrain_step(label: str, arch: str | None, batch: int, device: Any, tmp: str) -> tuple[Callable[[], None], int, str]:
-    import torch
+    from pretrain.bench import recipe_step
 
-    from harness.config import EncoderConfig, RecipeConfig
-    from pretrain.bench import BENCH_RECIPES, recipe_overrides
-    from pretrain.engine import param_groups
-    from pretrain.model import create_model
-
-    default_arch, _ = BENCH_RECIPES[label]
-    use_arch = arch if arch and default_arch.startswith("vit_") else default_arch
-    torch.manual_seed(0)
-    enc = EncoderConfig(arch=use_arch)
-    model = create_model(enc, RecipeConfig(**recipe_overrides(label, tmp))).to(device)
-    size = int(enc.img_size)  # type: ignore[arg-type]
-    model.prepare(lambda n: torch.randn(n, 3, size, size, device=device), log=lambda m: None)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-    imgs = torch.randn(batch, 3, size, size, device=device)
-    mask = model.masker(batch, generator=torch.Generator().manual_seed(0)).to(device)
-    amp = device.type == "cuda"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(imgs, mask).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step, _, size, use_arch = recipe_step(label, arch, batch, device, tmp)
     return step, size, use_arch
 
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,36 +86,48 @@ def recipe_overrides(label: str, tmp: str) -> dict[str, Any]:
     return rec
 
 
-def time_recipe(
-    label: str, batch: int, steps: int, device: torch.device, tmp: str
-) -> dict[str, Any]:
-    """Build one recipe's model and time ``steps`` optimization steps after one warm-up."""
+def recipe_step(
+    label: str, arch: str | None, batch: int, device: torch.device, tmp: str
+) -> tuple[Callable[[], None], torch.nn.Module, int, str]:
+    """One recipe's model and a closure doing one optimization step (forward, backward, AdamW)
+    on a fixed random batch; ``arch`` replaces the default preset of the ViT recipes.
+
+    Returns:
+        ``(step, model, image side, encoder preset used)``.
+    """
     from pretrain.engine import param_groups
     from pretrain.model import create_model
 
-    arch, _ = BENCH_RECIPES[label]
-    rec = recipe_overrides(label, tmp)
+    default_arch, _ = BENCH_RECIPES[label]
+    use_arch = arch if arch and default_arch.startswith("vit_") else default_arch
     torch.manual_seed(0)
-    enc = EncoderConfig(arch=arch)
-    model = create_model(enc, RecipeConfig(**rec)).to(device)
+    enc = EncoderConfig(arch=use_arch)
+    model = create_model(enc, RecipeConfig(**recipe_overrides(label, tmp))).to(device)
     size = int(enc.img_size)  # type: ignore[arg-type]
     model.prepare(lambda n: torch.randn(n, 3, size, size, device=device), log=lambda m: None)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     imgs = torch.randn(batch, 3, size, size, device=device)
     mask = model.masker(batch, generator=torch.Generator().manual_seed(0)).to(device)
     amp = device.type == "cuda"
-    times = []
-    for i in range(steps + 1):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(imgs, mask).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _sync(device)
-        if i > 0:
-            times.append(time.perf_counter() - t0)
+
+    return step, model, size, use_arch
+
+
+def time_recipe(
+    label: str, batch: int, steps: int, device: torch.device, tmp: str
+) -> dict[str, Any]:
+    """Build one recipe's model and time ``steps`` optimization steps after one warm-up."""
+    from harness.bench import time_step
+
+    step, model, size, arch = recipe_step(label, None, batch, device, tmp)
+    times = time_step(step, steps, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "recipe": label,
