@@ -194,6 +194,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_overrides(overrides: list[str]) -> list[str]:
+    """``mimbench eval`` runs a one-task suite: ``--set batch_size=64`` means the task's key
+    (``tasks.0.batch_size``); keys of the suite itself (``data.num_workers``, ``seeds``, ...)
+    keep their meaning."""
+    top = set(SuiteConfig.model_fields)
+    return [o if o.split("=", 1)[0].split(".", 1)[0] in top else f"tasks.0.{o}" for o in overrides]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from harness.runner import run_suite, suite_dir
 
@@ -222,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "seeds": [args.seed], "data": {"source": args.data}, "encoders": [enc],
         "tasks": [task_entry],
     }
-    raw = apply_overrides(raw, args.set)
+    raw = apply_overrides(raw, eval_overrides(args.set))
     cfg = validate_config(raw, source="mimbench eval")
     assert isinstance(cfg, SuiteConfig)
     entry = cfg.encoders[0]

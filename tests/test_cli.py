@@ -78,11 +78,15 @@ def test_run_suite_end_to_end_then_skip_on_rerun(tiny_imagefolder, tmp_path, cap
 @pytest.mark.slow
 def test_eval_and_report_commands(tiny_imagefolder, tmp_path, capsys):
     args = ["eval", "linear", "--encoder", "random:vit_micro_32", "--data", str(tiny_imagefolder),
-            "--out", str(tmp_path), "--set", "tasks.0.epochs=2", "--set", "tasks.0.lrs=[0.1]"]
+            "--out", str(tmp_path), "--set", "tasks.0.epochs=2", "--set", "lrs=[0.1]",
+            "--set", "data.num_workers=0"]  # fmt: skip
     assert main(args) == 0
     assert "random-init" not in capsys.readouterr().out
     records = load_records(tmp_path / "eval" / "records", strict=True)
     assert len(records) == 1 and records[0].encoder.source == "random"
+    # a bare key is the task's (tasks.0.lrs), a suite key keeps its place
+    assert records[0].config["task"]["lrs"] == [0.1] and records[0].config["task"]["epochs"] == 2
+    assert records[0].config["data"]["num_workers"] == 0
     assert main(["report", str(tmp_path / "eval" / "records"), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "leaderboard.csv").is_file()
 
