@@ -52,19 +52,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.config import ENCODER_PRESETS, EncoderConfig
+from harness.config import CHECKPOINT_FORMATS, ENCODER_PRESETS, EncoderConfig
 from harness.errors import CheckpointError
 
-FAMILIES: tuple[str, ...] = (
-    "mimbench",
-    "mimbench_ckpt",
-    "timm",
-    "mae",
-    "beit",
-    "simmim",
-    "mmpretrain",
-    "swin",
-)
+#: The families of the table above (defined beside the suite schema, which validates them).
+FAMILIES: tuple[str, ...] = CHECKPOINT_FORMATS
 EXPORT_FORMATS: tuple[str, ...] = ("timm", "safetensors")
 _CONTAINERS = ("state_dict", "model", "module", "model_state", "model_ema")
 

@@ -8,13 +8,14 @@ k = 20 and T = 0.07. Top-1 and top-5 of the summed votes are reported, and the a
 other k of DINO's table (10, 100, 200) go into the details.
 
 Features come from the on-disk cache of :mod:`downstream.features`, shared with the fast linear
-probe (an entry the probe wrote with more blocks or views serves kNN too).
+probe (an entry the probe wrote with more blocks or views serves kNN too, and one it wrote in
+float16 when both set ``cache_dtype: float16``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ class KNNConfig(TaskConfig):
         batch_size_extract: Batch of the feature extraction.
         cache_features: Read / write the on-disk feature cache.
         cache_dir: Feature cache directory (default ``$MIMBENCH_CACHE/features``).
+        cache_dtype: Storage dtype of cached features, as the fast linear probe's: ``float16``
+            reads (or writes) the entries a probe with ``cache_dtype: float16`` writes. The
+            votes are computed in float32 either way.
         strict_data: Unreadable image files are fatal instead of skipped and counted.
     """
 
@@ -49,7 +53,10 @@ class KNNConfig(TaskConfig):
     batch_size_extract: int = Field(128, ge=1)
     cache_features: bool = True
     cache_dir: str | None = None
+    cache_dtype: Literal["float32", "float16"] = "float32"
     strict_data: bool = False
+
+    HASH_OMIT_DEFAULTS: ClassVar[tuple[str, ...]] = ("cache_dtype",)  # added in version 1
 
 
 @torch.no_grad()
@@ -117,6 +124,7 @@ class KNN(Task):
             device=ctx.device,
             cache_dir=cfg.cache_dir,
             use_cache=cfg.cache_features,
+            dtype=torch.float16 if cfg.cache_dtype == "float16" else torch.float32,
             batch_size=cfg.batch_size_extract,
             num_workers=ctx.data.num_workers,
             log=ctx.log,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -36,6 +36,10 @@ class StrictModel(BaseModel):
     """Base for all schemas: unknown keys are rejected with a did-you-mean."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    #: Fields left out of :func:`hashed_dump` while they hold their default: fields added after
+    #: records were written, so that those records' config hashes still match.
+    HASH_OMIT_DEFAULTS: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -519,20 +523,69 @@ def parse_task_config(data: Any) -> TaskConfig:
 # --------------------------------------------------------------------------- suites
 
 
+#: ``checkpoint: "timm:<model name>"`` evaluates a randomly initialized timm architecture.
+TIMM_PREFIX = "timm:"
+
+#: Checkpoint families that :func:`downstream.checkpoints.load_checkpoint` reads (its
+#: ``FAMILIES``; the values of ``--format`` and of a suite encoder's ``format:`` besides ``auto``).
+CHECKPOINT_FORMATS: tuple[str, ...] = (
+    "mimbench",
+    "mimbench_ckpt",
+    "timm",
+    "mae",
+    "beit",
+    "simmim",
+    "mmpretrain",
+    "swin",
+)
+
+
 class EncoderEntry(StrictModel):
     """One encoder of a suite: pretrained here (``pretrain``), loaded (``checkpoint``), or
-    randomly initialized (neither: the baseline)."""
+    randomly initialized (neither: the baseline).
+
+    ``format`` (a family of :data:`CHECKPOINT_FORMATS`, or ``auto``: detected from the keys) and
+    ``allow_partial`` (load a checkpoint whose keys do not all match; they are listed in the
+    record) say how a ``checkpoint`` file is imported; they apply to files only.
+    """
+
+    HASH_OMIT_DEFAULTS: ClassVar[tuple[str, ...]] = ("format", "allow_partial")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     pretrain: PretrainSpec | None = None
     checkpoint: str | None = None
+    format: str = "auto"
+    allow_partial: bool = False
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        known = ["auto", *CHECKPOINT_FORMATS]
+        if value not in known:
+            raise ValueError(
+                f"unknown checkpoint format '{value}';{did_you_mean(value, known)} "
+                f"known: {', '.join(known)}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> EncoderEntry:
         if self.pretrain is not None and self.checkpoint is not None:
             raise ValueError(
                 f"encoder '{self.name}' has both 'pretrain' and 'checkpoint': keep one"
+            )
+        given = [k for k in self.HASH_OMIT_DEFAULTS
+                 if getattr(self, k) != type(self).model_fields[k].default]
+        if given and self.checkpoint is None:
+            raise ValueError(
+                f"encoder '{self.name}': '{given[0]}' applies to a 'checkpoint' file only; "
+                f"this entry has none: remove '{given[0]}'"
+            )
+        if given and self.checkpoint is not None and self.checkpoint.startswith(TIMM_PREFIX):
+            raise ValueError(
+                f"encoder '{self.name}': '{given[0]}' does not apply to '{self.checkpoint}' "
+                f"(a randomly initialized timm architecture, no file is read): remove '{given[0]}'"
             )
         return self
 
@@ -845,6 +898,14 @@ def load_config(
 def dump_config(cfg: BaseModel) -> str:
     """The fully resolved config as YAML (what ``mimbench validate`` prints)."""
     return yaml.safe_dump(to_plain(cfg), sort_keys=False)
+
+
+def hashed_dump(cfg: StrictModel) -> dict[str, Any]:
+    """``model_dump(mode="json")`` less the fields of ``cfg.HASH_OMIT_DEFAULTS`` that hold their
+    default (what run configs store and hash: see :func:`harness.runner.run_config_for`)."""
+    fields = type(cfg).model_fields
+    omit = {k for k in cfg.HASH_OMIT_DEFAULTS if getattr(cfg, k) == fields[k].default}
+    return cfg.model_dump(mode="json", exclude=omit or None)
 
 
 def to_plain(cfg: BaseModel) -> dict[str, Any]:

@@ -28,7 +28,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.config import EncoderEntry, PretrainConfig, SuiteConfig, TaskConfig, to_plain
+from harness.config import (
+    TIMM_PREFIX,
+    EncoderEntry,
+    PretrainConfig,
+    SuiteConfig,
+    TaskConfig,
+    hashed_dump,
+    to_plain,
+)
 from harness.errors import CheckpointError
 from harness.fsutil import config_hash, sha256_file
 from harness.records import (
@@ -44,9 +52,6 @@ from harness.records import (
     write_record,
 )
 from harness.sweep import SweepRow, row_encoder_name, tag_text
-
-#: ``checkpoint: "timm:<model name>"`` evaluates a randomly initialized timm architecture.
-TIMM_PREFIX = "timm:"
 
 
 @dataclass
@@ -126,9 +131,10 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
             info = EncoderInfo(name=entry.name, arch=name, source="random")
             return EncoderHandle(enc, info, None, {"import": report.summary()})
         path = Path(entry.checkpoint)
-        # any supported checkpoint family; the suite's encoder config is the target when given
+        # any supported checkpoint family (detected, or the entry's `format`); the suite's
+        # encoder config is the target when given
         given = entry.encoder if "encoder" in entry.model_fields_set else None
-        enc, report = load_checkpoint(path, given)
+        enc, report = load_checkpoint(path, given, entry.format, entry.allow_partial)
         log(f"[suite] {entry.name}: " + report.format())
         info = EncoderInfo(name=entry.name, arch=str(report.encoder["arch"]), source="checkpoint",
                            checkpoint=str(path), sha256=report.sha256)
@@ -154,11 +160,15 @@ def _is_mimbench_file(path: Path) -> bool:
 
 
 def run_config_for(entry: EncoderEntry, task: TaskConfig, suite: SuiteConfig, seed: int) -> dict[str, Any]:
-    """The resolved config stored in a run's record (and hashed to skip finished runs)."""
+    """The resolved config stored in a run's record (and hashed to skip finished runs).
+
+    Fields added to the schemas later are left out while at their default
+    (:func:`harness.config.hashed_dump`), so that existing records keep matching their runs.
+    """
     return {
         "suite": suite.name,
-        "encoder": entry.model_dump(mode="json"),
-        "task": task.model_dump(mode="json"),
+        "encoder": hashed_dump(entry),
+        "task": hashed_dump(task),
         "data": suite.data.model_dump(mode="json"),
         "seed": seed,
     }

@@ -635,7 +635,7 @@ def test_cli_export_import_and_eval_a_foreign_checkpoint(tiny_imagefolder, tmp_p
     rec = load_records(tmp_path / "runs" / "eval" / "records", strict=True)[0]
     assert rec.status == "ok" and rec.encoder.source == "checkpoint"
     assert rec.details["import"]["family"] == "mae" and rec.task.name == "knn"
-    # a partial load goes through only when asked, via an imported file
+    # a partial load goes through only when asked (the suite entry's format / allow_partial)
     sd = enc.timm_state_dict()
     del sd["norm.bias"]
     part = _save(sd, tmp_path / "part.pth")
@@ -660,8 +660,73 @@ def test_cli_export_import_and_eval_a_foreign_checkpoint(tiny_imagefolder, tmp_p
         == 0
     )
     recs = {r.encoder.name: r for r in load_records(tmp_path / "runs" / "eval" / "records")}
-    assert recs["p2"].status == "ok" and "imported" in recs["p2"].encoder.checkpoint
+    assert recs["p2"].status == "ok" and recs["p2"].encoder.checkpoint == str(part)
+    assert recs["p2"].details["import"]["missing"] == ["norm.bias"]
+    assert recs["p2"].config["encoder"]["format"] == "timm"
     assert "MISSING 1" in capsys.readouterr().out
+
+
+def test_suite_entry_format_and_allow_partial(tiny_imagefolder, tmp_path):
+    from harness.config import ConfigError, SuiteConfig, validate_config
+    from harness.fsutil import config_hash
+    from harness.records import load_records
+    from harness.runner import obtain_encoder, run_config_for, run_suite
+
+    enc = _vit()
+    mae = _save(mae_layout(enc), tmp_path / "mae.pth")
+    sd = enc.timm_state_dict()
+    del sd["norm.bias"]
+    part = _save(sd, tmp_path / "part.pth")
+    knn = {"name": "knn", "k": 3, "extra_k": [], "cache_features": False}
+
+    def suite(*encoders: dict) -> SuiteConfig:
+        cfg = validate_config({
+            "kind": "suite", "name": "fmt", "output_dir": str(tmp_path / "runs"),
+            "data": {"source": str(tiny_imagefolder)}, "encoders": list(encoders), "tasks": [knn],
+        })
+        assert isinstance(cfg, SuiteConfig)
+        return cfg
+
+    micro = MICRO.model_dump(mode="json")
+    # `format: mae` on an MAE-layout file loads it
+    s = suite({"name": "m", "checkpoint": str(mae), "format": "mae", "encoder": micro})
+    handle = obtain_encoder(s.encoders[0], s, 0, tmp_path, lambda m: None)
+    assert handle.extra["import"]["family"] == "mae"
+    assert _diff(handle.encoder, enc) < 1e-5
+    # a forced family that does not fit the file is refused
+    s = suite({"name": "m", "checkpoint": str(mae), "format": "swin", "encoder": micro})
+    with pytest.raises(CheckpointError):
+        obtain_encoder(s.encoders[0], s, 0, tmp_path, lambda m: None)
+    # a typo gets a did-you-mean naming the key
+    with pytest.raises(ConfigError, match=r"encoders\.0\.format: .*'maee'; did you mean 'mae'"):
+        suite({"name": "m", "checkpoint": str(mae), "format": "maee"})
+    # the fields apply to checkpoint files only
+    with pytest.raises(ConfigError, match="'format' applies to a 'checkpoint' file only"):
+        suite({"name": "r", "format": "mae"})
+    with pytest.raises(ConfigError, match="'allow_partial' does not apply to 'timm:"):
+        suite({"name": "t", "checkpoint": "timm:vit_tiny_patch16_224", "allow_partial": True})
+    # a missing key: refused by default, loaded with allow_partial and listed in the record
+    s = suite({"name": "p1", "checkpoint": str(part), "encoder": micro},
+              {"name": "p2", "checkpoint": str(part), "encoder": micro, "allow_partial": True})
+    recs = {r.encoder.name: r for r in load_records(run_suite(s, log=lambda m: None))}
+    assert recs["p1"].status == "failed" and "allow-partial" in recs["p1"].error.message
+    assert recs["p2"].status == "ok"
+    assert recs["p2"].details["import"]["partial"] is True
+    assert recs["p2"].details["import"]["missing"] == ["norm.bias"]
+    # without the fields, the hashed run config is what it was before they existed
+    entry, task = s.encoders[0], s.tasks[0]
+    rc = run_config_for(entry, task, s, 0)
+    before = {
+        "suite": s.name,
+        "encoder": {k: v for k, v in entry.model_dump(mode="json").items()
+                    if k not in ("format", "allow_partial")},
+        "task": {k: v for k, v in task.model_dump(mode="json").items() if k != "cache_dtype"},
+        "data": s.data.model_dump(mode="json"),
+        "seed": 0,
+    }
+    assert config_hash(rc) == config_hash(before)
+    assert "allow_partial" in run_config_for(s.encoders[1], task, s, 0)["encoder"]
+    assert recs["p1"].config_hash != recs["p2"].config_hash
 
 
 @pytest.mark.slow

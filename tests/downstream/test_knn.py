@@ -70,6 +70,33 @@ def test_knn_task_reuses_the_probe_cache(tiny_imagefolder, tmp_path):
     assert fresh.metrics == res.metrics  # the cache holds what extraction computes
 
 
+def test_knn_reads_a_float16_cache_the_probe_wrote(tiny_imagefolder, tmp_path):
+    from harness.config import hashed_dump
+
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    cache = str(tmp_path / "cache")
+    probe = LinearProbeConfig(lrs=[0.1], epochs=1, batch_size=8, cache_dir=cache,
+                              cache_dtype="float16")
+    get_task("linear_probe").run(enc, probe, _ctx(tiny_imagefolder, tmp_path))
+    lines: list[str] = []
+    ctx = _ctx(tiny_imagefolder, tmp_path)
+    ctx.log = lines.append
+    res = get_task("knn").run(
+        enc, KNNConfig(k=5, extra_k=[], cache_dir=cache, cache_dtype="float16"), ctx
+    )
+    assert res.details["feature_cache"] == {"train": True, "val": True}
+    assert sum("read from cache" in m for m in lines) == 2, lines
+    # float32 (the default) is another cache entry: extracted, not read
+    lines.clear()
+    res32 = get_task("knn").run(enc, KNNConfig(k=5, extra_k=[], cache_dir=cache), ctx)
+    assert res32.details["feature_cache"] == {"train": False, "val": False}
+    assert not any("read from cache" in m for m in lines)
+    # the new option left at its default does not change the hashed config of existing runs
+    assert "cache_dtype" not in hashed_dump(KNNConfig())
+    assert hashed_dump(KNNConfig(cache_dtype="float16"))["cache_dtype"] == "float16"
+
+
 def test_unreadable_images_are_skipped_and_counted_or_fatal(tiny_imagefolder, tmp_path):
     (tiny_imagefolder / "train" / "class0" / "broken.png").write_bytes(b"not a png")
     (tiny_imagefolder / "val" / "class1" / "cut.png").write_bytes(
