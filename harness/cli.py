@@ -101,11 +101,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     distributed.init_from_env()  # a torchrun worker joins the group (else a no-op)
     main = distributed.is_main()  # rank 0 logs and reports
     if isinstance(cfg, list):  # a sweep: every row into one suite directory
-        if args.launcher != "inprocess":
-            raise ConfigError(f"{args.suite}: sweeps run with --launcher inprocess for now; "
-                              "submit one job running `mimbench run` on the sweep file instead")
-        records_dir = run_sweep(cfg, log=_log if main else _quiet)
-        distributed.cleanup()
+        if args.launcher == "inprocess":
+            records_dir = run_sweep(cfg, log=_log if main else _quiet)
+            distributed.cleanup()
+        else:  # one job per stage; rows with identical stages share them
+            from harness.launch import SlurmOptions, launch_submitit_sweep
+
+            opts = SlurmOptions(partition=args.partition, timeout_min=args.timeout_min,
+                                gpus_per_node=args.gpus_per_node)
+            records_dir = launch_submitit_sweep(cfg, args.launcher, opts, log=_log)
         if main:
             _print_report(records_dir, suite_dir(cfg[0].config))
         return 0
@@ -217,6 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         enc["checkpoint"] = args.encoder
         if args.arch:
             enc["encoder"] = {"arch": args.arch}
+        enc["format"] = args.format  # how the file is imported (see EncoderEntry)
+        enc["allow_partial"] = args.allow_partial
     task_entry: dict[str, Any] = {"name": task}
     if args.strict:
         from harness.config import task_config_classes
@@ -233,23 +239,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     raw = apply_overrides(raw, eval_overrides(args.set))
     cfg = validate_config(raw, source="mimbench eval")
     assert isinstance(cfg, SuiteConfig)
-    entry = cfg.encoders[0]
-    if entry.checkpoint and not entry.checkpoint.startswith("timm:") and (
-        args.format != "auto" or args.allow_partial
-    ):
-        # a forced format or a partial load: convert once into an encoder file the suite reads
-        from downstream.checkpoints import import_checkpoint
-        from harness.fsutil import sha256_file
-
-        src = Path(entry.checkpoint)
-        if not src.is_file():
-            raise ConfigError(f"--encoder {src}: no such file")
-        dst = (Path(args.out) / args.suite_name / "imported"
-               / f"{src.stem}-{args.format}-{sha256_file(src)[:10]}.pth")
-        given = entry.encoder if "encoder" in entry.model_fields_set else None
-        report = import_checkpoint(src, dst, given, args.format, args.allow_partial)
-        print(report.format())
-        entry.checkpoint = str(dst)
     records_dir = run_suite(cfg, log=_log)
     _print_report(records_dir, suite_dir(cfg))
     return 0

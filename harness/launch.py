@@ -10,6 +10,8 @@
   on the local executor the dependents are submitted once the pretrainings finished). Jobs are
   checkpointable: on preemption or timeout submitit resubmits the same job, and the stage
   resumes from its last checkpoint because every stage is resumable by construction.
+  A sweep submits every row's stages the same way; rows with identical stages share one job
+  (:func:`launch_submitit_sweep`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 
 from harness.config import SuiteConfig, to_plain, validate_config
 from harness.errors import UserError
+from harness.records import SweepInfo, load_records
 from harness.runner import StageFilter, run_suite, suite_dir
+from harness.sweep import SweepRow, row_encoder_name
 
 
 @dataclass
@@ -109,34 +113,61 @@ def launch_torchrun(cli_args: list[str], opts: TorchrunOptions, log: Any = print
 
 
 class StageJob:
-    """A picklable job that runs one stage of a suite (see :class:`StageFilter`)."""
+    """A picklable job that runs one stage of a suite (see :class:`StageFilter`).
 
-    def __init__(self, suite: dict[str, Any], only: StageFilter) -> None:
+    The suite and the sweep row it belongs to (if any) travel as plain mappings, so the
+    pickle stays small; the job validates them again before running.
+    """
+
+    def __init__(self, suite: dict[str, Any], only: StageFilter,
+                 sweep: dict[str, Any] | None = None) -> None:
         self.suite = suite
         self.only = only
+        self.sweep = sweep
 
     def __call__(self) -> str:
         cfg = validate_config(self.suite, source="launcher job")
         assert isinstance(cfg, SuiteConfig)
-        return str(run_suite(cfg, log=lambda m: print(m, flush=True), only=self.only))
+        info = SweepInfo.model_validate(self.sweep) if self.sweep is not None else None
+        return str(run_suite(cfg, log=lambda m: print(m, flush=True), only=self.only, sweep=info))
 
     def checkpoint(self) -> Any:
         """Called by submitit on preemption/timeout: resubmit the same stage (it resumes)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.suite, self.only))
+        return submitit.helpers.DelayedSubmission(StageJob(self.suite, self.only, self.sweep))
 
 
 def launch_submitit(cfg: SuiteConfig, kind: str, opts: SlurmOptions, log: Any = print) -> Path:
-    """Run a suite as submitit jobs (``kind``: ``submitit-local`` or ``slurm``)."""
+    """Run a suite as submitit jobs (``kind``: ``submitit-local`` or ``slurm``); returns the
+    records directory once every job finished."""
+    from harness.runner import preflight
+
+    preflight(cfg)  # bad input is rejected before any job is submitted
+    return _launch([(cfg, None)], kind, opts, log)
+
+
+def launch_submitit_sweep(rows: list[SweepRow], kind: str, opts: SlurmOptions,
+                          log: Any = print) -> Path:
+    """Run every row of a sweep as submitit jobs into one suite directory.
+
+    Stages are keyed by their resolved config, as in :func:`harness.runner.run_sweep`: rows
+    whose pretraining configs are identical share one pretraining job (one stage directory,
+    never trained twice at once), and a task run whose config another row already submitted
+    is not submitted again: once the jobs finished, the row gets its own record (its sweep
+    tags, ``details.reused_from``) holding that run's metrics. Returns the records directory.
+    """
+    from harness.runner import preflight_sweep
+
+    preflight_sweep(rows)  # every row is checked before any job is submitted
+    return _launch([(r.config, r.info) for r in rows], kind, opts, log)
+
+
+def _executor(kind: str, root: Path, opts: SlurmOptions) -> Any:
     try:
         import submitit
     except ImportError:
         raise UserError("the submitit launchers need submitit: pip install submitit") from None
-    from harness.runner import preflight
-
-    preflight(cfg)  # bad input is rejected before any job is submitted
-    root = suite_dir(cfg)
     folder = root / "jobs" / "%j"
     if kind == "slurm":
         executor: Any = submitit.AutoExecutor(folder=folder, cluster="slurm")
@@ -149,34 +180,95 @@ def launch_submitit(cfg: SuiteConfig, kind: str, opts: SlurmOptions, log: Any = 
         params.update(slurm_partition=opts.partition, gpus_per_node=opts.gpus_per_node,
                       cpus_per_task=opts.cpus_per_task, mem_gb=opts.mem_gb)
     executor.update_parameters(**params)
-    raw = to_plain(cfg)
+    return executor
 
-    pre_jobs: dict[tuple[str, int], Any] = {}
-    for seed in cfg.seeds:
-        for e in cfg.encoders:
-            if e.pretrain is not None:
-                job = executor.submit(StageJob(raw, StageFilter(e.name, seed, pretrain_only=True)))
-                pre_jobs[(e.name, seed)] = job
-                log(f"[launch] submitted pretraining of {e.name} seed {seed}: job {job.job_id}")
-    if kind != "slurm":
-        for job in pre_jobs.values():
+
+def _submit(executor: Any, kind: str, job: StageJob, after: Any = None) -> Any:
+    """Submit ``job``; on SLURM it starts once ``after`` (a job, or None) finished well."""
+    if kind != "slurm" or after is None:
+        return executor.submit(job)
+    executor.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{after.job_id}"})
+    try:
+        return executor.submit(job)
+    finally:
+        executor.update_parameters(slurm_additional_parameters={})
+
+
+def _launch(items: list[tuple[SuiteConfig, SweepInfo | None]], kind: str, opts: SlurmOptions,
+            log: Any) -> Path:
+    """Submit the stages of one suite, or of every row of a sweep (``(suite, row info)``
+    pairs sharing one suite directory), wait for them, and return the records directory."""
+    from downstream.base import get_task
+    from harness.fsutil import config_hash
+    from harness.runner import pretrain_config_for, pretrain_stage_dir, run_config_for
+
+    root = suite_dir(items[0][0])
+    executor = _executor(kind, root, opts)
+    rows = []
+    for cfg, info in items:
+        raw = to_plain(cfg)
+        again = validate_config(raw, source="launcher")  # what the jobs will see
+        assert isinstance(again, SuiteConfig)
+        rows.append((raw, again, info, info.model_dump(mode="json") if info else None))
+
+    # pretrainings, one job per stage directory (rows with the same config share it)
+    pre_jobs: dict[Path, tuple[Any, str]] = {}
+    pre_of: dict[tuple[int, str, int], Path] = {}
+    for i, (raw, cfg, info, plain_info) in enumerate(rows):
+        for seed in cfg.seeds:
+            for e in cfg.encoders:
+                if e.pretrain is None:
+                    continue
+                stage = pretrain_stage_dir(root, pretrain_config_for(e, cfg, seed))
+                pre_of[(i, e.name, seed)] = stage
+                where = f"{row_encoder_name(e.name, info)} seed {seed}"
+                if stage in pre_jobs:
+                    log(f"[launch] pretraining of {where}: same stage as {pre_jobs[stage][1]}, "
+                        f"shares its job {pre_jobs[stage][0].job_id}")
+                    continue
+                job = _submit(executor, kind, StageJob(
+                    raw, StageFilter(e.name, seed, pretrain_only=True), plain_info))
+                pre_jobs[stage] = (job, where)
+                log(f"[launch] submitted pretraining of {where}: job {job.job_id}")
+    if kind != "slurm":  # the local executor knows no dependencies
+        for job, _ in pre_jobs.values():
             _wait(job, log)
-    task_jobs = []
-    for seed in cfg.seeds:
-        for e in cfg.encoders:
-            dep = pre_jobs.get((e.name, seed))
-            for t in cfg.tasks:
-                if kind == "slurm" and dep is not None:
-                    executor.update_parameters(
-                        slurm_additional_parameters={"dependency": f"afterok:{dep.job_id}"})
-                job = executor.submit(StageJob(raw, StageFilter(e.name, seed, t.name)))
-                task_jobs.append(job)
-                log(f"[launch] submitted {t.name} of {e.name} seed {seed}: job {job.job_id}")
-                if kind == "slurm":
-                    executor.update_parameters(slurm_additional_parameters={})
-    for job in task_jobs:
+
+    # task runs, one job per run config; a row repeating another's run reuses its result
+    task_jobs: dict[str, tuple[Any, str]] = {}
+    shared: list[tuple[int, StageFilter, str, str, str]] = []
+    for i, (raw, cfg, info, plain_info) in enumerate(rows):
+        for seed in cfg.seeds:
+            for e in cfg.encoders:
+                for t in cfg.tasks:
+                    rc = run_config_for(e, t, cfg, seed)
+                    rc["task_version"] = get_task(t.name).version
+                    h = config_hash(rc)  # as run_suite keys the run
+                    where = f"{t.name} of {row_encoder_name(e.name, info)} seed {seed}"
+                    only = StageFilter(e.name, seed, t.name)
+                    if h in task_jobs:
+                        src_job, src = task_jobs[h]
+                        log(f"[launch] {where}: same config as {src} (job {src_job.job_id}), "
+                            "its result is reused")
+                        shared.append((i, only, h, where, src))
+                        continue
+                    dep = pre_jobs.get(pre_of.get((i, e.name, seed), root / "-"))
+                    job = _submit(executor, kind, StageJob(raw, only, plain_info),
+                                  dep[0] if dep else None)
+                    task_jobs[h] = (job, where)
+                    log(f"[launch] submitted {where}: job {job.job_id}")
+    for job, _ in task_jobs.values():
         _wait(job, log)
-    return root / "records"
+
+    records_dir = root / "records"
+    if shared:  # each sharing row gets its own record of the run (written here, no job)
+        ok = {r.config_hash for r in load_records(records_dir) if r.status == "ok"}
+        for i, only, h, where, src in shared:
+            if h not in ok:
+                log(f"[launch] {where}: the run it shares ({src}) failed; run again to retry")
+                continue
+            run_suite(rows[i][1], log=log, only=only, sweep=rows[i][2])
+    return records_dir
 
 
 def _wait(job: Any, log: Any) -> None:

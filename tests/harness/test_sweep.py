@@ -373,3 +373,48 @@ def test_run_a_sweep_end_to_end_then_report_the_ablation_table(tmp_path, capsys)
     assert main(["ablation", str(root / "records"), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "ablation" / "mae_decoder_depth.md").read_text() == md
     print(f"sweep of 3 rows (2 pretrainings + 2 probes): {wall:.1f}s")
+
+
+@pytest.mark.slow
+def test_sweep_through_submitit_local_matches_inprocess(tmp_path, capsys):
+    """Every row's stages become local submitit jobs: identical stages of two rows are
+    submitted once, the sharing row still gets its own tagged record, and the records and the
+    ablation table equal an in-process run's."""
+    import time
+
+    from harness.cli import main
+    from harness.records import load_records
+
+    # rows 0 and 2 resolve to the same config: one pretraining and one probe serve both
+    sweep = _write(tmp_path, _tiny_sweep(
+        tmp_path / "unused", name="dec", prefix="encoders.0.pretrain.recipe",
+        axes={"head": [{"depth": 1}, {"depth": 2}, {"depth": 1, "dim": 32}]},
+        names={"head": "head"}))
+    assert main(["run", str(sweep), "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    t0 = time.time()
+    assert main(["run", str(sweep), "--out", str(tmp_path / "b"),
+                 "--launcher", "submitit-local", "--timeout-min", "10"]) == 0
+    wall = time.time() - t0
+    text = capsys.readouterr().out
+    assert text.count("[launch] submitted pretraining") == 2
+    assert text.count("[launch] submitted linear_probe") == 2
+    assert "pretraining of mae-micro@head=1-32 seed 0: same stage as mae-micro@head=1" in text
+    root = tmp_path / "b" / "tiny-sweep"
+    assert len(list((root / "pretrain").iterdir())) == 2 and list((root / "jobs").iterdir())
+
+    def rows(out):
+        recs = sorted(load_records(out / "tiny-sweep" / "records", strict=True),
+                      key=lambda r: r.sweep.row)
+        return recs, [(r.status, r.sweep, r.tags, r.encoder.name, r.config_hash, r.metrics,
+                       "reused_from" in r.details) for r in recs]
+
+    (_, a), (rb, b) = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert len(b) == 3 and [x[-1] for x in b] == [False, False, True]
+    assert rb[2].details["reused_from"] == rb[0].run_id
+    for x, y in zip(a, b, strict=True):
+        assert x[:5] == y[:5]
+        assert x[5] == pytest.approx(y[5], abs=1e-9)
+    md = (root / "ablation" / "dec.md").read_text()
+    assert md in text and md == (tmp_path / "a" / "tiny-sweep" / "ablation" / "dec.md").read_text()
+    print(f"sweep of 3 rows through submitit-local (2 pretraining + 2 probe jobs): {wall:.1f}s")
