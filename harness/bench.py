@@ -19,7 +19,10 @@ A *target* is one step kind at one encoder size:
   the whole encoder with drop path, average pooling, fc-norm and head, AdamW with layer-wise lr
   decay groups.
 * ``task/detection`` / ``task/segmentation``: one mmengine training iteration of the ViTDet Mask
-  R-CNN / UperNet pipelines (:mod:`downstream._mm.bench`; batch 1 / 2, 1024 / 512 px).
+  R-CNN / UperNet pipelines (:mod:`downstream._mm.bench`; batch 1 / 2, 1024 / 512 px). Their
+  FLOPs are counted over one extra training iteration (loss forward and backward, no optimizer
+  step); custom mmcv ops (RoIAlign, NMS, ...) are not counted, so they are a lower bound
+  dominated by the backbone.
 
 Each target runs in its own subprocess so its peak memory is its own: peak resident set on CPU
 (``ru_maxrss``, which includes the interpreter and torch, about 0.3-0.5 GB), peak allocated CUDA
@@ -249,12 +252,14 @@ def measure(target: str, arch: str, batch: int, steps: int, device_name: str, fl
     if kind == "task" and name in ("detection", "segmentation"):
         from downstream._mm.bench import bench as dense_bench
 
-        res = dense_bench(name, arch=arch, iters=steps + 1, batch_size=None)
+        res = dense_bench(name, arch=arch, iters=steps + 1, batch_size=None, count_flops=flops)
         b = int(res["batch_size"])
         step_s = float(res["seconds_per_iter"])
         peak = res.get("cuda_peak_allocated_mb") or res.get("cpu_peak_rss_mb")
+        gflops = res.get("gflops_per_img")
+        mfu = peak_fraction(gflops * 1e9 * b / step_s, dev_label) if gflops and device.type == "cuda" else None
         return {"target": target, "arch": arch, "img": res["input"], "batch": b, "step_s": step_s,
-                "img_per_s": b / step_s, "peak_mb": peak, "gflops_per_img": None, "mfu": None,
+                "img_per_s": b / step_s, "peak_mb": peak, "gflops_per_img": gflops, "mfu": mfu,
                 "device": dev_label}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mimbench-bench-") as tmp:
         if kind == "pretrain":

@@ -27,6 +27,7 @@ def bench(
     batch_size: int | None = None,
     size: int | None = None,
     threads: int | None = None,
+    count_flops: bool = False,
 ) -> dict[str, Any]:
     """Time ``iters`` training iterations of ``task`` at ``arch``; returns the figures.
 
@@ -38,6 +39,13 @@ def bench(
             UperNet has BatchNorm after a 1 x 1 pooling branch: one image cannot train it).
         size: Input side (detection: LSJ size, default 1024; segmentation: crop, default 512).
         threads: ``torch.set_num_threads`` (default: torch's choice).
+        count_flops: After the timed iterations, count the FLOPs of one more training
+            iteration (loss forward and backward on one batch, no optimizer step; see
+            :class:`downstream._mm.common.TrainIterFlopCounter`) and report them per image as
+            ``gflops_per_img``. torch's counter does not see custom mmcv ops (RoIAlign, NMS,
+            ...) nor elementwise work: the figure is a lower bound (at the default sizes dominated by
+            the backbone; at tiny inputs the fixed-size RoI heads weigh more).
+            ``None`` when not counted.
     """
     import torch
 
@@ -90,15 +98,18 @@ def bench(
         else:
             raise ValueError(f"unknown dense task '{task}': use detection or segmentation")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        res = common.run_mm(mm, Path(tmp) / f"{task}_config.py")
+        counter = common.TrainIterFlopCounter() if count_flops else None
+        res = common.run_mm(mm, Path(tmp) / f"{task}_config.py", hooks=[counter] if counter else [])
+    gflops = (counter.flops / counter.batch_size / 1e9
+              if counter and counter.flops is not None and counter.batch_size else None)  # fmt: skip
     return {
         "task": task, "arch": arch, "input": shape, "batch_size": batch_size, "iters": iters,
-        "seconds_per_iter": round(res.seconds_per_iter(), 3),
+        "seconds_per_iter": round(res.seconds_per_iter(), 3), "gflops_per_img": gflops,
         "first_iter_seconds": round(res.iter_seconds[0], 3) if res.iter_seconds else None,
         "iter_seconds": [round(t, 3) for t in res.iter_seconds],
         "losses": [round(v, 4) for v in res.losses],
         "peak_rss_mb_before_training": round(rss_before),
-        **{k: round(v) for k, v in res.memory.items()},
+        **{k: round(v) for k, v in (counter.memory if counter and counter.memory else res.memory).items()},
         "wall_seconds": round(res.wall_seconds, 1),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
