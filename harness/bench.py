@@ -144,14 +144,16 @@ def count_flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def _sync(device: Any) -> None:
+def sync(device: Any) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def _peak_mb(device: Any) -> float:
+def peak_mb(device: Any) -> float:
+    """Peak allocated CUDA memory, or the process's peak resident set on CPU, in MiB."""
     import torch
 
     if device.type == "cuda":
@@ -163,10 +165,10 @@ def time_step(step: Callable[[], None], steps: int, device: Any) -> list[float]:
     """Seconds of ``steps`` calls of ``step`` after one warm-up call."""
     times = []
     for i in range(steps + 1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         if i > 0:
             times.append(time.perf_counter() - t0)
     return times
@@ -267,7 +269,7 @@ def measure(target: str, arch: str, batch: int, steps: int, device_name: str, fl
         else:
             step, size = _task_step(name, arch, batch, device)
         times = time_step(step, steps, device)
-        peak = _peak_mb(device)  # before the flop count, whose dispatch mode adds its own memory
+        peak = peak_mb(device)  # before the flop count, whose dispatch mode adds its own memory
         total = count_flops(step) if flops else None
     step_s = statistics.median(times)
     gflops = total / batch / 1e9 if total else None

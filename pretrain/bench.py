@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from harness.bench import peak_mb, sync, time_step
 from harness.config import EncoderConfig, RecipeConfig
 
 # recipe label -> (encoder preset, recipe overrides)
@@ -59,18 +59,6 @@ BENCH_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_mpp": ("vit_base_16", {"name": "vit_mpp"}),
     "context_encoder": ("ce_conv_128", {"name": "context_encoder"}),
 }
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb / 1024
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def recipe_overrides(label: str, tmp: str) -> dict[str, Any]:
@@ -124,8 +112,6 @@ def time_recipe(
     label: str, batch: int, steps: int, device: torch.device, tmp: str
 ) -> dict[str, Any]:
     """Build one recipe's model and time ``steps`` optimization steps after one warm-up."""
-    from harness.bench import time_step
-
     step, model, size, arch = recipe_step(label, None, batch, device, tmp)
     times = time_step(step, steps, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -136,7 +122,7 @@ def time_recipe(
         "batch": batch,
         "step_s": statistics.median(times),
         "steps_s": times,
-        "peak_mb": _peak_mb(device),
+        "peak_mb": peak_mb(device),
         "trainable_params_m": n_params / 1e6,
     }
 
@@ -164,17 +150,17 @@ def time_mae_modes(
         mask = model.masker(batch, generator=torch.Generator().manual_seed(0)).to(device)
         full, encoder_only = [], []
         for i in range(steps + 1):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = model(imgs, mask).loss
             loss.backward()
-            _sync(device)
+            sync(device)
             t1 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 tokens, _ = model.encode(imgs, mask)
             tokens.float().mean().backward()
-            _sync(device)
+            sync(device)
             t2 = time.perf_counter()
             model.zero_grad(set_to_none=True)
             if i > 0:
