@@ -6,27 +6,12 @@ import csv
 
 import pytest
 import torch
+from flop_formulas import vit_forward_flops
 from torch import nn
 
 from harness import bench
 from harness.cli import main
 from pretrain import bench as pretrain_bench
-
-
-def vit_forward_flops(img: int, patch: int, dim: int, depth: int, mlp_ratio: float) -> int:
-    """Matrix-product FLOPs (2 per multiply-add) of a ViT's forward pass with a class token."""
-    tokens = (img // patch) ** 2
-    n = tokens + 1
-    hidden = int(dim * mlp_ratio)
-    embed = 2 * tokens * (3 * patch * patch) * dim
-    block = (
-        2 * n * dim * 3 * dim  # qkv
-        + 2 * n * n * dim  # q @ k^T over all heads
-        + 2 * n * n * dim  # attn @ v
-        + 2 * n * dim * dim  # proj
-        + 2 * n * dim * hidden * 2  # mlp fc1 + fc2
-    )
-    return embed + depth * block
 
 
 def test_count_flops_of_a_linear_layer_forward_and_backward():
