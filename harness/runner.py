@@ -279,7 +279,6 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
     tags = {k: tag_text(v) for k, v in sweep.tags.items()} if sweep else {}
     prov = collect_provenance(command or sys.argv)
     device = pick_device("auto")
-    only = only or StageFilter()
     for seed in cfg.seeds:
         if only.seed is not None and seed != only.seed:
             continue
@@ -343,7 +342,6 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
                                      for k in result.metrics},
                         details={**result.details, **handle.extra},
                         config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
-                        tags=tags, sweep=sweep,
                     )
                 except Exception as exc:
                     log(f"[suite] {name} / {tcfg.name}: FAILED: {type(exc).__name__}: {exc}")
