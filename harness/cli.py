@@ -140,23 +140,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_root(target: str, overrides: list[str], out: str | None) -> Path:
-    """The output directory a ``mimbench status`` argument stands for: a directory as it is, a
-    suite (or sweep) file's ``output_dir/name``."""
-    from harness.config import apply_overrides, load_yaml_with_extends, validate_config
+def status_root(args: argparse.Namespace) -> Path:
+    """The output directory ``mimbench status`` watches: a directory as it is, or a suite (or
+    sweep: every row writes under the same suite directory) file's ``output_dir/name``."""
     from harness.runner import suite_dir
 
-    path = Path(target)
-    if path.is_dir():
-        return path
-    raw = apply_overrides(load_yaml_with_extends(path), overrides)
-    raw.pop("sweep", None)  # every row of a sweep writes under the same suite directory
-    cfg = validate_config(raw, source=target)
-    if not isinstance(cfg, SuiteConfig):
-        raise ConfigError(f"{target} is not a suite (kind: suite) nor an output directory")
-    if out:
-        cfg.output_dir = out
-    return suite_dir(cfg)
+    if Path(args.target).is_dir():
+        return Path(args.target)
+    cfg = _load_suite_or_sweep(argparse.Namespace(
+        suite=args.target, set=args.set, out=args.out, command="status"))  # fmt: skip
+    return suite_dir(cfg[0].config if isinstance(cfg, list) else cfg)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -164,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from harness.status import format_status, stage_status
 
-    root = status_root(args.target, args.set, args.out)
+    root = status_root(args)
     while True:
         text = format_status(stage_status(root, stale_s=args.stale))
         if not args.watch:
