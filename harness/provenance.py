@@ -61,7 +61,9 @@ def collect_provenance(command: list[str] | None = None) -> dict[str, Any]:
 
     Returns:
         A JSON-serializable dict with keys ``git`` (``sha``, ``dirty``), ``python``,
-        ``platform``, ``hostname``, ``command``, ``packages``, ``hardware`` and ``env``.
+        ``platform``, ``hostname``, ``command``, ``cwd`` (the directory the run was started
+        from, against which relative paths of the command and config are meant), ``packages``,
+        ``hardware`` and ``env``.
     """
     return {
         "git": git_state(),
@@ -70,6 +72,7 @@ def collect_provenance(command: list[str] | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "hostname": _hostname(),
         "command": list(sys.argv if command is None else command),
+        "cwd": str(Path.cwd().resolve()),
         "packages": dict(package_versions()),
         "hardware": copy.deepcopy(hardware_info(torch_loaded="torch" in sys.modules)),
         "env": {name: os.environ.get(name) for name in TRACKED_ENV_VARS if name in os.environ},

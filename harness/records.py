@@ -8,19 +8,28 @@ partial record.
 
 A run that is still going may be written with status ``"running"`` and later overwritten (same
 ``run_id``) with its final ``"ok"`` or ``"failed"`` record.
+
+Paths in a record (the encoder's checkpoint, the stage and data directories in ``details``) are
+stored absolute, so a report run from any directory finds them; a relative path in an older
+record is resolved against the ``cwd`` of its provenance (:func:`resolve_recorded_path`).
+
+A record file that cannot be read is never dropped silently: :func:`scan_records` returns it with
+the reason, and :func:`announce_skipped` names it once per process on stderr.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import secrets
+import sys
 import traceback as traceback_module
-import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,10 +42,26 @@ _RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
 #: Byte strings that every record file contains; used to skip other JSON files cheaply.
 _RECORD_MARKERS = (b'"schema_version"', b'"run_id"')
+#: Keys of ``details`` that hold a path (made absolute when a record is written).
+PATH_DETAILS = ("stage", "data_root", "mm_config", "work_dir")
+#: Encoder sources whose ``checkpoint`` is a file path.
+_FILE_SOURCES = ("pretrain", "checkpoint")
+#: Prefix of a checkpoint that names timm weights rather than a file.
+_TIMM_PREFIX = "timm:"
 
 
 class RecordError(ValueError):
-    """A record file is unreadable or does not match the schema; the message names the file."""
+    """A record file is unreadable or does not match the schema; the message names the file.
+
+    Attributes:
+        path: The record file.
+        reason: What is wrong with it, without the file name.
+    """
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        super().__init__(f"invalid record {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
 
 
 class _Strict(BaseModel):
@@ -216,6 +241,24 @@ class Record(_Strict):
             )
 
 
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record file that could not be loaded, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class RecordScan(NamedTuple):
+    """What :func:`scan_records` found: the valid records and the files it had to skip."""
+
+    records: list[Record]
+    skipped: list[SkippedRecord]
+
+
 def utc_now() -> str:
     """Returns the current time as an ISO-8601 UTC string, e.g. ``2025-01-31T12:00:00.000000+00:00``."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
@@ -262,6 +305,8 @@ def write_record(record: Record, directory: PathLike) -> Path:
     """Writes a record atomically as ``<directory>/<run_id>.json``.
 
     An existing record with the same ``run_id`` (e.g. its ``"running"`` version) is replaced.
+    Relative paths (see :func:`with_absolute_paths`) are written absolute; ``config`` and its
+    hash are written as they are.
 
     Args:
         record: The record to write.
@@ -271,9 +316,80 @@ def write_record(record: Record, directory: PathLike) -> Path:
         The path of the written file.
     """
     path = record_path(record.run_id, directory)
+    record = with_absolute_paths(record)
     # Through pydantic's JSON encoder so non-finite floats become "NaN" strings (standard JSON).
     atomic_write_json(path, json.loads(record.model_dump_json()))
     return path
+
+
+def with_absolute_paths(record: Record) -> Record:
+    """The record with its file paths made absolute: the encoder's checkpoint (for pretrained
+    and checkpoint encoders) and the :data:`PATH_DETAILS` keys of ``details``.
+
+    A relative path is taken relative to the record's provenance ``cwd`` when it has one, else
+    to this process's working directory (the directory the run was started from). ``config``
+    is left alone, so the record's config hash and run key do not change.
+
+    Args:
+        record: A record, e.g. one about to be written.
+    """
+    base = Path(str(record.provenance.get("cwd") or os.getcwd()))
+    update: dict[str, Any] = {}
+    checkpoint = record.encoder.checkpoint
+    if (
+        checkpoint
+        and record.encoder.source in _FILE_SOURCES
+        and not checkpoint.startswith(_TIMM_PREFIX)
+        and _relative(checkpoint)
+    ):
+        absolute = str((base / checkpoint).resolve())
+        update["encoder"] = record.encoder.model_copy(update={"checkpoint": absolute})
+    details = {
+        key: str((base / value).resolve())
+        for key, value in record.details.items()
+        if key in PATH_DETAILS and isinstance(value, str) and _relative(value)
+    }
+    if details:
+        update["details"] = {**record.details, **details}
+    return record.model_copy(update=update) if update else record
+
+
+def _relative(path: str) -> bool:
+    """Whether ``path`` is a non-empty relative path."""
+    return bool(path) and not Path(path).is_absolute()
+
+
+def resolve_recorded_path(record: Record, value: str, records_dir: PathLike | None) -> Path | None:
+    """Where a path stored in ``record`` points, independent of the reader's directory.
+
+    An absolute path is returned as it is. A relative one (records written before paths were
+    stored absolute) is resolved against the ``cwd`` in the record's provenance; without one,
+    against the parent of ``records_dir`` (the suite directory), trying the path's trailing
+    parts there (``runs/demo/pretrain/x`` -> ``<suite>/pretrain/x``). Never against the
+    current working directory, which may hold another run's files of the same name.
+
+    Args:
+        record: The record holding the path.
+        value: The stored path.
+        records_dir: The records directory the record was read from, if known.
+
+    Returns:
+        The path, or ``None`` when a relative path cannot be placed or does not exist.
+    """
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    cwd = record.provenance.get("cwd")
+    if cwd:
+        return Path(str(cwd)) / path
+    if records_dir is None:
+        return None
+    base = Path(records_dir).resolve().parent
+    for start in range(len(path.parts)):
+        candidate = base.joinpath(*path.parts[start:])
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def load_record(path: PathLike) -> Record:
@@ -288,16 +404,17 @@ def load_record(path: PathLike) -> Record:
     return _validate(_read_json(Path(path)), Path(path))
 
 
-def load_records(directory: PathLike, strict: bool = False) -> list[Record]:
-    """Loads every record under ``directory`` (recursively), sorted by path.
+def scan_records(directory: PathLike, strict: bool = False) -> RecordScan:
+    """Loads every record under ``directory`` (recursively, sorted by path), keeping the files
+    that could not be loaded with the reason.
 
-    JSON files without top-level ``schema_version`` and ``run_id`` keys are not records and are
-    ignored. Record files that fail to parse or validate are skipped with a warning naming the
-    file, or raise when ``strict``.
+    JSON files that parse but lack top-level ``schema_version`` and ``run_id`` keys are not
+    records and are ignored. A ``.json`` file that does not parse (e.g. a record cut short) or a
+    record that does not validate is skipped and listed, never dropped without a word.
 
     Args:
         directory: Results directory.
-        strict: Raise on the first invalid record instead of warning.
+        strict: Raise on the first invalid record instead of listing it.
 
     Raises:
         RecordError: In strict mode, for an invalid record file.
@@ -306,18 +423,58 @@ def load_records(directory: PathLike, strict: bool = False) -> list[Record]:
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"records directory does not exist: {root}")
-    records: list[Record] = []
+    scan = RecordScan([], [])
     for path in sorted(root.glob("**/*.json")):
         try:
             record = _load_if_record(path)
         except RecordError as exc:
             if strict:
                 raise
-            warnings.warn(f"skipping {exc}", stacklevel=2)
+            scan.skipped.append(SkippedRecord(path, exc.reason))
             continue
         if record is not None:
-            records.append(record)
-    return records
+            scan.records.append(record)
+    return scan
+
+
+def load_records(directory: PathLike, strict: bool = False) -> list[Record]:
+    """Loads every record under ``directory`` (recursively), sorted by path.
+
+    Files that are not records are ignored; record files that cannot be loaded are skipped and
+    named on stderr (once per process, see :func:`announce_skipped`), or raise when ``strict``.
+    Use :func:`scan_records` to get the skipped files themselves.
+
+    Args:
+        directory: Results directory.
+        strict: Raise on the first invalid record instead of skipping it.
+
+    Raises:
+        RecordError: In strict mode, for an invalid record file.
+        FileNotFoundError: If ``directory`` does not exist.
+    """
+    scan = scan_records(directory, strict)
+    announce_skipped(scan.skipped)
+    return scan.records
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def announce_skipped(skipped: list[SkippedRecord], stream: TextIO | None = None) -> None:
+    """Names each skipped record file on stderr as ``mimbench: warning: skipped record FILE:
+    REASON``, once per process however often the records are loaded.
+
+    Args:
+        skipped: Skipped files, e.g. :attr:`RecordScan.skipped`.
+        stream: Where the lines go (default: ``sys.stderr``).
+    """
+    out = stream or sys.stderr
+    for item in skipped:
+        key = (str(item.path.resolve()), item.reason)
+        if key in _ANNOUNCED:
+            continue
+        _ANNOUNCED.add(key)
+        print(f"mimbench: warning: skipped record {item}", file=out, flush=True)
 
 
 def record_json_schema() -> dict[str, Any]:
@@ -326,26 +483,31 @@ def record_json_schema() -> dict[str, Any]:
 
 
 def _load_if_record(path: Path) -> Record | None:
-    """Loads ``path`` if it looks like a record; ``None`` for other JSON files."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RecordError(f"invalid record {path}: cannot read: {exc}") from exc
+    """Loads ``path`` if it is a record; ``None`` for other JSON files.
+
+    A file without the record markers is parsed only to tell a record cut short (or any file
+    that is not JSON) from a JSON file of another kind.
+    """
+    raw = _read_bytes(path)
+    data = _parse_json(raw, path)
     if not all(marker in raw for marker in _RECORD_MARKERS):
         return None
-    data = _parse_json(raw, path)
     if not isinstance(data, dict) or "schema_version" not in data or "run_id" not in data:
         return None
     return _validate(data, path)
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of a file, raising :class:`RecordError` that names it."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RecordError(path, f"cannot read: {exc}") from exc
+
+
 def _read_json(path: Path) -> Any:
     """Reads a JSON file, raising :class:`RecordError` that names it."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RecordError(f"invalid record {path}: cannot read: {exc}") from exc
-    return _parse_json(raw, path)
+    return _parse_json(_read_bytes(path), path)
 
 
 def _parse_json(raw: bytes, path: Path) -> Any:
@@ -353,7 +515,8 @@ def _parse_json(raw: bytes, path: Path) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecordError(f"invalid record {path}: not valid JSON: {exc}") from exc
+        hint = " (the file is empty)" if not raw.strip() else " (cut short?)"
+        raise RecordError(path, f"not valid JSON{hint}: {exc}") from exc
 
 
 def _validate(data: Any, path: Path) -> Record:
@@ -361,4 +524,8 @@ def _validate(data: Any, path: Path) -> Record:
     try:
         return Record.model_validate(data)
     except ValidationError as exc:
-        raise RecordError(f"invalid record {path}: {exc}") from exc
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'record'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise RecordError(path, f"does not match the record schema: {problems}") from exc

@@ -25,6 +25,7 @@ from harness.records import (
     load_records,
     new_run_id,
     record_json_schema,
+    scan_records,
     utc_now,
     write_record,
 )
@@ -171,7 +172,9 @@ def test_load_record_names_file_on_bad_json(tmp_path: Path) -> None:
         load_record(path)
 
 
-def test_load_records_skips_invalid_with_warning(tmp_path: Path) -> None:
+def test_load_records_skips_invalid_naming_each_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = write_record(make_record(), tmp_path / "a")
     bad = tmp_path / "b" / "bad.json"
     bad.parent.mkdir()
@@ -180,18 +183,62 @@ def test_load_records_skips_invalid_with_warning(tmp_path: Path) -> None:
     bad.write_text(json.dumps(data))
     truncated = tmp_path / "truncated.json"
     truncated.write_text(good.read_text()[:-30])
+    half = tmp_path / "half.json"  # cut before the run_id / schema_version keys (sorted keys)
+    half.write_text(good.read_text()[: len(good.read_text()) // 2])
     (tmp_path / "coco.json").write_text(json.dumps({"images": [], "annotations": []}))
     (tmp_path / "list.json").write_text('["schema_version", "run_id"]')
 
-    with pytest.warns(UserWarning) as caught:
-        records = load_records(tmp_path)
-    assert [r.run_id for r in records] == [data["run_id"]]
-    messages = " ".join(str(w.message) for w in caught)
-    assert "bad.json" in messages and "truncated.json" in messages
-    assert "coco.json" not in messages and "list.json" not in messages
+    scan = scan_records(tmp_path)
+    assert [r.run_id for r in scan.records] == [data["run_id"]]
+    reasons = {item.path.name: item.reason for item in scan.skipped}
+    assert set(reasons) == {"bad.json", "truncated.json", "half.json"}
+    assert reasons["half.json"].startswith("not valid JSON")
+    assert "an ok record needs at least one metric" in reasons["bad.json"]
+
+    for _ in range(3):  # loaded three times, each file named once
+        assert [r.run_id for r in load_records(tmp_path)] == [data["run_id"]]
+    err = capsys.readouterr().err
+    for name in ("bad.json", "truncated.json", "half.json"):
+        assert err.count(name) == 1, err
+    assert f"mimbench: warning: skipped record {half}: not valid JSON" in err
+    assert "coco.json" not in err and "list.json" not in err
 
     with pytest.raises(RecordError, match="bad.json"):
         load_records(tmp_path, strict=True)
+
+
+def test_write_record_stores_absolute_paths_config_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    record = make_record(
+        encoder=EncoderInfo(name="p", arch="vit_micro_32", source="pretrain",
+                            checkpoint="runs/s/pretrain/p/encoder.pth"),
+        details={"stage": "runs/s/pretrain/p", "best_head": "lr0.1", "data_root": "/abs/data"},
+        config={"encoder": {"checkpoint": "rel/encoder.pth"}, "data": {"source": "data"}},
+    )
+    hash_before = record.config_hash
+    (loaded,) = load_records(write_record(record, tmp_path / "records").parent)
+    assert loaded.encoder.checkpoint == str(tmp_path / "runs/s/pretrain/p/encoder.pth")
+    assert loaded.details["stage"] == str(tmp_path / "runs/s/pretrain/p")
+    assert loaded.details["data_root"] == "/abs/data" and loaded.details["best_head"] == "lr0.1"
+    assert loaded.config == record.config and loaded.config_hash == hash_before
+    # against the run's cwd from its provenance when it has one, not the writer's
+    other = make_record(details={"stage": "st"}, provenance={"cwd": "/elsewhere"})
+    (again,) = load_records(write_record(other, tmp_path / "r2").parent)
+    assert again.details["stage"] == "/elsewhere/st"
+    # timm weights are a name, not a path
+    timm = make_record(encoder=EncoderInfo(name="t", arch="vit", source="checkpoint",
+                                           checkpoint="timm:vit_tiny"))
+    (kept,) = load_records(write_record(timm, tmp_path / "r3").parent)
+    assert kept.encoder.checkpoint == "timm:vit_tiny"
+
+
+def test_provenance_names_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert collect_provenance(["x"])["cwd"] == str(tmp_path.resolve())
 
 
 def test_load_records_missing_directory(tmp_path: Path) -> None:
