@@ -37,23 +37,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _print_report(records_dir: Path, out_dir: Path) -> None:
-    from harness.records import load_records
+    """Load the records once, name each unreadable one once on stderr, write and print the
+    leaderboard (the written files also list the skipped records) and the ablation tables."""
+    from harness.records import RecordScan, announce_skipped, scan_records
     from harness.report import format_markdown, leaderboard, write_report
 
-    paths = write_report(records_dir, out_dir)
-    lb = leaderboard(load_records(records_dir))
+    scan = scan_records(records_dir) if records_dir.is_dir() else RecordScan([], [])
+    announce_skipped(scan.skipped)
+    paths = write_report(records_dir, out_dir, scan=scan)
+    lb = leaderboard(scan.records)
     print()
     print(format_markdown(lb))
     print()
     print("Leaderboard written to: " + ", ".join(str(p) for p in paths.values()))
-    _print_ablation(records_dir, out_dir)
+    _print_ablation(records_dir, out_dir, records=scan.records)
 
 
-def _print_ablation(records_dir: Path, out_dir: Path, published: Path | None = None) -> int:
-    """Write and print the ablation table of every sweep in the records; returns how many."""
+def _print_ablation(records_dir: Path, out_dir: Path, published: Path | None = None,
+                    records: list[Any] | None = None) -> int:
+    """Write and print the ablation table of every sweep in the records (``records`` when the
+    caller loaded them already); returns how many."""
     from harness.ablation import DEFAULT_PUBLISHED, write_ablation_reports
 
-    written = write_ablation_reports(records_dir, out_dir, published or DEFAULT_PUBLISHED)
+    written = write_ablation_reports(records_dir if records is None else records, out_dir,
+                                     published or DEFAULT_PUBLISHED)
     for paths in written.values():
         print()
         print(paths["md"].read_text())

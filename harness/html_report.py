@@ -2,6 +2,11 @@
 (click a header), best cells marked, failed cells shown, each pretrained encoder's
 reconstruction grid as a thumbnail and its pretraining loss curve (matplotlib), all embedded as
 data URIs so the page needs no server and no network.
+
+Each column names its unit, each cell its mean ± sample std over n seeds (as the CSV), each row
+its suite and data (once above the table when all rows share them); the loss curve names the
+recipe's loss. Stage directories come from the records, placed by
+:func:`harness.records.resolve_recorded_path`, never from the current directory.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ import base64
 import html
 import io
 import json
-import math
 from pathlib import Path
+from typing import Any
 
-from harness.records import Record
+from harness.fsutil import PathLike
+from harness.records import Record, resolve_recorded_path
 from harness.report import Leaderboard
 
 _STYLE = """
@@ -25,6 +31,8 @@ td:first-child,th:first-child{text-align:left}
 td.best{font-weight:bold;background:#e8f5e9}
 td.failed{color:#b00020}
 .notes{color:#555;font-size:.9em}
+.origin{color:#333}
+td .n{color:#777;font-size:.8em}
 .enc{display:inline-block;vertical-align:top;margin:0 1.5em 1.5em 0}
 .enc img{border:1px solid #ccc;max-width:420px;image-rendering:pixelated}
 """
@@ -56,8 +64,51 @@ def _data_uri_png(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def loss_curve_png(loss_jsonl: Path, title: str) -> bytes | None:
-    """A small PNG of a pretraining loss curve, or None when there is no log."""
+#: Names of the losses and targets of a recipe (:class:`harness.config.LossConfig`,
+#: :class:`harness.config.TargetConfig`) as a plot labels them.
+_LOSS_NAMES = {
+    "l1": "L1",
+    "l2": "L2 (MSE)",
+    "smooth_l1": "smooth-L1",
+    "cross_entropy": "cross-entropy",
+}
+_TARGET_NAMES = {
+    "pixels": "pixels",
+    "norm_pixels": "normalized pixels",
+    "hog": "HOG features",
+    "color_bins": "color bins",
+    "mean_color": "mean colors",
+    "tokens": "visual tokens",
+}
+
+
+def loss_name(recipe: dict[str, Any] | None) -> str | None:
+    """What a recipe's pretraining loss is, e.g. ``L1 on masked patches' pixels``; ``None``
+    without a recipe.
+
+    Args:
+        recipe: The record's resolved recipe (``Record.recipe``).
+    """
+    if not recipe:
+        return None
+    loss = recipe.get("loss") or {}
+    target = (recipe.get("target") or {}).get("type", "pixels")
+    kind = _LOSS_NAMES.get(loss.get("type", "l1"), str(loss.get("type")))
+    where = "all" if loss.get("on") == "all" else "masked"
+    text = f"{kind} on {where} patches' {_TARGET_NAMES.get(target, target)}"
+    if float(loss.get("adv_weight") or 0.0) > 0:
+        text += f" + {loss['adv_weight']:g} x adversarial"
+    return text
+
+
+def loss_curve_png(loss_jsonl: Path, title: str, loss: str | None = None) -> bytes | None:
+    """A small PNG of a pretraining loss curve, or None when there is no log.
+
+    Args:
+        loss_jsonl: The stage's ``loss.jsonl`` (``{"step": ..., "loss": ...}`` per line).
+        title: The plot's title.
+        loss: What the loss is (see :func:`loss_name`), written under the title.
+    """
     if not loss_jsonl.is_file():
         return None
     rows = [json.loads(line) for line in loss_jsonl.read_text().splitlines() if line.strip()]
@@ -72,7 +123,7 @@ def loss_curve_png(loss_jsonl: Path, title: str) -> bytes | None:
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title}\n{loss}" if loss else title, fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -80,55 +131,105 @@ def loss_curve_png(loss_jsonl: Path, title: str) -> bytes | None:
     return buf.getvalue()
 
 
-def format_html(lb: Leaderboard, records: list[Record], title: str = "mimbench leaderboard") -> str:
-    """The leaderboard as one self-contained HTML page."""
+def format_html(
+    lb: Leaderboard,
+    records: list[Record],
+    title: str = "mimbench leaderboard",
+    records_dir: PathLike | None = None,
+) -> str:
+    """The leaderboard as one self-contained HTML page.
+
+    Args:
+        lb: The leaderboard.
+        records: The records behind it (their stage directories give the pictures).
+        title: The page title.
+        records_dir: Where the records were read from: relative paths of old records without a
+            provenance ``cwd`` are placed from there (never from the current directory).
+    """
     e = html.escape
-    head = "".join(
-        f"<th>{e(c)} {'&uarr;' if lb.higher_is_better.get(c, True) else '&darr;'}</th>"
+    origin_columns = [c for c, shown in zip(("suite", "data"), lb.varying(), strict=True) if shown]
+    head = "".join(f"<th>{e(c)}</th>" for c in origin_columns) + "".join(
+        f"<th>{e(lb.header(c))} {'&uarr;' if lb.higher_is_better.get(c, True) else '&darr;'}</th>"
         for c in lb.columns
     )
-    body = []
-    for enc in lb.encoders:
-        cells = [f'<td data-v="{e(enc)}">{e(enc)}</td>']
-        for col in lb.columns:
-            mean = lb.mean.at[enc, col]
-            n = int(lb.n.at[enc, col]) if not math.isnan(lb.n.at[enc, col]) else 0
-            failed = bool(lb.failed.at[enc, col]) if col in lb.failed.columns else False
-            if n == 0:
-                text, cls, v = ("failed", "failed", "") if failed else ("&ndash;", "", "")
-            else:
-                std = lb.std.at[enc, col]
-                text = f"{mean:.2f}" + (f" &plusmn; {std:.2f} ({n})" if n > 1 else "")
-                text += " &dagger;" if failed else ""
-                cls = "best" if enc in lb.best(col) else ""
-                v = f"{mean:.6g}"
-            cells.append(f'<td class="{cls}" data-v="{v}">{text}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
+    body = [_html_row(lb, label, origin_columns) for label in lb.encoders]
     notes = "".join(f"<li>{e(n)}</li>" for n in lb.notes)
-    gallery = []
-    seen: set[str] = set()
-    for r in records:
-        stage = r.details.get("stage") if r.details else None
-        if not stage or r.encoder.name in seen:
-            continue
-        seen.add(r.encoder.name)
-        parts = [f"<h3>{e(r.encoder.name)}</h3>"]
-        recon = Path(stage) / "recon.png"
-        if recon.is_file():
-            parts.append(f'<img alt="reconstructions of {e(r.encoder.name)}" '
-                         f'src="{_data_uri_png(recon.read_bytes())}"><br>')
-        curve = loss_curve_png(Path(stage) / "loss.jsonl", f"{r.encoder.name} pretraining loss")
-        if curve:
-            parts.append(f'<img alt="loss curve of {e(r.encoder.name)}" src="{_data_uri_png(curve)}">')
-        gallery.append('<div class="enc">' + "".join(parts) + "</div>")
+    origin = lb.origin()
+    gallery = _gallery(lb, records, records_dir)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{e(title)}</title><style>{_STYLE}</style></head><body>"
         f"<h1>{e(title)}</h1>"
-        f"<table class='lb'><thead><tr><th>encoder</th>{head}</tr></thead>"
+        + (f"<p class='origin'>All rows: {e(origin)}.</p>" if origin else "")
+        + f"<table class='lb'><thead><tr><th>encoder</th>{head}</tr></thead>"
         f"<tbody>{''.join(body)}</tbody></table>"
+        "<p class='notes'>Cells: mean &plusmn; sample standard deviation over n seeds (ok runs); "
+        "best of each column in bold.</p>"
         + (f"<ul class='notes'>{notes}</ul>" if notes else "")
-        + ("<h2>Pretraining: reconstructions (original / masked / prediction / pasted) and loss</h2>"
-           + "".join(gallery) if gallery else "")
+        + ("<h2>Pretraining: reconstructions and loss</h2>" + "".join(gallery) if gallery else "")
         + f"<script>{_SCRIPT}</script></body></html>"
     )
+
+
+def _html_row(lb: Leaderboard, label: str, origin_columns: list[str]) -> str:
+    """One ``<tr>``: the encoder, its suite / data where those are columns, then the cells."""
+    e = html.escape
+    info = lb.row(label)
+    cells = [f'<td data-v="{e(info.encoder)}">{e(info.encoder)}</td>']
+    cells += [f'<td data-v="{e(getattr(info, c))}">{e(getattr(info, c) or "–")}</td>'
+              for c in origin_columns]
+    best = {col: lb.best(col) for col in lb.columns}
+    for col in lb.columns:
+        n = int(lb.n.at[label, col])
+        failed = bool(lb.failed.at[label, col]) if col in lb.failed.columns else False
+        if n == 0:
+            text, cls, v = ("failed", "failed", "") if failed else ("&ndash;", "", "")
+        else:
+            mean, std = float(lb.mean.at[label, col]), float(lb.std.at[label, col])
+            text = f"{mean:.2f}" + (f" &plusmn; {std:.2f}" if n > 1 else "")
+            text += f" <span class='n'>n={n}</span>"
+            text += " &dagger;" if failed else ""
+            cls = "best" if label in best[col] else ""
+            v = f"{mean:.6g}"
+        cells.append(f'<td class="{cls}" data-v="{v}">{text}</td>')
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _gallery(lb: Leaderboard, records: list[Record], records_dir: PathLike | None) -> list[str]:
+    """One block per pretrained leaderboard row (its first stage found): its reconstruction
+    picture and its loss curve named by the recipe's loss."""
+    e = html.escape
+    blocks = []
+    seen: set[str] = set()
+    for r in records:
+        stage_text = r.details.get("stage") if r.details else None
+        label = lb.row_of.get(r.run_id)
+        if not stage_text or label is None or label in seen:
+            continue
+        stage = resolve_recorded_path(r, str(stage_text), records_dir)
+        if stage is None or not stage.is_dir():
+            continue
+        seen.add(label)
+        name = _gallery_name(lb, label)
+        parts = [f"<h3>{e(name)}</h3>"]
+        recon = stage / "recon.png"
+        if recon.is_file():
+            parts.append(f'<img alt="reconstructions of {e(name)}" '
+                         f'src="{_data_uri_png(recon.read_bytes())}"><br>')
+        what = loss_name(r.recipe)
+        curve = loss_curve_png(stage / "loss.jsonl", f"{name} pretraining loss", what)
+        if curve:
+            alt = f"loss curve of {name}" + (f": {what}" if what else "")
+            parts.append(f'<img alt="{e(alt)}" src="{_data_uri_png(curve)}">')
+            if what:
+                parts.append(f"<div class='notes'>loss: {e(what)}</div>")
+        blocks.append('<div class="enc">' + "".join(parts) + "</div>")
+    return blocks
+
+
+def _gallery_name(lb: Leaderboard, label: str) -> str:
+    """A row's name in the gallery: its encoder, with suite / data where rows differ in them."""
+    info = lb.row(label)
+    several_suites, several_data = lb.varying()
+    extra = [p for p, shown in ((info.suite, several_suites), (info.data, several_data)) if shown]
+    return f"{info.encoder} ({', '.join(extra)})" if extra else info.encoder

@@ -2,12 +2,21 @@
 
 Records are first reduced to the ones that count: ``running`` records are ignored, only the
 newest version of each task is used (older versions are never mixed in silently: a note says
-so), and of several records for the same (encoder, task, version, seed) the newest wins. The
-ok runs are then averaged over seeds; failed runs are kept visible, never dropped.
+so), and of several records of the same run (same run key: config hash and sweep row, as the
+runner uses to skip finished runs) the newest ok one wins. The ok runs are then averaged over
+seeds; failed runs are kept visible, never dropped.
+
+A leaderboard row is one encoder of one suite on one dataset: records of different suites, of
+different data, or of different encoders that share a name (two checkpoints both called
+``encoder``) are different rows, never merged. The tables say each row's suite and data (once
+under the table when every row shares them), and equal names of different encoders are told
+apart (``encoder [1a2b3c4d]`` by checkpoint sha256, else ``encoder (2)``) with a note.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -20,7 +29,15 @@ import pandas as pd
 
 from harness.errors import UserError
 from harness.fsutil import PathLike, atomic_write_text
-from harness.records import Record, load_records, parse_timestamp
+from harness.records import (
+    Record,
+    RecordScan,
+    SkippedRecord,
+    announce_skipped,
+    parse_timestamp,
+    scan_records,
+)
+from harness.runner import row_key
 
 #: Long-form columns of :func:`records_to_frame`, before the ``tag.<k>`` columns.
 FRAME_COLUMNS: tuple[str, ...] = (
@@ -41,6 +58,17 @@ FRAME_COLUMNS: tuple[str, ...] = (
 #: Marker appended to a cell whose mean is over the ok seeds while other seeds failed.
 PARTIAL_FAILURE_MARK = "†"
 
+#: Units of the metrics our tasks report, for records whose metric_info names none: accuracies
+#: and mIoU are percentages, COCO AP is on its 0-100 scale.
+DEFAULT_UNITS: dict[str, str] = {
+    "top1": "%",
+    "top5": "%",
+    "miou": "%",
+    "box_ap": "AP",
+    "mask_ap": "AP",
+}
+
+
 class ReportError(UserError, ValueError):
     """Nothing to report, or the records cannot be collated."""
 
@@ -48,9 +76,28 @@ class ReportError(UserError, ValueError):
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+@dataclass(frozen=True)
+class RowInfo:
+    """Where a leaderboard row comes from.
+
+    Attributes:
+        encoder: The encoder's name as shown (told apart when different encoders share one).
+        suite: The suite of its records ("" when the records name none).
+        data: The dataset, short: ``shapes`` or the last part of the ImageFolder path ("" when
+            the records do not say).
+    """
+
+    encoder: str
+    suite: str
+    data: str
+
+
 @dataclass
 class Leaderboard:
     """Encoders (rows) by ``task/metric`` columns, averaged over seeds of ok runs.
+
+    The frames are indexed by a unique row label (:attr:`encoders`): the encoder's shown name,
+    with its suite and data added only where the same name is a row of several suites or data.
 
     Attributes:
         mean: Mean over seeds; NaN where no ok run exists.
@@ -59,6 +106,9 @@ class Leaderboard:
         failed: True where at least one counted run of the cell's (encoder, task) failed.
         higher_is_better: Direction of each column.
         notes: What the reader must know (older task versions ignored, duplicates dropped, ...).
+        rows: Row label -> where the row comes from (encoder, suite, data).
+        units: Column -> unit of its values (None where unknown).
+        row_of: ``run_id`` of each counted record -> its row label.
     """
 
     mean: pd.DataFrame
@@ -67,6 +117,9 @@ class Leaderboard:
     failed: pd.DataFrame
     higher_is_better: dict[str, bool]
     notes: list[str] = field(default_factory=list)
+    rows: dict[str, RowInfo] = field(default_factory=dict)
+    units: dict[str, str | None] = field(default_factory=dict)
+    row_of: dict[str, str] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -85,6 +138,35 @@ class Leaderboard:
             return set()
         target = values.max() if self.higher_is_better.get(column, True) else values.min()
         return {str(enc) for enc, value in values.items() if value == target}
+
+    def row(self, label: str) -> RowInfo:
+        """Where the row ``label`` comes from (the label itself when unknown)."""
+        return self.rows.get(label, RowInfo(encoder=label, suite="", data=""))
+
+    def varying(self) -> tuple[bool, bool]:
+        """Whether the rows differ in suite, and whether they differ in data (then the tables
+        show a suite / data column; otherwise they say it once, see :meth:`origin`)."""
+        infos = [self.row(label) for label in self.encoders]
+        return len({i.suite for i in infos}) > 1, len({i.data for i in infos}) > 1
+
+    def origin(self) -> str | None:
+        """``suite X, data Y`` that every row shares, for one line beside the table; ``None``
+        when there are no rows or nothing shared is known."""
+        infos = [self.row(label) for label in self.encoders]
+        if not infos:
+            return None
+        several_suites, several_data = self.varying()
+        parts = []
+        if not several_suites and infos[0].suite:
+            parts.append(f"suite {infos[0].suite}")
+        if not several_data and infos[0].data:
+            parts.append(f"data {infos[0].data}")
+        return ", ".join(parts) or None
+
+    def header(self, column: str) -> str:
+        """A column's name with its unit, e.g. ``linear_probe/top1 (%)``."""
+        unit = self.units.get(column)
+        return f"{column} ({unit})" if unit else column
 
 
 # --------------------------------------------------------------------------- long-form frame
@@ -174,9 +256,12 @@ def newest_task_versions(records: Sequence[Record]) -> tuple[list[Record], list[
 
 
 def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
-    """Keeps the newest record per (encoder, task, task version, seed).
+    """Keeps one record per run: the newest ok one, else the newest failed one.
 
-    "Newest" is by ``finished_at`` (``started_at`` when unfinished), then ``run_id``.
+    Records are the same run when their run keys are equal (see :func:`run_key`); records of
+    different suites, data, encoders or sweep rows are never duplicates of each other. "Newest"
+    is by ``finished_at`` (``started_at`` when unfinished), then ``run_id``. An ok result wins
+    over a failure of the same run, as the runner counts a run with an ok record as done.
 
     Args:
         records: Run records.
@@ -184,22 +269,46 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
     Returns:
         The kept records (in input order) and a note when duplicates were dropped.
     """
-    newest: dict[tuple[str, str, int, int], Record] = {}
+    best: dict[tuple[Any, ...], Record] = {}
     for record in records:
-        key = (record.encoder.name, record.task.name, record.task.version, record.seed)
-        current = newest.get(key)
-        if current is None or _recency(record) > _recency(current):
-            newest[key] = record
-    keep = {id(r) for r in newest.values()}
+        key = run_key(record)
+        current = best.get(key)
+        if current is None or _preference(record) > _preference(current):
+            best[key] = record
+    keep = {id(r) for r in best.values()}
     kept = [r for r in records if id(r) in keep]
     dropped = len(records) - len(kept)
     notes = []
     if dropped:
         notes.append(
-            f"{dropped} older duplicate record(s) of the same (encoder, task, version, seed) "
-            "were ignored; the newest run of each is reported."
+            f"{dropped} duplicate record(s) of the same run (same config hash and sweep row) "
+            "were ignored; the newest ok record of each run is reported."
         )
     return kept, notes
+
+
+def run_key(record: Record) -> tuple[Any, ...]:
+    """What makes two records the same run: the run key the runner skips finished runs by
+    (config hash and sweep row, :func:`harness.runner.row_key`), with the encoder name, task,
+    task version and seed (implied by the config of real records; they keep records without a
+    config apart) and, for a checkpoint encoder, the checkpoint's sha256 (other weights under
+    the same path are another run).
+    """
+    sha = record.encoder.sha256 if record.encoder.source == "checkpoint" else None
+    return (
+        record.config_hash,
+        row_key(record.sweep),
+        record.encoder.name,
+        record.task.name,
+        record.task.version,
+        record.seed,
+        sha,
+    )
+
+
+def _preference(record: Record) -> tuple[bool, datetime, str]:
+    """Sort key among records of one run: ok before failed, then the newest."""
+    return (record.status == "ok", *_recency(record))
 
 
 def _recency(record: Record) -> tuple[datetime, str]:
@@ -231,6 +340,8 @@ def leaderboard(records: Iterable[Record], metrics: list[str] | None = None) -> 
     kept, duplicate_notes = deduplicate(current)
     notes = [*version_notes, *duplicate_notes]
 
+    row_of, rows, row_notes = assign_rows(kept)
+    notes.extend(row_notes)
     ok = [r for r in kept if r.status == "ok"]
     failed = [r for r in kept if r.status == "failed"]
     # Columns come from every record of the current task versions, so a cell whose newest run
@@ -239,9 +350,9 @@ def leaderboard(records: Iterable[Record], metrics: list[str] | None = None) -> 
     notes.extend(direction_notes)
 
     columns = _select_columns(_all_columns(current, directions), metrics)
-    encoders = sorted({r.encoder.name for r in kept})
-    mean, std, n = _aggregate(ok, encoders, columns)
-    failed_frame = _failed_cells(failed, encoders, columns)
+    labels = sorted(rows)
+    mean, std, n = _aggregate(ok, row_of, labels, columns)
+    failed_frame = _failed_cells(failed, row_of, labels, columns)
     if failed_frame.to_numpy().any() and (n.to_numpy() > 0)[failed_frame.to_numpy()].any():
         notes.append(
             f"{PARTIAL_FAILURE_MARK}: some seeds of this cell failed; the value is over the ok "
@@ -249,8 +360,143 @@ def leaderboard(records: Iterable[Record], metrics: list[str] | None = None) -> 
         )
     higher = {c: directions.get(c, True) for c in columns}
     return Leaderboard(
-        mean=mean, std=std, n=n, failed=failed_frame, higher_is_better=higher, notes=notes
+        mean=mean, std=std, n=n, failed=failed_frame, higher_is_better=higher, notes=notes,
+        rows=rows, units=_units(current, columns), row_of=row_of,
     )
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def assign_rows(
+    records: Sequence[Record],
+) -> tuple[dict[str, str], dict[str, RowInfo], list[str]]:
+    """Groups records into leaderboard rows: one per (suite, data, encoder), where encoders
+    with equal names but different weights or configs are different rows.
+
+    Args:
+        records: The records that count (one per run).
+
+    Returns:
+        ``run_id`` -> row label, row label -> :class:`RowInfo`, and a note per name that
+        several different encoders share.
+    """
+    data_labels = _data_labels([_data_key(r) for r in records])
+    by_row: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
+    for record in sorted(records, key=_recency):
+        by_row[_row_identity(record)].append(record)
+    shown, notes = _shown_names(by_row)
+    label_count: dict[str, int] = defaultdict(int)
+    for name in shown.values():
+        label_count[name] += 1
+    row_of: dict[str, str] = {}
+    rows: dict[str, RowInfo] = {}
+    for identity, members in by_row.items():
+        suite, data_key = identity[0], identity[1]
+        info = RowInfo(encoder=shown[identity], suite=suite, data=data_labels[data_key])
+        label = info.encoder
+        if label_count[label] > 1:  # the same name is a row of several suites or data
+            label = f"{label} [{', '.join(p for p in (info.suite, info.data) if p)}]"
+        rows[label] = info
+        row_of.update((r.run_id, label) for r in members)
+    return row_of, rows, notes
+
+
+def _row_identity(record: Record) -> tuple[str, str, str, str]:
+    """(suite, data key, encoder name, encoder identity) of a record's row."""
+    suite = record.suite or str(record.config.get("suite") or "")
+    return suite, _data_key(record), record.encoder.name, _encoder_identity(record)
+
+
+def _encoder_identity(record: Record) -> str:
+    """What tells different encoders of one name apart: their config (less the name and, for a
+    checkpoint, its path) and the checkpoint's sha256 (its path where the sha256 is unknown)."""
+    entry = dict(record.config.get("encoder") or {})
+    entry.pop("name", None)
+    weights = None
+    if record.encoder.source == "checkpoint":
+        entry.pop("checkpoint", None)
+        weights = record.encoder.sha256 or record.encoder.checkpoint
+    return json.dumps([entry, weights], sort_keys=True, default=str)
+
+
+def _data_key(record: Record) -> str:
+    """The dataset of a record's run: its data config less the loader settings ("" if none)."""
+    data = record.config.get("data")
+    if not isinstance(data, dict):
+        return ""
+    return json.dumps({k: v for k, v in data.items() if k != "num_workers"}, sort_keys=True)
+
+
+def _data_labels(keys: Iterable[str]) -> dict[str, str]:
+    """A short, distinct label per data key: ``shapes`` or the ImageFolder directory's name;
+    the whole path where two share a name, plus a hash where they still collide."""
+    distinct = sorted(set(keys))
+
+    def source(key: str) -> str:
+        return str(json.loads(key).get("source", "")) if key else ""
+
+    def short(key: str) -> str:
+        text = source(key).rstrip("/")
+        return text.rsplit("/", 1)[-1] if text else ""
+
+    labels = {key: short(key) for key in distinct}
+    for make in (source, lambda k: f"{source(k)} #{hashlib.sha256(k.encode()).hexdigest()[:6]}"):
+        clashing = [k for k in distinct if sum(labels[k] == labels[o] for o in distinct) > 1]
+        for key in clashing:
+            labels[key] = make(key)
+    return labels
+
+
+def _shown_names(
+    by_row: dict[tuple[str, str, str, str], list[Record]],
+) -> tuple[dict[tuple[str, str, str, str], str], list[str]]:
+    """The name each row shows: its encoder's name, told apart where different encoders of one
+    suite and data share it (by checkpoint sha256 when those differ, else numbered in the order
+    of their first run), with a note saying so."""
+    groups: dict[tuple[str, str, str], list[tuple[str, str, str, str]]] = defaultdict(list)
+    for identity in by_row:  # insertion order: by first run
+        groups[identity[:3]].append(identity)
+    shown: dict[tuple[str, str, str, str], str] = {}
+    notes = []
+    for (suite, _, name), identities in groups.items():
+        if len(identities) == 1:
+            shown[identities[0]] = name
+            continue
+        shas = [_sha_of(by_row[i]) for i in identities]
+        short = [sha[:8] if sha else None for sha in shas]
+        if all(short) and len(set(short)) == len(short):
+            names = [f"{name} [{s}]" for s in short]
+            how = "by the first 8 hex digits of their weights' sha256"
+        else:
+            names = [f"{name} ({k})" for k in range(1, len(identities) + 1)]
+            how = "numbered in the order of their first run"
+        shown.update(zip(identities, names, strict=True))
+        where = f" in suite {suite}" if suite else ""
+        notes.append(
+            f"{len(identities)} different encoders are named '{name}'{where} (different "
+            f"weights or configs); they are told apart {how}: {', '.join(names)}."
+        )
+    return shown, notes
+
+
+def _sha_of(records: list[Record]) -> str | None:
+    """The checkpoint sha256 of a row's records, if they are of one checkpoint."""
+    shas = {r.encoder.sha256 for r in records}
+    return shas.pop() if len(shas) == 1 else None
+
+
+def _units(records: Sequence[Record], columns: list[str]) -> dict[str, str | None]:
+    """Unit per column: the newest record's metric_info unit, else :data:`DEFAULT_UNITS`."""
+    units: dict[str, str | None] = {}
+    for record in sorted(records, key=_recency, reverse=True):
+        for metric, info in record.metric_info.items():
+            if info.unit:
+                units.setdefault(_column(record.task.name, metric), info.unit)
+    return {
+        c: (units.get(c) or DEFAULT_UNITS.get(c.split("/", 1)[1])) if "/" in c else None
+        for c in columns
+    }
 
 
 def _column(task: str, metric: str) -> str:
@@ -300,21 +546,23 @@ def _select_columns(available: list[str], wanted: list[str] | None) -> list[str]
 
 
 def _aggregate(
-    ok: Sequence[Record], encoders: list[str], columns: list[str]
+    ok: Sequence[Record], row_of: dict[str, str], labels: list[str], columns: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Mean, sample std and count over seeds of the ok runs, shaped encoders x columns."""
+    """Mean, sample std and count over seeds of the ok runs, shaped rows x columns."""
     frame = records_to_frame(ok)
-    empty = pd.DataFrame(math.nan, index=pd.Index(encoders, name="encoder"), columns=columns)
+    empty = pd.DataFrame(math.nan, index=pd.Index(labels, name="encoder"), columns=columns)
     if frame.empty:
         counts = empty.fillna(0).astype(int)
         return empty, empty.copy(), counts
-    frame = frame.assign(column=frame["task"] + "/" + frame["metric"])
+    frame = frame.assign(
+        column=frame["task"] + "/" + frame["metric"], row=frame["run_id"].map(row_of)
+    )
     frame = frame[frame["column"].isin(columns)]
-    grouped = frame.groupby(["encoder", "column"])["value"]
+    grouped = frame.groupby(["row", "column"])["value"]
 
     def shape(series: pd.Series) -> pd.DataFrame:
         table = series.unstack("column") if not series.empty else empty
-        return table.reindex(index=encoders, columns=columns).rename_axis(
+        return table.reindex(index=labels, columns=columns).rename_axis(
             index="encoder", columns=None
         )
 
@@ -325,14 +573,14 @@ def _aggregate(
 
 
 def _failed_cells(
-    failed: Sequence[Record], encoders: list[str], columns: list[str]
+    failed: Sequence[Record], row_of: dict[str, str], labels: list[str], columns: list[str]
 ) -> pd.DataFrame:
-    """True where a failed run exists for the cell's (encoder, task)."""
-    table = pd.DataFrame(False, index=pd.Index(encoders, name="encoder"), columns=columns)
+    """True where a failed run exists for the cell's (row, task)."""
+    table = pd.DataFrame(False, index=pd.Index(labels, name="encoder"), columns=columns)
     for record in failed:
         for column in columns:
             if column.split("/", 1)[0] == record.task.name:
-                table.loc[record.encoder.name, column] = True
+                table.loc[row_of[record.run_id], column] = True
     return table
 
 
@@ -365,23 +613,30 @@ def _arrow(lb: Leaderboard, column: str) -> str:
 
 
 def format_markdown(lb: Leaderboard) -> str:
-    """Formats a leaderboard as a markdown table followed by its notes.
+    """Formats a leaderboard as a markdown table followed by its origin and notes.
 
     Cells read ``mean ± std (n)`` over n > 1 seeds, ``mean`` for a single seed, ``failed``
     where every counted run failed; the best mean of each column is bold, respecting the
-    column's direction (shown as ↑/↓ in the header).
+    column's direction (shown as ↑/↓ in the header). ``suite`` / ``data`` columns follow the
+    encoder where the rows differ in them; otherwise one line under the table names them.
 
     Args:
         lb: The leaderboard.
     """
     best = {column: lb.best(column) for column in lb.columns}
-    header = ["encoder", *(f"{_md_escape(c)} {_arrow(lb, c)}" for c in lb.columns)]
+    origin_columns = _origin_columns(lb)
+    header = [
+        "encoder",
+        *origin_columns,
+        *(f"{_md_escape(c)} {_arrow(lb, c)}" for c in lb.columns),
+    ]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join([" --- ", *(" ---: " for _ in lb.columns)]) + "|",
+        "|" + "|".join([*(" --- " for _ in range(1 + len(origin_columns))),
+                        *(" ---: " for _ in lb.columns)]) + "|",
     ]
     for encoder in lb.encoders:
-        cells = [_md_escape(encoder)]
+        cells = [_md_escape(text) for text in _origin_cells(lb, encoder, origin_columns)]
         for column in lb.columns:
             text = _cell_text(lb, encoder, column, " ± ")
             if text is None:
@@ -391,10 +646,25 @@ def format_markdown(lb: Leaderboard) -> str:
             else:
                 cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
+    origin = lb.origin()
+    if origin:
+        lines += ["", f"All rows: {_md_escape(origin)}."]
     if lb.notes:
         lines.append("")
         lines.extend(f"- {note}" for note in lb.notes)
     return "\n".join(lines) + "\n"
+
+
+def _origin_columns(lb: Leaderboard) -> list[str]:
+    """The ``suite`` / ``data`` columns a table shows: those in which its rows differ."""
+    several_suites, several_data = lb.varying()
+    return [name for name, shown in (("suite", several_suites), ("data", several_data)) if shown]
+
+
+def _origin_cells(lb: Leaderboard, label: str, origin_columns: list[str]) -> list[str]:
+    """A row's encoder name, then its suite and data where those are columns."""
+    info = lb.row(label)
+    return [info.encoder, *(getattr(info, column) or "–" for column in origin_columns)]
 
 
 def _md_escape(text: str) -> str:
@@ -403,18 +673,22 @@ def _md_escape(text: str) -> str:
 
 
 def format_csv(lb: Leaderboard) -> str:
-    """Formats a leaderboard as CSV: one row per encoder, ``<column>/mean``, ``/std``, ``/n``.
+    """Formats a leaderboard as CSV: one row per leaderboard row, its ``suite`` and ``data``,
+    then ``<column>/mean``, ``/std``, ``/n``.
 
     Args:
         lb: The leaderboard.
     """
-    parts: dict[str, pd.Series] = {}
+    infos = [lb.row(label) for label in lb.encoders]
+    parts: dict[str, Any] = {
+        "suite": [i.suite for i in infos],
+        "data": [i.data for i in infos],
+    }
     for column in lb.columns:
-        parts[f"{column}/mean"] = lb.mean[column]
-        parts[f"{column}/std"] = lb.std[column]
-        parts[f"{column}/n"] = lb.n[column]
-    table = pd.DataFrame(parts, index=lb.mean.index)
-    table.index.name = "encoder"
+        parts[f"{column}/mean"] = lb.mean[column].to_numpy()
+        parts[f"{column}/std"] = lb.std[column].to_numpy()
+        parts[f"{column}/n"] = lb.n[column].to_numpy()
+    table = pd.DataFrame(parts, index=pd.Index([i.encoder for i in infos], name="encoder"))
     return str(table.to_csv(lineterminator="\n", float_format="%.10g"))
 
 
@@ -447,18 +721,20 @@ def format_latex(lb: Leaderboard) -> str:
     """
     best = {column: lb.best(column) for column in lb.columns}
     arrows = {True: r"$\uparrow$", False: r"$\downarrow$"}
+    origin_columns = _origin_columns(lb)
     header = [
         "encoder",
+        *origin_columns,
         *(f"{latex_escape(c)} {arrows[lb.higher_is_better.get(c, True)]}" for c in lb.columns),
     ]
     lines = [
-        r"\begin{tabular}{l" + "r" * len(lb.columns) + "}",
+        r"\begin{tabular}{" + "l" * (1 + len(origin_columns)) + "r" * len(lb.columns) + "}",
         r"\toprule",
         " & ".join(header) + r" \\",
         r"\midrule",
     ]
     for encoder in lb.encoders:
-        cells = [latex_escape(encoder)]
+        cells = [latex_escape(text) for text in _origin_cells(lb, encoder, origin_columns)]
         for column in lb.columns:
             text = _cell_text(lb, encoder, column, r" $\pm$ ")
             if text is None:
@@ -468,6 +744,9 @@ def format_latex(lb: Leaderboard) -> str:
             cells.append(rf"\textbf{{{text}}}" if _is_best(lb, encoder, column, best) else text)
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    origin = lb.origin()
+    if origin:
+        lines.append(f"% All rows: {latex_escape(origin)}.")
     lines += [
         f"% {latex_escape(note.replace(PARTIAL_FAILURE_MARK, 'dagger'))}" for note in lb.notes
     ]
@@ -477,31 +756,51 @@ def format_latex(lb: Leaderboard) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write_report(records_dir: PathLike, out_dir: PathLike) -> dict[str, Path]:
-    """Collates every record under ``records_dir`` into ``leaderboard.{md,csv,tex}``.
+def write_report(
+    records_dir: PathLike, out_dir: PathLike, scan: RecordScan | None = None
+) -> dict[str, Path]:
+    """Collates every record under ``records_dir`` into ``leaderboard.{md,csv,tex,html}``.
 
-    Invalid record files are skipped with a warning (see :func:`load_records`).
+    Record files that could not be loaded are named on stderr (once, see
+    :func:`harness.records.announce_skipped`) and listed in a note under the md, tex and html
+    tables, so no result goes missing without a word.
 
     Args:
-        records_dir: Directory searched recursively for records.
+        records_dir: Directory searched recursively for records; also where relative paths of
+            old records are placed from (see :func:`harness.records.resolve_recorded_path`).
         out_dir: Where the tables are written (created if missing).
+        scan: The records already loaded from ``records_dir`` (:func:`scan_records`), so a
+            caller that needs them too loads them once; loaded here when ``None``.
 
     Returns:
-        ``{"md": ..., "csv": ..., "tex": ...}`` paths of the written files.
+        ``{"md": ..., "csv": ..., "tex": ..., "html": ...}`` paths of the written files.
 
     Raises:
-        ValueError: If there are no records under ``records_dir``.
+        ReportError: If there are no records under ``records_dir``.
     """
-    root = Path(records_dir)
-    records = load_records(root) if root.is_dir() else []
-    if not records:
-        raise ReportError(f"no records found under {root}: run `mimbench run` first")
-    lb = leaderboard(records)
-    out = Path(out_dir)
     from harness.html_report import format_html
 
-    texts = {"md": format_markdown(lb), "csv": format_csv(lb), "tex": format_latex(lb),
-             "html": format_html(lb, records)}
+    root = Path(records_dir)
+    if scan is None:
+        scan = scan_records(root) if root.is_dir() else RecordScan([], [])
+        announce_skipped(scan.skipped)
+    if not scan.records:
+        skipped = f" ({len(scan.skipped)} unreadable record file(s) skipped)" * bool(scan.skipped)
+        raise ReportError(f"no records found under {root}{skipped}: run `mimbench run` first")
+    lb = leaderboard(scan.records)
+    lb.notes.extend(skipped_notes(scan.skipped))
+    out = Path(out_dir)
+    texts = {
+        "md": format_markdown(lb),
+        "csv": format_csv(lb),
+        "tex": format_latex(lb),
+        "html": format_html(lb, scan.records, records_dir=root),
+    }
     return {
         kind: atomic_write_text(out / f"leaderboard.{kind}", text) for kind, text in texts.items()
     }
+
+
+def skipped_notes(skipped: Sequence[SkippedRecord]) -> list[str]:
+    """One note per record file that could not be loaded, naming it and why."""
+    return [f"skipped record {item.path}: {item.reason}" for item in skipped]

@@ -6,8 +6,9 @@ import json
 import re
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
-from test_report import record, standard_records  # noqa: F401  (tests/harness on sys.path)
+from test_report import TOP1, record, standard_records  # noqa: F401  (tests/harness on sys.path)
 
 from harness.html_report import format_html
 from harness.report import leaderboard
@@ -101,3 +102,122 @@ def test_html_in_a_real_headless_browser(tmp_path):
     subprocess.run([exe, *flags, "--window-size=900,700", f"--screenshot={shot}", f"file://{page}"],
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 5000  # something was painted
+
+
+# --------------------------------------------------------------------------- issue 10
+
+
+def _png(path, color):
+    """Writes a small one-color PNG and returns its bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _pretrained(recipe=None, **kw):
+    rec = record("mae", 0, {"top1": 50.0})
+    return rec.model_copy(update={"recipe": recipe, **kw})
+
+
+def test_report_from_another_directory_keeps_the_run_s_pictures(tmp_path, monkeypatch):
+    from harness.records import write_record
+    from harness.report import write_report
+
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    ours = _png(run_dir / "runs/s/pretrain/p1/recon.png", "red")
+    theirs = _png(other / "runs/s/pretrain/p1/recon.png", "blue")  # another run, same name
+    monkeypatch.chdir(run_dir)
+    rec = _pretrained(details={"stage": "runs/s/pretrain/p1"})  # relative, as runs record it
+    write_record(rec, run_dir / "runs/s/records")
+    monkeypatch.chdir(other)
+    paths = write_report(run_dir / "runs/s/records", tmp_path / "out")
+    page = paths["html"].read_text()
+    assert _b64(ours) in page and _b64(theirs) not in page
+
+
+def test_old_relative_paths_resolve_against_the_record_not_the_reader(tmp_path, monkeypatch):
+    from harness.fsutil import atomic_write_json
+    from harness.report import write_report
+
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    ours = _png(run_dir / "runs/s/pretrain/p1/recon.png", "red")
+    theirs = _png(other / "runs/s/pretrain/p1/recon.png", "blue")
+    monkeypatch.chdir(other)
+
+    def old_record(directory, provenance):  # written by an older mimbench: relative path kept
+        rec = _pretrained(details={"stage": "runs/s/pretrain/p1"}, provenance=provenance)
+        atomic_write_json(directory / f"{rec.run_id}.json", json.loads(rec.model_dump_json()))
+
+    # with the run's cwd in its provenance
+    old_record(tmp_path / "a" / "records", {"cwd": str(run_dir)})
+    page = write_report(tmp_path / "a" / "records", tmp_path / "a")["html"].read_text()
+    assert _b64(ours) in page and _b64(theirs) not in page
+    # without: placed under the records' suite directory, never the reader's cwd
+    old_record(run_dir / "runs/s/records", {})
+    page = write_report(run_dir / "runs/s/records", tmp_path / "b")["html"].read_text()
+    assert _b64(ours) in page and _b64(theirs) not in page
+    (run_dir / "runs/s/pretrain/p1/recon.png").unlink()
+    page = write_report(run_dir / "runs/s/records", tmp_path / "c")["html"].read_text()
+    assert _b64(theirs) not in page
+
+
+def test_html_shows_units_spread_seeds_and_origin():
+    records = standard_records()
+    page = format_html(leaderboard(records), records)
+    p = _Table()
+    p.feed(page)
+    header = [c for c, _ in p.rows[0]]
+    assert "linear_probe/top1 (%) ↑" in header  # default unit of top1
+    assert "linear_probe/loss ↓" in header  # no unit known: none invented
+    col = next(i for i, h in enumerate(header[1:]) if h.startswith("linear_probe/top1"))
+    body = {r[0][0]: r[1:] for r in p.rows[1:]}
+    mean, std = np.mean(TOP1['mae']), np.std(TOP1['mae'], ddof=1)
+    assert body["mae"][col][0] == f"{mean:.2f} ± {std:.2f} n=3"
+    assert body["random"][col][0] == "10.00 n=1"
+    assert "All rows: suite smoke." in page
+
+
+def test_unit_from_metric_info_wins():
+    from harness.records import MetricInfo
+
+    rec = record("mae", 0, {"top1": 50.0})
+    rec.metric_info["top1"] = MetricInfo(higher_is_better=True, unit="pts")
+    assert leaderboard([rec]).units == {"linear_probe/top1": "pts"}
+
+
+def test_loss_curve_names_the_recipe_s_loss(tmp_path, monkeypatch):
+    from harness import html_report
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "loss.jsonl").write_text(
+        "".join(json.dumps({"step": i, "loss": 1 / i}) + "\n" for i in range(1, 5)))
+    recipe = {"name": "simmim", "target": {"type": "pixels"},
+              "loss": {"type": "smooth_l1", "on": "masked", "adv_weight": 0.0}}
+    rec = _pretrained(recipe=recipe, details={"stage": str(stage)})
+    seen = {}
+    real = html_report.loss_curve_png
+
+    def spy(path, title, loss=None):
+        seen["loss"] = loss
+        return real(path, title, loss)
+
+    monkeypatch.setattr(html_report, "loss_curve_png", spy)
+    page = format_html(leaderboard([rec]), [rec])
+    assert seen["loss"] == "smooth-L1 on masked patches' pixels"
+    assert "smooth-L1 on masked patches&#x27; pixels" in page
+    assert html_report.loss_name({"loss": {"type": "l2", "on": "all"},
+                                  "target": {"type": "norm_pixels"}}) == (
+        "L2 (MSE) on all patches' normalized pixels")

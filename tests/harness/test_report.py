@@ -220,14 +220,16 @@ def test_duplicates_keep_newest() -> None:
     assert any("duplicate" in n for n in lb.notes)
 
 
-def test_newer_failure_replaces_older_success() -> None:
+def test_ok_result_beats_a_newer_failure_of_the_same_run() -> None:
+    # the runner counts a run with an ok record as done; the report shows that result
     records = [
         record("mae", 0, {"top1": 70.0}, finished=1),
         record("mae", 0, status="failed", finished=2),
     ]
     lb = leaderboard(records)
-    assert lb.n.at["mae", "linear_probe/top1"] == 0
-    assert lb.failed.at["mae", "linear_probe/top1"]
+    assert lb.n.at["mae", "linear_probe/top1"] == 1
+    assert lb.mean.at["mae", "linear_probe/top1"] == 70.0
+    assert not lb.failed.at["mae", "linear_probe/top1"]
 
 
 def test_running_records_are_ignored() -> None:
@@ -252,6 +254,8 @@ def test_format_csv_columns_and_values() -> None:
     lb = leaderboard(standard_records())
     table = pd.read_csv(StringIO(format_csv(lb)), index_col="encoder")
     assert list(table.columns) == [
+        "suite",
+        "data",
         "linear_probe/loss/mean",
         "linear_probe/loss/std",
         "linear_probe/loss/n",
@@ -298,3 +302,200 @@ def test_write_report_without_records(tmp_path: Path) -> None:
         write_report(tmp_path, tmp_path / "out")
     with pytest.raises(ValueError, match="no records found"):
         write_report(tmp_path / "missing", tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- rows: issue 10
+
+
+def run_record(
+    name: str,
+    seed: int,
+    top1: float,
+    *,
+    suite: str = "s",
+    data: str = "shapes",
+    checkpoint: str | None = None,
+    sha256: str | None = None,
+    finished: int = 0,
+    status: str = "ok",
+) -> Record:
+    """A record as the runner writes it: config from run_config_for of a real suite."""
+    from harness.config import validate_config
+    from harness.runner import run_config_for
+
+    entry: dict[str, Any] = {"name": name}
+    if checkpoint is not None:
+        entry["checkpoint"] = checkpoint
+    else:
+        entry["encoder"] = {"arch": "vit_micro_32"}
+    suite_cfg = validate_config(
+        {"kind": "suite", "name": suite, "output_dir": "runs", "seeds": [seed],
+         "data": {"source": data}, "encoders": [entry], "tasks": [{"name": "linear_probe"}]},
+        source="test",
+    )
+    rc = run_config_for(suite_cfg.encoders[0], suite_cfg.tasks[0], suite_cfg, seed)
+    rc["task_version"] = 1
+    fields: dict[str, Any] = {
+        "run_id": new_run_id(f"{name}-linear_probe-s{seed}"),
+        "status": status,
+        "started_at": iso(finished - 1),
+        "finished_at": iso(finished),
+        "encoder": EncoderInfo(
+            name=name, arch="vit_micro_32", source="checkpoint" if checkpoint else "random",
+            checkpoint=checkpoint, sha256=sha256,
+        ),
+        "task": TaskInfo(name="linear_probe", version=1),
+        "metrics": {"top1": top1} if status == "ok" else {},
+        "metric_info": {"top1": MetricInfo(higher_is_better=True)},
+        "config": rc,
+        "seed": seed,
+        "suite": suite,
+    }
+    if status == "failed":
+        fields["error"] = ErrorInfo(type="RuntimeError", message="boom")
+    return Record(**fields)
+
+
+def _write_all(records: list[Record], directory: Path) -> list[Record]:
+    """Writes the records as files and reads them back as a report would."""
+    from harness.records import load_records
+
+    for rec in records:
+        write_record(rec, directory)
+    return load_records(directory, strict=True)
+
+
+def _md_rows(md: str) -> list[list[str]]:
+    """The cells of a markdown table's body rows."""
+    lines = [line for line in md.splitlines() if line.startswith("|")][2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_two_checkpoints_with_one_name_are_two_rows(tmp_path: Path) -> None:
+    # two `mimbench eval` runs of a/encoder.pth and b/encoder.pth into one output
+    sha_a, sha_b = "a" * 64, "b" * 64
+    records = _write_all([
+        run_record("encoder", 0, 40.0, checkpoint=str(tmp_path / "a/encoder.pth"), sha256=sha_a,
+                   finished=1),
+        run_record("encoder", 0, 60.0, checkpoint=str(tmp_path / "b/encoder.pth"), sha256=sha_b,
+                   finished=2),
+    ], tmp_path / "records")
+    lb = leaderboard(records)
+    assert len(lb.encoders) == 2  # nothing dropped as an "older duplicate"
+    assert not any("duplicate" in n for n in lb.notes)
+    by_name = {lb.row(label).encoder: label for label in lb.encoders}
+    assert set(by_name) == {"encoder [aaaaaaaa]", "encoder [bbbbbbbb]"}
+    assert lb.mean.at[by_name["encoder [aaaaaaaa]"], "linear_probe/top1"] == 40.0
+    assert lb.mean.at[by_name["encoder [bbbbbbbb]"], "linear_probe/top1"] == 60.0
+    assert any("2 different encoders are named 'encoder'" in n for n in lb.notes)
+    md = format_markdown(lb)
+    assert {row[0] for row in _md_rows(md)} == {"encoder [aaaaaaaa]", "encoder [bbbbbbbb]"}
+    csv = pd.read_csv(StringIO(format_csv(lb)))
+    assert sorted(csv["linear_probe/top1/mean"]) == [40.0, 60.0]
+
+
+def test_same_checkpoint_overwritten_with_other_weights_is_two_rows(tmp_path: Path) -> None:
+    path = str(tmp_path / "encoder.pth")  # same path and config hash, other file content
+    records = _write_all([
+        run_record("encoder", 0, 40.0, checkpoint=path, sha256="c" * 64, finished=1),
+        run_record("encoder", 0, 60.0, checkpoint=path, sha256="d" * 64, finished=2),
+    ], tmp_path / "records")
+    lb = leaderboard(records)
+    assert sorted(lb.mean["linear_probe/top1"]) == [40.0, 60.0]
+
+
+def test_one_encoder_on_two_datasets_is_two_rows(tmp_path: Path) -> None:
+    records = _write_all([
+        run_record("mae", 0, 30.0, data="shapes"),
+        run_record("mae", 0, 70.0, data=str(tmp_path / "imagenet-mini")),
+        run_record("mae", 1, 72.0, data=str(tmp_path / "imagenet-mini")),
+    ], tmp_path / "records")
+    lb = leaderboard(records)
+    rows = {(lb.row(k).encoder, lb.row(k).data): k for k in lb.encoders}
+    assert set(rows) == {("mae", "shapes"), ("mae", "imagenet-mini")}
+    assert lb.mean.at[rows[("mae", "shapes")], "linear_probe/top1"] == 30.0
+    assert lb.mean.at[rows[("mae", "imagenet-mini")], "linear_probe/top1"] == np.mean([70, 72])
+    assert lb.n.at[rows[("mae", "imagenet-mini")], "linear_probe/top1"] == 2
+    md = format_markdown(lb)
+    assert md.splitlines()[0].startswith("| encoder | data | linear_probe/top1")
+    assert sorted((r[0], r[1]) for r in _md_rows(md)) == [("mae", "imagenet-mini"),
+                                                           ("mae", "shapes")]
+    assert "suite s" in md  # shared by every row: said once
+    tex = format_latex(lb)
+    assert tex.startswith(r"\begin{tabular}{llr}") and "imagenet-mini" in tex
+
+
+def test_two_suites_sharing_names_are_two_rows(tmp_path: Path) -> None:
+    records = _write_all([
+        run_record("mae", 0, 30.0, suite="small", finished=1),
+        run_record("mae", 0, 50.0, suite="large", finished=2),
+        run_record("simmim", 0, 40.0, suite="small", finished=3),
+    ], tmp_path / "records")
+    lb = leaderboard(records)
+    assert len(lb.encoders) == 3
+    md = format_markdown(lb)
+    assert md.splitlines()[0].startswith("| encoder | suite | linear_probe/top1")
+    assert sorted((r[0], r[1], r[2]) for r in _md_rows(md)) == [
+        ("mae", "large", "**50.00**"), ("mae", "small", "30.00"), ("simmim", "small", "40.00")
+    ]
+    assert "data shapes" in md  # shared by every row: said once
+    got = {(lb.row(k).encoder, lb.row(k).suite): lb.mean.at[k, "linear_probe/top1"]
+           for k in lb.encoders}
+    assert got == {("mae", "small"): 30.0, ("mae", "large"): 50.0, ("simmim", "small"): 40.0}
+    csv = pd.read_csv(StringIO(format_csv(lb)))
+    assert sorted(zip(csv["encoder"], csv["suite"], strict=True)) == [
+        ("mae", "large"), ("mae", "small"), ("simmim", "small")]
+
+
+def test_duplicates_are_records_of_one_run_key_and_ok_wins(tmp_path: Path) -> None:
+    records = _write_all([
+        run_record("mae", 0, 10.0, finished=1),
+        run_record("mae", 0, 20.0, finished=2),  # the same run again: newest ok wins
+        run_record("mae", 0, 0.0, finished=3, status="failed"),  # a later failure of it
+        run_record("mae", 1, 40.0, finished=1),
+    ], tmp_path / "records")
+    lb = leaderboard(records)
+    assert lb.encoders == ["mae"]
+    assert lb.n.at["mae", "linear_probe/top1"] == 2
+    assert lb.mean.at["mae", "linear_probe/top1"] == np.mean([20.0, 40.0])
+    assert any("2 duplicate record(s) of the same run" in n for n in lb.notes)
+
+
+def test_one_suite_one_dataset_table_is_unchanged(tmp_path: Path) -> None:
+    records = _write_all([
+        run_record("mae", 0, 35.25), run_record("random-init", 0, 18.5),
+        run_record("simmim", 0, 31.75),
+    ], tmp_path / "records")
+    md = format_markdown(leaderboard(records))
+    assert md.splitlines()[:5] == [
+        "| encoder | linear_probe/top1 ↑ |",
+        "| --- | ---: |",
+        "| mae | **35.25** |",
+        "| random-init | 18.50 |",
+        "| simmim | 31.75 |",
+    ]
+    assert "All rows: suite s, data shapes." in md
+
+
+# --------------------------------------------------------------------------- skipped records
+
+
+def test_report_cli_names_a_truncated_record_once(tmp_path: Path, capsys) -> None:
+    from harness.cli import main
+
+    records_dir = tmp_path / "records"
+    good = [write_record(r, records_dir) for r in standard_records()]
+    cut = records_dir / "cut-in-half.json"
+    text = good[0].read_text()
+    cut.write_text(text[: len(text) // 2])
+    assert main(["report", str(records_dir), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    both = captured.out + captured.err
+    assert both.count("cut-in-half.json") == 1, both
+    assert f"mimbench: warning: skipped record {cut}: not valid JSON" in captured.err
+    assert "UserWarning" not in both
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert f"skipped record {cut}: not valid JSON" in md
+    assert "cut-in-half.json" in (tmp_path / "out" / "leaderboard.html").read_text()
+    # the other records are all reported
+    assert {r[0] for r in _md_rows(md)} == set(TOP1)
