@@ -400,9 +400,8 @@ def save_reconstruction_grid(
     model: MIMModel, root: Path, cfg: PretrainConfig, path: Path, device: torch.device
 ) -> Path:
     """Rows from :meth:`MIMModel.visualize`: original, masked input, then the recipe's rows."""
-    from torchvision.utils import make_grid
-
     from harness.fsutil import atomic_write_bytes
+    from pretrain.viz import render_recon_grid
 
     img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
     ds = imagefolder(root, "val", eval_transform(img_size, cfg.data.eval_crop_pct))
@@ -414,17 +413,11 @@ def save_reconstruction_grid(
     model.eval()
     out = model(imgs, mask)
     model.train(was_training)
-    rows = [img.float().clamp(0, 1).cpu() for _, img in model.visualize(imgs, out)]
-    grid = make_grid(torch.cat(rows), nrow=k, padding=1, pad_value=1.0)
-    up = max(1, 96 // img_size)
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+    # (name, [k, 3, H, W] in [0, 1]) per row, drawn with the row's label beside it
+    rows = [(name, img.float().clamp(0, 1).cpu()) for name, img in model.visualize(imgs, out)]
+    im = render_recon_grid(rows, scale=max(1, 96 // img_size))
     import io
 
-    from PIL import Image
-
-    im = Image.fromarray(arr)
-    if up > 1:
-        im = im.resize((im.width * up, im.height * up), Image.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

@@ -1,4 +1,6 @@
-"""Pictures of masks: one row per masking strategy, one column per sample (``mimbench viz masks``).
+"""Pictures of masks: one row per masking strategy, one column per sample (``mimbench viz masks``),
+and the labelled reconstruction grid of a pretraining run (``recon.png``, one named row per
+picture kind: original / masked / prediction / prediction + visible).
 
 Each strategy is drawn at its paper's setting unless a ratio is given: SimMIM's random masking
 of 32 px units at 0.6, MAE's shuffle at 0.75, BEiT's blocks at 75 of 196 patches, the Context
@@ -79,6 +81,50 @@ def render_masks(
             tile[::cell, :] = tile[::cell, :] * 0.85  # faint patch grid
             tile[:, ::cell] = tile[:, ::cell] * 0.85
             img.paste(Image.fromarray(tile), (label_w + s * (tile_w + gap), y))
+    return img
+
+
+#: How the reconstruction picture names the rows of :meth:`pretrain.model.MIMModel.visualize`.
+RECON_ROW_LABELS: dict[str, str] = {"pasted": "prediction + visible"}
+
+
+def recon_row_labels(names: list[str]) -> list[str]:
+    """The labels drawn beside the reconstruction rows named ``names`` (e.g. ``pasted`` ->
+    ``prediction + visible``)."""
+    return [RECON_ROW_LABELS.get(name, name) for name in names]
+
+
+def render_recon_grid(
+    rows: list[tuple[str, torch.Tensor]], scale: int = 1, label_w: int = 130, pad: int = 1
+) -> Image.Image:
+    """Draw the reconstruction rows: a label column, then one tile per image.
+
+    Args:
+        rows: ``(name, images [B, 3, H, W] in [0, 1])`` per row, e.g. from
+            :meth:`pretrain.model.MIMModel.visualize`; every row holds the same B images.
+        scale: Nearest-neighbour upscaling of the tiles (small images stay readable).
+        label_w: Width of the label column in pixels.
+        pad: White pixels between tiles.
+
+    Returns:
+        The RGB picture.
+    """
+    labels = recon_row_labels([name for name, _ in rows])
+    b, _, h, w = rows[0][1].shape
+    tile_h, tile_w = h * scale, w * scale
+    row_h = max(tile_h, 12)  # the label's text needs ~11 px
+    img = Image.new(
+        "RGB", (label_w + b * (tile_w + pad) + pad, len(rows) * (row_h + pad) + pad), "white"
+    )
+    draw = ImageDraw.Draw(img)
+    for r, ((_, images), label) in enumerate(zip(rows, labels, strict=True)):
+        y = pad + r * (row_h + pad)
+        draw.text((4, y + row_h // 2 - 6), label, fill="black")
+        # [B, 3, H, W] in [0, 1] -> [B, H, W, 3] uint8
+        arr = (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+        arr = arr.astype(np.uint8).repeat(scale, 1).repeat(scale, 2)
+        for i in range(b):
+            img.paste(Image.fromarray(arr[i]), (label_w + pad + i * (tile_w + pad), y))
     return img
 
 

@@ -57,3 +57,22 @@ def test_bench_times_a_recipe_and_the_mae_modes(monkeypatch, tmp_path):
     )
     assert set(out) >= {"visible", "mask_token", "speedup_step", "speedup_encoder"}
     assert out["speedup_step"] > 0 and out["visible"]["encoder_s"] > 0
+
+
+def test_recon_grid_labels_each_row():
+    from pretrain.viz import recon_row_labels, render_recon_grid
+
+    names = ["original", "masked", "prediction", "pasted"]
+    assert recon_row_labels(names) == ["original", "masked", "prediction", "prediction + visible"]
+    rows = [(name, torch.full((3, 3, 8, 8), 0.5)) for name in names]  # [B, 3, H, W] grey
+    img = render_recon_grid(rows, scale=2, label_w=130, pad=1)
+    px = torch.tensor(list(img.getdata())).view(img.height, img.width, 3)
+    assert img.width == 130 + 3 * (16 + 1) + 1 and img.height == 4 * (16 + 1) + 1
+    for r in range(4):  # text pixels in the label column of every row band
+        band = px[1 + r * 17: 1 + r * 17 + 16, :130]
+        assert (band.sum(-1) < 200).any(), f"row {r} has no label"
+    # the longest label is drawn wider than the shortest
+    widths = [int((px[1 + r * 17: 1 + r * 17 + 16, :130].sum(-1) < 200).any(0).nonzero().max())
+              for r in range(4)]
+    assert widths[3] > widths[1]
+    assert px[1 + 8, 130 + 1 + 8].tolist() == [128, 128, 128]  # the first tile: the image
