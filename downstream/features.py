@@ -4,12 +4,15 @@ A cache entry holds, for every image of one split, the class token and the avera
 tokens after each of the last ``n`` blocks (each through the encoder's final norm, as DINOv2's
 ``get_intermediate_layers(norm=True)``), for ``V`` views: view 0 is the evaluation transform
 (resize + center crop), views 1..V-1 are random training augmentations seeded by
-(seed, view, image index). Images that cannot be decoded are skipped and counted.
+(seed, view, image index). Images that cannot be decoded are skipped, counted and named on the
+log; the entry stores their names, so a strict run fails on them even when the features come
+from the cache.
 
-Entries are keyed by what determines the numbers: a hash of the encoder's weights (the
-checkpoint hash), the dataset (root, class names, file list), the split, the transforms, the
-device kind and precision. A request is served by any entry with at least as many blocks and
-views (same key; views > 1 must share the augmentation), so kNN reuses what the linear probe
+Entries are keyed by what determines the numbers: a hash of the encoder's weights, the dataset
+(root, class names, and every file's path, label, size and modification time, so an image
+rewritten in place is a new key), the split, the transforms, the device kind, the autocast
+precision and the storage dtype. A request is served by any entry with at least as many blocks
+and views (same key; views > 1 must share the augmentation), so kNN reuses what the linear probe
 extracted. Files are safetensors, written atomically; the default location is
 ``$MIMBENCH_CACHE/features`` (``~/.cache/mimbench/features``).
 """
@@ -20,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from harness.fsutil import canonical_json
 from harness.tracking import progress
 
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2  # 2: file sizes and mtimes in the key, skipped files stored
 
 
 def default_feature_cache_dir() -> Path:
@@ -51,12 +54,18 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
 
 
 def dataset_fingerprint(ds: Any) -> str:
-    """SHA-256 of an ImageFolder's root, classes and (relative path, label) list."""
+    """SHA-256 of an ImageFolder's root, classes and (relative path, label, size, mtime) list.
+
+    Size and modification time (ns) stand for each file's contents: an image rewritten in place
+    changes the fingerprint without reading any image (one ``stat`` per file).
+    """
     root = Path(ds.root).resolve()
     h = hashlib.sha256(str(root).encode())
     h.update(json.dumps(list(ds.classes)).encode())
     for path, target in ds.samples:
-        h.update(f"{os.path.relpath(path, root)}\t{target}\n".encode())
+        st = os.stat(path)
+        rel = os.path.relpath(path, root)
+        h.update(f"{rel}\t{target}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -100,6 +109,7 @@ class Features:
         seconds: Extraction time (0 when read from the cache).
         path: The cache file (None when caching is off).
         from_cache: Whether the features were read from the cache.
+        skipped_files: Paths of the unreadable images, relative to the split folder.
     """
 
     feats: dict[str, torch.Tensor]
@@ -108,6 +118,7 @@ class Features:
     seconds: float
     path: Path | None
     from_cache: bool
+    skipped_files: list[str] = field(default_factory=list)
 
     @property
     def num_views(self) -> int:
@@ -174,7 +185,7 @@ def extract(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     log: Any = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Run the frozen encoder over ``ds`` once per view.
 
     Args:
@@ -184,9 +195,12 @@ def extract(
         n_blocks: How many last blocks to keep.
 
     Returns:
-        ``({'cls' | 'avg': [N, V, n_blocks, D]}, labels [N], number of images skipped)``.
+        ``({'cls' | 'avg': [N, V, n_blocks, D]}, labels [N], paths of the images skipped)``.
+
+    Raises:
+        DatasetError: No image of ``ds`` could be read.
     """
-    from harness.data.datasets import collate_skipping
+    from harness.data.datasets import SkipTally, collate_skipping
     from pretrain.engine import autocast_dtype
 
     encoder.eval()
@@ -220,6 +234,9 @@ def extract(
             ys.append(y)
         kept_v = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.bool)
         if kept_all is None:
+            tally = SkipTally(ds, "")
+            tally.add(range(len(kept_v)), kept_v)
+            tally.check_readable()  # before any torch.cat of nothing
             kept_all, labels = kept_v, (torch.cat(ys) if ys else labels)
         elif not torch.equal(kept_all, kept_v):
             raise RuntimeError("the set of readable images changed between views")
@@ -227,8 +244,8 @@ def extract(
         if log is not None:
             log(f"[features] view {v}: {int(kept_v.sum())} images in {time.time() - t0:.1f}s")
     feats = {p: torch.stack([pv[p] for pv in per_view], dim=1) for p in pools}  # [N, V, n, D]
-    skipped = int((~kept_all).sum()) if kept_all is not None else 0
-    return feats, labels, skipped
+    skipped = (~kept_all).nonzero().flatten().tolist() if kept_all is not None else []
+    return feats, labels, sorted(os.path.relpath(ds.samples[i][0], ds.root) for i in skipped)
 
 
 def _split_key(
@@ -288,8 +305,12 @@ def get_features(
     num_workers: int = 0,
     log: Any = None,
     encoder_hash: str | None = None,
+    strict: bool | None = None,
 ) -> Features:
     """Features of ``ds`` (one split) from the cache, or extracted and cached.
+
+    Unreadable images are left out and named on ``log`` (once, whether the features come from
+    the cache or not).
 
     Args:
         encoder: Frozen encoder wrapper.
@@ -305,16 +326,20 @@ def get_features(
         use_cache: Read and write the cache.
         dtype: Storage dtype (float16 halves memory, e.g. for ImageNet).
         encoder_hash: Precomputed :func:`encoder_fingerprint`.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save
+        strict: Unreadable images are fatal, also when a non-strict run cached the features
+            (default: ``ds.strict``).
 
-    from harness.fsutil import atomic_write_bytes
+    Raises:
+        DatasetError: ``strict`` and an image is unreadable, or no image of ``ds`` is readable.
+    """
+    from harness.data.datasets import skipped_message, unreadable_image_error
 
     n_blocks = max(1, min(n_blocks, max_blocks(encoder)))
     if views > 1 and aug_tf is None:
         raise ValueError("views > 1 needs an augmentation transform")
+    strict = bool(getattr(ds, "strict", False)) if strict is None else strict
     cache = Path(cache_dir).expanduser() if cache_dir else default_feature_cache_dir()
+    got: Features | None = None
     key = aug = ""
     if use_cache:
         key = _split_key(
@@ -323,32 +348,74 @@ def get_features(
         aug = _aug_key(aug_tf, seed) if views > 1 else "x"
         hit = _find(cache, key, n_blocks, views, aug)
         if hit is not None:
-            tensors = load_file(str(hit))
-            with safe_open(str(hit), framework="pt") as f:
-                meta = f.metadata()
-            feats = {p: t[:, :views, -n_blocks:] for p, t in tensors.items() if p in ("cls", "avg")}
+            got = _read_entry(hit, views, n_blocks)
             if log is not None:
                 log(f"[features] {split}: read from cache {hit.name}")
-            return Features(
-                feats, tensors["labels"], int(meta.get("num_skipped", 0)), 0.0, hit, True
-            )
+            if strict and got.skipped_files:  # the key pins the files: they are unreadable still
+                raise unreadable_image_error(
+                    Path(ds.root) / got.skipped_files[0],
+                    f"one of {got.num_skipped} that the non-strict run which cached these "
+                    "features skipped",
+                )
+    if got is None:
+        path = cache / f"{key}-v{views}-{aug}-b{n_blocks}.safetensors" if use_cache else None
+        got = _extract_and_store(
+            encoder, ds, split, [eval_tf] + [aug_tf] * (views - 1), n_blocks, device, seed,
+            dtype, batch_size, num_workers, log, path,
+        )  # fmt: skip
+    if got.skipped_files and log is not None:  # once per split, from the cache or not
+        log(skipped_message(split, Path(ds.root), got.skipped_files, len(ds)))
+    return got
+
+
+def _read_entry(path: Path, views: int, n_blocks: int) -> Features:
+    """The first ``views`` views and last ``n_blocks`` blocks of the cache file ``path``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    feats = {p: t[:, :views, -n_blocks:] for p, t in tensors.items() if p in ("cls", "avg")}
+    skipped = json.loads(meta.get("skipped_files", "[]"))
+    return Features(feats, tensors["labels"], len(skipped), 0.0, path, True, skipped)
+
+
+def _extract_and_store(
+    encoder: nn.Module,
+    ds: Any,
+    split: str,
+    tfs: list[Any],
+    n_blocks: int,
+    device: torch.device,
+    seed: int,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_workers: int,
+    log: Any,
+    path: Path | None,
+) -> Features:
+    """Extract the features of ``ds`` (one transform per view) and write them to ``path``
+    (None: caching off)."""
+    from safetensors.torch import save
+
+    from harness.fsutil import atomic_write_bytes
+
     t0 = time.time()
-    tfs = [eval_tf] + [aug_tf] * (views - 1)
     feats, labels, skipped = extract(
         encoder, ds, tfs, n_blocks, device, batch_size, num_workers, seed, dtype, log
     )
     secs = time.time() - t0
-    path = None
-    if use_cache:
-        path = cache / f"{key}-v{views}-{aug}-b{n_blocks}.safetensors"
+    if path is not None:
         blob = save(
             {**{p: t.contiguous() for p, t in feats.items()}, "labels": labels.contiguous()},
             metadata={
-                "num_skipped": str(skipped),
+                "num_skipped": str(len(skipped)),
+                "skipped_files": json.dumps(skipped),
                 "split": split,
                 "root": str(ds.root),
                 "seconds": f"{secs:.3f}",
             },
         )
         atomic_write_bytes(path, blob)
-    return Features(feats, labels, skipped, secs, path, False)
+    return Features(feats, labels, len(skipped), secs, path, False, skipped)

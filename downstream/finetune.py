@@ -305,23 +305,33 @@ def _seed_step(seed: int, step: int, device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    amp: torch.dtype | None,
+    log: Any = None,
 ) -> tuple[float, float, int, int]:
-    """``(top1, top5, images, skipped)`` on a loader of ``(x, y, kept)`` batches."""
+    """``(top1, top5, images, skipped)`` on a sequential loader of ``(x, y, kept)`` batches over
+    a checked ImageFolder (unreadable files are named on ``log`` when given)."""
     from downstream.linear_probe import topk_accuracy
+    from harness.data.datasets import SkipTally
 
     model.eval()
-    logits, labels, skipped = [], [], 0
+    logits, labels = [], []
+    skips = SkipTally(loader.dataset, "val")
     for x, y, keep in loader:
-        skipped += int((~keep).sum())
+        skips.add(range(skips.seen, skips.seen + len(keep)), keep)
         if x.numel() == 0:
             continue
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(x.to(device, non_blocking=True))
         logits.append(out.float().cpu())
         labels.append(y)
+    if log is not None:
+        skips.report(log)
+    skips.check_readable()
     lv, yv = torch.cat(logits), torch.cat(labels)
-    return topk_accuracy(lv, yv, 1), topk_accuracy(lv, yv, 5), int(yv.numel()), skipped
+    return topk_accuracy(lv, yv, 1), topk_accuracy(lv, yv, 5), int(yv.numel()), skips.num_skipped
 
 
 # --------------------------------------------------------------------------- task
@@ -347,6 +357,7 @@ class Finetune(Task):
         from harness.data.datasets import (
             IMAGENET_MEAN,
             IMAGENET_STD,
+            SkipTally,
             collate_skipping,
             eval_transform,
             imagefolder_checked,
@@ -376,10 +387,10 @@ class Finetune(Task):
                 std=IMAGENET_STD,
             )
         )
-        train = imagefolder_checked(root, "train", train_tf, cfg.strict_data)
-        val = imagefolder_checked(
-            root, "val", eval_transform(img, ctx.data.eval_crop_pct), cfg.strict_data
-        )
+        strict = cfg.strict_data or ctx.data.strict_data
+        train = imagefolder_checked(root, "train", train_tf, strict)
+        val = imagefolder_checked(root, "val", eval_transform(img, ctx.data.eval_crop_pct), strict)
+        train_skips = SkipTally(train, "train")
         num_classes = len(train.classes)
         n = len(train)
         micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
@@ -502,6 +513,9 @@ class Finetune(Task):
                         for grp in opt.param_groups:
                             grp["lr"] = lr * grp["lr_scale"]
                     skipped += int((~keep).sum())
+                    train_skips.add(micro_batches[i], keep)
+                    train_skips.report(ctx.log)  # each unreadable file named once
+                    train_skips.check_readable()
                     if x.shape[0] % 2 and mixer is not None:  # batch mixing pairs samples up
                         x, y = x[:-1], y[:-1]
                     if x.shape[0] > 0:
@@ -560,7 +574,7 @@ class Finetune(Task):
             bar.close()
             scalars.close()
         t_train = time.time() - t_train0
-        top1, top5, n_val, val_skipped = evaluate(model, vloader, device, amp)
+        top1, top5, n_val, val_skipped = evaluate(model, vloader, device, amp, ctx.log)
         evals.append({"epoch": step / steps_per_epoch, "top1": top1, "top5": top5})
         ctx.log(f"[finetune] val top1 {top1:.2f} top5 {top5:.2f} after {step} steps")
         if not cfg.keep_checkpoint and ckpt_path.is_file():

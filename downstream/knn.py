@@ -116,8 +116,9 @@ class KNN(Task):
         t0 = time.time()
         root = resolve_imagefolder_root(ctx.data)
         tf = eval_transform(int(encoder.cfg.img_size), ctx.data.eval_crop_pct)
-        train = imagefolder_checked(root, "train", None, cfg.strict_data)
-        val = imagefolder_checked(root, "val", None, cfg.strict_data)
+        strict = cfg.strict_data or ctx.data.strict_data
+        train = imagefolder_checked(root, "train", None, strict)
+        val = imagefolder_checked(root, "val", None, strict)
         num_classes = len(train.classes)
         common = dict(
             n_blocks=1,

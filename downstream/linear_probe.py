@@ -317,8 +317,9 @@ class LinearProbe(Task):
         img = int(encoder.cfg.img_size)
         tf = eval_transform(img, ctx.data.eval_crop_pct)
         aug = probe_train_transform(img, (0.08, 1.0), True) if cfg.train_views > 1 else None
-        train = imagefolder_checked(root, "train", None, cfg.strict_data)
-        val = imagefolder_checked(root, "val", None, cfg.strict_data)
+        strict = cfg.strict_data or ctx.data.strict_data
+        train = imagefolder_checked(root, "train", None, strict)
+        val = imagefolder_checked(root, "val", None, strict)
         num_classes = len(train.classes)
         poolings = [p for p in cfg.pooling if p == "avg" or "cls" in supported_poolings(encoder)]
         if not poolings:
@@ -498,6 +499,7 @@ class LinearProbeFaithful(Task):
         from harness.config import ConfigError
         from harness.data.datasets import (
             SeededDataset,
+            SkipTally,
             collate_skipping,
             eval_transform,
             imagefolder_checked,
@@ -511,12 +513,14 @@ class LinearProbeFaithful(Task):
         amp = autocast_dtype("auto", device)
         root = resolve_imagefolder_root(ctx.data)
         img = int(encoder.cfg.img_size)
+        strict = cfg.strict_data or ctx.data.strict_data
         train = imagefolder_checked(
-            root, "train", probe_train_transform(img, cfg.crop_scale, cfg.hflip), cfg.strict_data
+            root, "train", probe_train_transform(img, cfg.crop_scale, cfg.hflip), strict
         )
         val = imagefolder_checked(
-            root, "val", eval_transform(img, ctx.data.eval_crop_pct), cfg.strict_data
+            root, "val", eval_transform(img, ctx.data.eval_crop_pct), strict
         )
+        train_skips, val_skips = SkipTally(train, "train"), SkipTally(val, "val")
         num_classes = len(train.classes)
         n = len(train)
         steps_per_epoch = n // cfg.batch_size
@@ -601,6 +605,9 @@ class LinearProbeFaithful(Task):
                     for grp in opt.param_groups:
                         grp["lr"] = lr
                 skipped += int((~keep).sum())
+                train_skips.add(micro[i], keep)
+                train_skips.report(ctx.log)  # each unreadable file named once
+                train_skips.check_readable()
                 if x.shape[0] > 1:  # BatchNorm needs two samples
                     loss = F.cross_entropy(head(forward_feats(x)), y.to(device))
                     (loss / accum).backward()
@@ -640,13 +647,15 @@ class LinearProbeFaithful(Task):
             num_workers=workers,
             collate_fn=collate_skipping,
         )
-        val_skipped = 0
         with torch.no_grad():
             for x, y, keep in vloader:
-                val_skipped += int((~keep).sum())
+                val_skips.add(range(val_skips.seen, val_skips.seen + len(keep)), keep)
                 if x.numel():
                     logits.append(head(forward_feats(x)).cpu())
                     labels.append(y)
+        val_skips.report(ctx.log)
+        val_skips.check_readable()
+        val_skipped = val_skips.num_skipped
         lv, yv = torch.cat(logits), torch.cat(labels)
         top1, top5 = topk_accuracy(lv, yv, 1), topk_accuracy(lv, yv, 5)
         ctx.log(f"[linear_probe_faithful] val top1 {top1:.2f} top5 {top5:.2f}")

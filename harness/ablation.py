@@ -39,7 +39,13 @@ import yaml
 from harness.errors import UserError
 from harness.fsutil import PathLike, atomic_write_text
 from harness.records import Record, SweepInfo, load_records, parse_timestamp
-from harness.report import PARTIAL_FAILURE_MARK, latex_escape, newest_task_versions
+from harness.report import (
+    PARTIAL_FAILURE_MARK,
+    data_key,
+    data_labels,
+    latex_escape,
+    newest_task_versions,
+)
 from harness.sweep import tag_text, variant_name
 
 #: The published numbers shipped with the repository.
@@ -229,9 +235,28 @@ def ablation_tables(
         published: Published tables by id (:func:`load_published`); None: no published numbers.
     """
     records = list(records)
-    return [
-        ablation_table(records, name, (published or {}).get(name)) for name in sweep_names(records)
-    ]
+    tables = []
+    for name in sweep_names(records):
+        groups = _origin_groups([r for r in records if r.sweep is not None and r.sweep.name == name])
+        labels = data_labels({data for _, data in groups})
+        for (suite, data), group in groups.items():
+            t = ablation_table(group, name, (published or {}).get(name))
+            if len(groups) > 1:  # one table per (suite, data): never averaged across them
+                t.name = f"{name} ({suite or 'no suite'}, {labels[data] or 'no data'})"
+                t.notes.append(
+                    f"sweep '{name}' has records of {len(groups)} (suite, data) pairs; each has "
+                    "its own table."
+                )
+            tables.append(t)
+    return tables
+
+
+def _origin_groups(records: Sequence[Record]) -> dict[tuple[str, str], list[Record]]:
+    """The records by the suite and the data of their runs, in first-seen order."""
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.suite or "", data_key(r)), []).append(r)
+    return groups
 
 
 def ablation_table(
@@ -373,11 +398,13 @@ def _source_notes(
 
 
 def _newest_per_cell(records: Sequence[Record]) -> tuple[list[Record], int]:
-    """The newest record per (row, encoder, task, task version, seed) and how many were dropped."""
+    """The newest record per (suite, data, row, encoder, task, task version, seed) and how many
+    were dropped."""
     newest: dict[tuple[Any, ...], Record] = {}
     for r in records:
         assert r.sweep is not None
-        key = (_tags_key(r.sweep.tags), _base_encoder(r), r.task.name, r.task.version, r.seed)
+        key = (r.suite, data_key(r), _tags_key(r.sweep.tags), _base_encoder(r), r.task.name,
+               r.task.version, r.seed)
         if key not in newest or _recency(r) > _recency(newest[key]):
             newest[key] = r
     return list(newest.values()), len(records) - len(newest)

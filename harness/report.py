@@ -381,7 +381,7 @@ def assign_rows(
         ``run_id`` -> row label, row label -> :class:`RowInfo`, and a note per name that
         several different encoders share.
     """
-    data_labels = _data_labels([_data_key(r) for r in records])
+    data_labels = data_labels([data_key(r) for r in records])
     by_row: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
     for record in sorted(records, key=_recency):
         by_row[_row_identity(record)].append(record)
@@ -405,7 +405,7 @@ def assign_rows(
 def _row_identity(record: Record) -> tuple[str, str, str, str]:
     """(suite, data key, encoder name, encoder identity) of a record's row."""
     suite = record.suite or str(record.config.get("suite") or "")
-    return suite, _data_key(record), record.encoder.name, _encoder_identity(record)
+    return suite, data_key(record), record.encoder.name, _encoder_identity(record)
 
 
 def _encoder_identity(record: Record) -> str:
@@ -420,7 +420,7 @@ def _encoder_identity(record: Record) -> str:
     return json.dumps([entry, weights], sort_keys=True, default=str)
 
 
-def _data_key(record: Record) -> str:
+def data_key(record: Record) -> str:
     """The dataset of a record's run: its data config less the loader settings ("" if none)."""
     data = record.config.get("data")
     if not isinstance(data, dict):
@@ -428,7 +428,7 @@ def _data_key(record: Record) -> str:
     return json.dumps({k: v for k, v in data.items() if k != "num_workers"}, sort_keys=True)
 
 
-def _data_labels(keys: Iterable[str]) -> dict[str, str]:
+def data_labels(keys: Iterable[str]) -> dict[str, str]:
     """A short, distinct label per data key: ``shapes`` or the ImageFolder directory's name;
     the whole path where two share a name, plus a hash where they still collide."""
     distinct = sorted(set(keys))

@@ -39,9 +39,13 @@ from torch.utils.data import DataLoader
 from harness import distributed
 from harness.config import ConfigError, PretrainConfig, dump_config, to_plain
 from harness.data.datasets import (
+    DatasetError,
     SeededDataset,
+    SkipTally,
+    all_unreadable_error,
+    collate_skipping,
     eval_transform,
-    imagefolder,
+    imagefolder_checked,
     pretrain_transform,
     resolve_imagefolder_root,
 )
@@ -160,15 +164,56 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _image_sampler(ds: SeededDataset, seed: int, device: torch.device):
-    """``n -> [n, 3, H, W]``: the first ``n`` training images of a seeded order (epoch-0
-    augmentation), cycling when the split is smaller; what tokenizers fit on."""
+    """``n -> [n, 3, H, W]``: the first ``n`` readable training images of a seeded order
+    (epoch-0 augmentation), cycling when the split is smaller; what tokenizers fit on."""
 
     def sample(n: int) -> torch.Tensor:
         ds.set_epoch(0)
         order = _epoch_order(len(ds), seed, -1)
-        return torch.stack([ds[order[i % len(order)]][0] for i in range(n)]).to(device)
+        return torch.stack(_readable(ds, order, n)).to(device)
 
     return sample
+
+
+def _readable(ds: Any, order: list[int], n: int) -> list[torch.Tensor]:
+    """The images of the first ``n`` readable samples of ``ds`` in ``order`` (cycling).
+
+    Raises:
+        DatasetError: No sample of ``order`` is readable.
+    """
+    picked: list[torch.Tensor] = []
+    i = 0
+    while len(picked) < n:
+        if i == len(order) and not picked:
+            raise all_unreadable_error(getattr(ds, "base", ds))  # unwrap a SeededDataset
+        item = ds[order[i % len(order)]]
+        if item is not None:  # None: an unreadable file (skipped)
+            picked.append(item[0])
+        i += 1
+    return picked
+
+
+def _check_batch_readable(tally: SkipTally, world: int, step: int) -> None:
+    """A local batch whose images are all unreadable: fine for one process (the step makes no
+    update) when some image of the split is readable; otherwise a clear error.
+
+    Raises:
+        DatasetError: No image of the split decodes, or a data-parallel rank has nothing to
+            forward (its gradient all-reduce would wait for ever).
+    """
+    tally.check_readable()
+    if world > 1:
+        raise DatasetError(
+            f"step {step}: every image of this rank's batch is unreadable, which data-parallel "
+            "training cannot skip; remove the unreadable files (named above) or raise "
+            "train.batch_size"
+        )
+
+
+def _skipped_files(prior: set[str], tally: SkipTally) -> list[str]:
+    """Every rank's unreadable training files met so far (a collective under torchrun)."""
+    mine = sorted(prior | set(tally.paths()))
+    return sorted(set().union(*map(set, distributed.all_gather_object(mine))))
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=print) -> PretrainResult:  # noqa: C901
@@ -201,9 +246,14 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
 
     root = resolve_imagefolder_root(cfg.data)
     img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
-    train_ds = SeededDataset(
-        imagefolder(root, "train", pretrain_transform(img_size, t.crop_scale, t.hflip)), cfg.seed
-    )
+    # unreadable files are skipped, counted and named on the log (fatal with data.strict_data)
+    base_ds = imagefolder_checked(
+        root, "train", pretrain_transform(img_size, t.crop_scale, t.hflip),
+        strict=cfg.data.strict_data, min_classes=1,
+    )  # fmt: skip
+    train_ds = SeededDataset(base_ds, cfg.seed)
+    skips = SkipTally(base_ds, "pretraining train split")
+    skipped_before: set[str] = set()  # unreadable files met by earlier sessions of this run
     n = len(train_ds)
     steps_per_epoch = n // t.batch_size
     if steps_per_epoch == 0:
@@ -243,6 +293,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
         opt.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
         history = list(ck["history"])
+        skipped_before = set(ck.get("skipped_files", []))
         per_rank = ck.get("rng_ranks")
         if world > 1 and per_rank is not None and len(per_rank) == world:
             _set_rng_state(per_rank[rank], device)
@@ -279,6 +330,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
             "history": history,
             "config_hash": chash,
             "rng": _rng_state(device),
+            "skipped_files": _skipped_files(skipped_before, skips),  # a collective too
         }
         if world > 1:  # a collective: every rank calls it, rank 0 writes
             ck["rng_ranks"] = distributed.all_gather_object(_rng_state(device))
@@ -312,15 +364,30 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
             loader = DataLoader(
                 train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
                 pin_memory=device.type == "cuda", persistent_workers=False,
+                collate_fn=collate_skipping,
             )
-            for imgs, _ in loader:
+            for j, (imgs, _, keep) in enumerate(loader):
+                skips.add(batches[j], keep)
+                skips.report(log)  # names each unreadable file once
                 lr = lr_at(step, total_steps, warmup_steps, peak_lr, t.min_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                # masks of the whole global batch, then this rank's rows: the union over ranks is
-                # the single-process mask
-                mask = model.masker(imgs.shape[0] * world, generator=_mask_generator(cfg.seed, step))
-                mask = mask[lo : lo + imgs.shape[0]]  # [b, L]
+                # masks of the whole global batch, then this rank's rows (the union over ranks is
+                # the single-process mask), less the rows of unreadable images
+                mask = model.masker(t.batch_size, generator=_mask_generator(cfg.seed, step))
+                mask = mask[lo : lo + local_batch][keep]  # [b, L]
+                if imgs.shape[0] == 0:  # every image unreadable: this step makes no update
+                    _check_batch_readable(skips, world, step)
+                    step += 1
+                    log(f"[pretrain {cfg.name}] step {step}: no readable image in the batch, "
+                        "no update")  # fmt: skip
+                    if bar is not None:
+                        bar.update(1)
+                    if step % t.ckpt_every_steps == 0 or step == total_steps:
+                        save_checkpoint()
+                    if step >= total_steps:
+                        break
+                    continue
                 imgs = imgs.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -363,17 +430,22 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
 
     wall = time.time() - t0
     recon = out / "recon.png" if t.num_recon_images > 0 else None
+    skipped = _skipped_files(skipped_before, skips)  # a collective: before the rank-0 block
+    if skipped:
+        log(f"[pretrain {cfg.name}] {len(skipped)} unreadable training image(s) skipped "
+            f"(listed in {SUMMARY})")  # fmt: skip
     if is_main:  # the other ranks wait at the barrier below until the outputs exist
         meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": step}
         model.encoder.save_timm(out / ENCODER, meta=meta)
         if recon is not None:
-            recon = save_reconstruction_grid(model, root, cfg, recon, device)
+            recon = save_reconstruction_grid(model, root, cfg, recon, device, log)
         atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         atomic_write_json(
             out / SUMMARY,
             {
                 "status": "ok", "final_loss": last_loss, "steps": step, "wall_s": wall,
                 "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
+                "skipped_images": {"train": len(skipped)}, "skipped_files": skipped,
                 **({"world_size": world} if world > 1 else {}),
             },
         )
@@ -397,17 +469,36 @@ def _to_py_state(state: list) -> tuple:
 
 @torch.no_grad()
 def save_reconstruction_grid(
-    model: MIMModel, root: Path, cfg: PretrainConfig, path: Path, device: torch.device
-) -> Path:
-    """Rows from :meth:`MIMModel.visualize`: original, masked input, then the recipe's rows."""
+    model: MIMModel,
+    root: Path,
+    cfg: PretrainConfig,
+    path: Path,
+    device: torch.device,
+    log: Any = print,
+) -> Path | None:
+    """Rows from :meth:`MIMModel.visualize`: original, masked input, then the recipe's rows.
+
+    Images come evenly spaced from the val split, unreadable files skipped; without a readable
+    val image there is no picture (None), the run's outputs are kept.
+    """
     from harness.fsutil import atomic_write_bytes
     from pretrain.viz import render_recon_grid
 
     img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
-    ds = imagefolder(root, "val", eval_transform(img_size, cfg.data.eval_crop_pct))
+    ds = imagefolder_checked(
+        root, "val", eval_transform(img_size, cfg.data.eval_crop_pct), min_classes=1
+    )
     k = min(cfg.train.num_recon_images, len(ds))
     step = max(1, len(ds) // k)
-    imgs = torch.stack([ds[i * step][0] for i in range(k)]).to(device)
+    spaced = [i * step for i in range(k)]
+    try:  # the spaced images, then others in place of unreadable ones
+        chosen = set(spaced)
+        rest = [i for i in range(len(ds)) if i not in chosen]
+        picked = _readable(ds, spaced + rest, k)
+    except DatasetError as exc:
+        log(f"[pretrain {cfg.name}] no reconstruction picture: {exc}")
+        return None
+    imgs = torch.stack(picked).to(device)
     mask = model.masker(k, generator=_mask_generator(cfg.seed, -1)).to(device)
     was_training = model.training
     model.eval()

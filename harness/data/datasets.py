@@ -1,6 +1,12 @@
 """Image datasets and transforms: ImageFolder roots (ImageNet-1k's layout, or the embedded
 synthetic "shapes" generated on demand), with a clear message for a wrong layout.
 
+One ImageFolder loader serves pretraining and every classification task:
+:func:`imagefolder_checked`. Unreadable image files are skipped (``None`` samples, dropped by
+:func:`collate_skipping`), counted and named once on the log (:class:`SkipTally`), or fatal with
+``strict``; a split none of whose images decodes, and a classification split with a single
+class, are errors that say so.
+
 Augmentation randomness is seeded per (seed, epoch, sample index) inside
 :class:`SeededDataset`, so a batch's content depends on neither the number of loader workers nor
 on whether the run was interrupted and resumed.
@@ -8,6 +14,8 @@ on whether the run was interrupted and resumed.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,25 +103,21 @@ def check_imagefolder_split(split_dir: Path) -> list[str]:
     return classes
 
 
-def imagefolder(root: Path, split: str, transform: Any) -> datasets.ImageFolder:
-    """torchvision ImageFolder over ``root/split`` (classes must agree between splits)."""
-    ds = datasets.ImageFolder(str(root / split), transform=transform)
-    if split != "train" and (root / "train").is_dir():
-        train_classes = check_imagefolder_split(root / "train")
-        if ds.classes != train_classes:
-            raise DatasetError(
-                f"class folders differ between {root / 'train'} and {root / split}: "
-                f"{sorted(set(ds.classes) ^ set(train_classes))[:10]}"
-            )
-    return ds
+def unreadable_image_error(path: str | Path, reason: str) -> DatasetError:
+    """The error of a strict run on an image file PIL cannot decode (``reason`` says why)."""
+    return DatasetError(
+        f"unreadable image {path} ({reason}); remove or replace it, or run without --strict "
+        "(strict_data: false) to skip unreadable files (they are counted in the record)"
+    )
 
 
 class CheckedImageFolder(datasets.ImageFolder):
     """An ImageFolder that survives unreadable image files.
 
     A file PIL cannot decode (corrupt, truncated, not an image) makes ``__getitem__`` return
-    ``None`` (batch with :func:`collate_skipping`, which drops it and says which ones it kept),
-    or, with ``strict``, raise :class:`DatasetError` naming the file.
+    ``None`` (batch with :func:`collate_skipping`, which drops it and says which ones it kept;
+    count and name them with :class:`SkipTally`), or, with ``strict``, raise
+    :class:`DatasetError` naming the file.
     """
 
     def __init__(self, root: str, transform: Any = None, strict: bool = False) -> None:
@@ -126,19 +130,37 @@ class CheckedImageFolder(datasets.ImageFolder):
             sample = self.loader(path)
         except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
             if self.strict:
-                raise DatasetError(
-                    f"unreadable image {path} ({type(exc).__name__}: {exc}); remove or replace it, "
-                    "or run without --strict to skip unreadable files (they are counted in the record)"
-                ) from None
+                raise unreadable_image_error(path, f"{type(exc).__name__}: {exc}") from None
             return None
         if self.transform is not None:
             sample = self.transform(sample)
         return sample, target
 
 
-def imagefolder_checked(root: Path, split: str, transform: Any, strict: bool = False) -> CheckedImageFolder:
-    """Like :func:`imagefolder`, with unreadable files skipped (or fatal with ``strict``)."""
-    check_imagefolder_split(root / split)
+def imagefolder_checked(
+    root: Path, split: str, transform: Any, strict: bool = False, min_classes: int = 2
+) -> CheckedImageFolder:
+    """The ImageFolder of ``root/split``, unreadable files skipped (or fatal with ``strict``).
+
+    Args:
+        root: Dataset root (holding ``train/`` and ``val/``).
+        split: ``train`` or ``val``; a split other than train must have train's classes.
+        transform: Applied to each decoded image.
+        strict: Unreadable files raise instead of being skipped.
+        min_classes: Fewest class folders accepted: 2 for classification (with one class every
+            prediction is right and accuracy reads 100), 1 for pretraining (labels unused).
+
+    Raises:
+        DatasetError: A wrong layout, too few classes, or classes that differ between splits.
+    """
+    classes = check_imagefolder_split(root / split)
+    if len(classes) < min_classes:
+        raise DatasetError(
+            f"{root / split} has {len(classes)} class folder(s) ({', '.join(classes)}), this task "
+            f"needs at least {min_classes}: with a single class every prediction is right and "
+            "accuracy reads 100; add the other class folders (ImageNet-1k's layout: "
+            "<split>/<class>/*.jpg, the same classes in train/ and val/)"
+        )
     ds = CheckedImageFolder(str(root / split), transform=transform, strict=strict)
     if split != "train" and (root / "train").is_dir():
         train_classes = check_imagefolder_split(root / "train")
@@ -148,6 +170,101 @@ def imagefolder_checked(root: Path, split: str, transform: Any, strict: bool = F
                 f"{sorted(set(ds.classes) ^ set(train_classes))[:10]}"
             )
     return ds
+
+
+class SkipTally:
+    """The unreadable files met while reading one split of a :class:`CheckedImageFolder`.
+
+    A loop gives it the dataset indices of each batch and the ``kept`` mask that
+    :func:`collate_skipping` returns; :meth:`report` names the unreadable files on the log (each
+    file once, however many epochs meet it) and :meth:`check_readable` fails when not one image
+    of the split could be read (instead of an internal error further down).
+
+    Args:
+        ds: The checked dataset the indices refer to.
+        name: What the log calls the split (e.g. ``train``).
+    """
+
+    #: File names listed per log line (the count is always complete).
+    SHOW = 5
+
+    def __init__(self, ds: CheckedImageFolder, name: str) -> None:
+        self.ds, self.name = ds, name
+        self.skipped: set[int] = set()
+        self.events = 0  # skips counted every time a file is met (epochs repeat them)
+        self.seen = 0
+        self.kept = 0
+        self._reported: set[int] = set()
+        self._any_readable = False
+
+    def add(self, indices: Sequence[int], kept: torch.Tensor) -> None:
+        """Record one batch: its dataset ``indices`` and the ``[len(indices)]`` kept mask."""
+        flags = kept.tolist()
+        if len(flags) != len(indices):
+            raise ValueError(f"{len(indices)} indices but a kept mask of {len(flags)}")
+        for i, ok in zip(indices, flags, strict=True):
+            if not ok:
+                self.skipped.add(int(i))
+                self.events += 1
+        self.seen += len(flags)
+        self.kept += int(sum(flags))
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct unreadable files met so far."""
+        return len(self.skipped)
+
+    def paths(self, indices: set[int] | None = None) -> list[str]:
+        """Paths (relative to the split folder) of the unreadable files met, sorted."""
+        idx = self.skipped if indices is None else indices
+        return sorted(os.path.relpath(self.ds.samples[i][0], self.ds.root) for i in idx)
+
+    def report(self, log: Callable[[str], Any]) -> None:
+        """Log the unreadable files not reported yet: their count and the first names."""
+        new = self.skipped - self._reported
+        if not new:
+            return
+        self._reported |= new
+        log(skipped_message(self.name, Path(self.ds.root), self.paths(new), len(self.ds)))
+
+    def check_readable(self) -> None:
+        """Raise when every image met so far was unreadable and so is every image of the split.
+
+        Cheap once an image was read; otherwise the split is scanned up to its first readable
+        file (so a batch of unreadable files in a split with good ones passes).
+
+        Raises:
+            DatasetError: No image of the split decodes.
+        """
+        if self.kept or not self.seen or self._any_readable:
+            return
+        for path, _ in self.ds.samples:
+            try:
+                self.ds.loader(path)
+            except (OSError, ValueError, SyntaxError):
+                continue
+            self._any_readable = True
+            return
+        raise all_unreadable_error(self.ds)
+
+
+def skipped_message(name: str, split_dir: Path, paths: Sequence[str], total: int) -> str:
+    """The log line naming unreadable files of a split that were skipped."""
+    shown = ", ".join(paths[: SkipTally.SHOW]) + (", ..." if len(paths) > SkipTally.SHOW else "")
+    return (
+        f"[data] {name} ({split_dir}): skipped {len(paths)} unreadable image(s) of {total}: "
+        f"{shown} (strict_data / --strict makes them fatal)"
+    )
+
+
+def all_unreadable_error(ds: CheckedImageFolder) -> DatasetError:
+    """The error of a split none of whose images decodes."""
+    eg = ", ".join(os.path.relpath(p, ds.root) for p, _ in ds.samples[:3])
+    return DatasetError(
+        f"all {len(ds)} images of {ds.root} are unreadable (e.g. {eg}): PIL decodes none of "
+        "them; check that they are image files (not truncated downloads, archives or Git LFS "
+        "pointers) and that data.source names the right folder"
+    )
 
 
 def collate_skipping(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

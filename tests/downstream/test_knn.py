@@ -153,3 +153,121 @@ def test_cli_strict_flag_makes_unreadable_images_fatal(tiny_imagefolder, tmp_pat
         recs["lenient"].status == "ok" and recs["lenient"].details["skipped_images"]["train"] == 1
     )
     assert recs["strict"].status == "failed" and "broken.jpg" in recs["strict"].error.message
+
+
+# --------------------------------------------------------------------------- the cache key
+
+
+def _knn(root, tmp_path, enc, log=None, crop=0.875, **kw):
+    ctx = _ctx(root, tmp_path)
+    ctx.data = DataConfig(source=str(root), eval_crop_pct=crop)
+    ctx.log = log or (lambda m: None)
+    cfg = KNNConfig(k=3, extra_k=[], cache_dir=str(tmp_path / "cache"), **kw)
+    return get_task("knn").run(enc, cfg, ctx)
+
+
+def _rewrite(root):
+    """Date the files back, then write other images at the same paths (sizes and pixels)."""
+    import os
+    import time
+
+    from conftest import make_imagefolder
+
+    t = time.time_ns() - 3600 * 10**9
+    for f in root.rglob("*.png"):
+        os.utime(f, ns=(t, t))
+    make_imagefolder(root, seed=7)
+
+
+@pytest.mark.parametrize("change", ["files", "weights", "transform", "dtype", "same"])
+def test_every_input_of_the_features_is_in_the_cache_key(tiny_imagefolder, tmp_path, change):
+    """Change one input after a cached run: a miss, and the figure a cache-free run computes
+    (``same``: nothing changed, the cache answers)."""
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    _knn(tiny_imagefolder, tmp_path, enc)
+    kw: dict = {}
+    if change == "files":
+        _rewrite(tiny_imagefolder)
+    elif change == "weights":
+        with torch.no_grad():
+            enc.vit.blocks[0].attn.qkv.weight.mul_(-1.5)
+    elif change == "transform":
+        kw["crop"] = 1.0
+    elif change == "dtype":
+        kw["cache_dtype"] = "float16"
+    res = _knn(tiny_imagefolder, tmp_path, enc, **kw)
+    hit = change == "same"
+    assert res.details["feature_cache"] == {"train": hit, "val": hit}
+    fresh = _knn(tiny_imagefolder, tmp_path, enc, cache_features=False, **kw)
+    assert res.metrics == fresh.metrics and res.details["by_k"] == fresh.details["by_k"]
+
+
+def test_a_strict_run_fails_on_features_a_lenient_run_cached(tiny_imagefolder, tmp_path):
+    (tiny_imagefolder / "val" / "class2" / "broken.png").write_bytes(b"not a png")
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    lenient = _knn(tiny_imagefolder, tmp_path, enc)
+    assert lenient.details["skipped_images"] == {"train": 0, "val": 1}
+    lines: list[str] = []
+    with pytest.raises(DatasetError, match=r"unreadable image .*class2/broken\.png.*--strict"):
+        _knn(tiny_imagefolder, tmp_path, enc, log=lines.append, strict_data=True)
+    assert any("read from cache" in m for m in lines)  # it was the cached path that refused
+    with pytest.raises(DatasetError, match=r"broken\.png"):  # data.strict_data does the same
+        ctx = _ctx(tiny_imagefolder, tmp_path)
+        ctx.data = DataConfig(source=str(tiny_imagefolder), strict_data=True)
+        get_task("knn").run(enc, KNNConfig(k=3, extra_k=[], cache_dir=str(tmp_path / "cache")),
+                            ctx)
+
+
+# --------------------------------------------------------------------------- data errors
+
+
+def test_skipped_images_are_named_on_the_console_once_per_split(tiny_imagefolder, tmp_path):
+    (tiny_imagefolder / "train" / "class0" / "broken.png").write_bytes(b"not a png")
+    (tiny_imagefolder / "train" / "class1" / "empty.png").write_bytes(b"")
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    for cached in (False, True):  # extracted, then read from the cache: named both times
+        lines: list[str] = []
+        res = _knn(tiny_imagefolder, tmp_path, enc, log=lines.append)
+        assert res.details["feature_cache"]["train"] is cached
+        named = [m for m in lines if "unreadable" in m]
+        assert len(named) == 1, lines  # the train split, once (val has none)
+        assert "skipped 2 unreadable image(s) of 26" in named[0]
+        assert "class0/broken.png" in named[0] and "class1/empty.png" in named[0]
+
+
+@pytest.mark.parametrize("task", ["knn", "linear_probe", "linear_probe_faithful"])
+def test_a_split_of_unreadable_images_is_a_clear_error(tiny_imagefolder, tmp_path, task):
+    from downstream.linear_probe import LinearProbeFaithfulConfig
+
+    for f in (tiny_imagefolder / "val").glob("*/*.png"):
+        f.write_bytes(b"garbage")
+    cfg = {
+        "knn": KNNConfig(k=3, extra_k=[], cache_features=False),
+        "linear_probe": LinearProbeConfig(lrs=[0.1], epochs=1, batch_size=8, cache_features=False),
+        "linear_probe_faithful": LinearProbeFaithfulConfig(epochs=1, warmup_epochs=0, batch_size=8),
+    }[task]
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    with pytest.raises(DatasetError, match=r"all 12 images of .*val are unreadable"):
+        get_task(task).run(enc, cfg, _ctx(tiny_imagefolder, tmp_path))
+
+
+@pytest.mark.parametrize("task", ["knn", "linear_probe", "linear_probe_faithful", "finetune"])
+def test_a_single_class_is_an_error_for_classification(
+    tiny_imagefolder, tmp_path, task, monkeypatch
+):
+    import shutil
+
+    monkeypatch.setenv("MIMBENCH_CACHE", str(tmp_path / "cache"))
+
+    for split in ("train", "val"):
+        for c in ("class1", "class2"):
+            shutil.rmtree(tiny_imagefolder / split / c)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    from harness.config import parse_task_config
+
+    cfg = parse_task_config({"name": task})
+    with pytest.raises(DatasetError, match=r"train has 1 class folder\(s\) \(class0\)"):
+        get_task(task).run(enc, cfg, _ctx(tiny_imagefolder, tmp_path))

@@ -291,3 +291,36 @@ def test_bench_probe_puts_both_modes_side_by_side(tiny_imagefolder, tmp_path, ca
     assert faithful["top1_delta_fast_minus_faithful"] == res["fast"]["top1"] - faithful["top1"]
     assert "knn" in res and "time ratio faithful / fast" in capsys.readouterr().out
     assert list((tmp_path / "work" / "features").glob("*.safetensors"))  # --work keeps the cache
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def _age(root, seconds=3600):
+    """Date every file of ``root`` back (data written some time before it is evaluated)."""
+    import os
+    import time
+
+    t = time.time_ns() - seconds * 10**9
+    for f in root.rglob("*.png"):
+        os.utime(f, ns=(t, t))
+
+
+def test_images_rewritten_in_place_miss_the_cache(tiny_imagefolder, tmp_path):
+    """The issue's case: same paths and labels, other pixels; the cache must not answer."""
+    from conftest import make_imagefolder
+
+    _age(tiny_imagefolder)
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    cfg = LinearProbeConfig(pooling=["cls"], last_blocks=[1], lrs=[0.1], epochs=3, batch_size=8,
+                            cache_dir=str(tmp_path / "cache"))
+    task = get_task("linear_probe")
+    task.run(enc, cfg, _ctx(tiny_imagefolder, tmp_path))
+    make_imagefolder(tiny_imagefolder, seed=1)  # the same files, rewritten with other images
+    again = task.run(enc, cfg, _ctx(tiny_imagefolder, tmp_path))
+    assert again.details["feature_cache"]["train"] is False
+    assert again.details["feature_cache"]["val"] is False
+    fresh = task.run(enc, cfg.model_copy(update={"cache_features": False}),
+                     _ctx(tiny_imagefolder, tmp_path))
+    assert again.metrics == fresh.metrics  # the figure of the new images

@@ -306,3 +306,20 @@ def test_records_without_the_sweep_field_still_load(tmp_path):
     path.write_text(json.dumps(data))
     (loaded,) = load_records(tmp_path, strict=True)
     assert loaded.sweep is None and loaded.tags == {"depth": "1"}
+
+
+def test_one_sweep_on_two_datasets_is_two_tables_never_averaged():
+    """Records of one sweep name run on two datasets into one records directory: each dataset
+    gets its own table (before, the two runs of a row were one cell: the newest hid the other)."""
+    recs = []
+    for source, top1, when in (("/data/a", 10.0, "2025-01-01T00:00:00+00:00"),
+                               ("/data/b", 90.0, "2025-01-02T00:00:00+00:00")):
+        r = _rec({"depth": 1}, 0, 0, {"top1": top1}, when=when, run_id=f"r-{top1}")
+        recs.append(r.model_copy(update={"suite": "s", "config": {"data": {"source": source}}}))
+    tables = ablation_tables(recs)
+    assert len(tables) == 2
+    by_name = {t.name: t for t in tables}
+    assert set(by_name) == {"mae_decoder_depth (s, a)", "mae_decoder_depth (s, b)"}
+    assert by_name["mae_decoder_depth (s, a)"].mean.iloc[0]["linear_probe/top1"] == 10.0
+    assert by_name["mae_decoder_depth (s, b)"].mean.iloc[0]["linear_probe/top1"] == 90.0
+    assert all("own table" in " ".join(t.notes) for t in tables)

@@ -63,3 +63,39 @@ def test_class_folders_must_agree_between_splits(tiny_imagefolder):
     (root / "val" / "class1").rename(root / "val" / "other")
     with pytest.raises(DatasetError, match=r"class folders differ .*\['class1', 'other'\]"):
         imagefolder_checked(root, "val", None)
+
+
+def test_a_single_class_is_refused_for_classification_and_named(tiny_imagefolder):
+    root = tiny_imagefolder
+    for split in ("train", "val"):
+        for c in ("class1", "class2"):
+            shutil.rmtree(root / split / c)
+    with pytest.raises(DatasetError, match=r"val has 1 class folder\(s\) \(class0\).*accuracy"):
+        imagefolder_checked(root, "val", None)
+    assert len(imagefolder_checked(root, "train", None, min_classes=1)) == 8  # pretraining
+
+
+def test_skip_tally_counts_names_once_and_refuses_a_split_of_unreadable_files(tiny_imagefolder):
+    import torch
+
+    from harness.data.datasets import SkipTally, collate_skipping
+
+    root = tiny_imagefolder
+    (root / "val" / "class1" / "1.png").write_bytes(b"junk")
+    ds = imagefolder_checked(root, "val", None)
+    tally, lines = SkipTally(ds, "val"), []
+    for _ in range(2):  # two epochs over the same files
+        for lo in range(0, len(ds), 5):
+            idx = list(range(lo, min(lo + 5, len(ds))))
+            _, _, kept = collate_skipping([ds[i] and (torch.zeros(1), ds[i][1]) for i in idx])
+            tally.add(idx, kept)
+            tally.report(lines.append)
+    assert tally.num_skipped == 1 and tally.events == 2 and tally.paths() == ["class1/1.png"]
+    assert len(lines) == 1 and "skipped 1 unreadable image(s) of 12: class1/1.png" in lines[0]
+    tally.check_readable()  # the others decode
+    for f in (root / "val").glob("*/*.png"):
+        f.write_bytes(b"junk")
+    bad = SkipTally(ds, "val")
+    bad.add([0, 1], torch.tensor([False, False]))
+    with pytest.raises(DatasetError, match=r"all 12 images of .*val are unreadable"):
+        bad.check_readable()
