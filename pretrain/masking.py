@@ -25,6 +25,10 @@ sample with Python's ``random.Random`` seeded from the torch generator, so masks
 of the generator state. ``block``, ``random_blocks`` and ``random_region`` hit the count exactly:
 when BEiT's rejection loop stops short, the block mask grows by random neighbouring units, and
 the last random block is cut to the count.
+
+The unit grid and the count come from :func:`harness.config.plan_masking`, the same rule that
+config validation applies: a unit that is not whole patches tiling the image, or a count that
+masks every unit or none, is an error (with the numbers), never clamped.
 """
 
 from __future__ import annotations
@@ -35,25 +39,35 @@ import random
 import numpy as np
 import torch
 
-from harness.config import MaskingConfig
+from harness.config import MaskingConfig, plan_masking
 from harness.registry import Registry
 
 MASKERS: Registry[type[Masker]] = Registry("masking strategy")
 
 
 class Masker:
-    """Base class: builds masks for a ``grid`` of patches of ``patch_size`` pixels."""
+    """Base class: builds masks for a ``grid`` of patches of ``patch_size`` pixels.
+
+    Raises:
+        ConfigError: From :func:`harness.config.plan_masking`: the units do not fit the grid or
+            the mask would hide every patch or none.
+    """
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         self.cfg = cfg
         self.grid = grid
         self.patch_size = patch_size
         self.num_patches = grid[0] * grid[1]
+        self.plan = plan_masking(cfg, grid, patch_size)
+        self.scale = self.plan.scale  # patches per unit side
+        self.unit_grid = self.plan.unit_grid
+        self.num_units = self.plan.num_units
+        self.units_masked = self.plan.units_masked
 
     @property
     def num_masked(self) -> int:
         """Masked patches per sample."""
-        raise NotImplementedError
+        return self.plan.num_masked
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -61,28 +75,8 @@ class Masker:
 
 @MASKERS.register("random")
 class RandomUnitMasker(Masker):
-    """SimMIM's random masking aligned to a masked-patch size that may exceed the patch size."""
-
-    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
-        super().__init__(cfg, grid, patch_size)
-        mps = cfg.mask_patch_size or patch_size
-        if mps % patch_size:
-            raise ValueError(
-                f"mask_patch_size {mps} must be a multiple of the model patch size {patch_size}"
-            )
-        self.scale = mps // patch_size
-        if grid[0] % self.scale or grid[1] % self.scale:
-            raise ValueError(
-                f"mask_patch_size {mps} does not tile the {grid[0] * patch_size}x"
-                f"{grid[1] * patch_size} image; use a divisor of the image size"
-            )
-        self.unit_grid = (grid[0] // self.scale, grid[1] // self.scale)
-        self.num_units = self.unit_grid[0] * self.unit_grid[1]
-        self.units_masked = int(math.ceil(self.num_units * cfg.ratio))
-
-    @property
-    def num_masked(self) -> int:
-        return self.units_masked * self.scale * self.scale
+    """SimMIM's random masking aligned to a masked-patch size that may exceed the patch size
+    (``ceil(ratio * units)`` units)."""
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.rand(batch_size, self.num_units, generator=generator)  # [B, U]
@@ -100,16 +94,7 @@ class ShuffleMasker(Masker):
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         super().__init__(cfg, grid, patch_size)
-        if cfg.mask_patch_size not in (None, patch_size):
-            raise ValueError(
-                "shuffle masking works on single patches: set masking.mask_patch_size to null "
-                f"(got {cfg.mask_patch_size} with patch size {patch_size})"
-            )
-        self.len_keep = int(self.num_patches * (1 - cfg.ratio))
-
-    @property
-    def num_masked(self) -> int:
-        return self.num_patches - self.len_keep
+        self.len_keep = self.num_patches - self.units_masked  # MAE: int(L * (1 - ratio))
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.rand(batch_size, self.num_patches, generator=generator)  # [B, L]
@@ -124,27 +109,6 @@ class UnitMasker(Masker):
 
     Subclasses implement :meth:`sample_units`, one ``[uh, uw]`` boolean array per sample.
     """
-
-    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
-        super().__init__(cfg, grid, patch_size)
-        mps = cfg.mask_patch_size or patch_size
-        if mps % patch_size:
-            raise ValueError(
-                f"mask_patch_size {mps} must be a multiple of the model patch size {patch_size}"
-            )
-        self.scale = mps // patch_size
-        if grid[0] % self.scale or grid[1] % self.scale:
-            raise ValueError(
-                f"mask_patch_size {mps} does not tile the {grid[0] * patch_size}x"
-                f"{grid[1] * patch_size} image; use a divisor of the image size"
-            )
-        self.unit_grid = (grid[0] // self.scale, grid[1] // self.scale)
-        self.num_units = self.unit_grid[0] * self.unit_grid[1]
-        self.units_masked = min(self.num_units - 1, max(1, round(self.num_units * cfg.ratio)))
-
-    @property
-    def num_masked(self) -> int:
-        return self.units_masked * self.scale * self.scale
 
     def sample_units(self, rng: random.Random) -> np.ndarray:
         """One sample's mask over the unit grid, ``[uh, uw]`` bool with ``units_masked`` set."""
@@ -231,10 +195,7 @@ class CentralMasker(UnitMasker):
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         super().__init__(cfg, grid, patch_size)
         uh, uw = self.unit_grid
-        side = math.sqrt(cfg.ratio)
-        self.box_h = min(uh, max(1, round(side * uh)))
-        self.box_w = min(uw, max(1, round(side * uw)))
-        self.units_masked = self.box_h * self.box_w
+        self.box_h, self.box_w = self.plan.box  # type: ignore[misc]
         self.top, self.left = (uh - self.box_h) // 2, (uw - self.box_w) // 2
 
     def sample_units(self, rng: random.Random) -> np.ndarray:
@@ -295,19 +256,7 @@ class GridMasker(UnitMasker):
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         super().__init__(cfg, grid, patch_size)
-        self.k = max(2, round(1.0 / math.sqrt(1.0 - cfg.ratio)))
-        exact = 1.0 - 1.0 / self.k**2
-        if abs(exact - cfg.ratio) > 0.02:
-            raise ValueError(
-                f"grid masking keeps one unit of every k x k, so its ratio is 1 - 1/k^2 "
-                f"(0.75, 0.889, 0.9375, ...); {cfg.ratio} is not one of them"
-            )
-        uh, uw = self.unit_grid
-        if uh % self.k or uw % self.k:
-            raise ValueError(
-                f"grid masking with k={self.k} needs a unit grid divisible by {self.k}, got {uh}x{uw}"
-            )
-        self.units_masked = self.num_units - (uh // self.k) * (uw // self.k)
+        self.k = int(self.plan.k)  # type: ignore[arg-type]
 
     def sample_units(self, rng: random.Random) -> np.ndarray:
         dy, dx = rng.randrange(self.k), rng.randrange(self.k)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -49,7 +51,9 @@ def test_train_defaults_follow_the_recipe():
     assert isinstance(cfg, SuiteConfig)
     t = cfg.encoders[0].pretrain.train
     assert (t.base_lr, t.lr_base_batch, t.betas) == (1.5e-4, 256, (0.9, 0.95))
-    p = PretrainConfig(recipe={"name": "simmim"}, train={"epochs": 3})
+    # 8 px units on the default 32 px encoder (SimMIM's 32 px would be one unit: rejected)
+    p = PretrainConfig(recipe={"name": "simmim", "masking": {"mask_patch_size": 8}},
+                       train={"epochs": 3})
     assert p.train.lr_base_batch == 512 and p.train.epochs == 3
     assert p.train.betas == tuple(RECIPE_DEFAULTS["simmim"]["train"]["betas"])
 
@@ -131,3 +135,119 @@ def test_registry_did_you_mean():
     assert "known widgets: alpha, beta" in str(e.value)
     with pytest.raises(ValueError, match="already registered"):
         reg.register("alpha", 3)
+
+
+# --------------------------------------------------------------------------- masking geometry
+
+# (strategy, encoder preset, mask_patch_size, ratio, the numbers the message must give, verdict)
+# 32 px images: vit_micro_32 has 8 px patches (4x4), vit_tiny_32 4 px patches (8x8).
+DEGENERATE_MASKS = [
+    # SimMIM's default 32 px unit on a 32 px image: one unit, ceil(0.6 x 1) = 1 masks it all
+    ("random", "vit_micro_32", 32, 0.6, "32x32 px image (8 px patches) has a 1x1 grid of "
+     "1 unit(s); ratio 0.6 masks ceil(0.6 x 1) = 1 of them", "every patch"),
+    ("random", "vit_tiny_32", 16, 0.8,
+     "has a 2x2 grid of 4 unit(s); ratio 0.8 masks ceil(0.8 x 4) = 4", "every patch"),
+    ("shuffle", "vit_micro_32", None, 0.95,
+     "has a 4x4 grid of 16 unit(s); ratio 0.95 masks 16 - int(16 x (1 - 0.95)) = 16",
+     "every patch"),
+    ("block", "vit_micro_32", 16, 0.9, "ratio 0.9 masks round(0.9 x 4) = 4", "every patch"),
+    ("block", "vit_micro_32", 16, 0.1, "ratio 0.1 masks round(0.1 x 4) = 0", "no patch"),
+    ("random_blocks", "vit_micro_32", 16, 0.9, "ratio 0.9 masks round(0.9 x 4) = 4", "every patch"),
+    ("random_region", "vit_micro_32", 16, 0.1, "ratio 0.1 masks round(0.1 x 4) = 0", "no patch"),
+    ("central", "vit_micro_32", 16, 0.9,
+     "ratio 0.9 masks round(sqrt(0.9) x 2) x round(sqrt(0.9) x 2) = 4", "every patch"),
+    ("central", "vit_micro_32", 16, 0.05,
+     "ratio 0.05 masks round(sqrt(0.05) x 2) x round(sqrt(0.05) x 2) = 0", "no patch"),
+    ("grid", "vit_micro_32", 32, 0.75, "k=2 needs a unit grid divisible by 2, got 1x1", None),
+]
+
+
+def _pretrain_raw(strategy, arch, mps, ratio):
+    masking = {"strategy": strategy, "ratio": ratio, "mask_patch_size": mps}
+    return {"kind": "pretrain", "encoder": {"arch": arch},
+            "recipe": {"name": "simmim", "masking": masking}}
+
+
+def _suggested_fix(msg: str, where: str) -> tuple[str, object]:
+    """The first ``set KEY to VALUE`` of a message, as (key below ``where``, value)."""
+    import re
+
+    m = re.search(rf"set {re.escape(where)}\.(\w+) to (?:a value from )?([0-9.]+)", msg)
+    assert m, msg
+    return m.group(1), yaml.safe_load(m.group(2))
+
+
+@pytest.mark.parametrize("strategy,arch,mps,ratio,numbers,verdict", DEGENERATE_MASKS,
+                         ids=[f"{c[0]}-{c[3]}" for c in DEGENERATE_MASKS])
+def test_masking_that_hides_every_patch_or_none_is_rejected_with_the_numbers(
+    strategy, arch, mps, ratio, numbers, verdict
+):
+    # standalone pretraining config
+    raw = _pretrain_raw(strategy, arch, mps, ratio)
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw, source="p.yaml")
+    msg = str(e.value)
+    assert "recipe.masking:" in msg and numbers in msg, msg
+    if verdict is not None:
+        assert verdict in msg
+    # the fix it names validates
+    key, value = _suggested_fix(msg, "recipe.masking")
+    raw["recipe"]["masking"][key] = value
+    validate_config(raw)
+    # the same check on a suite's pretrained encoder, with the entry's path
+    entry = {"name": "m", "encoder": {"arch": arch},
+             "pretrain": {"recipe": _pretrain_raw(strategy, arch, mps, ratio)["recipe"]}}
+    with pytest.raises(ConfigError) as e:
+        validate_config({**SUITE, "encoders": [entry]}, source="s.yaml")
+    msg = str(e.value)
+    assert "encoders.0" in msg and "pretrain.recipe.masking:" in msg and numbers in msg, msg
+    key, value = _suggested_fix(msg, "pretrain.recipe.masking")
+    entry["pretrain"]["recipe"]["masking"][key] = value
+    validate_config({**SUITE, "encoders": [entry]})
+
+
+@pytest.mark.parametrize(
+    "masking,numbers",
+    [
+        ({"strategy": "random", "mask_patch_size": 12}, "mask_patch_size 12 must be a multiple of "
+         "the model patch size 8"),
+        ({"strategy": "block", "mask_patch_size": 24},
+         "mask_patch_size 24 does not tile the 32x32"),
+        ({"strategy": "shuffle", "mask_patch_size": 16}, "shuffle masking works on single patches"),
+        ({"strategy": "grid", "ratio": 0.6, "mask_patch_size": None}, "1 - 1/k^2"),
+    ],
+)
+def test_masking_units_that_do_not_fit_the_image_are_rejected(masking, numbers):
+    raw = {"kind": "pretrain", "encoder": {"arch": "vit_micro_32"},
+           "recipe": {"name": "simmim", "masking": {"ratio": 0.5, **masking}}}
+    with pytest.raises(ConfigError, match="recipe.masking: ") as e:
+        validate_config(raw)
+    assert numbers in str(e.value)
+
+
+def test_masker_counts_are_the_validated_counts_never_clamped():
+    """The masker draws what validation computed; a count of 0 is an error there too (it was
+    silently raised to 1 unit: 25 % instead of the 10 % asked for)."""
+    import torch
+
+    from harness.config import MaskingConfig, plan_masking
+    from pretrain.masking import create_masker
+
+    with pytest.raises(ConfigError, match=r"round\(0.1 x 4\) = 0"):
+        create_masker(MaskingConfig(strategy="block", ratio=0.1, mask_patch_size=16), (4, 4), 8)
+    for strategy, ratio in [("random", 0.6), ("shuffle", 0.75), ("block", 0.4), ("central", 0.25),
+                            ("random_blocks", 0.4), ("random_region", 0.4), ("grid", 0.75)]:
+        cfg = MaskingConfig(strategy=strategy, ratio=ratio, min_block_patches=2)
+        plan = plan_masking(cfg, (8, 8), 4)
+        mask = create_masker(cfg, (8, 8), 4)(5, generator=torch.Generator())
+        assert (mask.sum(1) == plan.num_masked).all(), strategy
+        assert 0 < plan.num_masked < 64
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SHIPPED = sorted([*(CONFIGS / "pretrain").glob("*.yaml"), *(CONFIGS / "suites").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_shipped_configs_validate(path):
+    load_config(path)

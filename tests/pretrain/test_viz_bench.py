@@ -42,7 +42,9 @@ def test_mask_rows_use_the_papers_settings_and_draw_masked_dark():
 
 
 def test_bench_times_a_recipe_and_the_mae_modes(monkeypatch, tmp_path):
-    monkeypatch.setitem(bench.BENCH_RECIPES, "micro", ("vit_micro_32", {"name": "simmim"}))
+    # 16 px units on the 32 px micro ViT (SimMIM's 32 px would be one unit: every patch masked)
+    micro = {"name": "simmim", "masking": {"mask_patch_size": 16}}
+    monkeypatch.setitem(bench.BENCH_RECIPES, "micro", ("vit_micro_32", micro))
     res = bench.time_recipe(
         "micro", batch=2, steps=1, device=torch.device("cpu"), tmp=str(tmp_path)
     )
