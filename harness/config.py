@@ -21,8 +21,10 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializeAsAny,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -84,6 +86,19 @@ class DataConfig(StrictModel):
     shapes: ShapesConfig = Field(default_factory=ShapesConfig)
     num_workers: int = Field(0, ge=0)
     eval_crop_pct: float = Field(0.875, gt=0, le=1.0)
+    #: Unreadable image files are fatal in every stage reading this data (pretraining and the
+    #: tasks; a task's own ``strict_data`` also makes them fatal for that task). Default: skipped,
+    #: counted and named on the log.
+    strict_data: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_default_strict(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # added after records and pretraining stages were hashed: left out of every dump at its
+        # default so their config hashes (which dump the whole data config) stay the same
+        out = handler(self)
+        if not self.strict_data:
+            out.pop("strict_data", None)
+        return out
 
 
 # --------------------------------------------------------------------------- encoder
