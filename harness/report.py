@@ -381,7 +381,7 @@ def assign_rows(
         ``run_id`` -> row label, row label -> :class:`RowInfo`, and a note per name that
         several different encoders share.
     """
-    data_labels = data_labels([data_key(r) for r in records])
+    labels_of_data = data_labels([data_key(r) for r in records])
     by_row: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
     for record in sorted(records, key=_recency):
         by_row[_row_identity(record)].append(record)
@@ -392,8 +392,8 @@ def assign_rows(
     row_of: dict[str, str] = {}
     rows: dict[str, RowInfo] = {}
     for identity, members in by_row.items():
-        suite, data_key = identity[0], identity[1]
-        info = RowInfo(encoder=shown[identity], suite=suite, data=data_labels[data_key])
+        suite, data = identity[0], identity[1]
+        info = RowInfo(encoder=shown[identity], suite=suite, data=labels_of_data[data])
         label = info.encoder
         if label_count[label] > 1:  # the same name is a row of several suites or data
             label = f"{label} [{', '.join(p for p in (info.suite, info.data) if p)}]"
