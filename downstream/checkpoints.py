@@ -29,9 +29,13 @@ layer scale folded into the preceding linear layer (timm/mmpretrain ViTs), absen
 inserted as zeros, absolute position embeddings (bicubic) and relative position bias tables
 resized when the target resolution differs from the checkpoint's.
 
-The ViT's number of heads is not visible in its weights: it comes from the encoder config when
-one is given, from a BEiT relative position table, or from the standard ``embed_dim / 64`` rule
-(ViT-T/S/B/L; 16 for ViT-H), and the report says which.
+The architecture is never guessed silently. Our own files (encoder files, their ``.json``
+sidecars and safetensors metadata, pretraining ``checkpoint.pth``) record it, and a named
+architecture (``--arch``, a suite's ``encoder:``) that differs from the recorded one is an error.
+A ViT's number of heads is not visible in its weights: it comes from the recorded config, the
+named one, or a relative position bias table; otherwise only the public widths whose head count
+every release shares (ViT-Ti/S/B/L/H: 192/384/768/1024/1280 -> 3/6/12/16/16) are taken, and
+listed as ``assumed`` in the report; any other width is refused with what to pass.
 
 Export writes an encoder as a plain timm state dict (``.pth``), as ``.safetensors`` (with the
 timm architecture in its metadata) and a JSON sidecar naming the timm architecture, so that
@@ -67,7 +71,8 @@ _CONTAINERS = ("state_dict", "model", "module", "model_state", "model_ema")
 @dataclass
 class ImportReport:
     """What an import did: the family, the target wrapper and config, and every key it did not
-    load one-to-one (``dropped`` by reason, ``missing``, ``unexpected``) with the conversions."""
+    load one-to-one (``dropped`` by reason, ``missing``, ``unexpected``) with the conversions;
+    ``assumed``: every architecture value that was neither in the file nor named by the user."""
 
     source: str
     family: str
@@ -81,11 +86,19 @@ class ImportReport:
     unexpected: list[str] = field(default_factory=list)
     dropped: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    assumed: list[str] = field(default_factory=list)
     partial: bool = False
     sha256: str | None = None
 
     def drop(self, reason: str, key: str) -> None:
         self.dropped.setdefault(reason, []).append(key)
+
+    def arch_label(self) -> str:
+        """The imported architecture as records name it (``beit:`` for the BEiT wrapper)."""
+        from pretrain.encoder import arch_label
+
+        label = arch_label(EncoderConfig.model_validate(self.encoder))
+        return f"beit:{label}" if self.target == "beit" else label
 
     def summary(self, limit: int = 20) -> dict[str, Any]:
         """JSON-compatible summary for records (key lists cut to ``limit``)."""
@@ -111,6 +124,7 @@ class ImportReport:
             f"{self.encoder.get('img_size')}); {self.loaded} tensors loaded"
         ]
         lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  ASSUMED (not in the file, not named): {a}" for a in self.assumed]
         for reason, keys in self.dropped.items():
             lines.append(
                 f"  dropped {len(keys)} ({reason}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
@@ -262,11 +276,14 @@ def read_checkpoint(
     """Weights-only read of a checkpoint file: ``(state dict, mimbench meta, container)``.
 
     Safetensors files carry our meta in their metadata (``mimbench`` as JSON); a plain ``.pth``
-    export carries it in the ``.json`` sidecar next to it.
+    export carries it in the ``.json`` sidecar next to it; a pretraining ``checkpoint.pth`` gets
+    :func:`pretrain_checkpoint_meta`.
     """
     path = Path(path)
     obj, st_meta = load_file_weights_only(path)
     state, meta, container = unwrap_state_dict(obj, str(path))
+    if meta is None:
+        meta = pretrain_checkpoint_meta(obj, path)
     if meta is None and st_meta and "mimbench" in st_meta:
         meta = json.loads(st_meta["mimbench"])
     if meta is None:
@@ -281,6 +298,55 @@ def read_checkpoint(
     return state, meta, container
 
 
+#: ``format`` of the meta that :func:`pretrain_checkpoint_meta` gives a pretraining checkpoint.
+PRETRAIN_CHECKPOINT_META = "mimbench-pretrain-checkpoint"
+_STAGE_CONFIG = "config.yaml"  # beside checkpoint.pth in a pretraining stage directory
+
+
+def _stage_config_encoder(path: Path, chash: Any) -> dict[str, Any] | None:
+    """The encoder config of the ``config.yaml`` beside ``path`` if that config is the one the
+    checkpoint was trained with (its hash, computed as the engine does, is ``chash``)."""
+    import yaml
+
+    from harness.fsutil import config_hash
+
+    cfg_path = path.parent / _STAGE_CONFIG
+    if not cfg_path.is_file():
+        return None
+    try:
+        plain = yaml.safe_load(cfg_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(plain, dict) or not isinstance(plain.get("encoder"), dict):
+        return None
+    if config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")}) != chash:
+        return None
+    return plain["encoder"]
+
+
+def pretrain_checkpoint_meta(obj: Any, path: Path) -> dict[str, Any] | None:
+    """Meta of one of our pretraining checkpoints (``checkpoint.pth``): its encoder config.
+
+    The engine stores it in the checkpoint (``encoder_config``); for checkpoints written before
+    it did, the ``config.yaml`` of the stage directory is used when its hash is the
+    checkpoint's ``config_hash``. None for any other file, or when neither says.
+    """
+    if not (isinstance(obj, dict) and "config_hash" in obj and isinstance(obj.get("model"), dict)):
+        return None
+    enc, where = obj.get("encoder_config"), "the checkpoint's encoder_config"
+    if not isinstance(enc, dict):
+        enc = _stage_config_encoder(path, obj["config_hash"])
+        where = f"{path.parent / _STAGE_CONFIG} (its config hash is the checkpoint's)"
+    if enc is None:
+        return None
+    return {"format": PRETRAIN_CHECKPOINT_META, "encoder": enc, "recorded_in": where}
+
+
+def _is_encoder_meta(meta: dict[str, Any] | None) -> bool:
+    """Whether ``meta`` is a mimbench encoder file's (not a pretraining checkpoint's)."""
+    return bool(meta) and meta.get("format") != PRETRAIN_CHECKPOINT_META  # type: ignore[union-attr]
+
+
 # --------------------------------------------------------------------------- detection
 
 
@@ -288,7 +354,7 @@ def detect_family(
     state: dict[str, torch.Tensor], meta: dict[str, Any] | None = None, container: str | None = None
 ) -> str | None:
     """The checkpoint family from its keys (None when nothing matches)."""
-    if meta:
+    if _is_encoder_meta(meta):
         return "mimbench"
     keys = list(state)
 
@@ -540,12 +606,57 @@ def _convert_swin(state: dict[str, torch.Tensor], report: ImportReport) -> dict[
 # --------------------------------------------------------------------------- configs
 
 
-def _heads_rule(dim: int) -> int | None:
-    if dim in (1280, 1408):  # ViT-H (MAE), ViT-g (EVA)
-        return 16
-    if dim == 1536:  # DINOv2 ViT-g
-        return 24
-    return dim // 64 if dim % 64 == 0 and dim >= 64 else None
+#: Widths whose head count every public ViT release shares (DeiT / ViT / MAE / BEiT / DINO).
+_PUBLIC_VIT_HEADS: dict[int, tuple[int, str]] = {
+    192: (3, "ViT-Ti"),
+    384: (6, "ViT-S"),
+    768: (12, "ViT-B"),
+    1024: (16, "ViT-L"),
+    1280: (16, "ViT-H"),
+}
+
+
+def _presets_of_shape(s: dict[str, Any]) -> list[str]:
+    """ViT presets whose shape (width, depth, patch, mlp ratio) is that of the weights."""
+    return [
+        n
+        for n, p in ENCODER_PRESETS.items()
+        if p.get("family", "vit") == "vit"
+        and all(p[k] == s[k] for k in ("embed_dim", "depth", "patch_size"))
+        and math.isclose(float(p["mlp_ratio"]), s["mlp_ratio"])
+    ]
+
+
+def _standard_heads(s: dict[str, Any], report: ImportReport) -> int:
+    """The number of heads of a ViT whose file does not hold it: the public convention of its
+    width, reported as assumed; refused (saying what to pass) for any other width, or where a
+    preset of the same shape disagrees with the convention."""
+    dim = s["embed_dim"]
+    matches = _presets_of_shape(s)
+    preset_heads = {int(ENCODER_PRESETS[n]["num_heads"]) for n in matches}
+    public = _PUBLIC_VIT_HEADS.get(dim)
+    if public is None or preset_heads - {public[0]}:
+        hint = (
+            "; its shape is that of preset " + ", ".join(
+                f"{n} (num_heads {ENCODER_PRESETS[n]['num_heads']})" for n in matches
+            ) + f": if it was trained as that, pass --arch {matches[0]}"
+            if matches
+            else ""
+        )
+        raise CheckpointError(
+            f"{report.source}: cannot infer num_heads for embed_dim {dim}: the weights do not "
+            "hold the number of attention heads and no metadata or relative position table says "
+            f"it{hint}. Give the architecture the checkpoint was trained with: --arch PRESET "
+            "(mimbench eval / import / export), or a suite entry's 'encoder: {arch: PRESET, "
+            "num_heads: N, ...}' (mimbench eval: --set encoders.0.encoder.num_heads=N)"
+        )
+    heads, name = public
+    report.assumed.append(
+        f"num_heads {heads}: the weights do not hold it; {heads} is the head count of every "
+        f"public width-{dim} ViT ({name}). If this checkpoint used another, pass --arch / the "
+        "suite's 'encoder: {num_heads: N}'"
+    )
+    return heads
 
 
 def _nearest_vit_preset(dim: int, depth: int, patch: int) -> str:
@@ -619,17 +730,7 @@ def _target_vit_config(
     if heads is not None:
         report.notes.append(f"num_heads {heads} read from the relative position bias table")
     else:
-        heads = _heads_rule(s["embed_dim"])
-        if heads is None:
-            raise CheckpointError(
-                f"{report.source}: cannot infer num_heads for embed_dim {s['embed_dim']} (not a "
-                "multiple of 64): give the encoder config (suite 'encoder:', or --arch / "
-                "--set encoders.0.encoder.num_heads=N)"
-            )
-        report.notes.append(
-            f"num_heads {heads} inferred from embed_dim {s['embed_dim']} (standard ViT rule); "
-            "give the encoder config if the checkpoint used another"
-        )
+        heads = _standard_heads(s, report)
     if s["grid"] is None:
         raise CheckpointError(
             f"{report.source}: cannot tell the training resolution (no position embedding or "
@@ -708,8 +809,9 @@ def _target_swin_config(
         )
     img = s["img_size"] or ENCODER_PRESETS[presets[0]]["img_size"]
     if s["img_size"] is None:
-        report.notes.append(
-            f"img_size {img} from preset {presets[0]} (the checkpoint does not say)"
+        report.assumed.append(
+            f"img_size {img} from preset {presets[0]} (the checkpoint does not say; pass "
+            "--img-size if it was trained at another)"
         )
     return EncoderConfig(
         arch=presets[0],
@@ -771,6 +873,46 @@ def build_encoder(
     return ViTEncoder(cfg)
 
 
+def _recorded_config(
+    report: ImportReport, target: str, meta: dict[str, Any] | None
+) -> EncoderConfig | None:
+    """The encoder config our own file records (encoder file or pretraining checkpoint)."""
+    if report.family not in ("mimbench", "mimbench_ckpt") or not meta:
+        return None
+    if report.family == "mimbench" and not _is_encoder_meta(meta):
+        return None
+    if not isinstance(meta.get("encoder"), dict):
+        raise CheckpointError(
+            f"{report.source}: its mimbench metadata holds no encoder config; re-export it, or "
+            "import its weights with --format timm and --arch"
+        )
+    rec = EncoderConfig.model_validate(meta["encoder"])
+    wrapper = "vit" if target == "beit" else target
+    if rec.family != wrapper:
+        raise CheckpointError(
+            f"{report.source}: its metadata records a {rec.family} encoder ({rec.arch}) but its "
+            f"weights are a {target} encoder's: the file is inconsistent; re-export it"
+        )
+    return rec
+
+
+def _fit_recorded(
+    rec: EncoderConfig, cfg: EncoderConfig | None, report: ImportReport, meta: dict[str, Any]
+) -> EncoderConfig:
+    """The recorded config, checked against the named one (which may change the resolution)."""
+    from pretrain.encoder import arch_label, check_architecture
+
+    where = meta.get("recorded_in", "the file's mimbench metadata")
+    if cfg is None:
+        report.notes.append(f"architecture {arch_label(rec)} from {where}")
+        return rec
+    check_architecture(cfg, rec, report.source)
+    report.notes.append(f"architecture {arch_label(rec)} from {where}, as named")
+    if cfg.img_size != rec.img_size:
+        rec = EncoderConfig.model_validate({**rec.model_dump(), "img_size": cfg.img_size})
+    return rec
+
+
 def import_state_dict(
     state: dict[str, torch.Tensor],
     report: ImportReport,
@@ -784,13 +926,10 @@ def import_state_dict(
     target, st = convert_state(state, report.family, report, meta)
     report.target = target
     mask_token = st.pop("__mask_token__", None)
-    if report.family == "mimbench":
-        rec = EncoderConfig.model_validate((meta or {})["encoder"])
-        if cfg is not None and cfg.img_size != rec.img_size:
-            rec = rec.model_copy(update={"img_size": cfg.img_size})
-            rec = EncoderConfig.model_validate(rec.model_dump())
-        enc_cfg = rec
-        options = dict((meta or {}).get("beit_options") or {})
+    recorded = _recorded_config(report, target, meta)
+    if recorded is not None:
+        enc_cfg = _fit_recorded(recorded, cfg, report, meta or {})
+        options = dict((meta or {}).get("beit_options") or {}) if target == "beit" else {}
     elif target == "swin":
         enc_cfg = _target_swin_config(st, cfg, report)
         options = {}
@@ -898,7 +1037,7 @@ def load_checkpoint(
         )
     else:
         family = fmt
-    if family == "mimbench" and not meta:
+    if family == "mimbench" and not _is_encoder_meta(meta):
         raise CheckpointError(
             f"{path} has no mimbench metadata: use another --format (detected {detected})"
         )

@@ -102,10 +102,15 @@ def pretrain_stage_dir(root: Path, pcfg: PretrainConfig) -> Path:
 
 
 def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Path, log: Any) -> EncoderHandle:
-    """Pretrain (or reuse, or resume), load a checkpoint, or randomly initialize."""
+    """Pretrain (or reuse, or resume), load a checkpoint, or randomly initialize.
+
+    The record's ``arch`` names the architecture that runs: the loaded file's recorded config
+    (checked against the entry's ``encoder:`` when one is given), with every value that differs
+    from its preset (:func:`pretrain.encoder.arch_label`).
+    """
     import torch
 
-    from pretrain.encoder import create_encoder, load_any_encoder_checkpoint
+    from pretrain.encoder import arch_label, create_encoder, load_any_encoder_checkpoint
 
     if entry.pretrain is not None:
         from pretrain.engine import ENCODER, SUMMARY, pretrain
@@ -117,8 +122,8 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
         else:
             pretrain(pcfg, stage, resume=True, log=tee_log(log, stage / "log.txt"))
         path = stage / ENCODER
-        enc = load_any_encoder_checkpoint(path)
-        info = EncoderInfo(name=entry.name, arch=entry.encoder.arch, source="pretrain",
+        enc = load_any_encoder_checkpoint(path, entry.encoder)  # refused if it is not that one
+        info = EncoderInfo(name=entry.name, arch=arch_label(enc.cfg), source="pretrain",
                            checkpoint=str(path), sha256=sha256_file(path))
         return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"), {"stage": str(stage)})
     if entry.checkpoint is not None:
@@ -136,12 +141,12 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
         given = entry.encoder if "encoder" in entry.model_fields_set else None
         enc, report = load_checkpoint(path, given, entry.format, entry.allow_partial)
         log(f"[suite] {entry.name}: " + report.format())
-        info = EncoderInfo(name=entry.name, arch=str(report.encoder["arch"]), source="checkpoint",
+        info = EncoderInfo(name=entry.name, arch=report.arch_label(), source="checkpoint",
                            checkpoint=str(path), sha256=report.sha256)
         return EncoderHandle(enc, info, None, {"import": report.summary()})
     torch.manual_seed(seed)
     enc = create_encoder(entry.encoder)
-    info = EncoderInfo(name=entry.name, arch=entry.encoder.arch, source="random")
+    info = EncoderInfo(name=entry.name, arch=arch_label(enc.cfg), source="random")
     return EncoderHandle(enc, info, None, {})
 
 

@@ -16,6 +16,7 @@ encoder loads with ``timm.create_model(name, num_classes=0, checkpoint_path=...)
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import timm
 import torch
 from torch import nn
 
-from harness.config import EncoderConfig
+from harness.config import ENCODER_PRESETS, EncoderConfig
 from harness.errors import CheckpointError
 
 
@@ -48,6 +49,71 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
     # MAE's convention: the first half encodes w (x), the second h (y).
     return np.concatenate([_1d(embed_dim // 2, xs), _1d(embed_dim // 2, ys)], axis=1).astype(np.float32)
+
+
+#: The shape fields of an :class:`EncoderConfig` (with the family and, for Swin, the preset's
+#: stages and window): two configs that agree on them build the same network.
+ARCH_FIELDS: tuple[str, ...] = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def architecture(cfg: EncoderConfig) -> dict[str, Any]:
+    """The architecture ``cfg`` builds: family, shape fields and (Swin) stages and window."""
+    out: dict[str, Any] = {"family": cfg.family}
+    out.update({k: getattr(cfg, k) for k in ARCH_FIELDS})
+    if cfg.family == "swin":
+        preset = ENCODER_PRESETS[cfg.arch]
+        out.update(
+            stage_depths=tuple(preset["stage_depths"]),
+            stage_heads=tuple(preset["stage_heads"]),
+            window_size=preset["window_size"],
+        )
+    return out
+
+
+def arch_label(cfg: EncoderConfig) -> str:
+    """What a record calls the architecture: the preset, plus every value that differs from it.
+
+    ``vit_tiny_32`` for the preset itself, ``vit_tiny_32(num_heads=2, img_size=48)`` otherwise.
+    """
+    preset = ENCODER_PRESETS[cfg.arch]
+    diffs = [
+        f"{k}={getattr(cfg, k)}"
+        for k in (*ARCH_FIELDS, "img_size")
+        if k in preset and getattr(cfg, k) != preset[k]
+    ]
+    return f"{cfg.arch}({', '.join(diffs)})" if diffs else cfg.arch
+
+
+def check_architecture(
+    named: EncoderConfig, recorded: EncoderConfig, source: str, img_size: bool = False
+) -> None:
+    """Refuse a checkpoint whose recorded architecture is not the one the user named.
+
+    Args:
+        named: The encoder config the user gave (``--arch``, a suite's ``encoder:``).
+        recorded: The config the checkpoint's metadata holds (what it was trained as).
+        source: The checkpoint, for the message.
+        img_size: Also require the same image size (loaders that cannot resize).
+
+    Raises:
+        CheckpointError: naming every differing value of both.
+    """
+    a, b = architecture(named), architecture(recorded)
+    fields = list(a) + (["img_size"] if img_size else [])
+    a["img_size"], b["img_size"] = named.img_size, recorded.img_size
+    bad = [f"{k}: checkpoint {b[k]} vs named {a[k]}" for k in fields if not _same(a[k], b[k])]
+    if bad:
+        raise CheckpointError(
+            f"{source} holds a {arch_label(recorded)} encoder (its metadata), not the named "
+            f"{arch_label(named)}: " + "; ".join(bad) + ". Fix: drop --arch (or the suite "
+            "entry's 'encoder:') to use the architecture the file records, or name that one"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b))
+    return bool(a == b)
 
 
 class ViTEncoder(nn.Module):
@@ -280,12 +346,8 @@ class ViTEncoder(nn.Module):
         self.vit.load_state_dict(state_dict, strict=True)
 
 
-def load_encoder_checkpoint(path: str | Path, cfg: EncoderConfig | None = None) -> ViTEncoder:
-    """Build an encoder from a mimbench encoder file (or a plain timm state dict with ``cfg``).
-
-    Files are loaded weights-only: a checkpoint that needs arbitrary unpickling is refused.
-    """
-    path = Path(path)
+def _read_encoder_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """``(state dict, mimbench meta or None)`` of an encoder file, read weights-only."""
     if not path.is_file():
         raise CheckpointError(f"encoder checkpoint not found: {path}: check the path")
     try:
@@ -299,13 +361,40 @@ def load_encoder_checkpoint(path: str | Path, cfg: EncoderConfig | None = None) 
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state dict")
-    if cfg is None:
-        if not meta:
+    return state, meta if isinstance(meta, dict) else None
+
+
+def _file_config(
+    path: Path, meta: dict[str, Any] | None, cfg: EncoderConfig | None
+) -> EncoderConfig:
+    """The config to build: the file's recorded one, checked against ``cfg`` when both exist.
+
+    A file without metadata needs ``cfg`` (its number of heads is not in the weights).
+    """
+    if not meta or not isinstance(meta.get("encoder"), dict):
+        if cfg is None:
             raise CheckpointError(
-                f"{path} is not a mimbench encoder file; give the encoder config it was trained with"
+                f"{path} is not a mimbench encoder file (no 'mimbench' metadata), so its "
+                "architecture is unknown (the number of heads is not in the weights): give the "
+                "encoder config it was trained with (a suite's 'encoder: {arch: ...}' or --arch)"
             )
-        cfg = EncoderConfig.model_validate(meta["encoder"])
-    enc = ViTEncoder(cfg)
+        return cfg
+    recorded = EncoderConfig.model_validate(meta["encoder"])
+    if cfg is not None:
+        check_architecture(cfg, recorded, str(path), img_size=True)
+    return recorded
+
+
+def load_encoder_checkpoint(path: str | Path, cfg: EncoderConfig | None = None) -> ViTEncoder:
+    """Build an encoder from a mimbench encoder file (or a plain timm state dict with ``cfg``).
+
+    The architecture is the file's own (its metadata); a given ``cfg`` must name the same one
+    (every shape field and the image size), or the load is refused naming both. Files are
+    loaded weights-only: a checkpoint that needs arbitrary unpickling is refused.
+    """
+    path = Path(path)
+    state, meta = _read_encoder_file(path)
+    enc = ViTEncoder(_file_config(path, meta, cfg))
     enc.load_timm_state_dict(state, str(path))
     return enc
 
@@ -332,25 +421,7 @@ def create_encoder(cfg: EncoderConfig) -> nn.Module:
 def load_any_encoder_checkpoint(path: str | Path, cfg: EncoderConfig | None = None) -> nn.Module:
     """Like :func:`load_encoder_checkpoint` for every encoder family (ViT, Swin, conv)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"encoder checkpoint not found: {path}: check the path")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError and friends
-        raise CheckpointError(
-            f"cannot load {path} weights-only ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "only checkpoints holding tensors and plain types are accepted"
-        ) from None
-    meta = obj.get("mimbench") if isinstance(obj, dict) else None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds no state dict")
-    if cfg is None:
-        if not meta:
-            raise CheckpointError(
-                f"{path} is not a mimbench encoder file; give the encoder config it was trained with"
-            )
-        cfg = EncoderConfig.model_validate(meta["encoder"])
-    enc = create_encoder(cfg)
+    state, meta = _read_encoder_file(path)
+    enc = create_encoder(_file_config(path, meta, cfg))
     enc.load_timm_state_dict(state, str(path))  # type: ignore[operator]
     return enc

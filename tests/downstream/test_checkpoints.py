@@ -766,3 +766,183 @@ def test_suite_entry_with_a_simmim_checkpoint_and_a_timm_name(tiny_imagefolder, 
         records["timm-vit"].status == "ok"
         and records["timm-vit"].encoder.arch == "vit_tiny_patch16_224"
     )
+
+
+# --------------------------------------------------------------------------- architecture: never guessed
+
+
+TINY = EncoderConfig(arch="vit_tiny_32")  # 128 wide, 4 heads: the "embed_dim / 64" rule says 2
+NO_HEADS_128 = r"cannot infer num_heads for embed_dim 128.*--arch vit_tiny_32"
+
+
+def _heads(enc: torch.nn.Module) -> int:
+    return int(enc.vit.blocks[0].attn.num_heads)
+
+
+def _pretrain_tiny(data, out):
+    """A vit_tiny_32 SimMIM pretraining by the engine (2 steps): its stage directory."""
+    from harness.config import PretrainConfig
+    from pretrain.engine import pretrain
+
+    cfg = PretrainConfig(
+        data={"source": str(data)},
+        encoder={"arch": "vit_tiny_32"},
+        recipe={"name": "simmim", "masking": {"mask_patch_size": 8}},
+        train={"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "max_steps": 2,
+               "ckpt_every_steps": 1, "num_recon_images": 0},
+    )
+    return pretrain(cfg, out, resume=False, log=lambda m: None)
+
+
+def test_pretraining_checkpoint_loads_with_its_recorded_heads(tiny_imagefolder, tmp_path):
+    import shutil
+
+    from pretrain.encoder import load_encoder_checkpoint
+
+    res = _pretrain_tiny(tiny_imagefolder, tmp_path / "stage")
+    ref = load_encoder_checkpoint(res.encoder_path)  # the encoder file: 4 heads, from its metadata
+    assert _heads(ref) == 4
+    ckpt = tmp_path / "stage" / "checkpoint.pth"
+    # in its stage directory, and copied away from it: the checkpoint records its config
+    alone = tmp_path / "elsewhere" / "checkpoint.pth"
+    alone.parent.mkdir()
+    shutil.copy(ckpt, alone)
+    for path in (ckpt, alone):
+        got, rep = load_checkpoint(path)
+        assert rep.family == "mimbench_ckpt" and _heads(got) == 4 and not rep.assumed
+        assert _diff(ref, got) == 0.0
+    # a checkpoint written before it recorded its config: the stage's config.yaml says, when
+    # its hash is the checkpoint's ...
+    ck = torch.load(ckpt, weights_only=True)
+    del ck["encoder_config"]
+    old = _save(ck, tmp_path / "stage" / "old_checkpoint.pth")
+    got, rep = load_checkpoint(old)
+    assert _heads(got) == 4 and _diff(ref, got) == 0.0
+    assert any("config.yaml" in n for n in rep.notes)
+    # ... and nothing says once it is separated from it: refused, naming what to pass
+    old_alone = _save(ck, tmp_path / "elsewhere" / "old.pth")
+    with pytest.raises(CheckpointError, match=NO_HEADS_128):
+        load_checkpoint(old_alone)
+    got, rep = load_checkpoint(old_alone, cfg=TINY)
+    assert _heads(got) == 4 and _diff(ref, got) == 0.0
+    # a config.yaml that is not the checkpoint's own is not trusted
+    cfg_text = (tmp_path / "stage" / "config.yaml").read_text()
+    (tmp_path / "elsewhere" / "config.yaml").write_text(cfg_text.replace("seed: 0", "seed: 1"))
+    with pytest.raises(CheckpointError, match="cannot infer num_heads"):
+        load_checkpoint(old_alone)
+
+
+def test_export_without_its_sidecar_is_refused_or_takes_the_named_arch(tmp_path, capsys):
+    from harness.cli import main
+
+    torch.manual_seed(0)
+    enc = _randomize(ViTEncoder(TINY), 4)
+    export_encoder(enc, tmp_path / "exp" / "enc", formats=("timm",))
+    got, _ = load_checkpoint(tmp_path / "exp" / "enc.pth")  # with its sidecar: recorded heads
+    assert _heads(got) == 4 and _diff(enc, got) == 0.0
+    bare = tmp_path / "bare.pth"
+    bare.write_bytes((tmp_path / "exp" / "enc.pth").read_bytes())  # a plain timm state dict
+    with pytest.raises(CheckpointError, match=NO_HEADS_128):
+        load_checkpoint(bare)
+    got, rep = load_checkpoint(bare, cfg=TINY)
+    assert _heads(got) == 4 and _diff(enc, got) == 0.0 and not rep.assumed
+    # the command line says the same and writes nothing; with --arch it imports
+    out = tmp_path / "imported.pth"
+    assert main(["import", str(bare), "--out", str(out)]) == 2
+    assert "--arch vit_tiny_32" in capsys.readouterr().err and not out.exists()
+    assert main(["import", str(bare), "--out", str(out), "--arch", "vit_tiny_32"]) == 0
+    got, _ = load_checkpoint(out)
+    assert _heads(got) == 4 and _diff(enc, got) == 0.0
+
+
+def test_public_width_heads_are_assumed_out_loud(tmp_path):
+    """Width 192 is ViT-Ti's: every public release has 3 heads; taken, and listed as assumed."""
+    cfg = EncoderConfig(
+        arch="vit_micro_32", embed_dim=192, num_heads=3, depth=1, pos_embed="learned"
+    )
+    torch.manual_seed(0)
+    enc = _randomize(ViTEncoder(cfg), 5)
+    path = _save(enc.timm_state_dict(), tmp_path / "v.pth")
+    got, rep = load_checkpoint(path)
+    assert _heads(got) == 3 and _diff(enc, got) == 0.0
+    assert len(rep.assumed) == 1 and rep.assumed[0].startswith("num_heads 3")
+    assert "ASSUMED" in rep.format() and rep.summary()["assumed"] == rep.assumed
+
+
+def test_named_arch_must_be_the_recorded_one(tmp_path, capsys):
+    from harness.cli import main
+
+    torch.manual_seed(0)
+    two = _randomize(ViTEncoder(EncoderConfig(arch="vit_tiny_32", num_heads=2)), 2)
+    two.save_timm(tmp_path / "two.pth")
+    export_encoder(two, tmp_path / "exp" / "two")
+    exp = tmp_path / "exp"
+    for path in (tmp_path / "two.pth", exp / "two.pth", exp / "two.safetensors"):
+        with pytest.raises(CheckpointError, match=r"num_heads: checkpoint 2 vs named 4"):
+            load_checkpoint(path, cfg=TINY)
+    shape = r"embed_dim: checkpoint 32 vs named 128.*depth: checkpoint 2 vs named 6"
+    with pytest.raises(CheckpointError, match=shape):
+        load_checkpoint(_save_timm(_vit(), tmp_path / "micro.pth"), cfg=TINY)
+    # naming what it is works, at another resolution too (positions resized)
+    named = EncoderConfig(arch="vit_tiny_32", num_heads=2)
+    got, rep = load_checkpoint(tmp_path / "two.pth", cfg=named)
+    assert _heads(got) == 2 and _diff(two, got) == 0.0
+    assert rep.arch_label() == "vit_tiny_32(num_heads=2)"
+    got, rep = load_checkpoint(
+        tmp_path / "two.pth", cfg=EncoderConfig(arch="vit_tiny_32", num_heads=2, img_size=48)
+    )
+    assert got.cfg.img_size == 48 and rep.arch_label() == "vit_tiny_32(num_heads=2, img_size=48)"
+    # the command line: exit 2, both named, nothing written
+    out = tmp_path / "o.pth"
+    assert main(["import", str(exp / "two.pth"), "--arch", "vit_tiny_32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "vit_tiny_32(num_heads=2)" in err and "named vit_tiny_32" in err and not out.exists()
+
+
+def _save_timm(enc, path):
+    enc.save_timm(path)
+    return path
+
+
+def test_record_names_the_architecture_that_ran(tiny_imagefolder, tmp_path):
+    from harness.config import SuiteConfig, validate_config
+    from harness.runner import obtain_encoder, pretrain_config_for, pretrain_stage_dir
+    from pretrain.engine import ENCODER, SUMMARY
+
+    torch.manual_seed(0)
+    two = _randomize(ViTEncoder(EncoderConfig(arch="vit_tiny_32", num_heads=2)), 2)
+    f = _save_timm(two, tmp_path / "two.pth")
+
+    def obtain(entry: dict):
+        s = validate_config({
+            "kind": "suite", "name": "arch", "output_dir": str(tmp_path / "runs"),
+            "data": {"source": str(tiny_imagefolder)}, "encoders": [entry],
+            "tasks": [{"name": "knn"}],
+        })
+        assert isinstance(s, SuiteConfig)
+        return s, obtain_encoder(s.encoders[0], s, 0, tmp_path, lambda m: None)
+
+    _, h = obtain({"name": "r", "encoder": {"arch": "vit_micro_32", "num_heads": 1}})
+    assert h.info.arch == "vit_micro_32(num_heads=1)" and _heads(h.encoder) == 1
+    _, h = obtain({"name": "c", "checkpoint": str(f)})
+    assert h.info.arch == "vit_tiny_32(num_heads=2)" and _heads(h.encoder) == 2
+    assert _diff(two, h.encoder) == 0.0
+    with pytest.raises(CheckpointError, match="num_heads: checkpoint 2 vs named 4"):
+        obtain({"name": "c", "checkpoint": str(f), "encoder": {"arch": "vit_tiny_32"}})
+    # a pretraining stage whose encoder file is not the entry's architecture is refused
+    entry = {"name": "p", "encoder": {"arch": "vit_tiny_32"},
+             "pretrain": {"recipe": {"name": "simmim", "masking": {"mask_patch_size": 8}}}}
+    s = validate_config({
+        "kind": "suite", "name": "arch", "output_dir": str(tmp_path / "runs"),
+        "data": {"source": str(tiny_imagefolder)}, "encoders": [entry], "tasks": [{"name": "knn"}],
+    })
+    stage = pretrain_stage_dir(tmp_path, pretrain_config_for(s.encoders[0], s, 0))
+    stage.mkdir(parents=True)
+    (stage / SUMMARY).write_text("{}")
+    two.save_timm(stage / ENCODER)
+    with pytest.raises(CheckpointError, match="num_heads: checkpoint 2 vs named 4"):
+        obtain(entry)
+    torch.manual_seed(0)
+    ViTEncoder(TINY).save_timm(stage / ENCODER)
+    _, h = obtain(entry)
+    assert h.info.arch == "vit_tiny_32" and _heads(h.encoder) == 4

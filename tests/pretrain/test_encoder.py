@@ -10,7 +10,13 @@ import torch
 
 from harness.config import EncoderConfig
 from harness.errors import CheckpointError
-from pretrain.encoder import ViTEncoder, load_encoder_checkpoint, sincos_pos_embed_2d
+from pretrain.encoder import (
+    ViTEncoder,
+    arch_label,
+    load_any_encoder_checkpoint,
+    load_encoder_checkpoint,
+    sincos_pos_embed_2d,
+)
 
 
 @pytest.fixture
@@ -116,3 +122,32 @@ def test_layer_ids_and_intermediates(enc):
 def test_wrong_input_size_is_explained(enc):
     with pytest.raises(ValueError, match="expects 32x32 images"):
         enc(torch.randn(1, 3, 64, 64))
+
+
+def test_a_named_config_must_be_the_files_own(tmp_path):
+    """The file's metadata says what it is; a named config that differs is refused, not used."""
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_tiny_32", num_heads=2)).eval()
+    path = tmp_path / "encoder.pth"
+    enc.save_timm(path)
+    for load in (load_encoder_checkpoint, load_any_encoder_checkpoint):
+        with pytest.raises(CheckpointError, match="num_heads: checkpoint 2 vs named 4"):
+            load(path, EncoderConfig(arch="vit_tiny_32"))
+        with pytest.raises(CheckpointError, match="img_size: checkpoint 32 vs named 48"):
+            load(path, EncoderConfig(arch="vit_tiny_32", num_heads=2, img_size=48))
+        again = load(path, EncoderConfig(arch="vit_tiny_32", num_heads=2)).eval()
+        assert again.vit.blocks[0].attn.num_heads == 2
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(again.forward_features(x), enc.forward_features(x))
+    plain = tmp_path / "plain.pth"
+    torch.save(enc.timm_state_dict(), plain)
+    with pytest.raises(CheckpointError, match="architecture is unknown.*--arch"):
+        load_encoder_checkpoint(plain)
+
+
+def test_arch_label_names_every_value_off_the_preset():
+    assert arch_label(EncoderConfig(arch="vit_tiny_32")) == "vit_tiny_32"
+    assert arch_label(EncoderConfig(arch="vit_tiny_32", pos_embed="learned")) == "vit_tiny_32"
+    label = arch_label(EncoderConfig(arch="vit_tiny_32", num_heads=2, depth=3, img_size=48))
+    assert label == "vit_tiny_32(depth=3, num_heads=2, img_size=48)"
