@@ -226,7 +226,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
         log: Where progress lines go.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plain = to_plain(cfg)
     chash = config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
     t = cfg.train
@@ -236,8 +235,18 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
     local_batch = local_batch_size(t.batch_size, world)
     if not is_main:
         log = _silent  # rank 0 reports for everyone
-    if is_main:
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    # every refusal (a checkpoint of another config, missing data, a bad size) comes before the
+    # first write, so a refused run leaves the directory as it was
+    ckpt_path = out / CHECKPOINT
+    resuming = resume and ckpt_path.is_file()
+    if world > 1:  # rank 0 decides; every rank must then see the same checkpoint file
+        resuming = bool(distributed.broadcast_object(resuming))
+        if resuming and not ckpt_path.is_file():
+            raise CheckpointError(
+                f"rank {rank} cannot see {ckpt_path}, which rank 0 resumes from: the output "
+                "directory must be on a filesystem shared by all nodes"
+            )
+    ck = _load_resumable(ckpt_path, chash) if resuming else None
 
     device = pick_device(t.device)
     amp_dtype = autocast_dtype(t.precision, device)
@@ -267,28 +276,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
     peak_lr = t.base_lr * t.batch_size / t.lr_base_batch
 
     model = create_model(cfg.encoder, cfg.recipe).to(device)
-    ckpt_path = out / CHECKPOINT
-    resuming = resume and ckpt_path.is_file()
-    if world > 1:  # rank 0 decides; every rank must then see the same checkpoint file
-        resuming = bool(distributed.broadcast_object(resuming))
-        if resuming and not ckpt_path.is_file():
-            raise CheckpointError(
-                f"rank {rank} cannot see {ckpt_path}, which rank 0 resumes from: the output "
-                "directory must be on a filesystem shared by all nodes"
-            )
-    if not resuming:
+    if is_main:  # nothing refused the run: it is this directory's config from now on
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    if ck is None:
         model.prepare(_image_sampler(train_ds, cfg.seed, device), log)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak_lr, betas=t.betas)
 
     step = 0
     history: list[dict[str, float]] = []
-    if resuming:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("config_hash") != chash:
-            raise CheckpointError(
-                f"{ckpt_path} was written by a different config (hash {ck.get('config_hash')} vs "
-                f"{chash}); use another output directory or delete it to start over"
-            )
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
@@ -329,7 +326,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
             "step": step,
             "history": history,
             "config_hash": chash,
-            "encoder_config": cfg.encoder.model_dump(mode="json"),  # what import builds
             "rng": _rng_state(device),
             "skipped_files": _skipped_files(skipped_before, skips),  # a collective too
         }
@@ -452,6 +448,22 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
         )
     distributed.barrier()
     return PretrainResult(out, out / ENCODER, recon, last_loss, step, wall)
+
+
+def _load_resumable(ckpt_path: Path, chash: str) -> dict[str, Any]:
+    """The checkpoint to resume from, read before anything is written.
+
+    Raises:
+        CheckpointError: The checkpoint was written by a different config (hash ``chash`` is the
+            resolved config's, less its name and output directory).
+    """
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ck.get("config_hash") != chash:
+        raise CheckpointError(
+            f"{ckpt_path} was written by a different config (hash {ck.get('config_hash')} vs "
+            f"{chash}); use another output directory or delete it to start over"
+        )
+    return ck
 
 
 def _silent(msg: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,42 @@ def test_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint(
     ck = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)
     assert ck["step"] == 4 and all(math.isfinite(h["loss"]) for h in ck["history"])
     assert not (tmp_path / "o" / ENCODER).exists()
+
+
+def _files(root):
+    """Every file under ``root`` with its bytes."""
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_pretrain_leaves_the_directory_as_it_was(tiny_imagefolder, tmp_path, capsys):
+    import yaml
+
+    from harness.cli import main
+
+    raw = {"kind": "pretrain", "name": "r", "data": {"source": str(tiny_imagefolder)},
+           "encoder": {"arch": "vit_micro_32"},
+           "recipe": {"name": "mae", "head": {"depth": 1, "dim": 32, "num_heads": 2}},
+           "train": {"epochs": 1, "batch_size": 4, "max_steps": 2, "num_recon_images": 0}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "o"
+    assert main(["pretrain", str(path), "--out", str(out)]) == 0
+    before = _files(out)
+    assert b"base_lr: 0.00015" in before[Path("config.yaml")]
+    capsys.readouterr()
+    # --resume with another config: refused, and config.yaml still matches the checkpoint
+    assert main(["pretrain", str(path), "--out", str(out), "--resume",
+                 "--set", "train.base_lr=5e-3"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert _files(out) == before
+    # --overwrite whose data is missing: refused before anything is replaced
+    nowhere = f"data.source={tmp_path / 'nowhere'}"
+    assert main(["pretrain", str(path), "--out", str(out), "--overwrite", "--set", nowhere]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert _files(out) == before
+    # a refused fresh run leaves no directory behind
+    assert main(["pretrain", str(path), "--out", str(tmp_path / "new"), "--set", nowhere]) == 2
+    assert not (tmp_path / "new").exists()
+    # the unchanged config still resumes (nothing to do: it finished)
+    assert main(["pretrain", str(path), "--out", str(out), "--resume"]) == 0
+    assert (out / "config.yaml").read_bytes() == before[Path("config.yaml")]
