@@ -12,6 +12,12 @@
   resumes from its last checkpoint because every stage is resumable by construction.
   A sweep submits every row's stages the same way; rows with identical stages share one job
   (:func:`launch_submitit_sweep`).
+
+  A task job never pretrains: if its encoder's pretraining did not finish (its job failed, which
+  holds the task on SLURM through ``afterok``; the local executor has no dependencies), the job
+  records the task as failed ("blocked: pretraining ... failed") without running it, and
+  ``mimbench plan`` shows it as ``blocked``. The launching process holds the suite's lock
+  (:func:`harness.runner.suite_lock_path`) until every job finished; each job holds its stage's.
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness.config import SuiteConfig, to_plain, validate_config
 from harness.errors import UserError
 from harness.records import SweepInfo, load_records
-from harness.runner import StageFilter, run_suite, suite_dir
+from harness.fsutil import stage_lock
+from harness.runner import StageFilter, run_suite, suite_dir, suite_lock_path
 from harness.sweep import SweepRow, row_encoder_name
 
 
@@ -144,7 +151,9 @@ def launch_submitit(cfg: SuiteConfig, kind: str, opts: SlurmOptions, log: Any = 
     from harness.runner import preflight
 
     preflight(cfg)  # bad input is rejected before any job is submitted
-    return _launch([(cfg, None)], kind, opts, log)
+    root = suite_dir(cfg)
+    with stage_lock(suite_lock_path(root, to_plain(cfg)), f"suite {cfg.name} in {root}"):
+        return _launch([(cfg, None)], kind, opts, log)
 
 
 def launch_submitit_sweep(rows: list[SweepRow], kind: str, opts: SlurmOptions,
@@ -160,7 +169,10 @@ def launch_submitit_sweep(rows: list[SweepRow], kind: str, opts: SlurmOptions,
     from harness.runner import preflight_sweep
 
     preflight_sweep(rows)  # every row is checked before any job is submitted
-    return _launch([(r.config, r.info) for r in rows], kind, opts, log)
+    root = suite_dir(rows[0].config)
+    plain = [to_plain(r.config) for r in rows]
+    with stage_lock(suite_lock_path(root, plain), f"sweep {rows[0].info.name} in {root}"):
+        return _launch([(r.config, r.info) for r in rows], kind, opts, log)
 
 
 def _executor(kind: str, root: Path, opts: SlurmOptions) -> Any:
@@ -253,8 +265,9 @@ def _launch(items: list[tuple[SuiteConfig, SweepInfo | None]], kind: str, opts: 
                         shared.append((i, only, h, where, src))
                         continue
                     dep = pre_jobs.get(pre_of.get((i, e.name, seed), root / "-"))
-                    job = _submit(executor, kind, StageJob(raw, only, plain_info),
-                                  dep[0] if dep else None)
+                    # the job never pretrains: a failed dependency blocks it (a failed record)
+                    job = _submit(executor, kind, StageJob(raw, replace(only, no_pretrain=True),
+                                                           plain_info), dep[0] if dep else None)
                     task_jobs[h] = (job, where)
                     log(f"[launch] submitted {where}: job {job.job_id}")
     for job, _ in task_jobs.values():

@@ -3,7 +3,13 @@ directories are keyed by the hash of their resolved config, and an interrupted p
 resumes), evaluate every encoder on every task and seed, write one record per run, collate.
 
 A stage that fails leaves a failed record naming its error and the suite goes on; what finished
-is skipped when the suite runs again.
+is skipped when the suite runs again. A pretraining that fails also leaves ``failed.json`` in its
+stage directory (removed once it succeeds), so plan and status can tell its tasks are blocked.
+
+Each stage runs under a lock file in its directory (:func:`harness.fsutil.stage_lock`: the
+holder's host, pid and start time), and a whole suite under ``locks/suite-<hash>.lock``: a
+second run of the same suite, or of a stage another process is running, is refused with a
+message naming the holder; a lock whose holder died is taken over.
 
 A sweep (:func:`run_sweep`) runs each row as a suite in one shared directory; each row's records
 carry the row's :class:`~harness.records.SweepInfo`. Stages are keyed by their resolved config
@@ -23,7 +29,8 @@ import json
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,8 +44,15 @@ from harness.config import (
     hashed_dump,
     to_plain,
 )
-from harness.errors import CheckpointError
-from harness.fsutil import config_hash, sha256_file
+from harness.errors import CheckpointError, UserError
+from harness.fsutil import (
+    STAGE_LOCK,
+    LockHeldError,
+    atomic_write_json,
+    config_hash,
+    sha256_file,
+    stage_lock,
+)
 from harness.records import (
     EncoderInfo,
     ErrorInfo,
@@ -194,6 +208,93 @@ def preflight(cfg: SuiteConfig) -> None:
         resolve_imagefolder_root(cfg.data)
 
 
+PRETRAIN_FAILED = "failed.json"  # in a pretraining stage directory whose last attempt failed
+
+
+class DependencyFailedError(UserError):
+    """A task cannot run because the pretraining it depends on did not finish."""
+
+
+def pretrain_done(stage: Path) -> bool:
+    """Whether a pretraining stage directory holds its finished outputs."""
+    from pretrain.engine import ENCODER, SUMMARY
+
+    return (stage / SUMMARY).is_file() and (stage / ENCODER).is_file()
+
+
+def task_stage_dir(root: Path, encoder: str, task: str, seed: int, h: str) -> Path:
+    """``root/tasks/<encoder>-<task>-s<seed>-<hash10>``: a task run's directory (log, outputs)."""
+    return root / "tasks" / f"{encoder}-{task}-s{seed}-{h[:10]}"
+
+
+def read_pretrain_failure(stage: Path) -> str | None:
+    """``Type: message`` of a pretraining stage's last failure, or None if it did not fail (or
+    finished since)."""
+    path = stage / PRETRAIN_FAILED
+    if not path.is_file() or pretrain_done(stage):
+        return None
+    try:
+        err = json.loads(path.read_text())
+        return f"{err['type']}: {err['message']}"
+    except (ValueError, KeyError, TypeError):
+        return "unknown error (unreadable failed.json)"
+
+
+def suite_lock_path(root: Path, obj: Any) -> Path:
+    """The lock file of one suite (or sweep) config, ``obj`` its plain resolved form."""
+    return root / "locks" / f"suite-{config_hash(obj)[:10]}.lock"
+
+
+def _obtain(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Path, log: Any,
+            no_pretrain: bool = False) -> EncoderHandle:
+    """:func:`obtain_encoder` with a pretraining run under its stage lock, its failure kept in
+    the stage directory (``failed.json``), and, with ``no_pretrain``, no pretraining at all: an
+    unfinished one raises :class:`DependencyFailedError`."""
+    from harness import distributed
+
+    if entry.pretrain is None:
+        return obtain_encoder(entry, suite, seed, root, log)
+    stage = pretrain_stage_dir(root, pretrain_config_for(entry, suite, seed))
+    if pretrain_done(stage):
+        return obtain_encoder(entry, suite, seed, root, log)
+    if no_pretrain:
+        why = read_pretrain_failure(stage)
+        raise DependencyFailedError(
+            f"blocked: pretraining {stage.name} " + (f"failed ({why})" if why else "did not finish")
+            + "; the task did not run"
+        )
+    # under torchrun every rank trains together: rank 0 holds the lock for all
+    lock = (stage_lock(stage / STAGE_LOCK, f"pretraining stage {stage}")
+            if distributed.get_rank() == 0 else _no_lock())
+    with lock:
+        try:
+            handle = obtain_encoder(entry, suite, seed, root, log)
+        except LockHeldError:
+            raise
+        except Exception as exc:
+            if distributed.get_rank() == 0:
+                _log_failure(stage / "log.txt", exc)
+                atomic_write_json(stage / PRETRAIN_FAILED, {
+                    "type": type(exc).__name__, "message": str(exc), "at": utc_now(),
+                    "traceback": traceback.format_exc(),
+                })
+            raise
+        (stage / PRETRAIN_FAILED).unlink(missing_ok=True)
+    return handle
+
+
+def _log_failure(path: Path, exc: BaseException) -> None:
+    """Append a stage's error and traceback to its log (so every failed stage has one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"{utc_now()} FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+@contextmanager
+def _no_lock() -> Iterator[None]:
+    yield
+
+
 @dataclass(frozen=True)
 class StageFilter:
     """Restricts :func:`run_suite` to part of a suite (what one launcher job runs).
@@ -203,12 +304,16 @@ class StageFilter:
         seed: Only this seed (None: all).
         task: Only this task (None: all).
         pretrain_only: Obtain (pretrain) the encoders but run no task.
+        no_pretrain: Pretrain nothing: a task whose encoder's pretraining has not finished is
+            recorded as failed ("blocked: pretraining ... failed") without running (a launcher
+            job whose dependency failed).
     """
 
     encoder: str | None = None
     seed: int | None = None
     task: str | None = None
     pretrain_only: bool = False
+    no_pretrain: bool = False
 
 
 def row_key(info: SweepInfo | None) -> tuple[str, str] | None:
@@ -235,14 +340,17 @@ def run_sweep(rows: list[SweepRow], log: Any = print, command: list[str] | None 
     directory.
     """
     preflight_sweep(rows)
-    records_dir = suite_dir(rows[0].config) / "records"
+    root = suite_dir(rows[0].config)
+    records_dir = root / "records"
     if not _data_parallel_pretraining(lambda: [
         run_suite(r.config, log, command, StageFilter(pretrain_only=True), r.info) for r in rows
     ]):
         return records_dir
-    for row in rows:
-        log(f"[sweep] {row.info.name}: row {row.info.row + 1}/{row.info.rows}: {row.label}")
-        records_dir = run_suite(row.config, log=log, command=command, sweep=row.info)
+    plain = [to_plain(r.config) for r in rows]
+    with stage_lock(suite_lock_path(root, plain), f"sweep {rows[0].info.name} in {root}"):
+        for row in rows:
+            log(f"[sweep] {row.info.name}: row {row.info.row + 1}/{row.info.rows}: {row.label}")
+            records_dir = run_suite(row.config, log=log, command=command, sweep=row.info)
     return records_dir
 
 
@@ -258,9 +366,10 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
         only: Run only this part of the suite (one launcher job).
         sweep: The sweep row this suite is; its records carry it, and encoders are named
             ``<encoder>@<row>`` in them (:func:`harness.sweep.row_encoder_name`).
-    """
-    import torch
 
+    Raises:
+        LockHeldError: Another live process runs this suite, or a stage of it, now.
+    """
     only = only or StageFilter()
     pre_only = replace(only, pretrain_only=True)
     if not only.pretrain_only and not _data_parallel_pretraining(
@@ -268,12 +377,22 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
     ):
         return suite_dir(cfg) / "records"
     preflight(cfg)
+    root = suite_dir(cfg)
+    if only != StageFilter():  # one launcher job: its stage's lock is enough
+        return _run_stages(cfg, root, log, command, only, sweep)
+    with stage_lock(suite_lock_path(root, to_plain(cfg)), f"suite {cfg.name} in {root}"):
+        return _run_stages(cfg, root, log, command, only, sweep)
+
+
+def _run_stages(cfg: SuiteConfig, root: Path, log: Any, command: list[str] | None,  # noqa: C901
+                only: StageFilter, sweep: SweepInfo | None) -> Path:
+    """The body of :func:`run_suite` once the suite is checked (and locked)."""
+    import torch
 
     from downstream.base import TaskContext, get_task
     from harness.provenance import collect_provenance
     from pretrain.engine import pick_device
 
-    root = suite_dir(cfg)
     records_dir = root / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     tasks = [(t, get_task(t.name)) for t in cfg.tasks]  # unknown tasks fail before anything runs
@@ -292,7 +411,7 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
                 continue
             if only.pretrain_only:
                 if entry.pretrain is not None:
-                    obtain_encoder(entry, cfg, seed, root, log)
+                    _obtain(entry, cfg, seed, root, log)
                 continue
             todo = []
             for tcfg, task in tasks:
@@ -319,7 +438,9 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
             t0 = time.time()
             name = row_encoder_name(entry.name, sweep)
             try:
-                handle = obtain_encoder(entry, cfg, seed, root, log)
+                handle = _obtain(entry, cfg, seed, root, log, only.no_pretrain)
+            except LockHeldError:
+                raise  # another process runs this pretraining: refuse, record nothing
             except Exception as exc:  # the encoder failed: every task of it fails, suite goes on
                 log(f"[suite] {name}: FAILED to obtain encoder: {type(exc).__name__}: {exc}")
                 for tcfg, task, rc, h in todo:
@@ -328,32 +449,43 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
                 continue
             info = handle.info.model_copy(update={"name": name})
             for tcfg, task, rc, h in todo:
-                started = utc_now()
-                t0 = time.time()
-                log(f"[suite] {name} / {tcfg.name} / seed {seed}: running")
-                try:
-                    tdir = root / "tasks" / f"{entry.name}-{tcfg.name}-s{seed}-{h[:10]}"
-                    ctx = TaskContext(data=cfg.data, seed=seed, device=device, out_dir=tdir,
-                                      log=tee_log(log, tdir / "log.txt"))
-                    torch.manual_seed(seed)
-                    result = task.run(handle.encoder, tcfg, ctx)
-                    rec = Record(
-                        run_id=new_run_id(f"{name}-{tcfg.name}-s{seed}"),
-                        status="ok", started_at=started, finished_at=utc_now(),
-                        duration_s=time.time() - t0, encoder=info, recipe=handle.recipe,
-                        task=TaskInfo(name=task.name, version=task.version),
-                        metrics={k: float(v) for k, v in result.metrics.items()},
-                        metric_info={k: MetricInfo(higher_is_better=task.metrics[k])
-                                     for k in result.metrics},
-                        details={**result.details, **handle.extra},
-                        config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
-                    )
-                except Exception as exc:
-                    log(f"[suite] {name} / {tcfg.name}: FAILED: {type(exc).__name__}: {exc}")
-                    rec = _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov, started, t0, exc,
-                                         info)
-                _write(records_dir, _in_row(rec, sweep, tags))
+                tdir = task_stage_dir(root, entry.name, tcfg.name, seed, h)
+                with stage_lock(tdir / STAGE_LOCK, f"task run {tdir}"):
+                    if _finished_meanwhile(records_dir, h, mine):  # by another process
+                        log(f"[suite] {name} / {tcfg.name} / seed {seed}: done meanwhile, skipped")
+                        continue
+                    started = utc_now()
+                    t0 = time.time()
+                    log(f"[suite] {name} / {tcfg.name} / seed {seed}: running")
+                    try:
+                        ctx = TaskContext(data=cfg.data, seed=seed, device=device, out_dir=tdir,
+                                          log=tee_log(log, tdir / "log.txt"))
+                        torch.manual_seed(seed)
+                        result = task.run(handle.encoder, tcfg, ctx)
+                        rec = Record(
+                            run_id=new_run_id(f"{name}-{tcfg.name}-s{seed}"),
+                            status="ok", started_at=started, finished_at=utc_now(),
+                            duration_s=time.time() - t0, encoder=info, recipe=handle.recipe,
+                            task=TaskInfo(name=task.name, version=task.version),
+                            metrics={k: float(v) for k, v in result.metrics.items()},
+                            metric_info={k: MetricInfo(higher_is_better=task.metrics[k])
+                                         for k in result.metrics},
+                            details={**result.details, **handle.extra},
+                            config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
+                        )
+                    except Exception as exc:
+                        log(f"[suite] {name} / {tcfg.name}: FAILED: {type(exc).__name__}: {exc}")
+                        _log_failure(tdir / "log.txt", exc)  # before the record: it is newer
+                        rec = _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov, started,
+                                             t0, exc, info)
+                    _write(records_dir, _in_row(rec, sweep, tags))
     return records_dir
+
+
+def _finished_meanwhile(records_dir: Path, h: str, mine: tuple[str, str] | None) -> bool:
+    """Whether an ok record of run ``h`` for this row appeared since the suite started."""
+    return any(r.status == "ok" and r.config_hash == h and row_key(r.sweep) == mine
+               for r in load_records(records_dir))
 
 
 def _data_parallel_pretraining(pretrain_all: Callable[[], Any]) -> bool:

@@ -51,3 +51,24 @@ def test_stage_filter_runs_only_the_selected_stage(tiny_imagefolder, tmp_path):
     assert list((tmp_path / "f" / "pretrain").glob("mae-s0-*/encoder.pth"))
     run_suite(cfg, log=lambda m: None, only=StageFilter(encoder="random-init", task="linear_probe"))
     assert [r.encoder.name for r in load_records(rd)] == ["random-init"]
+
+
+@pytest.mark.slow
+def test_submitit_local_task_does_not_run_after_its_pretraining_failed(tiny_imagefolder, tmp_path):
+    from harness.plan import plan_suite
+
+    cfg = _suite(tiny_imagefolder, tmp_path, "blk")
+    cfg.encoders[1].pretrain.train.batch_size = 64  # more than the 24 images: the job fails
+    lines: list[str] = []
+    rd = launch_submitit(cfg, "submitit-local", SlurmOptions(timeout_min=10), log=lines.append)
+    assert any("failed" in m for m in lines)  # the pretraining job
+    recs = {r.encoder.name: r for r in load_records(rd)}
+    assert recs["random-init"].status == "ok"
+    blocked = recs["mae"]
+    assert blocked.status == "failed" and blocked.error.type == "DependencyFailedError"
+    assert blocked.error.message.startswith("blocked: pretraining mae-s0-")
+    assert "ConfigError: train split has 24 images" in blocked.error.message
+    assert not list((tmp_path / "blk" / "tasks").glob("mae-*"))  # the task never started
+    states = {(s.kind, s.encoder): s.state for s in plan_suite(cfg)}
+    assert states == {("pretrain", "mae"): "failed", ("linear_probe", "mae"): "blocked",
+                      ("linear_probe", "random-init"): "done"}
