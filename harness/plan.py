@@ -2,8 +2,15 @@
 
 A suite becomes pretraining stages (one per encoder that is pretrained here, per seed) and
 task runs (encoder x task x seed) that depend on them. Each stage is keyed by the hash of its
-resolved config, so ``mimbench plan`` can tell, without running anything, what is done, what was
-interrupted (a checkpoint without a summary: it will resume), what failed, and what is pending.
+resolved config, so ``mimbench plan`` can tell, without running anything, what is
+
+* ``done``;
+* ``running``: its lock file (:func:`harness.fsutil.stage_lock`) names a live holder;
+* ``interrupted``: started (a checkpoint or a log in its directory) but neither finished nor
+  held by a live process; a pretraining resumes from its checkpoint;
+* ``failed``: its last attempt failed (a task's failed record; a pretraining's ``failed.json``);
+* ``blocked``: a task whose pretraining failed (it runs once that pretraining succeeds);
+* ``pending``: not started.
 
 A sweep plans row by row (:func:`plan_sweep`); a stage that an earlier row already has (the
 same resolved config) is listed once, and a row's task run that another row's run of the same
@@ -16,14 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import SuiteConfig
-from harness.fsutil import config_hash
+from harness.fsutil import STAGE_LOCK, config_hash, lock_holder_alive, read_lock
 from harness.records import Record, SweepInfo, load_records
 from harness.runner import (
     pretrain_config_for,
+    pretrain_done,
     pretrain_stage_dir,
+    read_pretrain_failure,
     row_key,
     run_config_for,
     suite_dir,
+    task_stage_dir,
 )
 from harness.sweep import SweepRow, row_encoder_name, variant_name
 
@@ -36,10 +46,54 @@ class Stage:
     encoder: str
     seed: int
     key: str  # config hash (task runs) or stage directory name (pretraining)
-    state: str  # done | interrupted | failed | pending
+    state: str  # done | running | interrupted | failed | blocked | pending
     depends_on: list[str] = field(default_factory=list)
     detail: str = ""
     row: str = ""  # the sweep row (e.g. "depth=8"); empty outside sweeps
+    log: str = ""  # the stage's log file, where it has one
+
+
+UNFINISHED = ("failed", "blocked", "interrupted", "running", "pending")
+
+
+def lock_is_live(stage_dir: Path) -> bool:
+    """Whether a live process holds the stage lock in ``stage_dir``."""
+    info = read_lock(stage_dir / STAGE_LOCK)
+    return info is not None and lock_holder_alive(info)
+
+
+def _pretrain_state(d: Path) -> tuple[str, str]:
+    from pretrain.engine import CHECKPOINT
+
+    if pretrain_done(d):
+        return "done", str(d)
+    if lock_is_live(d):
+        return "running", str(d)
+    failure = read_pretrain_failure(d)
+    if failure is not None:
+        return "failed", failure
+    if (d / CHECKPOINT).is_file():
+        return "interrupted", f"resumes from {d / CHECKPOINT}"
+    if (d / "log.txt").is_file():
+        return "interrupted", f"started, no checkpoint yet: starts over ({d / 'log.txt'})"
+    return "pending", str(d)
+
+
+def _task_state(rec: Record | None, tdir: Path, reused: Record | None) -> tuple[str, str]:
+    """State of a task run from its latest record and its directory (log, lock)."""
+    if rec is not None and rec.status == "ok":
+        return "done", rec.run_id
+    if lock_is_live(tdir):
+        return "running", str(tdir)
+    if rec is None and reused is not None:
+        return "done", f"reuses {reused.run_id} (same config)"
+    if rec is not None and rec.status == "running":  # written as running, nobody runs it now
+        return "interrupted", f"{rec.run_id} stopped before it finished: runs again"
+    if rec is not None and rec.status == "failed":
+        return "failed", f"{rec.error.type}: {rec.error.message}" if rec.error else rec.run_id
+    if (tdir / "log.txt").is_file():  # started, never recorded, nobody runs it
+        return "interrupted", f"started, no result: runs again ({tdir / 'log.txt'})"
+    return "pending", ""
 
 
 def plan_sweep(rows: list[SweepRow]) -> list[Stage]:
@@ -65,7 +119,6 @@ def plan_suite(cfg: SuiteConfig, sweep: SweepInfo | None = None) -> list[Stage]:
         sweep: The sweep row the suite is (its task runs are looked up by config and row).
     """
     from downstream.base import get_task
-    from pretrain.engine import CHECKPOINT, ENCODER, SUMMARY
 
     root = suite_dir(cfg)
     records_dir = root / "records"
@@ -81,36 +134,35 @@ def plan_suite(cfg: SuiteConfig, sweep: SweepInfo | None = None) -> list[Stage]:
     for seed in cfg.seeds:
         for entry in cfg.encoders:
             deps: list[str] = []
+            pre_state = ""
             if entry.pretrain is not None:
                 d = pretrain_stage_dir(root, pretrain_config_for(entry, cfg, seed))
-                if (d / SUMMARY).is_file() and (d / ENCODER).is_file():
-                    state, detail = "done", str(d)
-                elif (d / CHECKPOINT).is_file():
-                    state, detail = "interrupted", f"resumes from {d / CHECKPOINT}"
-                else:
-                    state, detail = "pending", str(d)
-                stages.append(Stage("pretrain", entry.name, seed, d.name, state, [], detail, label))
+                pre_state, detail = _pretrain_state(d)
+                stages.append(Stage("pretrain", entry.name, seed, d.name, pre_state, [], detail,
+                                    label, _log_of(d)))
                 deps = [d.name]
             for tcfg in cfg.tasks:
                 task = get_task(tcfg.name)
                 rc = run_config_for(entry, tcfg, cfg, seed)
                 rc["task_version"] = task.version
                 h = config_hash(rc)
-                rec = latest.get((h, row_key(sweep)))
-                if rec is None and h in any_row:
-                    state, detail = "done", f"reuses {any_row[h].run_id} (same config)"
-                elif rec is None:
-                    state, detail = "pending", ""
-                elif rec.status == "ok":
-                    state, detail = "done", rec.run_id
-                elif rec.status == "failed":
-                    state = "failed"
-                    detail = f"{rec.error.type}: {rec.error.message}" if rec.error else rec.run_id
-                else:
-                    state, detail = "running", rec.run_id
+                tdir = task_stage_dir(root, entry.name, tcfg.name, seed, h)
+                state, detail = _task_state(latest.get((h, row_key(sweep))), tdir, any_row.get(h))
+                if pre_state == "failed" and state != "done":
+                    state, detail = "blocked", f"pretraining {deps[0]} failed"
                 stages.append(Stage(tcfg.name, row_encoder_name(entry.name, sweep), seed, h,
-                                    state, deps, detail, label))
+                                    state, deps, detail, label, _log_of(tdir)))
     return stages
+
+
+def _log_of(stage_dir: Path) -> str:
+    log = stage_dir / "log.txt"
+    return str(log) if log.is_file() else ""
+
+
+def unfinished(stages: list[Stage]) -> list[Stage]:
+    """The stages not done (failed first, then blocked, interrupted, running, pending)."""
+    return sorted((s for s in stages if s.state != "done"), key=lambda s: UNFINISHED.index(s.state))
 
 
 def format_plan(stages: list[Stage]) -> str:

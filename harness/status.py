@@ -3,15 +3,20 @@
 Reads only what the stages write as they go, so it works for any launcher (in-process, torchrun,
 SLURM jobs on other nodes sharing the file system) and for sweeps, without the suite file:
 
-* ``pretrain/<stage>/``: ``summary.json`` means done; otherwise the stage log's last progress line
-  (``step S/T``) gives how far it got, and the log's modification time whether it is alive;
+* ``pretrain/<stage>/``: ``summary.json`` means done, ``failed.json`` failed; otherwise the
+  stage log's last progress line (``step S/T``) gives how far it got;
 * ``tasks/<stage>/``: the same from the task's log (``step S/T`` or ``epoch E/T``); its record in
   ``records/`` (matched by the config hash in the directory name) says done or failed.
+* a standalone pretraining directory (the output of ``mimbench pretrain``: ``config.yaml`` with
+  ``checkpoint.pth`` / ``summary.json``) is shown as that one stage.
 
-A stage whose log has not changed for ``stale_s`` seconds and that has no result is
-``interrupted`` (killed, preempted or waiting to resume); one that changed recently is
-``running``. The ETA extrapolates the rate between the first and the last progress line of the
-current attempt.
+Whether an unfinished stage is alive comes from its lock file (:func:`harness.fsutil.stage_lock`):
+held by a live process on this host (its pid exists), or by a process on another host whose
+heartbeat is younger than ``stale_s`` seconds: ``running``; a lock left by a dead holder, or no
+lock at all on a stage that started: ``interrupted`` (killed, preempted or waiting to resume), at
+once. Only a directory written without locks (a standalone ``mimbench pretrain``) falls back to
+its files' modification time. The ETA extrapolates the rate between the first and the last
+progress line of the current attempt.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from harness.fsutil import STAGE_LOCK, lock_holder_alive, read_lock
 from harness.records import Record, load_records
 
 PROGRESS = re.compile(r"\b(step|epoch) (\d+)/(\d+)")
@@ -82,48 +88,102 @@ def _task_kind(dirname: str, records: dict[str, Record]) -> tuple[str, Record | 
     return (parts[-3] if len(parts) == 4 else "task"), None
 
 
+def _lock_state(d: Path, stale_s: float) -> str | None:
+    """``running`` or ``interrupted`` from the stage lock in ``d``; None without a lock file."""
+    info = read_lock(d / STAGE_LOCK)
+    if info is None:
+        return None
+    return "running" if lock_holder_alive(info, stale_s) else "interrupted"
+
+
+def _unfinished_state(d: Path, stale_s: float, started: bool) -> str:
+    """State of a stage without a result: its lock decides; no lock: interrupted if started."""
+    return _lock_state(d, stale_s) or ("interrupted" if started else "pending")
+
+
+def _with_progress(st: StageStatus, log: Path) -> StageStatus:
+    prog = _progress(log)
+    if prog:
+        st.done, st.total, st.unit, eta = prog
+        st.eta_s = eta if st.state == "running" else None
+    return st
+
+
+PRETRAIN_FILES = ("checkpoint.pth", "summary.json", "encoder.pth", "loss.jsonl")
+
+
+def is_standalone_pretraining(root: Path) -> bool:
+    """Whether ``root`` is the output directory of one ``mimbench pretrain``."""
+    return (root / "config.yaml").is_file() and any((root / f).is_file() for f in PRETRAIN_FILES) \
+        and not (root / "pretrain").is_dir() and not (root / "tasks").is_dir()
+
+
+def _pretrain_stage(d: Path, stale_s: float, now: float, locked: bool = True) -> StageStatus:
+    """One pretraining directory; ``locked``: written by the suite runner (which locks)."""
+    if (d / "summary.json").is_file():
+        st = StageStatus("pretrain", d.name, "done", detail=_summary_text(d / "summary.json"))
+    elif _lock_state(d, stale_s) is None and (d / "failed.json").is_file():
+        st = StageStatus("pretrain", d.name, "failed", detail=_failure_text(d / "failed.json"))
+    elif locked or (d / STAGE_LOCK).is_file():
+        started = (d / "log.txt").is_file() or (d / "checkpoint.pth").is_file()
+        st = StageStatus("pretrain", d.name, _unfinished_state(d, stale_s, started))
+    else:  # no lock to ask: the newest file's age says whether it is alive
+        ages = [now - f.stat().st_mtime for f in d.iterdir() if f.is_file()]
+        alive = bool(ages) and min(ages) < stale_s
+        has_ckpt = (d / "checkpoint.pth").is_file()
+        st = StageStatus("pretrain", d.name, "running" if alive else
+                         ("interrupted" if has_ckpt else "pending"))
+    return _with_progress(st, d / "log.txt")
+
+
+def _summary_text(path: Path) -> str:
+    import json
+
+    try:
+        s = json.loads(path.read_text())
+        return f"loss {float(s['final_loss']):.4f} after {int(s['steps'])} steps"
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _failure_text(path: Path) -> str:
+    import json
+
+    try:
+        e = json.loads(path.read_text())
+        return f"{e['type']}: {e['message']}"[:80]
+    except (ValueError, KeyError, TypeError):
+        return "failed.json unreadable"
+
+
 def stage_status(root: str | Path, stale_s: float = 300.0, now: float | None = None) -> list[StageStatus]:
-    """Every stage under a suite output directory ``root`` (``output_dir/name``)."""
+    """Every stage under a suite output directory ``root`` (``output_dir/name``), or the one
+    stage of a standalone pretraining directory."""
     root = Path(root)
     now = time.time() if now is None else now
-    out: list[StageStatus] = []
-
-    def live_state(log: Path, has_ckpt: bool) -> str:
-        if log.is_file() and now - log.stat().st_mtime < stale_s:
-            return "running"
-        return "interrupted" if has_ckpt or log.is_file() else "pending"
-
-    for d in sorted((root / "pretrain").glob("*/")):
-        prog = _progress(d / "log.txt")
-        if (d / "summary.json").is_file():
-            st = StageStatus("pretrain", d.name, "done")
-        else:
-            st = StageStatus("pretrain", d.name, live_state(d / "log.txt", (d / "checkpoint.pth").is_file()))
-        if prog:
-            st.done, st.total, st.unit, eta = prog
-            st.eta_s = eta if st.state == "running" else None
-        out.append(st)
+    if is_standalone_pretraining(root):
+        return [_pretrain_stage(root, stale_s, now, locked=False)]
+    out = [_pretrain_stage(d, stale_s, now) for d in sorted((root / "pretrain").glob("*/"))]
     records: dict[str, Record] = {}
     if (root / "records").is_dir():
         for r in sorted(load_records(root / "records"), key=lambda r: r.finished_at or r.started_at):
             records[r.config_hash[:10]] = r
     for d in sorted((root / "tasks").glob("*/")):
         kind, rec = _task_kind(d.name, records)
-        prog = _progress(d / "log.txt")
+        log = d / "log.txt"
+        live = _lock_state(d, stale_s) == "running"
         if rec is not None and rec.status == "ok":
             metric = ", ".join(f"{k} {v:.2f}" for k, v in list(rec.metrics.items())[:2])
             st = StageStatus(kind, d.name, "done", detail=metric)
-        elif rec is not None and rec.status == "failed" and not (
-            (d / "log.txt").is_file() and (d / "log.txt").stat().st_mtime > _ts(rec.finished_at)
+        elif rec is not None and rec.status == "failed" and not live and not (
+            log.is_file() and log.stat().st_mtime > _ts(rec.finished_at)
         ):
             err = f"{rec.error.type}: {rec.error.message}" if rec.error else ""
             st = StageStatus(kind, d.name, "failed", detail=err[:80])
-        else:
-            st = StageStatus(kind, d.name, live_state(d / "log.txt", any(d.glob("*.pth"))))
-        if prog:
-            st.done, st.total, st.unit, eta = prog
-            st.eta_s = eta if st.state == "running" else None
-        out.append(st)
+        else:  # no result (or a newer attempt than the failed one): the lock decides
+            st = StageStatus(kind, d.name,
+                             _unfinished_state(d, stale_s, log.is_file() or any(d.glob("*.pth"))))
+        out.append(_with_progress(st, log))
     return out
 
 
