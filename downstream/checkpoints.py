@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pickle
 import re
 from dataclasses import asdict, dataclass, field
@@ -57,7 +58,7 @@ import torch
 from torch import nn
 
 from harness.config import CHECKPOINT_FORMATS, ENCODER_PRESETS, EncoderConfig
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, UserError
 
 #: The families of the table above (defined beside the suite schema, which validates them).
 FAMILIES: tuple[str, ...] = CHECKPOINT_FORMATS
@@ -1052,6 +1053,39 @@ def load_checkpoint(
     return enc, report
 
 
+def _source_files(src: str | Path) -> list[Path]:
+    """A checkpoint file and the ``.json`` sidecar that may carry its metadata."""
+    path = Path(src)
+    return [path, path.with_suffix(".json")] if path.suffix != ".json" else [path]
+
+
+def guard_outputs(outputs: list[Path], sources: list[Path], overwrite: bool = False) -> None:
+    """Refuse to write over a file being read, or over an existing file unless ``overwrite``.
+
+    Args:
+        outputs: The files a command is about to write.
+        sources: The files it reads (never replaced, even with ``overwrite``).
+        overwrite: Whether existing outputs may be replaced (``--overwrite``).
+
+    Raises:
+        UserError: naming the file and the fix; nothing has been written.
+    """
+    srcs = [p for p in sources if p.exists()]
+    for out in outputs:
+        for src in srcs:
+            if out.exists() and os.path.samefile(out, src):
+                raise UserError(
+                    f"--out would write {out}, which is {src}, a file this command reads: it "
+                    "would be replaced; choose another --out"
+                )
+    existing = [str(o) for o in outputs if o.exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
 def import_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -1059,8 +1093,14 @@ def import_checkpoint(
     fmt: str = "auto",
     allow_partial: bool = False,
     img_size: int | None = None,
+    overwrite: bool = False,
 ) -> ImportReport:
-    """Import ``src`` and write it as a mimbench encoder file ``dst`` (the report in its meta)."""
+    """Import ``src`` and write it as a mimbench encoder file ``dst`` (the report in its meta).
+
+    ``dst`` is written atomically, only once the import succeeded; it may not be ``src`` (or its
+    sidecar) and may replace an existing file only with ``overwrite``.
+    """
+    guard_outputs([Path(dst)], _source_files(src), overwrite)
     enc, report = load_checkpoint(src, cfg, fmt, allow_partial, img_size)
     enc.save_timm(dst, meta={"imported": report.summary()})  # type: ignore[operator]
     return report
@@ -1168,44 +1208,66 @@ def _encoder_meta(encoder: nn.Module) -> dict[str, Any]:
     return meta
 
 
+def export_paths(out: str | Path, formats: tuple[str, ...] = EXPORT_FORMATS) -> list[Path]:
+    """The files :func:`export_encoder` writes for ``out`` (a ``.pth``/``.safetensors`` suffix
+    is stripped): ``.pth`` (timm), ``.safetensors``, then the ``.json`` sidecar."""
+    out = Path(out)
+    if out.suffix in (".pth", ".pt", ".safetensors"):
+        out = out.with_suffix("")
+    paths = [out.with_suffix(".pth")] if "timm" in formats else []
+    if "safetensors" in formats:
+        paths.append(out.with_suffix(".safetensors"))
+    return [*paths, out.with_suffix(".json")]
+
+
 def export_encoder(
     encoder: nn.Module,
     out: str | Path,
     formats: tuple[str, ...] = EXPORT_FORMATS,
     extra_meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    sources: tuple[str | Path, ...] = (),
 ) -> list[Path]:
     """Write ``encoder`` as ``<out>.pth`` (a plain timm state dict), ``<out>.safetensors`` (with
     the timm architecture and our meta in its metadata) and ``<out>.json`` (the architecture).
+
+    Every file is serialized before any is written; each is written atomically, and a failure
+    part-way removes the files this call created.
 
     Args:
         encoder: A ViTEncoder, BeitEncoder or SwinEncoder.
         out: Output path without suffix (a suffix ``.pth`` / ``.safetensors`` is stripped).
         formats: Any of ``timm`` and ``safetensors``.
         extra_meta: Added to the meta (e.g. where the weights came from).
+        overwrite: Replace existing files (else an existing output is an error).
+        sources: Files the encoder was read from: never written over.
 
     Returns:
         The files written.
     """
+    import io
+
     from safetensors.torch import save as st_save
 
-    from harness.fsutil import atomic_torch_save, atomic_write_bytes, atomic_write_json
+    from harness.fsutil import atomic_write_bytes
 
     unknown = set(formats) - set(EXPORT_FORMATS)
     if unknown:
         raise CheckpointError(
             f"unknown export format(s) {sorted(unknown)}; use {', '.join(EXPORT_FORMATS)}"
         )
-    out = Path(out)
-    if out.suffix in (".pth", ".pt", ".safetensors"):
-        out = out.with_suffix("")
+    paths = export_paths(out, formats)
+    guard_outputs(paths, [p for s in sources for p in _source_files(s)], overwrite)
     meta = {**_encoder_meta(encoder), **(extra_meta or {})}
     state = {k: v.contiguous() for k, v in encoder.timm_state_dict().items()}  # type: ignore[operator]
-    written = []
     name, kwargs = meta["timm_name"], meta["timm_kwargs"]
+    blobs: dict[str, bytes] = {}
     if "timm" in formats:
-        written.append(atomic_torch_save(state, out.with_suffix(".pth")))
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        blobs[".pth"] = buf.getvalue()
     if "safetensors" in formats:
-        blob = st_save(
+        blobs[".safetensors"] = st_save(
             state,
             metadata={
                 "format": "pt",
@@ -1214,16 +1276,24 @@ def export_encoder(
                 "timm_kwargs": json.dumps(kwargs),
             },
         )
-        written.append(atomic_write_bytes(out.with_suffix(".safetensors"), blob))
     load = (
         f"timm.create_model('{name}', pretrained=False, checkpoint_path='<file>', "
         + ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         + ")"
     )
-    written.append(
-        atomic_write_json(
-            out.with_suffix(".json"),
-            {"timm_name": name, "timm_kwargs": kwargs, "load_with": load, "mimbench": meta},
-        )
-    )
-    return written
+    sidecar = {"timm_name": name, "timm_kwargs": kwargs, "load_with": load, "mimbench": meta}
+    blobs[".json"] = (
+        json.dumps(sidecar, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    ).encode("utf-8")
+    created: list[Path] = []
+    try:
+        for path in paths:
+            new = not path.exists()
+            atomic_write_bytes(path, blobs[path.suffix])
+            if new:
+                created.append(path)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    return paths

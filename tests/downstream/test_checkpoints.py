@@ -946,3 +946,54 @@ def test_record_names_the_architecture_that_ran(tiny_imagefolder, tmp_path):
     ViTEncoder(TINY).save_timm(stage / ENCODER)
     _, h = obtain(entry)
     assert h.info.arch == "vit_tiny_32" and _heads(h.encoder) == 4
+
+
+# --------------------------------------------------------------------------- never overwrite
+
+
+def test_import_and_export_never_overwrite_what_the_user_has(tmp_path, capsys):
+    import os
+
+    from harness.cli import main
+    from harness.config import RecipeConfig
+    from pretrain.model import MIMModel
+
+    torch.manual_seed(0)
+    model = MIMModel(MICRO, RecipeConfig(name="simmim", masking={"mask_patch_size": 16}))
+    src = _save({"model": model.state_dict(), "step": 3}, tmp_path / "checkpoint.pth")
+    before = src.read_bytes()
+    arch = ["--arch", "vit_micro_32"]
+    # the source itself, however spelled (another path, a link), even with --overwrite
+    (tmp_path / "sub").mkdir()
+    os.symlink(src, tmp_path / "link.pth")
+    for out in (src, tmp_path / "sub" / ".." / "checkpoint.pth", tmp_path / "link.pth"):
+        for extra in ([], ["--overwrite"]):
+            assert main(["import", str(src), "--out", str(out), *arch, *extra]) == 2
+            assert "a file this command reads" in capsys.readouterr().err
+            assert src.read_bytes() == before
+    # an existing output: only with --overwrite
+    out = tmp_path / "enc.pth"
+    out.write_bytes(b"mine")
+    assert main(["import", str(src), "--out", str(out), *arch]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    assert main(["import", str(src), "--out", str(out), *arch, "--overwrite"]) == 0
+    got, rep = load_checkpoint(out)
+    assert rep.family == "mimbench" and _diff(model.encoder, got) == 0.0
+    # a failing import leaves nothing behind
+    listing = sorted(os.listdir(tmp_path))
+    assert main(["import", str(src), "--out", str(tmp_path / "new.pth"), "--format", "beit"]) == 2
+    assert sorted(os.listdir(tmp_path)) == listing
+    # export: into its own source, or over existing files, refused; --overwrite replaces
+    enc_bytes = out.read_bytes()
+    assert main(["export", str(out), "--out", str(tmp_path / "enc")]) == 2
+    assert "a file this command reads" in capsys.readouterr().err and out.read_bytes() == enc_bytes
+    exported = tmp_path / "x" / "e"
+    assert main(["export", str(out), "--out", str(exported)]) == 0
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["e.json", "e.pth", "e.safetensors"]
+    st = exported.with_suffix(".safetensors")
+    st.write_bytes(b"mine")
+    assert main(["export", str(out), "--out", str(exported)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and st.read_bytes() == b"mine"
+    assert main(["export", str(out), "--out", str(exported), "--overwrite"]) == 0
+    got, _ = load_checkpoint(st)
+    assert _diff(model.encoder, got) == 0.0
