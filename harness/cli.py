@@ -91,6 +91,26 @@ def _load_suite_or_sweep(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def _report_unfinished(cfg: Any) -> int:
+    """After a run: list the suite's (or sweep's) stages that are not done, each with its error
+    and log, on stderr; returns the exit status (1 if any, else 0)."""
+    from harness.plan import plan_suite, plan_sweep, unfinished
+
+    left = unfinished(plan_sweep(cfg) if isinstance(cfg, list) else plan_suite(cfg))
+    if not left:
+        return 0
+    print(f"\nmimbench: {len(left)} stage(s) did not finish:", file=sys.stderr)
+    for s in left:
+        where = f"{s.kind} of {s.encoder} seed {s.seed}" if s.kind != "pretrain" else \
+            f"pretraining of {s.encoder} seed {s.seed}"
+        print(f"  {s.state}: {where}" + (f" [{s.row}]" if s.row else "")
+              + (f": {s.detail}" if s.detail else "") + (f" (log: {s.log})" if s.log else ""),
+              file=sys.stderr)
+    print("Fix the cause and run the same command again: finished stages are skipped.",
+          file=sys.stderr)
+    return 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.runner import run_suite, run_sweep, suite_dir
 
@@ -117,9 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             opts = SlurmOptions(partition=args.partition, timeout_min=args.timeout_min,
                                 gpus_per_node=args.gpus_per_node)
             records_dir = launch_submitit_sweep(cfg, args.launcher, opts, log=_log)
-        if main:
-            _print_report(records_dir, suite_dir(cfg[0].config))
-        return 0
+        if not main:
+            return 0
+        _print_report(records_dir, suite_dir(cfg[0].config))
+        return _report_unfinished(cfg)
     if args.launcher == "inprocess":
         records_dir = run_suite(cfg, log=_log if main else _quiet)
         distributed.cleanup()
@@ -132,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             gpus_per_node=args.gpus_per_node)
         records_dir = launch_submitit(cfg, args.launcher, opts, log=_log)
     _print_report(records_dir, suite_dir(cfg))
-    return 0
+    return _report_unfinished(cfg)
 
 
 def _quiet(msg: str) -> None:
@@ -241,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     assert isinstance(cfg, SuiteConfig)
     records_dir = run_suite(cfg, log=_log)
     _print_report(records_dir, suite_dir(cfg))
-    return 0
+    return _report_unfinished(cfg)
 
 
 def _timm_model_name(text: str) -> bool:
@@ -281,9 +302,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     enc = _encoder_for_cli(args.encoder, args.format, args.allow_partial, args.arch, args.img_size, args.seed)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    sources = (args.encoder,) if Path(args.encoder).is_file() else ()
-    paths = export_encoder(enc, args.out, formats, extra_meta={"exported_from": args.encoder},
-                           overwrite=args.overwrite, sources=sources)
+    paths = export_encoder(enc, args.out, formats, extra_meta={"exported_from": args.encoder})
     name, kwargs = timm_architecture(enc)
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"load with: timm.create_model('{name}', pretrained=False, checkpoint_path='{paths[0]}', "
@@ -299,8 +318,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         from harness.config import EncoderConfig
 
         given = EncoderConfig(arch=args.arch, **({"img_size": args.img_size} if args.img_size else {}))
-    report = import_checkpoint(args.checkpoint, args.out, given, args.format, args.allow_partial, args.img_size,
-                               overwrite=args.overwrite)
+    report = import_checkpoint(args.checkpoint, args.out, given, args.format, args.allow_partial, args.img_size)
     print(report.format())
     print(f"wrote {args.out} (a mimbench encoder file: use it as a suite's 'checkpoint')")
     return 0
@@ -387,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--watch", type=float, default=0, metavar="SECONDS",
                     help="refresh every SECONDS until interrupted")
     sp.add_argument("--stale", type=float, default=300.0, metavar="SECONDS",
-                    help="a stage whose log is older than this is 'interrupted', not 'running'")
+                    help="a stage locked by a process on another host whose lock heartbeat is "
+                    "older than this (or, without a lock, whose files are) is 'interrupted'")
     add_set(sp)
     sp.set_defaults(func=cmd_status)
 
@@ -433,11 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, help="the mimbench encoder file to write")
         sp.add_argument("--format", default="auto", help="checkpoint family (default: detect)")
         sp.add_argument("--allow-partial", action="store_true", help="accept missing / unused keys")
-        sp.add_argument("--arch", help="encoder preset the checkpoint was trained as (default: the "
-                        "file's metadata; required where the file does not say, e.g. the heads)")
+        sp.add_argument("--arch", help="encoder preset the checkpoint fits (default: inferred)")
         sp.add_argument("--img-size", type=int, help="target resolution (position embeddings are resized)")
-        sp.add_argument("--overwrite", action="store_true",
-                        help="replace existing output files (never the file being read)")
         sp.set_defaults(func=cmd_export if cmd == "export" else cmd_import)
 
     sp = sub.add_parser("report", help="collate records into a leaderboard")

@@ -119,11 +119,50 @@ def test_failed_stage_is_recorded_and_the_suite_goes_on(tiny_imagefolder, tmp_pa
     ]
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(suite))
-    assert main(["run", str(path)]) == 0
-    out = capsys.readouterr().out
+    assert main(["run", str(path)]) == 1  # the failure is reported, after what could run ran
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "1 stage(s) did not finish" in captured.err
+    assert "failed: linear_probe of broken seed 0" in captured.err and "weights-only" in captured.err
+    assert "random-init" not in captured.err
     records = {r.encoder.name: r for r in load_records(tmp_path / "runs" / "mini" / "records")}
     assert records["broken"].status == "failed" and "weights-only" in records["broken"].error.message
     assert records["random-init"].status == "ok"
     assert "failed" in out
     md = (tmp_path / "runs" / "mini" / "leaderboard.md").read_text()
     assert "broken" in md and "failed" in md
+
+
+def _eval(data, out, *extra):
+    return ["eval", "linear", "--data", str(data), "--out", str(out), "--set", "epochs=1",
+            "--set", "lrs=[0.1]", "--set", "batch_size=8", *extra]
+
+
+def test_eval_of_a_corrupt_checkpoint_exits_1_naming_the_failure(tiny_imagefolder, tmp_path, capsys):
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    assert main(_eval(tiny_imagefolder, tmp_path / "r", "--encoder", str(tmp_path / "corrupt.pth"))) == 1
+    err = capsys.readouterr().err
+    assert "failed: linear_probe of corrupt seed 0" in err
+    (rec,) = load_records(tmp_path / "r" / "eval" / "records")
+    assert rec.status == "failed" and rec.error.message[:40] in err
+
+
+def test_eval_with_a_class_mismatch_exits_1_with_the_error_and_log(tiny_imagefolder, tmp_path, capsys):
+    extra = tiny_imagefolder / "val" / "extra_class"
+    extra.mkdir()
+    (tiny_imagefolder / "val" / "class0" / "0.png").rename(extra / "0.png")
+    rc = main(_eval(tiny_imagefolder, tmp_path / "r", "--encoder", "random:vit_micro_32"))
+    captured = capsys.readouterr()
+    assert rc != 0 and "class folders differ" in captured.err and "extra_class" in captured.err
+    if rc == 1:  # found while running: the failed stage is listed with its log
+        assert "failed: linear_probe of random-vit_micro_32 seed 0" in captured.err
+        assert "log.txt" in captured.err
+
+
+def test_eval_strict_with_an_unreadable_image_exits_1(tiny_imagefolder, tmp_path, capsys):
+    (tiny_imagefolder / "train" / "class1" / "broken.png").write_bytes(b"not an image")
+    args = _eval(tiny_imagefolder, tmp_path / "r", "--encoder", "random:vit_micro_32")
+    assert main([*args, "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "failed: linear_probe of random-vit_micro_32 seed 0" in err and "broken.png" in err
+    assert main(args) == 0  # without --strict the file is skipped (and counted): no failure
