@@ -302,7 +302,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     enc = _encoder_for_cli(args.encoder, args.format, args.allow_partial, args.arch, args.img_size, args.seed)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    paths = export_encoder(enc, args.out, formats, extra_meta={"exported_from": args.encoder})
+    sources = (args.encoder,) if Path(args.encoder).is_file() else ()
+    paths = export_encoder(enc, args.out, formats, extra_meta={"exported_from": args.encoder},
+                           overwrite=args.overwrite, sources=sources)
     name, kwargs = timm_architecture(enc)
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"load with: timm.create_model('{name}', pretrained=False, checkpoint_path='{paths[0]}', "
@@ -318,7 +320,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         from harness.config import EncoderConfig
 
         given = EncoderConfig(arch=args.arch, **({"img_size": args.img_size} if args.img_size else {}))
-    report = import_checkpoint(args.checkpoint, args.out, given, args.format, args.allow_partial, args.img_size)
+    report = import_checkpoint(args.checkpoint, args.out, given, args.format, args.allow_partial, args.img_size,
+                               overwrite=args.overwrite)
     print(report.format())
     print(f"wrote {args.out} (a mimbench encoder file: use it as a suite's 'checkpoint')")
     return 0
@@ -452,8 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, help="the mimbench encoder file to write")
         sp.add_argument("--format", default="auto", help="checkpoint family (default: detect)")
         sp.add_argument("--allow-partial", action="store_true", help="accept missing / unused keys")
-        sp.add_argument("--arch", help="encoder preset the checkpoint fits (default: inferred)")
+        sp.add_argument("--arch", help="encoder preset the checkpoint was trained as (default: the "
+                        "file's metadata; required where the file does not say, e.g. the heads)")
         sp.add_argument("--img-size", type=int, help="target resolution (position embeddings are resized)")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files (never the file being read)")
         sp.set_defaults(func=cmd_export if cmd == "export" else cmd_import)
 
     sp = sub.add_parser("report", help="collate records into a leaderboard")
