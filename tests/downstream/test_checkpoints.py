@@ -639,7 +639,8 @@ def test_cli_export_import_and_eval_a_foreign_checkpoint(tiny_imagefolder, tmp_p
     sd = enc.timm_state_dict()
     del sd["norm.bias"]
     part = _save(sd, tmp_path / "part.pth")
-    assert main(["eval", "knn", "--encoder", str(part), "--name", "p1", *common]) == 0
+    # refused: a failed record, and the command exits 1 (a failed stage is no success)
+    assert main(["eval", "knn", "--encoder", str(part), "--name", "p1", *common]) == 1
     recs = {r.encoder.name: r for r in load_records(tmp_path / "runs" / "eval" / "records")}
     assert recs["p1"].status == "failed" and "allow-partial" in recs["p1"].error.message
     assert (
