@@ -326,6 +326,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
             "step": step,
             "history": history,
             "config_hash": chash,
+            "encoder_config": cfg.encoder.model_dump(mode="json"),  # what import builds
             "rng": _rng_state(device),
             "skipped_files": _skipped_files(skipped_before, skips),  # a collective too
         }

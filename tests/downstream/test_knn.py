@@ -147,7 +147,7 @@ def test_cli_strict_flag_makes_unreadable_images_fatal(tiny_imagefolder, tmp_pat
         "tasks.0.cache_features=false",
     ]
     assert main([*args, "--name", "lenient"]) == 0
-    assert main([*args, "--name", "strict", "--strict"]) == 0
+    assert main([*args, "--name", "strict", "--strict"]) == 1  # a failed stage exits 1
     recs = {r.encoder.name: r for r in load_records(tmp_path / "runs" / "eval" / "records")}
     assert (
         recs["lenient"].status == "ok" and recs["lenient"].details["skipped_images"]["train"] == 1
