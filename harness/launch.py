@@ -31,8 +31,8 @@ from typing import Any
 
 from harness.config import SuiteConfig, to_plain, validate_config
 from harness.errors import UserError
-from harness.records import SweepInfo, load_records
 from harness.fsutil import stage_lock
+from harness.records import SweepInfo, load_records
 from harness.runner import StageFilter, run_suite, suite_dir, suite_lock_path
 from harness.sweep import SweepRow, row_encoder_name
 
