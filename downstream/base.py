@@ -55,6 +55,21 @@ class Task(ABC):
 
 TASKS: Registry[type[Task]] = Registry("task")
 
+#: Short names ``mimbench eval`` accepts besides the registered task names (alias -> task).
+TASK_ALIASES: dict[str, str] = {
+    "linear": "linear_probe",
+    "linear-faithful": "linear_probe_faithful",
+    "linear_faithful": "linear_probe_faithful",
+    "ft": "finetune",
+}
+
+
+def resolve_task_name(name: str) -> str:
+    """The registered task name of ``name`` or of its alias (unknown names pass through, so that
+    validation reports them with a did-you-mean)."""
+    return TASK_ALIASES.get(name, name)
+
+
 def _import_task_modules() -> None:
     """Import every module of the ``downstream`` package so its tasks register themselves.
 

@@ -351,13 +351,24 @@ def run_targets(targets: list[str], arch: str, batch: int, steps: int, device: s
     return rows
 
 
+def _targets_help() -> str:
+    return f"targets to measure (default: all): {', '.join(all_targets())}"
+
+
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("targets", nargs="*", help="pretrain/<recipe> or task/<task> (default: all)")
-    p.add_argument("--arch", default="vit_base_16", help="encoder preset (default ViT-B/16)")
-    p.add_argument("--batch", type=int, default=8, help="images per step (dense tasks: 1 / 2)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    """The options of ``mimbench bench`` on ``p`` (help texts list the registered targets and
+    encoder presets; bad values are usage errors)."""
+    from harness.cli import encoder_preset, int_at_least, lazy_help, preset_help
+
+    lazy_help(p.add_argument("targets", nargs="*"), _targets_help)
+    p.add_argument("--arch", default="vit_base_16", type=encoder_preset,
+                   help=preset_help("encoder preset (default vit_base_16)"))
+    p.add_argument("--batch", type=int_at_least(1), default=8,
+                   help="images per step (dense tasks: 1 / 2)")
+    p.add_argument("--steps", type=int_at_least(1), default=3,
+                   help="timed steps after one warm-up")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, help="torch threads on CPU")
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads on CPU")
     p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="print the img/s ratio A / B (repeatable); both are measured")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
@@ -397,4 +408,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(build_parser(argparse.ArgumentParser(prog="mimbench bench")).parse_args()))
+    from harness.cli import CliParser
+
+    sys.exit(main(build_parser(CliParser(prog="mimbench bench")).parse_args()))

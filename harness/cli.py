@@ -1,12 +1,17 @@
-"""The ``mimbench`` command line: run, pretrain, eval, report, validate, data."""
+"""The ``mimbench`` command line: pretrain, evaluate and compare masked-image-modeling encoders.
+
+Every error caused by the user (a bad value, file, config or command line) ends in one line
+``mimbench: error: ...`` on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from harness.config import (
     ConfigError,
@@ -19,19 +24,22 @@ from harness.config import (
 )
 from harness.errors import UserError
 
-TASK_ALIASES = {
-    "linear": "linear_probe", "linear_probe": "linear_probe",
-    "linear-faithful": "linear_probe_faithful", "linear_faithful": "linear_probe_faithful",
-    "knn": "knn", "finetune": "finetune", "ft": "finetune",
-}
-
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = load_config(args.file, args.set)
+    """Print the resolved config; for a sweep file (loaded as ``run`` and ``plan`` load it) the
+    resolved base config, then each row's index, label and changed keys as YAML comments."""
+    from harness.sweep import format_sweep, load_config_or_sweep, sweep_base
+
+    cfg = load_config_or_sweep(args.file, args.set)
+    if isinstance(cfg, list):
+        base = sweep_base(args.file, args.set)
+        print(dump_config(base if base is not None else cfg[0].config), end="")
+        print(format_sweep(cfg, base), end="")
+        return 0
     print(dump_config(cfg), end="")
     return 0
 
@@ -71,18 +79,14 @@ def _print_ablation(records_dir: Path, out_dir: Path, published: Path | None = N
 def _load_suite_or_sweep(args: argparse.Namespace) -> Any:
     """The suite of ``args.suite``, or the rows of its sweep when the file has a ``sweep:``
     block (every row validated); ``--out`` applied."""
-    from harness.config import load_yaml_with_extends
+    from harness.sweep import load_config_or_sweep
 
-    raw = apply_overrides(load_yaml_with_extends(args.suite), args.set)
-    if "sweep" in raw:
-        from harness.sweep import sweep_rows
-
-        rows = sweep_rows(raw, source=str(args.suite))
-        for row in rows:
+    cfg = load_config_or_sweep(args.suite, args.set)
+    if isinstance(cfg, list):  # the rows of a sweep
+        for row in cfg:
             if args.out:
                 row.config.output_dir = args.out
-        return rows
-    cfg = validate_config(raw, source=str(args.suite))
+        return cfg
     if not isinstance(cfg, SuiteConfig):
         raise ConfigError(f"{args.suite} is a '{cfg.kind}' config; `mimbench {args.command}` takes "  # type: ignore[attr-defined]
                           "a suite (kind: suite). Use `mimbench pretrain` for a pretraining config.")
@@ -228,9 +232,10 @@ def eval_overrides(overrides: list[str]) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from downstream.base import resolve_task_name
     from harness.runner import run_suite, suite_dir
 
-    task = TASK_ALIASES.get(args.task, args.task)
+    task = resolve_task_name(args.task)
     if args.encoder.startswith("random:"):
         arch = args.encoder.split(":", 1)[1]
         enc: dict[str, Any] = {"name": args.name or f"random-{arch}", "encoder": {"arch": arch}}
@@ -285,11 +290,19 @@ def _encoder_for_cli(spec: str, fmt: str, allow_partial: bool, arch: str | None,
     from harness.config import EncoderConfig
     from pretrain.encoder import create_encoder
 
-    given = EncoderConfig(arch=arch, **({"img_size": img_size} if img_size else {})) if arch else None
+    size = {"img_size": img_size} if img_size else {}
+    given = EncoderConfig(arch=arch, **size) if arch else None
+    file_only = [f for f, v in (("--arch", arch), ("--format", fmt != "auto"),
+                                ("--allow-partial", allow_partial)) if v]  # fmt: skip
     if spec.startswith("random:"):
+        if file_only:  # the preset is named in the spec; nothing is read
+            raise ConfigError(f"{file_only[0]} applies to checkpoint files, not to '{spec}'")
         torch.manual_seed(seed)
-        return create_encoder(EncoderConfig(arch=spec.split(":", 1)[1]))
+        return create_encoder(EncoderConfig(arch=spec.split(":", 1)[1], **size))
     if _timm_model_name(spec):
+        if file_only or img_size:
+            raise ConfigError(f"{(file_only or ['--img-size'])[0]} does not apply to the timm "
+                              f"architecture '{spec}' (randomly initialized, nothing is read)")
         torch.manual_seed(seed)
         return encoder_from_timm_name(spec.removeprefix("timm:"))[0]
     enc, report = load_checkpoint(spec, given, fmt, allow_partial, img_size)
@@ -365,16 +378,150 @@ def cmd_viz_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(UserError):
+    """A command line that does not parse: an unknown command or option, a bad value."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """An argument parser whose errors are :class:`UsageError` (printed by :func:`main` as one
+    line) and whose registry-made help texts are computed only when help is printed."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("mimbench").strip()  # "" for the top level
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            text = getattr(action, "lazy_help", None)
+            if text is not None:
+                action.help = text().replace("%", "%%")
+        return super().format_help()
+
+
+def lazy_help(action: argparse.Action, text: Callable[[], str]) -> None:
+    """Give ``action`` a help text made from a registry when help is printed (the task and
+    masking registries import torch, which every other use of the parser can skip)."""
+    action.help = "(listed by --help)"
+    action.lazy_help = text  # type: ignore[attr-defined]
+
+
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high} (got {value})")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds, at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be at least 0 seconds (got {text})")
+    return value
+
+
+def encoder_preset(text: str) -> str:
+    """An argparse ``type``: a registered encoder preset (did-you-mean on a typo)."""
+    from harness.config import ENCODER_PRESETS
+    from harness.registry import did_you_mean
+
+    if text not in ENCODER_PRESETS:
+        raise argparse.ArgumentTypeError(
+            f"unknown encoder preset '{text}';{did_you_mean(text, list(ENCODER_PRESETS))} "
+            f"known: {', '.join(ENCODER_PRESETS)}"
+        )
+    return text
+
+
+def preset_help(what: str) -> str:
+    """``what`` followed by the registered encoder presets."""
+    from harness.config import ENCODER_PRESETS
+
+    return f"{what}: {', '.join(ENCODER_PRESETS)}"
+
+
+def _task_help() -> str:
+    from downstream.base import TASK_ALIASES, all_tasks
+
+    aliases = ", ".join(f"{a} ({t})" for a, t in TASK_ALIASES.items())
+    return f"a registered task: {', '.join(sorted(all_tasks()))}; or an alias: {aliases}"
+
+
+def _format_help(default: str) -> str:
+    from harness.config import CHECKPOINT_FORMATS
+
+    return (f"checkpoint family: auto (detect from the keys; default {default}) or one of "
+            f"{', '.join(CHECKPOINT_FORMATS)}")
+
+
+def _export_formats_help() -> str:
+    from downstream.checkpoints import EXPORT_FORMATS
+
+    return f"comma-separated, any of: {', '.join(EXPORT_FORMATS)} (default: all)"
+
+
+def _strategies_help() -> str:
+    from pretrain.masking import MASKERS
+
+    return f"a strategy to draw (repeatable; default: all): {', '.join(MASKERS.names())}"
+
+
+def _pretrain_description() -> str:
+    from harness.config import RECIPE_DEFAULTS
+
+    return (f"Pretrain one encoder from a config file (kind: pretrain). Recipes ('recipe.name'): "
+            f"{', '.join(RECIPE_DEFAULTS)}; examples in configs/pretrain/.")
+
+
+def package_version() -> str:
+    """The installed mimbench version (``importlib.metadata``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mimbench")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+#: Each command's ``--set`` example: one that works for that command (tested).
+SET_EXAMPLES: dict[str, str] = {
+    "validate": "--set seeds=[0,1] (a suite) or --set train.epochs=5 (a pretraining config)",
+    "run": "--set seeds=[0,1] or --set data.num_workers=2",
+    "plan": "--set seeds=[0,1] or --set data.num_workers=2",
+    "status": "--set seeds=[0,1] or --set output_dir=elsewhere",
+    "pretrain": "--set train.epochs=5 or --set recipe.masking.ratio=0.5",
+    "eval": "--set epochs=5 (a bare key is the task's option, here tasks.0.epochs: for tasks "
+            "that have it, e.g. linear) or --set data.num_workers=2 (a suite key keeps its place)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimbench", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = CliParser(prog="mimbench", description=__doc__.split("\n\n")[0].replace("``", "`"),
+                epilog="`mimbench COMMAND --help` shows a command's options.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     def add_set(sp: argparse.ArgumentParser) -> None:
+        example = SET_EXAMPLES[sp.prog.split()[-1]]
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set encoders.0.pretrain.train.epochs=5")
+                        help=f"override a config value (repeatable), e.g. {example}")
 
-    sp = sub.add_parser("validate", help="print the fully resolved config of a file")
-    sp.add_argument("file")
+    sp = sub.add_parser("validate", help="print the fully resolved config of a file (of a sweep "
+                        "file: its base config and each row's changes)")
+    sp.add_argument("file", help="a suite, sweep or pretraining config")
     add_set(sp)
     sp.set_defaults(func=cmd_validate)
 
@@ -385,14 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["inprocess", "torchrun", "submitit-local", "slurm"],
                     help="where stages run: this process, torchrun processes (data-parallel "
                     "pretraining), local submitit jobs, or SLURM jobs")
-    sp.add_argument("--nproc-per-node", type=int, default=1, help="torchrun: processes per machine")
-    sp.add_argument("--nnodes", type=int, default=1, help="torchrun: machines")
-    sp.add_argument("--node-rank", type=int, default=0, help="torchrun: this machine's index")
+    sp.add_argument("--nproc-per-node", type=int_at_least(1), default=1,
+                    help="torchrun: processes per machine")
+    sp.add_argument("--nnodes", type=int_at_least(1), default=1, help="torchrun: machines")
+    sp.add_argument("--node-rank", type=int_at_least(0), default=0,
+                    help="torchrun: this machine's index")
     sp.add_argument("--master-addr", help="torchrun: address of the node with --node-rank 0")
-    sp.add_argument("--master-port", type=int, default=29500, help="torchrun: a free port there")
+    sp.add_argument("--master-port", type=int_at_least(1, 65535), default=29500,
+                    help="torchrun: a free port there")
     sp.add_argument("--partition", help="SLURM partition")
-    sp.add_argument("--gpus-per-node", type=int, default=0)
-    sp.add_argument("--timeout-min", type=int, default=24 * 60)
+    sp.add_argument("--gpus-per-node", type=int_at_least(0), default=0)
+    sp.add_argument("--timeout-min", type=int_at_least(1), default=24 * 60)
     add_set(sp)
     sp.set_defaults(func=cmd_run)
 
@@ -405,15 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="live progress of a suite's stages (bars, ETA, state)")
     sp.add_argument("target", help="a suite or sweep file, or its output directory")
     sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
-    sp.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+    sp.add_argument("--watch", type=_seconds, default=0, metavar="SECONDS",
                     help="refresh every SECONDS until interrupted")
-    sp.add_argument("--stale", type=float, default=300.0, metavar="SECONDS",
+    sp.add_argument("--stale", type=_seconds, default=300.0, metavar="SECONDS",
                     help="a stage locked by a process on another host whose lock heartbeat is "
                     "older than this (or, without a lock, whose files are) is 'interrupted'")
     add_set(sp)
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("pretrain", help="run one pretraining config")
+    sp.description = _pretrain_description()
     sp.add_argument("config")
     sp.add_argument("--out", help="stage directory (default: the config's output_dir)")
     sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -422,21 +573,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_pretrain)
 
     sp = sub.add_parser("eval", help="evaluate one encoder on one task")
-    sp.add_argument("task", help="linear (linear_probe), linear-faithful (linear_probe_faithful), "
-                    "knn, finetune, or any registered task name")
+    lazy_help(sp.add_argument("task"), _task_help)
     sp.add_argument("--encoder", required=True,
                     help="a checkpoint (mimbench, timm, MAE, BEiT, SimMIM, mmpretrain, safetensors), "
                     "random:<preset>, or a timm model name (random init)")
-    sp.add_argument("--arch", help="encoder preset the checkpoint fits (default: inferred from its weights)")
-    sp.add_argument("--format", default="auto", help="checkpoint family: auto (detect from the keys), "
-                    "mimbench, mimbench_ckpt, timm, mae, beit, simmim, mmpretrain, swin")
+    sp.add_argument("--arch", type=encoder_preset, help=preset_help(
+        "encoder preset the checkpoint fits (default: inferred from its weights)"))
+    sp.add_argument("--format", default="auto", help=_format_help("auto"))
     sp.add_argument("--allow-partial", action="store_true",
                     help="load a checkpoint whose keys do not all match (they are listed)")
     sp.add_argument("--strict", action="store_true",
                     help="unreadable image files are fatal (default: skipped and counted in the record)")
     sp.add_argument("--data", default="shapes", help="ImageFolder root with train/ and val/, or 'shapes'")
     sp.add_argument("--name", help="encoder name in the leaderboard")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int_at_least(0), default=0)
     sp.add_argument("--out", default="runs", help="output directory")
     sp.add_argument("--suite-name", default="eval")
     add_set(sp)
@@ -448,23 +598,29 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd == "export":
             sp.add_argument("encoder", help="checkpoint file, random:<preset>, or a timm model name")
             sp.add_argument("--out", required=True, help="output path without suffix (.pth/.safetensors/.json)")
-            sp.add_argument("--formats", default="timm,safetensors", help="comma-separated: timm, safetensors")
-            sp.add_argument("--seed", type=int, default=0, help="seed of a random init")
+            formats = sp.add_argument("--formats", default="timm,safetensors")
+            lazy_help(formats, _export_formats_help)
+            sp.add_argument("--seed", type=int_at_least(0), default=0,
+                            help="seed of a random init")
         else:
             sp.add_argument("checkpoint")
             sp.add_argument("--out", required=True, help="the mimbench encoder file to write")
-        sp.add_argument("--format", default="auto", help="checkpoint family (default: detect)")
+        sp.add_argument("--format", default="auto", help=_format_help("auto"))
         sp.add_argument("--allow-partial", action="store_true", help="accept missing / unused keys")
-        sp.add_argument("--arch", help="encoder preset the checkpoint was trained as (default: the "
-                        "file's metadata; required where the file does not say, e.g. the heads)")
-        sp.add_argument("--img-size", type=int, help="target resolution (position embeddings are resized)")
+        sp.add_argument("--arch", type=encoder_preset, help=preset_help(
+            "encoder preset the checkpoint was trained as (default: the file's metadata; "
+            "required where the file does not say, e.g. the heads)"))
+        sp.add_argument("--img-size", type=int_at_least(1),
+                        help="target resolution (position embeddings are resized)")
         sp.add_argument("--overwrite", action="store_true",
                         help="replace existing output files (never the file being read)")
         sp.set_defaults(func=cmd_export if cmd == "export" else cmd_import)
 
-    sp = sub.add_parser("report", help="collate records into a leaderboard")
+    sp = sub.add_parser("report", help="collate records into a leaderboard (md, csv, tex, and an "
+                        "HTML page) and each sweep's ablation table (md, csv, tex, png)")
     sp.add_argument("records", help="a records directory")
-    sp.add_argument("--out", help="where leaderboard.{md,csv,tex} go (default: beside records)")
+    sp.add_argument("--out", help="where leaderboard.{md,csv,tex,html} and ablation/<sweep>."
+                    "{md,csv,tex,png} go (default: beside records)")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("ablation", help="collate a sweep's records into its ablation table "
@@ -474,24 +630,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--published", help="published numbers (default: results/published_ablations.yaml)")
     sp.set_defaults(func=cmd_ablation)
 
-    sp = sub.add_parser("data", help="datasets")
-    dsub = sp.add_subparsers(dest="data_command", required=True)
+    sp = sub.add_parser("data", help="datasets: synth (write the synthetic shapes dataset)")
+    dsub = sp.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     ds = dsub.add_parser("synth", help="write the synthetic shapes dataset")
-    ds.add_argument("--out", required=True)
-    ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("--image-size", type=int, default=32)
-    ds.add_argument("--train-per-class", type=int, default=100)
-    ds.add_argument("--val-per-class", type=int, default=25)
+    ds.add_argument("--out", required=True, help="a new or empty directory (or an earlier output)")
+    ds.add_argument("--seed", type=int, default=0, help="seed everything derives from (>= 0)")
+    ds.add_argument("--image-size", type=int, default=32, help="side of the images in px (>= 8)")
+    ds.add_argument("--train-per-class", type=int, default=100,
+                    help="train images per class (>= 1)")
+    ds.add_argument("--val-per-class", type=int, default=25, help="val images per class (>= 1)")
     ds.set_defaults(func=cmd_data_synth)
 
-    sp = sub.add_parser("viz", help="pictures")
-    vsub = sp.add_subparsers(dest="viz_command", required=True)
+    sp = sub.add_parser("viz", help="pictures: masks (each masking strategy's masks)")
+    vsub = sp.add_subparsers(dest="viz_command", required=True, metavar="COMMAND")
     vm = vsub.add_parser("masks", help="a PNG of each masking strategy's masks")
     vm.add_argument("--out", default="masks.png")
-    vm.add_argument("--arch", default="vit_base_16", help="encoder preset whose patch grid is masked")
-    vm.add_argument("--strategy", action="append", help="a strategy to draw (repeatable; default: all)")
-    vm.add_argument("--ratio", type=float, help="one mask ratio for all (default: each paper's)")
-    vm.add_argument("--samples", type=int, default=6)
+    vm.add_argument("--arch", default="vit_base_16",
+                    help=preset_help("encoder preset whose patch grid is masked"))
+    lazy_help(vm.add_argument("--strategy", action="append"), _strategies_help)
+    vm.add_argument("--ratio", type=float,
+                    help="one mask ratio in (0, 1) for all (default: each paper's)")
+    vm.add_argument("--samples", type=int, default=6, help="columns of masks (>= 1)")
     vm.add_argument("--seed", type=int, default=0)
     vm.set_defaults(func=cmd_viz_masks)
 
@@ -505,22 +664,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-probe", add_help=False,
                    help="the fast and the faithful (MAE) linear probe side by side on one encoder: "
                    "accuracy and wall time (options: mimbench bench-probe --help)")
+    for listed in sub._choices_actions:  # a command's own --help starts with what it does
+        command = sub.choices[listed.dest]
+        command.description = command.description or listed.help
     return p
+
+
+#: OS errors about a path the user gave (missing, a directory, not writable): one message, exit 2.
+USER_OS_ERRORS: tuple[type[OSError], ...] = (
+    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one clear message and exit with status 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench-probe"]:
-        from downstream.bench_probe import main as bench_probe_main
+    from pydantic import ValidationError
 
-        args = argparse.Namespace(func=lambda _: bench_probe_main(argv[1:]))
-    else:
-        args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["bench-probe"]:
+            from downstream.bench_probe import main as bench_probe_main
+
+            args = argparse.Namespace(func=lambda _: bench_probe_main(argv[1:]))
+        else:
+            try:
+                args = build_parser().parse_args(argv)
+            except SystemExit as exc:  # --help, --version
+                return int(exc.code or 0)
         return int(args.func(args))
-    except (UserError, FileNotFoundError) as exc:
+    except (UserError, *USER_OS_ERRORS) as exc:
         print(f"mimbench: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a schema built from command-line values
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        print(f"mimbench: error: {problems}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mimbench: interrupted; run the same command again to resume", file=sys.stderr)

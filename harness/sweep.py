@@ -24,7 +24,8 @@ one is rejected with its path and a did-you-mean. Every expanded config is valid
 row's value, in axis order; the config no longer holds the ``sweep:`` block. The harness runs
 each config as it would run the file without the block.
 
-:func:`sweep_rows` is what ``mimbench run`` and ``mimbench plan`` use: it expands and validates
+:func:`load_config_or_sweep` is the one loader of ``mimbench validate``, ``run``, ``plan`` and
+``status``: a file with a ``sweep:`` block becomes :func:`sweep_rows`, which expands and validates
 every row up front (a bad row rejects the sweep before anything runs) and checks that the rows
 share one suite directory; each row's records carry a :class:`harness.records.SweepInfo` (sweep
 name, table, row index, tags), from which :mod:`harness.ablation` rebuilds the table.
@@ -48,8 +49,10 @@ from harness.config import (
     ConfigError,
     StrictModel,
     SuiteConfig,
+    apply_overrides,
     deep_merge,
     load_yaml_with_extends,
+    to_plain,
     validate_config,
 )
 from harness.records import SweepInfo
@@ -226,6 +229,84 @@ def sweep_rows(raw: dict[str, Any], source: str = "sweep") -> list[SweepRow]:
                          rows=len(expanded), tags=tags)
         rows.append(SweepRow(info=info, config=suite))
     return rows
+
+
+def load_config_or_sweep(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> StrictModel | list[SweepRow]:
+    """Read a config file (``extends`` merged, ``--set`` overrides applied): the rows of its
+    sweep when it has a ``sweep:`` block (every row validated), else the validated config.
+
+    Raises:
+        ConfigError: The file, an override, the config or a sweep row is invalid.
+    """
+    raw = apply_overrides(load_yaml_with_extends(path), overrides)
+    if "sweep" in raw:
+        return sweep_rows(raw, source=str(path))
+    return validate_config(raw, source=str(path))
+
+
+def sweep_base(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StrictModel | None:
+    """The validated base config of a sweep file (the file without its ``sweep:`` block), or
+    None when the base alone does not validate (every row sets a value it lacks)."""
+    raw = apply_overrides(load_yaml_with_extends(path), overrides)
+    raw.pop("sweep", None)
+    try:
+        return validate_config(raw, source=str(path))
+    except ConfigError:
+        return None
+
+
+#: How :func:`format_sweep` shows a key that one of two configs does not have.
+UNSET = "(unset)"
+
+
+def flatten_config(node: Any, path: str = "") -> dict[str, Any]:
+    """``{dotted.key: leaf}`` of a plain config: mappings by key, lists by index; an empty
+    mapping or list is a leaf itself."""
+    if isinstance(node, dict) and node:
+        items: list[tuple[str, Any]] = [(str(k), v) for k, v in node.items()]
+    elif isinstance(node, list) and node:
+        items = [(str(i), v) for i, v in enumerate(node)]
+    else:
+        return {path: node}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(flatten_config(value, f"{path}.{key}" if path else key))
+    return out
+
+
+def config_changes(base: dict[str, Any], other: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted.key: (base value, other value)}`` for every leaf of :func:`flatten_config`
+    that differs between two plain configs (:data:`UNSET` where one has no such key)."""
+    a, b = flatten_config(base), flatten_config(other)
+    keys = [*a, *(k for k in b if k not in a)]
+    return {k: (a.get(k, UNSET), b.get(k, UNSET)) for k in keys
+            if k not in a or k not in b or a[k] != b[k]}  # fmt: skip
+
+
+def format_sweep(rows: list[SweepRow], base: StrictModel | None) -> str:
+    """The rows of a sweep as YAML comment lines (what ``mimbench validate`` prints after the
+    base config): each row's index, label and resolved keys that differ from ``base`` (from
+    row 0 when ``base`` is None), as ``key: old -> new`` with values in JSON."""
+    info = rows[0].info
+    table = f" ({info.table})" if info.table else ""
+    ref = to_plain(base if base is not None else rows[0].config)
+    what = "the config above" if base is not None else (
+        "row 0 (shown above: the base config alone does not validate)")
+    lines = [f"# sweep '{info.name}'{table}: {info.mode} over {', '.join(info.axes)}, "
+             f"{len(rows)} rows; each row is {what} with:"]  # fmt: skip
+    for row in rows:
+        changes = config_changes(ref, to_plain(row.config))
+        lines.append(f"# row {row.info.row}: {row.label}" + ("" if changes else " (no change)"))
+        lines += [f"#     {key}: {_shown(old)} -> {_shown(new)}"
+                  for key, (old, new) in changes.items()]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _shown(value: Any) -> str:
+    """A value on one line: JSON, or :data:`UNSET`."""
+    return value if value is UNSET else json.dumps(value, default=str)
 
 
 def tag_text(value: Any) -> str:

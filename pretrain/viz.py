@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from harness.config import EncoderConfig, MaskingConfig
+from harness.config import ENCODER_PRESETS, ConfigError, EncoderConfig, MaskingConfig
+from harness.registry import did_you_mean
 from pretrain.masking import MASKERS, create_masker
 
 PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
@@ -84,6 +85,37 @@ def render_masks(
     return img
 
 
+def check_mask_args(
+    arch: str = "vit_base_16",
+    strategies: list[str] | None = None,
+    samples: int = 6,
+    ratio: float | None = None,
+    seed: int = 0,
+) -> None:
+    """Reject bad arguments of :func:`mask_rows` with one message naming the allowed values.
+
+    Raises:
+        ConfigError: An unknown encoder preset (with a did-you-mean), a ratio outside (0, 1),
+            or fewer than one sample.
+        UnknownNameError: An unknown masking strategy (with a did-you-mean).
+    """
+    if arch not in ENCODER_PRESETS:
+        known = list(ENCODER_PRESETS)
+        raise ConfigError(
+            f"unknown encoder arch '{arch}';{did_you_mean(str(arch), known)} "
+            f"known: {', '.join(known)}"
+        )
+    for name in strategies or []:
+        MASKERS.get(name)  # unknown names fail with a did-you-mean
+    if ratio is not None and not 0.0 < ratio < 1.0:  # also rejects NaN
+        raise ConfigError(
+            f"mask ratio must lie strictly between 0 and 1 (got {ratio}); e.g. 0.75 masks "
+            "three patches in four"
+        )
+    if samples < 1:
+        raise ConfigError(f"samples must be at least 1 (got {samples})")
+
+
 #: How the reconstruction picture names the rows of :meth:`pretrain.model.MIMModel.visualize`.
 RECON_ROW_LABELS: dict[str, str] = {"pasted": "prediction + visible"}
 
@@ -129,9 +161,14 @@ def render_recon_grid(
 
 
 def save_mask_picture(path: str | Path, **kwargs) -> Path:
-    """Write the PNG of :func:`mask_rows` (keyword arguments as there) and return its path."""
+    """Write the PNG of :func:`mask_rows` (keyword arguments as there) and return its path.
+
+    Raises:
+        ConfigError: Bad arguments (see :func:`check_mask_args`), checked before drawing.
+    """
     from harness.fsutil import atomic_write_bytes
 
+    check_mask_args(**kwargs)
     img = render_masks(mask_rows(**kwargs))
     buf = io.BytesIO()
     img.save(buf, format="PNG")

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import io
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from harness.errors import UserError
 
 CLASSES: tuple[str, ...] = (
     "circle",
@@ -62,6 +65,15 @@ _COCO_INFO = {
 }  # fmt: skip
 _COCO_LICENSES = [{"id": 1, "name": "CC0-1.0 (synthetic)", "url": ""}]
 _ADE_DIRS = {"train": ("training", "ADE_train"), "val": ("validation", "ADE_val")}
+#: The smallest allowed value of each :class:`ShapesSpec` field (sizes in px).
+_SPEC_MINIMUM: dict[str, int] = {
+    "image_size": 8, "train_per_class": 1, "val_per_class": 1, "scene_size": 32,
+    "train_scenes": 1, "val_scenes": 1, "max_objects": 1, "seed": 0,
+}  # fmt: skip
+
+
+class ShapesError(UserError, ValueError):
+    """A shapes spec or output directory is invalid; the message names the value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -89,11 +101,12 @@ class ShapesSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.image_size < 8 or self.scene_size < 32:
-            raise ValueError(f"image_size must be >= 8 and scene_size >= 32, got {self}")
-        counts = (self.train_per_class, self.val_per_class, self.train_scenes, self.val_scenes)
-        if min(counts) < 1 or self.max_objects < 1:
-            raise ValueError(f"per-split counts and max_objects must be >= 1, got {self}")
+        for name, low in _SPEC_MINIMUM.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ShapesError(
+                    f"shapes dataset: {name} must be an integer >= {low} (got {value!r})"
+                )
 
     def to_dict(self) -> dict[str, int]:
         """The spec as a plain dict (JSON-serializable)."""
@@ -580,18 +593,18 @@ def generate_shapes(
         ``out`` as a Path.
 
     Raises:
-        ValueError: On an unknown format, or when ``out`` is a file or a non-empty directory
+        ShapesError: On an unknown format, or when ``out`` is a file or a non-empty directory
             that is not a shapes dataset.
     """
     out = Path(out).expanduser()
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
-        raise ValueError(
+        raise ShapesError(
             f"unknown shapes formats {unknown or list(formats)}; choose from {FORMATS}"
         )
     previous = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir() or previous and _read_manifest(out) is None:
-        raise ValueError(
+        raise ShapesError(
             f"{out} is not empty and is not a shapes dataset: choose an empty or "
             "new directory for the output, or delete it first"
         )

@@ -418,3 +418,72 @@ def test_sweep_through_submitit_local_matches_inprocess(tmp_path, capsys):
     md = (root / "ablation" / "dec.md").read_text()
     assert md in text and md == (tmp_path / "a" / "tiny-sweep" / "ablation" / "dec.md").read_text()
     print(f"sweep of 3 rows through submitit-local (2 pretraining + 2 probe jobs): {wall:.1f}s")
+
+
+# --------------------------------------------------------------------------- mimbench validate
+
+
+def _flat(node, path=""):
+    """``{dotted.key: leaf}`` of a plain config (list items by index, empty containers leaves)."""
+    if isinstance(node, dict | list) and node:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        return {k: v for key, val in items for k, v in _flat(val, f"{path}{key}.").items()}
+    return {path[:-1]: node}
+
+
+def _row_blocks(text):
+    """``[(row index, label, {key: (old, new)})]`` parsed from validate's comment lines
+    (``None`` for a key one side does not have)."""
+    import json
+    import re
+
+    blocks = []
+    for line in text.splitlines():
+        if m := re.fullmatch(r"# row (\d+): (\S+)( \(no change\))?", line):
+            blocks.append((int(m[1]), m[2], {}))
+        elif m := re.fullmatch(r"#     (\S+): (.*) -> (.*)", line):
+            old, new = (None if x == "(unset)" else json.loads(x) for x in (m[2], m[3]))
+            blocks[-1][2][m[1]] = (old, new)
+    return blocks
+
+
+@pytest.mark.parametrize("path", SWEEPS + TINY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_validate_takes_every_shipped_sweep_and_shows_each_row(path, capsys):
+    """``mimbench validate`` loads a sweep file as run / plan do: the resolved base config (the
+    output is YAML), then each row's label and every resolved key it changes."""
+    from harness.cli import main
+    from harness.config import to_plain
+
+    assert main(["validate", str(path)]) == 0
+    text = capsys.readouterr().out
+    base = yaml.safe_load(text)  # the rows are YAML comments: the output parses to the base
+    raw = yaml.safe_load(path.read_text())
+    assert base["kind"] == "suite" and "sweep" not in base and base["name"] == raw["name"]
+    rows = load_sweep(path)  # expanded independently of the CLI
+    blocks = _row_blocks(text)
+    assert [b[0] for b in blocks] == list(range(len(rows)))
+    assert [b[1] for b in blocks] == [variant_name(tags) for tags, _ in rows]
+    flat_base = _flat(base)
+    for (_, _, changes), (_, cfg) in zip(blocks, rows, strict=True):
+        want = _flat(to_plain(validate_config(cfg)))
+        diff = {k: (flat_base.get(k), want.get(k)) for k in flat_base.keys() | want.keys()
+                if (k in flat_base) != (k in want) or flat_base.get(k) != want.get(k)}
+        assert changes == diff
+    assert len(blocks) > 1 and any(changes for _, _, changes in blocks)
+
+
+def test_validate_applies_set_to_every_row_and_rejects_a_bad_row(tmp_path, capsys):
+    from harness.cli import main
+
+    sweep = _write(tmp_path, _tiny_sweep(tmp_path / "runs", prefix="encoders.0.pretrain.recipe",
+                                         axes={"head.depth": [1, 2]}))
+    assert main(["validate", str(sweep), "--set", "seeds=[4,5]"]) == 0
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text)["seeds"] == [4, 5]
+    assert [b[1] for b in _row_blocks(text)] == ["depth=1", "depth=2"]
+    assert all("seeds" not in "".join(b[2]) for b in _row_blocks(text))  # every row has them
+    bad = _write(tmp_path, _tiny_sweep(tmp_path / "runs", prefix="encoders.0.pretrain.recipe",
+                                       axes={"masking.ratio": [0.5, 1.5]}))
+    assert main(["validate", str(bad)]) == 2  # the same row check as run and plan
+    err = capsys.readouterr().err
+    assert err.startswith("mimbench: error: ") and "masking.ratio" in err and "Traceback" not in err
