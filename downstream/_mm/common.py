@@ -12,12 +12,19 @@ back to):
 
 and runs a generated config with mmengine's Runner (:func:`run_mm`), allowlisting for
 weights-only loading exactly the types mmengine's own resumable checkpoints hold.
+
+The Runner logs its environment, its full config (hundreds of lines) and every logged iteration
+at INFO. That log goes to its file in the work directory (``<work_dir>/<time>/<time>.log``);
+the console shows OpenMMLab's warnings and errors only, unless ``MIMBENCH_MM_VERBOSE=1``
+(:func:`mm_verbose`) asks for everything there too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import resource
 import time
 from collections.abc import Iterator, Sequence
@@ -30,7 +37,7 @@ from mmcv.transforms import LoadImageFromFile
 from mmengine.hooks import Hook
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import LOOPS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, TRANSFORMS
-from mmengine.runner import IterBasedTrainLoop
+from mmengine.runner import IterBasedTrainLoop, Runner
 
 from harness.data.datasets import DatasetError
 
@@ -277,6 +284,30 @@ def dump_config(cfg: dict[str, Any], path: Path) -> Path:
     return path
 
 
+#: Set to 1 to show OpenMMLab's INFO log (its full config, every logged iteration) on the console.
+VERBOSE_ENV = "MIMBENCH_MM_VERBOSE"
+
+
+def mm_verbose() -> bool:
+    """Whether ``MIMBENCH_MM_VERBOSE`` asks for OpenMMLab's full log on the console."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class QuietConsoleRunner(Runner):
+    """mmengine's Runner whose console handler shows warnings and errors only (unless
+    :func:`mm_verbose`); its log file keeps everything at the config's ``log_level``."""
+
+    def build_logger(self, log_level: int | str = "INFO", log_file: str | None = None,
+                     **kwargs: Any) -> Any:
+        logger = super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
+        if not mm_verbose():
+            for handler in logger.handlers:
+                # the console; the log file's handler is a FileHandler (a StreamHandler subclass)
+                if type(handler) is logging.StreamHandler:
+                    handler.setLevel(max(handler.level, logging.WARNING))
+        return logger
+
+
 def run_mm(cfg: dict[str, Any], config_path: Path, hooks: Sequence[Hook] = ()) -> MMRunResult:
     """Save ``cfg`` at ``config_path``, then train (resuming from ``work_dir`` when it holds a
     checkpoint) and evaluate with mmengine's Runner.
@@ -287,11 +318,10 @@ def run_mm(cfg: dict[str, Any], config_path: Path, hooks: Sequence[Hook] = ()) -
         hooks: Extra hooks registered on the runner (after the run recorder).
     """
     from mmengine.config import Config
-    from mmengine.runner import Runner
 
     t0 = time.time()
     dump_config(cfg, config_path)
-    runner = Runner.from_cfg(Config(cfg))
+    runner = QuietConsoleRunner.from_cfg(Config(cfg))
     rec = RunRecorder()
     runner.register_hook(rec)
     for hook in hooks:

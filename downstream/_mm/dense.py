@@ -56,7 +56,7 @@ def run_dense_task(
     """
     dense_family(encoder, task)
     importlib.import_module(module)  # registers our types in mmdet's / mmseg's registries
-    from .common import run_mm
+    from .common import VERBOSE_ENV, run_mm
 
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,8 @@ def run_dense_task(
     work_dir = out / f"mm-{h}"
     name = f"{task}-{h[:8]}-{uuid.uuid4().hex[:6]}"
     cfg = build(str(init), str(work_dir), name, use_amp)
-    ctx.log(f"[{task}] mm config: {out / f'{task}_config.py'}; work dir {work_dir}")
+    ctx.log(f"[{task}] mm config: {out / f'{task}_config.py'}; work dir {work_dir} (OpenMMLab's "
+            f"log: <work dir>/<time>/<time>.log; {VERBOSE_ENV}=1 also prints it here)")
     return run_mm(cfg, out / f"{task}_config.py")
 
 
