@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from harness.config import ENCODER_PRESETS, ConfigError, EncoderConfig, MaskingConfig
+from harness.config import (
+    ENCODER_PRESETS,
+    ConfigError,
+    EncoderConfig,
+    MaskingConfig,
+    plan_masking,
+)
 from harness.registry import did_you_mean
 from pretrain.masking import MASKERS, create_masker
 
@@ -49,9 +55,11 @@ def mask_rows(
         kw = dict(PAPER_MASKING.get(name, {}))
         if ratio is not None:
             kw["ratio"] = ratio
-        mps = kw.get("mask_patch_size")
-        if mps is not None and (int(mps) % p or grid[0] % (int(mps) // p)):
-            kw["mask_patch_size"] = None  # the paper's unit does not fit this encoder
+        if kw.get("mask_patch_size") is not None:
+            try:  # the paper's unit may not fit this encoder's image (or may mask it all)
+                plan_masking(MaskingConfig(strategy=name, **kw), grid, p)  # type: ignore[arg-type]
+            except ConfigError:
+                kw["mask_patch_size"] = None  # then the model's patch is the unit
         cfg = MaskingConfig(strategy=name, **kw)  # type: ignore[arg-type]
         masker = create_masker(cfg, grid, p)
         m = masker(samples, generator=torch.Generator().manual_seed(seed))

@@ -41,6 +41,17 @@ def test_mask_rows_use_the_papers_settings_and_draw_masked_dark():
     assert px[6 + 7 * 4 + 2, 7 * 4 + 2].sum() < px[6 + 2, 2].sum()  # centre dark, corner light
 
 
+def test_mask_rows_on_a_small_image_fall_back_to_the_model_patch(tmp_path):
+    """SimMIM's 32 px unit is the whole 32 px image of vit_micro_32 (every patch masked): the
+    picture draws its masks on the 8 px model patches instead of failing or masking all."""
+    rows = dict(mask_rows(arch="vit_micro_32", strategies=["random"], samples=2, seed=0))
+    assert list(rows) == ["random 10/16"]  # ceil(0.6 x 16) of the 4x4 patches
+    assert rows["random 10/16"].sum(dim=(1, 2)).tolist() == [10, 10]
+    out = tmp_path / "m.png"
+    assert main(["viz", "masks", "--arch", "vit_micro_32", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
 def test_bench_times_a_recipe_and_the_mae_modes(monkeypatch, tmp_path):
     # 16 px units on the 32 px micro ViT (SimMIM's 32 px would be one unit: every patch masked)
     micro = {"name": "simmim", "masking": {"mask_patch_size": 16}}
