@@ -13,7 +13,7 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -72,7 +72,7 @@ class ShapesConfig(StrictModel):
     train_scenes: int = Field(48, ge=1)
     val_scenes: int = Field(16, ge=1)
     max_objects: int = Field(4, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class DataConfig(StrictModel):
@@ -705,7 +705,7 @@ class PretrainConfig(StrictModel):
 
     kind: Literal["pretrain"] = "pretrain"
     name: str = "pretrain"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     output_dir: str = "runs/pretrain"
     data: DataConfig = Field(default_factory=DataConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -843,7 +843,7 @@ class SuiteConfig(StrictModel):
     kind: Literal["suite"] = "suite"
     name: str = Field("suite", pattern=r"^[A-Za-z0-9_.\-]+$")
     output_dir: str = "runs"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     encoders: list[EncoderEntry] = Field(min_length=1)
     tasks: list[SerializeAsAny[TaskConfig]] = Field(min_length=1)
@@ -861,6 +861,10 @@ class SuiteConfig(StrictModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"encoder names must be unique; repeated: {', '.join(dup)}")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds must be distinct (a repeated seed is the same run); "
+                             f"repeated: {', '.join(map(str, repeated))}")
         return self
 
 

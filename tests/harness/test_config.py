@@ -251,3 +251,11 @@ SHIPPED = sorted([*(CONFIGS / "pretrain").glob("*.yaml"), *(CONFIGS / "suites").
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_configs_validate(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("override", ["seeds=[-1]", "seeds=[0,0]", "data.shapes.seed=-3"])
+def test_negative_or_repeated_seeds_are_rejected(override):
+    """A negative seed crashed deep in numpy / torch; a repeated one silently ran once."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(Path(__file__).parents[2] / "configs/suites/demo.yaml", [override])
+    assert "seed" in str(exc.value)
