@@ -200,6 +200,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from harness.fsutil import STAGE_LOCK, stage_lock
     from pretrain.engine import CHECKPOINT, pretrain
 
     cfg = load_config(args.config, args.set, kind="pretrain")
@@ -214,7 +217,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     distributed.init_from_env()  # under torchrun: data-parallel (else a no-op)
     main = distributed.is_main()
-    res = pretrain(cfg, out, resume=args.resume, log=_log if main else _quiet)
+    existed = out.exists()
+    # one run per directory at a time: rank 0 holds the stage lock that status / plan read
+    lock = stage_lock(out / STAGE_LOCK, f"pretraining {out}") if main else nullcontext()
+    try:
+        with lock:
+            res = pretrain(cfg, out, resume=args.resume, log=_log if main else _quiet)
+    finally:
+        if main and not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused fresh run leaves nothing behind
     distributed.cleanup()
     if not main:
         return 0

@@ -129,3 +129,24 @@ def test_a_stage_another_process_runs_is_refused_and_not_recorded(tiny_imagefold
         assert not load_records(suite_dir(cfg) / "records")
     finally:
         holder.stop()
+
+
+def test_mimbench_pretrain_holds_its_directory_s_lock(tiny_imagefolder, tmp_path, capsys):
+    """A standalone ``mimbench pretrain`` into a directory another process is pretraining into
+    is refused (exit 2, holder named) and writes nothing; once the holder is gone it runs."""
+    cfg = {"kind": "pretrain", "name": "p", "data": {"source": str(tiny_imagefolder)},
+           "encoder": {"arch": "vit_micro_32"},
+           "recipe": {"name": "mae", "head": {"depth": 1, "dim": 32, "num_heads": 2}},
+           "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "p"
+    holder = _Holder(out / "stage.lock")
+    try:
+        assert main(["pretrain", str(path), "--out", str(out)]) == 2
+        assert f"pid {holder.proc.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["stage.lock"]  # nothing written
+    finally:
+        holder.stop()
+    assert main(["pretrain", str(path), "--out", str(out)]) == 0
+    assert (out / "summary.json").is_file() and not (out / "stage.lock").exists()
