@@ -536,7 +536,7 @@ def _failed_record(entry: EncoderEntry, tcfg: TaskConfig, task: Any, rc: dict[st
     return Record(
         run_id=new_run_id(f"{entry.name}-{tcfg.name}-s{seed}"),
         status="failed", started_at=started, finished_at=utc_now(), duration_s=time.time() - t0,
-        encoder=info or EncoderInfo(name=entry.name, arch=entry.encoder.arch, source=entry.source,  # type: ignore[arg-type]
+        encoder=info or EncoderInfo(name=entry.name, arch=_named_arch(entry), source=entry.source,  # type: ignore[arg-type]
                                     checkpoint=entry.checkpoint),
         recipe=entry.pretrain.recipe.model_dump(mode="json") if entry.pretrain else None,
         task=TaskInfo(name=task.name, version=task.version),
@@ -544,3 +544,11 @@ def _failed_record(entry: EncoderEntry, tcfg: TaskConfig, task: Any, rc: dict[st
         config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
         error=ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()),
     )
+
+
+def _named_arch(entry: EncoderEntry) -> str:
+    """The architecture a failed record names when no encoder was built: the entry's own, or
+    for a checkpoint entry that names none, that nothing was loaded (not the schema default)."""
+    if entry.checkpoint is not None and "encoder" not in entry.model_fields_set:
+        return "unknown (checkpoint not loaded)"
+    return entry.encoder.arch

@@ -145,6 +145,7 @@ def test_eval_of_a_corrupt_checkpoint_exits_1_naming_the_failure(tiny_imagefolde
     assert "failed: linear_probe of corrupt seed 0" in err
     (rec,) = load_records(tmp_path / "r" / "eval" / "records")
     assert rec.status == "failed" and rec.error.message[:40] in err
+    assert rec.encoder.arch == "unknown (checkpoint not loaded)"  # not the schema's default preset
 
 
 def test_eval_with_a_class_mismatch_exits_1_with_the_error_and_log(tiny_imagefolder, tmp_path, capsys):
