@@ -16,6 +16,8 @@ from pretrain.targets import TARGETS
 
 TOK = {"type": "kmeans", "vocab_size": 16, "input_size": None, "train_images": 8}
 MICRO_MAE_HEAD = {"depth": 1, "dim": 32, "num_heads": 2}
+# SimMIM's 32 px unit is the whole 32 px micro image (every patch masked: refused at validation)
+MICRO_SIMMIM_MASKING = {"mask_patch_size": 16}
 
 # (encoder preset, recipe): each paper's recipe on a micro encoder, then one case per axis value
 CASES = {
@@ -57,7 +59,10 @@ CASES = {
     "vit_mpp": ("vit_micro_32", {"name": "vit_mpp"}),
     "context_encoder": ("ce_conv_32", {"name": "context_encoder", "head": {"dim": 32}}),
     # axes
-    "head_mlp": ("vit_micro_32", {"name": "simmim", "head": {"type": "mlp", "dim": 32}}),
+    "head_mlp": (
+        "vit_micro_32",
+        {"name": "simmim", "masking": MICRO_SIMMIM_MASKING, "head": {"type": "mlp", "dim": 32}},
+    ),
     "head_inverse_swin": (
         "swin_micro_32",
         {
@@ -72,7 +77,10 @@ CASES = {
             },
         },
     ),
-    "head_upconv_vit": ("vit_micro_32", {"name": "simmim", "head": {"type": "upconv", "dim": 32}}),
+    "head_upconv_vit": (
+        "vit_micro_32",
+        {"name": "simmim", "masking": MICRO_SIMMIM_MASKING, "head": {"type": "upconv", "dim": 32}},
+    ),
     "mae_with_mask_token": (
         "vit_micro_32",
         {"name": "mae", "encoder_mode": "mask_token", "head": MICRO_MAE_HEAD},
@@ -81,6 +89,7 @@ CASES = {
         "vit_micro_32",
         {
             "name": "simmim",
+            "masking": MICRO_SIMMIM_MASKING,
             "target": {"type": "color_bins", "bins": 4},
             "loss": {"type": "cross_entropy"},
         },
@@ -89,6 +98,7 @@ CASES = {
         "vit_micro_32",
         {
             "name": "simmim",
+            "masking": MICRO_SIMMIM_MASKING,
             "target": {"type": "mean_color", "bins": 4},
             "loss": {"type": "cross_entropy"},
         },
@@ -112,9 +122,16 @@ CASES = {
     ),
     "loss_smooth_l1_all": (
         "vit_micro_32",
-        {"name": "simmim", "loss": {"type": "smooth_l1", "on": "all"}},
+        {
+            "name": "simmim",
+            "masking": MICRO_SIMMIM_MASKING,
+            "loss": {"type": "smooth_l1", "on": "all"},
+        },
     ),
-    "loss_l2": ("vit_micro_32", {"name": "simmim", "loss": {"type": "l2"}}),
+    "loss_l2": (
+        "vit_micro_32",
+        {"name": "simmim", "masking": MICRO_SIMMIM_MASKING, "loss": {"type": "l2"}},
+    ),
     "masking_random_blocks": (
         "vit_micro_32",
         {
