@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,9 @@ def _pretrain_rows(path: Path, data: Path, out: Path, limit: int | None = None) 
 @pytest.mark.parametrize("name", ["simmim_head.yaml", "mae_target.yaml"])
 def test_tiny_sweeps_pretrain(tiny_imagefolder, tmp_path, name):
     losses = _pretrain_rows(ROOT / "configs" / "sweeps" / "tiny" / name, tiny_imagefolder, tmp_path)
-    assert all(x == x for x in losses)  # finite
+    assert len(losses) == len(load_sweep(ROOT / "configs" / "sweeps" / "tiny" / name))
+    assert all(math.isfinite(x) for x in losses), losses
+    assert len(set(losses)) == len(losses), losses  # each row trained its own model
 
 
 @pytest.mark.slow
