@@ -529,3 +529,11 @@ def _validate(data: Any, path: Path) -> Record:
             for err in exc.errors()
         )
         raise RecordError(path, f"does not match the record schema: {problems}") from exc
+
+
+def row_key(info: SweepInfo | None) -> tuple[str, str] | None:
+    """What tells the records of one sweep row from another's (None outside sweeps): part of a
+    run's key for the runner (what is done) and for the reports (what is a duplicate)."""
+    if info is None:
+        return None
+    return info.name, json.dumps(info.tags, sort_keys=True)

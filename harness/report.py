@@ -35,9 +35,9 @@ from harness.records import (
     SkippedRecord,
     announce_skipped,
     parse_timestamp,
+    row_key,
     scan_records,
 )
-from harness.runner import row_key
 
 #: Long-form columns of :func:`records_to_frame`, before the ``tag.<k>`` columns.
 FRAME_COLUMNS: tuple[str, ...] = (
@@ -289,7 +289,7 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
 
 def run_key(record: Record) -> tuple[Any, ...]:
     """What makes two records the same run: the run key the runner skips finished runs by
-    (config hash and sweep row, :func:`harness.runner.row_key`), with the encoder name, task,
+    (config hash and sweep row, :func:`harness.records.row_key`), with the encoder name, task,
     task version and seed (implied by the config of real records; they keep records without a
     config apart) and, for a checkpoint encoder, the checkpoint's sha256 (other weights under
     the same path are another run).

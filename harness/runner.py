@@ -62,6 +62,7 @@ from harness.records import (
     TaskInfo,
     load_records,
     new_run_id,
+    row_key,
     utc_now,
     write_record,
 )
@@ -314,13 +315,6 @@ class StageFilter:
     task: str | None = None
     pretrain_only: bool = False
     no_pretrain: bool = False
-
-
-def row_key(info: SweepInfo | None) -> tuple[str, str] | None:
-    """What tells the records of one sweep row from another's (None outside sweeps)."""
-    if info is None:
-        return None
-    return info.name, json.dumps(info.tags, sort_keys=True)
 
 
 def preflight_sweep(rows: list[SweepRow]) -> None:
