@@ -29,8 +29,8 @@ import json
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -128,11 +128,11 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
     from pretrain.encoder import arch_label, create_encoder, load_any_encoder_checkpoint
 
     if entry.pretrain is not None:
-        from pretrain.engine import ENCODER, SUMMARY, pretrain
+        from pretrain.engine import ENCODER, pretrain
 
         pcfg = pretrain_config_for(entry, suite, seed)
         stage = pretrain_stage_dir(root, pcfg)
-        if (stage / SUMMARY).is_file() and (stage / ENCODER).is_file():
+        if pretrain_done(stage):
             log(f"[suite] {entry.name}: pretraining done earlier, reusing {stage}")
         else:
             pretrain(pcfg, stage, resume=True, log=tee_log(log, stage / "log.txt"))
@@ -266,7 +266,7 @@ def _obtain(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Path, log:
         )
     # under torchrun every rank trains together: rank 0 holds the lock for all
     lock = (stage_lock(stage / STAGE_LOCK, f"pretraining stage {stage}")
-            if distributed.get_rank() == 0 else _no_lock())
+            if distributed.get_rank() == 0 else nullcontext())
     with lock:
         try:
             handle = obtain_encoder(entry, suite, seed, root, log)
@@ -289,11 +289,6 @@ def _log_failure(path: Path, exc: BaseException) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(f"{utc_now()} FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-
-
-@contextmanager
-def _no_lock() -> Iterator[None]:
-    yield
 
 
 @dataclass(frozen=True)
