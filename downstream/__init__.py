@@ -1,1 +1,7 @@
-"""Downstream evaluation protocols: each reads one encoder and returns metrics."""
+"""Downstream evaluation protocols: each reads one encoder and returns metrics.
+
+Importing the package registers every task (and its config schema) so that a suite can be
+validated; task modules keep heavy dependencies (mmdet, mmseg, mmcv) inside ``run``.
+"""
+
+from downstream import detection, finetune, knn, linear_probe, segmentation  # noqa: F401

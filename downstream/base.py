@@ -7,17 +7,16 @@ with new ones (the leaderboard keeps the newest version of each task).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from harness.config import DataConfig, TaskConfig
-from harness.registry import Registry
+from harness.core.config import TASK_CONFIGS, DataConfig, TaskConfig
+from harness.core.registry import Registry
 from pretrain.encoder import ViTEncoder
 
 
@@ -70,26 +69,22 @@ def resolve_task_name(name: str) -> str:
     return TASK_ALIASES.get(name, name)
 
 
-def _import_task_modules() -> None:
-    """Import every module of the ``downstream`` package so its tasks register themselves.
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: register a task under ``name`` together with its config schema."""
 
-    Task modules must be cheap to import: heavy dependencies (mmdet, mmseg, mmcv) are imported
-    inside ``run``, never at module level.
-    """
-    import downstream
+    def add(cls: type[Task]) -> type[Task]:
+        TASKS.register(name, cls)
+        TASK_CONFIGS.register(name, cls.config_cls)
+        return cls
 
-    for mod in pkgutil.iter_modules(downstream.__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"downstream.{mod.name}")
+    return add
 
 
 def all_tasks() -> dict[str, type[Task]]:
     """Every registered task class by name."""
-    _import_task_modules()
     return {name: TASKS.get(name) for name in TASKS.names()}
 
 
 def get_task(name: str) -> Task:
     """Instantiate the task registered under ``name`` (importing the task modules first)."""
-    _import_task_modules()
     return TASKS.get(name)()

@@ -28,8 +28,8 @@ import timm
 import torch
 from torch import nn
 
-from harness.config import EncoderConfig
-from harness.errors import CheckpointError
+from harness.core.config import EncoderConfig
+from harness.core.errors import CheckpointError
 from pretrain.encoder import ViTEncoder
 
 #: timm architecture the wrapper instantiates (every shape value is passed explicitly).
@@ -230,7 +230,7 @@ class BeitEncoder(nn.Module):
 
     def save_timm(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
         """Write ``{'state_dict': timm keys, 'mimbench': meta}`` atomically (see ViTEncoder)."""
-        from harness.fsutil import atomic_torch_save
+        from harness.core.fsutil import atomic_torch_save
 
         payload = {
             "state_dict": self.timm_state_dict(),

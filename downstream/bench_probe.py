@@ -38,7 +38,7 @@ def _run(
     import torch
 
     from downstream.base import TaskContext, get_task
-    from harness.config import parse_task_config
+    from harness.core.config import parse_task_config
     from pretrain.engine import pick_device
 
     ctx = TaskContext(
@@ -71,7 +71,7 @@ def budget_matched_base_lr(n_train: int, batch: int, epochs: int) -> float:
 
 
 def _num_train(data: Any) -> int:
-    from harness.data.datasets import imagefolder_checked, resolve_imagefolder_root
+    from harness.core.data.datasets import imagefolder_checked, resolve_imagefolder_root
 
     return len(imagefolder_checked(resolve_imagefolder_root(data), "train", None))
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from harness.cli import _encoder_for_cli
-    from harness.config import DataConfig
+    from harness.core.config import DataConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -57,8 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.config import CHECKPOINT_FORMATS, ENCODER_PRESETS, EncoderConfig
-from harness.errors import CheckpointError, UserError
+from harness.core.config import CHECKPOINT_FORMATS, ENCODER_PRESETS, EncoderConfig
+from harness.core.errors import CheckpointError, UserError
 
 #: The families of the table above (defined beside the suite schema, which validates them).
 FAMILIES: tuple[str, ...] = CHECKPOINT_FORMATS
@@ -309,7 +309,7 @@ def _stage_config_encoder(path: Path, chash: Any) -> dict[str, Any] | None:
     checkpoint was trained with (its hash, computed as the engine does, is ``chash``)."""
     import yaml
 
-    from harness.fsutil import config_hash
+    from harness.core.fsutil import config_hash
 
     cfg_path = path.parent / _STAGE_CONFIG
     if not cfg_path.is_file():
@@ -1018,7 +1018,7 @@ def load_checkpoint(
     Returns:
         ``(encoder, report)``.
     """
-    from harness.fsutil import sha256_file
+    from harness.core.fsutil import sha256_file
 
     path = Path(path)
     state, meta, container = read_checkpoint(path)
@@ -1031,7 +1031,7 @@ def load_checkpoint(
             )
         family = detected
     elif fmt not in FAMILIES:
-        from harness.registry import did_you_mean
+        from harness.core.registry import did_you_mean
 
         raise CheckpointError(
             f"unknown --format '{fmt}';{did_you_mean(fmt, list(FAMILIES))} known: {', '.join(FAMILIES)}"
@@ -1119,7 +1119,7 @@ def encoder_from_timm_name(name: str) -> tuple[nn.Module, ImportReport]:
     from timm.models.vision_transformer import VisionTransformer
 
     if not timm.is_model(name):
-        from harness.registry import did_you_mean
+        from harness.core.registry import did_you_mean
 
         raise CheckpointError(
             f"'{name}' is neither a file nor a timm model name;{did_you_mean(name, timm.list_models())} "
@@ -1249,7 +1249,7 @@ def export_encoder(
 
     from safetensors.torch import save as st_save
 
-    from harness.fsutil import atomic_write_bytes
+    from harness.core.fsutil import atomic_write_bytes
 
     unknown = set(formats) - set(EXPORT_FORMATS)
     if unknown:

@@ -46,12 +46,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from harness.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
-from harness.data.datasets import DatasetError, resolve_shapes_root
+from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
+from harness.core.data.datasets import DatasetError, resolve_shapes_root
 from pretrain.encoder import ViTEncoder
 
 from ._mm.runtime import dataloader, optim_config, runtime_config
-from .base import TASKS, Task, TaskContext, TaskResult
+from .base import Task, TaskContext, TaskResult, register_task
 
 IMG_MEAN = [123.675, 116.28, 103.53]  # RGB, 0-255 (ImageNet)
 IMG_STD = [58.395, 57.12, 57.375]
@@ -378,7 +378,7 @@ def coco_metrics(raw: dict[str, Any]) -> tuple[dict[str, float], dict[str, float
     return metrics, details
 
 
-@TASKS.register("detection")
+@register_task("detection")
 class Detection(Task):
     """COCO Mask R-CNN with a ViTDet backbone (see the module docstring)."""
 

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from harness.fsutil import canonical_json
-from harness.tracking import progress
+from harness.core.fsutil import canonical_json
+from harness.core.tracking import progress
 
 FEATURE_CACHE_VERSION = 2  # 2: file sizes and mtimes in the key, skipped files stored
 
@@ -190,7 +190,7 @@ def extract(
 
     Args:
         encoder: Encoder wrapper (eval mode is set here; weights are not modified).
-        ds: A :class:`harness.data.datasets.CheckedImageFolder` (its transform is not used).
+        ds: A :class:`harness.core.data.datasets.CheckedImageFolder` (its transform is not used).
         transforms: One transform per view (view 0: the evaluation transform).
         n_blocks: How many last blocks to keep.
 
@@ -200,7 +200,7 @@ def extract(
     Raises:
         DatasetError: No image of ``ds`` could be read.
     """
-    from harness.data.datasets import SkipTally, collate_skipping
+    from harness.core.data.datasets import SkipTally, collate_skipping
     from pretrain.engine import autocast_dtype
 
     encoder.eval()
@@ -332,7 +332,7 @@ def get_features(
     Raises:
         DatasetError: ``strict`` and an image is unreadable, or no image of ``ds`` is readable.
     """
-    from harness.data.datasets import skipped_message, unreadable_image_error
+    from harness.core.data.datasets import skipped_message, unreadable_image_error
 
     n_blocks = max(1, min(n_blocks, max_blocks(encoder)))
     if views > 1 and aug_tf is None:
@@ -399,7 +399,7 @@ def _extract_and_store(
     (None: caching off)."""
     from safetensors.torch import save
 
-    from harness.fsutil import atomic_write_bytes
+    from harness.core.fsutil import atomic_write_bytes
 
     t0 = time.time()
     feats, labels, skipped = extract(

@@ -35,10 +35,10 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from harness.config import TaskConfig
-from harness.tracking import ScalarLogger, progress
+from harness.core.config import TaskConfig
+from harness.core.tracking import ScalarLogger, progress
 
-from .base import TASKS, Task, TaskContext, TaskResult
+from .base import Task, TaskContext, TaskResult, register_task
 
 #: Per-size paper settings: (epochs, base_lr, layer_decay, drop_path).
 PAPER_SETTINGS: dict[str, dict[str, float]] = {
@@ -314,7 +314,7 @@ def evaluate(
     """``(top1, top5, images, skipped)`` on a sequential loader of ``(x, y, kept)`` batches over
     a checked ImageFolder (unreadable files are named on ``log`` when given)."""
     from downstream.linear_probe import topk_accuracy
-    from harness.data.datasets import SkipTally
+    from harness.core.data.datasets import SkipTally
 
     model.eval()
     logits, labels = [], []
@@ -337,7 +337,7 @@ def evaluate(
 # --------------------------------------------------------------------------- task
 
 
-@TASKS.register("finetune")
+@register_task("finetune")
 class Finetune(Task):
     """MAE / BEiT fine-tuning (see the module docstring)."""
 
@@ -353,8 +353,8 @@ class Finetune(Task):
         from torch.utils.data import DataLoader
 
         from downstream.features import encoder_fingerprint
-        from harness.config import ConfigError
-        from harness.data.datasets import (
+        from harness.core.config import ConfigError
+        from harness.core.data.datasets import (
             IMAGENET_MEAN,
             IMAGENET_STD,
             SkipTally,
@@ -363,7 +363,7 @@ class Finetune(Task):
             imagefolder_checked,
             resolve_imagefolder_root,
         )
-        from harness.fsutil import atomic_torch_save, config_hash
+        from harness.core.fsutil import atomic_torch_save, config_hash
         from pretrain.engine import autocast_dtype, lr_at
 
         t0 = time.time()

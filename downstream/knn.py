@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.config import TaskConfig
+from harness.core.config import TaskConfig
 
-from .base import TASKS, Task, TaskContext, TaskResult
+from .base import Task, TaskContext, TaskResult, register_task
 
 
 class KNNConfig(TaskConfig):
@@ -92,7 +92,7 @@ def knn_predict(
     return torch.cat(out) if out else torch.zeros(0, num_classes)
 
 
-@TASKS.register("knn")
+@register_task("knn")
 class KNN(Task):
     """Weighted kNN (see the module docstring)."""
 
@@ -105,7 +105,7 @@ class KNN(Task):
         assert isinstance(cfg, KNNConfig)
         from downstream.features import encoder_fingerprint, get_features, supported_poolings
         from downstream.linear_probe import topk_accuracy
-        from harness.data.datasets import (
+        from harness.core.data.datasets import (
             eval_transform,
             imagefolder_checked,
             resolve_imagefolder_root,

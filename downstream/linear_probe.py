@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from harness.config import TaskConfig
-from harness.tracking import progress
+from harness.core.config import TaskConfig
+from harness.core.tracking import progress
 
-from .base import TASKS, Task, TaskContext, TaskResult
+from .base import Task, TaskContext, TaskResult, register_task
 
 
 class LinearProbeConfig(TaskConfig):
@@ -285,7 +285,7 @@ def _num_workers(ctx: TaskContext, override: int | None = None) -> int:
 # --------------------------------------------------------------------------- fast mode
 
 
-@TASKS.register("linear_probe")
+@register_task("linear_probe")
 class LinearProbe(Task):
     """Fast linear probe (see the module docstring).
 
@@ -306,7 +306,7 @@ class LinearProbe(Task):
             max_blocks,
             supported_poolings,
         )
-        from harness.data.datasets import (
+        from harness.core.data.datasets import (
             eval_transform,
             imagefolder_checked,
             resolve_imagefolder_root,
@@ -404,7 +404,7 @@ class LinearProbe(Task):
 
 def probe_train_transform(img_size: int, crop_scale: tuple[float, float], hflip: bool) -> Any:
     """MAE's linear-probe augmentation: RandomResizedCrop (bicubic) + flip + normalize."""
-    from harness.data.datasets import pretrain_transform
+    from harness.core.data.datasets import pretrain_transform
 
     return pretrain_transform(img_size, crop_scale, hflip)
 
@@ -479,7 +479,7 @@ class LARS(torch.optim.Optimizer):
         return None
 
 
-@TASKS.register("linear_probe_faithful")
+@register_task("linear_probe_faithful")
 class LinearProbeFaithful(Task):
     """MAE's linear probe, end to end (see the module docstring).
 
@@ -496,8 +496,8 @@ class LinearProbeFaithful(Task):
         assert isinstance(cfg, LinearProbeFaithfulConfig)
         from torch.utils.data import DataLoader
 
-        from harness.config import ConfigError
-        from harness.data.datasets import (
+        from harness.core.config import ConfigError
+        from harness.core.data.datasets import (
             SeededDataset,
             SkipTally,
             collate_skipping,
@@ -505,7 +505,7 @@ class LinearProbeFaithful(Task):
             imagefolder_checked,
             resolve_imagefolder_root,
         )
-        from harness.fsutil import atomic_torch_save, config_hash
+        from harness.core.fsutil import atomic_torch_save, config_hash
         from pretrain.engine import autocast_dtype, lr_at
 
         t0 = time.time()

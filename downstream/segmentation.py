@@ -50,12 +50,12 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from harness.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
-from harness.data.datasets import DatasetError, resolve_shapes_root
+from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
+from harness.core.data.datasets import DatasetError, resolve_shapes_root
 from pretrain.encoder import ViTEncoder
 
 from ._mm.runtime import dataloader, optim_config, runtime_config
-from .base import TASKS, Task, TaskContext, TaskResult
+from .base import Task, TaskContext, TaskResult, register_task
 from .detection import IMG_MEAN, IMG_STD
 
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -340,7 +340,7 @@ def build_mm_config(
 # --------------------------------------------------------------------------- task
 
 
-@TASKS.register("segmentation")
+@register_task("segmentation")
 class Segmentation(Task):
     """ADE20K UperNet on multi-level ViT features (see the module docstring)."""
 

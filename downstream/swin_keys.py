@@ -38,7 +38,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from harness.errors import CheckpointError
+from harness.core.errors import CheckpointError
 
 # (timm name, OpenMMLab name) inside a block, used in both directions
 BLOCK_RENAMES: tuple[tuple[str, str], ...] = (

@@ -3,7 +3,7 @@
 A sweep (:mod:`harness.sweep`) reproduces one ablation table of a paper, e.g. MAE's decoder
 depth (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022, Table 1a) or
 SimMIM's masking strategy (Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling",
-CVPR 2022, Table 1). Every record of a sweep row carries a :class:`~harness.records.SweepInfo`
+CVPR 2022, Table 1). Every record of a sweep row carries a :class:`~harness.core.records.SweepInfo`
 (sweep name, table, row index, axis tags), from which this module rebuilds the table:
 
 * rows: the sweep's rows in the sweep's order, labelled by their axis values;
@@ -36,9 +36,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from harness.errors import UserError
-from harness.fsutil import PathLike, atomic_write_text
-from harness.records import Record, SweepInfo, load_records, parse_timestamp
+from harness.core.errors import UserError
+from harness.core.fsutil import PathLike, atomic_write_text
+from harness.core.records import Record, SweepInfo, load_records, parse_timestamp
 from harness.report import (
     PARTIAL_FAILURE_MARK,
     data_key,

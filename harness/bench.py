@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 #: Dense bf16 tensor-core peak, TFLOP/s, by a substring of ``torch.cuda.get_device_name()``
 #: (vendors' data sheets: A100 312, H100 / H200 SXM 989, L40S 362, V100 125 fp16).
@@ -95,7 +95,7 @@ def all_targets() -> list[str]:
 
 def check_targets(targets: list[str]) -> None:
     """Reject unknown target names with a did-you-mean."""
-    from harness.registry import did_you_mean
+    from harness.core.registry import did_you_mean
 
     known = all_targets()
     for t in targets:
@@ -178,7 +178,7 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
     """A closure doing one step of a classification task at ``arch``, and the image side."""
     import torch
 
-    from harness.config import EncoderConfig
+    from harness.core.config import EncoderConfig
     from pretrain.encoder import create_encoder
 
     torch.manual_seed(0)
@@ -319,7 +319,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Measured rows as CSV (one column per :data:`COLUMNS`, plus ``error``)."""
     import io
 
-    from harness.fsutil import atomic_write_text
+    from harness.core.fsutil import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "error"], extrasaction="ignore")

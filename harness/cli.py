@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness.config import (
+import downstream  # noqa: F401  (registers every task and its config schema)
+from harness.core.config import (
     ConfigError,
     PretrainConfig,
     SuiteConfig,
@@ -22,7 +23,7 @@ from harness.config import (
     load_config,
     validate_config,
 )
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 
 def _log(msg: str) -> None:
@@ -47,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _print_report(records_dir: Path, out_dir: Path) -> None:
     """Load the records once, name each unreadable one once on stderr, write and print the
     leaderboard (the written files also list the skipped records) and the ablation tables."""
-    from harness.records import RecordScan, announce_skipped, scan_records
+    from harness.core.records import RecordScan, announce_skipped, scan_records
     from harness.report import format_markdown, leaderboard, write_report
 
     scan = scan_records(records_dir) if records_dir.is_dir() else RecordScan([], [])
@@ -127,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         child = ["run", args.suite, "--launcher", "inprocess",
                  *(["--out", args.out] if args.out else []), *(a for s in args.set for a in ("--set", s))]
         return launch_torchrun(child, topts, log=_log)
-    from harness import distributed
+    from harness.core import distributed
 
     distributed.init_from_env()  # a torchrun worker joins the group (else a no-op)
     main = distributed.is_main()  # rank 0 logs and reports
@@ -202,7 +203,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from harness.fsutil import STAGE_LOCK, stage_lock
+    from harness.core.fsutil import STAGE_LOCK, stage_lock
     from pretrain.engine import CHECKPOINT, pretrain
 
     cfg = load_config(args.config, args.set, kind="pretrain")
@@ -213,7 +214,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
             "over (the old checkpoint is replaced), or --out to write elsewhere"
         )
-    from harness import distributed
+    from harness.core import distributed
 
     distributed.init_from_env()  # under torchrun: data-parallel (else a no-op)
     main = distributed.is_main()
@@ -262,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         enc["allow_partial"] = args.allow_partial
     task_entry: dict[str, Any] = {"name": task}
     if args.strict:
-        from harness.config import task_config_classes
+        from harness.core.config import task_config_classes
 
         cls = task_config_classes().get(task)
         if cls is None or "strict_data" not in cls.model_fields:
@@ -298,7 +299,7 @@ def _encoder_for_cli(spec: str, fmt: str, allow_partial: bool, arch: str | None,
     import torch
 
     from downstream.checkpoints import encoder_from_timm_name, load_checkpoint
-    from harness.config import EncoderConfig
+    from harness.core.config import EncoderConfig
     from pretrain.encoder import create_encoder
 
     size = {"img_size": img_size} if img_size else {}
@@ -341,7 +342,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     given = None
     if args.arch:
-        from harness.config import EncoderConfig
+        from harness.core.config import EncoderConfig
 
         given = EncoderConfig(arch=args.arch, **({"img_size": args.img_size} if args.img_size else {}))
     report = import_checkpoint(args.checkpoint, args.out, given, args.format, args.allow_partial, args.img_size,
@@ -369,7 +370,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     import time
 
-    from harness.data.shapes import ShapesSpec, generate_shapes
+    from harness.core.data.shapes import ShapesSpec, generate_shapes
 
     spec = ShapesSpec(image_size=args.image_size, train_per_class=args.train_per_class,
                       val_per_class=args.val_per_class, seed=args.seed)
@@ -446,8 +447,8 @@ def _seconds(text: str) -> float:
 
 def encoder_preset(text: str) -> str:
     """An argparse ``type``: a registered encoder preset (did-you-mean on a typo)."""
-    from harness.config import ENCODER_PRESETS
-    from harness.registry import did_you_mean
+    from harness.core.config import ENCODER_PRESETS
+    from harness.core.registry import did_you_mean
 
     if text not in ENCODER_PRESETS:
         raise argparse.ArgumentTypeError(
@@ -459,7 +460,7 @@ def encoder_preset(text: str) -> str:
 
 def preset_help(what: str) -> str:
     """``what`` followed by the registered encoder presets."""
-    from harness.config import ENCODER_PRESETS
+    from harness.core.config import ENCODER_PRESETS
 
     return f"{what}: {', '.join(ENCODER_PRESETS)}"
 
@@ -472,7 +473,7 @@ def _task_help() -> str:
 
 
 def _format_help(default: str) -> str:
-    from harness.config import CHECKPOINT_FORMATS
+    from harness.core.config import CHECKPOINT_FORMATS
 
     return (f"checkpoint family: auto (detect from the keys; default {default}) or one of "
             f"{', '.join(CHECKPOINT_FORMATS)}")
@@ -491,7 +492,7 @@ def _strategies_help() -> str:
 
 
 def _pretrain_description() -> str:
-    from harness.config import RECIPE_DEFAULTS
+    from harness.core.config import RECIPE_DEFAULTS
 
     return (f"Pretrain one encoder from a config file (kind: pretrain). Recipes ('recipe.name'): "
             f"{', '.join(RECIPE_DEFAULTS)}; examples in configs/pretrain/.")

@@ -6,7 +6,7 @@ data URIs so the page needs no server and no network.
 Each column names its unit, each cell its mean ± sample std over n seeds (as the CSV), each row
 its suite and data (once above the table when all rows share them); the loss curve names the
 recipe's loss. Stage directories come from the records, placed by
-:func:`harness.records.resolve_recorded_path`, never from the current directory.
+:func:`harness.core.records.resolve_recorded_path`, never from the current directory.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.fsutil import PathLike
-from harness.records import Record, resolve_recorded_path
+from harness.core.fsutil import PathLike
+from harness.core.records import Record, resolve_recorded_path
 from harness.report import Leaderboard
 
 _STYLE = """
@@ -64,8 +64,8 @@ def _data_uri_png(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-#: Names of the losses and targets of a recipe (:class:`harness.config.LossConfig`,
-#: :class:`harness.config.TargetConfig`) as a plot labels them.
+#: Names of the losses and targets of a recipe (:class:`harness.core.config.LossConfig`,
+#: :class:`harness.core.config.TargetConfig`) as a plot labels them.
 _LOSS_NAMES = {
     "l1": "L1",
     "l2": "L2 (MSE)",

@@ -4,7 +4,7 @@
 * ``torchrun``: the same command re-executed under ``python -m torch.distributed.run``, one
   process per GPU (or per CPU worker, gloo) on one or several machines; the pretrainings run
   data-parallel across all of them and rank 0 runs the downstream tasks
-  (:mod:`harness.distributed`).
+  (:mod:`harness.core.distributed`).
 * ``submitit-local`` / ``slurm``: one job per stage through submitit: a job per pretraining,
   then a job per task run that depends on its encoder's pretraining (``afterok`` on SLURM;
   on the local executor the dependents are submitted once the pretrainings finished). Jobs are
@@ -29,10 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.config import SuiteConfig, to_plain, validate_config
-from harness.errors import UserError
-from harness.fsutil import stage_lock
-from harness.records import SweepInfo, load_records
+import downstream  # noqa: F401  (registers every task and its config schema)
+from harness.core.config import SuiteConfig, to_plain, validate_config
+from harness.core.errors import UserError
+from harness.core.fsutil import stage_lock
+from harness.core.records import SweepInfo, load_records
 from harness.runner import StageFilter, run_suite, suite_dir, suite_lock_path
 from harness.sweep import SweepRow, row_encoder_name
 
@@ -211,7 +212,7 @@ def _launch(items: list[tuple[SuiteConfig, SweepInfo | None]], kind: str, opts: 
     """Submit the stages of one suite, or of every row of a sweep (``(suite, row info)``
     pairs sharing one suite directory), wait for them, and return the records directory."""
     from downstream.base import get_task
-    from harness.fsutil import config_hash
+    from harness.core.fsutil import config_hash
     from harness.runner import pretrain_config_for, pretrain_stage_dir, run_config_for
 
     root = suite_dir(items[0][0])

@@ -5,7 +5,7 @@ task runs (encoder x task x seed) that depend on them. Each stage is keyed by th
 resolved config, so ``mimbench plan`` can tell, without running anything, what is
 
 * ``done``;
-* ``running``: its lock file (:func:`harness.fsutil.stage_lock`) names a live holder;
+* ``running``: its lock file (:func:`harness.core.fsutil.stage_lock`) names a live holder;
 * ``interrupted``: started (a checkpoint or a log in its directory) but neither finished nor
   held by a live process; a pretraining resumes from its checkpoint;
 * ``failed``: its last attempt failed (a task's failed record; a pretraining's ``failed.json``);
@@ -22,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config import SuiteConfig
-from harness.fsutil import STAGE_LOCK, config_hash, lock_holder_alive, read_lock
-from harness.records import Record, SweepInfo, load_records
+import downstream  # noqa: F401  (registers every task and its config schema)
+from harness.core.config import SuiteConfig
+from harness.core.fsutil import STAGE_LOCK, config_hash, lock_holder_alive, read_lock
+from harness.core.records import Record, SweepInfo, load_records
 from harness.runner import (
     pretrain_config_for,
     pretrain_done,

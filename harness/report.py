@@ -27,9 +27,9 @@ from typing import Any
 
 import pandas as pd
 
-from harness.errors import UserError
-from harness.fsutil import PathLike, atomic_write_text
-from harness.records import (
+from harness.core.errors import UserError
+from harness.core.fsutil import PathLike, atomic_write_text
+from harness.core.records import (
     Record,
     RecordScan,
     SkippedRecord,
@@ -289,7 +289,7 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
 
 def run_key(record: Record) -> tuple[Any, ...]:
     """What makes two records the same run: the run key the runner skips finished runs by
-    (config hash and sweep row, :func:`harness.records.row_key`), with the encoder name, task,
+    (config hash and sweep row, :func:`harness.core.records.row_key`), with the encoder name, task,
     task version and seed (implied by the config of real records; they keep records without a
     config apart) and, for a checkpoint encoder, the checkpoint's sha256 (other weights under
     the same path are another run).
@@ -762,12 +762,12 @@ def write_report(
     """Collates every record under ``records_dir`` into ``leaderboard.{md,csv,tex,html}``.
 
     Record files that could not be loaded are named on stderr (once, see
-    :func:`harness.records.announce_skipped`) and listed in a note under the md, tex and html
+    :func:`harness.core.records.announce_skipped`) and listed in a note under the md, tex and html
     tables, so no result goes missing without a word.
 
     Args:
         records_dir: Directory searched recursively for records; also where relative paths of
-            old records are placed from (see :func:`harness.records.resolve_recorded_path`).
+            old records are placed from (see :func:`harness.core.records.resolve_recorded_path`).
         out_dir: Where the tables are written (created if missing).
         scan: The records already loaded from ``records_dir`` (:func:`scan_records`), so a
             caller that needs them too loads them once; loaded here when ``None``.

@@ -6,18 +6,18 @@ A stage that fails leaves a failed record naming its error and the suite goes on
 is skipped when the suite runs again. A pretraining that fails also leaves ``failed.json`` in its
 stage directory (removed once it succeeds), so plan and status can tell its tasks are blocked.
 
-Each stage runs under a lock file in its directory (:func:`harness.fsutil.stage_lock`: the
+Each stage runs under a lock file in its directory (:func:`harness.core.fsutil.stage_lock`: the
 holder's host, pid and start time), and a whole suite under ``locks/suite-<hash>.lock``: a
 second run of the same suite, or of a stage another process is running, is refused with a
 message naming the holder; a lock whose holder died is taken over.
 
 A sweep (:func:`run_sweep`) runs each row as a suite in one shared directory; each row's records
-carry the row's :class:`~harness.records.SweepInfo`. Stages are keyed by their resolved config
+carry the row's :class:`~harness.core.records.SweepInfo`. Stages are keyed by their resolved config
 alone, so rows whose configs are identical share them: the pretraining directory is the same,
 and a task run already done for another row is not repeated: the row gets its own record holding
 that run's metrics (``details.reused_from`` names it).
 
-Under ``torchrun`` (a process group from :mod:`harness.distributed`), every rank first runs the
+Under ``torchrun`` (a process group from :mod:`harness.core.distributed`), every rank first runs the
 pending pretrainings together, data-parallel; then the group is closed and rank 0 alone runs the
 downstream tasks and writes the records while the other ranks return (no collective spans a
 task, so no rank waits at a barrier for hours, and task code never sees a process group).
@@ -35,7 +35,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.config import (
+import downstream  # noqa: F401  (registers every task and its config schema)
+from harness.core.config import (
     TIMM_PREFIX,
     EncoderEntry,
     PretrainConfig,
@@ -44,8 +45,8 @@ from harness.config import (
     hashed_dump,
     to_plain,
 )
-from harness.errors import CheckpointError, UserError
-from harness.fsutil import (
+from harness.core.errors import CheckpointError, UserError
+from harness.core.fsutil import (
     STAGE_LOCK,
     LockHeldError,
     atomic_write_json,
@@ -53,7 +54,7 @@ from harness.fsutil import (
     sha256_file,
     stage_lock,
 )
-from harness.records import (
+from harness.core.records import (
     EncoderInfo,
     ErrorInfo,
     MetricInfo,
@@ -183,7 +184,7 @@ def run_config_for(entry: EncoderEntry, task: TaskConfig, suite: SuiteConfig, se
     """The resolved config stored in a run's record (and hashed to skip finished runs).
 
     Fields added to the schemas later are left out while at their default
-    (:func:`harness.config.hashed_dump`), so that existing records keep matching their runs.
+    (:func:`harness.core.config.hashed_dump`), so that existing records keep matching their runs.
     """
     return {
         "suite": suite.name,
@@ -196,7 +197,7 @@ def run_config_for(entry: EncoderEntry, task: TaskConfig, suite: SuiteConfig, se
 
 def preflight(cfg: SuiteConfig) -> None:
     """Reject bad input before anything runs: missing checkpoints, a missing dataset path."""
-    from harness.data.datasets import resolve_imagefolder_root
+    from harness.core.data.datasets import resolve_imagefolder_root
 
     for entry in cfg.encoders:
         if entry.checkpoint is not None and entry.checkpoint.startswith(TIMM_PREFIX):
@@ -251,7 +252,7 @@ def _obtain(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Path, log:
     """:func:`obtain_encoder` with a pretraining run under its stage lock, its failure kept in
     the stage directory (``failed.json``), and, with ``no_pretrain``, no pretraining at all: an
     unfinished one raises :class:`DependencyFailedError`."""
-    from harness import distributed
+    from harness.core import distributed
 
     if entry.pretrain is None:
         return obtain_encoder(entry, suite, seed, root, log)
@@ -379,7 +380,7 @@ def _run_stages(cfg: SuiteConfig, root: Path, log: Any, command: list[str] | Non
     import torch
 
     from downstream.base import TaskContext, get_task
-    from harness.provenance import collect_provenance
+    from harness.core.provenance import collect_provenance
     from pretrain.engine import pick_device
 
     records_dir = root / "records"
@@ -481,7 +482,7 @@ def _data_parallel_pretraining(pretrain_all: Callable[[], Any]) -> bool:
     """Under torchrun: run ``pretrain_all`` on every rank (the engine trains data-parallel),
     then close the process group. Returns whether this process goes on to the tasks: always
     without a process group, rank 0 only with one."""
-    from harness import distributed
+    from harness.core import distributed
 
     if distributed.get_world_size() == 1:
         return True

@@ -10,7 +10,7 @@ SLURM jobs on other nodes sharing the file system) and for sweeps, without the s
 * a standalone pretraining directory (the output of ``mimbench pretrain``: ``config.yaml`` with
   ``checkpoint.pth`` / ``summary.json``) is shown as that one stage.
 
-Whether an unfinished stage is alive comes from its lock file (:func:`harness.fsutil.stage_lock`):
+Whether an unfinished stage is alive comes from its lock file (:func:`harness.core.fsutil.stage_lock`):
 held by a live process on this host (its pid exists), or by a process on another host whose
 heartbeat is younger than ``stale_s`` seconds: ``running``; a lock left by a dead holder, or no
 lock at all on a stage that started: ``interrupted`` (killed, preempted or waiting to resume), at
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from harness.fsutil import STAGE_LOCK, lock_holder_alive, read_lock
-from harness.records import Record, load_records
+from harness.core.fsutil import STAGE_LOCK, lock_holder_alive, read_lock
+from harness.core.records import Record, load_records
 
 PROGRESS = re.compile(r"\b(step|epoch) (\d+)/(\d+)")
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT[\d:.]+\+00:00) ")

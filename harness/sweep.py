@@ -27,7 +27,7 @@ each config as it would run the file without the block.
 :func:`load_config_or_sweep` is the one loader of ``mimbench validate``, ``run``, ``plan`` and
 ``status``: a file with a ``sweep:`` block becomes :func:`sweep_rows`, which expands and validates
 every row up front (a bad row rejects the sweep before anything runs) and checks that the rows
-share one suite directory; each row's records carry a :class:`harness.records.SweepInfo` (sweep
+share one suite directory; each row's records carry a :class:`harness.core.records.SweepInfo` (sweep
 name, table, row index, tags), from which :mod:`harness.ablation` rebuilds the table.
 """
 
@@ -44,7 +44,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from harness.config import (
+import downstream  # noqa: F401  (registers every task and its config schema)
+from harness.core.config import (
     CONFIG_KINDS,
     ConfigError,
     StrictModel,
@@ -55,8 +56,8 @@ from harness.config import (
     to_plain,
     validate_config,
 )
-from harness.records import SweepInfo
-from harness.registry import did_you_mean
+from harness.core.records import SweepInfo
+from harness.core.registry import did_you_mean
 
 SWEEP_KEYS = ("name", "table", "description", "mode", "prefix", "axes", "names")
 
@@ -418,6 +419,6 @@ def _task_model(entry: Any) -> type[BaseModel] | None:
     name = entry.get("name") if isinstance(entry, dict) else entry
     if not isinstance(name, str):
         return None
-    from harness.config import task_config_classes
+    from harness.core.config import task_config_classes
 
     return task_config_classes().get(name)

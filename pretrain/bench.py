@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from harness.bench import peak_mb, sync, time_step
-from harness.config import EncoderConfig, RecipeConfig
+from harness.core.config import EncoderConfig, RecipeConfig
 
 # recipe label -> (encoder preset, recipe overrides)
 BENCH_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {

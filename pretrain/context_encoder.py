@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from harness.config import EncoderConfig, HeadConfig
-from harness.errors import CheckpointError
+from harness.core.config import EncoderConfig, HeadConfig
+from harness.core.errors import CheckpointError
 from pretrain.encoder import ViTEncoder
 from pretrain.heads import HEADS, map_to_patches, tokens_to_map, upsample_factor
 from pretrain.targets import patchify
@@ -127,7 +127,7 @@ class ConvEncoder(nn.Module):
 
     def save_timm(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
         """Write ``{'state_dict', 'mimbench'}`` like the ViT files (not a timm model: no timm keys)."""
-        from harness.fsutil import atomic_torch_save
+        from harness.core.fsutil import atomic_torch_save
 
         payload = {
             "state_dict": self.timm_state_dict(),

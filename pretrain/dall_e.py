@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import TokenizerConfig
-from harness.errors import CheckpointError
+from harness.core.config import TokenizerConfig
+from harness.core.errors import CheckpointError
 from pretrain.targets import to_unit
 from pretrain.tokenizers import TOKENIZERS, Tokenizer
 

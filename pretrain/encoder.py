@@ -25,8 +25,8 @@ import timm
 import torch
 from torch import nn
 
-from harness.config import ENCODER_PRESETS, EncoderConfig
-from harness.errors import CheckpointError
+from harness.core.config import ENCODER_PRESETS, EncoderConfig
+from harness.core.errors import CheckpointError
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
@@ -304,7 +304,7 @@ class ViTEncoder(nn.Module):
         ``timm.create_model(self.cfg.timm_name, num_classes=0, checkpoint_path=path, **kw)``
         loads it (timm reads the ``state_dict`` entry). Only tensors and plain types are stored.
         """
-        from harness.fsutil import atomic_torch_save
+        from harness.core.fsutil import atomic_torch_save
 
         payload = {
             "state_dict": self.timm_state_dict(),

@@ -11,7 +11,7 @@
 * Recipes whose target needs fitting first (BEiT's tokenizers trained here) fit it at the start
   of a fresh run on seeded training images (``model.prepare``); the fitted tokenizer lives in the
   model's state, so a resumed run restores it from the checkpoint.
-* Data parallel under ``torchrun`` (:mod:`harness.distributed`): ``train.batch_size`` is the
+* Data parallel under ``torchrun`` (:mod:`harness.core.distributed`): ``train.batch_size`` is the
   global batch; each rank takes its disjoint slice of the same seeded global order and of the
   masks generated for the whole global batch, the model is wrapped in DistributedDataParallel
   (gradients averaged over equal slices = the gradient of the global mean loss), the logged loss
@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from harness import distributed
-from harness.config import ConfigError, PretrainConfig, dump_config, to_plain
-from harness.data.datasets import (
+from harness.core import distributed
+from harness.core.config import ConfigError, PretrainConfig, dump_config, to_plain
+from harness.core.data.datasets import (
     DatasetError,
     SeededDataset,
     SkipTally,
@@ -49,9 +49,9 @@ from harness.data.datasets import (
     pretrain_transform,
     resolve_imagefolder_root,
 )
-from harness.errors import CheckpointError
-from harness.fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, config_hash
-from harness.tracking import ScalarLogger, progress
+from harness.core.errors import CheckpointError
+from harness.core.fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, config_hash
+from harness.core.tracking import ScalarLogger, progress
 from pretrain.model import MIMModel, create_model
 
 CHECKPOINT = "checkpoint.pth"
@@ -229,7 +229,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
     plain = to_plain(cfg)
     chash = config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
     t = cfg.train
-    # data parallel when launched by torchrun (harness.distributed.init_from_env was called)
+    # data parallel when launched by torchrun (harness.core.distributed.init_from_env was called)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     is_main = rank == 0
     local_batch = local_batch_size(t.batch_size, world)
@@ -495,7 +495,7 @@ def save_reconstruction_grid(
     Images come evenly spaced from the val split, unreadable files skipped; without a readable
     val image there is no picture (None), the run's outputs are kept.
     """
-    from harness.fsutil import atomic_write_bytes
+    from harness.core.fsutil import atomic_write_bytes
     from pretrain.viz import render_recon_grid
 
     img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]

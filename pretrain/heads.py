@@ -23,8 +23,8 @@ import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
-from harness.config import HeadConfig
-from harness.registry import Registry
+from harness.core.config import HeadConfig
+from harness.core.registry import Registry
 
 HEADS: Registry[type[nn.Module]] = Registry("head")
 

@@ -7,7 +7,7 @@ fixed 2-D sin-cos position embedding, and predicts the pixels of every patch. Th
 MSE on per-patch normalized pixels (``norm_pix_loss``), averaged over masked patches only
 (Sec. 3, Table 1).
 
-Paper defaults (see :data:`harness.config.RECIPE_DEFAULTS`): mask ratio 0.75, decoder of 8
+Paper defaults (see :data:`harness.core.config.RECIPE_DEFAULTS`): mask ratio 0.75, decoder of 8
 blocks x 512 wide (16 heads) for ViT-B/L, AdamW base lr 1.5e-4 per 256, weight decay 0.05,
 betas (0.9, 0.95), 40 warmup epochs, RandomResizedCrop scale [0.2, 1].
 """
@@ -18,7 +18,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from harness.config import HeadConfig
+from harness.core.config import HeadConfig
 from pretrain.encoder import sincos_pos_embed_2d
 from pretrain.heads import HEADS
 

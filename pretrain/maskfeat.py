@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from harness.config import HOGConfig, TargetConfig
+from harness.core.config import HOGConfig, TargetConfig
 from pretrain.targets import TARGETS, Target, TargetOut
 
 HOG_EPS = 1e-5  # scikit-image's block-normalization epsilon

@@ -26,7 +26,7 @@ of the generator state. ``block``, ``random_blocks`` and ``random_region`` hit t
 when BEiT's rejection loop stops short, the block mask grows by random neighbouring units, and
 the last random block is cut to the count.
 
-The unit grid and the count come from :func:`harness.config.plan_masking`, the same rule that
+The unit grid and the count come from :func:`harness.core.config.plan_masking`, the same rule that
 config validation applies: a unit that is not whole patches tiling the image, or a count that
 masks every unit or none, is an error (with the numbers), never clamped.
 """
@@ -39,8 +39,8 @@ import random
 import numpy as np
 import torch
 
-from harness.config import MaskingConfig, plan_masking
-from harness.registry import Registry
+from harness.core.config import MaskingConfig, plan_masking
+from harness.core.registry import Registry
 
 MASKERS: Registry[type[Masker]] = Registry("masking strategy")
 
@@ -49,7 +49,7 @@ class Masker:
     """Base class: builds masks for a ``grid`` of patches of ``patch_size`` pixels.
 
     Raises:
-        ConfigError: From :func:`harness.config.plan_masking`: the units do not fit the grid or
+        ConfigError: From :func:`harness.core.config.plan_masking`: the units do not fit the grid or
             the mask would hide every patch or none.
     """
 

@@ -30,7 +30,7 @@ import pretrain.context_encoder as ce
 import pretrain.mae  # noqa: F401
 import pretrain.maskfeat  # noqa: F401
 import pretrain.simmim  # noqa: F401
-from harness.config import EncoderConfig, RecipeConfig
+from harness.core.config import EncoderConfig, RecipeConfig
 from pretrain.encoder import create_encoder
 from pretrain.heads import HEADS
 from pretrain.masking import Masker, create_masker, mask_to_indices

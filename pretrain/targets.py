@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import LossConfig, TargetConfig
-from harness.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from harness.registry import Registry
+from harness.core.config import LossConfig, TargetConfig
+from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from harness.core.registry import Registry
 
 TARGETS: Registry[type[Target]] = Registry("target")
 

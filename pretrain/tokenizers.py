@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import TokenizerConfig
-from harness.registry import Registry
+from harness.core.config import TokenizerConfig
+from harness.core.registry import Registry
 from pretrain.targets import patchify, to_unit, unpatchify
 
 TOKENIZERS: Registry[type[Tokenizer]] = Registry("tokenizer")

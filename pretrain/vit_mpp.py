@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.config import MaskingConfig, TargetConfig
+from harness.core.config import MaskingConfig, TargetConfig
 from pretrain.targets import TARGETS, Target, TargetOut, patchify, to_unit, unpatchify
 
 

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from harness.config import (
+from harness.core.config import (
     ENCODER_PRESETS,
     ConfigError,
     EncoderConfig,
     MaskingConfig,
     plan_masking,
 )
-from harness.registry import did_you_mean
+from harness.core.registry import did_you_mean
 from pretrain.masking import MASKERS, create_masker
 
 PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
@@ -174,7 +174,7 @@ def save_mask_picture(path: str | Path, **kwargs) -> Path:
     Raises:
         ConfigError: Bad arguments (see :func:`check_mask_args`), checked before drawing.
     """
-    from harness.fsutil import atomic_write_bytes
+    from harness.core.fsutil import atomic_write_bytes
 
     check_mask_args(**kwargs)
     img = render_masks(mask_rows(**kwargs))

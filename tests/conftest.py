@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+import downstream  # noqa: F401  (registers the tasks, as the CLI does, for tests that validate suites)
+
 torch.set_num_threads(2)
 
 

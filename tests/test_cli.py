@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.records import load_records
+from harness.core.records import load_records
 
 
 def _suite(data, out):

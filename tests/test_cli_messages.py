@@ -131,7 +131,7 @@ def test_top_level_help_lists_every_command(capsys):
 def test_eval_help_lists_every_task_alias_format_and_preset(capsys):
     from downstream.base import TASK_ALIASES, all_tasks
     from downstream.checkpoints import FAMILIES
-    from harness.config import ENCODER_PRESETS
+    from harness.core.config import ENCODER_PRESETS
 
     text = _help(capsys, "eval")
     tasks = sorted(all_tasks())
@@ -154,7 +154,7 @@ def test_eval_accepts_every_alias_and_task_name():
 def test_other_help_texts_list_their_registries(capsys):
     from downstream.checkpoints import EXPORT_FORMATS, FAMILIES
     from harness.bench import all_targets
-    from harness.config import ENCODER_PRESETS, RECIPE_DEFAULTS
+    from harness.core.config import ENCODER_PRESETS, RECIPE_DEFAULTS
     from pretrain.masking import MASKERS
 
     presets = ", ".join(ENCODER_PRESETS)
@@ -189,7 +189,14 @@ def test_report_help_names_every_file_report_writes(tmp_path, capsys):
 
 def _sweep_records(tmp_path: Path) -> Path:
     """Records of a two-row, two-seed sweep, written by hand (no training)."""
-    from harness.records import EncoderInfo, MetricInfo, Record, SweepInfo, TaskInfo, write_record
+    from harness.core.records import (
+        EncoderInfo,
+        MetricInfo,
+        Record,
+        SweepInfo,
+        TaskInfo,
+        write_record,
+    )
 
     out = tmp_path / "records"
     for row, depth in enumerate((1, 2)):
@@ -248,7 +255,7 @@ def test_set_examples_in_help_work_for_their_command(command, tmp_path, capsys):
 def test_eval_set_examples_apply_to_the_eval_suite(capsys):
     """eval's examples: a bare key is the task's option, a suite key keeps its place."""
     from harness.cli import eval_overrides
-    from harness.config import apply_overrides, to_plain, validate_config
+    from harness.core.config import apply_overrides, to_plain, validate_config
 
     examples = _examples(_help(capsys, "eval"))
     assert examples == _examples(SET_EXAMPLES["eval"])

@@ -33,7 +33,7 @@ def bench(
 
     Args:
         task: ``detection`` or ``segmentation``.
-        arch: Encoder preset (:data:`harness.config.ENCODER_PRESETS`).
+        arch: Encoder preset (:data:`harness.core.config.ENCODER_PRESETS`).
         iters: Training iterations (at least 2; the first is not timed).
         batch_size: Images per iteration; default 1 for detection, 2 for segmentation (whose
             UperNet has BatchNorm after a 1 x 1 pooling branch: one image cannot train it).
@@ -49,8 +49,8 @@ def bench(
     """
     import torch
 
-    from harness.config import EncoderConfig
-    from harness.data.shapes import ShapesSpec, ensure_shapes
+    from harness.core.config import EncoderConfig
+    from harness.core.data.shapes import ShapesSpec, ensure_shapes
 
     from . import common
 

@@ -39,7 +39,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import LOOPS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, TRANSFORMS
 from mmengine.runner import IterBasedTrainLoop, Runner
 
-from harness.data.datasets import DatasetError
+from harness.core.data.datasets import DatasetError
 
 from .vit_dense import LayerNorm2d
 

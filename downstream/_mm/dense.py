@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from harness.config import ConfigError
-from harness.fsutil import config_hash, sha256_file
+from harness.core.config import ConfigError
+from harness.core.fsutil import config_hash, sha256_file
 from pretrain.encoder import ViTEncoder
 
 from ..base import TaskContext

@@ -19,7 +19,7 @@ from mmseg.datasets.transforms import LoadAnnotations
 from mmseg.models.backbones import SwinTransformer
 from mmseg.registry import MODELS, TRANSFORMS
 
-from harness.data.datasets import DatasetError
+from harness.core.data.datasets import DatasetError
 
 from . import common  # noqa: F401  (registers the LLRD constructor and the image loader)
 from .swin_dense import MimSwinMixin

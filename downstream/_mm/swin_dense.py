@@ -30,8 +30,8 @@ from downstream.swin_keys import (
     resize_bias_table,
     timm_to_mm_swin,
 )
-from harness.config import ConfigError, EncoderConfig
-from harness.errors import CheckpointError
+from harness.core.config import ConfigError, EncoderConfig
+from harness.core.errors import CheckpointError
 
 __all__ = [
     "MimSwinMixin",

@@ -146,7 +146,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: The file cannot be loaded weights-only, or holds no state dict.
     """
-    from harness.errors import CheckpointError
+    from harness.core.errors import CheckpointError
 
     path = Path(path)
     try:
@@ -176,7 +176,7 @@ class DenseViT(nn.Module):
     """Our ViT encoder as a dense backbone returning ``[B, D, H/p, W/p]`` maps.
 
     Args:
-        encoder: :class:`~harness.config.EncoderConfig` fields (the pretraining architecture).
+        encoder: :class:`~harness.core.config.EncoderConfig` fields (the pretraining architecture).
         out_indices: Blocks (0-based, negatives count from the end) whose outputs are returned.
         img_size: Training input side, for the size of the global blocks' relative tables.
         window_size: Window side in tokens; 0 means global attention everywhere.
@@ -200,7 +200,7 @@ class DenseViT(nn.Module):
         init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        from harness.config import EncoderConfig
+        from harness.core.config import EncoderConfig
         from pretrain.encoder import ViTEncoder
 
         cfg = EncoderConfig.model_validate({**encoder, "drop_path_rate": drop_path_rate})

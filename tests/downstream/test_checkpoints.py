@@ -21,8 +21,8 @@ from downstream.checkpoints import (
     load_checkpoint,
 )
 from downstream.swin_keys import timm_to_mm_swin
-from harness.config import ENCODER_PRESETS, EncoderConfig
-from harness.errors import CheckpointError
+from harness.core.config import ENCODER_PRESETS, EncoderConfig
+from harness.core.errors import CheckpointError
 from pretrain.encoder import ViTEncoder
 from pretrain.swin import SwinEncoder
 
@@ -434,7 +434,7 @@ def test_mmpretrain_swin_layout_is_openmmlabs(swin64):
 
 
 def test_our_pretraining_checkpoint(tmp_path):
-    from harness.config import RecipeConfig
+    from harness.core.config import RecipeConfig
     from pretrain.model import MIMModel
 
     torch.manual_seed(0)
@@ -602,7 +602,7 @@ def test_timm_model_names_build_random_encoders(name, kind):
 
 def test_cli_export_import_and_eval_a_foreign_checkpoint(tiny_imagefolder, tmp_path, capsys):
     from harness.cli import main
-    from harness.records import load_records
+    from harness.core.records import load_records
 
     assert main(["export", "random:vit_micro_32", "--out", str(tmp_path / "exp" / "enc")]) == 0
     out = capsys.readouterr().out
@@ -668,9 +668,9 @@ def test_cli_export_import_and_eval_a_foreign_checkpoint(tiny_imagefolder, tmp_p
 
 
 def test_suite_entry_format_and_allow_partial(tiny_imagefolder, tmp_path):
-    from harness.config import ConfigError, SuiteConfig, validate_config
-    from harness.fsutil import config_hash
-    from harness.records import load_records
+    from harness.core.config import ConfigError, SuiteConfig, validate_config
+    from harness.core.fsutil import config_hash
+    from harness.core.records import load_records
     from harness.runner import obtain_encoder, run_config_for, run_suite
 
     enc = _vit()
@@ -732,8 +732,8 @@ def test_suite_entry_format_and_allow_partial(tiny_imagefolder, tmp_path):
 
 @pytest.mark.slow
 def test_suite_entry_with_a_simmim_checkpoint_and_a_timm_name(tiny_imagefolder, tmp_path):
-    from harness.config import SuiteConfig
-    from harness.records import load_records
+    from harness.core.config import SuiteConfig
+    from harness.core.records import load_records
     from harness.runner import run_suite
 
     src = _save(simmim_vit_layout(_beit(shared=True)), tmp_path / "simmim.pth")
@@ -782,7 +782,7 @@ def _heads(enc: torch.nn.Module) -> int:
 
 def _pretrain_tiny(data, out):
     """A vit_tiny_32 SimMIM pretraining by the engine (2 steps): its stage directory."""
-    from harness.config import PretrainConfig
+    from harness.core.config import PretrainConfig
     from pretrain.engine import pretrain
 
     cfg = PretrainConfig(
@@ -906,7 +906,7 @@ def _save_timm(enc, path):
 
 
 def test_record_names_the_architecture_that_ran(tiny_imagefolder, tmp_path):
-    from harness.config import SuiteConfig, validate_config
+    from harness.core.config import SuiteConfig, validate_config
     from harness.runner import obtain_encoder, pretrain_config_for, pretrain_stage_dir
     from pretrain.engine import ENCODER, SUMMARY
 
@@ -956,7 +956,7 @@ def test_import_and_export_never_overwrite_what_the_user_has(tmp_path, capsys):
     import os
 
     from harness.cli import main
-    from harness.config import RecipeConfig
+    from harness.core.config import RecipeConfig
     from pretrain.model import MIMModel
 
     torch.manual_seed(0)

@@ -20,9 +20,9 @@ from downstream._mm.vit_dense import (
     window_partition,
     window_unpartition,
 )
-from harness.config import DataConfig, EncoderConfig
-from harness.data.datasets import DatasetError
-from harness.data.shapes import CLASSES, ShapesSpec, ensure_shapes
+from harness.core.config import DataConfig, EncoderConfig
+from harness.core.data.datasets import DatasetError
+from harness.core.data.shapes import CLASSES, ShapesSpec, ensure_shapes
 
 MICRO = {"arch": "vit_micro_32"}  # patch 8, width 32, depth 2, 2 heads
 SPEC = ShapesSpec(image_size=8, train_per_class=2, val_per_class=1, scene_size=96,

@@ -14,7 +14,7 @@ from downstream.finetune import (
     resolve_settings,
     set_drop_path,
 )
-from harness.config import DataConfig, EncoderConfig
+from harness.core.config import DataConfig, EncoderConfig
 from pretrain.encoder import ViTEncoder
 
 TINY = dict(epochs=2, warmup_epochs=1, batch_size=8, micro_batch_size=4, log_every_steps=1)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from downstream.base import TaskContext, get_task
 from downstream.knn import KNNConfig, knn_predict
 from downstream.linear_probe import LinearProbeConfig
-from harness.config import DataConfig, EncoderConfig
-from harness.data.datasets import DatasetError
+from harness.core.config import DataConfig, EncoderConfig
+from harness.core.data.datasets import DatasetError
 from pretrain.encoder import ViTEncoder
 
 
@@ -71,7 +71,7 @@ def test_knn_task_reuses_the_probe_cache(tiny_imagefolder, tmp_path):
 
 
 def test_knn_reads_a_float16_cache_the_probe_wrote(tiny_imagefolder, tmp_path):
-    from harness.config import hashed_dump
+    from harness.core.config import hashed_dump
 
     torch.manual_seed(0)
     enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
@@ -131,7 +131,7 @@ def test_swin_needs_avg_pooling(tiny_imagefolder, tmp_path):
 
 def test_cli_strict_flag_makes_unreadable_images_fatal(tiny_imagefolder, tmp_path):
     from harness.cli import main
-    from harness.records import load_records
+    from harness.core.records import load_records
 
     (tiny_imagefolder / "train" / "class2" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     args = [
@@ -266,7 +266,7 @@ def test_a_single_class_is_an_error_for_classification(
         for c in ("class1", "class2"):
             shutil.rmtree(tiny_imagefolder / split / c)
     enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
-    from harness.config import parse_task_config
+    from harness.core.config import parse_task_config
 
     cfg = parse_task_config({"name": task})
     with pytest.raises(DatasetError, match=r"train has 1 class folder\(s\) \(class0\)"):

@@ -12,7 +12,7 @@ from downstream.linear_probe import (
     topk_accuracy,
     train_heads,
 )
-from harness.config import DataConfig, EncoderConfig
+from harness.core.config import DataConfig, EncoderConfig
 from pretrain.encoder import ViTEncoder
 
 
@@ -243,7 +243,7 @@ def test_faithful_probe_runs_and_resumes(tiny_imagefolder, tmp_path):
 
 def test_faithful_batch_larger_than_data_says_what_to_do(tiny_imagefolder, tmp_path):
     from downstream.linear_probe import LinearProbeFaithfulConfig
-    from harness.config import ConfigError
+    from harness.core.config import ConfigError
 
     enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
     with pytest.raises(ConfigError, match="fewer than one batch of 16384"):

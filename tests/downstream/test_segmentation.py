@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from downstream._mm.vit_dense import MultiLevelNeck, default_out_indices
-from harness.config import DataConfig, EncoderConfig
-from harness.data.datasets import DatasetError
-from harness.data.shapes import CLASSES, ShapesSpec, ensure_shapes
+from harness.core.config import DataConfig, EncoderConfig
+from harness.core.data.datasets import DatasetError
+from harness.core.data.shapes import CLASSES, ShapesSpec, ensure_shapes
 
 MICRO = {"arch": "vit_micro_32"}
 SPEC = ShapesSpec(image_size=8, train_per_class=2, val_per_class=1, scene_size=96,

@@ -17,9 +17,9 @@ from downstream._mm.swin_dense import (
     resize_bias_table,
     timm_to_mm_swin,
 )
-from harness.config import ENCODER_PRESETS, ConfigError, DataConfig, EncoderConfig
-from harness.data.shapes import ShapesSpec, ensure_shapes
-from harness.errors import CheckpointError
+from harness.core.config import ENCODER_PRESETS, ConfigError, DataConfig, EncoderConfig
+from harness.core.data.shapes import ShapesSpec, ensure_shapes
+from harness.core.errors import CheckpointError
 
 # 4 stages of 2 blocks (a shifted block in each), window 2 < every stage's grid at 128 px
 # (32, 16, 8, 4), so neither timm nor OpenMMLab shrinks, pads or unshifts a window

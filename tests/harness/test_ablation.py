@@ -23,7 +23,7 @@ from harness.ablation import (
     load_published,
     write_ablation_reports,
 )
-from harness.records import (
+from harness.core.records import (
     EncoderInfo,
     ErrorInfo,
     MetricInfo,

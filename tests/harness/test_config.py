@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.config import (
+from harness.core.config import (
     RECIPE_DEFAULTS,
     ConfigError,
     PretrainConfig,
@@ -18,7 +18,7 @@ from harness.config import (
     load_config,
     validate_config,
 )
-from harness.registry import Registry, UnknownNameError
+from harness.core.registry import Registry, UnknownNameError
 
 SUITE = {
     "kind": "suite",
@@ -230,7 +230,7 @@ def test_masker_counts_are_the_validated_counts_never_clamped():
     silently raised to 1 unit: 25 % instead of the 10 % asked for)."""
     import torch
 
-    from harness.config import MaskingConfig, plan_masking
+    from harness.core.config import MaskingConfig, plan_masking
     from pretrain.masking import create_masker
 
     with pytest.raises(ConfigError, match=r"round\(0.1 x 4\) = 0"):

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from harness.config import DataConfig
-from harness.data.datasets import DatasetError, imagefolder_checked, resolve_imagefolder_root
+from harness.core.config import DataConfig
+from harness.core.data.datasets import DatasetError, imagefolder_checked, resolve_imagefolder_root
 
 
 def _resolve(path):
@@ -78,7 +78,7 @@ def test_a_single_class_is_refused_for_classification_and_named(tiny_imagefolder
 def test_skip_tally_counts_names_once_and_refuses_a_split_of_unreadable_files(tiny_imagefolder):
     import torch
 
-    from harness.data.datasets import SkipTally, collate_skipping
+    from harness.core.data.datasets import SkipTally, collate_skipping
 
     root = tiny_imagefolder
     (root / "val" / "class1" / "1.png").write_bytes(b"junk")

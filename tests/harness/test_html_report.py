@@ -132,7 +132,7 @@ def _pretrained(recipe=None, **kw):
 
 
 def test_report_from_another_directory_keeps_the_run_s_pictures(tmp_path, monkeypatch):
-    from harness.records import write_record
+    from harness.core.records import write_record
     from harness.report import write_report
 
     run_dir, other = tmp_path / "run", tmp_path / "other"
@@ -148,7 +148,7 @@ def test_report_from_another_directory_keeps_the_run_s_pictures(tmp_path, monkey
 
 
 def test_old_relative_paths_resolve_against_the_record_not_the_reader(tmp_path, monkeypatch):
-    from harness.fsutil import atomic_write_json
+    from harness.core.fsutil import atomic_write_json
     from harness.report import write_report
 
     run_dir, other = tmp_path / "run", tmp_path / "other"
@@ -190,7 +190,7 @@ def test_html_shows_units_spread_seeds_and_origin():
 
 
 def test_unit_from_metric_info_wins():
-    from harness.records import MetricInfo
+    from harness.core.records import MetricInfo
 
     rec = record("mae", 0, {"top1": 50.0})
     rec.metric_info["top1"] = MetricInfo(higher_is_better=True, unit="pts")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import validate_config
+from harness.core.config import validate_config
+from harness.core.records import load_records
 from harness.launch import SlurmOptions, launch_submitit
-from harness.records import load_records
 from harness.runner import StageFilter, run_suite
 
 

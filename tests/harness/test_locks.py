@@ -15,15 +15,15 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import to_plain, validate_config
-from harness.fsutil import LockHeldError, read_lock, stage_lock
-from harness.records import load_records
+from harness.core.config import to_plain, validate_config
+from harness.core.fsutil import LockHeldError, read_lock, stage_lock
+from harness.core.records import load_records
 from harness.runner import StageFilter, run_suite, suite_dir, suite_lock_path
 
 REPO = Path(__file__).resolve().parents[2]
 HOLD = (
     "import sys, time\n"
-    "from harness.fsutil import stage_lock\n"
+    "from harness.core.fsutil import stage_lock\n"
     "with stage_lock(sys.argv[1], 'test'):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(120)\n"

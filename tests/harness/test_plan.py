@@ -12,9 +12,9 @@ import sys
 import yaml
 
 from harness.cli import main
-from harness.config import validate_config
+from harness.core.config import validate_config
+from harness.core.records import load_records
 from harness.plan import plan_suite
-from harness.records import load_records
 from harness.runner import suite_dir
 
 

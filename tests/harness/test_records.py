@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from harness import fsutil
-from harness.fsutil import atomic_write_json, atomic_write_text, config_hash, sha256_file
-from harness.provenance import collect_provenance, git_state
-from harness.records import (
+from harness.core import fsutil
+from harness.core.fsutil import atomic_write_json, atomic_write_text, config_hash, sha256_file
+from harness.core.provenance import collect_provenance, git_state
+from harness.core.records import (
     EncoderInfo,
     ErrorInfo,
     MetricInfo,

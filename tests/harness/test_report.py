@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.records import (
+from harness.core.records import (
     EncoderInfo,
     ErrorInfo,
     MetricInfo,
@@ -320,7 +320,7 @@ def run_record(
     status: str = "ok",
 ) -> Record:
     """A record as the runner writes it: config from run_config_for of a real suite."""
-    from harness.config import validate_config
+    from harness.core.config import validate_config
     from harness.runner import run_config_for
 
     entry: dict[str, Any] = {"name": name}
@@ -358,7 +358,7 @@ def run_record(
 
 def _write_all(records: list[Record], directory: Path) -> list[Record]:
     """Writes the records as files and reads them back as a report would."""
-    from harness.records import load_records
+    from harness.core.records import load_records
 
     for rec in records:
         write_record(rec, directory)

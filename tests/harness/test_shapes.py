@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic "shapes" dataset (harness/data/shapes.py)."""
+"""Tests of the embedded synthetic "shapes" dataset (harness/core/data/shapes.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.data import shapes
-from harness.data.shapes import (
+from harness.core.data import shapes
+from harness.core.data.shapes import (
     CLASSES,
     GENERATOR_VERSION,
     ShapesSpec,

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.cli import main
-from harness.records import EncoderInfo, ErrorInfo, MetricInfo, Record, TaskInfo, write_record
+from harness.core.records import EncoderInfo, ErrorInfo, MetricInfo, Record, TaskInfo, write_record
 from harness.status import format_status, stage_status
 
 

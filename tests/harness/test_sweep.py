@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.config import validate_config
+from harness.core.config import validate_config
 from harness.sweep import SweepError, expand_sweep, load_sweep, variant_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -331,7 +331,7 @@ def test_run_a_sweep_end_to_end_then_report_the_ablation_table(tmp_path, capsys)
     import time
 
     from harness.cli import main
-    from harness.records import load_records
+    from harness.core.records import load_records
 
     out = tmp_path / "runs"
     sweep = _write(tmp_path, _tiny_sweep(
@@ -386,7 +386,7 @@ def test_sweep_through_submitit_local_matches_inprocess(tmp_path, capsys):
     import time
 
     from harness.cli import main
-    from harness.records import load_records
+    from harness.core.records import load_records
 
     # rows 0 and 2 resolve to the same config: one pretraining and one probe serve both
     sweep = _write(tmp_path, _tiny_sweep(
@@ -455,7 +455,7 @@ def test_validate_takes_every_shipped_sweep_and_shows_each_row(path, capsys):
     """``mimbench validate`` loads a sweep file as run / plan do: the resolved base config (the
     output is YAML), then each row's label and every resolved key it changes."""
     from harness.cli import main
-    from harness.config import to_plain
+    from harness.core.config import to_plain
 
     assert main(["validate", str(path)]) == 0
     text = capsys.readouterr().out

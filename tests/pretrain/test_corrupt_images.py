@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from harness.config import DataConfig, PretrainConfig, to_plain
-from harness.data.datasets import DatasetError
-from harness.fsutil import config_hash
+from harness.core.config import DataConfig, PretrainConfig, to_plain
+from harness.core.data.datasets import DatasetError
+from harness.core.fsutil import config_hash
 from pretrain.engine import SUMMARY, _epoch_order, pretrain
 
 

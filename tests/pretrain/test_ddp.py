@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import distributed
-from harness.config import ConfigError, PretrainConfig
+from harness.core import distributed
+from harness.core.config import ConfigError, PretrainConfig
 from harness.launch import TorchrunOptions, torchrun_command
 from pretrain.engine import local_batch_size
 
@@ -211,7 +211,7 @@ def test_run_suite_with_the_torchrun_launcher(tiny_imagefolder, tmp_path):
 
 def _state_init(recipe: str) -> dict[str, torch.Tensor]:
     """The encoder weights before training (the engine seeds torch with the config's seed)."""
-    from harness.config import EncoderConfig, RecipeConfig
+    from harness.core.config import EncoderConfig, RecipeConfig
     from pretrain.model import create_model
 
     raw = _cfg(".", recipe)
@@ -247,7 +247,7 @@ def test_helpers_are_single_process_noops(monkeypatch):
 
 
 def test_env_errors_name_the_fix(monkeypatch):
-    from harness.errors import UserError
+    from harness.core.errors import UserError
 
     for k in distributed.ENV_VARS:
         monkeypatch.delenv(k, raising=False)
@@ -285,7 +285,7 @@ def test_torchrun_command_single_and_multi_node():
     assert {"--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29600"} <= set(
         cmd
     )
-    from harness.errors import UserError
+    from harness.core.errors import UserError
 
     with pytest.raises(UserError, match="needs --master-addr"):
         torchrun_command([], TorchrunOptions(2, nnodes=2))

@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 
-from harness.config import EncoderConfig
-from harness.errors import CheckpointError
+from harness.core.config import EncoderConfig
+from harness.core.errors import CheckpointError
 from pretrain.encoder import (
     ViTEncoder,
     arch_label,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import PretrainConfig
+from harness.core.config import PretrainConfig
 from pretrain.engine import ENCODER, lr_at, param_groups, pretrain
 from pretrain.model import MIMModel
 
@@ -34,7 +34,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_no_weight_decay_on_biases_norms_embeddings_tokens():
-    from harness.config import EncoderConfig, RecipeConfig
+    from harness.core.config import EncoderConfig, RecipeConfig
 
     model = MIMModel(EncoderConfig(arch="vit_micro_32"), RecipeConfig(name="mae", head={"depth": 1, "dim": 32, "num_heads": 2}))
     decay, no_decay = param_groups(model, 0.05)
@@ -95,7 +95,7 @@ def test_outputs_and_loss_goes_down_on_a_fixed_batch(tiny_imagefolder, tmp_path)
     assert [e.step for e in tb] == [h["step"] for h in curve] == list(range(1, 7))
     assert [e.value for e in tb] == pytest.approx([h["loss"] for h in curve], rel=1e-6)
     # the same model optimized on one fixed batch drives the loss down
-    from harness.config import EncoderConfig, RecipeConfig
+    from harness.core.config import EncoderConfig, RecipeConfig
 
     for name in ("simmim", "mae"):
         torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_outputs_and_loss_goes_down_on_a_fixed_batch(tiny_imagefolder, tmp_path)
 
 
 def test_resume_refuses_a_different_config(tiny_imagefolder, tmp_path):
-    from harness.errors import CheckpointError
+    from harness.core.errors import CheckpointError
 
     pretrain(_cfg(tiny_imagefolder, max_steps=3), tmp_path / "o", log=lambda m: None)
     with pytest.raises(CheckpointError, match="different config"):
@@ -124,8 +124,8 @@ def test_resume_refuses_a_different_config(tiny_imagefolder, tmp_path):
 
 
 def test_missing_dataset_and_tiny_dataset_errors(tmp_path, tiny_imagefolder):
-    from harness.config import ConfigError
-    from harness.data.datasets import DatasetError
+    from harness.core.config import ConfigError
+    from harness.core.data.datasets import DatasetError
 
     with pytest.raises(DatasetError, match="does not exist"):
         pretrain(_cfg(tmp_path / "nowhere"), tmp_path / "o", log=lambda m: None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.config import EncoderConfig, LossConfig, RecipeConfig, TargetConfig
+from harness.core.config import EncoderConfig, LossConfig, RecipeConfig, TargetConfig
 from pretrain.model import MIMModel
 from pretrain.targets import make_target, reconstruction_loss
 

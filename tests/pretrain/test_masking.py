@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from harness.config import MaskingConfig
+from harness.core.config import MaskingConfig
 from pretrain.masking import MASKERS, create_masker, mask_to_indices
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import MaskingConfig
+from harness.core.config import MaskingConfig
 from pretrain.masking import MASKERS, BlockMasker, create_masker
 
 NEW = ["block", "central", "random_blocks", "random_region", "grid"]

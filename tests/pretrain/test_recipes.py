@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from harness.config import ConfigError, EncoderConfig, PretrainConfig, RecipeConfig
+from harness.core.config import ConfigError, EncoderConfig, PretrainConfig, RecipeConfig
 from pretrain.context_encoder import Discriminator, adversarial_losses
 from pretrain.encoder import create_encoder, load_any_encoder_checkpoint
 from pretrain.engine import ENCODER, param_groups, pretrain
@@ -341,7 +341,7 @@ def test_combinations_that_cannot_work_fail_clearly(arch, rec, match):
 )
 def test_recipe_axes_are_checked_when_the_config_is_read(rec, match):
     raw = {"kind": "pretrain", "recipe": rec}
-    from harness.config import validate_config
+    from harness.core.config import validate_config
 
     with pytest.raises(ConfigError, match=match):
         validate_config(raw)
@@ -415,7 +415,7 @@ def test_engine_runs_every_kind_of_recipe_and_resumes(tiny_imagefolder, tmp_path
 def test_shipped_pretrain_configs_validate_and_build():
     from pathlib import Path
 
-    from harness.config import load_config
+    from harness.core.config import load_config
 
     root = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
     paths = sorted(root.glob("*.yaml"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import HOGConfig, LossConfig, TargetConfig, TokenizerConfig
+from harness.core.config import HOGConfig, LossConfig, TargetConfig, TokenizerConfig
 from pretrain.dall_e import DallEEncoder, DallETokenizer, load_dall_e_encoder, map_pixels
 from pretrain.maskfeat import HOGTarget, hog_histograms, hog_to_patches, patches_to_hog
 from pretrain.targets import (

@@ -28,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from harness.errors import UserError
-from harness.registry import did_you_mean
+from harness.core.errors import UserError
+from harness.core.registry import Registry, did_you_mean
 
 
 class ConfigError(UserError, ValueError):
@@ -63,7 +63,7 @@ class StrictModel(BaseModel):
 
 
 class ShapesConfig(StrictModel):
-    """Parameters of the embedded synthetic dataset (see :mod:`harness.data.shapes`)."""
+    """Parameters of the embedded synthetic dataset (see :mod:`harness.core.data.shapes`)."""
 
     image_size: int = Field(32, ge=8)
     train_per_class: int = Field(100, ge=2)
@@ -732,12 +732,15 @@ class TaskConfig(StrictModel):
     name: str
 
 
-def task_config_classes() -> dict[str, type[TaskConfig]]:
-    """Task name -> config class, from the task modules of :mod:`downstream` (imported lazily:
-    each protocol module defines its own config schema next to its code)."""
-    from downstream.base import all_tasks
+#: Task name -> config class. Each task module of :mod:`downstream` registers its own schema next
+#: to its code (``downstream.base.register_task``); this layer never imports the tasks, so whoever
+#: validates a suite imports :mod:`downstream` first (the CLI and the runner do).
+TASK_CONFIGS: Registry[type[TaskConfig]] = Registry("task")
 
-    return {name: task.config_cls for name, task in all_tasks().items()}
+
+def task_config_classes() -> dict[str, type[TaskConfig]]:
+    """Task name -> config class, as registered by the task modules."""
+    return {name: TASK_CONFIGS.get(name) for name in TASK_CONFIGS.names()}
 
 
 def parse_task_config(data: Any) -> TaskConfig:
@@ -750,6 +753,11 @@ def parse_task_config(data: Any) -> TaskConfig:
         raise ValueError("each task needs a 'name', e.g. {name: linear_probe}")
     name = data["name"]
     classes = task_config_classes()
+    if not classes:
+        raise ValueError(
+            "no task is registered: import downstream (it registers every task) before "
+            "validating a suite"
+        )
     if name not in classes:
         hint = did_you_mean(str(name), list(classes))
         raise ValueError(f"unknown task '{name}';{hint} known tasks: {', '.join(sorted(classes))}")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 #: Environment variables torchrun sets for each worker; the first two are required.
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 CLASSES: tuple[str, ...] = (
     "circle",

@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 PathLike = str | os.PathLike[str]
 

@@ -47,7 +47,7 @@ TRACKED_ENV_VARS: tuple[str, ...] = (
 )
 
 _GIT_TIMEOUT_S = 10.0
-_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def collect_provenance(command: list[str] | None = None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any, Literal, NamedTuple, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.fsutil import PathLike, atomic_write_json, config_hash
+from harness.core.fsutil import PathLike, atomic_write_json, config_hash
 
 #: Version of the record schema written by this code. Bump it when a field changes meaning.
 SCHEMA_VERSION = 1

@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from harness.config import DataConfig
-from harness.errors import UserError
+from harness.core.config import DataConfig
+from harness.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,7 +64,7 @@ def resolve_imagefolder_root(data: DataConfig) -> Path:
 def resolve_shapes_root(data: DataConfig) -> Path:
     """Root of the synthetic dataset ``data.shapes`` describes (generated into the cache on
     first use): ``imagefolder/``, ``coco/`` and ``ade20k/`` live under it."""
-    from harness.data.shapes import ShapesSpec, ensure_shapes
+    from harness.core.data.shapes import ShapesSpec, ensure_shapes
 
     return ensure_shapes(ShapesSpec(**data.shapes.model_dump()))
 
