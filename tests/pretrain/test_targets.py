@@ -159,7 +159,7 @@ def test_trained_tokenizers_learn_and_emit_tokens_on_the_patch_grid(cls):
         vocab_size=8,
         hidden=16,
         code_dim=8,
-        train_steps=150,
+        train_steps=300,
         lr=3e-3,
         batch_size=8,
     )
