@@ -49,7 +49,8 @@ def _print_report(records_dir: Path, out_dir: Path) -> None:
     """Load the records once, name each unreadable one once on stderr, write and print the
     leaderboard (the written files also list the skipped records) and the ablation tables."""
     from harness.core.records import RecordScan, announce_skipped, scan_records
-    from harness.report import format_markdown, leaderboard, write_report
+    from harness.leaderboard import leaderboard
+    from harness.report import format_markdown, write_report
 
     scan = scan_records(records_dir) if records_dir.is_dir() else RecordScan([], [])
     announce_skipped(scan.skipped)

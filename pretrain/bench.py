@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from harness.bench import peak_mb, sync, time_step
 from harness.core.config import EncoderConfig, RecipeConfig
+from harness.core.measure import peak_mb, sync, time_step
 
 # recipe label -> (encoder preset, recipe overrides)
 BENCH_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
