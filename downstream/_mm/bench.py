@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.core.config import EncoderConfig
+from harness.core.data.shapes import ShapesSpec, ensure_shapes
+
 
 def bench(
     task: str,
@@ -48,9 +51,6 @@ def bench(
             ``None`` when not counted.
     """
     import torch
-
-    from harness.core.config import EncoderConfig
-    from harness.core.data.shapes import ShapesSpec, ensure_shapes
 
     from . import common
 

@@ -40,6 +40,7 @@ from mmengine.registry import LOOPS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, TRANSFO
 from mmengine.runner import IterBasedTrainLoop, Runner
 
 from harness.core.data.datasets import DatasetError
+from harness.core.measure import count_flops
 
 from .vit_dense import LayerNorm2d
 
@@ -184,8 +185,6 @@ class TrainIterFlopCounter(Hook):
         self.memory: dict[str, float] = {}
 
     def after_train(self, runner: Any) -> None:
-        from harness.core.measure import count_flops
-
         self.memory = peak_memory_mb()
         model = runner.model
         batch = next(iter(runner.train_dataloader))
