@@ -6,8 +6,9 @@ orchestration modules of ``harness`` (3). A module may import its own layer and 
 A project import inside a function is allowed only where it keeps OpenMMLab out of
 ``import downstream`` (the target is ``downstream._mm``) or in CLI dispatch (``harness.cli``).
 
-Run ``python tests/import_graph.py [ROOT]`` to print the figures (imports, function-level
-imports, cycles, violations); ``tests/test_layering.py`` fails on any violation or cycle.
+Run ``python tests/structure.py [ROOT]`` to print the figures (imports, function-level imports,
+cycles, violations, the longest functions and files); ``tests/test_layering.py`` fails on any
+violation or cycle.
 """
 
 from __future__ import annotations
@@ -158,6 +159,34 @@ def cycles(imports: list[Import]) -> list[list[str]]:
     return sorted(out)
 
 
+def longest_functions(root: Path, n: int = 8) -> list[tuple[int, str]]:
+    """The ``n`` longest functions / methods (lines, ``module:qualname``) of the packages."""
+    found: list[tuple[int, str]] = []
+    for module, path in module_files(root).items():
+        tree = ast.parse(path.read_text())
+
+        def visit(node: ast.AST, prefix: str) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    name = f"{prefix}{child.name}"
+                    if not isinstance(child, ast.ClassDef):
+                        length = (child.end_lineno or child.lineno) - child.lineno + 1
+                        found.append((length, f"{module}:{name}"))  # noqa: B023
+                    visit(child, f"{name}.")
+
+        visit(tree, "")
+    return sorted(found, reverse=True)[:n]
+
+
+def largest_files(root: Path, n: int = 8) -> list[tuple[int, str]]:
+    """The ``n`` largest modules (lines, file)."""
+    sizes = [
+        (len(p.read_text().splitlines()), str(p.relative_to(root)))
+        for p in module_files(root).values()
+    ]
+    return sorted(sizes, reverse=True)[:n]
+
+
 def main(root: Path) -> None:
     imports = project_imports(root)
     lazy = [i for i in imports if i.in_function]
@@ -171,6 +200,8 @@ def main(root: Path) -> None:
     print(f"layering violations: {len(bad)}")
     for line in bad:
         print(f"  {line}")
+    print("longest functions: " + ", ".join(f"{name} {n}" for n, name in longest_functions(root)))
+    print("largest files: " + ", ".join(f"{name} {n}" for n, name in largest_files(root)))
 
 
 if __name__ == "__main__":
