@@ -4,9 +4,9 @@ Import reads a file weights-only (:mod:`.reading`), finds the state dict inside 
 detects its format from the keys (or takes ``fmt``), converts the keys to those of one of our
 encoder wrappers (ViT, BEiT, Swin) and loads them strictly (:mod:`.loading`), with the
 architecture recorded in the file or read from the weights (:mod:`.architecture`). Each format
-(mimbench, mimbench_ckpt, timm, mae, beit, simmim, mmpretrain, swin) is one class in
-:mod:`.formats` that says how it is detected, how its keys map and what it assumes; they
-register in :data:`harness.core.config.CHECKPOINT_FORMATS`, the one list the config validates,
+(our encoder files and pretraining checkpoints, timm, MAE, BEiT, SimMIM, mmpretrain, Swin) is one
+class in :mod:`.formats` that says how it is detected, how its keys map and what it assumes;
+they register in :data:`harness.core.config.CHECKPOINT_FORMATS`, the one list the config validates,
 the CLI lists and the loader dispatches on.
 
 Keys that belong to something other than the encoder (MAE's decoder, SimMIM's decoder, BEiT's

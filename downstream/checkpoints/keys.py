@@ -109,7 +109,8 @@ def beit_options_from_keys(state: dict[str, torch.Tensor]) -> dict[str, bool]:
 def convert_plain_swin(
     state: dict[str, torch.Tensor], report: ImportReport
 ) -> dict[str, torch.Tensor]:
-    """timm / Swin-repo Swin keys: drop the classifier head; the mask token to :data:`MASK_TOKEN`."""
+    """timm / Swin-repo Swin keys: drop the classifier head; the mask token goes under
+    :data:`MASK_TOKEN`."""
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         if is_head_key(k):

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from harness.core.config import EncoderConfig
+from pretrain.encoder import arch_label
 
 
 @dataclass
@@ -35,8 +36,6 @@ class ImportReport:
 
     def arch_label(self) -> str:
         """The imported architecture as records name it (``beit:`` for the BEiT wrapper)."""
-        from pretrain.encoder import arch_label
-
         label = arch_label(EncoderConfig.model_validate(self.encoder))
         return f"beit:{label}" if self.target == "beit" else label
 

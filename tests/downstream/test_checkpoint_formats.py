@@ -31,6 +31,7 @@ from checkpoint_layouts import (
 
 from downstream.checkpoints import CheckpointFormat, detect_family, load_checkpoint
 from downstream.checkpoints.formats.base import Converted, register_format
+from downstream.checkpoints.keys import convert_vit_like
 from harness.core.config import (
     CHECKPOINT_FORMATS,
     EncoderConfig,
@@ -156,7 +157,8 @@ def test_format_is_detected_imported_and_computes_the_source_features(fmt, tmp_p
         ref = _features(source)
         out = _features(got)
         assert out.shape == ref.shape
-        assert torch.allclose(out, ref, rtol=0, atol=1e-5), (synth.__name__, (out - ref).abs().max())
+        err = float((out - ref).abs().max())
+        assert torch.allclose(out, ref, rtol=0, atol=1e-5), (synth.__name__, err)
         forced, rep = load_checkpoint(path, fmt=fmt, **kwargs)  # the same, named
         assert rep.family == fmt and torch.allclose(_features(forced), ref, rtol=0, atol=1e-5)
 
@@ -174,8 +176,6 @@ class _PrefixedTimm(CheckpointFormat):
         return any(k.startswith("trunk.") for k in state)
 
     def convert(self, state, report, meta) -> Converted:  # type: ignore[no-untyped-def]
-        from downstream.checkpoints.keys import convert_vit_like
-
         return "vit", convert_vit_like({re.sub(r"^trunk\.", "", k): v for k, v in state.items()},
                                        report)
 

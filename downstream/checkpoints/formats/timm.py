@@ -1,4 +1,5 @@
-"""``timm``: a timm ``VisionTransformer`` state dict (DeiT's, DINO's, a hub ``model.safetensors``)."""
+"""``timm``: a timm ``VisionTransformer`` state dict (DeiT's, DINO's, a hub
+``model.safetensors``)."""
 
 from __future__ import annotations
 
