@@ -474,10 +474,10 @@ def _task_help() -> str:
 
 
 def _format_help(default: str) -> str:
-    from harness.core.config import CHECKPOINT_FORMATS
+    from harness.core.config import checkpoint_format_names
 
     return (f"checkpoint family: auto (detect from the keys; default {default}) or one of "
-            f"{', '.join(CHECKPOINT_FORMATS)}")
+            f"{', '.join(checkpoint_format_names())}")
 
 
 def _export_formats_help() -> str:
