@@ -683,9 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: OS errors about a path the user gave (missing, a directory, not writable): one message, exit 2.
-USER_OS_ERRORS: tuple[type[OSError], ...] = (
-    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+#: User errors, and OS errors about a path the user gave (missing, a directory, not writable):
+#: one message, exit 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
 )
 
 
@@ -705,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             except SystemExit as exc:  # --help, --version
                 return int(exc.code or 0)
         return int(args.func(args))
-    except (UserError, *USER_OS_ERRORS) as exc:
+    except USER_ERRORS as exc:
         print(f"mimbench: error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # a schema built from command-line values
