@@ -4,4 +4,11 @@ Importing the package registers every task (and its config schema) so that a sui
 validated; task modules keep heavy dependencies (mmdet, mmseg, mmcv) inside ``run``.
 """
 
-from downstream import detection, finetune, knn, linear_probe, segmentation  # noqa: F401
+from downstream import (  # noqa: F401
+    detection,
+    finetune,
+    knn,
+    linear_probe,
+    linear_probe_faithful,
+    segmentation,
+)
