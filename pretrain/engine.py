@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from harness.core import distributed
@@ -54,6 +56,7 @@ from harness.core.errors import CheckpointError
 from harness.core.fsutil import atomic_write_json, atomic_write_text, config_hash
 from harness.core.tracking import ScalarLogger, progress
 from harness.core.training import (
+    GradAccumulation,
     ResumableCheckpoint,
     autocast,
     autocast_dtype,
@@ -64,6 +67,7 @@ from harness.core.training import (
     pick_device,
     scaled_lr,
     set_lr,
+    split_batch,
     steps_per_epoch,
 )
 from pretrain.model import MIMModel, create_model
@@ -223,6 +227,7 @@ class _Run:
     model: MIMModel
     opt: torch.optim.Optimizer
     net: torch.nn.Module
+    accum: GradAccumulation
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_before: set[str] = field(default_factory=set)  # met by earlier sessions of this run
@@ -233,7 +238,13 @@ class _Run:
         return self.rank == 0
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=print) -> PretrainResult:
+def pretrain(
+    cfg: PretrainConfig,
+    out_dir: str | Path,
+    resume: bool = True,
+    log: Callable[[str], Any] = print,
+    accum_steps: int = 1,
+) -> PretrainResult:
     """Run (or resume) one pretraining.
 
     Args:
@@ -241,6 +252,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
         out_dir: Stage directory; holds the resolved config, checkpoint, log, encoder and picture.
         resume: Continue from ``out_dir/checkpoint.pth`` when it exists (else start over).
         log: Where progress lines go.
+        accum_steps: Micro-batches per step of each process's batch (gradient accumulation, for
+            a batch that does not fit in memory at once; not a config key yet, so it is not in
+            the config hash: the gradient is the same up to float rounding).
 
     Raises:
         CheckpointError: ``resume`` and the checkpoint was written by another config.
@@ -259,6 +273,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
     )  # fmt: skip
     ck = _read_checkpoint(ckpt, resume, rank, world)
     run = _setup(cfg, out, ckpt, log, rank, world, local_batch, fresh=ck is None)
+    run.accum = GradAccumulation(accum_steps)
     if ck is not None:
         _restore(run, ck)
     elif not run.is_main:
@@ -355,7 +370,7 @@ def _setup(
         device=device, amp_dtype=amp_dtype, root=root, train_ds=train_ds,
         skips=SkipTally(base_ds, "pretraining train split"), steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=t.warmup_epochs * spe, peak_lr=peak_lr,
-        model=model, opt=opt, net=model,
+        model=model, opt=opt, net=model, accum=GradAccumulation(1),
     )  # fmt: skip
 
 
@@ -387,8 +402,6 @@ def _wrap_data_parallel(run: _Run) -> None:
     """Under torchrun, the model the steps call is wrapped in DistributedDataParallel."""
     if run.world == 1:
         return
-    from torch.nn.parallel import DistributedDataParallel
-
     # some parameters never get a gradient (MAE's encoder mask token); DDP must look for
     # them each step (static_graph=True gave wrong cls-token gradients here: 0.2 off)
     ids = [torch.cuda.current_device()] if run.device.type == "cuda" else None
@@ -478,7 +491,9 @@ def _local_mask(run: _Run, keep: torch.Tensor) -> torch.Tensor:
 
 def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) -> None:
     """One optimizer step on this rank's readable images ``[b, 3, H, W]`` and their masks
-    ``[b, L]``.
+    ``[b, L]``, accumulated over up to ``run.accum.k`` micro-batches (each loss weighted by its
+    share of the ``b`` images, so the step's gradient is that of the mean loss; under DDP the
+    gradients are all-reduced on the last micro-batch only).
 
     Raises:
         FloatingPointError: The loss is not finite (the same verdict on every rank).
@@ -486,21 +501,38 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
     t = run.cfg.train
     imgs = imgs.to(run.device, non_blocking=True)
     mask = mask.to(run.device, non_blocking=True)
-    with autocast(run.device, run.amp_dtype):
-        loss = run.net(imgs, mask).loss
-    loss_value = distributed.all_reduce_mean(loss.detach())  # global-batch mean
-    if not math.isfinite(loss_value):
+    b = imgs.shape[0]
+    parts = split_batch(b, run.accum.k)
+    run.opt.zero_grad(set_to_none=True)
+    local = torch.zeros((), device=run.device)
+    for j, part in enumerate(parts):
+        with _sync_unless(run.net, last=j == len(parts) - 1):
+            with autocast(run.device, run.amp_dtype):
+                loss = run.net(imgs[part], mask[part]).loss
+            if len(parts) > 1:  # this micro-batch's share of the mean over the b images
+                loss = loss * ((part.stop - part.start) / b)
+            loss.backward()
+        if len(parts) > 1:
+            local = local + loss.detach().float()
+    loss_value = distributed.all_reduce_mean(local if len(parts) > 1 else loss.detach())
+    if not math.isfinite(loss_value):  # the same verdict on every rank, before the update
         raise FloatingPointError(
             f"loss is {loss_value} at step {run.step}; the last good checkpoint is "
             f"{run.ckpt.path if run.ckpt.exists() else '(none yet)'}. Lower train.base_lr or "
             "set train.clip_grad"
         )
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
     clip_and_step(run.opt, run.model.parameters(), t.clip_grad)
     run.step += 1
     run.last_loss = loss_value
     run.history.append({"step": run.step, "loss": loss_value, "lr": lr})
+
+
+def _sync_unless(net: torch.nn.Module, last: bool) -> Any:
+    """DDP's ``no_sync`` for every micro-batch but the last of a step (a no-op context for a
+    single process and for the last micro-batch, whose backward all-reduces the sum)."""
+    if last or not isinstance(net, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return net.no_sync()
 
 
 def _log_progress(run: _Run, epoch: int, lr: float, step_at_start: int, t0: float) -> None:

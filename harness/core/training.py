@@ -210,6 +210,18 @@ class GradAccumulation:
         self.scale(loss).backward()
 
 
+def split_batch(size: int, k: int) -> list[slice]:
+    """``min(k, size)`` consecutive non-empty slices covering ``range(size)``, their sizes
+    differing by at most one (the first ones the larger): the micro-batches of one batch of
+    ``size`` samples when the loop accumulates over ``k``."""
+    parts = min(k, size)
+    q, r = divmod(size, parts) if parts else (0, 0)
+    bounds = [0]
+    for j in range(parts):
+        bounds.append(bounds[-1] + q + (1 if j < r else 0))
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def clip_and_step(
     opt: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], clip_grad: float | None
 ) -> None:

@@ -4,6 +4,7 @@ resume policy (a checkpoint of another config is refused) in each of the three t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -21,6 +22,7 @@ from harness.core.training import (
     epoch_order,
     lr_at,
     set_lr,
+    split_batch,
     steps_per_epoch,
 )
 from pretrain.encoder import ViTEncoder
@@ -126,6 +128,13 @@ def test_k_micro_batches_accumulate_the_large_batch_gradient(k):
         GradAccumulation(0)
 
 
+def test_split_batch_tiles_the_batch_in_near_equal_parts():
+    assert split_batch(8, 3) == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert split_batch(5, 1) == [slice(0, 5)]
+    assert split_batch(2, 4) == [slice(0, 1), slice(1, 2)]  # never an empty micro-batch
+    assert split_batch(0, 2) == []
+
+
 # --------------------------------------------------------------------------- resume policy
 
 
@@ -179,3 +188,24 @@ def test_training_tasks_refuse_a_checkpoint_of_another_config(tiny_imagefolder, 
     with pytest.raises(CheckpointError, match=rf"{file} was written by a different config.*delete it"):
         get_task(task).run(enc, cfg, _ctx(tiny_imagefolder, tmp_path / "t"))
     assert (tmp_path / "t" / file).read_bytes() == before  # not silently started over
+
+
+@pytest.mark.parametrize("recipe", ["mae", "simmim"])
+def test_pretraining_accumulation_matches_the_whole_batch(tiny_imagefolder, tmp_path, recipe):
+    """Three micro-batches of a step of 8 images (3 + 3 + 2: unequal, weighted by size) give the
+    whole batch's gradient, so the run follows the unaccumulated one up to float rounding."""
+    rec = {"name": "mae", "head": {"depth": 1, "dim": 32, "num_heads": 2}} if recipe == "mae" \
+        else {"name": "simmim", "masking": {"mask_patch_size": 16}}
+    cfg = PretrainConfig(data={"source": str(tiny_imagefolder)}, encoder={"arch": "vit_micro_32"},
+                         recipe=rec, train={"epochs": 1, "warmup_epochs": 0, "batch_size": 8,
+                                            "base_lr": 1e-3, "max_steps": 3,
+                                            "num_recon_images": 0})
+    runs = [pretrain(cfg, tmp_path / f"k{k}", log=lambda m: None, accum_steps=k) for k in (1, 3)]
+    whole, accum = (torch.load(r.encoder_path, weights_only=True)["state_dict"] for r in runs)
+    curves = [[json.loads(x) for x in (tmp_path / f"k{k}" / "loss.jsonl").read_text().splitlines()]
+              for k in (1, 3)]  # fmt: skip
+    assert len(curves[0]) == len(curves[1]) == 3
+    for a, b in zip(*curves, strict=True):  # the logged loss is the mean over the 8 images
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
+    for k, v in whole.items():
+        torch.testing.assert_close(accum[k], v, rtol=1e-4, atol=1e-5)
