@@ -37,12 +37,13 @@ from pydantic import Field
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from harness.core.config import ConfigError, TaskConfig
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    FullySeededDataset,
     SkipTally,
     collate_skipping,
     eval_transform,
@@ -291,34 +292,6 @@ def pillow_safe(transform: Any) -> Any:
             if str(getattr(op, "name", "")).startswith("Posterize"):
                 op.aug_fn = _posterize_compat
     return transform
-
-
-class FullySeededDataset(Dataset):
-    """Seeds torch, Python's ``random`` and numpy per (seed, epoch, index) around each sample, so
-    timm's augmentations (RandAugment, random erasing, crops) are reproducible under resume and
-    independent of the number of loader workers."""
-
-    def __init__(self, base: Any, seed: int) -> None:
-        self.base, self.seed, self.epoch = base, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> Any:
-        s = (self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**32 - 1)
-        py, npy = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s)
-            try:
-                return self.base[index]
-            finally:
-                random.setstate(py)
-                np.random.set_state(npy)
 
 
 def _seed_step(seed: int, step: int, device: torch.device) -> None:

@@ -7,7 +7,11 @@
 * bf16 autocast on a GPU (fused attention through timm's SDPA), fp32 on CPU.
 * Checkpoints every ``ckpt_every_steps`` and at the end hold model, optimizer, step and RNG
   states; the data order, augmentation and masks are functions of (seed, epoch/step, index), so a
-  resumed run reproduces the uninterrupted loss curve.
+  resumed run reproduces the uninterrupted loss curve. A checkpoint of another config is refused
+  (:class:`harness.core.training.ResumableCheckpoint`, the policy of every training loop).
+* The loop reads as MAE's: :func:`pretrain` is setup (:func:`_setup`), restore
+  (:func:`_restore`), the steps (:func:`_train`, :func:`_train_step`) and :func:`_finish`;
+  ``accum_steps`` accumulates gradients over micro-batches of each step.
 * Recipes whose target needs fitting first (BEiT's tokenizers trained here) fit it at the start
   of a fresh run on seeded training images (``model.prepare``); the fitted tokenizer lives in the
   model's state, so a resumed run restores it from the checkpoint.
@@ -272,8 +276,7 @@ def pretrain(
         fix="pass --overwrite to start over, use another output directory, or delete it",
     )  # fmt: skip
     ck = _read_checkpoint(ckpt, resume, rank, world)
-    run = _setup(cfg, out, ckpt, log, rank, world, local_batch, fresh=ck is None)
-    run.accum = GradAccumulation(accum_steps)
+    run = _setup(cfg, out, ckpt, log, rank, world, local_batch, accum_steps, fresh=ck is None)
     if ck is not None:
         _restore(run, ck)
     elif not run.is_main:
@@ -329,6 +332,7 @@ def _setup(
     rank: int,
     world: int,
     local_batch: int,
+    accum_steps: int,
     fresh: bool,
 ) -> _Run:
     """Device, seeds, data, schedule, model and optimizer; writes ``config.yaml`` (rank 0) once
@@ -370,7 +374,7 @@ def _setup(
         device=device, amp_dtype=amp_dtype, root=root, train_ds=train_ds,
         skips=SkipTally(base_ds, "pretraining train split"), steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=t.warmup_epochs * spe, peak_lr=peak_lr,
-        model=model, opt=opt, net=model, accum=GradAccumulation(1),
+        model=model, opt=opt, net=model, accum=GradAccumulation(accum_steps),
     )  # fmt: skip
 
 
