@@ -11,5 +11,6 @@ from downstream import (  # noqa: F401  (registers every task and checkpoint for
     finetune,
     knn,
     linear_probe,
+    linear_probe_faithful,
     segmentation,
 )

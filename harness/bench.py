@@ -119,7 +119,8 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
 
         return frozen, size
     if task == "linear_probe_faithful":
-        from downstream.linear_probe import LARS, ProbeHead
+        from downstream.lars import LARS
+        from downstream.linear_probe import ProbeHead
 
         enc.eval()
         head = ProbeHead(int(enc.num_features), classes).to(device)
