@@ -1,5 +1,7 @@
 """The task interface (in the spirit of lm-evaluation-harness): a name, a version, metric names
-with their direction, and ``run(encoder, config, context) -> TaskResult``.
+with their direction, ``check_data(config, data)`` (called for every task of a suite before any
+stage runs), ``run(encoder, config, context) -> TaskResult``, and the step ``mimbench bench``
+times (``bench_step``, or ``bench_pipeline`` for a task trained by another framework's loop).
 
 Bump ``version`` whenever a protocol changes so that old records are never silently compared
 with new ones (the leaderboard keeps the newest version of each task).
@@ -32,6 +34,46 @@ class TaskContext:
 
 
 @dataclass
+class BenchBatch:
+    """The fixed batch a task's bench step works on (:meth:`Task.bench_step`).
+
+    Attributes:
+        images: ``[B, 3, H, W]`` on the device, H = W = the encoder's image size.
+        labels: ``[B]`` class ids in ``[0, num_classes)``.
+        num_classes: Classes of the head a step trains.
+        amp: Whether steps run under bfloat16 autocast (on CUDA).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    amp: bool
+
+    def autocast(self) -> Any:
+        """The autocast context of a step (a no-op without ``amp``)."""
+        return torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+
+@dataclass
+class PipelineBench:
+    """What a task that times its own training iterations reports (:meth:`Task.bench_pipeline`).
+
+    Attributes:
+        input: The input size, e.g. ``1024x1024``.
+        batch_size: Images per iteration.
+        seconds_per_iter: Median seconds per timed iteration.
+        peak_mb: Peak memory in MiB (CUDA allocated, or the process's resident set on CPU).
+        gflops_per_img: GFLOPs per image of one iteration, or None when not counted.
+    """
+
+    input: str
+    batch_size: int
+    seconds_per_iter: float
+    peak_mb: float | None
+    gflops_per_img: float | None
+
+
+@dataclass
 class TaskResult:
     """Metrics (finite floats, named as in ``Task.metrics``) and free-form details."""
 
@@ -40,7 +82,12 @@ class TaskResult:
 
 
 class Task(ABC):
-    """A downstream protocol."""
+    """A downstream protocol.
+
+    ``mimbench bench`` times one step of each task: :meth:`bench_step` on a fixed batch, or,
+    for a task whose step runs inside another framework's training loop (mmengine),
+    :meth:`bench_pipeline`, which times that loop itself.
+    """
 
     name: ClassVar[str]
     version: ClassVar[int]
@@ -48,8 +95,32 @@ class Task(ABC):
     config_cls: ClassVar[type[TaskConfig]]
 
     @abstractmethod
+    def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
+        """Check the dataset this task would read, cheaply (no image decoded, nothing trained):
+        the planner calls it for every task of a suite before any stage runs.
+
+        Raises:
+            UserError: Naming what is missing or wrong (a path, a split, a class list).
+        """
+
+    @abstractmethod
     def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         """Evaluate ``encoder``; must not modify its weights."""
+
+    def bench_step(self, encoder: ViTEncoder, batch: BenchBatch) -> Callable[[], None]:
+        """One step of this task on ``batch``, as ``mimbench bench`` times it (each call does
+        the step's forward, backward and optimizer update, or only the frozen forward of a task
+        whose cost per image is its feature extraction).
+
+        Raises:
+            NotImplementedError: The task times its own iterations (:meth:`bench_pipeline`).
+        """
+        raise NotImplementedError(f"task '{self.name}' has no bench step")
+
+    def bench_pipeline(self, arch: str, iters: int, count_flops: bool) -> PipelineBench | None:
+        """Time ``iters`` training iterations of this task's own pipeline (the first one a
+        warm-up) at the encoder preset ``arch``; None for a task timed by :meth:`bench_step`."""
+        return None
 
 
 TASKS: Registry[type[Task]] = Registry("task")

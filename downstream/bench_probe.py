@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from harness.cli import _encoder_for_cli
     from harness.core.config import DataConfig
+
+    from .encoder_spec import encoder_from_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             "val_per_class": args.shapes_per_class[1],
         },
     )
-    encoder = _encoder_for_cli(args.encoder, "auto", False, args.arch, None, args.seed)
+    encoder = encoder_from_spec(args.encoder, arch=args.arch, seed=args.seed)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_probe_"))
     try:
         return _bench(args, encoder, data, work)

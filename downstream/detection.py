@@ -42,8 +42,9 @@ from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConf
 from harness.core.data.datasets import DatasetError, resolve_shapes_root
 from pretrain.encoder import ViTEncoder
 
+from ._mm.bench import pipeline_bench
 from ._mm.runtime import dataloader, optim_config, runtime_config
-from .base import Task, TaskContext, TaskResult, register_task
+from .base import PipelineBench, Task, TaskContext, TaskResult, register_task
 
 IMG_MEAN = [123.675, 116.28, 103.53]  # RGB, 0-255 (ImageNet)
 IMG_STD = [58.395, 57.12, 57.375]
@@ -383,6 +384,10 @@ class Detection(Task):
         """Fail early (before any training) on a dataset this task cannot read."""
         assert isinstance(cfg, DetectionConfig)
         check_coco(resolve_coco_root(data), cfg.classes)
+
+    def bench_pipeline(self, arch: str, iters: int, count_flops: bool) -> PipelineBench:
+        """mmengine training iterations on synthetic scenes (:func:`downstream._mm.bench.bench`)."""
+        return pipeline_bench(self.name, arch, iters, count_flops)
 
     def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, DetectionConfig)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from harness.core.fsutil import canonical_json
 from harness.core.tracking import progress
+
+from .base import BenchBatch
 
 FEATURE_CACHE_VERSION = 2  # 2: file sizes and mtimes in the key, skipped files stored
 
@@ -84,6 +87,19 @@ def last_block_tokens(encoder: nn.Module, x: torch.Tensor, n: int) -> list[torch
             outs.append(t)
         return [vit.norm(t) for t in outs[-n:]]
     raise ValueError(f"{type(encoder).__name__} has no per-block outputs: use last_blocks [1]")
+
+
+def frozen_forward_step(encoder: nn.Module, batch: BenchBatch) -> Callable[[], None]:
+    """The bench step of the tasks that read cached features (fast linear probe, kNN): one
+    frozen forward pass, their cost per image (the heads, or the votes, then work on cached
+    vectors, which is negligible)."""
+    encoder.eval()
+
+    def step() -> None:
+        with torch.no_grad(), batch.autocast():
+            encoder.forward_features(batch.images)  # [B, N, D]
+
+    return step
 
 
 def supported_poolings(encoder: nn.Module) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ import copy
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,12 +40,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
-from harness.core.config import ConfigError, TaskConfig
+from harness.core.config import ConfigError, DataConfig, TaskConfig
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     FullySeededDataset,
     SkipTally,
+    check_classification_data,
     collate_skipping,
     eval_transform,
     imagefolder_checked,
@@ -64,7 +66,7 @@ from harness.core.training import (
     steps_per_epoch,
 )
 
-from .base import Task, TaskContext, TaskResult, register_task
+from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .resume import task_checkpoint
 
 #: Per-size paper settings: (epochs, base_lr, layer_decay, drop_path).
@@ -343,6 +345,30 @@ class Finetune(Task):
     version = 1
     metrics = {"top1": True, "top5": True}
     config_cls = FinetuneConfig
+
+    def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
+        """The ImageFolder's train and val splits, with the same classes."""
+        check_classification_data(data)
+
+    def bench_step(self, encoder: Any, batch: BenchBatch) -> Callable[[], None]:
+        """One step of the MAE / BEiT recipe: forward and backward through the whole encoder
+        with drop path 0.1, pooling, fc-norm and head, label smoothing 0.1, AdamW with
+        layer-wise lr decay 0.65 (weight decay 0.05)."""
+        set_drop_path(encoder, 0.1)
+        model = FinetuneModel(encoder, batch.num_classes).to(batch.images.device).train()
+        groups = param_groups_layer_decay(model, 0.05, 0.65)
+        adamw = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  lr=1e-4)
+
+        def step() -> None:
+            with batch.autocast():
+                logits = model(batch.images)  # [B, C]
+                loss = nn.functional.cross_entropy(logits, batch.labels, label_smoothing=0.1)
+            adamw.zero_grad(set_to_none=True)
+            loss.backward()
+            adamw.step()
+
+        return step
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, FinetuneConfig)

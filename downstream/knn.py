@@ -15,15 +15,18 @@ float16 when both set ``cache_dtype: float16``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.core.config import TaskConfig
+from harness.core.config import DataConfig, TaskConfig
+from harness.core.data.datasets import check_classification_data
 
-from .base import Task, TaskContext, TaskResult, register_task
+from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
+from .features import frozen_forward_step
 
 
 class KNNConfig(TaskConfig):
@@ -100,6 +103,14 @@ class KNN(Task):
     version = 1
     metrics = {"top1": True, "top5": True}
     config_cls = KNNConfig
+
+    def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
+        """The ImageFolder's train and val splits, with the same classes."""
+        check_classification_data(data)
+
+    def bench_step(self, encoder: Any, batch: BenchBatch) -> Callable[[], None]:
+        """A frozen forward pass (the votes work on cached features)."""
+        return frozen_forward_step(encoder, batch)
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, KNNConfig)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -29,9 +30,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from harness.core.config import TaskConfig
+from harness.core.config import DataConfig, TaskConfig
+from harness.core.data.datasets import check_classification_data
 
-from .base import Task, TaskContext, TaskResult, register_task
+from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
+from .features import frozen_forward_step
 
 
 class LinearProbeConfig(TaskConfig):
@@ -239,6 +242,15 @@ class LinearProbe(Task):
     version = 2
     metrics = {"top1": True, "top5": True}
     config_cls = LinearProbeConfig
+
+    def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
+        """The ImageFolder's train and val splits, with the same classes."""
+        check_classification_data(data)
+
+    def bench_step(self, encoder: Any, batch: BenchBatch) -> Callable[[], None]:
+        """A frozen forward pass: the features are extracted once and cached, the heads then
+        train on cached vectors (negligible)."""
+        return frozen_forward_step(encoder, batch)
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, LinearProbeConfig)

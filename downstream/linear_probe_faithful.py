@@ -14,6 +14,7 @@ on val). Resumes per epoch; a checkpoint of another config or encoder is refused
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,10 +23,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch.utils.data import DataLoader
 
-from harness.core.config import TaskConfig
+from harness.core.config import DataConfig, TaskConfig
 from harness.core.data.datasets import (
     SeededDataset,
     SkipTally,
+    check_classification_data,
     collate_skipping,
     eval_transform,
     imagefolder_checked,
@@ -44,7 +46,7 @@ from harness.core.training import (
     steps_per_epoch,
 )
 
-from .base import Task, TaskContext, TaskResult, register_task
+from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .lars import LARS
 from .linear_probe import ProbeHead, probe_train_transform, topk_accuracy
 from .resume import task_checkpoint
@@ -129,6 +131,29 @@ class LinearProbeFaithful(Task):
     version = 2
     metrics = {"top1": True, "top5": True}
     config_cls = LinearProbeFaithfulConfig
+
+    def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
+        """The ImageFolder's train and val splits, with the same classes."""
+        check_classification_data(data)
+
+    def bench_step(self, encoder: Any, batch: BenchBatch) -> Callable[[], None]:
+        """One step of MAE's probe (He et al. 2022, A.2): frozen forward without gradients,
+        BatchNorm + linear head forward and backward, LARS."""
+        encoder.eval()
+        head = ProbeHead(int(encoder.num_features), batch.num_classes).to(batch.images.device)
+        opt = LARS(head.parameters(), lr=0.1)
+        pooling = "cls" if encoder.num_prefix_tokens else "avg"
+
+        def step() -> None:
+            with torch.no_grad(), batch.autocast():
+                feats = encoder.pool(encoder.forward_features(batch.images), pooling)  # [B, D]
+            with batch.autocast():
+                loss = F.cross_entropy(head(feats.float()), batch.labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, LinearProbeFaithfulConfig)

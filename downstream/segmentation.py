@@ -46,8 +46,9 @@ from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConf
 from harness.core.data.datasets import DatasetError, resolve_shapes_root
 from pretrain.encoder import ViTEncoder
 
+from ._mm.bench import pipeline_bench
 from ._mm.runtime import dataloader, optim_config, runtime_config
-from .base import Task, TaskContext, TaskResult, register_task
+from .base import PipelineBench, Task, TaskContext, TaskResult, register_task
 from .detection import IMG_MEAN, IMG_STD
 
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -345,6 +346,10 @@ class Segmentation(Task):
         """Fail early (before any training) on a dataset this task cannot read."""
         assert isinstance(cfg, SegmentationConfig)
         check_ade(resolve_ade_root(data), cfg.classes)
+
+    def bench_pipeline(self, arch: str, iters: int, count_flops: bool) -> PipelineBench:
+        """mmengine training iterations on synthetic scenes (:func:`downstream._mm.bench.bench`)."""
+        return pipeline_bench(self.name, arch, iters, count_flops)
 
     def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, SegmentationConfig)

@@ -9,20 +9,13 @@ A *target* is one step kind at one encoder size:
 * ``pretrain/<label>``: one optimization step (forward, backward, AdamW) of a recipe
   (:data:`pretrain.bench.BENCH_RECIPES`: ``simmim``, ``mae``, ``mae_mask_token``, ``beit_kmeans``,
   ...). ``--arch`` replaces the recipe's default ViT-B preset for the ViT recipes.
-* ``task/linear_probe``: the fast probe's cost per image, one frozen forward pass (features are
-  extracted once and cached; the heads then train on cached vectors, which is negligible).
-* ``task/linear_probe_faithful``: one step of MAE's probe (He et al. 2022, A.2): frozen forward
-  with no grad, BatchNorm + linear head forward / backward, LARS.
-* ``task/knn``: a frozen forward pass (the kNN vote itself is a matrix product on cached
-  features).
-* ``task/finetune``: one step of the MAE / BEiT fine-tuning recipe: forward and backward through
-  the whole encoder with drop path, average pooling, fc-norm and head, AdamW with layer-wise lr
-  decay groups.
-* ``task/detection`` / ``task/segmentation``: one mmengine training iteration of the ViTDet Mask
-  R-CNN / UperNet pipelines (:mod:`downstream._mm.bench`; batch 1 / 2, 1024 / 512 px). Their
-  FLOPs are counted over one extra training iteration (loss forward and backward, no optimizer
-  step); custom mmcv ops (RoIAlign, NMS, ...) are not counted, so they are a lower bound
-  dominated by the backbone.
+* ``task/<name>``: the step each registered task declares
+  (:meth:`downstream.base.Task.bench_step`, on a random batch at ``--arch``): a frozen forward
+  pass for the tasks that work on cached features (fast linear probe, kNN), one optimization
+  step for the others (MAE's faithful probe, fine-tuning). The dense tasks (detection,
+  segmentation) time their own mmengine training iterations instead
+  (:meth:`~downstream.base.Task.bench_pipeline`, :mod:`downstream._mm.bench`: batch 1 / 2,
+  1024 / 512 px; FLOPs over one extra iteration without the custom mmcv ops, a lower bound).
 
 Each target runs in its own subprocess so its peak memory is its own: peak resident set on CPU
 (``ru_maxrss``, which includes the interpreter and torch, about 0.3-0.5 GB), peak allocated CUDA
@@ -48,10 +41,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from downstream.base import BenchBatch, all_tasks, get_task
 from harness.core.errors import UserError
 from harness.core.measure import count_flops, peak_fraction, peak_mb, time_step
 
-TASK_TARGETS = (
+#: The order of the task targets in ``mimbench bench``'s list; every other registered task
+#: follows, by name. What each target times is the task's own step
+#: (:meth:`downstream.base.Task.bench_step` or :meth:`~downstream.base.Task.bench_pipeline`).
+TASK_ORDER = (
     "linear_probe",
     "linear_probe_faithful",
     "knn",
@@ -78,7 +75,9 @@ def all_targets() -> list[str]:
     """Every target name, pretraining recipes first."""
     from pretrain.bench import BENCH_RECIPES
 
-    return [f"pretrain/{r}" for r in BENCH_RECIPES] + [f"task/{t}" for t in TASK_TARGETS]
+    tasks = all_tasks()
+    names = [t for t in TASK_ORDER if t in tasks] + [t for t in tasks if t not in TASK_ORDER]
+    return [f"pretrain/{r}" for r in BENCH_RECIPES] + [f"task/{t}" for t in names]
 
 
 def check_targets(targets: list[str]) -> None:
@@ -92,7 +91,8 @@ def check_targets(targets: list[str]) -> None:
 
 
 def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[[], None], int]:
-    """A closure doing one step of a classification task at ``arch``, and the image side."""
+    """The bench step of a task (:meth:`downstream.base.Task.bench_step`) on a random batch at
+    ``arch`` (1000 classes; bfloat16 autocast on CUDA), and the image side."""
     import torch
 
     from harness.core.config import EncoderConfig
@@ -102,57 +102,14 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
     ecfg = EncoderConfig(arch=arch)
     size = int(ecfg.img_size)  # type: ignore[arg-type]
     enc: Any = create_encoder(ecfg).to(device)
-    imgs = torch.randn(batch, 3, size, size, device=device)
-    amp = device.type == "cuda"
     classes = 1000
-    labels = torch.randint(0, classes, (batch,), device=device)
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
-    if task in ("linear_probe", "knn"):
-        enc.eval()
-
-        def frozen() -> None:
-            with torch.no_grad(), autocast():
-                enc.forward_features(imgs)
-
-        return frozen, size
-    if task == "linear_probe_faithful":
-        from downstream.lars import LARS
-        from downstream.linear_probe import ProbeHead
-
-        enc.eval()
-        head = ProbeHead(int(enc.num_features), classes).to(device)
-        opt = LARS(head.parameters(), lr=0.1)
-
-        def probe() -> None:
-            with torch.no_grad(), autocast():
-                feats = enc.pool(enc.forward_features(imgs), "cls" if enc.num_prefix_tokens else "avg")
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(head(feats.float()), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return probe, size
-    if task == "finetune":
-        from downstream.finetune import FinetuneModel, param_groups_layer_decay, set_drop_path
-
-        set_drop_path(enc, 0.1)
-        model = FinetuneModel(enc, classes).to(device).train()
-        groups = param_groups_layer_decay(model, 0.05, 0.65)
-        adamw = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=1e-4)
-
-        def finetune() -> None:
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(model(imgs), labels, label_smoothing=0.1)
-            adamw.zero_grad(set_to_none=True)
-            loss.backward()
-            adamw.step()
-
-        return finetune, size
-    raise UserError(f"no step defined for task '{task}'")
+    imgs = torch.randn(batch, 3, size, size, device=device)  # [B, 3, H, W]
+    labels = torch.randint(0, classes, (batch,), device=device)  # [B]
+    try:
+        step = get_task(task).bench_step(enc, BenchBatch(imgs, labels, classes, device.type == "cuda"))
+    except NotImplementedError:
+        raise UserError(f"no step defined for task '{task}'") from None
+    return step, size
 
 
 def _pretrain_step(label: str, arch: str | None, batch: int, device: Any, tmp: str) -> tuple[Callable[[], None], int, str]:
@@ -169,18 +126,13 @@ def measure(target: str, arch: str, batch: int, steps: int, device_name: str, fl
     device = torch.device(device_name)
     kind, name = target.split("/", 1)
     dev_label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    if kind == "task" and name in ("detection", "segmentation"):
-        from downstream._mm.bench import bench as dense_bench
-
-        res = dense_bench(name, arch=arch, iters=steps + 1, batch_size=None, count_flops=flops)
-        b = int(res["batch_size"])
-        step_s = float(res["seconds_per_iter"])
-        peak = res.get("cuda_peak_allocated_mb") or res.get("cpu_peak_rss_mb")
-        gflops = res.get("gflops_per_img")
+    timed = get_task(name).bench_pipeline(arch, steps + 1, flops) if kind == "task" else None
+    if timed is not None:  # the task timed its own training iterations
+        b, step_s, gflops = timed.batch_size, timed.seconds_per_iter, timed.gflops_per_img
         mfu = peak_fraction(gflops * 1e9 * b / step_s, dev_label) if gflops and device.type == "cuda" else None
-        return {"target": target, "arch": arch, "img": res["input"], "batch": b, "step_s": step_s,
-                "img_per_s": b / step_s, "peak_mb": peak, "gflops_per_img": gflops, "mfu": mfu,
-                "device": dev_label}  # fmt: skip
+        return {"target": target, "arch": arch, "img": timed.input, "batch": b, "step_s": step_s,
+                "img_per_s": b / step_s, "peak_mb": timed.peak_mb, "gflops_per_img": gflops,
+                "mfu": mfu, "device": dev_label}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mimbench-bench-") as tmp:
         if kind == "pretrain":
             step, size, arch = _pretrain_step(name, arch, batch, device, tmp)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import downstream  # noqa: F401  (registers every task and its config schema)
+from downstream.encoder_spec import encoder_from_spec, is_timm_model_name
 from harness.core.config import (
     ConfigError,
     PretrainConfig,
@@ -118,7 +119,8 @@ def _report_unfinished(cfg: Any) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.runner import run_suite, run_sweep, suite_dir
+    from harness.runner import run_suite, run_sweep
+    from harness.stages import suite_dir
 
     cfg = _load_suite_or_sweep(args)
     if args.launcher == "torchrun":  # every process runs this command with --launcher inprocess
@@ -177,7 +179,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def status_root(args: argparse.Namespace) -> Path:
     """The output directory ``mimbench status`` watches: a directory as it is, or a suite (or
     sweep: every row writes under the same suite directory) file's ``output_dir/name``."""
-    from harness.runner import suite_dir
+    from harness.stages import suite_dir
 
     if Path(args.target).is_dir():
         return Path(args.target)
@@ -246,13 +248,14 @@ def eval_overrides(overrides: list[str]) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from downstream.base import resolve_task_name
-    from harness.runner import run_suite, suite_dir
+    from harness.runner import run_suite
+    from harness.stages import suite_dir
 
     task = resolve_task_name(args.task)
     if args.encoder.startswith("random:"):
         arch = args.encoder.split(":", 1)[1]
         enc: dict[str, Any] = {"name": args.name or f"random-{arch}", "encoder": {"arch": arch}}
-    elif _timm_model_name(args.encoder):
+    elif is_timm_model_name(args.encoder):
         name = args.encoder.removeprefix("timm:")
         enc = {"name": args.name or f"timm-{name}", "checkpoint": f"timm:{name}"}
     else:
@@ -283,50 +286,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _report_unfinished(cfg)
 
 
-def _timm_model_name(text: str) -> bool:
-    """``timm:<name>``, or a bare timm model name that is not an existing path."""
-    if text.startswith("timm:"):
-        return True
-    if Path(text).exists() or "/" in text or Path(text).suffix in (".pth", ".pt", ".bin", ".safetensors"):
-        return False
-    import timm
-
-    return bool(timm.is_model(text))
-
-
-def _encoder_for_cli(spec: str, fmt: str, allow_partial: bool, arch: str | None,
-                     img_size: int | None, seed: int) -> Any:
-    """An encoder from a file (any supported family), ``random:<preset>`` or a timm name."""
-    import torch
-
-    from downstream.checkpoints import encoder_from_timm_name, load_checkpoint
-    from harness.core.config import EncoderConfig
-    from pretrain.encoder import create_encoder
-
-    size = {"img_size": img_size} if img_size else {}
-    given = EncoderConfig(arch=arch, **size) if arch else None
-    file_only = [f for f, v in (("--arch", arch), ("--format", fmt != "auto"),
-                                ("--allow-partial", allow_partial)) if v]  # fmt: skip
-    if spec.startswith("random:"):
-        if file_only:  # the preset is named in the spec; nothing is read
-            raise ConfigError(f"{file_only[0]} applies to checkpoint files, not to '{spec}'")
-        torch.manual_seed(seed)
-        return create_encoder(EncoderConfig(arch=spec.split(":", 1)[1], **size))
-    if _timm_model_name(spec):
-        if file_only or img_size:
-            raise ConfigError(f"{(file_only or ['--img-size'])[0]} does not apply to the timm "
-                              f"architecture '{spec}' (randomly initialized, nothing is read)")
-        torch.manual_seed(seed)
-        return encoder_from_timm_name(spec.removeprefix("timm:"))[0]
-    enc, report = load_checkpoint(spec, given, fmt, allow_partial, img_size)
-    print(report.format())
-    return enc
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from downstream.checkpoints import export_encoder, timm_architecture
 
-    enc = _encoder_for_cli(args.encoder, args.format, args.allow_partial, args.arch, args.img_size, args.seed)
+    enc = encoder_from_spec(args.encoder, args.format, args.allow_partial, args.arch, args.img_size,
+                            args.seed)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     sources = (args.encoder,) if Path(args.encoder).is_file() else ()
     paths = export_encoder(enc, args.out, formats, extra_meta={"exported_from": args.encoder},

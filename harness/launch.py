@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,16 @@ from harness.core.config import SuiteConfig, to_plain, validate_config
 from harness.core.errors import UserError
 from harness.core.fsutil import stage_lock
 from harness.core.records import SweepInfo, load_records
-from harness.runner import StageFilter, run_suite, suite_dir, suite_lock_path
-from harness.sweep import SweepRow, row_encoder_name
+from harness.runner import run_suite, suite_lock_path
+from harness.stages import (
+    StageFilter,
+    SuitePlan,
+    TaskStage,
+    check_plans,
+    plan_stages,
+    plan_sweep_stages,
+)
+from harness.sweep import SweepRow
 
 
 @dataclass
@@ -149,12 +158,10 @@ class StageJob:
 def launch_submitit(cfg: SuiteConfig, kind: str, opts: SlurmOptions, log: Any = print) -> Path:
     """Run a suite as submitit jobs (``kind``: ``submitit-local`` or ``slurm``); returns the
     records directory once every job finished."""
-    from harness.runner import preflight
-
-    preflight(cfg)  # bad input is rejected before any job is submitted
-    root = suite_dir(cfg)
-    with stage_lock(suite_lock_path(root, to_plain(cfg)), f"suite {cfg.name} in {root}"):
-        return _launch([(cfg, None)], kind, opts, log)
+    plan = plan_stages(cfg)
+    check_plans([plan])  # bad input is rejected before any job is submitted
+    with stage_lock(suite_lock_path(plan.root, to_plain(cfg)), f"suite {cfg.name} in {plan.root}"):
+        return _launch([cfg], [None], kind, opts, log)
 
 
 def launch_submitit_sweep(rows: list[SweepRow], kind: str, opts: SlurmOptions,
@@ -167,13 +174,12 @@ def launch_submitit_sweep(rows: list[SweepRow], kind: str, opts: SlurmOptions,
     is not submitted again: once the jobs finished, the row gets its own record (its sweep
     tags, ``details.reused_from``) holding that run's metrics. Returns the records directory.
     """
-    from harness.runner import preflight_sweep
-
-    preflight_sweep(rows)  # every row is checked before any job is submitted
-    root = suite_dir(rows[0].config)
+    plans = plan_sweep_stages(rows)
+    check_plans(plans)  # every row is checked before any job is submitted
+    root = plans[0].root
     plain = [to_plain(r.config) for r in rows]
     with stage_lock(suite_lock_path(root, plain), f"sweep {rows[0].info.name} in {root}"):
-        return _launch([(r.config, r.info) for r in rows], kind, opts, log)
+        return _launch([r.config for r in rows], [r.info for r in rows], kind, opts, log)
 
 
 def _executor(kind: str, root: Path, opts: SlurmOptions) -> Any:
@@ -207,82 +213,72 @@ def _submit(executor: Any, kind: str, job: StageJob, after: Any = None) -> Any:
         executor.update_parameters(slurm_additional_parameters={})
 
 
-def _launch(items: list[tuple[SuiteConfig, SweepInfo | None]], kind: str, opts: SlurmOptions,
-            log: Any) -> Path:
-    """Submit the stages of one suite, or of every row of a sweep (``(suite, row info)``
-    pairs sharing one suite directory), wait for them, and return the records directory."""
-    from downstream.base import get_task
-    from harness.core.fsutil import config_hash
-    from harness.runner import pretrain_config_for, pretrain_stage_dir, run_config_for
-
-    root = suite_dir(items[0][0])
-    executor = _executor(kind, root, opts)
-    rows = []
-    for cfg, info in items:
+def _launch(suites: list[SuiteConfig], infos: list[SweepInfo | None], kind: str,
+            opts: SlurmOptions, log: Any) -> Path:
+    """Submit the stages of one suite, or of every row of a sweep (suites sharing one suite
+    directory, each with its row info), wait for them, and return the records directory."""
+    plans, jobs = [], []
+    for cfg, info in zip(suites, infos, strict=True):
         raw = to_plain(cfg)
         again = validate_config(raw, source="launcher")  # what the jobs will see
         assert isinstance(again, SuiteConfig)
-        rows.append((raw, again, info, info.model_dump(mode="json") if info else None))
+        plans.append(plan_stages(again, info))  # the stages (and keys) the jobs will run
+        jobs.append(partial(StageJob, raw, sweep=info.model_dump(mode="json") if info else None))
+    root = plans[0].root
+    executor = _executor(kind, root, opts)
 
     # pretrainings, one job per stage directory (rows with the same config share it)
     pre_jobs: dict[Path, tuple[Any, str]] = {}
-    pre_of: dict[tuple[int, str, int], Path] = {}
-    for i, (raw, cfg, info, plain_info) in enumerate(rows):
-        for seed in cfg.seeds:
-            for e in cfg.encoders:
-                if e.pretrain is None:
-                    continue
-                stage = pretrain_stage_dir(root, pretrain_config_for(e, cfg, seed))
-                pre_of[(i, e.name, seed)] = stage
-                where = f"{row_encoder_name(e.name, info)} seed {seed}"
-                if stage in pre_jobs:
-                    log(f"[launch] pretraining of {where}: same stage as {pre_jobs[stage][1]}, "
-                        f"shares its job {pre_jobs[stage][0].job_id}")
-                    continue
-                job = _submit(executor, kind, StageJob(
-                    raw, StageFilter(e.name, seed, pretrain_only=True), plain_info))
-                pre_jobs[stage] = (job, where)
-                log(f"[launch] submitted pretraining of {where}: job {job.job_id}")
+    for plan, make in zip(plans, jobs, strict=True):
+        for pre in (g.pretrain for g in plan.groups if g.pretrain is not None):
+            where = f"{plan.encoder_name(pre.entry)} seed {pre.seed}"
+            if pre.dir in pre_jobs:
+                log(f"[launch] pretraining of {where}: same stage as {pre_jobs[pre.dir][1]}, "
+                    f"shares its job {pre_jobs[pre.dir][0].job_id}")
+                continue
+            job = _submit(executor, kind, make(StageFilter(pre.entry.name, pre.seed,
+                                                           pretrain_only=True)))
+            pre_jobs[pre.dir] = (job, where)
+            log(f"[launch] submitted pretraining of {where}: job {job.job_id}")
     if kind != "slurm":  # the local executor knows no dependencies
         for job, _ in pre_jobs.values():
             _wait(job, log)
 
     # task runs, one job per run config; a row repeating another's run reuses its result
     task_jobs: dict[str, tuple[Any, str]] = {}
-    shared: list[tuple[int, StageFilter, str, str, str]] = []
-    for i, (raw, cfg, info, plain_info) in enumerate(rows):
-        for seed in cfg.seeds:
-            for e in cfg.encoders:
-                for t in cfg.tasks:
-                    rc = run_config_for(e, t, cfg, seed)
-                    rc["task_version"] = get_task(t.name).version
-                    h = config_hash(rc)  # as run_suite keys the run
-                    where = f"{t.name} of {row_encoder_name(e.name, info)} seed {seed}"
-                    only = StageFilter(e.name, seed, t.name)
-                    if h in task_jobs:
-                        src_job, src = task_jobs[h]
-                        log(f"[launch] {where}: same config as {src} (job {src_job.job_id}), "
-                            "its result is reused")
-                        shared.append((i, only, h, where, src))
-                        continue
-                    dep = pre_jobs.get(pre_of.get((i, e.name, seed), root / "-"))
-                    # the job never pretrains: a failed dependency blocks it (a failed record)
-                    job = _submit(executor, kind, StageJob(raw, replace(only, no_pretrain=True),
-                                                           plain_info), dep[0] if dep else None)
-                    task_jobs[h] = (job, where)
-                    log(f"[launch] submitted {where}: job {job.job_id}")
+    shared: list[tuple[SuitePlan, TaskStage, str, str]] = []
+    for plan, make in zip(plans, jobs, strict=True):
+        for run in (t for g in plan.groups for t in g.tasks):
+            where = f"{run.kind} of {plan.encoder_name(run.entry)} seed {run.seed}"
+            if run.key in task_jobs:
+                src_job, src = task_jobs[run.key]
+                log(f"[launch] {where}: same config as {src} (job {src_job.job_id}), "
+                    "its result is reused")
+                shared.append((plan, run, where, src))
+                continue
+            dep = pre_jobs.get(run.after.dir) if run.after is not None else None
+            # the job never pretrains: a failed dependency blocks it (a failed record)
+            job = _submit(executor, kind, make(_task_filter(run, no_pretrain=True)),
+                          dep[0] if dep else None)
+            task_jobs[run.key] = (job, where)
+            log(f"[launch] submitted {where}: job {job.job_id}")
     for job, _ in task_jobs.values():
         _wait(job, log)
 
     records_dir = root / "records"
     if shared:  # each sharing row gets its own record of the run (written here, no job)
         ok = {r.config_hash for r in load_records(records_dir) if r.status == "ok"}
-        for i, only, h, where, src in shared:
-            if h not in ok:
+        for plan, run, where, src in shared:
+            if run.key not in ok:
                 log(f"[launch] {where}: the run it shares ({src}) failed; run again to retry")
                 continue
-            run_suite(rows[i][1], log=log, only=only, sweep=rows[i][2])
+            run_suite(plan.suite, log=log, only=_task_filter(run), sweep=plan.sweep)
     return records_dir
+
+
+def _task_filter(run: TaskStage, no_pretrain: bool = False) -> StageFilter:
+    """The part of its suite that is the task run ``run``."""
+    return StageFilter(run.entry.name, run.seed, run.kind, no_pretrain=no_pretrain)
 
 
 def _wait(job: Any, log: Any) -> None:

@@ -22,21 +22,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import downstream  # noqa: F401  (registers every task and its config schema)
 from harness.core.config import SuiteConfig
-from harness.core.fsutil import STAGE_LOCK, config_hash, lock_holder_alive, read_lock
-from harness.core.records import Record, SweepInfo, load_records
-from harness.runner import (
-    pretrain_config_for,
+from harness.core.fsutil import STAGE_LOCK, lock_holder_alive, read_lock
+from harness.core.records import Record, SweepInfo, load_records, row_key
+from harness.stages import (
+    PretrainStage,
+    SuitePlan,
+    TaskStage,
+    plan_stages,
     pretrain_done,
-    pretrain_stage_dir,
     read_pretrain_failure,
-    row_key,
-    run_config_for,
-    suite_dir,
-    task_stage_dir,
 )
-from harness.sweep import SweepRow, row_encoder_name, variant_name
+from harness.sweep import SweepRow
+from pretrain.engine import CHECKPOINT
 
 
 @dataclass
@@ -64,8 +62,6 @@ def lock_is_live(stage_dir: Path) -> bool:
 
 
 def _pretrain_state(d: Path) -> tuple[str, str]:
-    from pretrain.engine import CHECKPOINT
-
     if pretrain_done(d):
         return "done", str(d)
     if lock_is_live(d):
@@ -113,16 +109,19 @@ def plan_sweep(rows: list[SweepRow]) -> list[Stage]:
 
 
 def plan_suite(cfg: SuiteConfig, sweep: SweepInfo | None = None) -> list[Stage]:
-    """Every stage of ``cfg`` with its current state, in execution order.
+    """Every stage of ``cfg`` (:func:`harness.stages.plan_stages`) with its current state, in
+    execution order.
 
     Args:
         cfg: The suite.
         sweep: The sweep row the suite is (its task runs are looked up by config and row).
     """
-    from downstream.base import get_task
+    return stage_states(plan_stages(cfg, sweep))
 
-    root = suite_dir(cfg)
-    records_dir = root / "records"
+
+def stage_states(plan: SuitePlan) -> list[Stage]:
+    """The state of every stage of ``plan``, from its directory and the suite's records."""
+    records_dir = plan.root / "records"
     latest: dict[tuple[str, tuple[str, str] | None], Record] = {}
     any_row: dict[str, Record] = {}  # ok runs of a config by any row: a sweep row reuses them
     if records_dir.is_dir():
@@ -130,30 +129,24 @@ def plan_suite(cfg: SuiteConfig, sweep: SweepInfo | None = None) -> list[Stage]:
             latest[(r.config_hash, row_key(r.sweep))] = r
             if r.status == "ok":
                 any_row[r.config_hash] = r
-    label = variant_name(sweep.tags) if sweep else ""
-    stages: list[Stage] = []
-    for seed in cfg.seeds:
-        for entry in cfg.encoders:
-            deps: list[str] = []
-            pre_state = ""
-            if entry.pretrain is not None:
-                d = pretrain_stage_dir(root, pretrain_config_for(entry, cfg, seed))
-                pre_state, detail = _pretrain_state(d)
-                stages.append(Stage("pretrain", entry.name, seed, d.name, pre_state, [], detail,
-                                    label, _log_of(d)))
-                deps = [d.name]
-            for tcfg in cfg.tasks:
-                task = get_task(tcfg.name)
-                rc = run_config_for(entry, tcfg, cfg, seed)
-                rc["task_version"] = task.version
-                h = config_hash(rc)
-                tdir = task_stage_dir(root, entry.name, tcfg.name, seed, h)
-                state, detail = _task_state(latest.get((h, row_key(sweep))), tdir, any_row.get(h))
-                if pre_state == "failed" and state != "done":
-                    state, detail = "blocked", f"pretraining {deps[0]} failed"
-                stages.append(Stage(tcfg.name, row_encoder_name(entry.name, sweep), seed, h,
-                                    state, deps, detail, label, _log_of(tdir)))
-    return stages
+    mine = row_key(plan.sweep)
+    out: list[Stage] = []
+    pre_state: dict[str, str] = {}
+    for st in plan.stages():
+        if isinstance(st, PretrainStage):
+            state, detail = _pretrain_state(st.dir)
+            pre_state[st.key] = state
+            out.append(Stage("pretrain", st.entry.name, st.seed, st.key, state, [], detail,
+                             plan.label, _log_of(st.dir)))
+            continue
+        assert isinstance(st, TaskStage)
+        state, detail = _task_state(latest.get((st.key, mine)), st.dir, any_row.get(st.key))
+        deps = [st.after.key] if st.after is not None else []
+        if st.after is not None and pre_state[st.after.key] == "failed" and state != "done":
+            state, detail = "blocked", f"pretraining {st.after.key} failed"
+        out.append(Stage(st.kind, plan.encoder_name(st.entry), st.seed, st.key, state, deps,
+                         detail, plan.label, _log_of(st.dir)))
+    return out
 
 
 def _log_of(stage_dir: Path) -> str:
@@ -180,12 +173,3 @@ def format_plan(stages: list[Stage]) -> str:
     lines.append("")
     lines.append(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return "\n".join(lines)
-
-
-def stage_dirs(cfg: SuiteConfig) -> list[Path]:
-    """Pretraining stage directories of a suite (for cleaning or inspection)."""
-    root = suite_dir(cfg)
-    return [
-        pretrain_stage_dir(root, pretrain_config_for(e, cfg, s))
-        for s in cfg.seeds for e in cfg.encoders if e.pretrain is not None
-    ]

@@ -1,6 +1,8 @@
 """Running a suite in-process: pretrain each encoder that needs it (once per config: stage
 directories are keyed by the hash of their resolved config, and an interrupted pretraining
 resumes), evaluate every encoder on every task and seed, write one record per run, collate.
+The stages, their keys and directories come from the planner (:mod:`harness.stages`), which
+also checks every checkpoint and dataset before the first stage runs.
 
 A stage that fails leaves a failed record naming its error and the suite goes on; what finished
 is skipped when the suite runs again. A pretraining that fails also leaves ``failed.json`` in its
@@ -25,7 +27,6 @@ task, so no rank waits at a barrier for hours, and task code never sees a proces
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
@@ -36,16 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import downstream  # noqa: F401  (registers every task and its config schema)
-from harness.core.config import (
-    TIMM_PREFIX,
-    EncoderEntry,
-    PretrainConfig,
-    SuiteConfig,
-    TaskConfig,
-    hashed_dump,
-    to_plain,
-)
-from harness.core.errors import CheckpointError, UserError
+from harness.core.config import TIMM_PREFIX, EncoderEntry, SuiteConfig, to_plain
+from harness.core.errors import UserError
 from harness.core.fsutil import (
     STAGE_LOCK,
     LockHeldError,
@@ -66,6 +59,20 @@ from harness.core.records import (
     row_key,
     utc_now,
     write_record,
+)
+from harness.stages import (
+    PRETRAIN_FAILED,
+    EncoderStages,
+    StageFilter,
+    SuitePlan,
+    TaskStage,
+    check_plans,
+    plan_stages,
+    plan_sweep_stages,
+    pretrain_config_for,
+    pretrain_done,
+    pretrain_stage_dir,
+    read_pretrain_failure,
 )
 from harness.sweep import SweepRow, row_encoder_name, tag_text
 
@@ -90,31 +97,6 @@ def tee_log(log: Any, path: Path) -> Any:
         log(msg)
 
     return _log
-
-
-def suite_dir(cfg: SuiteConfig) -> Path:
-    """Where a suite writes: ``output_dir/name``."""
-    return Path(cfg.output_dir) / cfg.name
-
-
-def pretrain_config_for(entry: EncoderEntry, suite: SuiteConfig, seed: int) -> PretrainConfig:
-    """The standalone pretraining config an encoder entry of a suite stands for."""
-    assert entry.pretrain is not None
-    return PretrainConfig(
-        name=entry.name,
-        seed=seed,
-        data=suite.data,
-        encoder=entry.encoder,
-        recipe=entry.pretrain.recipe,
-        train=entry.pretrain.train,
-    )
-
-
-def pretrain_stage_dir(root: Path, pcfg: PretrainConfig) -> Path:
-    """``root/pretrain/<name>-s<seed>-<hash>``; the hash covers everything but the name."""
-    plain = to_plain(pcfg)
-    h = config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
-    return root / "pretrain" / f"{pcfg.name}-s{pcfg.seed}-{h[:10]}"
 
 
 def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Path, log: Any) -> EncoderHandle:
@@ -166,80 +148,8 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
     return EncoderHandle(enc, info, None, {})
 
 
-def _is_mimbench_file(path: Path) -> bool:
-    import torch
-
-    if not path.is_file():
-        raise CheckpointError(
-            f"encoder checkpoint {path} does not exist: fix the suite's 'checkpoint' path"
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return False  # load_encoder_checkpoint reports why
-    return isinstance(obj, dict) and "mimbench" in obj
-
-
-def run_config_for(entry: EncoderEntry, task: TaskConfig, suite: SuiteConfig, seed: int) -> dict[str, Any]:
-    """The resolved config stored in a run's record (and hashed to skip finished runs).
-
-    Fields added to the schemas later are left out while at their default
-    (:func:`harness.core.config.hashed_dump`), so that existing records keep matching their runs.
-    """
-    return {
-        "suite": suite.name,
-        "encoder": hashed_dump(entry),
-        "task": hashed_dump(task),
-        "data": suite.data.model_dump(mode="json"),
-        "seed": seed,
-    }
-
-
-def preflight(cfg: SuiteConfig) -> None:
-    """Reject bad input before anything runs: missing checkpoints, a missing dataset path."""
-    from harness.core.data.datasets import resolve_imagefolder_root
-
-    for entry in cfg.encoders:
-        if entry.checkpoint is not None and entry.checkpoint.startswith(TIMM_PREFIX):
-            continue
-        if entry.checkpoint is not None and not Path(entry.checkpoint).is_file():
-            raise CheckpointError(
-                f"encoder '{entry.name}': checkpoint {entry.checkpoint} does not exist; fix the path"
-            )
-    if cfg.data.source != "shapes":
-        resolve_imagefolder_root(cfg.data)
-
-
-PRETRAIN_FAILED = "failed.json"  # in a pretraining stage directory whose last attempt failed
-
-
 class DependencyFailedError(UserError):
     """A task cannot run because the pretraining it depends on did not finish."""
-
-
-def pretrain_done(stage: Path) -> bool:
-    """Whether a pretraining stage directory holds its finished outputs."""
-    from pretrain.engine import ENCODER, SUMMARY
-
-    return (stage / SUMMARY).is_file() and (stage / ENCODER).is_file()
-
-
-def task_stage_dir(root: Path, encoder: str, task: str, seed: int, h: str) -> Path:
-    """``root/tasks/<encoder>-<task>-s<seed>-<hash10>``: a task run's directory (log, outputs)."""
-    return root / "tasks" / f"{encoder}-{task}-s{seed}-{h[:10]}"
-
-
-def read_pretrain_failure(stage: Path) -> str | None:
-    """``Type: message`` of a pretraining stage's last failure, or None if it did not fail (or
-    finished since)."""
-    path = stage / PRETRAIN_FAILED
-    if not path.is_file() or pretrain_done(stage):
-        return None
-    try:
-        err = json.loads(path.read_text())
-        return f"{err['type']}: {err['message']}"
-    except (ValueError, KeyError, TypeError):
-        return "unknown error (unreadable failed.json)"
 
 
 def suite_lock_path(root: Path, obj: Any) -> Path:
@@ -247,16 +157,17 @@ def suite_lock_path(root: Path, obj: Any) -> Path:
     return root / "locks" / f"suite-{config_hash(obj)[:10]}.lock"
 
 
-def _obtain(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Path, log: Any,
+def _obtain(group: EncoderStages, suite: SuiteConfig, root: Path, log: Any,
             no_pretrain: bool = False) -> EncoderHandle:
     """:func:`obtain_encoder` with a pretraining run under its stage lock, its failure kept in
     the stage directory (``failed.json``), and, with ``no_pretrain``, no pretraining at all: an
     unfinished one raises :class:`DependencyFailedError`."""
     from harness.core import distributed
 
-    if entry.pretrain is None:
+    entry, seed = group.entry, group.seed
+    if group.pretrain is None:
         return obtain_encoder(entry, suite, seed, root, log)
-    stage = pretrain_stage_dir(root, pretrain_config_for(entry, suite, seed))
+    stage = group.pretrain.dir
     if pretrain_done(stage):
         return obtain_encoder(entry, suite, seed, root, log)
     if no_pretrain:
@@ -292,55 +203,25 @@ def _log_failure(path: Path, exc: BaseException) -> None:
         f.write(f"{utc_now()} FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
 
 
-@dataclass(frozen=True)
-class StageFilter:
-    """Restricts :func:`run_suite` to part of a suite (what one launcher job runs).
-
-    Attributes:
-        encoder: Only this encoder entry (None: all).
-        seed: Only this seed (None: all).
-        task: Only this task (None: all).
-        pretrain_only: Obtain (pretrain) the encoders but run no task.
-        no_pretrain: Pretrain nothing: a task whose encoder's pretraining has not finished is
-            recorded as failed ("blocked: pretraining ... failed") without running (a launcher
-            job whose dependency failed).
-    """
-
-    encoder: str | None = None
-    seed: int | None = None
-    task: str | None = None
-    pretrain_only: bool = False
-    no_pretrain: bool = False
-
-
-def preflight_sweep(rows: list[SweepRow]) -> None:
-    """Reject a bad row before any row runs: missing checkpoints or data, unknown tasks."""
-    from downstream.base import get_task
-
-    for row in rows:
-        preflight(row.config)
-        for t in row.config.tasks:
-            get_task(t.name)
-
-
 def run_sweep(rows: list[SweepRow], log: Any = print, command: list[str] | None = None) -> Path:
     """Run every row of a sweep (see :func:`harness.sweep.sweep_rows`) into one suite directory.
 
-    Every row is checked (:func:`preflight_sweep`) before the first runs. Returns the records
-    directory.
+    Every row is checked (:func:`harness.stages.check_plans`) before the first runs. Returns the
+    records directory.
     """
-    preflight_sweep(rows)
-    root = suite_dir(rows[0].config)
+    plans = plan_sweep_stages(rows)
+    check_plans(plans)
+    root = plans[0].root
     records_dir = root / "records"
     if not _data_parallel_pretraining(lambda: [
-        run_suite(r.config, log, command, StageFilter(pretrain_only=True), r.info) for r in rows
+        _run_plan(p, log, command, StageFilter(pretrain_only=True)) for p in plans
     ]):
         return records_dir
     plain = [to_plain(r.config) for r in rows]
     with stage_lock(suite_lock_path(root, plain), f"sweep {rows[0].info.name} in {root}"):
-        for row in rows:
+        for row, plan in zip(rows, plans, strict=True):
             log(f"[sweep] {row.info.name}: row {row.info.row + 1}/{row.info.rows}: {row.label}")
-            records_dir = run_suite(row.config, log=log, command=command, sweep=row.info)
+            records_dir = _run_plan(plan, log, command, StageFilter())
     return records_dir
 
 
@@ -360,32 +241,38 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
     Raises:
         LockHeldError: Another live process runs this suite, or a stage of it, now.
     """
-    only = only or StageFilter()
+    return _run_plan(plan_stages(cfg, sweep), log, command, only or StageFilter())
+
+
+def _run_plan(plan: SuitePlan, log: Any, command: list[str] | None, only: StageFilter) -> Path:
+    """:func:`run_suite` on the suite's stages: under torchrun the pretrainings first on every
+    rank; the selected stages checked (:func:`harness.stages.check_plans`), then run under the
+    suite's lock (a launcher job: under its stage's lock alone)."""
     pre_only = replace(only, pretrain_only=True)
     if not only.pretrain_only and not _data_parallel_pretraining(
-        lambda: run_suite(cfg, log, command, pre_only, sweep)
+        lambda: _run_plan(plan, log, command, pre_only)
     ):
-        return suite_dir(cfg) / "records"
-    preflight(cfg)
-    root = suite_dir(cfg)
+        return plan.root / "records"
+    check_plans([plan], only)
     if only != StageFilter():  # one launcher job: its stage's lock is enough
-        return _run_stages(cfg, root, log, command, only, sweep)
-    with stage_lock(suite_lock_path(root, to_plain(cfg)), f"suite {cfg.name} in {root}"):
-        return _run_stages(cfg, root, log, command, only, sweep)
+        return _run_stages(plan, log, command, only)
+    with stage_lock(suite_lock_path(plan.root, to_plain(plan.suite)),
+                    f"suite {plan.suite.name} in {plan.root}"):
+        return _run_stages(plan, log, command, only)
 
 
-def _run_stages(cfg: SuiteConfig, root: Path, log: Any, command: list[str] | None,  # noqa: C901
-                only: StageFilter, sweep: SweepInfo | None) -> Path:
+def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C901
+                only: StageFilter) -> Path:
     """The body of :func:`run_suite` once the suite is checked (and locked)."""
     import torch
 
-    from downstream.base import TaskContext, get_task
+    from downstream.base import TaskContext
     from harness.core.provenance import collect_provenance
     from harness.core.training import pick_device
 
+    cfg, root, sweep = plan.suite, plan.root, plan.sweep
     records_dir = root / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
-    tasks = [(t, get_task(t.name)) for t in cfg.tasks]  # unknown tasks fail before anything runs
     ok_records = [r for r in load_records(records_dir) if r.status == "ok"]
     done = {(r.config_hash, row_key(r.sweep)): r for r in ok_records}
     by_hash = {r.config_hash: r for r in ok_records}  # another row's run of the same config
@@ -393,82 +280,74 @@ def _run_stages(cfg: SuiteConfig, root: Path, log: Any, command: list[str] | Non
     tags = {k: tag_text(v) for k, v in sweep.tags.items()} if sweep else {}
     prov = collect_provenance(command or sys.argv)
     device = pick_device("auto")
-    for seed in cfg.seeds:
-        if only.seed is not None and seed != only.seed:
+    for group in plan.select(only):
+        entry, seed = group.entry, group.seed
+        if only.pretrain_only:
+            if group.pretrain is not None:
+                _obtain(group, cfg, root, log)
             continue
-        for entry in cfg.encoders:
-            if only.encoder is not None and entry.name != only.encoder:
+        todo: list[TaskStage] = []
+        for st in group.tasks:
+            if (st.key, mine) in done:
+                log(f"[suite] {entry.name} / {st.kind} / seed {seed}: done earlier "
+                    f"({done[(st.key, mine)].run_id}), skipped")
                 continue
-            if only.pretrain_only:
-                if entry.pretrain is not None:
-                    _obtain(entry, cfg, seed, root, log)
+            if st.key in by_hash:  # identical config run for another sweep row: share it
+                rec = _reused_record(by_hash[st.key], entry, seed, sweep, tags, prov)
+                log(f"[suite] {rec.encoder.name} / {st.kind} / seed {seed}: same config as "
+                    f"{by_hash[st.key].run_id}, its result is reused")
+                _write(records_dir, rec)
+                done[(st.key, mine)] = rec
                 continue
-            todo = []
-            for tcfg, task in tasks:
-                if only.task is not None and tcfg.name != only.task:
+            todo.append(st)
+        if not todo:
+            continue
+        started = utc_now()
+        t0 = time.time()
+        name = plan.encoder_name(entry)
+        try:
+            handle = _obtain(group, cfg, root, log, only.no_pretrain)
+        except LockHeldError:
+            raise  # another process runs this pretraining: refuse, record nothing
+        except Exception as exc:  # the encoder failed: every task of it fails, suite goes on
+            log(f"[suite] {name}: FAILED to obtain encoder: {type(exc).__name__}: {exc}")
+            for st in todo:
+                rec = _failed_record(st, cfg, prov, started, t0, exc)
+                _write(records_dir, _in_row(rec, sweep, tags))
+            continue
+        info = handle.info.model_copy(update={"name": name})
+        for st in todo:
+            tdir = st.dir
+            with stage_lock(tdir / STAGE_LOCK, f"task run {tdir}"):
+                if _finished_meanwhile(records_dir, st.key, mine):  # by another process
+                    log(f"[suite] {name} / {st.kind} / seed {seed}: done meanwhile, skipped")
                     continue
-                rc = run_config_for(entry, tcfg, cfg, seed)
-                rc["task_version"] = task.version
-                h = config_hash(rc)
-                if (h, mine) in done:
-                    log(f"[suite] {entry.name} / {tcfg.name} / seed {seed}: done earlier "
-                        f"({done[(h, mine)].run_id}), skipped")
-                    continue
-                if h in by_hash:  # identical config run for another sweep row: share it
-                    rec = _reused_record(by_hash[h], entry, seed, sweep, tags, prov)
-                    log(f"[suite] {rec.encoder.name} / {tcfg.name} / seed {seed}: same config as "
-                        f"{by_hash[h].run_id}, its result is reused")
-                    _write(records_dir, rec)
-                    done[(h, mine)] = rec
-                    continue
-                todo.append((tcfg, task, rc, h))
-            if not todo:
-                continue
-            started = utc_now()
-            t0 = time.time()
-            name = row_encoder_name(entry.name, sweep)
-            try:
-                handle = _obtain(entry, cfg, seed, root, log, only.no_pretrain)
-            except LockHeldError:
-                raise  # another process runs this pretraining: refuse, record nothing
-            except Exception as exc:  # the encoder failed: every task of it fails, suite goes on
-                log(f"[suite] {name}: FAILED to obtain encoder: {type(exc).__name__}: {exc}")
-                for tcfg, task, rc, h in todo:
-                    rec = _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov, started, t0, exc)
-                    _write(records_dir, _in_row(rec, sweep, tags))
-                continue
-            info = handle.info.model_copy(update={"name": name})
-            for tcfg, task, rc, h in todo:
-                tdir = task_stage_dir(root, entry.name, tcfg.name, seed, h)
-                with stage_lock(tdir / STAGE_LOCK, f"task run {tdir}"):
-                    if _finished_meanwhile(records_dir, h, mine):  # by another process
-                        log(f"[suite] {name} / {tcfg.name} / seed {seed}: done meanwhile, skipped")
-                        continue
-                    started = utc_now()
-                    t0 = time.time()
-                    log(f"[suite] {name} / {tcfg.name} / seed {seed}: running")
-                    try:
-                        ctx = TaskContext(data=cfg.data, seed=seed, device=device, out_dir=tdir,
-                                          log=tee_log(log, tdir / "log.txt"))
-                        torch.manual_seed(seed)
-                        result = task.run(handle.encoder, tcfg, ctx)
-                        rec = Record(
-                            run_id=new_run_id(f"{name}-{tcfg.name}-s{seed}"),
-                            status="ok", started_at=started, finished_at=utc_now(),
-                            duration_s=time.time() - t0, encoder=info, recipe=handle.recipe,
-                            task=TaskInfo(name=task.name, version=task.version),
-                            metrics={k: float(v) for k, v in result.metrics.items()},
-                            metric_info={k: MetricInfo(higher_is_better=task.metrics[k])
-                                         for k in result.metrics},
-                            details={**result.details, **handle.extra},
-                            config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
-                        )
-                    except Exception as exc:
-                        log(f"[suite] {name} / {tcfg.name}: FAILED: {type(exc).__name__}: {exc}")
-                        _log_failure(tdir / "log.txt", exc)  # before the record: it is newer
-                        rec = _failed_record(entry, tcfg, task, rc, h, seed, cfg, prov, started,
-                                             t0, exc, info)
-                    _write(records_dir, _in_row(rec, sweep, tags))
+                started = utc_now()
+                t0 = time.time()
+                log(f"[suite] {name} / {st.kind} / seed {seed}: running")
+                try:
+                    ctx = TaskContext(data=cfg.data, seed=seed, device=device, out_dir=tdir,
+                                      log=tee_log(log, tdir / "log.txt"))
+                    torch.manual_seed(seed)
+                    result = st.task.run(handle.encoder, st.task_cfg, ctx)
+                    task = st.task
+                    rec = Record(
+                        run_id=new_run_id(f"{name}-{st.kind}-s{seed}"),
+                        status="ok", started_at=started, finished_at=utc_now(),
+                        duration_s=time.time() - t0, encoder=info, recipe=handle.recipe,
+                        task=TaskInfo(name=task.name, version=task.version),
+                        metrics={k: float(v) for k, v in result.metrics.items()},
+                        metric_info={k: MetricInfo(higher_is_better=task.metrics[k])
+                                     for k in result.metrics},
+                        details={**result.details, **handle.extra},
+                        config=st.run_config, config_hash=st.key, seed=seed, suite=cfg.name,
+                        provenance=prov,
+                    )
+                except Exception as exc:
+                    log(f"[suite] {name} / {st.kind}: FAILED: {type(exc).__name__}: {exc}")
+                    _log_failure(tdir / "log.txt", exc)  # before the record: it is newer
+                    rec = _failed_record(st, cfg, prov, started, t0, exc, info)
+                _write(records_dir, _in_row(rec, sweep, tags))
     return records_dir
 
 
@@ -520,18 +399,18 @@ def _reused_record(src: Record, entry: EncoderEntry, seed: int, sweep: SweepInfo
     })
 
 
-def _failed_record(entry: EncoderEntry, tcfg: TaskConfig, task: Any, rc: dict[str, Any], h: str,
-                   seed: int, cfg: SuiteConfig, prov: dict[str, Any], started: str, t0: float,
-                   exc: BaseException, info: EncoderInfo | None = None) -> Record:
+def _failed_record(st: TaskStage, cfg: SuiteConfig, prov: dict[str, Any], started: str,
+                   t0: float, exc: BaseException, info: EncoderInfo | None = None) -> Record:
+    entry, task = st.entry, st.task
     return Record(
-        run_id=new_run_id(f"{entry.name}-{tcfg.name}-s{seed}"),
+        run_id=new_run_id(f"{entry.name}-{st.kind}-s{st.seed}"),
         status="failed", started_at=started, finished_at=utc_now(), duration_s=time.time() - t0,
         encoder=info or EncoderInfo(name=entry.name, arch=_named_arch(entry), source=entry.source,  # type: ignore[arg-type]
                                     checkpoint=entry.checkpoint),
         recipe=entry.pretrain.recipe.model_dump(mode="json") if entry.pretrain else None,
         task=TaskInfo(name=task.name, version=task.version),
         metric_info={k: MetricInfo(higher_is_better=v) for k, v in task.metrics.items()},
-        config=rc, config_hash=h, seed=seed, suite=cfg.name, provenance=prov,
+        config=st.run_config, config_hash=st.key, seed=st.seed, suite=cfg.name, provenance=prov,
         error=ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()),
     )
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from harness.core.fsutil import STAGE_LOCK, lock_holder_alive, read_lock
 from harness.core.records import Record, load_records
+from harness.stages import KEY_CHARS, PRETRAIN_DIR, PRETRAIN_FAILED, TASKS_DIR, task_dir_key
+from pretrain.engine import CHECKPOINT, ENCODER, SUMMARY
 
 PROGRESS = re.compile(r"\b(step|epoch) (\d+)/(\d+)")
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT[\d:.]+\+00:00) ")
@@ -79,13 +81,12 @@ def _progress(log: Path) -> tuple[int, int, str, float | None] | None:
 
 
 def _task_kind(dirname: str, records: dict[str, Record]) -> tuple[str, Record | None]:
-    """Task name and record of ``tasks/<encoder>-<task>-s<seed>-<hash10>``."""
-    h = dirname.rsplit("-", 1)[-1]
-    rec = records.get(h)
+    """Task name and record of a task stage directory (:func:`harness.stages.task_stage_dir`)."""
+    key, task = task_dir_key(dirname)
+    rec = records.get(key)
     if rec is not None:
         return rec.task.name, rec
-    parts = dirname.rsplit("-", 3)
-    return (parts[-3] if len(parts) == 4 else "task"), None
+    return task or "task", None
 
 
 def _lock_state(d: Path, stale_s: float) -> str | None:
@@ -109,28 +110,28 @@ def _with_progress(st: StageStatus, log: Path) -> StageStatus:
     return st
 
 
-PRETRAIN_FILES = ("checkpoint.pth", "summary.json", "encoder.pth", "loss.jsonl")
+PRETRAIN_FILES = (CHECKPOINT, SUMMARY, ENCODER, "loss.jsonl")
 
 
 def is_standalone_pretraining(root: Path) -> bool:
     """Whether ``root`` is the output directory of one ``mimbench pretrain``."""
     return (root / "config.yaml").is_file() and any((root / f).is_file() for f in PRETRAIN_FILES) \
-        and not (root / "pretrain").is_dir() and not (root / "tasks").is_dir()
+        and not (root / PRETRAIN_DIR).is_dir() and not (root / TASKS_DIR).is_dir()
 
 
 def _pretrain_stage(d: Path, stale_s: float, now: float, locked: bool = True) -> StageStatus:
     """One pretraining directory; ``locked``: written by the suite runner (which locks)."""
-    if (d / "summary.json").is_file():
-        st = StageStatus("pretrain", d.name, "done", detail=_summary_text(d / "summary.json"))
-    elif _lock_state(d, stale_s) is None and (d / "failed.json").is_file():
-        st = StageStatus("pretrain", d.name, "failed", detail=_failure_text(d / "failed.json"))
+    if (d / SUMMARY).is_file():
+        st = StageStatus("pretrain", d.name, "done", detail=_summary_text(d / SUMMARY))
+    elif _lock_state(d, stale_s) is None and (d / PRETRAIN_FAILED).is_file():
+        st = StageStatus("pretrain", d.name, "failed", detail=_failure_text(d / PRETRAIN_FAILED))
     elif locked or (d / STAGE_LOCK).is_file():
-        started = (d / "log.txt").is_file() or (d / "checkpoint.pth").is_file()
+        started = (d / "log.txt").is_file() or (d / CHECKPOINT).is_file()
         st = StageStatus("pretrain", d.name, _unfinished_state(d, stale_s, started))
     else:  # no lock to ask: the newest file's age says whether it is alive
         ages = [now - f.stat().st_mtime for f in d.iterdir() if f.is_file()]
         alive = bool(ages) and min(ages) < stale_s
-        has_ckpt = (d / "checkpoint.pth").is_file()
+        has_ckpt = (d / CHECKPOINT).is_file()
         st = StageStatus("pretrain", d.name, "running" if alive else
                          ("interrupted" if has_ckpt else "pending"))
     return _with_progress(st, d / "log.txt")
@@ -163,12 +164,12 @@ def stage_status(root: str | Path, stale_s: float = 300.0, now: float | None = N
     now = time.time() if now is None else now
     if is_standalone_pretraining(root):
         return [_pretrain_stage(root, stale_s, now, locked=False)]
-    out = [_pretrain_stage(d, stale_s, now) for d in sorted((root / "pretrain").glob("*/"))]
+    out = [_pretrain_stage(d, stale_s, now) for d in sorted((root / PRETRAIN_DIR).glob("*/"))]
     records: dict[str, Record] = {}
     if (root / "records").is_dir():
         for r in sorted(load_records(root / "records"), key=lambda r: r.finished_at or r.started_at):
-            records[r.config_hash[:10]] = r
-    for d in sorted((root / "tasks").glob("*/")):
+            records[r.config_hash[:KEY_CHARS]] = r
+    for d in sorted((root / TASKS_DIR).glob("*/")):
         kind, rec = _task_kind(d.name, records)
         log = d / "log.txt"
         live = _lock_state(d, stale_s) == "running"

@@ -22,6 +22,8 @@ from typing import Any
 from harness.core.config import EncoderConfig
 from harness.core.data.shapes import ShapesSpec, ensure_shapes
 
+from ..base import PipelineBench
+
 
 def bench(
     task: str,
@@ -115,6 +117,17 @@ def bench(
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }  # fmt: skip
+
+
+def pipeline_bench(task: str, arch: str, iters: int, count_flops: bool) -> PipelineBench:
+    """:func:`bench` at the task's default batch and size, as ``mimbench bench`` reports it."""
+    res = bench(task, arch=arch, iters=iters, batch_size=None, count_flops=count_flops)
+    return PipelineBench(
+        input=res["input"], batch_size=int(res["batch_size"]),
+        seconds_per_iter=float(res["seconds_per_iter"]),
+        peak_mb=res.get("cuda_peak_allocated_mb") or res.get("cpu_peak_rss_mb"),
+        gflops_per_img=res.get("gflops_per_img"),
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

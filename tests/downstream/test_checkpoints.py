@@ -526,7 +526,8 @@ def test_suite_entry_format_and_allow_partial(tiny_imagefolder, tmp_path):
     from harness.core.config import ConfigError, SuiteConfig, validate_config
     from harness.core.fsutil import config_hash
     from harness.core.records import load_records
-    from harness.runner import obtain_encoder, run_config_for, run_suite
+    from harness.runner import obtain_encoder, run_suite
+    from harness.stages import run_config_for
 
     enc = _vit()
     mae = _save(mae_layout(enc), tmp_path / "mae.pth")
@@ -762,7 +763,8 @@ def _save_timm(enc, path):
 
 def test_record_names_the_architecture_that_ran(tiny_imagefolder, tmp_path):
     from harness.core.config import SuiteConfig, validate_config
-    from harness.runner import obtain_encoder, pretrain_config_for, pretrain_stage_dir
+    from harness.runner import obtain_encoder
+    from harness.stages import pretrain_config_for, pretrain_stage_dir
     from pretrain.engine import ENCODER, SUMMARY
 
     torch.manual_seed(0)

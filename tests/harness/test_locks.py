@@ -18,7 +18,8 @@ from harness.cli import main
 from harness.core.config import to_plain, validate_config
 from harness.core.fsutil import LockHeldError, read_lock, stage_lock
 from harness.core.records import load_records
-from harness.runner import StageFilter, run_suite, suite_dir, suite_lock_path
+from harness.runner import StageFilter, run_suite, suite_lock_path
+from harness.stages import suite_dir
 
 REPO = Path(__file__).resolve().parents[2]
 HOLD = (

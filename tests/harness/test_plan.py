@@ -15,7 +15,7 @@ from harness.cli import main
 from harness.core.config import validate_config
 from harness.core.records import load_records
 from harness.plan import plan_suite
-from harness.runner import suite_dir
+from harness.stages import suite_dir
 
 
 def _suite(data, out, batch_size=8):

@@ -315,7 +315,7 @@ def run_record(
 ) -> Record:
     """A record as the runner writes it: config from run_config_for of a real suite."""
     from harness.core.config import validate_config
-    from harness.runner import run_config_for
+    from harness.stages import run_config_for
 
     entry: dict[str, Any] = {"name": name}
     if checkpoint is not None:

@@ -162,7 +162,7 @@ def test_every_full_sweep_has_a_tiny_version_with_the_same_axes(path):
 
 
 def _pretrain_rows(path: Path, data: Path, out: Path, limit: int | None = None) -> list[float]:
-    from harness.runner import pretrain_config_for
+    from harness.stages import pretrain_config_for
     from pretrain.engine import pretrain
 
     losses = []

@@ -139,6 +139,45 @@ class CheckedImageFolder(datasets.ImageFolder):
         return sample, target
 
 
+def imagefolder_classes(root: Path, split: str, min_classes: int = 2) -> list[str]:
+    """The class names of ``root/split``, checked without reading an image: the split's layout,
+    at least ``min_classes`` classes, and for a split other than train the train split's classes.
+
+    Raises:
+        DatasetError: A wrong layout, too few classes, or classes that differ between splits.
+    """
+    classes = check_imagefolder_split(root / split)
+    if len(classes) < min_classes:
+        raise DatasetError(
+            f"{root / split} has {len(classes)} class folder(s) ({', '.join(classes)}), this task "
+            f"needs at least {min_classes}: with a single class every prediction is right and "
+            "accuracy reads 100; add the other class folders (ImageNet-1k's layout: "
+            "<split>/<class>/*.jpg, the same classes in train/ and val/)"
+        )
+    if split != "train" and (root / "train").is_dir():
+        train_classes = check_imagefolder_split(root / "train")
+        if classes != train_classes:
+            raise DatasetError(
+                f"class folders differ between {root / 'train'} and {root / split}: "
+                f"{sorted(set(classes) ^ set(train_classes))[:10]}"
+            )
+    return classes
+
+
+def check_classification_data(data: DataConfig) -> Path:
+    """Check the ImageFolder a classification task reads (train and val, the same two or more
+    classes) without reading an image, so that a wrong path fails before anything runs;
+    returns its root.
+
+    Raises:
+        DatasetError: The path is missing or its layout is wrong (the message names the fix).
+    """
+    root = resolve_imagefolder_root(data)
+    for split in ("train", "val"):
+        imagefolder_classes(root, split)
+    return root
+
+
 def imagefolder_checked(
     root: Path, split: str, transform: Any, strict: bool = False, min_classes: int = 2
 ) -> CheckedImageFolder:
@@ -153,25 +192,11 @@ def imagefolder_checked(
             prediction is right and accuracy reads 100), 1 for pretraining (labels unused).
 
     Raises:
-        DatasetError: A wrong layout, too few classes, or classes that differ between splits.
+        DatasetError: A wrong layout, too few classes, or classes that differ between splits
+            (:func:`imagefolder_classes`).
     """
-    classes = check_imagefolder_split(root / split)
-    if len(classes) < min_classes:
-        raise DatasetError(
-            f"{root / split} has {len(classes)} class folder(s) ({', '.join(classes)}), this task "
-            f"needs at least {min_classes}: with a single class every prediction is right and "
-            "accuracy reads 100; add the other class folders (ImageNet-1k's layout: "
-            "<split>/<class>/*.jpg, the same classes in train/ and val/)"
-        )
-    ds = CheckedImageFolder(str(root / split), transform=transform, strict=strict)
-    if split != "train" and (root / "train").is_dir():
-        train_classes = check_imagefolder_split(root / "train")
-        if ds.classes != train_classes:
-            raise DatasetError(
-                f"class folders differ between {root / 'train'} and {root / split}: "
-                f"{sorted(set(ds.classes) ^ set(train_classes))[:10]}"
-            )
-    return ds
+    imagefolder_classes(root, split, min_classes)
+    return CheckedImageFolder(str(root / split), transform=transform, strict=strict)
 
 
 class SkipTally:
