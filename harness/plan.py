@@ -1,8 +1,8 @@
-"""Planning a suite: the stages it expands into, their dependencies and their state.
+"""``mimbench plan``: the state of every stage of a suite, without running anything.
 
-A suite becomes pretraining stages (one per encoder that is pretrained here, per seed) and
-task runs (encoder x task x seed) that depend on them. Each stage is keyed by the hash of its
-resolved config, so ``mimbench plan`` can tell, without running anything, what is
+The stages, their dependencies and keys come from the planner (:mod:`harness.stages`): a
+pretraining stage per encoder that is pretrained here, per seed, and task runs (encoder x task x
+seed) that depend on them, each keyed by the hash of its resolved config. A stage is
 
 * ``done``;
 * ``running``: its lock file (:func:`harness.core.fsutil.stage_lock`) names a live holder;
