@@ -326,12 +326,14 @@ def check_plans(plans: Iterable[SuitePlan], only: StageFilter | None = None) -> 
         cfg = plan.suite
         _check_checkpoints(cfg)
         groups = plan.select(only)
+        data = cfg.data.model_dump(mode="json")
         pretrains = not only.no_pretrain and any(g.pretrain is not None for g in groups)
-        if pretrains and cfg.data.source != "shapes":
+        what = json.dumps(["pretrain", data], sort_keys=True)
+        if pretrains and cfg.data.source != "shapes" and what not in checked:
             resolve_imagefolder_root(cfg.data)  # pretraining reads an ImageFolder
+            checked.add(what)
         for run in (t for g in groups for t in g.tasks):
-            what = json.dumps([run.kind, run.run_config["task"], run.run_config["data"]],
-                              sort_keys=True)
+            what = json.dumps([run.kind, run.run_config["task"], data], sort_keys=True)
             if what not in checked:
                 run.task.check_data(run.task_cfg, cfg.data)
                 checked.add(what)

@@ -152,3 +152,23 @@ def test_a_job_checks_only_its_own_stage(tiny_imagefolder, tmp_path, monkeypatch
     assert checked == []  # a pretraining job reads no task's data
     check_plans(plan_sweep_stages(rows))
     assert checked == ["knn"]  # one task config and dataset: checked once for all rows
+
+
+def test_a_dense_suite_s_data_is_checked_by_its_task_not_as_an_imagefolder(tmp_path):
+    from harness.core.config import validate_config
+    from harness.core.data.shapes import ShapesSpec, ensure_shapes
+
+    shapes = ensure_shapes(ShapesSpec(image_size=8, train_per_class=1, val_per_class=1,
+                                      scene_size=64, train_scenes=2, val_scenes=1),
+                           cache_root=tmp_path / "cache")  # fmt: skip
+    coco = shapes / "coco"
+    suite = validate_config({
+        "kind": "suite", "name": "dense", "output_dir": str(tmp_path / "out"), "seeds": [0],
+        "data": {"source": str(coco)},
+        "encoders": [{"name": "random-init", "encoder": {"arch": "vit_micro_32"}}],
+        "tasks": [{"name": "detection"}],
+    })  # fmt: skip
+    check_plans([plan_stages(suite)])  # a COCO root: no train/ and val/ class folders needed
+    (coco / "annotations" / "instances_val2017.json").unlink()
+    with pytest.raises(DatasetError, match="instances_val2017.json is missing"):
+        check_plans([plan_stages(suite)])
