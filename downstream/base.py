@@ -64,6 +64,7 @@ class PipelineBench:
         seconds_per_iter: Median seconds per timed iteration.
         peak_mb: Peak memory in MiB (CUDA allocated, or the process's resident set on CPU).
         gflops_per_img: GFLOPs per image of one iteration, or None when not counted.
+        details: Every figure measured (per-iteration times, losses, memory, device).
     """
 
     input: str
@@ -71,6 +72,7 @@ class PipelineBench:
     seconds_per_iter: float
     peak_mb: float | None
     gflops_per_img: float | None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,9 +119,12 @@ class Task(ABC):
         """
         raise NotImplementedError(f"task '{self.name}' has no bench step")
 
-    def bench_pipeline(self, arch: str, iters: int, count_flops: bool) -> PipelineBench | None:
+    def bench_pipeline(self, arch: str, iters: int, count_flops: bool, batch_size: int | None = None,
+                       size: int | None = None, threads: int | None = None) -> PipelineBench | None:
         """Time ``iters`` training iterations of this task's own pipeline (the first one a
-        warm-up) at the encoder preset ``arch``; None for a task timed by :meth:`bench_step`."""
+        warm-up) with a random encoder of preset ``arch``, counting the FLOPs of one more if
+        ``count_flops``, at ``batch_size`` images of side ``size`` (None: the task's defaults);
+        None for a task timed by :meth:`bench_step`."""
         return None
 
 

@@ -42,7 +42,7 @@ from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConf
 from harness.core.data.datasets import DatasetError, resolve_shapes_root
 from pretrain.encoder import ViTEncoder
 
-from ._mm.bench import pipeline_bench
+from ._mm.bench import time_training
 from ._mm.runtime import dataloader, optim_config, runtime_config
 from .base import PipelineBench, Task, TaskContext, TaskResult, register_task
 
@@ -385,9 +385,21 @@ class Detection(Task):
         assert isinstance(cfg, DetectionConfig)
         check_coco(resolve_coco_root(data), cfg.classes)
 
-    def bench_pipeline(self, arch: str, iters: int, count_flops: bool) -> PipelineBench:
-        """mmengine training iterations on synthetic scenes (:func:`downstream._mm.bench.bench`)."""
-        return pipeline_bench(self.name, arch, iters, count_flops)
+    def bench_pipeline(self, arch: str, iters: int, count_flops: bool, batch_size: int | None = None,
+                       size: int | None = None, threads: int | None = None) -> PipelineBench:
+        """mmengine training iterations on synthetic COCO scenes (batch 1, LSJ size 1024 by default) (:func:`downstream._mm.bench.time_training`)."""
+        batch = batch_size or 1
+
+        def build(data: Path, mm_kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            from ._mm import mmdet_modules  # noqa: F401  (registers our modules with mmdet)
+
+            cfg = DetectionConfig(img_size=size or 1024, batch_size=batch, max_iters=iters,
+                                  log_level="WARNING", log_interval=1)
+            coco = data / "coco"
+            mm = build_mm_config(cfg, root=coco, classes=check_coco(coco, None), **mm_kwargs)
+            return mm, f"{cfg.img_size}x{cfg.img_size}"
+
+        return time_training(self.name, arch, iters, batch, threads, count_flops, build)
 
     def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, DetectionConfig)

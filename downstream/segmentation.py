@@ -46,7 +46,7 @@ from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConf
 from harness.core.data.datasets import DatasetError, resolve_shapes_root
 from pretrain.encoder import ViTEncoder
 
-from ._mm.bench import pipeline_bench
+from ._mm.bench import time_training
 from ._mm.runtime import dataloader, optim_config, runtime_config
 from .base import PipelineBench, Task, TaskContext, TaskResult, register_task
 from .detection import IMG_MEAN, IMG_STD
@@ -347,9 +347,22 @@ class Segmentation(Task):
         assert isinstance(cfg, SegmentationConfig)
         check_ade(resolve_ade_root(data), cfg.classes)
 
-    def bench_pipeline(self, arch: str, iters: int, count_flops: bool) -> PipelineBench:
-        """mmengine training iterations on synthetic scenes (:func:`downstream._mm.bench.bench`)."""
-        return pipeline_bench(self.name, arch, iters, count_flops)
+    def bench_pipeline(self, arch: str, iters: int, count_flops: bool, batch_size: int | None = None,
+                       size: int | None = None, threads: int | None = None) -> PipelineBench:
+        """mmengine training iterations on synthetic ADE20K scenes (batch 2: UperNet's BatchNorm after its 1 x 1
+        pooling branch cannot train on one image; crop 512 by default) (:func:`downstream._mm.bench.time_training`)."""
+        batch = batch_size or 2
+
+        def build(data: Path, mm_kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            from ._mm import mmseg_modules  # noqa: F401  (registers our modules with mmseg)
+
+            cfg = SegmentationConfig(crop_size=size or 512, batch_size=batch, max_iters=iters,
+                                     log_level="WARNING", log_interval=1)
+            ade = data / "ade20k" / "ADEChallengeData2016"
+            mm = build_mm_config(cfg, root=ade, classes=check_ade(ade, None), **mm_kwargs)
+            return mm, f"{cfg.crop_size}x{cfg.crop_size}"
+
+        return time_training(self.name, arch, iters, batch, threads, count_flops, build)
 
     def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, SegmentationConfig)

@@ -16,13 +16,18 @@ import platform
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from harness.core.config import EncoderConfig
 from harness.core.data.shapes import ShapesSpec, ensure_shapes
 
-from ..base import PipelineBench
+from ..base import PipelineBench, get_task
+
+#: A dense task's bench config: (synthetic data root, the mm config keyword arguments the bench
+#: fixes) -> (the mm config to train, its input size as ``HxW``).
+BuildConfig = Callable[[Path, dict[str, Any]], tuple[dict[str, Any], str]]
 
 
 def bench(
@@ -34,7 +39,8 @@ def bench(
     threads: int | None = None,
     count_flops: bool = False,
 ) -> dict[str, Any]:
-    """Time ``iters`` training iterations of ``task`` at ``arch``; returns the figures.
+    """Time ``iters`` training iterations of ``task`` at ``arch``; returns the figures (the
+    task's own :meth:`~downstream.base.Task.bench_pipeline`, which calls :func:`time_training`).
 
     Args:
         task: ``detection`` or ``segmentation``.
@@ -44,6 +50,26 @@ def bench(
             UperNet has BatchNorm after a 1 x 1 pooling branch: one image cannot train it).
         size: Input side (detection: LSJ size, default 1024; segmentation: crop, default 512).
         threads: ``torch.set_num_threads`` (default: torch's choice).
+        count_flops: Count the FLOPs of one more training iteration (see :func:`time_training`).
+    """
+    res = get_task(task).bench_pipeline(arch, iters, count_flops, batch_size=batch_size,
+                                        size=size, threads=threads)
+    if res is None:
+        raise ValueError(f"unknown dense task '{task}': use detection or segmentation")
+    return res.details
+
+
+def time_training(task: str, arch: str, iters: int, batch_size: int, threads: int | None,
+                  count_flops: bool, build: BuildConfig) -> PipelineBench:
+    """Train a random ``arch`` encoder ``iters`` iterations through a dense task's pipeline on
+    synthetic scenes, without evaluation or checkpoints; the figures of :func:`bench`.
+
+    Args:
+        task: The task's name (in the figures and the experiment name).
+        arch: Encoder preset.
+        iters: Training iterations (the first is not timed).
+        batch_size: Images per iteration (the scenes generated: at least that many).
+        threads: ``torch.set_num_threads`` (default: torch's choice).
         count_flops: After the timed iterations, count the FLOPs of one more training
             iteration (loss forward and backward on one batch, no optimizer step; see
             :class:`downstream._mm.common.TrainIterFlopCounter`) and report them per image as
@@ -51,6 +77,7 @@ def bench(
             ...) nor elementwise work: the figure is a lower bound (at the default sizes dominated by
             the backbone; at tiny inputs the fixed-size RoI heads weigh more).
             ``None`` when not counted.
+        build: The task's mm config for the generated data root (:data:`BuildConfig`).
     """
     import torch
 
@@ -59,7 +86,6 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     enc = EncoderConfig(arch=arch)
-    batch_size = batch_size or (2 if task == "segmentation" else 1)
     with tempfile.TemporaryDirectory(prefix="mimbench-bench-") as tmp:
         spec = ShapesSpec(image_size=8, train_per_class=1, val_per_class=1, scene_size=256,
                           train_scenes=max(4, batch_size), val_scenes=1)  # fmt: skip
@@ -69,64 +95,30 @@ def bench(
             experiment_name=f"bench-{task}-{time.time_ns()}", with_val=False,
             save_checkpoints=False, amp=False,
         )  # fmt: skip
-        if task == "detection":
-            from .. import detection as mod
-            from . import mmdet_modules  # noqa: F401
-
-            cfg: Any = mod.DetectionConfig(
-                img_size=size or 1024,
-                batch_size=batch_size,
-                max_iters=iters,
-                log_level="WARNING",
-                log_interval=1,
-            )
-            mm = mod.build_mm_config(cfg, root=data / "coco", classes=mod.check_coco(data / "coco", None),
-                                     **common_kw)  # fmt: skip
-            shape = f"{cfg.img_size}x{cfg.img_size}"
-        elif task == "segmentation":
-            from .. import segmentation as mod
-            from . import mmseg_modules  # noqa: F401
-
-            root = data / "ade20k" / "ADEChallengeData2016"
-            cfg = mod.SegmentationConfig(
-                crop_size=size or 512,
-                batch_size=batch_size,
-                max_iters=iters,
-                log_level="WARNING",
-                log_interval=1,
-            )
-            mm = mod.build_mm_config(cfg, root=root, classes=mod.check_ade(root, None), **common_kw)
-            shape = f"{cfg.crop_size}x{cfg.crop_size}"
-        else:
-            raise ValueError(f"unknown dense task '{task}': use detection or segmentation")
+        mm, shape = build(data, common_kw)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         counter = common.TrainIterFlopCounter() if count_flops else None
         res = common.run_mm(mm, Path(tmp) / f"{task}_config.py", hooks=[counter] if counter else [])
     gflops = (counter.flops / counter.batch_size / 1e9
               if counter and counter.flops is not None and counter.batch_size else None)  # fmt: skip
-    return {
+    memory = counter.memory if counter and counter.memory else res.memory
+    details = {
         "task": task, "arch": arch, "input": shape, "batch_size": batch_size, "iters": iters,
         "seconds_per_iter": round(res.seconds_per_iter(), 3), "gflops_per_img": gflops,
         "first_iter_seconds": round(res.iter_seconds[0], 3) if res.iter_seconds else None,
         "iter_seconds": [round(t, 3) for t in res.iter_seconds],
         "losses": [round(v, 4) for v in res.losses],
         "peak_rss_mb_before_training": round(rss_before),
-        **{k: round(v) for k, v in (counter.memory if counter and counter.memory else res.memory).items()},
+        **{k: round(v) for k, v in memory.items()},
         "wall_seconds": round(res.wall_seconds, 1),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }  # fmt: skip
-
-
-def pipeline_bench(task: str, arch: str, iters: int, count_flops: bool) -> PipelineBench:
-    """:func:`bench` at the task's default batch and size, as ``mimbench bench`` reports it."""
-    res = bench(task, arch=arch, iters=iters, batch_size=None, count_flops=count_flops)
     return PipelineBench(
-        input=res["input"], batch_size=int(res["batch_size"]),
-        seconds_per_iter=float(res["seconds_per_iter"]),
-        peak_mb=res.get("cuda_peak_allocated_mb") or res.get("cpu_peak_rss_mb"),
-        gflops_per_img=res.get("gflops_per_img"),
+        input=shape, batch_size=batch_size, seconds_per_iter=details["seconds_per_iter"],
+        peak_mb=details.get("cuda_peak_allocated_mb") or details.get("cpu_peak_rss_mb"),
+        gflops_per_img=gflops, details=details,
     )  # fmt: skip
 
 
