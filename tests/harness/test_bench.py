@@ -113,3 +113,21 @@ def test_bench_cli_runs_targets_in_subprocesses_and_compares(tmp_path, capsys):
     assert [r["target"] for r in rows] == ["task/knn", "task/linear_probe_faithful"]
     want = vit_forward_flops(img=32, patch=8, dim=32, depth=2, mlp_ratio=2.0) / 1e9
     assert float(rows[0]["gflops_per_img"]) == pytest.approx(want)
+
+
+def test_a_task_that_times_its_own_pipeline_gives_the_row(monkeypatch):
+    from downstream.base import PipelineBench
+    from downstream.detection import Detection
+
+    asked = []
+
+    def timed(self, arch, iters, count_flops, **kw):
+        asked.append((arch, iters, count_flops))
+        return PipelineBench(input="64x64", batch_size=2, seconds_per_iter=0.5, peak_mb=123.0,
+                             gflops_per_img=4.0)
+
+    monkeypatch.setattr(Detection, "bench_pipeline", timed)
+    row = bench.measure("task/detection", "vit_micro_32", batch=8, steps=3, device_name="cpu")
+    assert asked == [("vit_micro_32", 4, True)]  # the timed steps and one warm-up
+    assert (row["img"], row["batch"], row["step_s"], row["img_per_s"]) == ("64x64", 2, 0.5, 4.0)
+    assert (row["peak_mb"], row["gflops_per_img"], row["mfu"]) == (123.0, 4.0, None)
