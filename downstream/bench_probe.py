@@ -31,16 +31,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from harness.core.config import DataConfig, parse_task_config
+from harness.core.data.datasets import imagefolder_checked, resolve_imagefolder_root
+from harness.core.training import pick_device
+
+from .base import TaskContext, get_task
+from .encoder_spec import encoder_from_spec
+
 
 def _run(
     task_name: str, cfg: dict[str, Any], encoder: Any, data: Any, seed: int, out: Path
 ) -> tuple[Any, float]:
-    import torch
-
-    from downstream.base import TaskContext, get_task
-    from harness.core.config import parse_task_config
-    from harness.core.training import pick_device
-
     ctx = TaskContext(
         data=data,
         seed=seed,
@@ -71,8 +74,6 @@ def budget_matched_base_lr(n_train: int, batch: int, epochs: int) -> float:
 
 
 def _num_train(data: Any) -> int:
-    from harness.core.data.datasets import imagefolder_checked, resolve_imagefolder_root
-
     return len(imagefolder_checked(resolve_imagefolder_root(data), "train", None))
 
 
@@ -115,12 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    import torch
-
-    from harness.core.config import DataConfig
-
-    from .encoder_spec import encoder_from_spec
-
     if args.threads:
         torch.set_num_threads(args.threads)
     data = DataConfig(
@@ -142,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace, encoder: Any, data: Any, work: Path) -> int:
     """Run the fast and faithful probes (and kNN) with their outputs under ``work``."""
-    import torch
-
     cache = str(work / "features")
     fast_cfg = {
         "epochs": args.fast_epochs,
