@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from downstream.base import BenchBatch, all_tasks, get_task
+from harness.cli_args import CliParser, encoder_preset, int_at_least, lazy_help, preset_help
 from harness.core.errors import UserError
 from harness.core.measure import count_flops, peak_fraction, peak_mb, time_step
 
@@ -228,8 +229,6 @@ def _targets_help() -> str:
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``mimbench bench`` on ``p`` (help texts list the registered targets and
     encoder presets; bad values are usage errors)."""
-    from harness.cli import encoder_preset, int_at_least, lazy_help, preset_help
-
     lazy_help(p.add_argument("targets", nargs="*"), _targets_help)
     p.add_argument("--arch", default="vit_base_16", type=encoder_preset,
                    help=preset_help("encoder preset (default vit_base_16)"))
@@ -278,6 +277,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from harness.cli import CliParser
-
     sys.exit(main(build_parser(CliParser(prog="mimbench bench")).parse_args()))

@@ -9,12 +9,19 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import downstream  # noqa: F401  (registers every task and its config schema)
 from downstream.encoder_spec import encoder_from_spec, is_timm_model_name
+from harness.cli_args import (
+    CliParser,
+    encoder_preset,
+    int_at_least,
+    lazy_help,
+    preset_help,
+    seconds,
+)
 from harness.core.config import (
     ConfigError,
     PretrainConfig,
@@ -355,81 +362,6 @@ def cmd_viz_masks(args: argparse.Namespace) -> int:
     return 0
 
 
-class UsageError(UserError):
-    """A command line that does not parse: an unknown command or option, a bad value."""
-
-
-class CliParser(argparse.ArgumentParser):
-    """An argument parser whose errors are :class:`UsageError` (printed by :func:`main` as one
-    line) and whose registry-made help texts are computed only when help is printed."""
-
-    def error(self, message: str) -> NoReturn:
-        command = self.prog.removeprefix("mimbench").strip()  # "" for the top level
-        raise UsageError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
-
-    def format_help(self) -> str:
-        for action in self._actions:
-            text = getattr(action, "lazy_help", None)
-            if text is not None:
-                action.help = text().replace("%", "%%")
-        return super().format_help()
-
-
-def lazy_help(action: argparse.Action, text: Callable[[], str]) -> None:
-    """Give ``action`` a help text made from a registry when help is printed (the task and
-    masking registries import torch, which every other use of the parser can skip)."""
-    action.help = "(listed by --help)"
-    action.lazy_help = text  # type: ignore[attr-defined]
-
-
-def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type``: an integer in ``[low, high]``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high} (got {value})")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    """An argparse ``type``: a finite number of seconds, at least 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be at least 0 seconds (got {text})")
-    return value
-
-
-def encoder_preset(text: str) -> str:
-    """An argparse ``type``: a registered encoder preset (did-you-mean on a typo)."""
-    from harness.core.config import ENCODER_PRESETS
-    from harness.core.registry import did_you_mean
-
-    if text not in ENCODER_PRESETS:
-        raise argparse.ArgumentTypeError(
-            f"unknown encoder preset '{text}';{did_you_mean(text, list(ENCODER_PRESETS))} "
-            f"known: {', '.join(ENCODER_PRESETS)}"
-        )
-    return text
-
-
-def preset_help(what: str) -> str:
-    """``what`` followed by the registered encoder presets."""
-    from harness.core.config import ENCODER_PRESETS
-
-    return f"{what}: {', '.join(ENCODER_PRESETS)}"
-
-
 def _task_help() -> str:
     from downstream.base import TASK_ALIASES, all_tasks
 
@@ -532,9 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="live progress of a suite's stages (bars, ETA, state)")
     sp.add_argument("target", help="a suite or sweep file, or its output directory")
     sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
-    sp.add_argument("--watch", type=_seconds, default=0, metavar="SECONDS",
+    sp.add_argument("--watch", type=seconds, default=0, metavar="SECONDS",
                     help="refresh every SECONDS until interrupted")
-    sp.add_argument("--stale", type=_seconds, default=300.0, metavar="SECONDS",
+    sp.add_argument("--stale", type=seconds, default=300.0, metavar="SECONDS",
                     help="a stage locked by a process on another host whose lock heartbeat is "
                     "older than this (or, without a lock, whose files are) is 'interrupted'")
     add_set(sp)
