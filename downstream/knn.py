@@ -23,10 +23,16 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from harness.core.config import DataConfig, TaskConfig
-from harness.core.data.datasets import check_classification_data
+from harness.core.data.datasets import (
+    check_classification_data,
+    eval_transform,
+    imagefolder_checked,
+    resolve_imagefolder_root,
+)
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
-from .features import frozen_forward_step
+from .features import encoder_fingerprint, frozen_forward_step, get_features, supported_poolings
+from .linear_probe import topk_accuracy
 
 
 class KNNConfig(TaskConfig):
@@ -114,14 +120,6 @@ class KNN(Task):
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, KNNConfig)
-        from downstream.features import encoder_fingerprint, get_features, supported_poolings
-        from downstream.linear_probe import topk_accuracy
-        from harness.core.data.datasets import (
-            eval_transform,
-            imagefolder_checked,
-            resolve_imagefolder_root,
-        )
-
         if cfg.pooling not in supported_poolings(encoder):
             raise ValueError(f"{type(encoder).__name__} has no class token: set pooling: avg")
         t0 = time.time()

@@ -43,8 +43,13 @@ from typing import Any
 
 from downstream.base import BenchBatch, all_tasks, get_task
 from harness.cli_args import CliParser, encoder_preset, int_at_least, lazy_help, preset_help
+from harness.core.config import EncoderConfig
 from harness.core.errors import UserError
+from harness.core.fsutil import atomic_write_text
 from harness.core.measure import count_flops, peak_fraction, peak_mb, time_step
+from harness.core.registry import did_you_mean
+from pretrain.bench import BENCH_RECIPES, recipe_step
+from pretrain.encoder import create_encoder
 
 #: The order of the task targets in ``mimbench bench``'s list; every other registered task
 #: follows, by name. What each target times is the task's own step
@@ -74,8 +79,6 @@ COLUMNS = (
 
 def all_targets() -> list[str]:
     """Every target name, pretraining recipes first."""
-    from pretrain.bench import BENCH_RECIPES
-
     tasks = all_tasks()
     names = [t for t in TASK_ORDER if t in tasks] + [t for t in tasks if t not in TASK_ORDER]
     return [f"pretrain/{r}" for r in BENCH_RECIPES] + [f"task/{t}" for t in names]
@@ -83,8 +86,6 @@ def all_targets() -> list[str]:
 
 def check_targets(targets: list[str]) -> None:
     """Reject unknown target names with a did-you-mean."""
-    from harness.core.registry import did_you_mean
-
     known = all_targets()
     for t in targets:
         if t not in known:
@@ -95,9 +96,6 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
     """The bench step of a task (:meth:`downstream.base.Task.bench_step`) on a random batch at
     ``arch`` (1000 classes; bfloat16 autocast on CUDA), and the image side."""
     import torch
-
-    from harness.core.config import EncoderConfig
-    from pretrain.encoder import create_encoder
 
     torch.manual_seed(0)
     ecfg = EncoderConfig(arch=arch)
@@ -114,8 +112,6 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
 
 
 def _pretrain_step(label: str, arch: str | None, batch: int, device: Any, tmp: str) -> tuple[Callable[[], None], int, str]:
-    from pretrain.bench import recipe_step
-
     step, _, size, use_arch = recipe_step(label, arch, batch, device, tmp)
     return step, size, use_arch
 
@@ -189,8 +185,6 @@ def compare(rows: list[dict[str, Any]], a: str, b: str) -> str:
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Measured rows as CSV (one column per :data:`COLUMNS`, plus ``error``)."""
     import io
-
-    from harness.core.fsutil import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "error"], extrasaction="ignore")

@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import downstream  # noqa: F401  (registers every task and its config schema)
+from downstream.base import TaskContext
+from downstream.checkpoints import encoder_from_timm_name, load_checkpoint
+from harness.core import distributed
 from harness.core.config import TIMM_PREFIX, EncoderEntry, SuiteConfig, to_plain
 from harness.core.errors import UserError
 from harness.core.fsutil import (
@@ -47,6 +50,7 @@ from harness.core.fsutil import (
     sha256_file,
     stage_lock,
 )
+from harness.core.provenance import collect_provenance
 from harness.core.records import (
     EncoderInfo,
     ErrorInfo,
@@ -60,6 +64,7 @@ from harness.core.records import (
     utc_now,
     write_record,
 )
+from harness.core.training import pick_device
 from harness.stages import (
     PRETRAIN_FAILED,
     EncoderStages,
@@ -75,6 +80,8 @@ from harness.stages import (
     read_pretrain_failure,
 )
 from harness.sweep import SweepRow, row_encoder_name, tag_text
+from pretrain.encoder import arch_label, create_encoder, load_any_encoder_checkpoint
+from pretrain.engine import ENCODER, pretrain
 
 
 @dataclass
@@ -108,11 +115,7 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
     """
     import torch
 
-    from pretrain.encoder import arch_label, create_encoder, load_any_encoder_checkpoint
-
     if entry.pretrain is not None:
-        from pretrain.engine import ENCODER, pretrain
-
         pcfg = pretrain_config_for(entry, suite, seed)
         stage = pretrain_stage_dir(root, pcfg)
         if pretrain_done(stage):
@@ -125,8 +128,6 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
                            checkpoint=str(path), sha256=sha256_file(path))
         return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"), {"stage": str(stage)})
     if entry.checkpoint is not None:
-        from downstream.checkpoints import encoder_from_timm_name, load_checkpoint
-
         if entry.checkpoint.startswith(TIMM_PREFIX):  # a timm architecture, randomly initialized
             name = entry.checkpoint.removeprefix(TIMM_PREFIX)
             torch.manual_seed(seed)
@@ -162,8 +163,6 @@ def _obtain(group: EncoderStages, suite: SuiteConfig, root: Path, log: Any,
     """:func:`obtain_encoder` with a pretraining run under its stage lock, its failure kept in
     the stage directory (``failed.json``), and, with ``no_pretrain``, no pretraining at all: an
     unfinished one raises :class:`DependencyFailedError`."""
-    from harness.core import distributed
-
     entry, seed = group.entry, group.seed
     if group.pretrain is None:
         return obtain_encoder(entry, suite, seed, root, log)
@@ -266,9 +265,6 @@ def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C
     """The body of :func:`run_suite` once the suite is checked (and locked)."""
     import torch
 
-    from downstream.base import TaskContext
-    from harness.core.provenance import collect_provenance
-    from harness.core.training import pick_device
 
     cfg, root, sweep = plan.suite, plan.root, plan.sweep
     records_dir = root / "records"
@@ -361,8 +357,6 @@ def _data_parallel_pretraining(pretrain_all: Callable[[], Any]) -> bool:
     """Under torchrun: run ``pretrain_all`` on every rank (the engine trains data-parallel),
     then close the process group. Returns whether this process goes on to the tasks: always
     without a process group, rank 0 only with one."""
-    from harness.core import distributed
-
     if distributed.get_world_size() == 1:
         return True
     pretrain_all()
