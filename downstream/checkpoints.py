@@ -59,6 +59,7 @@ from torch import nn
 
 from harness.core.config import CHECKPOINT_FORMATS, ENCODER_PRESETS, EncoderConfig
 from harness.core.errors import CheckpointError, UserError
+from pretrain.encoders.base import Encoder, create_encoder
 
 #: The families of the table above (defined beside the suite schema, which validates them).
 FAMILIES: tuple[str, ...] = CHECKPOINT_FORMATS
@@ -96,7 +97,7 @@ class ImportReport:
 
     def arch_label(self) -> str:
         """The imported architecture as records name it (``beit:`` for the BEiT wrapper)."""
-        from pretrain.encoder import arch_label
+        from pretrain.encoders.arch import arch_label
 
         label = arch_label(EncoderConfig.model_validate(self.encoder))
         return f"beit:{label}" if self.target == "beit" else label
@@ -857,23 +858,6 @@ def _resize_to(
     return out
 
 
-def build_encoder(
-    target: str, cfg: EncoderConfig, options: dict[str, Any] | None = None
-) -> nn.Module:
-    """An encoder wrapper: ``vit`` (ViTEncoder), ``beit`` (BeitEncoder), ``swin`` (SwinEncoder)."""
-    if target == "beit":
-        from downstream.beit_encoder import BeitEncoder
-
-        return BeitEncoder(cfg, options or {})
-    if target == "swin":
-        from pretrain.swin import SwinEncoder
-
-        return SwinEncoder(cfg)
-    from pretrain.encoder import ViTEncoder
-
-    return ViTEncoder(cfg)
-
-
 def _recorded_config(
     report: ImportReport, target: str, meta: dict[str, Any] | None
 ) -> EncoderConfig | None:
@@ -901,7 +885,7 @@ def _fit_recorded(
     rec: EncoderConfig, cfg: EncoderConfig | None, report: ImportReport, meta: dict[str, Any]
 ) -> EncoderConfig:
     """The recorded config, checked against the named one (which may change the resolution)."""
-    from pretrain.encoder import arch_label, check_architecture
+    from pretrain.encoders.arch import arch_label, check_architecture
 
     where = meta.get("recorded_in", "the file's mimbench metadata")
     if cfg is None:
@@ -930,7 +914,7 @@ def import_state_dict(
     recorded = _recorded_config(report, target, meta)
     if recorded is not None:
         enc_cfg = _fit_recorded(recorded, cfg, report, meta or {})
-        options = dict((meta or {}).get("beit_options") or {}) if target == "beit" else {}
+        options = dict((meta or {}).get(f"{target}_options") or {})  # Encoder.file_meta's key
     elif target == "swin":
         enc_cfg = _target_swin_config(st, cfg, report)
         options = {}
@@ -941,7 +925,7 @@ def import_state_dict(
         enc_cfg = EncoderConfig.model_validate({**enc_cfg.model_dump(), "img_size": img_size})
     if cfg is not None and cfg.drop_path_rate != enc_cfg.drop_path_rate:
         enc_cfg = enc_cfg.model_copy(update={"drop_path_rate": cfg.drop_path_rate})
-    enc = build_encoder(target, enc_cfg, options)
+    enc = create_encoder(enc_cfg, target, options)
     report.encoder = enc_cfg.model_dump(mode="json")
     report.options = options
     if target == "swin":
@@ -985,8 +969,7 @@ def import_state_dict(
         )
     report.partial = bool(missing or unexpected)
     sd = {k: v for k, v in st.items() if k in own}
-    inner = getattr(enc, "vit", None) or getattr(enc, "beit", None) or enc.swin
-    inner.load_state_dict(sd, strict=not report.partial)
+    enc.trunk.load_state_dict(sd, strict=not report.partial)
     report.loaded = len(sd)
     if mask_token is not None:
         if tuple(mask_token.shape) == tuple(enc.mask_token.shape):  # type: ignore[union-attr]
@@ -1183,31 +1166,6 @@ def encoder_from_timm_name(name: str) -> tuple[nn.Module, ImportReport]:
 # --------------------------------------------------------------------------- export
 
 
-def timm_architecture(encoder: nn.Module) -> tuple[str, dict[str, Any]]:
-    """``(timm model name, kwargs)`` that rebuild the encoder's architecture in timm."""
-    if hasattr(encoder, "beit"):
-        from downstream.beit_encoder import BEIT_TIMM_NAME
-
-        return BEIT_TIMM_NAME, dict(encoder.timm_kwargs)  # type: ignore[attr-defined]
-    cfg = encoder.cfg  # type: ignore[attr-defined]
-    return cfg.timm_name, dict(cfg.timm_kwargs())
-
-
-def _encoder_meta(encoder: nn.Module) -> dict[str, Any]:
-    name, kwargs = timm_architecture(encoder)
-    meta: dict[str, Any] = {
-        "format": "mimbench-encoder",
-        "version": 1,
-        "family": "beit" if hasattr(encoder, "beit") else encoder.cfg.family,  # type: ignore[attr-defined]
-        "encoder": encoder.cfg.model_dump(mode="json"),  # type: ignore[attr-defined]
-        "timm_name": name,
-        "timm_kwargs": kwargs,
-    }
-    if hasattr(encoder, "beit"):
-        meta["beit_options"] = dict(encoder.options)  # type: ignore[attr-defined]
-    return meta
-
-
 def export_paths(out: str | Path, formats: tuple[str, ...] = EXPORT_FORMATS) -> list[Path]:
     """The files :func:`export_encoder` writes for ``out`` (a ``.pth``/``.safetensors`` suffix
     is stripped): ``.pth`` (timm), ``.safetensors``, then the ``.json`` sidecar."""
@@ -1221,7 +1179,7 @@ def export_paths(out: str | Path, formats: tuple[str, ...] = EXPORT_FORMATS) -> 
 
 
 def export_encoder(
-    encoder: nn.Module,
+    encoder: Encoder,
     out: str | Path,
     formats: tuple[str, ...] = EXPORT_FORMATS,
     extra_meta: dict[str, Any] | None = None,
@@ -1235,7 +1193,7 @@ def export_encoder(
     part-way removes the files this call created.
 
     Args:
-        encoder: A ViTEncoder, BeitEncoder or SwinEncoder.
+        encoder: An encoder of any family.
         out: Output path without suffix (a suffix ``.pth`` / ``.safetensors`` is stripped).
         formats: Any of ``timm`` and ``safetensors``.
         extra_meta: Added to the meta (e.g. where the weights came from).
@@ -1258,7 +1216,7 @@ def export_encoder(
         )
     paths = export_paths(out, formats)
     guard_outputs(paths, [p for s in sources for p in _source_files(s)], overwrite)
-    meta = {**_encoder_meta(encoder), **(extra_meta or {})}
+    meta = encoder.file_meta(extra_meta)
     state = {k: v.contiguous() for k, v in encoder.timm_state_dict().items()}  # type: ignore[operator]
     name, kwargs = meta["timm_name"], meta["timm_kwargs"]
     blobs: dict[str, bytes] = {}

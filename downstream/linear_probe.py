@@ -300,12 +300,7 @@ class LinearProbe(Task):
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, LinearProbeConfig)
-        from downstream.features import (
-            encoder_fingerprint,
-            get_features,
-            max_blocks,
-            supported_poolings,
-        )
+        from downstream.features import encoder_fingerprint, get_features
         from harness.core.data.datasets import (
             eval_transform,
             imagefolder_checked,
@@ -321,10 +316,10 @@ class LinearProbe(Task):
         train = imagefolder_checked(root, "train", None, strict)
         val = imagefolder_checked(root, "val", None, strict)
         num_classes = len(train.classes)
-        poolings = [p for p in cfg.pooling if p == "avg" or "cls" in supported_poolings(encoder)]
+        poolings = [p for p in cfg.pooling if p == "avg" or "cls" in encoder.poolings]
         if not poolings:
             raise ValueError(f"{type(encoder).__name__} has no class token: set pooling to [avg]")
-        ks = sorted({min(k, max_blocks(encoder)) for k in cfg.last_blocks})
+        ks = sorted({min(k, encoder.num_feature_blocks) for k in cfg.last_blocks})
         dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
         ehash = encoder_fingerprint(encoder) if cfg.cache_features else None
         common = dict(
@@ -412,24 +407,6 @@ def probe_train_transform(img_size: int, crop_scale: tuple[float, float], hflip:
 # --------------------------------------------------------------------------- faithful mode
 
 
-def mae_global_pool(encoder: Any, x: torch.Tensor) -> torch.Tensor:
-    """MAE's ``global_pool`` features (``models_vit.py``, used by its linear probe): the mean of
-    the patch tokens *before* the final norm, through a fresh ``fc_norm`` LayerNorm (eps 1e-6)
-    that the probe keeps frozen at its init, i.e. a LayerNorm without affine. ``[B, D]``.
-
-    Encoders without a class token (Swin) use their own head's pooling: the mean of the normed
-    output tokens.
-    """
-    if hasattr(encoder, "vit"):
-        t = encoder.vit.blocks(encoder.vit.norm_pre(encoder.embed(x)))  # [B, 1 + L, D]
-    elif hasattr(encoder, "beit"):
-        t = encoder._blocks(encoder.embed(x))[-1]  # [B, 1 + L, D]
-    else:
-        return encoder.pool(encoder.forward_features(x), "avg")
-    pooled = t[:, 1:].mean(dim=1)  # [B, D]
-    return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
-
-
 class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017) as used by MAE's linear probe: SGD with momentum whose update of
     each weight matrix is scaled by ``trust_coefficient * ||w|| / ||g + wd * w||``; parameters
@@ -483,7 +460,7 @@ class LARS(torch.optim.Optimizer):
 class LinearProbeFaithful(Task):
     """MAE's linear probe, end to end (see the module docstring).
 
-    Version 2: ``pooling: avg`` is MAE's ``global_pool`` (:func:`mae_global_pool`), no longer
+    Version 2: ``pooling: avg`` is MAE's ``global_pool`` (:meth:`Encoder.global_pool`), no longer
     the mean of the normed patch tokens.
     """
 
@@ -576,7 +553,7 @@ class LinearProbeFaithful(Task):
             ):
                 x = x.to(device, non_blocking=True)
                 if cfg.pooling == "avg":
-                    return mae_global_pool(encoder, x).float()
+                    return encoder.global_pool(x).float()
                 return encoder.pool(encoder.forward_features(x), "cls").float()
 
         ctx.log(

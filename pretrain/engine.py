@@ -87,9 +87,9 @@ def autocast_dtype(pref: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: MIMModel, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and biases / norms / embeddings / tokens without decay."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
