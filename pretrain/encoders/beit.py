@@ -113,13 +113,10 @@ class BeitEncoder(Encoder):
         return self.beit.norm(t)
 
     def no_weight_decay(self) -> set[str]:
-        """Position embedding, class and mask tokens, relative position bias tables."""
-        names = {
-            f"beit.{n}"
-            for n, _ in self.beit.named_parameters()
-            if "relative_position_bias_table" in n
-        }
-        return names | {"beit.pos_embed", "beit.cls_token", "mask_token"}
+        """Position embedding (if any), class and mask tokens, relative position bias tables."""
+        params = {f"beit.{n}" for n, _ in self.beit.named_parameters()}
+        tables = {n for n in params if "relative_position_bias_table" in n}
+        return tables | ({"beit.pos_embed", "beit.cls_token"} & params) | {"mask_token"}
 
     def layer_id(self, name: str) -> int:
         """0 = embeddings (and the shared relative position bias), i+1 = block i, L+1 = top
