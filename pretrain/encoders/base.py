@@ -37,7 +37,9 @@ ENCODER_FILE_FORMAT = "mimbench-encoder"
 ENCODER_FILE_VERSION = 1
 
 
-def apply_mask_token(t: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor) -> torch.Tensor:
+def apply_mask_token(
+    t: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor
+) -> torch.Tensor:
     """Replace the masked patch embeddings by ``token`` (SimMIM, BEiT).
 
     Args:
@@ -124,7 +126,9 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         """
 
     @abstractmethod
-    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Tokens after each block before the final norm, ``[B, P + N_i, D_i]`` per block (per
         stage for hierarchical families, whose blocks change the grid within a stage)."""
 
@@ -146,7 +150,7 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         return t
 
     def block_grid(self, index: int) -> tuple[int, int]:
-        """Grid of the tokens of :meth:`forward_blocks` entry ``index`` (isotropic: the output's)."""
+        """Grid of :meth:`forward_blocks` entry ``index`` (isotropic families: the output's)."""
         return self.feature_grid
 
     def timm_architecture(self) -> tuple[str, dict[str, Any]]:
@@ -210,12 +214,15 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         return ("cls", "avg") if self.num_prefix_tokens > 0 else ("avg",)
 
     def pool(self, tokens: torch.Tensor, pooling: str) -> torch.Tensor:
-        """``cls``: the class token; ``avg``: mean of the output tokens. ``[B, P + N, D] -> [B, D]``."""
+        """``cls``: the class token, ``avg``: the mean output token; ``[B, P + N, D] -> [B, D]``.
+
+        Raises:
+            ValueError: for a pooling the family lacks (``cls`` without a class token).
+        """
         if pooling not in self.poolings:
             raise ValueError(
                 f"a {self.family} encoder pools with {' or '.join(map(repr, self.poolings))}, "
-                f"not '{pooling}'"
-                + (" (it has no class token)" if pooling == "cls" else "")
+                f"not '{pooling}'" + (" (it has no class token)" if pooling == "cls" else "")
             )
         if pooling == "cls":
             return tokens[:, 0]
@@ -247,7 +254,8 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         return self.num_layers if self.isotropic else 1
 
     def last_blocks(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
-        """Tokens after each of the last ``n`` blocks through the final norm, ``n x [B, P + N, D]``."""
+        """Tokens after each of the last ``n`` blocks through the final norm, ``n x [B, P+N, D]``
+        (``n = 1``: the output tokens; more needs an isotropic family)."""
         if n == 1:
             return [self.forward_features(x)]
         if n > self.num_feature_blocks:
@@ -304,7 +312,9 @@ class Encoder(nn.Module, metaclass=ABCMeta):
 
         Only tensors and plain types are stored, so it loads weights-only (:func:`load_encoder`).
         """
-        atomic_torch_save({"state_dict": self.timm_state_dict(), "mimbench": self.file_meta(meta)}, path)
+        atomic_torch_save(
+            {"state_dict": self.timm_state_dict(), "mimbench": self.file_meta(meta)}, path
+        )
 
     def load_timm_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
         """Load timm-keyed weights strictly; a mismatch raises naming the keys and the fix."""
@@ -328,8 +338,10 @@ class Encoder(nn.Module, metaclass=ABCMeta):
             raise CheckpointError(
                 f"checkpoint {source} does not fit {self.family} encoder '{self.cfg.arch}' "
                 f"(embed_dim={self.embed_dim}, depth={self.num_layers}, patch={self.patch_size}, "
-                f"img={self.cfg.img_size}{opts}): " + " | ".join(parts)
-                + ". Fix: set the suite's encoder to the architecture the checkpoint was trained with."
+                f"img={self.cfg.img_size}{opts}): "
+                + " | ".join(parts)
+                + ". Fix: set the suite's encoder to the architecture the checkpoint was trained "
+                "with."
             )
         self.trunk.load_state_dict(dict(state_dict), strict=True)
 
@@ -399,7 +411,7 @@ def _file_config(
 
 
 def load_encoder(path: str | Path, cfg: EncoderConfig | None = None) -> Encoder:
-    """Build an encoder of any family from an encoder file (or a plain timm state dict with ``cfg``).
+    """An encoder of any family from an encoder file (or from a plain timm state dict and ``cfg``).
 
     The architecture is the file's own (its metadata: config, family, options); a given ``cfg``
     must name the same one (every shape field and the image size), or the load is refused

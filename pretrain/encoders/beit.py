@@ -46,7 +46,7 @@ BEIT_OPTION_KEYS = tuple(BEIT_DEFAULT_OPTIONS)
 
 
 def beit_timm_kwargs(cfg: EncoderConfig, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of ``timm.create_model(BEIT_TIMM_NAME, **kwargs)`` for ``cfg`` + options."""
+    """``timm.create_model(BEIT_TIMM_NAME, **kwargs)``'s keyword arguments for ``cfg`` + options."""
     o = {**BEIT_DEFAULT_OPTIONS, **options}
     return {
         "img_size": cfg.img_size,
@@ -138,7 +138,7 @@ class BeitEncoder(Encoder):
 
     # ------------------------------------------------------------------ forwards
     def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch embedding, mask token, class token, absolute position (if any): ``[B, 1 + L, D]``."""
+        """Patch embedding, mask token, class token, absolute positions: ``[B, 1 + L, D]``."""
         self._check_input(x)
         t = apply_mask_token(self.beit.patch_embed(x), mask, self.mask_token)  # [B, L, D]
         t = torch.cat([self.beit.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
@@ -146,7 +146,9 @@ class BeitEncoder(Encoder):
             t = t + self.beit.pos_embed
         return self.beit.pos_drop(t)
 
-    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Tokens ``[B, 1 + L, D]`` after each block, before the final norm."""
         t = self.embed(x, mask)
         rel = self.beit.rel_pos_bias() if self.beit.rel_pos_bias is not None else None

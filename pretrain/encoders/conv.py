@@ -109,7 +109,9 @@ class ConvEncoder(Encoder):
         """Output tokens ``[B, h*w, C]``; masked units are filled with the mean pixel (zero)."""
         return self.convs(self._fill(x, mask)).flatten(2).transpose(1, 2)
 
-    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Tokens ``[B, h_i * w_i, C_i]`` after each conv (with its norm and activation)."""
         t = self._fill(x, mask)
         outs = []

@@ -130,7 +130,7 @@ class SwinEncoder(Encoder):
         return t.flatten(1, 2)
 
     def _grid_map(self, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Mask token, then the tokens ``[B, L, D]`` as timm's channels-last map ``[B, gh, gw, D]``."""
+        """Mask token, then tokens ``[B, L, D]`` as timm's channels-last map ``[B, gh, gw, D]``."""
         t = apply_mask_token(t, mask, self.mask_token)
         return t.reshape(t.shape[0], self.grid_size[0], self.grid_size[1], t.shape[-1])
 
@@ -147,7 +147,9 @@ class SwinEncoder(Encoder):
         """Last-stage tokens ``[B, h * w, C]``; masked patches see the mask token."""
         return self.forward_tokens(self.patch_tokens(x), mask)
 
-    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Tokens ``[B, h_i * w_i, C_i]`` after each stage, before the final norm."""
         t = self._grid_map(self.patch_tokens(x), mask)  # [B, gh, gw, D]
         outs = []

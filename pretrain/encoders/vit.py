@@ -31,8 +31,12 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
         Array ``[grid_h * grid_w, embed_dim]``, row-major over the grid.
     """
     if embed_dim % 4:
-        raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}")
-    ys, xs = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+        raise ValueError(
+            f"sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}"
+        )
+    ys, xs = np.meshgrid(
+        np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij"
+    )
 
     def _1d(dim: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
@@ -40,7 +44,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     # MAE's convention: the first half encodes w (x), the second h (y).
-    return np.concatenate([_1d(embed_dim // 2, xs), _1d(embed_dim // 2, ys)], axis=1).astype(np.float32)
+    return np.concatenate([_1d(embed_dim // 2, xs), _1d(embed_dim // 2, ys)], axis=1).astype(
+        np.float32
+    )
 
 
 @register_encoder
@@ -139,7 +145,9 @@ class ViTEncoder(Encoder):
         """All tokens after the final norm, ``[B, 1 + L, D]``; masked patches see the mask token."""
         return self.vit.norm(self.vit.blocks(self.vit.norm_pre(self.embed(x, mask))))
 
-    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Tokens ``[B, 1 + L, D]`` after each block, before the final norm."""
         t = self.vit.norm_pre(self.embed(x, mask))
         outs = []
