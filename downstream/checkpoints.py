@@ -905,7 +905,7 @@ def import_state_dict(
     meta: dict[str, Any] | None = None,
     allow_partial: bool = False,
     img_size: int | None = None,
-) -> nn.Module:
+) -> Encoder:
     """Convert ``state`` (of ``report.family``) and load it into a new encoder wrapper
     (``img_size``: the target resolution when no ``cfg`` is given)."""
     target, st = convert_state(state, report.family, report, meta)
@@ -987,7 +987,7 @@ def load_checkpoint(
     fmt: str = "auto",
     allow_partial: bool = False,
     img_size: int | None = None,
-) -> tuple[nn.Module, ImportReport]:
+) -> tuple[Encoder, ImportReport]:
     """Import any supported checkpoint file as an encoder wrapper.
 
     Args:
@@ -1089,7 +1089,7 @@ def import_checkpoint(
     return report
 
 
-def encoder_from_timm_name(name: str) -> tuple[nn.Module, ImportReport]:
+def encoder_from_timm_name(name: str) -> tuple[Encoder, ImportReport]:
     """A randomly initialized encoder with the architecture of timm model ``name``.
 
     Nothing is downloaded: timm builds the model with ``pretrained=False`` (seed torch first for
