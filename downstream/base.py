@@ -17,7 +17,7 @@ import torch
 
 from harness.core.config import TASK_CONFIGS, DataConfig, TaskConfig
 from harness.core.registry import Registry
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.base import Encoder
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Task(ABC):
     config_cls: ClassVar[type[TaskConfig]]
 
     @abstractmethod
-    def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
+    def run(self, encoder: Encoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         """Evaluate ``encoder``; must not modify its weights."""
 
 

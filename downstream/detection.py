@@ -40,7 +40,7 @@ from pydantic import Field
 
 from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import DatasetError, resolve_shapes_root
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.base import Encoder
 
 from ._mm.runtime import dataloader, optim_config, runtime_config
 from .base import Task, TaskContext, TaskResult, register_task
@@ -384,7 +384,7 @@ class Detection(Task):
         assert isinstance(cfg, DetectionConfig)
         check_coco(resolve_coco_root(data), cfg.classes)
 
-    def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
+    def run(self, encoder: Encoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, DetectionConfig)
         from ._mm import dense
 

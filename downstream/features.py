@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from harness.core.fsutil import canonical_json
 from harness.core.tracking import progress
+from pretrain.encoders.base import Encoder
 
 FEATURE_CACHE_VERSION = 2  # 2: file sizes and mtimes in the key, skipped files stored
 
@@ -67,35 +68,6 @@ def dataset_fingerprint(ds: Any) -> str:
         rel = os.path.relpath(path, root)
         h.update(f"{rel}\t{target}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def last_block_tokens(encoder: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """Tokens after each of the last ``n`` blocks, through the final norm: ``n x [B, N, D]``."""
-    if n == 1:
-        return [encoder.forward_features(x)]  # type: ignore[operator]
-    if hasattr(encoder, "block_outputs"):
-        return encoder.block_outputs(x, n)  # type: ignore[operator]
-    vit = getattr(encoder, "vit", None)
-    if vit is not None:
-        t = vit.norm_pre(encoder.embed(x))  # type: ignore[operator]
-        outs = []
-        for blk in vit.blocks:
-            t = blk(t)
-            outs.append(t)
-        return [vit.norm(t) for t in outs[-n:]]
-    raise ValueError(f"{type(encoder).__name__} has no per-block outputs: use last_blocks [1]")
-
-
-def supported_poolings(encoder: nn.Module) -> tuple[str, ...]:
-    """``('cls', 'avg')`` for encoders with a class token, ``('avg',)`` otherwise (Swin)."""
-    return ("cls", "avg") if int(getattr(encoder, "num_prefix_tokens", 1)) > 0 else ("avg",)
-
-
-def max_blocks(encoder: nn.Module) -> int:
-    """How many last blocks can be read: all for ViT / BEiT, only the output for others."""
-    if hasattr(encoder, "block_outputs") or hasattr(encoder, "vit"):
-        return int(encoder.num_layers)  # type: ignore[arg-type]
-    return 1
 
 
 @dataclass
@@ -175,7 +147,7 @@ class _ViewDataset(Dataset):
 
 @torch.no_grad()
 def extract(
-    encoder: nn.Module,
+    encoder: Encoder,
     ds: Any,
     transforms: list[Any],
     n_blocks: int,
@@ -206,7 +178,7 @@ def extract(
     encoder.eval()
     encoder.to(device)
     amp = autocast_dtype("auto", device)
-    pools = supported_poolings(encoder)
+    pools = encoder.poolings
     per_view: list[dict[str, torch.Tensor]] = []
     labels = torch.empty(0, dtype=torch.long)
     kept_all: torch.Tensor | None = None
@@ -227,7 +199,7 @@ def extract(
             if imgs.numel() == 0:
                 continue
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                blocks = last_block_tokens(encoder, imgs.to(device, non_blocking=True), n_blocks)
+                blocks = encoder.last_blocks(imgs.to(device, non_blocking=True), n_blocks)
             for p in pools:
                 pooled = torch.stack([encoder.pool(t, p) for t in blocks], dim=1)  # [B, n, D]
                 out[p].append(pooled.float().to("cpu", dtype))
@@ -289,7 +261,7 @@ def _find(cache_dir: Path, key: str, n_blocks: int, views: int, aug: str) -> Pat
 
 
 def get_features(
-    encoder: nn.Module,
+    encoder: Encoder,
     ds: Any,
     split: str,
     eval_tf: Any,
@@ -334,7 +306,7 @@ def get_features(
     """
     from harness.core.data.datasets import skipped_message, unreadable_image_error
 
-    n_blocks = max(1, min(n_blocks, max_blocks(encoder)))
+    n_blocks = max(1, min(n_blocks, encoder.num_feature_blocks))
     if views > 1 and aug_tf is None:
         raise ValueError("views > 1 needs an augmentation transform")
     strict = bool(getattr(ds, "strict", False)) if strict is None else strict
@@ -382,7 +354,7 @@ def _read_entry(path: Path, views: int, n_blocks: int) -> Features:
 
 
 def _extract_and_store(
-    encoder: nn.Module,
+    encoder: Encoder,
     ds: Any,
     split: str,
     tfs: list[Any],

@@ -103,7 +103,7 @@ class KNN(Task):
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, KNNConfig)
-        from downstream.features import encoder_fingerprint, get_features, supported_poolings
+        from downstream.features import encoder_fingerprint, get_features
         from downstream.linear_probe import topk_accuracy
         from harness.core.data.datasets import (
             eval_transform,
@@ -111,7 +111,7 @@ class KNN(Task):
             resolve_imagefolder_root,
         )
 
-        if cfg.pooling not in supported_poolings(encoder):
+        if cfg.pooling not in encoder.poolings:
             raise ValueError(f"{type(encoder).__name__} has no class token: set pooling: avg")
         t0 = time.time()
         root = resolve_imagefolder_root(ctx.data)

@@ -242,12 +242,7 @@ class LinearProbe(Task):
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, LinearProbeConfig)
-        from downstream.features import (
-            encoder_fingerprint,
-            get_features,
-            max_blocks,
-            supported_poolings,
-        )
+        from downstream.features import encoder_fingerprint, get_features
         from harness.core.data.datasets import (
             eval_transform,
             imagefolder_checked,
@@ -263,10 +258,10 @@ class LinearProbe(Task):
         train = imagefolder_checked(root, "train", None, strict)
         val = imagefolder_checked(root, "val", None, strict)
         num_classes = len(train.classes)
-        poolings = [p for p in cfg.pooling if p == "avg" or "cls" in supported_poolings(encoder)]
+        poolings = [p for p in cfg.pooling if p == "avg" or "cls" in encoder.poolings]
         if not poolings:
             raise ValueError(f"{type(encoder).__name__} has no class token: set pooling to [avg]")
-        ks = sorted({min(k, max_blocks(encoder)) for k in cfg.last_blocks})
+        ks = sorted({min(k, encoder.num_feature_blocks) for k in cfg.last_blocks})
         dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
         ehash = encoder_fingerprint(encoder) if cfg.cache_features else None
         common = dict(

@@ -44,7 +44,7 @@ from pydantic import Field
 
 from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import DatasetError, resolve_shapes_root
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.base import Encoder
 
 from ._mm.runtime import dataloader, optim_config, runtime_config
 from .base import Task, TaskContext, TaskResult, register_task
@@ -346,7 +346,7 @@ class Segmentation(Task):
         assert isinstance(cfg, SegmentationConfig)
         check_ade(resolve_ade_root(data), cfg.classes)
 
-    def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
+    def run(self, encoder: Encoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, SegmentationConfig)
         from ._mm import dense
 

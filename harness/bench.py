@@ -96,7 +96,7 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
     import torch
 
     from harness.core.config import EncoderConfig
-    from pretrain.encoder import create_encoder
+    from pretrain.encoders import create_encoder
 
     torch.manual_seed(0)
     ecfg = EncoderConfig(arch=arch)

@@ -301,7 +301,7 @@ def _encoder_for_cli(spec: str, fmt: str, allow_partial: bool, arch: str | None,
 
     from downstream.checkpoints import encoder_from_timm_name, load_checkpoint
     from harness.core.config import EncoderConfig
-    from pretrain.encoder import create_encoder
+    from pretrain.encoders import create_encoder
 
     size = {"img_size": img_size} if img_size else {}
     given = EncoderConfig(arch=arch, **size) if arch else None
@@ -324,14 +324,14 @@ def _encoder_for_cli(spec: str, fmt: str, allow_partial: bool, arch: str | None,
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from downstream.checkpoints import export_encoder, timm_architecture
+    from downstream.checkpoints import export_encoder
 
     enc = _encoder_for_cli(args.encoder, args.format, args.allow_partial, args.arch, args.img_size, args.seed)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     sources = (args.encoder,) if Path(args.encoder).is_file() else ()
     paths = export_encoder(enc, args.out, formats, extra_meta={"exported_from": args.encoder},
                            overwrite=args.overwrite, sources=sources)
-    name, kwargs = timm_architecture(enc)
+    name, kwargs = enc.timm_architecture()
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"load with: timm.create_model('{name}', pretrained=False, checkpoint_path='{paths[0]}', "
           + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
