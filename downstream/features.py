@@ -31,8 +31,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from harness.core.fsutil import canonical_json
+from harness.core.data.datasets import (
+    SkipTally,
+    collate_skipping,
+    skipped_message,
+    unreadable_image_error,
+)
+from harness.core.fsutil import atomic_write_bytes, canonical_json
 from harness.core.tracking import progress
+from harness.core.training import autocast_dtype
 from pretrain.encoders.base import Encoder
 
 FEATURE_CACHE_VERSION = 2  # 2: file sizes and mtimes in the key, skipped files stored
@@ -172,8 +179,6 @@ def extract(
     Raises:
         DatasetError: No image of ``ds`` could be read.
     """
-    from harness.core.data.datasets import SkipTally, collate_skipping
-    from harness.core.training import autocast_dtype
 
     encoder.eval()
     encoder.to(device)
@@ -223,7 +228,6 @@ def extract(
 def _split_key(
     encoder_hash: str, ds: Any, split: str, eval_tf: Any, device: torch.device, dtype: torch.dtype
 ) -> str:
-    from harness.core.training import autocast_dtype
 
     amp = autocast_dtype("auto", device)
     parts = {
@@ -304,7 +308,6 @@ def get_features(
     Raises:
         DatasetError: ``strict`` and an image is unreadable, or no image of ``ds`` is readable.
     """
-    from harness.core.data.datasets import skipped_message, unreadable_image_error
 
     n_blocks = max(1, min(n_blocks, encoder.num_feature_blocks))
     if views > 1 and aug_tf is None:
@@ -370,8 +373,6 @@ def _extract_and_store(
     """Extract the features of ``ds`` (one transform per view) and write them to ``path``
     (None: caching off)."""
     from safetensors.torch import save
-
-    from harness.core.fsutil import atomic_write_bytes
 
     t0 = time.time()
     feats, labels, skipped = extract(

@@ -39,6 +39,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
+from downstream.linear_probe import topk_accuracy
 from harness.core.config import ConfigError, TaskConfig
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
@@ -292,7 +293,6 @@ def evaluate(
 ) -> tuple[float, float, int, int]:
     """``(top1, top5, images, skipped)`` on a sequential loader of ``(x, y, kept)`` batches over
     a checked ImageFolder (unreadable files are named on ``log`` when given)."""
-    from downstream.linear_probe import topk_accuracy
 
     model.eval()
     logits, labels = [], []

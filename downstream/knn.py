@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from downstream.features import encoder_fingerprint, get_features
+from downstream.linear_probe import topk_accuracy
 from harness.core.config import TaskConfig
+from harness.core.data.datasets import eval_transform, imagefolder_checked, resolve_imagefolder_root
 
 from .base import Task, TaskContext, TaskResult, register_task
 
@@ -103,13 +106,6 @@ class KNN(Task):
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, KNNConfig)
-        from downstream.features import encoder_fingerprint, get_features
-        from downstream.linear_probe import topk_accuracy
-        from harness.core.data.datasets import (
-            eval_transform,
-            imagefolder_checked,
-            resolve_imagefolder_root,
-        )
 
         if cfg.pooling not in encoder.poolings:
             raise ValueError(f"{type(encoder).__name__} has no class token: set pooling: avg")

@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from downstream.features import encoder_fingerprint, get_features
 from harness.core.config import TaskConfig
+from harness.core.data.datasets import (
+    eval_transform,
+    imagefolder_checked,
+    pretrain_transform,
+    resolve_imagefolder_root,
+)
 
 from .base import Task, TaskContext, TaskResult, register_task
 
@@ -242,12 +249,6 @@ class LinearProbe(Task):
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, LinearProbeConfig)
-        from downstream.features import encoder_fingerprint, get_features
-        from harness.core.data.datasets import (
-            eval_transform,
-            imagefolder_checked,
-            resolve_imagefolder_root,
-        )
 
         t0 = time.time()
         root = resolve_imagefolder_root(ctx.data)
@@ -341,6 +342,5 @@ class LinearProbe(Task):
 
 def probe_train_transform(img_size: int, crop_scale: tuple[float, float], hflip: bool) -> Any:
     """MAE's linear-probe augmentation: RandomResizedCrop (bicubic) + flip + normalize."""
-    from harness.core.data.datasets import pretrain_transform
 
     return pretrain_transform(img_size, crop_scale, hflip)

@@ -14,6 +14,7 @@ import torch
 from downstream.checkpoints.files import guard_outputs
 from downstream.checkpoints.files import source_files as _source_files
 from harness.core.errors import CheckpointError
+from harness.core.fsutil import atomic_write_bytes
 from pretrain.encoders.base import Encoder
 
 EXPORT_FORMATS: tuple[str, ...] = ("timm", "safetensors")
@@ -59,8 +60,6 @@ def export_encoder(
     import io
 
     from safetensors.torch import save as st_save
-
-    from harness.core.fsutil import atomic_write_bytes
 
     unknown = set(formats) - set(EXPORT_FORMATS)
     if unknown:
