@@ -19,7 +19,7 @@ import torch
 
 from harness.core.config import TASK_CONFIGS, DataConfig, TaskConfig
 from harness.core.registry import Registry
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.base import Encoder
 
 
 @dataclass
@@ -106,10 +106,10 @@ class Task(ABC):
         """
 
     @abstractmethod
-    def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
+    def run(self, encoder: Encoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         """Evaluate ``encoder``; must not modify its weights."""
 
-    def bench_step(self, encoder: ViTEncoder, batch: BenchBatch) -> Callable[[], None]:
+    def bench_step(self, encoder: Encoder, batch: BenchBatch) -> Callable[[], None]:
         """One step of this task on ``batch``, as ``mimbench bench`` times it (each call does
         the step's forward, backward and optimizer update, or only the frozen forward of a task
         whose cost per image is its feature extraction).

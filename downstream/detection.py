@@ -40,7 +40,7 @@ from pydantic import Field
 
 from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import DatasetError, resolve_shapes_root
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.base import Encoder
 
 from ._mm.bench import time_training
 from ._mm.runtime import dataloader, optim_config, runtime_config
@@ -401,7 +401,7 @@ class Detection(Task):
 
         return time_training(self.name, arch, iters, batch, threads, count_flops, build)
 
-    def run(self, encoder: ViTEncoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
+    def run(self, encoder: Encoder, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, DetectionConfig)
         from ._mm import dense
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from harness.core.config import ConfigError, EncoderConfig
-from pretrain.encoder import create_encoder
+from pretrain.encoders import create_encoder
 
 from .checkpoints import encoder_from_timm_name, load_checkpoint
 

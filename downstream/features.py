@@ -32,8 +32,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from harness.core.fsutil import canonical_json
+from harness.core.data.datasets import (
+    SkipTally,
+    collate_skipping,
+    skipped_message,
+    unreadable_image_error,
+)
+from harness.core.fsutil import atomic_write_bytes, canonical_json
 from harness.core.tracking import progress
+from harness.core.training import autocast_dtype
+from pretrain.encoders.base import Encoder
 
 from .base import BenchBatch
 
@@ -72,23 +80,6 @@ def dataset_fingerprint(ds: Any) -> str:
     return h.hexdigest()
 
 
-def last_block_tokens(encoder: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """Tokens after each of the last ``n`` blocks, through the final norm: ``n x [B, N, D]``."""
-    if n == 1:
-        return [encoder.forward_features(x)]  # type: ignore[operator]
-    if hasattr(encoder, "block_outputs"):
-        return encoder.block_outputs(x, n)  # type: ignore[operator]
-    vit = getattr(encoder, "vit", None)
-    if vit is not None:
-        t = vit.norm_pre(encoder.embed(x))  # type: ignore[operator]
-        outs = []
-        for blk in vit.blocks:
-            t = blk(t)
-            outs.append(t)
-        return [vit.norm(t) for t in outs[-n:]]
-    raise ValueError(f"{type(encoder).__name__} has no per-block outputs: use last_blocks [1]")
-
-
 def frozen_forward_step(encoder: nn.Module, batch: BenchBatch) -> Callable[[], None]:
     """The bench step of the tasks that read cached features (fast linear probe, kNN): one
     frozen forward pass, their cost per image (the heads, or the votes, then work on cached
@@ -100,18 +91,6 @@ def frozen_forward_step(encoder: nn.Module, batch: BenchBatch) -> Callable[[], N
             encoder.forward_features(batch.images)  # [B, N, D]
 
     return step
-
-
-def supported_poolings(encoder: nn.Module) -> tuple[str, ...]:
-    """``('cls', 'avg')`` for encoders with a class token, ``('avg',)`` otherwise (Swin)."""
-    return ("cls", "avg") if int(getattr(encoder, "num_prefix_tokens", 1)) > 0 else ("avg",)
-
-
-def max_blocks(encoder: nn.Module) -> int:
-    """How many last blocks can be read: all for ViT / BEiT, only the output for others."""
-    if hasattr(encoder, "block_outputs") or hasattr(encoder, "vit"):
-        return int(encoder.num_layers)  # type: ignore[arg-type]
-    return 1
 
 
 @dataclass
@@ -191,7 +170,7 @@ class _ViewDataset(Dataset):
 
 @torch.no_grad()
 def extract(
-    encoder: nn.Module,
+    encoder: Encoder,
     ds: Any,
     transforms: list[Any],
     n_blocks: int,
@@ -216,13 +195,11 @@ def extract(
     Raises:
         DatasetError: No image of ``ds`` could be read.
     """
-    from harness.core.data.datasets import SkipTally, collate_skipping
-    from harness.core.training import autocast_dtype
 
     encoder.eval()
     encoder.to(device)
     amp = autocast_dtype("auto", device)
-    pools = supported_poolings(encoder)
+    pools = encoder.poolings
     per_view: list[dict[str, torch.Tensor]] = []
     labels = torch.empty(0, dtype=torch.long)
     kept_all: torch.Tensor | None = None
@@ -243,7 +220,7 @@ def extract(
             if imgs.numel() == 0:
                 continue
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                blocks = last_block_tokens(encoder, imgs.to(device, non_blocking=True), n_blocks)
+                blocks = encoder.last_blocks(imgs.to(device, non_blocking=True), n_blocks)
             for p in pools:
                 pooled = torch.stack([encoder.pool(t, p) for t in blocks], dim=1)  # [B, n, D]
                 out[p].append(pooled.float().to("cpu", dtype))
@@ -267,7 +244,6 @@ def extract(
 def _split_key(
     encoder_hash: str, ds: Any, split: str, eval_tf: Any, device: torch.device, dtype: torch.dtype
 ) -> str:
-    from harness.core.training import autocast_dtype
 
     amp = autocast_dtype("auto", device)
     parts = {
@@ -305,7 +281,7 @@ def _find(cache_dir: Path, key: str, n_blocks: int, views: int, aug: str) -> Pat
 
 
 def get_features(
-    encoder: nn.Module,
+    encoder: Encoder,
     ds: Any,
     split: str,
     eval_tf: Any,
@@ -348,9 +324,8 @@ def get_features(
     Raises:
         DatasetError: ``strict`` and an image is unreadable, or no image of ``ds`` is readable.
     """
-    from harness.core.data.datasets import skipped_message, unreadable_image_error
 
-    n_blocks = max(1, min(n_blocks, max_blocks(encoder)))
+    n_blocks = max(1, min(n_blocks, encoder.num_feature_blocks))
     if views > 1 and aug_tf is None:
         raise ValueError("views > 1 needs an augmentation transform")
     strict = bool(getattr(ds, "strict", False)) if strict is None else strict
@@ -398,7 +373,7 @@ def _read_entry(path: Path, views: int, n_blocks: int) -> Features:
 
 
 def _extract_and_store(
-    encoder: nn.Module,
+    encoder: Encoder,
     ds: Any,
     split: str,
     tfs: list[Any],
@@ -414,8 +389,6 @@ def _extract_and_store(
     """Extract the features of ``ds`` (one transform per view) and write them to ``path``
     (None: caching off)."""
     from safetensors.torch import save
-
-    from harness.core.fsutil import atomic_write_bytes
 
     t0 = time.time()
     feats, labels, skipped = extract(

@@ -40,6 +40,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
+from downstream.linear_probe import topk_accuracy
 from harness.core.config import ConfigError, DataConfig, TaskConfig
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
@@ -65,6 +66,7 @@ from harness.core.training import (
     set_lr,
     steps_per_epoch,
 )
+from pretrain.encoders.base import Encoder
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .resume import task_checkpoint
@@ -165,22 +167,11 @@ def resolve_settings(cfg: FinetuneConfig, num_layers: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- model
 
 
-def _blocks_of(encoder: nn.Module) -> list[nn.Module]:
-    for attr in ("vit", "beit"):
-        inner = getattr(encoder, attr, None)
-        if inner is not None:
-            return list(inner.blocks)
-    swin = getattr(encoder, "swin", None)
-    if swin is not None:
-        return [b for layer in swin.layers for b in layer.blocks]
-    return []
-
-
-def set_drop_path(encoder: nn.Module, rate: float) -> None:
+def set_drop_path(encoder: Encoder, rate: float) -> None:
     """Stochastic depth rising linearly from 0 to ``rate`` over the blocks (timm's rule)."""
     from timm.layers import DropPath
 
-    blocks = _blocks_of(encoder)
+    blocks = encoder.residual_blocks()
     for i, blk in enumerate(blocks):
         r = rate * i / max(1, len(blocks) - 1)
         for name in ("drop_path1", "drop_path2", "drop_path"):
@@ -201,7 +192,7 @@ class FinetuneModel(nn.Module):
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: Encoder,
         num_classes: int,
         global_pool: bool = True,
         head_init_std: float = 2e-5,
@@ -210,7 +201,7 @@ class FinetuneModel(nn.Module):
         self.encoder = encoder
         self.global_pool = global_pool
         dim = int(encoder.num_features)  # type: ignore[arg-type]
-        has_prefix = int(getattr(encoder, "num_prefix_tokens", 1)) > 0
+        has_prefix = encoder.num_prefix_tokens > 0
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if global_pool and has_prefix else nn.Identity()
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=head_init_std)
@@ -221,13 +212,7 @@ class FinetuneModel(nn.Module):
         enc = self.encoder
         if not self.global_pool:
             return enc.pool(enc.forward_features(x), "cls")  # type: ignore[operator]
-        if hasattr(enc, "vit"):
-            t = enc.vit.blocks(enc.vit.norm_pre(enc.embed(x)))  # [B, 1 + L, D], no final norm
-            return self.fc_norm(t[:, 1:].mean(dim=1))
-        if hasattr(enc, "beit"):
-            t = enc._blocks(enc.embed(x))[-1]
-            return self.fc_norm(t[:, 1:].mean(dim=1))
-        return self.fc_norm(enc.pool(enc.forward_features(x), "avg"))  # type: ignore[operator]
+        return enc.global_pool(x, self.fc_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -243,11 +228,7 @@ def param_groups_layer_decay(
     """
     enc = model.encoder
     num_layers = int(enc.num_layers)  # type: ignore[arg-type]
-    skip = (
-        {f"encoder.{n}" for n in enc.no_weight_decay()}
-        if hasattr(enc, "no_weight_decay")
-        else set()
-    )
+    skip = {f"encoder.{n}" for n in enc.no_weight_decay()}
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -314,7 +295,6 @@ def evaluate(
 ) -> tuple[float, float, int, int]:
     """``(top1, top5, images, skipped)`` on a sequential loader of ``(x, y, kept)`` batches over
     a checked ImageFolder (unreadable files are named on ``log`` when given)."""
-    from downstream.linear_probe import topk_accuracy
 
     model.eval()
     logits, labels = [], []

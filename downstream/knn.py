@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from downstream.features import encoder_fingerprint, get_features
+from downstream.linear_probe import topk_accuracy
 from harness.core.config import DataConfig, TaskConfig
 from harness.core.data.datasets import (
     check_classification_data,
@@ -31,8 +33,7 @@ from harness.core.data.datasets import (
 )
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
-from .features import encoder_fingerprint, frozen_forward_step, get_features, supported_poolings
-from .linear_probe import topk_accuracy
+from .features import frozen_forward_step
 
 
 class KNNConfig(TaskConfig):
@@ -120,7 +121,8 @@ class KNN(Task):
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, KNNConfig)
-        if cfg.pooling not in supported_poolings(encoder):
+
+        if cfg.pooling not in encoder.poolings:
             raise ValueError(f"{type(encoder).__name__} has no class token: set pooling: avg")
         t0 = time.time()
         root = resolve_imagefolder_root(ctx.data)

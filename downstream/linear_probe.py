@@ -30,8 +30,15 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from downstream.features import encoder_fingerprint, get_features
 from harness.core.config import DataConfig, TaskConfig
-from harness.core.data.datasets import check_classification_data
+from harness.core.data.datasets import (
+    check_classification_data,
+    eval_transform,
+    imagefolder_checked,
+    pretrain_transform,
+    resolve_imagefolder_root,
+)
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .features import frozen_forward_step
@@ -254,17 +261,6 @@ class LinearProbe(Task):
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, LinearProbeConfig)
-        from downstream.features import (
-            encoder_fingerprint,
-            get_features,
-            max_blocks,
-            supported_poolings,
-        )
-        from harness.core.data.datasets import (
-            eval_transform,
-            imagefolder_checked,
-            resolve_imagefolder_root,
-        )
 
         t0 = time.time()
         root = resolve_imagefolder_root(ctx.data)
@@ -275,10 +271,10 @@ class LinearProbe(Task):
         train = imagefolder_checked(root, "train", None, strict)
         val = imagefolder_checked(root, "val", None, strict)
         num_classes = len(train.classes)
-        poolings = [p for p in cfg.pooling if p == "avg" or "cls" in supported_poolings(encoder)]
+        poolings = [p for p in cfg.pooling if p == "avg" or "cls" in encoder.poolings]
         if not poolings:
             raise ValueError(f"{type(encoder).__name__} has no class token: set pooling to [avg]")
-        ks = sorted({min(k, max_blocks(encoder)) for k in cfg.last_blocks})
+        ks = sorted({min(k, encoder.num_feature_blocks) for k in cfg.last_blocks})
         dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
         ehash = encoder_fingerprint(encoder) if cfg.cache_features else None
         common = dict(
@@ -358,6 +354,5 @@ class LinearProbe(Task):
 
 def probe_train_transform(img_size: int, crop_scale: tuple[float, float], hflip: bool) -> Any:
     """MAE's linear-probe augmentation: RandomResizedCrop (bicubic) + flip + normalize."""
-    from harness.core.data.datasets import pretrain_transform
 
     return pretrain_transform(img_size, crop_scale, hflip)

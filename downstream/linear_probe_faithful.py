@@ -101,29 +101,11 @@ class LinearProbeFaithfulConfig(TaskConfig):
         return self
 
 
-def mae_global_pool(encoder: Any, x: torch.Tensor) -> torch.Tensor:
-    """MAE's ``global_pool`` features (``models_vit.py``, used by its linear probe): the mean of
-    the patch tokens *before* the final norm, through a fresh ``fc_norm`` LayerNorm (eps 1e-6)
-    that the probe keeps frozen at its init, i.e. a LayerNorm without affine. ``[B, D]``.
-
-    Encoders without a class token (Swin) use their own head's pooling: the mean of the normed
-    output tokens.
-    """
-    if hasattr(encoder, "vit"):
-        t = encoder.vit.blocks(encoder.vit.norm_pre(encoder.embed(x)))  # [B, 1 + L, D]
-    elif hasattr(encoder, "beit"):
-        t = encoder._blocks(encoder.embed(x))[-1]  # [B, 1 + L, D]
-    else:
-        return encoder.pool(encoder.forward_features(x), "avg")
-    pooled = t[:, 1:].mean(dim=1)  # [B, D]
-    return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
-
-
 @register_task("linear_probe_faithful")
 class LinearProbeFaithful(Task):
     """MAE's linear probe, end to end (see the module docstring).
 
-    Version 2: ``pooling: avg`` is MAE's ``global_pool`` (:func:`mae_global_pool`), no longer
+    Version 2: ``pooling: avg`` is MAE's ``global_pool`` (:meth:`Encoder.global_pool`), no longer
     the mean of the normed patch tokens.
     """
 
@@ -289,7 +271,7 @@ def _features(run: _ProbeRun, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), autocast(run.device, run.amp):
         x = x.to(run.device, non_blocking=True)
         if run.cfg.pooling == "avg":
-            return mae_global_pool(run.encoder, x).float()
+            return run.encoder.global_pool(x).float()
         return run.encoder.pool(run.encoder.forward_features(x), "cls").float()
 
 

@@ -49,7 +49,7 @@ from harness.core.fsutil import atomic_write_text
 from harness.core.measure import count_flops, peak_fraction, peak_mb, time_step
 from harness.core.registry import did_you_mean
 from pretrain.bench import BENCH_RECIPES, recipe_step
-from pretrain.encoder import create_encoder
+from pretrain.encoders import create_encoder
 
 #: The order of the task targets in ``mimbench bench``'s list; every other registered task
 #: follows, by name. What each target times is the task's own step

@@ -294,7 +294,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from downstream.checkpoints import export_encoder, timm_architecture
+    from downstream.checkpoints import export_encoder
 
     enc = encoder_from_spec(args.encoder, args.format, args.allow_partial, args.arch, args.img_size,
                             args.seed)
@@ -302,7 +302,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     sources = (args.encoder,) if Path(args.encoder).is_file() else ()
     paths = export_encoder(enc, args.out, formats, extra_meta={"exported_from": args.encoder},
                            overwrite=args.overwrite, sources=sources)
-    name, kwargs = timm_architecture(enc)
+    name, kwargs = enc.timm_architecture()
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"load with: timm.create_model('{name}', pretrained=False, checkpoint_path='{paths[0]}', "
           + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")

@@ -80,7 +80,8 @@ from harness.stages import (
     read_pretrain_failure,
 )
 from harness.sweep import SweepRow, row_encoder_name, tag_text
-from pretrain.encoder import arch_label, create_encoder, load_any_encoder_checkpoint
+from pretrain.encoders import create_encoder, load_encoder
+from pretrain.encoders.arch import arch_label
 from pretrain.engine import ENCODER, pretrain
 
 
@@ -88,7 +89,7 @@ from pretrain.engine import ENCODER, pretrain
 class EncoderHandle:
     """An encoder ready for evaluation and what the record says about it."""
 
-    encoder: Any  # pretrain.encoder.ViTEncoder
+    encoder: Any  # pretrain.encoders.Encoder
     info: EncoderInfo
     recipe: dict[str, Any] | None
     extra: dict[str, Any]
@@ -111,7 +112,7 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
 
     The record's ``arch`` names the architecture that runs: the loaded file's recorded config
     (checked against the entry's ``encoder:`` when one is given), with every value that differs
-    from its preset (:func:`pretrain.encoder.arch_label`).
+    from its preset (:func:`pretrain.encoders.arch.arch_label`).
     """
     import torch
 
@@ -123,7 +124,7 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
         else:
             pretrain(pcfg, stage, resume=True, log=tee_log(log, stage / "log.txt"))
         path = stage / ENCODER
-        enc = load_any_encoder_checkpoint(path, entry.encoder)  # refused if it is not that one
+        enc = load_encoder(path, entry.encoder)  # refused if it is not that one
         info = EncoderInfo(name=entry.name, arch=arch_label(enc.cfg), source="pretrain",
                            checkpoint=str(path), sha256=sha256_file(path))
         return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"), {"stage": str(stage)})

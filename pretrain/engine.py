@@ -93,9 +93,9 @@ class PretrainResult:
     wall_s: float
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: MIMModel, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and biases / norms / embeddings / tokens without decay."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

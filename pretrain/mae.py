@@ -1,7 +1,7 @@
 """MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022).
 
 The encoder sees only the visible 25 % of patches (no mask tokens,
-:meth:`pretrain.encoder.ViTEncoder.forward_visible`); a lightweight transformer decoder receives
+:meth:`pretrain.encoders.vit.ViTEncoder.forward_visible`); a lightweight transformer decoder receives
 the encoded visible tokens plus a shared learned mask token at every masked position, each with a
 fixed 2-D sin-cos position embedding, and predicts the pixels of every patch. The loss is the
 MSE on per-patch normalized pixels (``norm_pix_loss``), averaged over masked patches only
@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from harness.core.config import HeadConfig
-from pretrain.encoder import sincos_pos_embed_2d
+from pretrain.encoders.vit import sincos_pos_embed_2d
 from pretrain.heads import HEADS
 
 

@@ -7,12 +7,12 @@ whether masked embeddings are corrupted, ViT's masked patch prediction), the hea
 adversarial loss (Context Encoder). The recipe modules register their parts:
 
 ==================  ==============================================================
-SimMIM              :mod:`pretrain.simmim` (linear head), ViT or :mod:`pretrain.swin`
+SimMIM              :mod:`pretrain.simmim` (linear head), ViT or Swin (:mod:`pretrain.encoders`)
 MAE                 :mod:`pretrain.mae` (decoder), ``encoder_mode: visible``
 BEiT                :mod:`pretrain.beit` (tokens), :mod:`pretrain.tokenizers`, :mod:`pretrain.dall_e`
 MaskFeat            :mod:`pretrain.maskfeat` (HOG)
 ViT MPP             :mod:`pretrain.vit_mpp` (corruption, mean color)
-Context Encoder     :mod:`pretrain.context_encoder` (conv encoder, up-conv head, discriminator)
+Context Encoder     :mod:`pretrain.context_encoder` (up-conv head, discriminator), conv encoder
 ==================  ==============================================================
 """
 
@@ -31,7 +31,8 @@ import pretrain.mae  # noqa: F401
 import pretrain.maskfeat  # noqa: F401
 import pretrain.simmim  # noqa: F401
 from harness.core.config import EncoderConfig, RecipeConfig
-from pretrain.encoder import create_encoder
+from pretrain.encoders import create_encoder
+from pretrain.encoders.conv import mask_to_pixels
 from pretrain.heads import HEADS
 from pretrain.masking import Masker, create_masker, mask_to_indices
 from pretrain.targets import ImageSampler, TargetOut, create_target, to_unit
@@ -66,7 +67,7 @@ class MIMModel(nn.Module):
         self.recipe = recipe
         self.encoder = create_encoder(encoder_cfg)
         self.target = create_target(recipe.target, self.encoder.patch_size, self.encoder.grid_size)
-        if recipe.encoder_mode == "visible" and encoder_cfg.family != "vit":
+        if recipe.encoder_mode == "visible" and not self.encoder.visible_only:
             raise ValueError(
                 f"encoder_mode 'visible' needs a ViT encoder; '{encoder_cfg.arch}' is a "
                 f"{encoder_cfg.family} encoder that needs the full grid: use encoder_mode: mask_token"
@@ -81,7 +82,7 @@ class MIMModel(nn.Module):
             )
         m = recipe.masking
         self.corrupt = m.mask_token_prob < 1.0 or m.random_token_prob > 0.0
-        if self.corrupt and not hasattr(self.encoder, "patch_tokens"):
+        if self.corrupt and not self.encoder.token_input:
             raise ValueError(
                 "masking.mask_token_prob / random_token_prob need a ViT or Swin encoder"
             )
@@ -140,7 +141,7 @@ class MIMModel(nn.Module):
         if tgt.mean is not None and tgt.std is not None:
             p = p * tgt.std + tgt.mean
         rec = self.encoder.unpatchify(p.to(imgs.dtype))
-        pm = ce.mask_to_pixels(mask, self.encoder.patch_size, self.encoder.grid_size).to(imgs.dtype)
+        pm = mask_to_pixels(mask, self.encoder.patch_size, self.encoder.grid_size).to(imgs.dtype)
         return imgs * (1.0 - pm) + rec * pm
 
     @torch.no_grad()
@@ -157,7 +158,7 @@ class MIMModel(nn.Module):
         input, then what makes sense for the target (pixels: prediction and prediction pasted
         into the visible patches; HOG, colors, tokens: the target and the prediction drawn)."""
         orig = to_unit(imgs.float())
-        pm = ce.mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size).to(orig)
+        pm = mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size).to(orig)
         rows = [("original", orig), ("masked", orig * (1 - pm) + 0.5 * pm)]
         tgt = TargetOut(out.target, out.target_mean, out.target_std)
         pred = self.target.pred_image(out.pred, tgt)

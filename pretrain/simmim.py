@@ -1,8 +1,8 @@
 """SimMIM: A Simple Framework for Masked Image Modeling (Xie et al., CVPR 2022).
 
 SimMIM keeps the encoder on the full token sequence: masked patches are replaced by a learned
-mask token at the patch embedding (:meth:`pretrain.encoder.ViTEncoder.forward_features`, and
-:class:`pretrain.swin.SwinEncoder` for the paper's main Swin-B setting), and a one-layer
+mask token at the patch embedding (:meth:`pretrain.encoders.vit.ViTEncoder.forward_features`, and
+:class:`pretrain.encoders.swin.SwinEncoder` for the paper's main Swin-B setting), and a one-layer
 prediction head maps every output token back to its pixels: a 1x1 convolution to
 ``stride^2 * 3`` channels followed by a pixel shuffle of the encoder stride (Sec. 3.3, "linear
 head"). The loss is L1 on the masked pixels only (Sec. 3.4, Table 5).

@@ -14,8 +14,7 @@ import torch
 
 from harness.core.config import ConfigError
 from harness.core.fsutil import config_hash, sha256_file
-from pretrain.encoder import ViTEncoder
-from pretrain.swin import SwinEncoder
+from pretrain.encoders.base import Encoder
 
 from ..base import TaskContext
 
@@ -23,26 +22,26 @@ from ..base import TaskContext
 ConfigBuilder = Callable[[str, str, str, bool], dict[str, Any]]
 
 
-def dense_family(encoder: object, task: str) -> str:
-    """``vit`` (:class:`ViTEncoder`: ViTDet / BEiT backbones of our own) or ``swin``
-    (:class:`~pretrain.swin.SwinEncoder`: mmdet's / mmseg's Swin with the weights mapped in);
-    other encoder families fail with a clear message."""
+#: Encoder families with a dense backbone: ``vit`` (ViTDet / BEiT backbones of our own) and
+#: ``swin`` (mmdet's / mmseg's Swin with the weights mapped in).
+DENSE_FAMILIES = ("vit", "swin")
 
-    if isinstance(encoder, ViTEncoder):
-        return "vit"
-    if isinstance(encoder, SwinEncoder):
-        return "swin"
-    cfg = getattr(encoder, "cfg", None)
-    arch, family = getattr(cfg, "arch", "?"), getattr(cfg, "family", type(encoder).__name__)
+
+def dense_family(encoder: Encoder, task: str) -> str:
+    """The encoder's family if it has a dense backbone (:data:`DENSE_FAMILIES`); other
+    families fail with a clear message."""
+    if encoder.family in DENSE_FAMILIES:
+        return encoder.family
     raise ConfigError(
-        f"{task} supports ViT and Swin encoders; encoder '{arch}' is a {family} encoder, which "
-        "has no dense backbone: evaluate it with linear_probe, knn or finetune instead"
+        f"{task} supports ViT and Swin encoders; encoder '{encoder.cfg.arch}' is a "
+        f"{encoder.family} encoder, which has no dense backbone: evaluate it with linear_probe, "
+        "knn or finetune instead"
     )
 
 
 def run_dense_task(
     task: str,
-    encoder: Any,
+    encoder: Encoder,
     ctx: TaskContext,
     build: ConfigBuilder,
     module: str,
@@ -50,7 +49,7 @@ def run_dense_task(
 ) -> Any:
     """Train and evaluate one mm config built by ``build``; returns a ``common.MMRunResult``.
 
-    ``encoder`` is a :class:`ViTEncoder` or a :class:`~pretrain.swin.SwinEncoder`; it is handed
+    ``encoder`` is a ViT or a Swin encoder (:func:`dense_family`); it is handed
     over as a file (``encoder_init.pth`` in ``ctx.out_dir``, loaded
     weights-only by the backbone), so the caller's encoder is never modified.
     """

@@ -91,7 +91,7 @@ class MimSwinMixin:
       weights-only and mapped by :func:`timm_to_mm_swin` in ``init_weights``; every backbone
       parameter except the new output norms must be covered, every checkpoint key used;
     * ``num_layers`` / ``layer_id`` for layer-wise lr decay (as
-      :meth:`pretrain.swin.SwinEncoder.layer_id`): 0 = patch embedding, then the blocks numbered
+      :meth:`pretrain.encoders.swin.SwinEncoder.layer_id`): 0 = patch embedding, then the blocks numbered
       across stages from 1, a patch merging joining the first block of the stage it feeds
       (timm's placement), ``num_layers + 1`` = the output norms.
 

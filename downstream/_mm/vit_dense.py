@@ -1,6 +1,6 @@
 """Dense-prediction backbones and necks on our plain ViT encoder (pure PyTorch, no mm imports).
 
-:class:`DenseViT` runs the timm blocks of a :class:`~pretrain.encoder.ViTEncoder` on the 2-D
+:class:`DenseViT` runs the timm blocks of a :class:`~pretrain.encoders.vit.ViTEncoder` on the 2-D
 token grid of an input of any size (a multiple of the patch size after padding):
 
 * the absolute position embedding is interpolated (bicubic) from the pretraining grid to the
@@ -37,7 +37,7 @@ from torch import nn
 
 from harness.core.config import EncoderConfig
 from harness.core.errors import CheckpointError
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.vit import ViTEncoder
 
 
 class LayerNorm2d(nn.LayerNorm):

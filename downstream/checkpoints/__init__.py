@@ -25,7 +25,6 @@ from downstream.checkpoints.export import (
     EXPORT_FORMATS,
     export_encoder,
     export_paths,
-    timm_architecture,
 )
 from downstream.checkpoints.files import guard_outputs
 from downstream.checkpoints.formats.base import (
@@ -35,7 +34,6 @@ from downstream.checkpoints.formats.base import (
     register_format,
 )
 from downstream.checkpoints.loading import (
-    build_encoder,
     import_checkpoint,
     import_state_dict,
     load_checkpoint,
@@ -55,7 +53,6 @@ __all__ = [
     "PRETRAIN_CHECKPOINT_META",
     "CheckpointFormat",
     "ImportReport",
-    "build_encoder",
     "checkpoint_format",
     "detect_family",
     "encoder_from_timm_name",
@@ -69,6 +66,5 @@ __all__ = [
     "pretrain_checkpoint_meta",
     "read_checkpoint",
     "register_format",
-    "timm_architecture",
     "unwrap_state_dict",
 ]

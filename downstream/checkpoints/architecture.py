@@ -22,7 +22,7 @@ from downstream.checkpoints.keys import beit_options_from_keys
 from downstream.checkpoints.report import ImportReport
 from harness.core.config import ENCODER_PRESETS, EncoderConfig
 from harness.core.errors import CheckpointError
-from pretrain.encoder import arch_label, check_architecture
+from pretrain.encoders.arch import arch_label, check_architecture
 
 #: Widths whose head count every public ViT release shares (DeiT / ViT / MAE / BEiT / DINO).
 _PUBLIC_VIT_HEADS: dict[int, tuple[int, str]] = {
@@ -275,7 +275,7 @@ def target_config(
     rec = _recorded_config(report, target, recorded)
     if rec is not None:
         enc_cfg = _fit_recorded(rec, cfg, report, recorded or {})
-        options = dict((recorded or {}).get("beit_options") or {}) if target == "beit" else {}
+        options = dict((recorded or {}).get(f"{target}_options") or {})
     elif target == "swin":
         enc_cfg = _target_swin_config(state, cfg, report)
         options = {}

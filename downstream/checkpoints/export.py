@@ -10,38 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from downstream.checkpoints.files import guard_outputs
 from downstream.checkpoints.files import source_files as _source_files
 from harness.core.errors import CheckpointError
+from harness.core.fsutil import atomic_write_bytes
+from pretrain.encoders.base import Encoder
 
 EXPORT_FORMATS: tuple[str, ...] = ("timm", "safetensors")
-
-
-def timm_architecture(encoder: nn.Module) -> tuple[str, dict[str, Any]]:
-    """``(timm model name, kwargs)`` that rebuild the encoder's architecture in timm."""
-    if hasattr(encoder, "beit"):
-        from downstream.beit_encoder import BEIT_TIMM_NAME
-
-        return BEIT_TIMM_NAME, dict(encoder.timm_kwargs)  # type: ignore[attr-defined]
-    cfg = encoder.cfg  # type: ignore[attr-defined]
-    return cfg.timm_name, dict(cfg.timm_kwargs())
-
-
-def _encoder_meta(encoder: nn.Module) -> dict[str, Any]:
-    name, kwargs = timm_architecture(encoder)
-    meta: dict[str, Any] = {
-        "format": "mimbench-encoder",
-        "version": 1,
-        "family": "beit" if hasattr(encoder, "beit") else encoder.cfg.family,  # type: ignore[attr-defined]
-        "encoder": encoder.cfg.model_dump(mode="json"),  # type: ignore[attr-defined]
-        "timm_name": name,
-        "timm_kwargs": kwargs,
-    }
-    if hasattr(encoder, "beit"):
-        meta["beit_options"] = dict(encoder.options)  # type: ignore[attr-defined]
-    return meta
 
 
 def export_paths(out: str | Path, formats: tuple[str, ...] = EXPORT_FORMATS) -> list[Path]:
@@ -57,7 +33,7 @@ def export_paths(out: str | Path, formats: tuple[str, ...] = EXPORT_FORMATS) -> 
 
 
 def export_encoder(
-    encoder: nn.Module,
+    encoder: Encoder,
     out: str | Path,
     formats: tuple[str, ...] = EXPORT_FORMATS,
     extra_meta: dict[str, Any] | None = None,
@@ -71,7 +47,7 @@ def export_encoder(
     part-way removes the files this call created.
 
     Args:
-        encoder: A ViTEncoder, BeitEncoder or SwinEncoder.
+        encoder: An encoder of any family.
         out: Output path without suffix (a suffix ``.pth`` / ``.safetensors`` is stripped).
         formats: Any of ``timm`` and ``safetensors``.
         extra_meta: Added to the meta (e.g. where the weights came from).
@@ -85,8 +61,6 @@ def export_encoder(
 
     from safetensors.torch import save as st_save
 
-    from harness.core.fsutil import atomic_write_bytes
-
     unknown = set(formats) - set(EXPORT_FORMATS)
     if unknown:
         raise CheckpointError(
@@ -94,7 +68,7 @@ def export_encoder(
         )
     paths = export_paths(out, formats)
     guard_outputs(paths, [p for s in sources for p in _source_files(s)], overwrite)
-    meta = {**_encoder_meta(encoder), **(extra_meta or {})}
+    meta = encoder.file_meta(extra_meta)
     state = {k: v.contiguous() for k, v in encoder.timm_state_dict().items()}  # type: ignore[operator]
     name, kwargs = meta["timm_name"], meta["timm_kwargs"]
     blobs: dict[str, bytes] = {}

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from timm.models.swin_transformer import checkpoint_filter_fn
-from torch import nn
 
 from downstream.checkpoints.architecture import target_config
 from downstream.checkpoints.files import guard_outputs, source_files
@@ -28,10 +27,11 @@ from downstream.checkpoints.report import ImportReport
 from harness.core.config import EncoderConfig, checkpoint_format_names
 from harness.core.errors import CheckpointError
 from harness.core.fsutil import sha256_file
+from pretrain.encoders import Encoder, create_encoder
 
 
 def _resize_to(
-    enc: nn.Module, target: str, state: dict[str, torch.Tensor], report: ImportReport
+    enc: Encoder, target: str, state: dict[str, torch.Tensor], report: ImportReport
 ) -> dict[str, torch.Tensor]:
     """Resize position embeddings / relative position tables to the encoder's grid."""
     own = enc.timm_state_dict()  # type: ignore[operator]
@@ -59,24 +59,6 @@ def _resize_to(
     return out
 
 
-def build_encoder(
-    target: str, cfg: EncoderConfig, options: dict[str, Any] | None = None
-) -> nn.Module:
-    """An encoder wrapper: ``vit`` (ViTEncoder), ``beit`` (BeitEncoder), ``swin`` (SwinEncoder)."""
-    if target == "beit":
-        from downstream.beit_encoder import BeitEncoder
-
-        return BeitEncoder(cfg, options or {})
-    if target == "swin":
-        from pretrain.swin import SwinEncoder
-
-        return SwinEncoder(cfg)
-    from pretrain.encoder import ViTEncoder
-
-    return ViTEncoder(cfg)
-
-
-
 def import_state_dict(
     state: dict[str, torch.Tensor],
     report: ImportReport,
@@ -84,7 +66,7 @@ def import_state_dict(
     meta: dict[str, Any] | None = None,
     allow_partial: bool = False,
     img_size: int | None = None,
-) -> nn.Module:
+) -> Encoder:
     """Convert ``state`` (of format ``report.family``) and load it into a new encoder wrapper.
 
     Args:
@@ -103,7 +85,7 @@ def import_state_dict(
     report.target = target
     mask_token = st.pop(MASK_TOKEN, None)
     enc_cfg, options = target_config(target, st, report, cfg, fmt.recorded_meta(meta), img_size)
-    enc = build_encoder(target, enc_cfg, options)
+    enc = create_encoder(enc_cfg, target, options)
     report.encoder = enc_cfg.model_dump(mode="json")
     report.options = options
     st = _align_to(enc, target, st, report)
@@ -116,7 +98,7 @@ def import_state_dict(
 
 
 def _align_to(
-    enc: nn.Module, target: str, st: dict[str, torch.Tensor], report: ImportReport
+    enc: Encoder, target: str, st: dict[str, torch.Tensor], report: ImportReport
 ) -> dict[str, torch.Tensor]:
     """The converted weights in the encoder's layout: timm's Swin filter (the Swin repo's
     layout, rebuilt buffers dropped) or position tables resized to the encoder's grid."""
@@ -169,14 +151,13 @@ def _check_keys(
     report.partial = bool(missing or unexpected)
 
 
-def _load_weights(enc: nn.Module, sd: dict[str, torch.Tensor], report: ImportReport) -> None:
+def _load_weights(enc: Encoder, sd: dict[str, torch.Tensor], report: ImportReport) -> None:
     """Load the encoder's own keys ``sd`` into its timm model (strictly unless partial)."""
-    inner = getattr(enc, "vit", None) or getattr(enc, "beit", None) or enc.swin
-    inner.load_state_dict(sd, strict=not report.partial)
+    enc.trunk.load_state_dict(sd, strict=not report.partial)
     report.loaded = len(sd)
 
 
-def _load_mask_token(enc: nn.Module, mask_token: torch.Tensor, report: ImportReport) -> None:
+def _load_mask_token(enc: Encoder, mask_token: torch.Tensor, report: ImportReport) -> None:
     """Copy the checkpoint's encoder-side mask token (one of another width is dropped)."""
     if tuple(mask_token.shape) == tuple(enc.mask_token.shape):  # type: ignore[union-attr]
         with torch.no_grad():
@@ -192,7 +173,7 @@ def load_checkpoint(
     fmt: str = "auto",
     allow_partial: bool = False,
     img_size: int | None = None,
-) -> tuple[nn.Module, ImportReport]:
+) -> tuple[Encoder, ImportReport]:
     """Import any supported checkpoint file as an encoder wrapper.
 
     Args:

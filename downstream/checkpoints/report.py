@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from harness.core.config import EncoderConfig
-from pretrain.encoder import arch_label
+from pretrain.encoders.arch import arch_label
 
 
 @dataclass

@@ -6,7 +6,6 @@ import timm
 from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
 from downstream.checkpoints.architecture import nearest_vit_preset
 from downstream.checkpoints.loading import import_state_dict
@@ -14,9 +13,10 @@ from downstream.checkpoints.report import ImportReport
 from harness.core.config import EncoderConfig
 from harness.core.errors import CheckpointError
 from harness.core.registry import did_you_mean
+from pretrain.encoders import Encoder
 
 
-def encoder_from_timm_name(name: str) -> tuple[nn.Module, ImportReport]:
+def encoder_from_timm_name(name: str) -> tuple[Encoder, ImportReport]:
     """A randomly initialized encoder with the architecture of timm model ``name``.
 
     Nothing is downloaded: timm builds the model with ``pretrained=False`` (seed torch first for

@@ -146,8 +146,8 @@ class EncoderConfig(StrictModel):
 
     @property
     def family(self) -> str:
-        """``vit`` (:class:`pretrain.encoder.ViTEncoder`), ``swin`` (:class:`pretrain.swin.SwinEncoder`)
-        or ``conv`` (the Context Encoder's convolutional encoder, not a timm model)."""
+        """``vit``, ``swin`` or ``conv`` (the Context Encoder's, not a timm model): the
+        family in :data:`pretrain.encoders.base.ENCODERS` that builds this preset."""
         return str(ENCODER_PRESETS[self.arch].get("family", "vit"))
 
     def timm_kwargs(self) -> dict[str, Any]:

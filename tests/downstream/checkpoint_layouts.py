@@ -10,11 +10,11 @@ import re
 
 import torch
 
-from downstream.beit_encoder import BeitEncoder
 from downstream.swin_keys import timm_to_mm_swin
 from harness.core.config import EncoderConfig
-from pretrain.encoder import ViTEncoder
-from pretrain.swin import SwinEncoder
+from pretrain.encoders.beit import BeitEncoder
+from pretrain.encoders.swin import SwinEncoder
+from pretrain.encoders.vit import ViTEncoder
 
 MICRO = EncoderConfig(arch="vit_micro_32", pos_embed="learned")
 

@@ -37,8 +37,8 @@ from downstream.checkpoints import (
 )
 from harness.core.config import ENCODER_PRESETS, EncoderConfig
 from harness.core.errors import CheckpointError
-from pretrain.encoder import ViTEncoder
-from pretrain.swin import SwinEncoder
+from pretrain.encoders.swin import SwinEncoder
+from pretrain.encoders.vit import ViTEncoder
 
 
 @pytest.fixture
@@ -654,10 +654,10 @@ def _pretrain_tiny(data, out):
 def test_pretraining_checkpoint_loads_with_its_recorded_heads(tiny_imagefolder, tmp_path):
     import shutil
 
-    from pretrain.encoder import load_encoder_checkpoint
+    from pretrain.encoders import load_encoder
 
     res = _pretrain_tiny(tiny_imagefolder, tmp_path / "stage")
-    ref = load_encoder_checkpoint(res.encoder_path)  # the encoder file: 4 heads, from its metadata
+    ref = load_encoder(res.encoder_path)  # the encoder file: 4 heads, from its metadata
     assert _heads(ref) == 4
     ckpt = tmp_path / "stage" / "checkpoint.pth"
     # in its stage directory, and copied away from it: the checkpoint records its config

@@ -280,7 +280,7 @@ def test_detection_end_to_end_on_synthetic_coco(shapes_root, tmp_path):
 
     from downstream.base import TaskContext, get_task
     from downstream.detection import DetectionConfig
-    from pretrain.encoder import ViTEncoder
+    from pretrain.encoders.vit import ViTEncoder
 
     torch.manual_seed(0)
     enc = ViTEncoder(EncoderConfig(**MICRO))
@@ -322,7 +322,7 @@ def test_generated_model_loads_the_encoder_weights(shapes_root, tmp_path):
 
     import downstream._mm.mmdet_modules  # noqa: F401
     from downstream.detection import DetectionConfig, build_mm_config
-    from pretrain.encoder import ViTEncoder
+    from pretrain.encoders.vit import ViTEncoder
 
     init_default_scope("mmdet")
     torch.manual_seed(1)
@@ -345,7 +345,7 @@ def test_openmmlab_log_goes_to_the_work_dir_not_the_console(shapes_root, tmp_pat
     only, the console keeps warnings; MIMBENCH_MM_VERBOSE=1 prints it on the console again."""
     from downstream.base import TaskContext, get_task
     from downstream.detection import DetectionConfig
-    from pretrain.encoder import ViTEncoder
+    from pretrain.encoders.vit import ViTEncoder
 
     monkeypatch.delenv("MIMBENCH_MM_VERBOSE", raising=False)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from downstream.finetune import (
     set_drop_path,
 )
 from harness.core.config import DataConfig, EncoderConfig
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.vit import ViTEncoder
 
 TINY = dict(epochs=2, warmup_epochs=1, batch_size=8, micro_batch_size=4, log_every_steps=1)
 
@@ -124,7 +124,7 @@ def test_finetune_end_to_end_resumes_like_an_uninterrupted_run(tiny_imagefolder,
 
 
 def test_swin_finetunes_through_its_layer_groups(tiny_imagefolder, tmp_path):
-    from pretrain.swin import SwinEncoder
+    from pretrain.encoders.swin import SwinEncoder
 
     torch.manual_seed(0)
     enc = SwinEncoder(EncoderConfig(arch="swin_micro_32"))
@@ -147,7 +147,7 @@ def test_plain_cross_entropy_without_mixup(tiny_imagefolder, tmp_path):
 
 
 def test_beit_encoder_finetunes(tiny_imagefolder, tmp_path):
-    from downstream.beit_encoder import BeitEncoder
+    from pretrain.encoders.beit import BeitEncoder
 
     torch.manual_seed(0)
     enc = BeitEncoder(

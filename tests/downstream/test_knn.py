@@ -11,7 +11,7 @@ from downstream.knn import KNNConfig, knn_predict
 from downstream.linear_probe import LinearProbeConfig
 from harness.core.config import DataConfig, EncoderConfig
 from harness.core.data.datasets import DatasetError
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.vit import ViTEncoder
 
 
 def _ctx(root, tmp_path):
@@ -116,7 +116,7 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal(tiny_imagefolder, tm
 
 
 def test_swin_needs_avg_pooling(tiny_imagefolder, tmp_path):
-    from pretrain.swin import SwinEncoder
+    from pretrain.encoders.swin import SwinEncoder
 
     enc = SwinEncoder(EncoderConfig(arch="swin_micro_32"))
     with pytest.raises(ValueError, match="pooling: avg"):

@@ -13,7 +13,7 @@ from downstream.linear_probe import (
     train_heads,
 )
 from harness.core.config import DataConfig, EncoderConfig
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.vit import ViTEncoder
 
 
 def test_topk_accuracy_by_hand():
@@ -152,8 +152,8 @@ def test_grid_cache_and_views(tiny_imagefolder, tmp_path):
 
 
 def test_swin_and_beit_encoders_probe(tiny_imagefolder, tmp_path):
-    from downstream.beit_encoder import BeitEncoder
-    from pretrain.swin import SwinEncoder
+    from pretrain.encoders.beit import BeitEncoder
+    from pretrain.encoders.swin import SwinEncoder
 
     task = get_task("linear_probe")
     cfg = LinearProbeConfig(
@@ -193,8 +193,6 @@ def test_faithful_avg_pooling_is_maes_global_pool():
     timm builds the same with ``global_pool='avg', fc_norm=True`` (the final norm dropped)."""
     import timm
 
-    from downstream.linear_probe_faithful import mae_global_pool
-
     torch.manual_seed(0)
     enc = ViTEncoder(EncoderConfig(arch="vit_micro_32", pos_embed="learned")).eval()
     with torch.no_grad():
@@ -207,7 +205,7 @@ def test_faithful_avg_pooling_is_maes_global_pool():
     assert sorted(unexpected) == ["norm.bias", "norm.weight"]
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        got = mae_global_pool(enc, x)
+        got = enc.global_pool(x)
         assert torch.allclose(got, ref(x), atol=1e-5)
         assert not torch.allclose(got, enc.pool(enc.forward_features(x), "avg"), atol=1e-3)
 

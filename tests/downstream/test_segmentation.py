@@ -209,7 +209,7 @@ def test_segmentation_end_to_end_on_synthetic_ade(shapes_root, tmp_path):
     from mmengine.config import Config
 
     from downstream.base import TaskContext, get_task
-    from pretrain.encoder import ViTEncoder
+    from pretrain.encoders.vit import ViTEncoder
 
     torch.manual_seed(0)
     enc = ViTEncoder(EncoderConfig(**MICRO))

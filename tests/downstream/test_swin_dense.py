@@ -44,7 +44,7 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _randomized_swin(cfg: EncoderConfig, seed: int = 0) -> torch.nn.Module:
     """A Swin encoder whose every parameter (norms and bias tables included) is random, so that
     a misplaced or mis-ordered tensor cannot go unnoticed."""
-    from pretrain.swin import SwinEncoder
+    from pretrain.encoders.swin import SwinEncoder
 
     torch.manual_seed(seed)
     enc = SwinEncoder(cfg).eval()
@@ -179,7 +179,7 @@ def test_mm_swin_reproduces_timm_stage_features(lib, test_swin, tmp_path):
 
 @pytest.mark.mm
 def test_mm_swin_rejects_weights_of_another_architecture(test_swin, tmp_path):
-    from pretrain.swin import SwinEncoder
+    from pretrain.encoders.swin import SwinEncoder
 
     SwinEncoder(EncoderConfig(arch="swin_micro_32")).save_timm(tmp_path / "micro.pth")
     model = _build("mmdet", mm_swin_kwargs(test_swin, 0.0), str(tmp_path / "micro.pth"))
@@ -191,7 +191,7 @@ def test_mm_swin_rejects_weights_of_another_architecture(test_swin, tmp_path):
 def test_small_pretraining_window_is_resized(tmp_path):
     """swin_micro_32 pretrains at 32 px: timm shrinks the last stage's window to its 2 x 2 grid
     (a 3 x 3 bias table); mmdet keeps window 4 and gets the table resized."""
-    from pretrain.swin import SwinEncoder
+    from pretrain.encoders.swin import SwinEncoder
 
     cfg = EncoderConfig(arch="swin_micro_32")
     enc = SwinEncoder(cfg)
@@ -262,7 +262,7 @@ def test_swin_detection_end_to_end(shapes_root, tmp_path):
 
     from downstream.base import get_task
     from downstream.detection import DetectionConfig
-    from pretrain.swin import SwinEncoder
+    from pretrain.encoders.swin import SwinEncoder
 
     torch.manual_seed(0)
     enc = SwinEncoder(EncoderConfig(arch="swin_micro_32"))
@@ -290,7 +290,7 @@ def test_swin_segmentation_end_to_end(shapes_root, tmp_path):
 
     from downstream.base import get_task
     from downstream.segmentation import SegmentationConfig
-    from pretrain.swin import SwinEncoder
+    from pretrain.encoders.swin import SwinEncoder
 
     torch.manual_seed(0)
     enc = SwinEncoder(EncoderConfig(arch="swin_micro_32"))

@@ -21,7 +21,7 @@ from downstream.base import BenchBatch, Task, TaskContext, all_tasks, get_task
 from harness.core.config import DataConfig, EncoderConfig, parse_task_config
 from harness.core.data.shapes import ShapesSpec, ensure_shapes
 from harness.core.errors import UserError
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.vit import ViTEncoder
 
 MICRO = EncoderConfig(arch="vit_micro_32")  # patch 8, width 32, depth 2
 SPEC = ShapesSpec(image_size=8, train_per_class=2, val_per_class=1, scene_size=96,

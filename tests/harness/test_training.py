@@ -25,7 +25,7 @@ from harness.core.training import (
     split_batch,
     steps_per_epoch,
 )
-from pretrain.encoder import ViTEncoder
+from pretrain.encoders.vit import ViTEncoder
 from pretrain.engine import CHECKPOINT, pretrain
 
 # --------------------------------------------------------------------------- seeded order

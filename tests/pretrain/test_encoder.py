@@ -10,13 +10,9 @@ import torch
 
 from harness.core.config import EncoderConfig
 from harness.core.errors import CheckpointError
-from pretrain.encoder import (
-    ViTEncoder,
-    arch_label,
-    load_any_encoder_checkpoint,
-    load_encoder_checkpoint,
-    sincos_pos_embed_2d,
-)
+from pretrain.encoders import load_encoder
+from pretrain.encoders.arch import arch_label
+from pretrain.encoders.vit import ViTEncoder, sincos_pos_embed_2d
 
 
 @pytest.fixture
@@ -81,7 +77,7 @@ def test_saved_encoder_loads_into_timm_with_identical_outputs(enc, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x), enc.forward_features(x), atol=1e-6)
-    again = load_encoder_checkpoint(path).eval()
+    again = load_encoder(path).eval()
     with torch.no_grad():
         assert torch.equal(again.forward_features(x), enc.forward_features(x))
 
@@ -94,7 +90,7 @@ def test_checkpoint_that_does_not_fit_is_refused_with_the_fix(enc, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit.*shape mismatches.*Fix"):
         other.load_timm_state_dict(state, str(path))
     with pytest.raises(CheckpointError, match="not found"):
-        load_encoder_checkpoint(tmp_path / "missing.pth")
+        load_encoder(tmp_path / "missing.pth")
 
 
 class _Arbitrary:
@@ -105,7 +101,7 @@ def test_checkpoint_needing_unpickling_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "obj": _Arbitrary()}, path)
     with pytest.raises(CheckpointError, match="weights-only"):
-        load_encoder_checkpoint(path)
+        load_encoder(path)
 
 
 def test_layer_ids_and_intermediates(enc):
@@ -130,20 +126,19 @@ def test_a_named_config_must_be_the_files_own(tmp_path):
     enc = ViTEncoder(EncoderConfig(arch="vit_tiny_32", num_heads=2)).eval()
     path = tmp_path / "encoder.pth"
     enc.save_timm(path)
-    for load in (load_encoder_checkpoint, load_any_encoder_checkpoint):
-        with pytest.raises(CheckpointError, match="num_heads: checkpoint 2 vs named 4"):
-            load(path, EncoderConfig(arch="vit_tiny_32"))
-        with pytest.raises(CheckpointError, match="img_size: checkpoint 32 vs named 48"):
-            load(path, EncoderConfig(arch="vit_tiny_32", num_heads=2, img_size=48))
-        again = load(path, EncoderConfig(arch="vit_tiny_32", num_heads=2)).eval()
-        assert again.vit.blocks[0].attn.num_heads == 2
-        x = torch.randn(2, 3, 32, 32)
-        with torch.no_grad():
-            assert torch.equal(again.forward_features(x), enc.forward_features(x))
+    with pytest.raises(CheckpointError, match="num_heads: checkpoint 2 vs named 4"):
+        load_encoder(path, EncoderConfig(arch="vit_tiny_32"))
+    with pytest.raises(CheckpointError, match="img_size: checkpoint 32 vs named 48"):
+        load_encoder(path, EncoderConfig(arch="vit_tiny_32", num_heads=2, img_size=48))
+    again = load_encoder(path, EncoderConfig(arch="vit_tiny_32", num_heads=2)).eval()
+    assert again.vit.blocks[0].attn.num_heads == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.forward_features(x), enc.forward_features(x))
     plain = tmp_path / "plain.pth"
     torch.save(enc.timm_state_dict(), plain)
     with pytest.raises(CheckpointError, match="architecture is unknown.*--arch"):
-        load_encoder_checkpoint(plain)
+        load_encoder(plain)
 
 
 def test_arch_label_names_every_value_off_the_preset():

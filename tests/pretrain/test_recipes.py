@@ -8,7 +8,7 @@ import torch
 
 from harness.core.config import ConfigError, EncoderConfig, PretrainConfig, RecipeConfig
 from pretrain.context_encoder import Discriminator, adversarial_losses
-from pretrain.encoder import create_encoder, load_any_encoder_checkpoint
+from pretrain.encoders import create_encoder, load_encoder
 from pretrain.engine import ENCODER, param_groups, pretrain
 from pretrain.heads import HEADS
 from pretrain.model import create_model
@@ -281,7 +281,7 @@ def test_swin_encoder_checkpoint_loads_in_timm(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x).flatten(1, 2), enc(x), atol=1e-5)
-    again = load_any_encoder_checkpoint(tmp_path / "e.pth").eval()
+    again = load_encoder(tmp_path / "e.pth").eval()
     with torch.no_grad():
         assert torch.allclose(again(x), enc(x), atol=1e-6)
     # the mask token replaces the masked patch embeddings

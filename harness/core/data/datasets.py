@@ -27,6 +27,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from harness.core.config import DataConfig
+from harness.core.data.shapes import ShapesSpec, ensure_shapes
 from harness.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,7 +67,6 @@ def resolve_imagefolder_root(data: DataConfig) -> Path:
 def resolve_shapes_root(data: DataConfig) -> Path:
     """Root of the synthetic dataset ``data.shapes`` describes (generated into the cache on
     first use): ``imagefolder/``, ``coco/`` and ``ade20k/`` live under it."""
-    from harness.core.data.shapes import ShapesSpec, ensure_shapes
 
     return ensure_shapes(ShapesSpec(**data.shapes.model_dump()))
 

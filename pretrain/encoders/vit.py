@@ -1,0 +1,173 @@
+"""The ViT family: timm's :class:`~timm.models.vision_transformer.VisionTransformer`
+(Dosovitskiy et al., ICLR 2021) behind the encoder contract, with what masked image modeling
+adds to it: a learned mask token (SimMIM, BEiT), the encoder on visible tokens only (MAE) and
+fixed 2-D sin-cos position embeddings (MAE) or learned ones.
+
+The timm model lives in ``self.vit``; its state dict keeps timm's key names, so a saved encoder
+loads with ``timm.create_model(name, num_classes=0, checkpoint_path=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from harness.core.config import EncoderConfig
+from pretrain.encoders.base import Encoder, apply_mask_token, register_encoder
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """2-D sin-cos position embedding (MAE, after the Transformer's 1-D one).
+
+    Half of the channels encode the row, half the column; each half is ``[sin, cos]`` of the
+    coordinate times ``1 / 10000^(2i/d)``.
+
+    Returns:
+        Array ``[grid_h * grid_w, embed_dim]``, row-major over the grid.
+    """
+    if embed_dim % 4:
+        raise ValueError(
+            f"sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}"
+        )
+    ys, xs = np.meshgrid(
+        np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij"
+    )
+
+    def _1d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.outer(pos.reshape(-1), omega)  # [M, dim/2]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # MAE's convention: the first half encodes w (x), the second h (y).
+    return np.concatenate([_1d(embed_dim // 2, xs), _1d(embed_dim // 2, ys)], axis=1).astype(
+        np.float32
+    )
+
+
+@register_encoder
+class ViTEncoder(Encoder):
+    """A timm ViT with mask-token and visible-only forwards.
+
+    Args:
+        cfg: Encoder config (preset plus overrides).
+        options: None (the ViT family has no options).
+    """
+
+    family: ClassVar[str] = "vit"
+    num_prefix_tokens: ClassVar[int] = 1
+    isotropic: ClassVar[bool] = True
+    visible_only: ClassVar[bool] = True
+    token_input: ClassVar[bool] = True
+
+    def __init__(self, cfg: EncoderConfig, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(cfg, options)
+        self.vit = timm.create_model(
+            cfg.timm_name, pretrained=False, drop_path_rate=cfg.drop_path_rate, **cfg.timm_kwargs()
+        )
+        self._set_grid(tuple(self.vit.patch_embed.grid_size))
+        if int(self.vit.num_prefix_tokens) != 1 or self.vit.no_embed_class:
+            raise ValueError("ViTEncoder expects one class token with its own position embedding")
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        if cfg.pos_embed == "sincos":
+            pe = sincos_pos_embed_2d(self.embed_dim, *self.grid_size)
+            with torch.no_grad():
+                self.vit.pos_embed.zero_()  # class token position: zeros, as in MAE
+                self.vit.pos_embed[0, 1:].copy_(torch.from_numpy(pe))
+            self.vit.pos_embed.requires_grad_(False)
+
+    # ------------------------------------------------------------------ the contract
+    @property
+    def trunk(self) -> nn.Module:
+        return self.vit
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.vit.blocks)
+
+    def residual_blocks(self) -> list[nn.Module]:
+        return list(self.vit.blocks)
+
+    def final_norm(self, t: torch.Tensor) -> torch.Tensor:
+        return self.vit.norm(t)
+
+    def no_weight_decay(self) -> set[str]:
+        """Position embedding, class token and mask token."""
+        return {"vit.pos_embed", "vit.cls_token", "mask_token"}
+
+    def layer_id(self, name: str) -> int:
+        """0 = embeddings, i+1 = block i, L+1 = top."""
+        name = name.removeprefix("encoder.")
+        if name.startswith(("vit.cls_token", "vit.pos_embed", "vit.patch_embed", "mask_token")):
+            return 0
+        if name.startswith("vit.blocks."):
+            return int(name.split(".")[2]) + 1
+        return self.num_layers + 1
+
+    # ------------------------------------------------------------------ forwards
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings only, ``[B, C, H, W] -> [B, L, D]`` (before mask token and position)."""
+        self._check_input(x)
+        return self.vit.patch_embed(x)
+
+    def _add_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """Position embeddings and the class token: ``[B, L, D] -> [B, 1 + L, D]``."""
+        t = t + self.vit.pos_embed[:, 1:, :]
+        cls = (self.vit.cls_token + self.vit.pos_embed[:, :1, :]).expand(t.shape[0], -1, -1)
+        return torch.cat([cls, t], dim=1)
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding, mask token, class token and position embedding.
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            mask: Optional boolean ``[B, L]``, True where the patch is masked.
+
+        Returns:
+            Tokens ``[B, 1 + L, D]``.
+        """
+        t = apply_mask_token(self.patch_tokens(x), mask, self.mask_token)  # [B, L, D]
+        return self._add_positions(t)
+
+    def forward_tokens(self, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward_features` from given patch embeddings ``[B, L, D]`` (e.g. corrupted
+        ones, ViT's masked patch prediction): mask token, positions, class token, blocks, norm."""
+        t = self._add_positions(apply_mask_token(t, mask, self.mask_token))
+        return self.vit.norm(self.vit.blocks(self.vit.norm_pre(t)))  # [B, 1 + L, D]
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm, ``[B, 1 + L, D]``; masked patches see the mask token."""
+        return self.vit.norm(self.vit.blocks(self.vit.norm_pre(self.embed(x, mask))))
+
+    def forward_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Tokens ``[B, 1 + L, D]`` after each block, before the final norm."""
+        t = self.vit.norm_pre(self.embed(x, mask))
+        outs = []
+        for blk in self.vit.blocks:
+            t = blk(t)
+            outs.append(t)
+        return outs
+
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the visible patches only (MAE).
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            ids_keep: Indices of visible patches ``[B, K]`` (same K for every sample).
+
+        Returns:
+            ``[B, 1 + K, D]``: class token then the visible tokens in ``ids_keep`` order.
+        """
+        t = self.embed(x)  # [B, 1 + L, D]
+        cls, t = t[:, :1], t[:, 1:]
+        t = torch.gather(t, 1, ids_keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # [B, K, D]
+        t = torch.cat([cls, t], dim=1)
+        return self.vit.norm(self.vit.blocks(self.vit.norm_pre(t)))
