@@ -11,10 +11,9 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 
 from harness.core.config import ConfigError, EncoderConfig
-from pretrain.encoders import create_encoder
+from pretrain.encoders import Encoder, create_encoder
 
 from .checkpoints import encoder_from_timm_name, load_checkpoint
 
@@ -33,7 +32,7 @@ def is_timm_model_name(text: str) -> bool:
 
 def encoder_from_spec(spec: str, fmt: str = "auto", allow_partial: bool = False,
                       arch: str | None = None, img_size: int | None = None, seed: int = 0,
-                      log: Callable[[str], None] = print) -> nn.Module:
+                      log: Callable[[str], None] = print) -> Encoder:
     """The encoder ``spec`` names.
 
     Args:
