@@ -51,6 +51,8 @@ def token_palette(tokens: torch.Tensor, patch_size: int, grid: tuple[int, int]) 
 class TokensTarget(Target):
     """Each patch's token from a frozen tokenizer: one ``vocab_size``-way classification."""
 
+    discrete_target = True
+
     def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
         super().__init__(cfg, patch_size, grid)
         self.tokenizer = create_tokenizer(cfg.tokenizer, patch_size * grid[0], grid)

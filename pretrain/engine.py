@@ -87,9 +87,10 @@ def autocast_dtype(pref: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed weights, and biases / norms / embeddings / tokens without decay."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+def param_groups(model: MIMModel, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: decayed weights, and biases / norms / embeddings / tokens without decay (the
+    names the model's parts report, :meth:`MIMModel.no_weight_decay`)."""
+    skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -403,6 +404,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
                 opt.step()
                 step += 1
+                model.after_step(step)
                 last_loss = loss_value
                 history.append({"step": step, "loss": last_loss, "lr": lr})
                 scalars.scalars({"pretrain/loss": last_loss, "pretrain/lr": lr}, step)

@@ -20,11 +20,11 @@ from torch import nn
 
 from harness.core.config import HeadConfig
 from pretrain.encoder import sincos_pos_embed_2d
-from pretrain.heads import HEADS
+from pretrain.heads import HEADS, Head
 
 
 @HEADS.register("mae_decoder")
-class MAEDecoder(nn.Module):
+class MAEDecoder(Head):
     """MAE's transformer decoder.
 
     Args:
@@ -61,6 +61,10 @@ class MAEDecoder(nn.Module):
         self.apply(_init_weights)
 
     requires_full_sequence = False
+
+    def no_weight_decay(self) -> set[str]:
+        """The mask token and the (fixed) position embedding (MAE's reference code)."""
+        return {"mask_token", "decoder_pos_embed"}
 
     def forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor | None = None

@@ -24,20 +24,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Importing the recipe modules registers their heads and targets.
-import pretrain.beit  # noqa: F401
 import pretrain.context_encoder as ce
-import pretrain.mae  # noqa: F401
-import pretrain.maskfeat  # noqa: F401
-import pretrain.simmim  # noqa: F401
 from harness.core.config import EncoderConfig, RecipeConfig
+from harness.core.config.axes import ENCODER_INITS
 from pretrain.encoder import create_encoder
 from pretrain.heads import HEADS
 from pretrain.masking import Masker, create_masker, mask_to_indices
-from pretrain.targets import ImageSampler, TargetOut, create_target, to_unit
+from pretrain.targets import TARGETS, ImageSampler, TargetOut, to_unit
 from pretrain.vit_mpp import corrupt_and_encode
 
 __all__ = ["HEADS", "MIMModel", "MIMOutput", "create_model"]
+
+
+@ENCODER_INITS.register("default")
+def default_init(encoder: nn.Module) -> None:
+    """``recipe.encoder_init: default``: keep the encoder's own initialisation (timm's for ViT
+    and Swin, as each paper's reference code; see :mod:`pretrain.encoder`). A recipe that
+    initialises differently registers a function of the built encoder under another name."""
 
 
 @dataclass
@@ -65,7 +68,8 @@ class MIMModel(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.encoder = create_encoder(encoder_cfg)
-        self.target = create_target(recipe.target, self.encoder.patch_size, self.encoder.grid_size)
+        ENCODER_INITS.get(recipe.encoder_init)(self.encoder)
+        self.target = TARGETS.get(recipe.target.type).from_encoder(recipe.target, self.encoder)
         if recipe.encoder_mode == "visible" and encoder_cfg.family != "vit":
             raise ValueError(
                 f"encoder_mode 'visible' needs a ViT encoder; '{encoder_cfg.arch}' is a "
@@ -74,7 +78,7 @@ class MIMModel(nn.Module):
         self.head = HEADS.get(recipe.head.type)(
             self.encoder, recipe.head, self.target.out_dim, self.target.pixel_channels
         )
-        if recipe.encoder_mode == "visible" and getattr(self.head, "requires_full_sequence", False):
+        if recipe.encoder_mode == "visible" and self.head.requires_full_sequence:
             raise ValueError(
                 f"head '{recipe.head.type}' predicts from every token, so it needs "
                 "encoder_mode: mask_token (visible-only encoding leaves masked positions empty)"
@@ -91,9 +95,20 @@ class MIMModel(nn.Module):
         )
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay besides biases and norm weights."""
-        names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-        return names | {"head.mask_token", "head.decoder_pos_embed"}
+        """Parameter names exempt from weight decay besides biases and norm weights: what the
+        encoder, the head and the target each report, under their prefixes."""
+        parts: dict[str, set[str]] = {
+            "encoder": self.encoder.no_weight_decay(),
+            "head": self.head.no_weight_decay(),
+            "target": self.target.no_weight_decay(),
+        }
+        return {f"{prefix}.{n}" for prefix, names in parts.items() for n in names}
+
+    def after_step(self, step: int) -> None:
+        """The after-optimizer-step hook: the engine calls it once after every optimizer step
+        with the number of steps done (an EMA teacher target updates itself from the encoder
+        here); the parts decide, by default nothing happens."""
+        self.target.after_step(self.encoder, step)
 
     def prepare(self, sample_images: ImageSampler, log: Callable[[str], None] = print) -> None:
         """Fit what the target needs before pretraining (a tokenizer); the engine calls it once,

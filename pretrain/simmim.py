@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from harness.core.config import HeadConfig
-from pretrain.heads import HEADS, map_to_patches, tokens_to_map, upsample_factor
+from pretrain.heads import HEADS, Head, map_to_patches, tokens_to_map, upsample_factor
 
 
 @HEADS.register("linear")
-class LinearPixelShuffleHead(nn.Module):
+class LinearPixelShuffleHead(Head):
     """SimMIM's linear head: 1x1 conv, then a pixel shuffle from the encoder grid to the patch grid.
 
     The conv maps each output token to ``r^2 * out_dim`` values, ``r = encoder_stride /

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import TokenizerConfig
+from harness.core.config.axes import TOKENIZERS as _TOKENIZERS
 from harness.core.registry import Registry
 from pretrain.targets import patchify, to_unit, unpatchify
 
-TOKENIZERS: Registry[type[Tokenizer]] = Registry("tokenizer")
+#: The core registry (config validation reads it).
+TOKENIZERS: Registry[type[Tokenizer]] = _TOKENIZERS
 
 
 class Tokenizer(nn.Module):
@@ -313,7 +315,6 @@ class DVAETokenizer(_ConvTokenizer):
 
 
 def create_tokenizer(cfg: TokenizerConfig, img_size: int, grid: tuple[int, int]) -> Tokenizer:
-    """Build the tokenizer named by ``cfg.type`` (DALL-E's registers from :mod:`pretrain.dall_e`)."""
-    import pretrain.dall_e  # noqa: F401  (registers 'dall_e')
-
+    """Build the tokenizer named by ``cfg.type`` (DALL-E's registers from :mod:`pretrain.dall_e`,
+    which importing :mod:`pretrain` imports)."""
     return TOKENIZERS.get(cfg.type)(cfg, img_size, grid)
