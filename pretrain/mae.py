@@ -7,7 +7,7 @@ fixed 2-D sin-cos position embedding, and predicts the pixels of every patch. Th
 MSE on per-patch normalized pixels (``norm_pix_loss``), averaged over masked patches only
 (Sec. 3, Table 1).
 
-Paper defaults (see :data:`harness.core.config.RECIPE_DEFAULTS`): mask ratio 0.75, decoder of 8
+Paper defaults (its recipe file, ``pretrain/recipes/mae.yaml``): mask ratio 0.75, decoder of 8
 blocks x 512 wide (16 heads) for ViT-B/L, AdamW base lr 1.5e-4 per 256, weight decay 0.05,
 betas (0.9, 0.95), 40 warmup epochs, RandomResizedCrop scale [0.2, 1].
 """

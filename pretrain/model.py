@@ -3,8 +3,10 @@
 The ablation axes of the papers are config values here, not code paths: the masker
 (:mod:`pretrain.masking`), whether the encoder sees mask tokens or only visible patches (and
 whether masked embeddings are corrupted, ViT's masked patch prediction), the head
-(:mod:`pretrain.heads`), the target and the loss (:mod:`pretrain.targets`), and an optional
-adversarial loss (Context Encoder). The recipe modules register their parts:
+(:mod:`pretrain.heads`), the target (:mod:`pretrain.targets`), the loss (:mod:`pretrain.losses`),
+and an optional adversarial loss (Context Encoder). The recipe modules register their parts
+(importing :mod:`pretrain` imports them all); the recipes' values are their recipe files
+(:mod:`pretrain.recipes`):
 
 ==================  ==============================================================
 SimMIM              :mod:`pretrain.simmim` (linear head), ViT or :mod:`pretrain.swin`
@@ -14,6 +16,11 @@ MaskFeat            :mod:`pretrain.maskfeat` (HOG)
 ViT MPP             :mod:`pretrain.vit_mpp` (corruption, mean color)
 Context Encoder     :mod:`pretrain.context_encoder` (conv encoder, up-conv head, discriminator)
 ==================  ==============================================================
+
+Hooks instead of flags: the target is built from the encoder (:meth:`Target.from_encoder`), the
+engine calls :meth:`MIMModel.after_step` once per optimizer step (an EMA teacher's update), the
+encoder, head and target each report their no-weight-decay names, and ``recipe.encoder_init``
+names the encoder's initialisation (:data:`harness.core.config.axes.ENCODER_INITS`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ prediction head maps every output token back to its pixels: a 1x1 convolution to
 ``stride^2 * 3`` channels followed by a pixel shuffle of the encoder stride (Sec. 3.3, "linear
 head"). The loss is L1 on the masked pixels only (Sec. 3.4, Table 5).
 
-Paper defaults (see :data:`harness.core.config.RECIPE_DEFAULTS`): random masking of 32 px units on
+Paper defaults (its recipe file, ``pretrain/recipes/simmim.yaml``): random masking of 32 px units on
 16 px patches at ratio 0.6 (Table 1), AdamW with base lr 8e-4 at batch 2048 scaled per 512,
 weight decay 0.05, 100 epochs with 10 warmup, crops of scale [0.67, 1]. The ablation axes of
 Tables 1-5 (masking, head, target, loss) are config values; see ``configs/sweeps/``.

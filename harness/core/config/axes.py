@@ -31,13 +31,12 @@ LOSSES: Registry[Any] = Registry("loss")
 ENCODER_INITS: Registry[Any] = Registry("encoder initialisation")
 
 
-def check_name(registry: Registry[Any], value: str, key: str) -> str:
+def check_name(registry: Registry[Any], value: str) -> str:
     """``value`` if ``registry`` holds it, else a :class:`ValueError` with a did-you-mean.
 
     Args:
-        registry: The registry of the axis.
+        registry: The registry of the axis (its ``kind`` names it in the message).
         value: The name a config gives.
-        key: The config key, for the message (``masking.strategy``).
 
     Raises:
         ValueError: The name is unknown (the message lists the known ones), or nothing is
@@ -47,9 +46,9 @@ def check_name(registry: Registry[Any], value: str, key: str) -> str:
     if not names:
         raise ValueError(
             f"no {registry.kind} is registered: import pretrain (it registers every recipe and "
-            f"part) before validating a recipe ({key}: '{value}')"
+            f"part) before validating a recipe ('{value}')"
         )
     if value not in registry:
         hint = did_you_mean(str(value), names)
-        raise ValueError(f"unknown {key} '{value}';{hint} known: {', '.join(names)}")
+        raise ValueError(f"unknown {registry.kind} '{value}';{hint} known: {', '.join(names)}")
     return value

@@ -49,7 +49,7 @@ class MaskingConfig(StrictModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        return check_name(MASKERS, value, "masking strategy")
+        return check_name(MASKERS, value)
 
     @model_validator(mode="after")
     def _probs_sum(self) -> MaskingConfig:

@@ -48,7 +48,7 @@ class HeadConfig(StrictModel):
     @field_validator("type")
     @classmethod
     def _known_head(cls, value: str) -> str:
-        return check_name(HEADS, value, "head.type")
+        return check_name(HEADS, value)
     depth: int = Field(8, ge=1)
     dim: int = Field(512, ge=8)
     num_heads: int = Field(16, ge=1)
@@ -112,7 +112,7 @@ class TokenizerConfig(StrictModel):
     @field_validator("type")
     @classmethod
     def _known_tokenizer(cls, value: str) -> str:
-        return check_name(TOKENIZERS, value, "tokenizer.type")
+        return check_name(TOKENIZERS, value)
 
 
 class TargetConfig(StrictModel):
@@ -136,7 +136,7 @@ class TargetConfig(StrictModel):
     @field_validator("type")
     @classmethod
     def _known_target(cls, value: str) -> str:
-        return check_name(TARGETS, value, "target.type")
+        return check_name(TARGETS, value)
 
 
 class LossConfig(StrictModel):
@@ -157,7 +157,7 @@ class LossConfig(StrictModel):
     @field_validator("type")
     @classmethod
     def _known_loss(cls, value: str) -> str:
-        return check_name(LOSSES, value, "loss.type")
+        return check_name(LOSSES, value)
 
 
 class RecipeConfig(StrictModel):
@@ -192,7 +192,7 @@ class RecipeConfig(StrictModel):
     @field_validator("encoder_init")
     @classmethod
     def _known_init(cls, value: str) -> str:
-        return check_name(ENCODER_INITS, value, "encoder_init")
+        return check_name(ENCODER_INITS, value)
 
     @model_serializer(mode="wrap")
     def _omit_default_init(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def recipe_file(name: str) -> dict[str, dict[str, Any]]:
         ConfigError: The file is not a mapping of exactly ``recipe`` and ``train``, or its
             ``recipe.name`` is not the name it is registered under.
     """
-    check_name(RECIPES, name, "recipe")
+    check_name(RECIPES, name)
     return copy.deepcopy(_read(RECIPES.get(name), name))
 
 
