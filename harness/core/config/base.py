@@ -38,7 +38,6 @@ class StrictModel(BaseModel):
         return data
 
 
-
 def deep_merge(base: Any, override: Any) -> Any:
     """Merge ``override`` over ``base``: dicts merge key by key, anything else is replaced."""
     if isinstance(base, dict) and isinstance(override, dict):

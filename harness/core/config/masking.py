@@ -16,7 +16,8 @@ from harness.core.registry import did_you_mean
 
 
 class MaskingConfig(StrictModel):
-    """Which patches are hidden (see :mod:`pretrain.masking`).
+    """Which patches are hidden (see :mod:`pretrain.masking`); ``strategy`` is a name registered
+    in :data:`harness.core.config.axes.MASKERS`.
 
     Attributes:
         strategy: ``random`` (SimMIM: random units of ``mask_patch_size``), ``shuffle`` (MAE:

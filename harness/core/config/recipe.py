@@ -25,7 +25,8 @@ from harness.core.config.recipe_files import recipe_file
 
 
 class HeadConfig(StrictModel):
-    """Prediction head (see :mod:`pretrain.heads`).
+    """Prediction head (see :mod:`pretrain.heads`); ``type`` is a name registered in
+    :data:`harness.core.config.axes.HEADS`.
 
     Attributes:
         type: ``linear`` (SimMIM: 1x1 conv + pixel shuffle), ``mlp`` (2-layer MLP, SimMIM
@@ -44,17 +45,17 @@ class HeadConfig(StrictModel):
     """
 
     type: str = "linear"
-
-    @field_validator("type")
-    @classmethod
-    def _known_head(cls, value: str) -> str:
-        return check_name(HEADS, value)
     depth: int = Field(8, ge=1)
     dim: int = Field(512, ge=8)
     num_heads: int = Field(16, ge=1)
     mlp_ratio: float = 4.0
     window_size: int = Field(7, ge=1)
     stage_depths: list[int] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_head(cls, value: str) -> str:
+        return check_name(HEADS, value)
 
 
 class HOGConfig(StrictModel):
@@ -76,7 +77,8 @@ class HOGConfig(StrictModel):
 
 
 class TokenizerConfig(StrictModel):
-    """Discrete visual tokens for BEiT-style targets (see :mod:`pretrain.tokenizers`).
+    """Discrete visual tokens for BEiT-style targets (see :mod:`pretrain.tokenizers`); ``type``
+    is a name registered in :data:`harness.core.config.axes.TOKENIZERS`.
 
     Attributes:
         type: ``dall_e`` (DALL-E's dVAE encoder, loaded from ``path``: 8192 tokens on 112 px
@@ -116,7 +118,8 @@ class TokenizerConfig(StrictModel):
 
 
 class TargetConfig(StrictModel):
-    """What the head predicts for each patch (see :mod:`pretrain.targets`).
+    """What the head predicts for each patch (see :mod:`pretrain.targets`); ``type`` is a name
+    registered in :data:`harness.core.config.axes.TARGETS`.
 
     Attributes:
         type: ``pixels`` (SimMIM), ``norm_pixels`` (MAE: per-patch normalized), ``hog``
@@ -140,7 +143,8 @@ class TargetConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """Loss and where it is averaged.
+    """Loss and where it is averaged (see :mod:`pretrain.losses`); ``type`` is a name
+    registered in :data:`harness.core.config.axes.LOSSES`.
 
     Attributes:
         type: ``l1``, ``l2``, ``smooth_l1`` for continuous targets, ``cross_entropy`` for the
