@@ -1,7 +1,16 @@
 """Downstream evaluation protocols: each reads one encoder and returns metrics.
 
-Importing the package registers every task (and its config schema) so that a suite can be
-validated; task modules keep heavy dependencies (mmdet, mmseg, mmcv) inside ``run``.
+Importing the package registers every task (and its config schema) and every checkpoint format
+so that a suite can be validated; task modules keep heavy dependencies (mmdet, mmseg, mmcv)
+inside ``run``.
 """
 
-from downstream import detection, finetune, knn, linear_probe, segmentation  # noqa: F401
+from downstream import (  # noqa: F401  (registers every task and checkpoint format)
+    checkpoints,
+    detection,
+    finetune,
+    knn,
+    linear_probe,
+    linear_probe_faithful,
+    segmentation,
+)

@@ -39,7 +39,7 @@ def _run(
 
     from downstream.base import TaskContext, get_task
     from harness.core.config import parse_task_config
-    from pretrain.engine import pick_device
+    from harness.core.training import pick_device
 
     ctx = TaskContext(
         data=data,

@@ -26,19 +26,11 @@ Metrics are mmdet's CocoMetric (pycocotools' COCOeval) on val: ``box_ap`` and ``
 0-100 scale (AP at IoU .50:.95), the other COCO numbers in ``details``. The full mm config is
 generated from :class:`DetectionConfig` and saved beside the run as ``detection_config.py``.
 
-``python -m downstream.detection --bench`` prints seconds per iteration and peak memory.
+``python -m downstream._mm.bench detection`` (or ``mimbench bench task/detection``) prints seconds per
+iteration and peak memory.
 """
 
 from __future__ import annotations
-
-import sys
-
-# `python -m downstream.detection --bench`: hand over to the benchmark before this copy of the
-# module (``__main__``) registers the task a second time.
-if __name__ == "__main__":
-    from downstream._mm.bench import main
-
-    sys.exit(main(["detection", *sys.argv[1:]]))
 
 import json
 from pathlib import Path

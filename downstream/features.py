@@ -201,7 +201,7 @@ def extract(
         DatasetError: No image of ``ds`` could be read.
     """
     from harness.core.data.datasets import SkipTally, collate_skipping
-    from pretrain.engine import autocast_dtype
+    from harness.core.training import autocast_dtype
 
     encoder.eval()
     encoder.to(device)
@@ -251,7 +251,7 @@ def extract(
 def _split_key(
     encoder_hash: str, ds: Any, split: str, eval_tf: Any, device: torch.device, dtype: torch.dtype
 ) -> str:
-    from pretrain.engine import autocast_dtype
+    from harness.core.training import autocast_dtype
 
     amp = autocast_dtype("auto", device)
     parts = {

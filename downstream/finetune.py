@@ -18,7 +18,8 @@ than 24 blocks and the ViT-L one otherwise; the record holds the resolved values
 Resume works as in pretraining: a checkpoint (model, optimizer, step) is written every
 ``ckpt_every_steps`` steps into the task directory, and data order, augmentation, mixup and
 drop path are functions of (seed, epoch / step, index), so a resumed run follows the
-uninterrupted one.
+uninterrupted one; a checkpoint of another config or encoder is refused
+(:func:`downstream.resume.task_checkpoint`).
 """
 
 from __future__ import annotations
@@ -27,18 +28,44 @@ import copy
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader
 
-from harness.core.config import TaskConfig
+from harness.core.config import ConfigError, TaskConfig
+from harness.core.data.datasets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FullySeededDataset,
+    SkipTally,
+    collate_skipping,
+    eval_transform,
+    imagefolder_checked,
+    resolve_imagefolder_root,
+)
 from harness.core.tracking import ScalarLogger, progress
+from harness.core.training import (
+    GradAccumulation,
+    ResumableCheckpoint,
+    autocast,
+    autocast_dtype,
+    clip_and_step,
+    epoch_batches,
+    lr_at,
+    scaled_lr,
+    set_lr,
+    steps_per_epoch,
+)
 
 from .base import Task, TaskContext, TaskResult, register_task
+from .resume import task_checkpoint
 
 #: Per-size paper settings: (epochs, base_lr, layer_decay, drop_path).
 PAPER_SETTINGS: dict[str, dict[str, float]] = {
@@ -267,34 +294,6 @@ def pillow_safe(transform: Any) -> Any:
     return transform
 
 
-class FullySeededDataset(Dataset):
-    """Seeds torch, Python's ``random`` and numpy per (seed, epoch, index) around each sample, so
-    timm's augmentations (RandAugment, random erasing, crops) are reproducible under resume and
-    independent of the number of loader workers."""
-
-    def __init__(self, base: Any, seed: int) -> None:
-        self.base, self.seed, self.epoch = base, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> Any:
-        s = (self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**32 - 1)
-        py, npy = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s)
-            try:
-                return self.base[index]
-            finally:
-                random.setstate(py)
-                np.random.set_state(npy)
-
-
 def _seed_step(seed: int, step: int, device: torch.device) -> None:
     """Mixup / cutmix (numpy) and drop path (torch) draws of one step."""
     s = (seed * 9_999_991 + step * 7_777 + 13) % (2**32 - 1)
@@ -314,7 +313,6 @@ def evaluate(
     """``(top1, top5, images, skipped)`` on a sequential loader of ``(x, y, kept)`` batches over
     a checked ImageFolder (unreadable files are named on ``log`` when given)."""
     from downstream.linear_probe import topk_accuracy
-    from harness.core.data.datasets import SkipTally
 
     model.eval()
     logits, labels = [], []
@@ -346,259 +344,328 @@ class Finetune(Task):
     metrics = {"top1": True, "top5": True}
     config_cls = FinetuneConfig
 
-    def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:  # noqa: C901
+    def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, FinetuneConfig)
-        from timm.data import Mixup, create_transform
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        from torch.utils.data import DataLoader
-
-        from downstream.features import encoder_fingerprint
-        from harness.core.config import ConfigError
-        from harness.core.data.datasets import (
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            SkipTally,
-            collate_skipping,
-            eval_transform,
-            imagefolder_checked,
-            resolve_imagefolder_root,
-        )
-        from harness.core.fsutil import atomic_torch_save, config_hash
-        from pretrain.engine import autocast_dtype, lr_at
-
         t0 = time.time()
-        device = ctx.device
-        amp = autocast_dtype(cfg.precision, device)
-        settings = resolve_settings(cfg, int(encoder.num_layers))
-        img = int(encoder.cfg.img_size)
-        root = resolve_imagefolder_root(ctx.data)
-        train_tf = pillow_safe(
-            create_transform(
-                img,
-                is_training=True,
-                scale=cfg.crop_scale,
-                auto_augment=cfg.auto_augment,
-                color_jitter=cfg.color_jitter,
-                interpolation="bicubic",
-                re_prob=cfg.reprob,
-                re_mode=cfg.remode,
-                re_count=cfg.recount,
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-            )
-        )
-        strict = cfg.strict_data or ctx.data.strict_data
-        train = imagefolder_checked(root, "train", train_tf, strict)
-        val = imagefolder_checked(root, "val", eval_transform(img, ctx.data.eval_crop_pct), strict)
-        train_skips = SkipTally(train, "train")
-        num_classes = len(train.classes)
-        n = len(train)
-        micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
-        if cfg.batch_size % micro:
-            raise ConfigError(f"micro_batch_size {micro} must divide batch_size {cfg.batch_size}")
-        accum = cfg.batch_size // micro
-        steps_per_epoch = n // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise ConfigError(
-                f"train split has {n} images, fewer than one batch of {cfg.batch_size}: "
-                "lower batch_size (the lr scales with it)"
-            )
-        total = settings["epochs"] * steps_per_epoch
-        if cfg.max_steps is not None:
-            total = min(total, cfg.max_steps)
-        warmup = cfg.warmup_epochs * steps_per_epoch
-        peak = settings["base_lr"] * cfg.batch_size / 256
-
-        # the model: a copy of the encoder (its weights change), drop path, every weight trained
-        enc = copy.deepcopy(encoder).cpu()
-        set_drop_path(enc, settings["drop_path"])
-        for pname, p in enc.named_parameters():
-            p.requires_grad_(pname != "mask_token")
-        torch.manual_seed(ctx.seed)
-        model = FinetuneModel(enc, num_classes, cfg.global_pool, cfg.head_init_std).to(device)
-        groups = param_groups_layer_decay(model, cfg.weight_decay, settings["layer_decay"])
-        opt = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak, betas=cfg.betas
-        )
-        mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
-        mixer = (
-            Mixup(
-                mixup_alpha=cfg.mixup,
-                cutmix_alpha=cfg.cutmix,
-                prob=cfg.mixup_prob,
-                switch_prob=cfg.mixup_switch_prob,
-                mode="batch",
-                label_smoothing=cfg.smoothing,
-                num_classes=num_classes,
-            )
-            if mixup_on
-            else None
-        )
-        if mixer is not None:
-            criterion: nn.Module = SoftTargetCrossEntropy()
-        elif cfg.smoothing > 0:
-            criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-        else:
-            criterion = nn.CrossEntropyLoss()
-
-        # resume
-        chash = config_hash(
-            {
-                "cfg": cfg.model_dump(mode="json"),
-                "encoder": encoder_fingerprint(encoder),
-                "data": ctx.data.model_dump(mode="json"),
-                "seed": ctx.seed,
-            }
-        )
-        ckpt_path = ctx.out_dir / "finetune_checkpoint.pth"
-        step, history, evals, skipped = 0, [], [], 0
-        if ckpt_path.is_file():
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if ck.get("config_hash") == chash:
-                model.load_state_dict(ck["model"])
-                opt.load_state_dict(ck["optimizer"])
-                step, history, evals = int(ck["step"]), list(ck["history"]), list(ck["evals"])
-                skipped = int(ck["skipped"])
-                ctx.log(f"[finetune] resumed at step {step}/{total} from {ckpt_path}")
-            else:
-                ctx.log(f"[finetune] {ckpt_path} is from another config or encoder: starting over")
-
-        def save_checkpoint() -> None:
-            atomic_torch_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "history": history,
-                    "evals": evals,
-                    "skipped": skipped,
-                    "config_hash": chash,
-                },
-                ckpt_path,
-            )
-
-        workers = ctx.data.num_workers if cfg.num_workers is None else cfg.num_workers
-        seeded = FullySeededDataset(train, ctx.seed)
-        vloader = DataLoader(
-            val, batch_size=micro, shuffle=False, num_workers=workers, collate_fn=collate_skipping
-        )
+        run = _setup(encoder, cfg, ctx)
+        _restore(run)
         ctx.log(
-            f"[finetune] {n} images, {num_classes} classes, {steps_per_epoch} steps/epoch, {total} steps, "
-            f"batch {cfg.batch_size} ({accum} x {micro}), lr {peak:.3g}, layer decay "
-            f"{settings['layer_decay']}, drop path {settings['drop_path']}, device {device}"
-            f"{' bf16' if amp else ' fp32'}"
+            f"[finetune] {run.n} images, {run.num_classes} classes, {run.steps_per_epoch} "
+            f"steps/epoch, {run.total} steps, batch {cfg.batch_size} ({run.accum.k} x "
+            f"{run.micro}), lr {run.peak:.3g}, layer decay {run.settings['layer_decay']}, drop "
+            f"path {run.settings['drop_path']}, device {run.device}{' bf16' if run.amp else ' fp32'}"
         )
         t_train0 = time.time()
-        step_at_start = step
-        scalars = ScalarLogger(ctx.out_dir, run_name=ctx.out_dir.name)
-        bar = progress(total=total, initial=step, desc="finetune", unit="step")
-        try:
-            while step < total:
-                epoch, batch_idx = divmod(step, steps_per_epoch)
-                seeded.set_epoch(epoch)
-                g = torch.Generator().manual_seed((ctx.seed * 7_919 + epoch) % (2**63 - 1))
-                order = torch.randperm(n, generator=g)[: steps_per_epoch * cfg.batch_size]
-                micro_batches = order[batch_idx * cfg.batch_size :].view(-1, micro).tolist()
-                loader = DataLoader(
-                    seeded,
-                    batch_sampler=micro_batches,
-                    num_workers=workers,
-                    collate_fn=collate_skipping,
-                    pin_memory=device.type == "cuda",
-                )
-                model.train()
-                for i, (x, y, keep) in enumerate(loader):
-                    if i % accum == 0:
-                        lr = lr_at(step, total, warmup, peak, cfg.min_lr)
-                        for grp in opt.param_groups:
-                            grp["lr"] = lr * grp["lr_scale"]
-                    skipped += int((~keep).sum())
-                    train_skips.add(micro_batches[i], keep)
-                    train_skips.report(ctx.log)  # each unreadable file named once
-                    train_skips.check_readable()
-                    if x.shape[0] % 2 and mixer is not None:  # batch mixing pairs samples up
-                        x, y = x[:-1], y[:-1]
-                    if x.shape[0] > 0:
-                        _seed_step(ctx.seed, step * accum + i % accum, device)
-                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                        if mixer is not None:
-                            x, y = mixer(x, y)
-                        with torch.autocast(
-                            device.type, dtype=amp or torch.float32, enabled=amp is not None
-                        ):
-                            loss = criterion(model(x), y)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"fine-tuning loss is {loss.item()} at step {step}: lower base_lr or set clip_grad"
-                            )
-                        (loss / accum).backward()
-                        last_loss = float(loss.item())
-                    else:
-                        last_loss = float("nan")
-                    if (i + 1) % accum:
-                        continue
-                    if cfg.clip_grad is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    history.append({"step": step, "loss": last_loss, "lr": lr})
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
-                    scalars.scalars({"finetune/loss": last_loss, "finetune/lr": lr}, step)
-                    if step % cfg.ckpt_every_steps == 0 or step == total:
-                        save_checkpoint()
-                    if step % cfg.log_every_steps == 0 or step == total:
-                        rate = (
-                            (step - step_at_start) * cfg.batch_size / max(time.time() - t_train0, 1e-9)
-                        )
-                        ctx.log(
-                            f"[finetune] step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
-                            f"lr {lr:.3g} {rate:.1f} img/s"
-                        )
-                    epoch_done = step % steps_per_epoch == 0
-                    if (
-                        cfg.eval_every_epochs
-                        and epoch_done
-                        and (step // steps_per_epoch) % cfg.eval_every_epochs == 0
-                        and step < total
-                    ):
-                        top1, top5, _, _ = evaluate(model, vloader, device, amp)
-                        evals.append({"epoch": step // steps_per_epoch, "top1": top1, "top5": top5})
-                        scalars.scalars({"finetune/val_top1": top1, "finetune/val_top5": top5}, step)
-                        ctx.log(f"[finetune] epoch {step // steps_per_epoch}: val top1 {top1:.2f}")
-                        model.train()
-                    if step >= total:
-                        break
-        finally:
-            bar.close()
-            scalars.close()
-        t_train = time.time() - t_train0
-        top1, top5, n_val, val_skipped = evaluate(model, vloader, device, amp, ctx.log)
-        evals.append({"epoch": step / steps_per_epoch, "top1": top1, "top5": top5})
-        ctx.log(f"[finetune] val top1 {top1:.2f} top5 {top5:.2f} after {step} steps")
-        if not cfg.keep_checkpoint and ckpt_path.is_file():
-            ckpt_path.unlink()
-        losses = [h["loss"] for h in history if not math.isnan(h["loss"])]
-        return TaskResult(
-            metrics={"top1": top1, "top5": top5},
-            details={
-                "resolved": {
-                    **settings,
-                    "lr": peak,
-                    "batch_size": cfg.batch_size,
-                    "accum": accum,
-                    "steps": step,
-                    "warmup_steps": warmup,
-                },
-                "num_classes": num_classes,
-                "num_train": n,
-                "num_val": n_val,
-                "skipped_images": {"train_batches_total": skipped, "val": val_skipped},
-                "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None,
-                "evals": evals,
-                "train_seconds": t_train,
-                "total_seconds": time.time() - t0,
-            },
+        _train(run)
+        return _finish(run, time.time() - t_train0, t0)
+
+
+@dataclass
+class _FinetuneRun:
+    """One fine-tuning between :func:`_setup` and :func:`_finish`: what the steps read and
+    change (the step count, the loss history, the evaluations, the skipped images)."""
+
+    cfg: FinetuneConfig
+    ctx: TaskContext
+    settings: dict[str, Any]
+    device: torch.device
+    amp: torch.dtype | None
+    seeded: FullySeededDataset
+    train_skips: SkipTally
+    vloader: DataLoader
+    workers: int
+    num_classes: int
+    n: int
+    micro: int
+    accum: GradAccumulation
+    steps_per_epoch: int
+    total: int
+    warmup: float
+    peak: float
+    model: FinetuneModel
+    opt: torch.optim.Optimizer
+    mixer: Any
+    criterion: nn.Module
+    ckpt: ResumableCheckpoint
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    skipped: int = 0
+
+
+def _train_transform(cfg: FinetuneConfig, img: int) -> Any:
+    """timm's fine-tuning augmentation: RandomResizedCrop, RandAugment, random erasing."""
+    return pillow_safe(
+        create_transform(
+            img,
+            is_training=True,
+            scale=cfg.crop_scale,
+            auto_augment=cfg.auto_augment,
+            color_jitter=cfg.color_jitter,
+            interpolation="bicubic",
+            re_prob=cfg.reprob,
+            re_mode=cfg.remode,
+            re_count=cfg.recount,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
         )
+    )
+
+
+def _mixer_and_criterion(cfg: FinetuneConfig, num_classes: int) -> tuple[Any, nn.Module]:
+    """timm's batch Mixup / CutMix (None when both are off) and the loss that fits it."""
+    mixer = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixer = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode="batch",
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
+    if mixer is not None:
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    return mixer, criterion
+
+
+def _setup(encoder: Any, cfg: FinetuneConfig, ctx: TaskContext) -> _FinetuneRun:
+    """Data, schedule, the model (a copy of the encoder), optimizer, mixing and loss.
+
+    Raises:
+        ConfigError: ``micro_batch_size`` does not divide ``batch_size``, or the train split
+            holds less than one batch.
+    """
+    device = ctx.device
+    settings = resolve_settings(cfg, int(encoder.num_layers))
+    img = int(encoder.cfg.img_size)
+    root = resolve_imagefolder_root(ctx.data)
+    strict = cfg.strict_data or ctx.data.strict_data
+    train = imagefolder_checked(root, "train", _train_transform(cfg, img), strict)
+    val = imagefolder_checked(root, "val", eval_transform(img, ctx.data.eval_crop_pct), strict)
+    num_classes = len(train.classes)
+    n = len(train)
+    micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
+    if cfg.batch_size % micro:
+        raise ConfigError(f"micro_batch_size {micro} must divide batch_size {cfg.batch_size}")
+    spe = steps_per_epoch(n, cfg.batch_size, "lower batch_size (the lr scales with it)")
+    total = settings["epochs"] * spe
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    peak = scaled_lr(settings["base_lr"], cfg.batch_size)
+
+    # the model: a copy of the encoder (its weights change), drop path, every weight trained
+    enc = copy.deepcopy(encoder).cpu()
+    set_drop_path(enc, settings["drop_path"])
+    for pname, p in enc.named_parameters():
+        p.requires_grad_(pname != "mask_token")
+    torch.manual_seed(ctx.seed)
+    model = FinetuneModel(enc, num_classes, cfg.global_pool, cfg.head_init_std).to(device)
+    groups = param_groups_layer_decay(model, cfg.weight_decay, settings["layer_decay"])
+    opt = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak, betas=cfg.betas
+    )
+    mixer, criterion = _mixer_and_criterion(cfg, num_classes)
+    workers = ctx.data.num_workers if cfg.num_workers is None else cfg.num_workers
+    return _FinetuneRun(
+        cfg=cfg,
+        ctx=ctx,
+        settings=settings,
+        device=device,
+        amp=autocast_dtype(cfg.precision, device),
+        seeded=FullySeededDataset(train, ctx.seed),
+        train_skips=SkipTally(train, "train"),
+        vloader=DataLoader(
+            val, batch_size=micro, shuffle=False, num_workers=workers, collate_fn=collate_skipping
+        ),
+        workers=workers,
+        num_classes=num_classes,
+        n=n,
+        micro=micro,
+        accum=GradAccumulation(cfg.batch_size // micro),
+        steps_per_epoch=spe,
+        total=total,
+        warmup=cfg.warmup_epochs * spe,
+        peak=peak,
+        model=model,
+        opt=opt,
+        mixer=mixer,
+        criterion=criterion,
+        ckpt=task_checkpoint(
+            ctx.out_dir / "finetune_checkpoint.pth", cfg, encoder, ctx.data, ctx.seed
+        ),
+    )
+
+
+def _restore(run: _FinetuneRun) -> None:
+    """Continue from the task directory's checkpoint when there is one.
+
+    Raises:
+        CheckpointError: The checkpoint was written by another config or encoder.
+    """
+    ck = run.ckpt.load()
+    if ck is None:
+        return
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.step, run.history, run.evals = int(ck["step"]), list(ck["history"]), list(ck["evals"])
+    run.skipped = int(ck["skipped"])
+    run.ctx.log(f"[finetune] resumed at step {run.step}/{run.total} from {run.ckpt.path}")
+
+
+def _save_checkpoint(run: _FinetuneRun) -> None:
+    run.ckpt.save(
+        {
+            "model": run.model.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "step": run.step,
+            "history": run.history,
+            "evals": run.evals,
+            "skipped": run.skipped,
+        }
+    )
+
+
+def _train(run: _FinetuneRun) -> None:
+    """Optimizer steps until ``total``: each epoch's seeded order from the step reached on,
+    ``accum`` micro-batches per step."""
+    cfg, ctx = run.cfg, run.ctx
+    t_train0 = time.time()
+    step_at_start = run.step
+    scalars = ScalarLogger(ctx.out_dir, run_name=ctx.out_dir.name)
+    bar = progress(total=run.total, initial=run.step, desc="finetune", unit="step")
+    try:
+        while run.step < run.total:
+            epoch, batch_idx = divmod(run.step, run.steps_per_epoch)
+            run.seeded.set_epoch(epoch)
+            micro_batches = epoch_batches(
+                run.n, ctx.seed, epoch, cfg.batch_size, batch_idx, micro=run.micro
+            )
+            loader = DataLoader(
+                run.seeded,
+                batch_sampler=micro_batches,
+                num_workers=run.workers,
+                collate_fn=collate_skipping,
+                pin_memory=run.device.type == "cuda",
+            )
+            run.model.train()
+            for i, (x, y, keep) in enumerate(loader):
+                if run.accum.starts(i):
+                    lr = lr_at(run.step, run.total, run.warmup, run.peak, cfg.min_lr)
+                    set_lr(run.opt, lr)
+                run.skipped += int((~keep).sum())
+                run.train_skips.add(micro_batches[i], keep)
+                run.train_skips.report(ctx.log)  # each unreadable file named once
+                run.train_skips.check_readable()
+                last_loss = _micro_step(run, x, y, i)
+                if not run.accum.ends(i):
+                    continue
+                clip_and_step(run.opt, run.model.parameters(), cfg.clip_grad)
+                run.opt.zero_grad(set_to_none=True)
+                run.step += 1
+                run.history.append({"step": run.step, "loss": last_loss, "lr": lr})
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+                scalars.scalars({"finetune/loss": last_loss, "finetune/lr": lr}, run.step)
+                _after_step(run, epoch, last_loss, lr, scalars, step_at_start, t_train0)
+                if run.step >= run.total:
+                    break
+    finally:
+        bar.close()
+        scalars.close()
+
+
+def _micro_step(run: _FinetuneRun, x: torch.Tensor, y: torch.Tensor, i: int) -> float:
+    """Forward and backward of micro-batch ``i`` of the step (``x``: ``[b, 3, H, W]``); its loss
+    (nan when no image of it was readable).
+
+    Raises:
+        FloatingPointError: The loss is not finite.
+    """
+    if x.shape[0] % 2 and run.mixer is not None:  # batch mixing pairs samples up
+        x, y = x[:-1], y[:-1]
+    if x.shape[0] == 0:
+        return float("nan")
+    _seed_step(run.ctx.seed, run.step * run.accum.k + i % run.accum.k, run.device)
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    if run.mixer is not None:
+        x, y = run.mixer(x, y)
+    with autocast(run.device, run.amp):
+        loss = run.criterion(run.model(x), y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"fine-tuning loss is {loss.item()} at step {run.step}: lower base_lr or set clip_grad"
+        )
+    run.accum.backward(loss)
+    return float(loss.item())
+
+
+def _after_step(
+    run: _FinetuneRun,
+    epoch: int,
+    last_loss: float,
+    lr: float,
+    scalars: ScalarLogger,
+    step_at_start: int,
+    t_train0: float,
+) -> None:
+    """Checkpoint, progress line and the optional per-epoch evaluation after a step."""
+    cfg, step = run.cfg, run.step
+    if step % cfg.ckpt_every_steps == 0 or step == run.total:
+        _save_checkpoint(run)
+    if step % cfg.log_every_steps == 0 or step == run.total:
+        rate = (step - step_at_start) * cfg.batch_size / max(time.time() - t_train0, 1e-9)
+        run.ctx.log(
+            f"[finetune] step {step}/{run.total} epoch {epoch} loss {last_loss:.4f} "
+            f"lr {lr:.3g} {rate:.1f} img/s"
+        )
+    epoch_done = step % run.steps_per_epoch == 0
+    if (
+        cfg.eval_every_epochs
+        and epoch_done
+        and (step // run.steps_per_epoch) % cfg.eval_every_epochs == 0
+        and step < run.total
+    ):
+        top1, top5, _, _ = evaluate(run.model, run.vloader, run.device, run.amp)
+        run.evals.append({"epoch": step // run.steps_per_epoch, "top1": top1, "top5": top5})
+        scalars.scalars({"finetune/val_top1": top1, "finetune/val_top5": top5}, step)
+        run.ctx.log(f"[finetune] epoch {step // run.steps_per_epoch}: val top1 {top1:.2f}")
+        run.model.train()
+
+
+def _finish(run: _FinetuneRun, t_train: float, t0: float) -> TaskResult:
+    """Evaluate val after the last step, drop the checkpoint (unless kept), and report."""
+    cfg, ctx, step = run.cfg, run.ctx, run.step
+    top1, top5, n_val, val_skipped = evaluate(run.model, run.vloader, run.device, run.amp, ctx.log)
+    run.evals.append({"epoch": step / run.steps_per_epoch, "top1": top1, "top5": top5})
+    ctx.log(f"[finetune] val top1 {top1:.2f} top5 {top5:.2f} after {step} steps")
+    if not cfg.keep_checkpoint and run.ckpt.exists():
+        run.ckpt.path.unlink()
+    losses = [h["loss"] for h in run.history if not math.isnan(h["loss"])]
+    return TaskResult(
+        metrics={"top1": top1, "top5": top5},
+        details={
+            "resolved": {
+                **run.settings,
+                "lr": run.peak,
+                "batch_size": cfg.batch_size,
+                "accum": run.accum.k,
+                "steps": step,
+                "warmup_steps": run.warmup,
+            },
+            "num_classes": run.num_classes,
+            "num_train": run.n,
+            "num_val": n_val,
+            "skipped_images": {"train_batches_total": run.skipped, "val": val_skipped},
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "evals": run.evals,
+            "train_seconds": t_train,
+            "total_seconds": time.time() - t0,
+        },
+    )

@@ -1,4 +1,6 @@
-"""Linear probing of frozen encoders in two modes that share one head definition.
+"""Linear probing of frozen encoders: the fast probe, and the pieces it shares with MAE's
+faithful protocol (:mod:`downstream.linear_probe_faithful`, optimized with
+:class:`downstream.lars.LARS`).
 
 The head is MAE's linear-probe head (He et al., CVPR 2022, appendix A.2): BatchNorm without
 affine parameters (eps 1e-6) before a linear classifier initialized with std 0.01.
@@ -11,13 +13,7 @@ affine parameters (eps 1e-6) before a linear classifier initialized with std 0.0
   decay; learning rates are base rates scaled by ``batch / 256``. The head is chosen on a
   held-out, class-stratified part of train, never on val; the record says which head won and
   lists every head's numbers.
-* ``linear_probe_faithful``: MAE's protocol end to end. Every epoch the training images go
-  through RandomResizedCrop + flip and the frozen encoder; one head (class token, or average
-  pooling) is trained with LARS (You et al., 2017; momentum 0.9, trust coefficient 0.001, no
-  weight decay, no adaptation of biases), base lr 0.1 with ``lr = base_lr * batch / 256``, batch
-  16384, 90 epochs with 10 warmup epochs then a half-cosine, BatchNorm statistics per
-  ``micro_batch_size`` (MAE: 512 per GPU, gradients accumulated to the full batch). The val
-  accuracy after the last epoch is reported (no selection on val). Resumes per epoch.
+* ``linear_probe_faithful``: MAE's protocol end to end (see :mod:`downstream.linear_probe_faithful`).
 
 ``mimbench bench-probe`` (:mod:`downstream.bench_probe`) runs both on the same encoder and data.
 """
@@ -34,7 +30,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from harness.core.config import TaskConfig
-from harness.core.tracking import progress
 
 from .base import Task, TaskContext, TaskResult, register_task
 
@@ -88,55 +83,6 @@ class LinearProbeConfig(TaskConfig):
     def _positive_blocks(self) -> LinearProbeConfig:
         if any(k < 1 for k in self.last_blocks):
             raise ValueError(f"last_blocks must be >= 1, got {self.last_blocks}")
-        return self
-
-
-class LinearProbeFaithfulConfig(TaskConfig):
-    """MAE's linear probe protocol (He et al., CVPR 2022, appendix A.2, Table 9).
-
-    Attributes:
-        pooling: ``cls`` (MAE's default) or ``avg`` (MAE's ``global_pool``: the mean of the
-            patch tokens before the final norm, then an affine-free LayerNorm).
-        base_lr: LARS base learning rate; ``lr = base_lr * batch_size / 256`` (MAE: 0.1).
-        batch_size: Effective batch (MAE: 16384).
-        micro_batch_size: Images per forward; BatchNorm statistics are per micro-batch and
-            gradients are accumulated to ``batch_size`` (MAE: 512 per GPU on 32 GPUs).
-        epochs: Training epochs (MAE: 90).
-        warmup_epochs: Linear warmup epochs (MAE: 10).
-        min_lr: Floor of the half-cosine schedule.
-        weight_decay: MAE: 0.
-        momentum: LARS momentum (0.9).
-        trust_coefficient: LARS trust coefficient (0.001).
-        crop_scale: RandomResizedCrop scale range (torchvision default, as MAE).
-        hflip: Random horizontal flips.
-        num_workers: Loader workers (``None``: the data config's).
-        strict_data: Unreadable image files are fatal instead of skipped and counted.
-    """
-
-    name: Literal["linear_probe_faithful"] = "linear_probe_faithful"
-    pooling: Literal["cls", "avg"] = "cls"
-    base_lr: float = Field(0.1, gt=0)
-    batch_size: int = Field(16384, ge=1)
-    micro_batch_size: int = Field(512, ge=1)
-    epochs: int = Field(90, ge=1)
-    warmup_epochs: float = Field(10, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = 0.9
-    trust_coefficient: float = 0.001
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: bool = True
-    num_workers: int | None = Field(None, ge=0)
-    strict_data: bool = False
-
-    @model_validator(mode="after")
-    def _micro_divides(self) -> LinearProbeFaithfulConfig:
-        if self.micro_batch_size > self.batch_size:
-            object.__setattr__(self, "micro_batch_size", self.batch_size)
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}"
-            )
         return self
 
 
@@ -278,10 +224,6 @@ def train_heads(
     return heads
 
 
-def _num_workers(ctx: TaskContext, override: int | None = None) -> int:
-    return ctx.data.num_workers if override is None else override
-
-
 # --------------------------------------------------------------------------- fast mode
 
 
@@ -407,271 +349,3 @@ def probe_train_transform(img_size: int, crop_scale: tuple[float, float], hflip:
     from harness.core.data.datasets import pretrain_transform
 
     return pretrain_transform(img_size, crop_scale, hflip)
-
-
-# --------------------------------------------------------------------------- faithful mode
-
-
-def mae_global_pool(encoder: Any, x: torch.Tensor) -> torch.Tensor:
-    """MAE's ``global_pool`` features (``models_vit.py``, used by its linear probe): the mean of
-    the patch tokens *before* the final norm, through a fresh ``fc_norm`` LayerNorm (eps 1e-6)
-    that the probe keeps frozen at its init, i.e. a LayerNorm without affine. ``[B, D]``.
-
-    Encoders without a class token (Swin) use their own head's pooling: the mean of the normed
-    output tokens.
-    """
-    if hasattr(encoder, "vit"):
-        t = encoder.vit.blocks(encoder.vit.norm_pre(encoder.embed(x)))  # [B, 1 + L, D]
-    elif hasattr(encoder, "beit"):
-        t = encoder._blocks(encoder.embed(x))[-1]  # [B, 1 + L, D]
-    else:
-        return encoder.pool(encoder.forward_features(x), "avg")
-    pooled = t[:, 1:].mean(dim=1)  # [B, D]
-    return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al., 2017) as used by MAE's linear probe: SGD with momentum whose update of
-    each weight matrix is scaled by ``trust_coefficient * ||w|| / ||g + wd * w||``; parameters
-    with one dimension (biases, norms) get neither weight decay nor the scaling."""
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        trust_coefficient: float = 0.001,
-    ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                trust_coefficient=trust_coefficient,
-            ),
-        )
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    w_norm, d_norm = torch.norm(p), torch.norm(d)
-                    one = torch.ones_like(w_norm)
-                    q = torch.where(
-                        w_norm > 0,
-                        torch.where(d_norm > 0, g["trust_coefficient"] * w_norm / d_norm, one),
-                        one,
-                    )
-                    d = d.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(d)
-                p.add_(mu, alpha=-g["lr"])
-        return None
-
-
-@register_task("linear_probe_faithful")
-class LinearProbeFaithful(Task):
-    """MAE's linear probe, end to end (see the module docstring).
-
-    Version 2: ``pooling: avg`` is MAE's ``global_pool`` (:func:`mae_global_pool`), no longer
-    the mean of the normed patch tokens.
-    """
-
-    name = "linear_probe_faithful"
-    version = 2
-    metrics = {"top1": True, "top5": True}
-    config_cls = LinearProbeFaithfulConfig
-
-    def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
-        assert isinstance(cfg, LinearProbeFaithfulConfig)
-        from torch.utils.data import DataLoader
-
-        from harness.core.config import ConfigError
-        from harness.core.data.datasets import (
-            SeededDataset,
-            SkipTally,
-            collate_skipping,
-            eval_transform,
-            imagefolder_checked,
-            resolve_imagefolder_root,
-        )
-        from harness.core.fsutil import atomic_torch_save, config_hash
-        from pretrain.engine import autocast_dtype, lr_at
-
-        t0 = time.time()
-        device = ctx.device
-        amp = autocast_dtype("auto", device)
-        root = resolve_imagefolder_root(ctx.data)
-        img = int(encoder.cfg.img_size)
-        strict = cfg.strict_data or ctx.data.strict_data
-        train = imagefolder_checked(
-            root, "train", probe_train_transform(img, cfg.crop_scale, cfg.hflip), strict
-        )
-        val = imagefolder_checked(
-            root, "val", eval_transform(img, ctx.data.eval_crop_pct), strict
-        )
-        train_skips, val_skips = SkipTally(train, "train"), SkipTally(val, "val")
-        num_classes = len(train.classes)
-        n = len(train)
-        steps_per_epoch = n // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise ConfigError(
-                f"train split has {n} images, fewer than one batch of {cfg.batch_size}: lower "
-                "batch_size (the lr scales with it)"
-            )
-        accum = cfg.batch_size // cfg.micro_batch_size
-        total = cfg.epochs * steps_per_epoch
-        warmup = cfg.warmup_epochs * steps_per_epoch
-        peak = cfg.base_lr * cfg.batch_size / 256
-        encoder = encoder.to(device).eval()
-        torch.manual_seed(ctx.seed)
-        head = ProbeHead(int(encoder.num_features), num_classes).to(device)
-        opt = LARS(
-            head.parameters(),
-            weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum,
-            trust_coefficient=cfg.trust_coefficient,
-        )
-        workers = _num_workers(ctx, cfg.num_workers)
-        seeded = SeededDataset(train, ctx.seed)
-
-        from downstream.features import encoder_fingerprint
-
-        chash = config_hash(
-            {
-                "cfg": cfg.model_dump(mode="json"),
-                "encoder": encoder_fingerprint(encoder),
-                "data": ctx.data.model_dump(mode="json"),
-                "seed": ctx.seed,
-            }
-        )
-        ckpt = ctx.out_dir / "linear_probe_faithful.pth"
-        epoch0, history, skipped = 0, [], 0
-        if ckpt.is_file():
-            ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-            if ck.get("config_hash") == chash:
-                head.load_state_dict(ck["head"])
-                opt.load_state_dict(ck["optimizer"])
-                epoch0, history, skipped = int(ck["epoch"]), list(ck["history"]), int(ck["skipped"])
-                ctx.log(f"[linear_probe_faithful] resumed after epoch {epoch0} from {ckpt}")
-            else:
-                ctx.log(
-                    f"[linear_probe_faithful] {ckpt} is from another config or encoder: starting over"
-                )
-
-        def forward_feats(x: torch.Tensor) -> torch.Tensor:
-            with (
-                torch.no_grad(),
-                torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None),
-            ):
-                x = x.to(device, non_blocking=True)
-                if cfg.pooling == "avg":
-                    return mae_global_pool(encoder, x).float()
-                return encoder.pool(encoder.forward_features(x), "cls").float()
-
-        ctx.log(
-            f"[linear_probe_faithful] {n} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-            f"batch {cfg.batch_size} ({accum} x {cfg.micro_batch_size}), lr {peak:.3g}, LARS"
-        )
-        step = epoch0 * steps_per_epoch
-        for epoch in range(epoch0, cfg.epochs):
-            seeded.set_epoch(epoch)
-            g = torch.Generator().manual_seed((ctx.seed * 7_919 + epoch) % (2**63 - 1))
-            order = torch.randperm(n, generator=g)[: steps_per_epoch * cfg.batch_size]
-            micro = order.view(-1, cfg.micro_batch_size).tolist()
-            loader = DataLoader(
-                seeded,
-                batch_sampler=micro,
-                num_workers=workers,
-                collate_fn=collate_skipping,
-                pin_memory=device.type == "cuda",
-            )
-            head.train()
-            losses = []
-            bar = progress(loader, desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-            for i, (x, y, keep) in enumerate(bar):
-                if i % accum == 0:
-                    lr = lr_at(step, total, warmup, peak, cfg.min_lr)
-                    for grp in opt.param_groups:
-                        grp["lr"] = lr
-                skipped += int((~keep).sum())
-                train_skips.add(micro[i], keep)
-                train_skips.report(ctx.log)  # each unreadable file named once
-                train_skips.check_readable()
-                if x.shape[0] > 1:  # BatchNorm needs two samples
-                    loss = F.cross_entropy(head(forward_feats(x)), y.to(device))
-                    (loss / accum).backward()
-                    losses.append(float(loss.item()))
-                if (i + 1) % accum == 0:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "loss": sum(losses) / max(1, len(losses)),
-                    "lr": opt.param_groups[0]["lr"],
-                }
-            )
-            atomic_torch_save(
-                {
-                    "head": head.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "skipped": skipped,
-                    "config_hash": chash,
-                },
-                ckpt,
-            )
-            ctx.log(
-                f"[linear_probe_faithful] epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f}"
-            )
-        t_train = time.time() - t0
-        head.eval()
-        logits, labels = [], []
-        vloader = DataLoader(
-            val,
-            batch_size=cfg.micro_batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate_skipping,
-        )
-        with torch.no_grad():
-            for x, y, keep in vloader:
-                val_skips.add(range(val_skips.seen, val_skips.seen + len(keep)), keep)
-                if x.numel():
-                    logits.append(head(forward_feats(x)).cpu())
-                    labels.append(y)
-        val_skips.report(ctx.log)
-        val_skips.check_readable()
-        val_skipped = val_skips.num_skipped
-        lv, yv = torch.cat(logits), torch.cat(labels)
-        top1, top5 = topk_accuracy(lv, yv, 1), topk_accuracy(lv, yv, 5)
-        ctx.log(f"[linear_probe_faithful] val top1 {top1:.2f} top5 {top5:.2f}")
-        return TaskResult(
-            metrics={"top1": top1, "top5": top5},
-            details={
-                "pooling": cfg.pooling,
-                "lr": peak,
-                "steps": step,
-                "epochs": cfg.epochs,
-                "num_classes": num_classes,
-                "num_train": n,
-                "num_val": int(yv.numel()),
-                "skipped_images": {"train_batches_total": skipped, "val": val_skipped},
-                "history": history[-5:],
-                "train_seconds": t_train,
-                "total_seconds": time.time() - t0,
-            },
-        )

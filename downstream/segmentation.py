@@ -28,19 +28,11 @@ ground truth or the predictions); pixel accuracy and mean class accuracy go to `
 The full mm config is generated from :class:`SegmentationConfig` and saved beside the run as
 ``segmentation_config.py``.
 
-``python -m downstream.segmentation --bench`` prints seconds per iteration and peak memory.
+``python -m downstream._mm.bench segmentation`` (or ``mimbench bench task/segmentation``) prints seconds per
+iteration and peak memory.
 """
 
 from __future__ import annotations
-
-import sys
-
-# `python -m downstream.segmentation --bench`: hand over to the benchmark before this copy of the
-# module (``__main__``) registers the task a second time.
-if __name__ == "__main__":
-    from downstream._mm.bench import main
-
-    sys.exit(main(["segmentation", *sys.argv[1:]]))
 
 import json
 from pathlib import Path

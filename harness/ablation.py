@@ -39,13 +39,8 @@ import yaml
 from harness.core.errors import UserError
 from harness.core.fsutil import PathLike, atomic_write_text
 from harness.core.records import Record, SweepInfo, load_records, parse_timestamp
-from harness.report import (
-    PARTIAL_FAILURE_MARK,
-    data_key,
-    data_labels,
-    latex_escape,
-    newest_task_versions,
-)
+from harness.leaderboard import PARTIAL_FAILURE_MARK, data_key, data_labels, newest_task_versions
+from harness.report import latex_escape
 from harness.sweep import tag_text, variant_name
 
 #: The published numbers shipped with the repository.

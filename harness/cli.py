@@ -50,7 +50,8 @@ def _print_report(records_dir: Path, out_dir: Path) -> None:
     """Load the records once, name each unreadable one once on stderr, write and print the
     leaderboard (the written files also list the skipped records) and the ablation tables."""
     from harness.core.records import RecordScan, announce_skipped, scan_records
-    from harness.report import format_markdown, leaderboard, write_report
+    from harness.leaderboard import leaderboard
+    from harness.report import format_markdown, write_report
 
     scan = scan_records(records_dir) if records_dir.is_dir() else RecordScan([], [])
     announce_skipped(scan.skipped)
@@ -474,10 +475,10 @@ def _task_help() -> str:
 
 
 def _format_help(default: str) -> str:
-    from harness.core.config import CHECKPOINT_FORMATS
+    from harness.core.config import checkpoint_format_names
 
     return (f"checkpoint family: auto (detect from the keys; default {default}) or one of "
-            f"{', '.join(CHECKPOINT_FORMATS)}")
+            f"{', '.join(checkpoint_format_names())}")
 
 
 def _export_formats_help() -> str:
@@ -681,9 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: OS errors about a path the user gave (missing, a directory, not writable): one message, exit 2.
-USER_OS_ERRORS: tuple[type[OSError], ...] = (
-    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+#: User errors, and OS errors about a path the user gave (missing, a directory, not writable):
+#: one message, exit 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
 )
 
 
@@ -703,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             except SystemExit as exc:  # --help, --version
                 return int(exc.code or 0)
         return int(args.func(args))
-    except (UserError, *USER_OS_ERRORS) as exc:
+    except USER_ERRORS as exc:
         print(f"mimbench: error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # a schema built from command-line values

@@ -20,7 +20,7 @@ from typing import Any
 
 from harness.core.fsutil import PathLike
 from harness.core.records import Record, resolve_recorded_path
-from harness.report import Leaderboard
+from harness.leaderboard import Leaderboard
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}

@@ -381,7 +381,7 @@ def _run_stages(cfg: SuiteConfig, root: Path, log: Any, command: list[str] | Non
 
     from downstream.base import TaskContext, get_task
     from harness.core.provenance import collect_provenance
-    from pretrain.engine import pick_device
+    from harness.core.training import pick_device
 
     records_dir = root / "records"
     records_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ from harness.core.config import (
     apply_overrides,
     deep_merge,
     load_yaml_with_extends,
+    task_config_classes,
     to_plain,
     validate_config,
 )
@@ -419,6 +420,5 @@ def _task_model(entry: Any) -> type[BaseModel] | None:
     name = entry.get("name") if isinstance(entry, dict) else entry
     if not isinstance(name, str):
         return None
-    from harness.core.config import task_config_classes
 
     return task_config_classes().get(name)

@@ -30,8 +30,11 @@ from typing import Any
 
 import torch
 
-from harness.bench import peak_mb, sync, time_step
 from harness.core.config import EncoderConfig, RecipeConfig
+from harness.core.measure import peak_mb, sync, time_step
+from pretrain.dall_e import DallEEncoder
+from pretrain.engine import param_groups
+from pretrain.model import create_model
 
 # recipe label -> (encoder preset, recipe overrides)
 BENCH_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -66,8 +69,6 @@ def recipe_overrides(label: str, tmp: str) -> dict[str, Any]:
     ``tmp`` (the real file cannot be downloaded here; its cost per step is the same)."""
     rec = dict(BENCH_RECIPES[label][1])
     if label == "beit_dall_e":
-        from pretrain.dall_e import DallEEncoder
-
         path = os.path.join(tmp, "dall_e_random.pth")
         torch.save(DallEEncoder().state_dict(), path)
         rec = {**rec, "target": {"tokenizer": {"path": path}}}
@@ -83,8 +84,6 @@ def recipe_step(
     Returns:
         ``(step, model, image side, encoder preset used)``.
     """
-    from pretrain.engine import param_groups
-    from pretrain.model import create_model
 
     default_arch, _ = BENCH_RECIPES[label]
     use_arch = arch if arch and default_arch.startswith("vit_") else default_arch
@@ -136,7 +135,6 @@ def time_mae_modes(
 ) -> dict[str, Any]:
     """Median step time of MAE at ratio 0.75 (ViT-B, 8x512 decoder by default): visible-only vs
     mask-token encoder, whole step and encoder alone."""
-    from pretrain.model import create_model
 
     out: dict[str, Any] = {}
     enc = EncoderConfig(arch=arch)

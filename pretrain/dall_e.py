@@ -29,7 +29,7 @@ from torch import nn
 from harness.core.config import TokenizerConfig
 from harness.core.errors import CheckpointError
 from pretrain.targets import to_unit
-from pretrain.tokenizers import TOKENIZERS, Tokenizer
+from pretrain.tokenizer_base import TOKENIZERS, Tokenizer
 
 LOGIT_LAPLACE_EPS = 0.1
 

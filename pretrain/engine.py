@@ -7,7 +7,11 @@
 * bf16 autocast on a GPU (fused attention through timm's SDPA), fp32 on CPU.
 * Checkpoints every ``ckpt_every_steps`` and at the end hold model, optimizer, step and RNG
   states; the data order, augmentation and masks are functions of (seed, epoch/step, index), so a
-  resumed run reproduces the uninterrupted loss curve.
+  resumed run reproduces the uninterrupted loss curve. A checkpoint of another config is refused
+  (:class:`harness.core.training.ResumableCheckpoint`, the policy of every training loop).
+* The loop reads as MAE's: :func:`pretrain` is setup (:func:`_setup`), restore
+  (:func:`_restore`), the steps (:func:`_train`, :func:`_train_step`) and :func:`_finish`;
+  ``accum_steps`` accumulates gradients over micro-batches of each step.
 * Recipes whose target needs fitting first (BEiT's tokenizers trained here) fit it at the start
   of a fresh run on seeded training images (``model.prepare``); the fitted tokenizer lives in the
   model's state, so a resumed run restores it from the checkpoint.
@@ -24,16 +28,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from harness.core import distributed
@@ -50,8 +57,23 @@ from harness.core.data.datasets import (
     resolve_imagefolder_root,
 )
 from harness.core.errors import CheckpointError
-from harness.core.fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, config_hash
+from harness.core.fsutil import atomic_write_json, atomic_write_text, config_hash
 from harness.core.tracking import ScalarLogger, progress
+from harness.core.training import (
+    GradAccumulation,
+    ResumableCheckpoint,
+    autocast,
+    autocast_dtype,
+    clip_and_step,
+    epoch_batches,
+    epoch_order,
+    lr_at,
+    pick_device,
+    scaled_lr,
+    set_lr,
+    split_batch,
+    steps_per_epoch,
+)
 from pretrain.model import MIMModel, create_model
 
 CHECKPOINT = "checkpoint.pth"
@@ -71,22 +93,6 @@ class PretrainResult:
     wall_s: float
 
 
-def pick_device(pref: str) -> torch.device:
-    """``auto`` takes CUDA when available."""
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'")
-    if pref == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def autocast_dtype(pref: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on GPU under ``auto``; fp32 (None) on CPU."""
-    if pref == "fp32" or (pref == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
 def param_groups(model: MIMModel, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and biases / norms / embeddings / tokens without decay (the
     names the model's parts report, :meth:`MIMModel.no_weight_decay`)."""
@@ -103,16 +109,6 @@ def param_groups(model: MIMModel, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def lr_at(step: float, total: int, warmup: float, peak: float, min_lr: float) -> float:
-    """Linear warmup for ``warmup`` steps, then half-cosine from ``peak`` to ``min_lr``."""
-    if step < warmup:
-        return peak * step / warmup
-    if total <= warmup:
-        return peak
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def local_batch_size(global_batch: int, world_size: int) -> int:
@@ -159,18 +155,13 @@ def _mask_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 9_999_991 + step) % (2**63 - 1))
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed((seed * 7_919 + epoch) % (2**63 - 1))
-    return torch.randperm(n, generator=g).tolist()
-
-
 def _image_sampler(ds: SeededDataset, seed: int, device: torch.device):
     """``n -> [n, 3, H, W]``: the first ``n`` readable training images of a seeded order
     (epoch-0 augmentation), cycling when the split is smaller; what tokenizers fit on."""
 
     def sample(n: int) -> torch.Tensor:
         ds.set_epoch(0)
-        order = _epoch_order(len(ds), seed, -1)
+        order = epoch_order(len(ds), seed, -1)
         return torch.stack(_readable(ds, order, n)).to(device)
 
     return sample
@@ -217,7 +208,48 @@ def _skipped_files(prior: set[str], tally: SkipTally) -> list[str]:
     return sorted(set().union(*map(set, distributed.all_gather_object(mine))))
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=print) -> PretrainResult:  # noqa: C901
+@dataclass
+class _Run:
+    """One pretraining between :func:`_setup` and :func:`_finish`: what the steps read and
+    change (the step count, the loss history, the unreadable files met)."""
+
+    cfg: PretrainConfig
+    out: Path
+    log: Callable[[str], Any]
+    ckpt: ResumableCheckpoint
+    rank: int
+    world: int
+    local_batch: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    root: Path
+    train_ds: SeededDataset
+    skips: SkipTally
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: float
+    peak_lr: float
+    model: MIMModel
+    opt: torch.optim.Optimizer
+    net: torch.nn.Module
+    accum: GradAccumulation
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    skipped_before: set[str] = field(default_factory=set)  # met by earlier sessions of this run
+    last_loss: float = float("nan")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    out_dir: str | Path,
+    resume: bool = True,
+    log: Callable[[str], Any] = print,
+    accum_steps: int = 1,
+) -> PretrainResult:
     """Run (or resume) one pretraining.
 
     Args:
@@ -225,30 +257,93 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
         out_dir: Stage directory; holds the resolved config, checkpoint, log, encoder and picture.
         resume: Continue from ``out_dir/checkpoint.pth`` when it exists (else start over).
         log: Where progress lines go.
+        accum_steps: Micro-batches per step of each process's batch (gradient accumulation, for
+            a batch that does not fit in memory at once; not a config key yet, so it is not in
+            the config hash: the gradient is the same up to float rounding).
+
+    Raises:
+        CheckpointError: ``resume`` and the checkpoint was written by another config.
     """
     out = Path(out_dir)
-    plain = to_plain(cfg)
-    chash = config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
-    t = cfg.train
     # data parallel when launched by torchrun (harness.core.distributed.init_from_env was called)
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    is_main = rank == 0
-    local_batch = local_batch_size(t.batch_size, world)
-    if not is_main:
+    local_batch = local_batch_size(cfg.train.batch_size, world)
+    if rank != 0:
         log = _silent  # rank 0 reports for everyone
     # every refusal (a checkpoint of another config, missing data, a bad size) comes before the
     # first write, so a refused run leaves the directory as it was
-    ckpt_path = out / CHECKPOINT
-    resuming = resume and ckpt_path.is_file()
+    ckpt = ResumableCheckpoint(
+        out / CHECKPOINT, _config_hash(cfg),
+        fix="pass --overwrite to start over, use another output directory, or delete it",
+    )  # fmt: skip
+    ck = _read_checkpoint(ckpt, resume, rank, world)
+    run = _setup(cfg, out, ckpt, log, rank, world, local_batch, accum_steps, fresh=ck is None)
+    if ck is not None:
+        _restore(run, ck)
+    elif not run.is_main:
+        # rank 0 keeps the single-process RNG stream; the others get their own, so in-forward
+        # randomness (drop path, token corruption) is not repeated across ranks
+        torch.manual_seed(_rank_seed(cfg.seed, rank))
+        random.seed(_rank_seed(cfg.seed, rank))
+    _wrap_data_parallel(run)
+    t = cfg.train
+    log(
+        f"[pretrain {cfg.name}] recipe={cfg.recipe.name} encoder={cfg.encoder.arch} "
+        f"images={len(run.train_ds)} batch={t.batch_size} steps={run.total_steps} "
+        f"lr={run.peak_lr:.3g} device={run.device}{' bf16' if run.amp_dtype else ' fp32'}"
+        + (f" ranks={world} (batch {local_batch} each)" if world > 1 else "")
+    )
+    t0 = time.time()
+    _train(run, t0)
+    return _finish(run, time.time() - t0)
+
+
+def _config_hash(cfg: PretrainConfig) -> str:
+    """The resolved config's hash, less its name and output directory (what a checkpoint of
+    this run must carry)."""
+    plain = to_plain(cfg)
+    return config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
+
+
+def _read_checkpoint(
+    ckpt: ResumableCheckpoint, resume: bool, rank: int, world: int
+) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None: a fresh run), read before anything is written.
+
+    Raises:
+        CheckpointError: The checkpoint was written by a different config, or a rank cannot see
+            the file rank 0 resumes from.
+    """
+    resuming = resume and ckpt.exists()
     if world > 1:  # rank 0 decides; every rank must then see the same checkpoint file
         resuming = bool(distributed.broadcast_object(resuming))
-        if resuming and not ckpt_path.is_file():
+        if resuming and not ckpt.exists():
             raise CheckpointError(
-                f"rank {rank} cannot see {ckpt_path}, which rank 0 resumes from: the output "
+                f"rank {rank} cannot see {ckpt.path}, which rank 0 resumes from: the output "
                 "directory must be on a filesystem shared by all nodes"
             )
-    ck = _load_resumable(ckpt_path, chash) if resuming else None
+    return ckpt.load() if resuming else None
 
+
+def _setup(
+    cfg: PretrainConfig,
+    out: Path,
+    ckpt: ResumableCheckpoint,
+    log: Callable[[str], Any],
+    rank: int,
+    world: int,
+    local_batch: int,
+    accum_steps: int,
+    fresh: bool,
+) -> _Run:
+    """Device, seeds, data, schedule, model and optimizer; writes ``config.yaml`` (rank 0) once
+    nothing refused the run, and fits the recipe's target on a fresh run (``model.prepare``).
+
+    Raises:
+        DatasetError: The data is missing or unreadable.
+        ConfigError: The train split holds less than one batch.
+    """
+    t = cfg.train
     device = pick_device(t.device)
     amp_dtype = autocast_dtype(t.precision, device)
     torch.manual_seed(cfg.seed)
@@ -262,211 +357,228 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True, log=
         strict=cfg.data.strict_data, min_classes=1,
     )  # fmt: skip
     train_ds = SeededDataset(base_ds, cfg.seed)
-    skips = SkipTally(base_ds, "pretraining train split")
-    skipped_before: set[str] = set()  # unreadable files met by earlier sessions of this run
-    n = len(train_ds)
-    steps_per_epoch = n // t.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"train split has {n} images, fewer than one batch of {t.batch_size}: lower train.batch_size"
-        )
-    total_steps = t.epochs * steps_per_epoch
+    spe = steps_per_epoch(len(train_ds), t.batch_size, "lower train.batch_size")
+    total_steps = t.epochs * spe
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
-    warmup_steps = t.warmup_epochs * steps_per_epoch
-    peak_lr = t.base_lr * t.batch_size / t.lr_base_batch
 
     model = create_model(cfg.encoder, cfg.recipe).to(device)
-    if is_main:  # nothing refused the run: it is this directory's config from now on
+    if rank == 0:  # nothing refused the run: it is this directory's config from now on
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    if ck is None:
+    if fresh:
         model.prepare(_image_sampler(train_ds, cfg.seed, device), log)
+    peak_lr = scaled_lr(t.base_lr, t.batch_size, t.lr_base_batch)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak_lr, betas=t.betas)
+    return _Run(
+        cfg=cfg, out=out, log=log, ckpt=ckpt, rank=rank, world=world, local_batch=local_batch,
+        device=device, amp_dtype=amp_dtype, root=root, train_ds=train_ds,
+        skips=SkipTally(base_ds, "pretraining train split"), steps_per_epoch=spe,
+        total_steps=total_steps, warmup_steps=t.warmup_epochs * spe, peak_lr=peak_lr,
+        model=model, opt=opt, net=model, accum=GradAccumulation(accum_steps),
+    )  # fmt: skip
 
-    step = 0
-    history: list[dict[str, float]] = []
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step = int(ck["step"])
-        history = list(ck["history"])
-        skipped_before = set(ck.get("skipped_files", []))
-        per_rank = ck.get("rng_ranks")
-        if world > 1 and per_rank is not None and len(per_rank) == world:
-            _set_rng_state(per_rank[rank], device)
-        elif is_main:
-            _set_rng_state(ck["rng"], device)
-        else:  # a checkpoint from another world size: fresh, still seeded, streams for rank > 0
-            torch.manual_seed(_rank_seed(cfg.seed, rank, step))
-            random.seed(_rank_seed(cfg.seed, rank, step))
-        if world > 1 and int(ck.get("world_size", 1)) != world:
-            log(f"[pretrain {cfg.name}] checkpoint written by {ck.get('world_size', 1)} process(es), "
-                f"resumed by {world}: the data order and masks continue exactly; the RNG streams "
-                "of ranks > 0 (drop path, token corruption) are reseeded")
-        log(f"[pretrain {cfg.name}] resumed at step {step}/{total_steps} from {ckpt_path}")
-    elif not is_main:
-        # rank 0 keeps the single-process RNG stream; the others get their own, so in-forward
-        # randomness (drop path, token corruption) is not repeated across ranks
-        torch.manual_seed(_rank_seed(cfg.seed, rank))
-        random.seed(_rank_seed(cfg.seed, rank))
 
-    net: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+def _restore(run: _Run, ck: dict[str, Any]) -> None:
+    """Model, optimizer, step, history and RNG states from checkpoint ``ck``."""
+    cfg, rank, world = run.cfg, run.rank, run.world
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.step = int(ck["step"])
+    run.history = list(ck["history"])
+    run.last_loss = run.history[-1]["loss"] if run.history else float("nan")
+    run.skipped_before = set(ck.get("skipped_files", []))
+    per_rank = ck.get("rng_ranks")
+    if world > 1 and per_rank is not None and len(per_rank) == world:
+        _set_rng_state(per_rank[rank], run.device)
+    elif run.is_main:
+        _set_rng_state(ck["rng"], run.device)
+    else:  # a checkpoint from another world size: fresh, still seeded, streams for rank > 0
+        torch.manual_seed(_rank_seed(cfg.seed, rank, run.step))
+        random.seed(_rank_seed(cfg.seed, rank, run.step))
+    if world > 1 and int(ck.get("world_size", 1)) != world:
+        run.log(f"[pretrain {cfg.name}] checkpoint written by {ck.get('world_size', 1)} "
+                f"process(es), resumed by {world}: the data order and masks continue exactly; the "
+                "RNG streams of ranks > 0 (drop path, token corruption) are reseeded")  # fmt: skip
+    run.log(f"[pretrain {cfg.name}] resumed at step {run.step}/{run.total_steps} from {run.ckpt.path}")
 
-        # some parameters never get a gradient (MAE's encoder mask token); DDP must look for
-        # them each step (static_graph=True gave wrong cls-token gradients here: 0.2 off)
-        ids = [torch.cuda.current_device()] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
-    def save_checkpoint() -> None:
-        ck = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "history": history,
-            "config_hash": chash,
-            "encoder_config": cfg.encoder.model_dump(mode="json"),  # what import builds
-            "rng": _rng_state(device),
-            "skipped_files": _skipped_files(skipped_before, skips),  # a collective too
-        }
-        if world > 1:  # a collective: every rank calls it, rank 0 writes
-            ck["rng_ranks"] = distributed.all_gather_object(_rng_state(device))
-            ck["world_size"] = world
-        if is_main:
-            atomic_torch_save(ck, ckpt_path)
+def _wrap_data_parallel(run: _Run) -> None:
+    """Under torchrun, the model the steps call is wrapped in DistributedDataParallel."""
+    if run.world == 1:
+        return
+    # some parameters never get a gradient (MAE's encoder mask token); DDP must look for
+    # them each step (static_graph=True gave wrong cls-token gradients here: 0.2 off)
+    ids = [torch.cuda.current_device()] if run.device.type == "cuda" else None
+    run.net = DistributedDataParallel(run.model, device_ids=ids, find_unused_parameters=True)
 
-    log(
-        f"[pretrain {cfg.name}] recipe={cfg.recipe.name} encoder={cfg.encoder.arch} "
-        f"images={n} batch={t.batch_size} steps={total_steps} lr={peak_lr:.3g} device={device}"
-        f"{' bf16' if amp_dtype else ' fp32'}"
-        + (f" ranks={world} (batch {local_batch} each)" if world > 1 else "")
+
+def _save_checkpoint(run: _Run) -> None:
+    """The resumable state (a collective under torchrun: every rank calls it, rank 0 writes)."""
+    ck = {
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "step": run.step,
+        "history": run.history,
+        "encoder_config": run.cfg.encoder.model_dump(mode="json"),  # what import builds
+        "rng": _rng_state(run.device),
+        "skipped_files": _skipped_files(run.skipped_before, run.skips),  # a collective too
+    }
+    if run.world > 1:
+        ck["rng_ranks"] = distributed.all_gather_object(_rng_state(run.device))
+        ck["world_size"] = run.world
+    if run.is_main:
+        run.ckpt.save(ck)
+
+
+def _train(run: _Run, t0: float) -> None:
+    """Steps until ``total_steps``: each epoch's seeded order from the step reached on."""
+    cfg, t = run.cfg, run.cfg.train
+    step_at_start = run.step
+    scalars = ScalarLogger(run.out, run_name=run.out.name, enabled=run.is_main)
+    bar = (
+        progress(total=run.total_steps, initial=run.step, desc=f"pretrain {cfg.name}", unit="step")
+        if run.is_main
+        else None
     )
-    net.train()
-    t0 = time.time()
-    step_at_start = step
-    last_loss = history[-1]["loss"] if history else float("nan")
-    scalars = ScalarLogger(out, run_name=out.name, enabled=is_main)
-    bar = progress(total=total_steps, initial=step, desc=f"pretrain {cfg.name}", unit="step") if is_main else None
+    run.net.train()
     try:
-        while step < total_steps:
-            epoch, batch_idx = divmod(step, steps_per_epoch)
-            train_ds.set_epoch(epoch)
-            order = _epoch_order(n, cfg.seed, epoch)
+        while run.step < run.total_steps:
+            epoch, batch_idx = divmod(run.step, run.steps_per_epoch)
+            run.train_ds.set_epoch(epoch)
             # this rank's slice of each global batch (the whole batch for a single process)
-            lo = rank * local_batch
-            batches = [
-                order[i * t.batch_size + lo : i * t.batch_size + lo + local_batch]
-                for i in range(batch_idx, steps_per_epoch)
-            ]
+            batches = epoch_batches(
+                len(run.train_ds), cfg.seed, epoch, t.batch_size, batch_idx, micro=run.local_batch
+            )[run.rank :: run.world]
             loader = DataLoader(
-                train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
-                pin_memory=device.type == "cuda", persistent_workers=False,
+                run.train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
+                pin_memory=run.device.type == "cuda", persistent_workers=False,
                 collate_fn=collate_skipping,
-            )
+            )  # fmt: skip
             for j, (imgs, _, keep) in enumerate(loader):
-                skips.add(batches[j], keep)
-                skips.report(log)  # names each unreadable file once
-                lr = lr_at(step, total_steps, warmup_steps, peak_lr, t.min_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                # masks of the whole global batch, then this rank's rows (the union over ranks is
-                # the single-process mask), less the rows of unreadable images
-                mask = model.masker(t.batch_size, generator=_mask_generator(cfg.seed, step))
-                mask = mask[lo : lo + local_batch][keep]  # [b, L]
+                run.skips.add(batches[j], keep)
+                run.skips.report(run.log)  # names each unreadable file once
+                lr = lr_at(run.step, run.total_steps, run.warmup_steps, run.peak_lr, t.min_lr)
+                set_lr(run.opt, lr)
+                mask = _local_mask(run, keep)  # [b, L]
                 if imgs.shape[0] == 0:  # every image unreadable: this step makes no update
-                    _check_batch_readable(skips, world, step)
-                    step += 1
-                    log(f"[pretrain {cfg.name}] step {step}: no readable image in the batch, "
-                        "no update")  # fmt: skip
+                    _check_batch_readable(run.skips, run.world, run.step)
+                    run.step += 1
+                    run.log(f"[pretrain {cfg.name}] step {run.step}: no readable image in the "
+                            "batch, no update")  # fmt: skip
+                else:
+                    _train_step(run, imgs, mask, lr)
+                    scalars.scalars({"pretrain/loss": run.last_loss, "pretrain/lr": lr}, run.step)
                     if bar is not None:
-                        bar.update(1)
-                    if step % t.ckpt_every_steps == 0 or step == total_steps:
-                        save_checkpoint()
-                    if step >= total_steps:
-                        break
-                    continue
-                imgs = imgs.to(device, non_blocking=True)
-                mask = mask.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = net(imgs, mask).loss
-                loss_value = distributed.all_reduce_mean(loss.detach())  # global-batch mean
-                if not math.isfinite(loss_value):  # the same verdict on every rank
-                    raise FloatingPointError(
-                        f"loss is {loss_value} at step {step}; the last good checkpoint is "
-                        f"{ckpt_path if ckpt_path.exists() else '(none yet)'}. Lower train.base_lr or "
-                        "set train.clip_grad"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-                opt.step()
-                step += 1
-                model.after_step(step)
-                last_loss = loss_value
-                history.append({"step": step, "loss": last_loss, "lr": lr})
-                scalars.scalars({"pretrain/loss": last_loss, "pretrain/lr": lr}, step)
+                        bar.set_postfix(loss=f"{run.last_loss:.4f}", refresh=False)
+                    if run.step % t.log_every_steps == 0 or run.step == run.total_steps:
+                        _log_progress(run, epoch, lr, step_at_start, t0)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-                if step % t.log_every_steps == 0 or step == total_steps:
-                    el = time.time() - t0
-                    rate = (step - step_at_start) * t.batch_size / max(el, 1e-9)
-                    eta = (total_steps - step) * t.batch_size / max(rate, 1e-9)
-                    log(
-                        f"[pretrain {cfg.name}] step {step}/{total_steps} epoch {epoch} "
-                        f"loss {last_loss:.4f} lr {lr:.3g} {rate:.1f} img/s eta {eta:.0f}s"
-                    )
-                if step % t.ckpt_every_steps == 0 or step == total_steps:
-                    save_checkpoint()
-                if step >= total_steps:
+                if run.step % t.ckpt_every_steps == 0 or run.step == run.total_steps:
+                    _save_checkpoint(run)
+                if run.step >= run.total_steps:
                     break
     finally:
         if bar is not None:
             bar.close()
         scalars.close()
 
-    wall = time.time() - t0
-    recon = out / "recon.png" if t.num_recon_images > 0 else None
-    skipped = _skipped_files(skipped_before, skips)  # a collective: before the rank-0 block
+
+def _local_mask(run: _Run, keep: torch.Tensor) -> torch.Tensor:
+    """This step's masks of this rank's readable images ``[b, L]``: the masks of the whole
+    global batch, then this rank's rows (the union over ranks is the single-process mask), less
+    the rows of unreadable images (``keep``)."""
+    lo = run.rank * run.local_batch
+    mask = run.model.masker(run.cfg.train.batch_size, generator=_mask_generator(run.cfg.seed, run.step))
+    return mask[lo : lo + run.local_batch][keep]
+
+
+def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) -> None:
+    """One optimizer step on this rank's readable images ``[b, 3, H, W]`` and their masks
+    ``[b, L]``, accumulated over up to ``run.accum.k`` micro-batches (each loss weighted by its
+    share of the ``b`` images, so the step's gradient is that of the mean loss; under DDP the
+    gradients are all-reduced on the last micro-batch only).
+
+    Raises:
+        FloatingPointError: The loss is not finite (the same verdict on every rank).
+    """
+    t = run.cfg.train
+    imgs = imgs.to(run.device, non_blocking=True)
+    mask = mask.to(run.device, non_blocking=True)
+    b = imgs.shape[0]
+    parts = split_batch(b, run.accum.k)
+    run.opt.zero_grad(set_to_none=True)
+    local = torch.zeros((), device=run.device)
+    for j, part in enumerate(parts):
+        with _sync_unless(run.net, last=j == len(parts) - 1):
+            with autocast(run.device, run.amp_dtype):
+                loss = run.net(imgs[part], mask[part]).loss
+            if len(parts) > 1:  # this micro-batch's share of the mean over the b images
+                loss = loss * ((part.stop - part.start) / b)
+            loss.backward()
+        if len(parts) > 1:
+            local = local + loss.detach().float()
+    loss_value = distributed.all_reduce_mean(local if len(parts) > 1 else loss.detach())
+    if not math.isfinite(loss_value):  # the same verdict on every rank, before the update
+        raise FloatingPointError(
+            f"loss is {loss_value} at step {run.step}; the last good checkpoint is "
+            f"{run.ckpt.path if run.ckpt.exists() else '(none yet)'}. Lower train.base_lr or "
+            "set train.clip_grad"
+        )
+    clip_and_step(run.opt, run.model.parameters(), t.clip_grad)
+    run.step += 1
+    run.model.after_step(run.step)
+    run.last_loss = loss_value
+    run.history.append({"step": run.step, "loss": loss_value, "lr": lr})
+
+
+def _sync_unless(net: torch.nn.Module, last: bool) -> Any:
+    """DDP's ``no_sync`` for every micro-batch but the last of a step (a no-op context for a
+    single process and for the last micro-batch, whose backward all-reduces the sum)."""
+    if last or not isinstance(net, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return net.no_sync()
+
+
+def _log_progress(run: _Run, epoch: int, lr: float, step_at_start: int, t0: float) -> None:
+    """The progress line: step, epoch, loss, lr, throughput and the time left."""
+    batch = run.cfg.train.batch_size
+    el = time.time() - t0
+    rate = (run.step - step_at_start) * batch / max(el, 1e-9)
+    eta = (run.total_steps - run.step) * batch / max(rate, 1e-9)
+    run.log(
+        f"[pretrain {run.cfg.name}] step {run.step}/{run.total_steps} epoch {epoch} "
+        f"loss {run.last_loss:.4f} lr {lr:.3g} {rate:.1f} img/s eta {eta:.0f}s"
+    )
+
+
+def _finish(run: _Run, wall: float) -> PretrainResult:
+    """The encoder file, the reconstruction picture, the loss curve and the summary (rank 0)."""
+    cfg, out = run.cfg, run.out
+    recon = out / "recon.png" if cfg.train.num_recon_images > 0 else None
+    skipped = _skipped_files(run.skipped_before, run.skips)  # a collective: before the rank-0 block
     if skipped:
-        log(f"[pretrain {cfg.name}] {len(skipped)} unreadable training image(s) skipped "
-            f"(listed in {SUMMARY})")  # fmt: skip
-    if is_main:  # the other ranks wait at the barrier below until the outputs exist
-        meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": step}
-        model.encoder.save_timm(out / ENCODER, meta=meta)
+        run.log(f"[pretrain {cfg.name}] {len(skipped)} unreadable training image(s) skipped "
+                f"(listed in {SUMMARY})")  # fmt: skip
+    if run.is_main:  # the other ranks wait at the barrier below until the outputs exist
+        chash = run.ckpt.config_hash
+        meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": run.step}
+        run.model.encoder.save_timm(out / ENCODER, meta=meta)
         if recon is not None:
-            recon = save_reconstruction_grid(model, root, cfg, recon, device, log)
-        atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            recon = save_reconstruction_grid(run.model, run.root, cfg, recon, run.device, run.log)
+        atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
         atomic_write_json(
             out / SUMMARY,
             {
-                "status": "ok", "final_loss": last_loss, "steps": step, "wall_s": wall,
+                "status": "ok", "final_loss": run.last_loss, "steps": run.step, "wall_s": wall,
                 "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
                 "skipped_images": {"train": len(skipped)}, "skipped_files": skipped,
-                **({"world_size": world} if world > 1 else {}),
+                **({"world_size": run.world} if run.world > 1 else {}),
             },
-        )
+        )  # fmt: skip
     distributed.barrier()
-    return PretrainResult(out, out / ENCODER, recon, last_loss, step, wall)
-
-
-def _load_resumable(ckpt_path: Path, chash: str) -> dict[str, Any]:
-    """The checkpoint to resume from, read before anything is written.
-
-    Raises:
-        CheckpointError: The checkpoint was written by a different config (hash ``chash`` is the
-            resolved config's, less its name and output directory).
-    """
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if ck.get("config_hash") != chash:
-        raise CheckpointError(
-            f"{ckpt_path} was written by a different config (hash {ck.get('config_hash')} vs "
-            f"{chash}); use another output directory or delete it to start over"
-        )
-    return ck
+    return PretrainResult(out, out / ENCODER, recon, run.last_loss, run.step, wall)
 
 
 def _silent(msg: str) -> None:

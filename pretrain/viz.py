@@ -24,6 +24,7 @@ from harness.core.config import (
     MaskingConfig,
     plan_masking,
 )
+from harness.core.fsutil import atomic_write_bytes
 from harness.core.registry import did_you_mean
 from pretrain.masking import MASKERS, create_masker
 
@@ -174,7 +175,6 @@ def save_mask_picture(path: str | Path, **kwargs) -> Path:
     Raises:
         ConfigError: Bad arguments (see :func:`check_mask_args`), checked before drawing.
     """
-    from harness.core.fsutil import atomic_write_bytes
 
     check_mask_args(**kwargs)
     img = render_masks(mask_rows(**kwargs))

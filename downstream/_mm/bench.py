@@ -1,5 +1,5 @@
-"""Speed and memory of a dense task's training iteration (``python -m downstream.detection
---bench`` / ``python -m downstream.segmentation --bench``, or :func:`bench` from code).
+"""Speed and memory of a dense task's training iteration (``python -m downstream._mm.bench
+detection|segmentation``, ``mimbench bench task/detection``, or :func:`bench` from code).
 
 Trains a randomly initialized encoder of the given preset for a few iterations through the
 real pipeline (synthetic scenes in the COCO / ADE20K layouts, the generated mm config, mmengine's
@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from harness.core.config import EncoderConfig
+from harness.core.data.shapes import ShapesSpec, ensure_shapes
 
 
 def bench(
@@ -48,9 +51,6 @@ def bench(
             ``None`` when not counted.
     """
     import torch
-
-    from harness.core.config import EncoderConfig
-    from harness.core.data.shapes import ShapesSpec, ensure_shapes
 
     from . import common
 
@@ -118,17 +118,14 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m downstream.<task> --bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m downstream._mm.bench", description=__doc__)
     p.add_argument("task", choices=["detection", "segmentation"])
-    p.add_argument("--bench", action="store_true", help="(the only mode; accepted for clarity)")
     p.add_argument("--arch", default="vit_base_16")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=None, help="detection: 1; segmentation: 2")
     p.add_argument("--size", type=int, default=None, help="detection: 1024; segmentation: 512")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    if not args.bench:
-        p.error("nothing to do: pass --bench")
     out = bench(args.task, args.arch, max(2, args.iters), args.batch_size, args.size, args.threads)
     print(json.dumps(out))
     print(f"{out['task']} {out['arch']} {out['input']} batch {out['batch_size']} on {out['device']}: "
@@ -136,3 +133,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{out['cpu_peak_rss_mb']} MiB" + (f", peak CUDA {out['cuda_peak_allocated_mb']} MiB"
                                               if "cuda_peak_allocated_mb" in out else ""))  # fmt: skip
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

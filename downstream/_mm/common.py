@@ -40,6 +40,7 @@ from mmengine.registry import LOOPS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, TRANSFO
 from mmengine.runner import IterBasedTrainLoop, Runner
 
 from harness.core.data.datasets import DatasetError
+from harness.core.measure import count_flops
 
 from .vit_dense import LayerNorm2d
 
@@ -167,7 +168,7 @@ class RunRecorder(Hook):
 class TrainIterFlopCounter(Hook):
     """After training, counts the FLOPs of one more training iteration: the loss forward
     (data preprocessor included) and backward of the model on one batch of the train loader,
-    with :func:`harness.bench.count_flops`; the optimizer step is left out and the gradients
+    with :func:`harness.core.measure.count_flops`; the optimizer step is left out and the gradients
     it leaves are cleared. ``flops`` and ``batch_size`` hold the total and the batch's images,
     ``memory`` the peak memory (:func:`peak_memory_mb`) before the count, whose dispatch mode
     adds memory of its own.
@@ -184,8 +185,6 @@ class TrainIterFlopCounter(Hook):
         self.memory: dict[str, float] = {}
 
     def after_train(self, runner: Any) -> None:
-        from harness.bench import count_flops
-
         self.memory = peak_memory_mb()
         model = runner.model
         batch = next(iter(runner.train_dataloader))

@@ -15,6 +15,7 @@ import torch
 from harness.core.config import ConfigError
 from harness.core.fsutil import config_hash, sha256_file
 from pretrain.encoder import ViTEncoder
+from pretrain.swin import SwinEncoder
 
 from ..base import TaskContext
 
@@ -26,7 +27,6 @@ def dense_family(encoder: object, task: str) -> str:
     """``vit`` (:class:`ViTEncoder`: ViTDet / BEiT backbones of our own) or ``swin``
     (:class:`~pretrain.swin.SwinEncoder`: mmdet's / mmseg's Swin with the weights mapped in);
     other encoder families fail with a clear message."""
-    from pretrain.swin import SwinEncoder
 
     if isinstance(encoder, ViTEncoder):
         return "vit"

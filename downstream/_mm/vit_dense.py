@@ -35,6 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.core.config import EncoderConfig
+from harness.core.errors import CheckpointError
+from pretrain.encoder import ViTEncoder
+
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of ``[B, C, H, W]`` maps (ViTDet's norm in necks and heads)."""
@@ -146,7 +150,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: The file cannot be loaded weights-only, or holds no state dict.
     """
-    from harness.core.errors import CheckpointError
 
     path = Path(path)
     try:
@@ -200,8 +203,6 @@ class DenseViT(nn.Module):
         init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        from harness.core.config import EncoderConfig
-        from pretrain.encoder import ViTEncoder
 
         cfg = EncoderConfig.model_validate({**encoder, "drop_path_rate": drop_path_rate})
         self.encoder = ViTEncoder(cfg)

@@ -68,6 +68,11 @@ class Registry(Generic[T]):
         """Registered names, sorted."""
         return sorted(self._items)
 
+    def registered(self) -> list[str]:
+        """Registered names in registration order (where that order is meaningful, e.g. a help
+        text that lists the common choices first)."""
+        return list(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -240,7 +240,7 @@ def test_skipped_images_are_named_on_the_console_once_per_split(tiny_imagefolder
 
 @pytest.mark.parametrize("task", ["knn", "linear_probe", "linear_probe_faithful"])
 def test_a_split_of_unreadable_images_is_a_clear_error(tiny_imagefolder, tmp_path, task):
-    from downstream.linear_probe import LinearProbeFaithfulConfig
+    from downstream.linear_probe_faithful import LinearProbeFaithfulConfig
 
     for f in (tiny_imagefolder / "val").glob("*/*.png"):
         f.write_bytes(b"garbage")

@@ -176,7 +176,7 @@ def test_swin_and_beit_encoders_probe(tiny_imagefolder, tmp_path):
 
 
 def test_lars_scales_matrices_by_trust_ratio_and_not_biases():
-    from downstream.linear_probe import LARS
+    from downstream.lars import LARS
 
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
@@ -193,7 +193,7 @@ def test_faithful_avg_pooling_is_maes_global_pool():
     timm builds the same with ``global_pool='avg', fc_norm=True`` (the final norm dropped)."""
     import timm
 
-    from downstream.linear_probe import mae_global_pool
+    from downstream.linear_probe_faithful import mae_global_pool
 
     torch.manual_seed(0)
     enc = ViTEncoder(EncoderConfig(arch="vit_micro_32", pos_embed="learned")).eval()
@@ -213,7 +213,7 @@ def test_faithful_avg_pooling_is_maes_global_pool():
 
 
 def test_faithful_probe_runs_and_resumes(tiny_imagefolder, tmp_path):
-    from downstream.linear_probe import LinearProbeFaithfulConfig
+    from downstream.linear_probe_faithful import LinearProbeFaithfulConfig
 
     class Stop(Exception):
         pass
@@ -242,7 +242,7 @@ def test_faithful_probe_runs_and_resumes(tiny_imagefolder, tmp_path):
 
 
 def test_faithful_batch_larger_than_data_says_what_to_do(tiny_imagefolder, tmp_path):
-    from downstream.linear_probe import LinearProbeFaithfulConfig
+    from downstream.linear_probe_faithful import LinearProbeFaithfulConfig
     from harness.core.config import ConfigError
 
     enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))

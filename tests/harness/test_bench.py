@@ -11,6 +11,7 @@ from torch import nn
 
 from harness import bench
 from harness.cli import main
+from harness.core import measure
 from pretrain import bench as pretrain_bench
 
 
@@ -22,20 +23,20 @@ def test_count_flops_of_a_linear_layer_forward_and_backward():
         lin(x).sum().backward()
 
     # forward 2*4*16*8; backward: grad of the weight only (x needs no grad), the same again
-    assert bench.count_flops(step) == 2 * (2 * 4 * 16 * 8)
+    assert measure.count_flops(step) == 2 * (2 * 4 * 16 * 8)
 
 
 def test_frozen_forward_flops_match_the_vit_formula():
     step, size = bench._task_step("knn", "vit_micro_32", batch=3, device=torch.device("cpu"))
     assert size == 32
     want = 3 * vit_forward_flops(img=32, patch=8, dim=32, depth=2, mlp_ratio=2.0)
-    assert bench.count_flops(step) == want
+    assert measure.count_flops(step) == want
 
 
 def test_finetune_step_costs_about_three_forwards():
     fwd, _ = bench._task_step("knn", "vit_micro_32", batch=2, device=torch.device("cpu"))
     ft, _ = bench._task_step("finetune", "vit_micro_32", batch=2, device=torch.device("cpu"))
-    ratio = bench.count_flops(ft) / bench.count_flops(fwd)
+    ratio = measure.count_flops(ft) / measure.count_flops(fwd)
     # backward costs about twice the forward (the patch embedding's input needs no gradient)
     assert 2.7 < ratio < 3.05
 
@@ -59,7 +60,7 @@ def test_mae_visible_only_encoder_needs_fewer_flops_than_mask_tokens(monkeypatch
     attention = 4 * d  # q @ k^T and attn @ v, per (query, key) pair
     per_image = depth * (3 * linear * (n_tok - n_vis) + 3.5 * attention * (n_tok**2 - n_vis**2))
     per_image += 3 * 2 * d * d * (n_tok - n_vis)  # decoder_embed
-    assert bench.count_flops(tok) - bench.count_flops(vis) == b * per_image
+    assert measure.count_flops(tok) - measure.count_flops(vis) == b * per_image
 
 
 def test_measure_reports_consistent_figures():
@@ -89,8 +90,8 @@ def test_compare_table_and_csv(tmp_path):
 
 
 def test_peak_fraction_uses_the_device_table():
-    assert bench.peak_fraction(494.5e12, "NVIDIA H200") == pytest.approx(0.5)
-    assert bench.peak_fraction(1e12, "Some Unknown GPU") is None
+    assert measure.peak_fraction(494.5e12, "NVIDIA H200") == pytest.approx(0.5)
+    assert measure.peak_fraction(1e12, "Some Unknown GPU") is None
 
 
 def test_unknown_target_suggests(capsys):

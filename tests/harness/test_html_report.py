@@ -11,7 +11,7 @@ import pytest
 from test_report import TOP1, record, standard_records  # noqa: F401  (tests/harness on sys.path)
 
 from harness.html_report import format_html
-from harness.report import leaderboard
+from harness.leaderboard import leaderboard
 
 
 class _Table(HTMLParser):

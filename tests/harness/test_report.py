@@ -21,14 +21,8 @@ from harness.core.records import (
     new_run_id,
     write_record,
 )
-from harness.report import (
-    format_csv,
-    format_latex,
-    format_markdown,
-    leaderboard,
-    records_to_frame,
-    write_report,
-)
+from harness.leaderboard import leaderboard, records_to_frame
+from harness.report import format_csv, format_latex, format_markdown, write_report
 
 # Known numbers: top1 (higher is better) and loss (lower is better) per encoder and seed.
 TOP1 = {"mae": [70.0, 71.5, 69.25], "simmim": [72.0, 73.0, 74.5], "random": [10.0]}

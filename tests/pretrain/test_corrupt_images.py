@@ -10,7 +10,8 @@ import pytest
 from harness.core.config import DataConfig, PretrainConfig, to_plain
 from harness.core.data.datasets import DatasetError
 from harness.core.fsutil import config_hash
-from pretrain.engine import SUMMARY, _epoch_order, pretrain
+from harness.core.training import epoch_order
+from pretrain.engine import SUMMARY, pretrain
 
 
 def _cfg(data, strict: bool | None = None, **train):
@@ -64,7 +65,7 @@ def test_a_split_of_unreadable_images_is_a_clear_error(tiny_imagefolder, tmp_pat
 
 
 def test_the_skip_count_survives_a_resume(tiny_imagefolder, tmp_path):
-    first = _epoch_order(24, 0, 0)[0]  # in the first batch: met before the interruption only
+    first = epoch_order(24, 0, 0)[0]  # in the first batch: met before the interruption only
     name = f"class{first // 8}/{first % 8}.png"  # ImageFolder's sorted sample order
     _break(tiny_imagefolder / "train" / name)
 

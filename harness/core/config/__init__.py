@@ -54,6 +54,7 @@ from harness.core.config.suite import (
     TIMM_PREFIX,
     EncoderEntry,
     SuiteConfig,
+    checkpoint_format_names,
 )
 from harness.core.config.tasks import (
     TASK_CONFIGS,
@@ -99,6 +100,7 @@ __all__ = [
     "apply_overrides",
     "check_masking_fits",
     "check_name",
+    "checkpoint_format_names",
     "deep_merge",
     "dump_config",
     "format_validation_error",

@@ -12,30 +12,29 @@ from harness.core.config.encoder import EncoderConfig
 from harness.core.config.masking import check_masking_fits
 from harness.core.config.tasks import TaskConfig, parse_task_config
 from harness.core.config.train import PretrainSpec
-from harness.core.registry import did_you_mean
+from harness.core.registry import Registry, did_you_mean
 
 #: ``checkpoint: "timm:<model name>"`` evaluates a randomly initialized timm architecture.
 TIMM_PREFIX = "timm:"
 
-#: Checkpoint families that :func:`downstream.checkpoints.load_checkpoint` reads (its
-#: ``FAMILIES``; the values of ``--format`` and of a suite encoder's ``format:`` besides ``auto``).
-CHECKPOINT_FORMATS: tuple[str, ...] = (
-    "mimbench",
-    "mimbench_ckpt",
-    "timm",
-    "mae",
-    "beit",
-    "simmim",
-    "mmpretrain",
-    "swin",
-)
+#: Checkpoint format name -> the format (how it is detected, how its keys map onto our encoders).
+#: Each format of :mod:`downstream.checkpoints.formats` registers itself here
+#: (``downstream.checkpoints.formats.base.register_format``); this layer reads only the names (the
+#: values of ``--format`` and of a suite encoder's ``format:`` besides ``auto``), so whoever
+#: validates a suite imports :mod:`downstream` first (the CLI and the runner do).
+CHECKPOINT_FORMATS: Registry[Any] = Registry("checkpoint format")
+
+
+def checkpoint_format_names() -> tuple[str, ...]:
+    """The registered checkpoint formats, in registration order (the order help texts list)."""
+    return tuple(CHECKPOINT_FORMATS.registered())
 
 
 class EncoderEntry(StrictModel):
     """One encoder of a suite: pretrained here (``pretrain``), loaded (``checkpoint``), or
     randomly initialized (neither: the baseline).
 
-    ``format`` (a family of :data:`CHECKPOINT_FORMATS`, or ``auto``: detected from the keys) and
+    ``format`` (a format of :data:`CHECKPOINT_FORMATS`, or ``auto``: detected from the keys) and
     ``allow_partial`` (load a checkpoint whose keys do not all match; they are listed in the
     record) say how a ``checkpoint`` file is imported; they apply to files only.
     """
@@ -52,8 +51,13 @@ class EncoderEntry(StrictModel):
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        known = ["auto", *CHECKPOINT_FORMATS]
+        known = ["auto", *checkpoint_format_names()]
         if value not in known:
+            if not CHECKPOINT_FORMATS:
+                raise ValueError(
+                    "no checkpoint format is registered: import downstream (it registers every "
+                    "format) before validating a suite"
+                )
             raise ValueError(
                 f"unknown checkpoint format '{value}';{did_you_mean(value, known)} "
                 f"known: {', '.join(known)}"

@@ -15,10 +15,12 @@ on whether the run was interrupted and resumed.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
@@ -315,6 +317,9 @@ class SeededDataset(Dataset):
         seed: Run seed.
     """
 
+    #: The per-sample seed is taken modulo this.
+    MODULUS = 2**63 - 1
+
     def __init__(self, base: Dataset, seed: int) -> None:
         self.base = base
         self.seed = seed
@@ -326,11 +331,36 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def sample_seed(self, index: int) -> int:
+        """The seed of sample ``index`` in the current epoch."""
+        return (self.seed * 1_000_003 + self.epoch * 100_003 + index) % self.MODULUS
+
     def __getitem__(self, index: int) -> Any:
-        s = (self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**63 - 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.sample_seed(index))
+            return self.base[index]
+
+
+class FullySeededDataset(SeededDataset):
+    """A :class:`SeededDataset` that also seeds Python's ``random`` and numpy around each sample
+    (restoring them after), so timm's augmentations (RandAugment, random erasing, crops) are
+    reproducible under resume and independent of the number of loader workers. Seeds are taken
+    modulo ``2**32 - 1``, numpy's range."""
+
+    MODULUS = 2**32 - 1
+
+    def __getitem__(self, index: int) -> Any:
+        s = self.sample_seed(index)
+        py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
-            return self.base[index]
+            random.seed(s)
+            np.random.seed(s)
+            try:
+                return self.base[index]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""Checkpoint layouts synthesized from tiny encoders with known random weights: each builder
+writes what a release of that family holds (its key names, containers, extra heads and
+buffers), so that importing it can be compared with the encoder it came from. Shared by
+``test_checkpoints.py`` and the per-format contract tests (``test_checkpoint_formats.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from downstream.beit_encoder import BeitEncoder
+from downstream.swin_keys import timm_to_mm_swin
+from harness.core.config import EncoderConfig
+from pretrain.encoder import ViTEncoder
+from pretrain.swin import SwinEncoder
+
+MICRO = EncoderConfig(arch="vit_micro_32", pos_embed="learned")
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Known, non-trivial weights everywhere (gammas, rel tables and biases included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module.eval()
+
+
+def random_vit(seed: int = 0) -> ViTEncoder:
+    """A micro ViT (width 32, 2 blocks, 32 px) with known random weights."""
+    torch.manual_seed(seed)
+    return randomize(ViTEncoder(MICRO), seed)
+
+
+def random_beit(shared: bool, abs_pos: bool = False, seed: int = 1) -> BeitEncoder:
+    """A micro BEiT (per-block or ``shared`` relative position bias) with known weights."""
+    opts = {
+        "use_abs_pos_emb": abs_pos,
+        "use_rel_pos_bias": not shared,
+        "use_shared_rel_pos_bias": shared,
+        "layer_scale": True,
+        "qkv_bias": True,
+    }
+    return randomize(BeitEncoder(MICRO, opts), seed)
+
+
+def images(n: int = 2, size: int = 32) -> torch.Tensor:
+    """A fixed batch of random images, ``[n, 3, size, size]``."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(5))
+
+
+def feature_diff(a: torch.nn.Module, b: torch.nn.Module, size: int = 32) -> float:
+    """The largest absolute difference of two encoders' ``forward_features`` on :func:`images`."""
+    x = images(size=size)
+    with torch.no_grad():
+        return float((a.eval().forward_features(x) - b.eval().forward_features(x)).abs().max())
+
+
+def save(obj, path):
+    """``torch.save(obj, path)``, returning ``path``."""
+    torch.save(obj, path)
+    return path
+
+
+# --------------------------------------------------------------------------- layout builders
+
+
+def mae_layout(enc: ViTEncoder) -> dict:
+    """MAE's release: timm keys under 'model', its decoder, and the pickled args."""
+    sd = dict(enc.timm_state_dict())
+    sd["mask_token"] = torch.randn(1, 1, 24)  # the decoder's (width 24 here)
+    sd["decoder_embed.weight"] = torch.randn(24, 32)
+    sd["decoder_pos_embed"] = torch.randn(1, 17, 24)
+    sd["decoder_blocks.0.norm1.weight"] = torch.randn(24)
+    sd["decoder_pred.weight"] = torch.randn(192, 24)
+    return {
+        "model": sd,
+        "args": argparse.Namespace(model="mae_vit_micro", mask_ratio=0.75),
+        "epoch": 799,
+    }
+
+
+def beit_layout(enc: BeitEncoder) -> dict:
+    """BEiT's release: timm-Beit keys plus index buffers, lm_head and the encoder mask token."""
+    sd = dict(enc.timm_state_dict())
+    for k in list(sd):
+        if k.endswith("relative_position_bias_table"):
+            sd[k.replace("bias_table", "index")] = torch.zeros(17, 17, dtype=torch.long)
+    sd["mask_token"] = enc.mask_token.detach().clone()
+    sd["lm_head.weight"] = torch.randn(8192, 32)
+    return {"model": sd}
+
+
+def simmim_vit_layout(enc: BeitEncoder) -> dict:
+    """SimMIM's ViT: BEiT-style encoder under 'encoder.', a 1x1-conv decoder under 'decoder.'."""
+    inner = beit_layout(enc)["model"]
+    inner.pop("lm_head.weight")
+    sd = {f"encoder.{k}": v for k, v in inner.items()}
+    sd["decoder.0.weight"] = torch.randn(8 * 8 * 3, 32, 1, 1)
+    sd["decoder.0.bias"] = torch.randn(8 * 8 * 3)
+    return {"model": sd, "epoch": 99}
+
+
+def swin_original_layout(enc: SwinEncoder) -> dict[str, torch.Tensor]:
+    """The Swin repo's layout: downsampling at the end of a stage, index / mask buffers."""
+    sd = {}
+    for k, v in enc.timm_state_dict().items():
+        k = re.sub(
+            r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k
+        )
+        sd[k] = v
+        if k.endswith("relative_position_bias_table"):
+            sd[k.replace("bias_table", "index")] = torch.zeros(4, 4, dtype=torch.long)
+    return sd
+
+
+def mmpretrain_layout(state: dict[str, torch.Tensor]) -> dict:
+    """mmpretrain: 'backbone.' prefix, ln1/ln2, ffn.layers, patch_embed.projection, its neck/head."""
+    rules = [
+        (r"^patch_embed\.proj\.", "patch_embed.projection."),
+        (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
+        (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.ln2."),
+        (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
+        (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
+        (r"^blocks\.(\d+)\.ls1\.gamma$", r"layers.\1.attn.gamma1.weight"),
+        (r"^blocks\.(\d+)\.ls2\.gamma$", r"layers.\1.ffn.gamma2.weight"),
+        (r"^blocks\.(\d+)\.", r"layers.\1."),
+        (r"^norm\.", "ln1."),
+    ]
+    sd = {}
+    for k, v in state.items():
+        for pat, rep in rules:
+            nk = re.sub(pat, rep, k)
+            if nk != k:
+                k = nk
+                break
+        sd[f"backbone.{k}"] = v
+    sd["neck.decoder_embed.weight"] = torch.randn(16, 32)
+    sd["head.fc.weight"] = torch.randn(10, 32)
+    return {"meta": {"mmpretrain_version": "1.2.0", "epoch": 1}, "state_dict": sd}
+
+
+# 3 stages, window 2 below every stage's grid at 64 px (16, 8, 4): neither timm nor OpenMMLab
+# shrinks, pads or unshifts a window, so mmdet's Swin computes what timm's does
+SWIN_64 = dict(timm_name="swin_tiny_patch4_window7_224", family="swin", img_size=64,
+               patch_size=4, embed_dim=16, depth=6, num_heads=1, mlp_ratio=2.0,
+               stage_depths=(2, 2, 2), stage_heads=(1, 2, 4), window_size=2)  # fmt: skip
+
+
+def mmpretrain_swin_layout(enc: SwinEncoder) -> dict:
+    """mmpretrain's Swin (mmdet's / mmseg's key layout): the dense tasks' timm -> OpenMMLab
+    mapping under 'backbone.', persistent index buffers, the last stage's output norm, a head."""
+    n = enc.num_stages
+    mm = timm_to_mm_swin(enc.timm_state_dict(), n, int(enc.cfg.timm_kwargs()["window_size"]))
+    sd = {}
+    for k, v in mm.items():
+        sd[f"backbone.{k}"] = v
+        if k.endswith("relative_position_bias_table"):
+            w = (round(v.shape[0] ** 0.5) + 1) // 2
+            sd[f"backbone.{k.replace('bias_table', 'index')}"] = torch.zeros(
+                w * w, w * w, dtype=torch.long
+            )
+    assert f"backbone.norm{n - 1}.weight" in sd
+    sd["head.fc.weight"] = torch.randn(10, enc.num_features)
+    sd["head.fc.bias"] = torch.randn(10)
+    return {"meta": {"mmpretrain_version": "1.2.0", "epoch": 1}, "state_dict": sd}
+
+
+def random_swin(cfg: EncoderConfig, seed: int = 6) -> SwinEncoder:
+    """A Swin of preset ``cfg`` with known random weights."""
+    torch.manual_seed(seed)
+    return randomize(SwinEncoder(cfg), seed)
+
+
+def pretraining_checkpoint(seed: int = 7) -> tuple[torch.nn.Module, dict]:
+    """``(encoder, checkpoint)``: our pretraining ``checkpoint.pth`` of a micro SimMIM model (the
+    whole MIM model's state dict, no recorded encoder config)."""
+    from harness.core.config import RecipeConfig
+    from pretrain.model import MIMModel
+
+    torch.manual_seed(0)
+    model = MIMModel(MICRO, RecipeConfig(name="simmim", masking={"mask_patch_size": 16}))
+    randomize(model.encoder, seed)
+    return model.encoder, {"model": model.state_dict(), "step": 3}
