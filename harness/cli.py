@@ -29,6 +29,7 @@ from harness.core.config import (
     apply_overrides,
     dump_config,
     load_config,
+    recipe_names,
     validate_config,
 )
 from harness.core.errors import UserError
@@ -389,10 +390,8 @@ def _strategies_help() -> str:
 
 
 def _pretrain_description() -> str:
-    from harness.core.config import RECIPE_DEFAULTS
-
     return (f"Pretrain one encoder from a config file (kind: pretrain). Recipes ('recipe.name'): "
-            f"{', '.join(RECIPE_DEFAULTS)}; examples in configs/pretrain/.")
+            f"{', '.join(recipe_names())}; examples in configs/pretrain/.")
 
 
 def package_version() -> str:

@@ -1,1 +1,24 @@
-"""MIM pretraining: masking, the encoder wrapper, heads, targets and losses, recipes, engine."""
+"""Pretraining: encoders, the parts of a recipe (masking, heads, targets, tokenizers, losses),
+one module per recipe, the engine.
+
+Importing the package registers every recipe file (:mod:`pretrain.recipes`) and every part in
+the registries that config validation reads (:mod:`harness.core.config.axes`), as importing
+:mod:`downstream` registers the tasks. A new part is a module listed here.
+"""
+
+from pretrain import (  # noqa: F401  (each registers its parts)
+    beit,
+    context_encoder,
+    dall_e,
+    heads,
+    losses,
+    mae,
+    maskfeat,
+    masking,
+    model,
+    recipes,
+    simmim,
+    targets,
+    tokenizers,
+    vit_mpp,
+)

@@ -9,7 +9,7 @@ paper (:mod:`pretrain.dall_e`: 8192 tokens on 112 px inputs), or one the harness
 training images first (:mod:`pretrain.tokenizers`: k-means over patch pixels, a VQ-VAE, a dVAE).
 
 This module holds the ``tokens`` target; the rest of BEiT is configuration
-(``recipe: {name: beit}``, see :data:`harness.core.config.RECIPE_DEFAULTS`). Reconstruction pictures
+(``recipe: {name: beit}``, its recipe file ``pretrain/recipes/beit.yaml``). Reconstruction pictures
 show the tokenizer's decoding of the predicted tokens when it has a decoder (k-means, VQ-VAE,
 dVAE), and otherwise the token maps in a fixed palette (one color per token id), target beside
 prediction.
@@ -50,6 +50,8 @@ def token_palette(tokens: torch.Tensor, patch_size: int, grid: tuple[int, int]) 
 @TARGETS.register("tokens")
 class TokensTarget(Target):
     """Each patch's token from a frozen tokenizer: one ``vocab_size``-way classification."""
+
+    discrete_target = True
 
     def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
         super().__init__(cfg, patch_size, grid)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from harness.core.config import HeadConfig
-from pretrain.heads import HEADS, map_to_patches, tokens_to_map, upsample_factor
+from pretrain.heads import HEADS, Head, map_to_patches, tokens_to_map, upsample_factor
 from pretrain.targets import patchify
 
 
@@ -50,7 +50,7 @@ class ChannelwiseFC(nn.Module):
 
 
 @HEADS.register("upconv")
-class UpConvHead(nn.Module):
+class UpConvHead(Head):
     """Channel-wise FC + 1x1 conv, then stride-2 up-convolutions (batch norm, ReLU) from the
     encoder's stride to full resolution for per-pixel targets (``pixel_channels`` channels, then
     patchified), or to the patch grid for per-patch targets (then a 1x1 conv to ``out_dim``).

@@ -57,7 +57,12 @@ from harness.core.data.datasets import (
     resolve_imagefolder_root,
 )
 from harness.core.errors import CheckpointError
-from harness.core.fsutil import atomic_write_json, atomic_write_text, config_hash
+from harness.core.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    config_hash,
+)
 from harness.core.tracking import ScalarLogger, progress
 from harness.core.training import (
     GradAccumulation,
@@ -75,6 +80,7 @@ from harness.core.training import (
     steps_per_epoch,
 )
 from pretrain.model import MIMModel, create_model
+from pretrain.viz import render_recon_grid
 
 CHECKPOINT = "checkpoint.pth"
 ENCODER = "encoder.pth"
@@ -94,7 +100,8 @@ class PretrainResult:
 
 
 def param_groups(model: MIMModel, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed weights, and biases / norms / embeddings / tokens without decay."""
+    """Two groups: decayed weights, and biases / norms / embeddings / tokens without decay (the
+    names the model's parts report, :meth:`MIMModel.no_weight_decay`)."""
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -527,6 +534,7 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
         )
     clip_and_step(run.opt, run.model.parameters(), t.clip_grad)
     run.step += 1
+    run.model.after_step(run.step)
     run.last_loss = loss_value
     run.history.append({"step": run.step, "loss": loss_value, "lr": lr})
 
@@ -607,8 +615,6 @@ def save_reconstruction_grid(
     Images come evenly spaced from the val split, unreadable files skipped; without a readable
     val image there is no picture (None), the run's outputs are kept.
     """
-    from harness.core.fsutil import atomic_write_bytes
-    from pretrain.viz import render_recon_grid
 
     img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
     ds = imagefolder_checked(

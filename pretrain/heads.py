@@ -24,9 +24,26 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
 from harness.core.config import HeadConfig
+from harness.core.config.axes import HEADS as _HEADS
 from harness.core.registry import Registry
 
-HEADS: Registry[type[nn.Module]] = Registry("head")
+HEADS: Registry[type[Head]] = _HEADS  # the core registry (config validation reads it)
+
+
+class Head(nn.Module):
+    """Base class of the heads: ``forward(tokens, mask, ids_restore) -> [B, L, out_dim]``.
+
+    Attributes:
+        requires_full_sequence: Whether the head reads a token at every position (so it needs
+            ``encoder_mode: mask_token``); MAE's decoder fills masked positions itself.
+    """
+
+    requires_full_sequence: bool = True
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of this head's parameters exempt from weight decay besides biases and norm
+        weights (the model prefixes them with ``head.``)."""
+        return set()
 
 
 def tokens_to_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -49,7 +66,7 @@ def map_to_patches(x: torch.Tensor) -> torch.Tensor:
 
 
 @HEADS.register("mlp")
-class MLPHead(nn.Module):
+class MLPHead(Head):
     """Two layers per output token (1x1 convs with GELU), then a pixel shuffle to the patch grid.
 
     Args:
@@ -97,7 +114,7 @@ class _PatchExpand(nn.Module):
 
 
 @HEADS.register("inverse_swin")
-class InverseSwinHead(nn.Module):
+class InverseSwinHead(Head):
     """Swin stages from the encoder's stride back to the patch grid, then a linear layer.
 
     Stage ``i`` works at ``2^i`` times the encoder's output resolution with width ``dim / 2^i``

@@ -7,7 +7,7 @@ fixed 2-D sin-cos position embedding, and predicts the pixels of every patch. Th
 MSE on per-patch normalized pixels (``norm_pix_loss``), averaged over masked patches only
 (Sec. 3, Table 1).
 
-Paper defaults (see :data:`harness.core.config.RECIPE_DEFAULTS`): mask ratio 0.75, decoder of 8
+Paper defaults (its recipe file, ``pretrain/recipes/mae.yaml``): mask ratio 0.75, decoder of 8
 blocks x 512 wide (16 heads) for ViT-B/L, AdamW base lr 1.5e-4 per 256, weight decay 0.05,
 betas (0.9, 0.95), 40 warmup epochs, RandomResizedCrop scale [0.2, 1].
 """
@@ -20,11 +20,11 @@ from torch import nn
 
 from harness.core.config import HeadConfig
 from pretrain.encoders.vit import sincos_pos_embed_2d
-from pretrain.heads import HEADS
+from pretrain.heads import HEADS, Head
 
 
 @HEADS.register("mae_decoder")
-class MAEDecoder(nn.Module):
+class MAEDecoder(Head):
     """MAE's transformer decoder.
 
     Args:
@@ -61,6 +61,10 @@ class MAEDecoder(nn.Module):
         self.apply(_init_weights)
 
     requires_full_sequence = False
+
+    def no_weight_decay(self) -> set[str]:
+        """The mask token and the (fixed) position embedding (MAE's reference code)."""
+        return {"mask_token", "decoder_pos_embed"}
 
     def forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor | None = None

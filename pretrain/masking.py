@@ -40,9 +40,10 @@ import numpy as np
 import torch
 
 from harness.core.config import MaskingConfig, plan_masking
+from harness.core.config.axes import MASKERS as _MASKERS
 from harness.core.registry import Registry
 
-MASKERS: Registry[type[Masker]] = Registry("masking strategy")
+MASKERS: Registry[type[Masker]] = _MASKERS  # the core registry (config validation reads it)
 
 
 class Masker:

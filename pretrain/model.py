@@ -3,8 +3,10 @@
 The ablation axes of the papers are config values here, not code paths: the masker
 (:mod:`pretrain.masking`), whether the encoder sees mask tokens or only visible patches (and
 whether masked embeddings are corrupted, ViT's masked patch prediction), the head
-(:mod:`pretrain.heads`), the target and the loss (:mod:`pretrain.targets`), and an optional
-adversarial loss (Context Encoder). The recipe modules register their parts:
+(:mod:`pretrain.heads`), the target (:mod:`pretrain.targets`), the loss (:mod:`pretrain.losses`),
+and an optional adversarial loss (Context Encoder). The recipe modules register their parts
+(importing :mod:`pretrain` imports them all); the recipes' values are their recipe files
+(:mod:`pretrain.recipes`):
 
 ==================  ==============================================================
 SimMIM              :mod:`pretrain.simmim` (linear head), ViT or Swin (:mod:`pretrain.encoders`)
@@ -14,6 +16,11 @@ MaskFeat            :mod:`pretrain.maskfeat` (HOG)
 ViT MPP             :mod:`pretrain.vit_mpp` (corruption, mean color)
 Context Encoder     :mod:`pretrain.context_encoder` (up-conv head, discriminator), conv encoder
 ==================  ==============================================================
+
+Hooks instead of flags: the target is built from the encoder (:meth:`Target.from_encoder`), the
+engine calls :meth:`MIMModel.after_step` once per optimizer step (an EMA teacher's update), the
+encoder, head and target each report their no-weight-decay names, and ``recipe.encoder_init``
+names the encoder's initialisation (:data:`harness.core.config.axes.ENCODER_INITS`).
 """
 
 from __future__ import annotations
@@ -24,21 +31,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Importing the recipe modules registers their heads and targets.
-import pretrain.beit  # noqa: F401
 import pretrain.context_encoder as ce
-import pretrain.mae  # noqa: F401
-import pretrain.maskfeat  # noqa: F401
-import pretrain.simmim  # noqa: F401
 from harness.core.config import EncoderConfig, RecipeConfig
+from harness.core.config.axes import ENCODER_INITS
 from pretrain.encoders import create_encoder
 from pretrain.encoders.conv import mask_to_pixels
 from pretrain.heads import HEADS
 from pretrain.masking import Masker, create_masker, mask_to_indices
-from pretrain.targets import ImageSampler, TargetOut, create_target, to_unit
+from pretrain.targets import TARGETS, ImageSampler, TargetOut, to_unit
 from pretrain.vit_mpp import corrupt_and_encode
 
 __all__ = ["HEADS", "MIMModel", "MIMOutput", "create_model"]
+
+
+@ENCODER_INITS.register("default")
+def default_init(encoder: nn.Module) -> None:
+    """``recipe.encoder_init: default``: keep the encoder's own initialisation (timm's for ViT
+    and Swin, as each paper's reference code; see :mod:`pretrain.encoders`). A recipe that
+    initialises differently registers a function of the built encoder under another name."""
 
 
 @dataclass
@@ -66,7 +76,8 @@ class MIMModel(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.encoder = create_encoder(encoder_cfg)
-        self.target = create_target(recipe.target, self.encoder.patch_size, self.encoder.grid_size)
+        ENCODER_INITS.get(recipe.encoder_init)(self.encoder)
+        self.target = TARGETS.get(recipe.target.type).from_encoder(recipe.target, self.encoder)
         if recipe.encoder_mode == "visible" and not self.encoder.visible_only:
             raise ValueError(
                 f"encoder_mode 'visible' needs a ViT encoder; '{encoder_cfg.arch}' is a "
@@ -75,7 +86,7 @@ class MIMModel(nn.Module):
         self.head = HEADS.get(recipe.head.type)(
             self.encoder, recipe.head, self.target.out_dim, self.target.pixel_channels
         )
-        if recipe.encoder_mode == "visible" and getattr(self.head, "requires_full_sequence", False):
+        if recipe.encoder_mode == "visible" and self.head.requires_full_sequence:
             raise ValueError(
                 f"head '{recipe.head.type}' predicts from every token, so it needs "
                 "encoder_mode: mask_token (visible-only encoding leaves masked positions empty)"
@@ -92,9 +103,20 @@ class MIMModel(nn.Module):
         )
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay besides biases and norm weights."""
-        names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-        return names | {"head.mask_token", "head.decoder_pos_embed"}
+        """Parameter names exempt from weight decay besides biases and norm weights: what the
+        encoder, the head and the target each report, under their prefixes."""
+        parts: dict[str, set[str]] = {
+            "encoder": self.encoder.no_weight_decay(),
+            "head": self.head.no_weight_decay(),
+            "target": self.target.no_weight_decay(),
+        }
+        return {f"{prefix}.{n}" for prefix, names in parts.items() for n in names}
+
+    def after_step(self, step: int) -> None:
+        """The after-optimizer-step hook: the engine calls it once after every optimizer step
+        with the number of steps done (an EMA teacher target updates itself from the encoder
+        here); the parts decide, by default nothing happens."""
+        self.target.after_step(self.encoder, step)
 
     def prepare(self, sample_images: ImageSampler, log: Callable[[str], None] = print) -> None:
         """Fit what the target needs before pretraining (a tokenizer); the engine calls it once,

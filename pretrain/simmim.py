@@ -7,7 +7,7 @@ prediction head maps every output token back to its pixels: a 1x1 convolution to
 ``stride^2 * 3`` channels followed by a pixel shuffle of the encoder stride (Sec. 3.3, "linear
 head"). The loss is L1 on the masked pixels only (Sec. 3.4, Table 5).
 
-Paper defaults (see :data:`harness.core.config.RECIPE_DEFAULTS`): random masking of 32 px units on
+Paper defaults (its recipe file, ``pretrain/recipes/simmim.yaml``): random masking of 32 px units on
 16 px patches at ratio 0.6 (Table 1), AdamW with base lr 8e-4 at batch 2048 scaled per 512,
 weight decay 0.05, 100 epochs with 10 warmup, crops of scale [0.67, 1]. The ablation axes of
 Tables 1-5 (masking, head, target, loss) are config values; see ``configs/sweeps/``.
@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from harness.core.config import HeadConfig
-from pretrain.heads import HEADS, map_to_patches, tokens_to_map, upsample_factor
+from pretrain.heads import HEADS, Head, map_to_patches, tokens_to_map, upsample_factor
 
 
 @HEADS.register("linear")
-class LinearPixelShuffleHead(nn.Module):
+class LinearPixelShuffleHead(Head):
     """SimMIM's linear head: 1x1 conv, then a pixel shuffle from the encoder grid to the patch grid.
 
     The conv maps each output token to ``r^2 * out_dim`` values, ``r = encoder_stride /

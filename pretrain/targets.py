@@ -12,26 +12,26 @@ values for continuous targets, ``[B, L, G]`` class indices for discrete ones (``
 * ``hog`` (:mod:`pretrain.maskfeat`), ``mean_color`` (:mod:`pretrain.vit_mpp`) and ``tokens``
   (:mod:`pretrain.beit`) register themselves in :data:`TARGETS`.
 
-Losses average an element-wise error (or cross-entropy per group) within each patch, then over
-the masked patches (``on: masked``, every paper's default) or over all patches (``on: all``,
-SimMIM Table 5). For SimMIM's L1 this equals the paper's sum over masked pixels and channels
-divided by their count.
+Each target picks the loss of the recipe's ``loss`` axis (:mod:`pretrain.losses`): a
+regression for continuous targets, a classification for discrete ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import LossConfig, TargetConfig
+from harness.core.config.axes import TARGETS as _TARGETS
 from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from harness.core.registry import Registry
+from pretrain.losses import classification_loss, reconstruction_loss
 
-TARGETS: Registry[type[Target]] = Registry("target")
+TARGETS: Registry[type[Target]] = _TARGETS  # the core registry (config validation reads it)
 
 # (n) -> n training images [n, 3, H, W] (normalized, train augmentation): what tokenizers fit on.
 ImageSampler = Callable[[int], torch.Tensor]
@@ -91,8 +91,11 @@ class Target(nn.Module):
         pixel_channels: For targets that are a per-pixel map (pixels, color bins), the values
             per pixel, so a head may predict a full-resolution map (the ``upconv`` head); None
             for per-patch targets.
+        discrete_target: Whether the target is class indices (config validation pairs it with
+            a discrete loss, :mod:`pretrain.losses`).
     """
 
+    discrete_target: ClassVar[bool] = False
     out_dim: int = 0
     num_classes: int = 0
     pixel_channels: int | None = None
@@ -103,9 +106,27 @@ class Target(nn.Module):
         self.patch_size = patch_size
         self.grid = grid
 
+    @classmethod
+    def from_encoder(cls, cfg: TargetConfig, encoder: nn.Module) -> Target:
+        """Build the target for the encoder being pretrained: the model's construction hook.
+
+        The default reads the encoder's patch size and grid; a target that needs the encoder
+        itself (an EMA teacher copying its weights) overrides this.
+        """
+        return cls(cfg, encoder.patch_size, encoder.grid_size)  # type: ignore[arg-type]
+
     @property
     def discrete(self) -> bool:
         return self.num_classes > 0
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of this target's parameters exempt from weight decay besides biases and norm
+        weights (the model prefixes them with ``target.``); default: none."""
+        return set()
+
+    def after_step(self, encoder: nn.Module, step: int) -> None:
+        """Called once after every optimizer step with the encoder being trained and the number
+        of steps done (an EMA teacher updates its weights here); default: nothing."""
 
     def prepare(self, sample_images: ImageSampler, log: Callable[[str], None]) -> None:
         """Fit whatever the target needs before pretraining (a tokenizer); default: nothing."""
@@ -164,6 +185,8 @@ class ColorBinsTarget(Target):
     """Each pixel's channel values in ``bins`` uniform bins of [0, 1]: ``p*p*3`` classifications
     per patch (SimMIM Table 4's 8-bit color target is ``bins: 256``)."""
 
+    discrete_target = True
+
     def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
         super().__init__(cfg, patch_size, grid)
         self.num_classes = cfg.bins
@@ -189,7 +212,7 @@ def create_target(cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> 
     return TARGETS.get(cfg.type)(cfg, patch_size, grid)
 
 
-# --------------------------------------------------------------------------- functions and losses
+# --------------------------------------------------------------------------- functions
 
 
 def make_target(
@@ -208,59 +231,3 @@ def make_target(
         std = (var + 1.0e-6) ** 0.5
         return (patches - mean) / std, mean, std
     raise ValueError(f"make_target handles pixel targets only, got '{cfg.type}'")
-
-
-def _average(per_patch: torch.Tensor, mask: torch.Tensor, on: str) -> torch.Tensor:
-    if on == "all":
-        return per_patch.mean()
-    w = mask.to(per_patch.dtype)
-    return (per_patch * w).sum() / w.sum().clamp_min(1.0)
-
-
-def reconstruction_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cfg: LossConfig
-) -> torch.Tensor:
-    """Element-wise loss, mean within each patch, mean over masked (or all) patches.
-
-    Args:
-        pred: ``[B, L, P]``.
-        target: ``[B, L, P]``.
-        mask: ``[B, L]`` boolean, True = masked.
-        cfg: Loss type and averaging.
-    """
-    pred = pred.float()
-    target = target.float()
-    if cfg.type == "l1":
-        err = (pred - target).abs()
-    elif cfg.type == "l2":
-        err = (pred - target) ** 2
-    elif cfg.type == "smooth_l1":
-        err = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
-    else:
-        raise ValueError(f"loss '{cfg.type}' does not apply to a continuous target")
-    return _average(err.mean(dim=-1), mask, cfg.on)  # [B, L] -> scalar
-
-
-def classification_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor,
-    cfg: LossConfig,
-    num_classes: int,
-) -> torch.Tensor:
-    """Cross-entropy per group, mean within each patch, mean over masked (or all) patches.
-
-    Args:
-        logits: ``[B, L, G * K]``.
-        labels: ``[B, L, G]`` class indices in ``[0, K)``.
-        mask: ``[B, L]`` boolean, True = masked.
-        cfg: ``type`` must be ``cross_entropy``.
-        num_classes: ``K``.
-    """
-    if cfg.type != "cross_entropy":
-        raise ValueError(f"a discrete target needs loss 'cross_entropy', got '{cfg.type}'")
-    b, n, g = labels.shape
-    ce = F.cross_entropy(
-        logits.float().reshape(b * n * g, num_classes), labels.reshape(-1), reduction="none"
-    )
-    return _average(ce.view(b, n, g).mean(dim=-1), mask, cfg.on)

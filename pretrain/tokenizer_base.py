@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import TokenizerConfig
+from harness.core.config.axes import TOKENIZERS as _TOKENIZERS
 from harness.core.registry import Registry
 
-TOKENIZERS: Registry[type[Tokenizer]] = Registry("tokenizer")
+#: The core registry (config validation reads it).
+TOKENIZERS: Registry[type[Tokenizer]] = _TOKENIZERS
 
 
 class Tokenizer(nn.Module):

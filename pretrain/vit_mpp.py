@@ -56,6 +56,8 @@ class MeanColorTarget(Target):
     """A patch's mean color in ``bins`` levels per channel, as one ``bins^3``-way class
     (ViT: 3 bits, 512 classes). Means are taken on [0, 1] pixels; class ``(r * bins + g) * bins + b``."""
 
+    discrete_target = True
+
     def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
         super().__init__(cfg, patch_size, grid)
         self.bins = cfg.bins

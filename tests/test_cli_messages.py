@@ -155,12 +155,12 @@ def test_eval_accepts_every_alias_and_task_name():
 def test_other_help_texts_list_their_registries(capsys):
     from downstream.checkpoints import EXPORT_FORMATS
     from harness.bench import all_targets
-    from harness.core.config import ENCODER_PRESETS, RECIPE_DEFAULTS, checkpoint_format_names
+    from harness.core.config import ENCODER_PRESETS, checkpoint_format_names, recipe_names
     from pretrain.masking import MASKERS
 
     presets = ", ".join(ENCODER_PRESETS)
     text = _help(capsys, "pretrain")
-    assert f"Recipes ('recipe.name'): {', '.join(RECIPE_DEFAULTS)};" in text
+    assert f"Recipes ('recipe.name'): {', '.join(recipe_names())};" in text
     for cmd in ("export", "import"):
         text = _help(capsys, cmd)
         assert presets in text and ", ".join(checkpoint_format_names()) in text

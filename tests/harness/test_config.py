@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from harness.core.config import (
-    RECIPE_DEFAULTS,
     ConfigError,
     PretrainConfig,
     RecipeConfig,
@@ -16,6 +15,7 @@ from harness.core.config import (
     apply_overrides,
     dump_config,
     load_config,
+    recipe_file,
     validate_config,
 )
 from harness.core.registry import Registry, UnknownNameError
@@ -55,7 +55,7 @@ def test_train_defaults_follow_the_recipe():
     p = PretrainConfig(recipe={"name": "simmim", "masking": {"mask_patch_size": 8}},
                        train={"epochs": 3})
     assert p.train.lr_base_batch == 512 and p.train.epochs == 3
-    assert p.train.betas == tuple(RECIPE_DEFAULTS["simmim"]["train"]["betas"])
+    assert p.train.betas == tuple(recipe_file("simmim")["train"]["betas"])
 
 
 def test_unknown_key_gets_did_you_mean_with_its_path():

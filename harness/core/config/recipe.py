@@ -1,0 +1,250 @@
+"""A MIM recipe's schema: masking + encoder mode + head + target + loss (+ encoder init).
+
+The names of the axes (head, target, tokenizer, loss types, the masking strategy) are checked
+against the registries that :mod:`pretrain` fills (:mod:`harness.core.config.axes`); a recipe's
+``name`` selects its recipe file (:mod:`harness.core.config.recipe_files`), merged under what the
+user wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from harness.core.config.axes import ENCODER_INITS, HEADS, LOSSES, TARGETS, TOKENIZERS, check_name
+from harness.core.config.base import StrictModel, deep_merge
+from harness.core.config.masking import MaskingConfig
+from harness.core.config.recipe_files import recipe_file
+
+
+class HeadConfig(StrictModel):
+    """Prediction head (see :mod:`pretrain.heads`); ``type`` is a name registered in
+    :data:`harness.core.config.axes.HEADS`.
+
+    Attributes:
+        type: ``linear`` (SimMIM: 1x1 conv + pixel shuffle), ``mlp`` (2-layer MLP, SimMIM
+            Table 3), ``inverse_swin`` (Swin blocks that upsample back to the patch grid, SimMIM
+            Table 3), ``mae_decoder`` (MAE's transformer decoder), ``upconv`` (Context Encoder:
+            channel-wise fully connected layer + up-convolutions).
+        depth: ``mae_decoder``: blocks; ``inverse_swin``: blocks per stage when
+            ``stage_depths`` is not given.
+        dim: ``mae_decoder``: width; ``mlp``: hidden width; ``inverse_swin``: width of the
+            coarsest stage (halved at every upsampling); ``upconv``: width of the first up-conv.
+        num_heads: Attention heads (``inverse_swin``: of the coarsest stage, halved per stage).
+        mlp_ratio: MLP ratio of transformer blocks.
+        window_size: ``inverse_swin``: attention window.
+        stage_depths: ``inverse_swin``: blocks per stage from coarse to fine (SimMIM's
+            inverse Swin-T: ``[2, 6, 2, 2]``); one stage per 2x upsampling plus one.
+    """
+
+    type: str = "linear"
+    depth: int = Field(8, ge=1)
+    dim: int = Field(512, ge=8)
+    num_heads: int = Field(16, ge=1)
+    mlp_ratio: float = 4.0
+    window_size: int = Field(7, ge=1)
+    stage_depths: list[int] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_head(cls, value: str) -> str:
+        return check_name(HEADS, value)
+
+
+class HOGConfig(StrictModel):
+    """Histograms of oriented gradients (MaskFeat's target, see :mod:`pretrain.maskfeat`).
+
+    Attributes:
+        orientations: Unsigned orientation bins over 180 degrees (MaskFeat: 9).
+        cell_size: Cell side in pixels (MaskFeat: 8, so a 16 px patch holds 2x2 cells).
+        gradient: ``sobel`` (MaskFeat, reflect-padded) or ``central`` ([-1, 0, 1] differences,
+            zero at the image border: Dalal-Triggs and scikit-image).
+        gaussian_window: Side of the Gaussian weighting window in pixels, repeated over the
+            image (MaskFeat: 16, sigma = window / 2); 0 disables it.
+    """
+
+    orientations: int = Field(9, ge=2)
+    cell_size: int = Field(8, ge=1)
+    gradient: Literal["sobel", "central"] = "sobel"
+    gaussian_window: int = Field(16, ge=0)
+
+
+class TokenizerConfig(StrictModel):
+    """Discrete visual tokens for BEiT-style targets (see :mod:`pretrain.tokenizers`); ``type``
+    is a name registered in :data:`harness.core.config.axes.TOKENIZERS`.
+
+    Attributes:
+        type: ``dall_e`` (DALL-E's dVAE encoder, loaded from ``path``: 8192 tokens on 112 px
+            inputs in BEiT), or a tokenizer the harness trains before pretraining: ``kmeans``
+            (a k-means codebook over patch pixels, iGPT-style clusters), ``vqvae`` (a small
+            VQ-VAE) or ``dvae`` (a small Gumbel-softmax dVAE).
+        path: ``dall_e``: the weights (the official ``encoder.pkl`` or a state dict with its
+            keys). Other types: optional file of an already trained tokenizer to reuse.
+        vocab_size: Number of tokens (DALL-E: 8192).
+        input_size: Side of the tokenizer's input in pixels (BEiT: 112 for DALL-E, so 8x
+            downsampling gives the 14x14 patch grid); ``None``: the encoder's image size.
+        hidden: ``vqvae``/``dvae``: conv width.
+        code_dim: ``vqvae``/``dvae``: codebook vector width.
+        train_steps: ``vqvae``/``dvae``: optimization steps before pretraining.
+        train_images: Images drawn from the training split to fit the tokenizer.
+        kmeans_iters: ``kmeans``: Lloyd iterations.
+        lr: ``vqvae``/``dvae``: Adam learning rate.
+        batch_size: Tokenizer training batch.
+    """
+
+    type: str = "dall_e"
+    path: str | None = None
+    vocab_size: int = Field(8192, ge=2)
+    input_size: int | None = Field(None, ge=8)
+    hidden: int = Field(64, ge=4)
+    code_dim: int = Field(32, ge=2)
+    train_steps: int = Field(500, ge=0)
+    train_images: int = Field(2048, ge=1)
+    kmeans_iters: int = Field(20, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("type")
+    @classmethod
+    def _known_tokenizer(cls, value: str) -> str:
+        return check_name(TOKENIZERS, value)
+
+
+class TargetConfig(StrictModel):
+    """What the head predicts for each patch (see :mod:`pretrain.targets`); ``type`` is a name
+    registered in :data:`harness.core.config.axes.TARGETS`.
+
+    Attributes:
+        type: ``pixels`` (SimMIM), ``norm_pixels`` (MAE: per-patch normalized), ``hog``
+            (MaskFeat), ``color_bins`` (each pixel's channel values in ``bins`` bins: SimMIM
+            Table 4's 8-bit color with 256), ``mean_color`` (the patch's mean color with ``bins``
+            per channel, one ``bins^3``-way class: ViT's 3-bit color with 8), ``tokens`` (BEiT).
+        bins: Color bins per channel for ``color_bins`` and ``mean_color``.
+        hog: HOG parameters for ``hog``.
+        tokenizer: The tokenizer for ``tokens``.
+    """
+
+    type: str = "pixels"
+    bins: int = Field(8, ge=2, le=256)
+    hog: HOGConfig = Field(default_factory=HOGConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+
+    @field_validator("type")
+    @classmethod
+    def _known_target(cls, value: str) -> str:
+        return check_name(TARGETS, value)
+
+
+class LossConfig(StrictModel):
+    """Loss and where it is averaged (see :mod:`pretrain.losses`); ``type`` is a name
+    registered in :data:`harness.core.config.axes.LOSSES`.
+
+    Attributes:
+        type: ``l1``, ``l2``, ``smooth_l1`` for continuous targets, ``cross_entropy`` for the
+            discrete ones (color bins, mean color, tokens).
+        on: ``masked`` patches only, or ``all`` patches (SimMIM Table 5).
+        adv_weight: Weight of the adversarial loss (Context Encoder: 0.001, the reconstruction
+            then weighs ``1 - adv_weight`` = 0.999); 0 disables the discriminator.
+    """
+
+    type: str = "l1"
+    on: Literal["masked", "all"] = "masked"
+    adv_weight: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        return check_name(LOSSES, value)
+
+
+class RecipeConfig(StrictModel):
+    """A MIM recipe: masking + encoder mode + head + target + loss + encoder initialisation.
+
+    The recipe ``name`` selects its recipe file (every recipe and train key, citing the paper:
+    :func:`harness.core.config.recipe_files.recipe_file`); every key given explicitly overrides
+    the file's, so an ablation changes one value.
+
+    Attributes:
+        encoder_init: How the freshly built encoder is initialised, a name registered in
+            :data:`harness.core.config.axes.ENCODER_INITS` (``default``: the encoder's own
+            initialisation). Left out of dumps at ``default``, so configs hashed before it
+            existed keep their hashes.
+    """
+
+    name: str
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    encoder_mode: Literal["mask_token", "visible"] = "mask_token"
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    encoder_init: str = "default"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" in data:
+            return deep_merge(recipe_file(data["name"])["recipe"], data)
+        return data
+
+    @field_validator("encoder_init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        return check_name(ENCODER_INITS, value)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_init(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # added after records and pretraining stages were hashed: left out of every dump at its
+        # default so their config hashes stay the same
+        out = handler(self)
+        if self.encoder_init == "default":
+            out.pop("encoder_init", None)
+        return out
+
+    @model_validator(mode="after")
+    def _axes_fit_together(self) -> RecipeConfig:
+        self._check_discrete()
+        if self.encoder_mode == "visible":
+            if self.head.type != "mae_decoder":
+                raise ValueError(
+                    f"encoder_mode 'visible' leaves masked positions empty; head '{self.head.type}' "
+                    "predicts from every encoder token: use head.type: mae_decoder or "
+                    "encoder_mode: mask_token"
+                )
+            if self.masking.mask_token_prob < 1.0 or self.masking.random_token_prob > 0.0:
+                raise ValueError(
+                    "masking.mask_token_prob / random_token_prob corrupt masked embeddings inside "
+                    "the encoder: they need encoder_mode: mask_token"
+                )
+        if self.loss.adv_weight > 0 and self.target.type not in ("pixels", "norm_pixels"):
+            raise ValueError("loss.adv_weight (adversarial loss) needs a pixel target")
+        return self
+
+    def _check_discrete(self) -> None:
+        """A discrete target (class indices) needs a classification loss and a continuous one a
+        regression loss; which is which the registered classes say (their ``discrete``)."""
+        discrete = bool(TARGETS.get(self.target.type).discrete_target)
+        if discrete == bool(LOSSES.get(self.loss.type).discrete):
+            return
+        losses = [n for n in LOSSES.names() if bool(LOSSES.get(n).discrete) == discrete]
+        if discrete:
+            raise ValueError(
+                f"target '{self.target.type}' is discrete: set loss.type: {' or '.join(losses)} "
+                f"(got '{self.loss.type}')"
+            )
+        targets = [n for n in TARGETS.names() if TARGETS.get(n).discrete_target]
+        raise ValueError(
+            f"loss '{self.loss.type}' needs a discrete target ({', '.join(targets)}); "
+            f"target '{self.target.type}' is continuous: use {_or_list(losses)}"
+        )
+
+
+def _or_list(names: list[str]) -> str:
+    """``a, b or c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
