@@ -32,7 +32,6 @@ import contextlib
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -645,8 +644,3 @@ def save_reconstruction_grid(
     im.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return path
-
-
-def main_log(msg: str) -> None:
-    """Default logger: stdout, flushed."""
-    print(msg, file=sys.stdout, flush=True)

@@ -167,14 +167,6 @@ class MIMModel(nn.Module):
         return imgs * (1.0 - pm) + rec * pm
 
     @torch.no_grad()
-    def reconstruct(self, out: MIMOutput) -> torch.Tensor:
-        """A pixel prediction as a normalized image ``[B, C, H, W]`` (per-patch stats undone)."""
-        pred = out.pred.float()
-        if out.target_mean is not None and out.target_std is not None:
-            pred = pred * out.target_std + out.target_mean
-        return self.encoder.unpatchify(pred)
-
-    @torch.no_grad()
     def visualize(self, imgs: torch.Tensor, out: MIMOutput) -> list[tuple[str, torch.Tensor]]:
         """Rows of the reconstruction picture, each ``[B, 3, H, W]`` in [0, 1]: original, masked
         input, then what makes sense for the target (pixels: prediction and prediction pasted

@@ -207,11 +207,6 @@ class ColorBinsTarget(Target):
         return unpatchify(vals, self.patch_size, self.grid)
 
 
-def create_target(cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> Target:
-    """Build the target named by ``cfg.type``."""
-    return TARGETS.get(cfg.type)(cfg, patch_size, grid)
-
-
 # --------------------------------------------------------------------------- functions
 
 

@@ -386,10 +386,3 @@ class FullySeededDataset(SeededDataset):
             finally:
                 random.setstate(py)
                 np.random.set_state(npy)
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Undo ImageNet normalization: ``[B, 3, H, W]`` to [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
