@@ -42,7 +42,7 @@ from harness.core.config import (
 )
 from harness.core.data.datasets import resolve_imagefolder_root
 from harness.core.errors import CheckpointError
-from harness.core.fsutil import config_hash
+from harness.core.fsutil import config_hash, pretrain_config_hash
 from harness.core.records import SweepInfo
 from harness.sweep import SweepRow, row_encoder_name, variant_name
 from pretrain.engine import ENCODER, SUMMARY
@@ -79,8 +79,7 @@ def pretrain_config_for(entry: EncoderEntry, suite: SuiteConfig, seed: int) -> P
 
 def pretrain_stage_dir(root: Path, pcfg: PretrainConfig) -> Path:
     """``root/pretrain/<name>-s<seed>-<hash>``; the hash covers everything but the name."""
-    plain = to_plain(pcfg)
-    h = config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
+    h = pretrain_config_hash(to_plain(pcfg))
     return root / PRETRAIN_DIR / f"{pcfg.name}-s{pcfg.seed}-{h[:KEY_CHARS]}"
 
 

@@ -60,7 +60,7 @@ from harness.core.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    config_hash,
+    pretrain_config_hash,
 )
 from harness.core.tracking import ScalarLogger, progress
 from harness.core.training import (
@@ -278,7 +278,7 @@ def pretrain(
     # every refusal (a checkpoint of another config, missing data, a bad size) comes before the
     # first write, so a refused run leaves the directory as it was
     ckpt = ResumableCheckpoint(
-        out / CHECKPOINT, _config_hash(cfg),
+        out / CHECKPOINT, pretrain_config_hash(to_plain(cfg)),
         fix="pass --overwrite to start over, use another output directory, or delete it",
     )  # fmt: skip
     ck = _read_checkpoint(ckpt, resume, rank, world)
@@ -301,13 +301,6 @@ def pretrain(
     t0 = time.time()
     _train(run, t0)
     return _finish(run, time.time() - t0)
-
-
-def _config_hash(cfg: PretrainConfig) -> str:
-    """The resolved config's hash, less its name and output directory (what a checkpoint of
-    this run must carry)."""
-    plain = to_plain(cfg)
-    return config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
 
 
 def _read_checkpoint(

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from harness.core.errors import CheckpointError
-from harness.core.fsutil import config_hash
+from harness.core.fsutil import pretrain_config_hash
 
 try:
     import numpy._core.multiarray as ma  # numpy 2
@@ -195,7 +195,7 @@ def _stage_config_encoder(path: Path, chash: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(plain, dict) or not isinstance(plain.get("encoder"), dict):
         return None
-    if config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")}) != chash:
+    if pretrain_config_hash(plain) != chash:
         return None
     return plain["encoder"]
 

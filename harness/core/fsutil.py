@@ -172,6 +172,13 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:16]
 
 
+def pretrain_config_hash(plain: dict[str, Any]) -> str:
+    """The hash of a resolved pretraining config (plain dict) less its ``name`` and
+    ``output_dir``, which place a run but do not change its result: the key of a pretraining
+    stage directory and the hash its checkpoint carries."""
+    return config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage locks
 #
