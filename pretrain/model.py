@@ -20,7 +20,8 @@ Context Encoder     :mod:`pretrain.context_encoder` (up-conv head, discriminator
 Hooks instead of flags: the target is built from the encoder (:meth:`Target.from_encoder`), the
 engine calls :meth:`MIMModel.after_step` once per optimizer step (an EMA teacher's update), the
 encoder, head and target each report their no-weight-decay names, and ``recipe.encoder_init``
-names the encoder's initialisation (:data:`harness.core.config.axes.ENCODER_INITS`).
+names the encoder's initialisation (:data:`harness.core.config.axes.ENCODER_INITS`, the rules
+of :mod:`pretrain.inits`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 import pretrain.context_encoder as ce
+import pretrain.inits  # noqa: F401  (registers the encoder initialisations)
 from harness.core.config import EncoderConfig, RecipeConfig
 from harness.core.config.axes import ENCODER_INITS
 from pretrain.encoders import create_encoder
@@ -42,13 +44,6 @@ from pretrain.targets import TARGETS, ImageSampler, TargetOut, to_unit
 from pretrain.vit_mpp import corrupt_and_encode
 
 __all__ = ["HEADS", "MIMModel", "MIMOutput", "create_model"]
-
-
-@ENCODER_INITS.register("default")
-def default_init(encoder: nn.Module) -> None:
-    """``recipe.encoder_init: default``: keep the encoder's own initialisation (timm's for ViT
-    and Swin, as each paper's reference code; see :mod:`pretrain.encoders`). A recipe that
-    initialises differently registers a function of the built encoder under another name."""
 
 
 @dataclass
@@ -76,12 +71,15 @@ class MIMModel(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.encoder = create_encoder(encoder_cfg)
-        ENCODER_INITS.get(recipe.encoder_init)(self.encoder)
+        init = ENCODER_INITS.get(recipe.encoder_init)
+        init.check_family(recipe.encoder_init, self.encoder.family)
+        init.apply(self.encoder)
         self.target = TARGETS.get(recipe.target.type).from_encoder(recipe.target, self.encoder)
         if recipe.encoder_mode == "visible" and not self.encoder.visible_only:
             raise ValueError(
-                f"encoder_mode 'visible' needs a ViT encoder; '{encoder_cfg.arch}' is a "
-                f"{encoder_cfg.family} encoder that needs the full grid: use encoder_mode: mask_token"
+                f"encoder_mode 'visible' needs a plain ViT encoder; '{encoder_cfg.arch}' is a "
+                f"{self.encoder.family} encoder ({self.encoder.full_grid_reason}): use "
+                "encoder_mode: mask_token"
             )
         self.head = HEADS.get(recipe.head.type)(
             self.encoder, recipe.head, self.target.out_dim, self.target.pixel_channels

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,6 +52,28 @@ def apply_mask_token(
         return t
     w = mask.unsqueeze(-1).to(t.dtype)  # [B, L, 1]
     return t * (1.0 - w) + token.to(t.dtype) * w
+
+
+@dataclass
+class InitParts:
+    """The parts of a transformer encoder that the papers' initialisation rules name
+    (:mod:`pretrain.inits`); every other weight is reached through the trunk's modules.
+
+    Attributes:
+        patch_embed: The patch embedding convolution.
+        mask_token: The learned mask token ``[1, 1, D]``.
+        class_token: The class token (None for families without one).
+        learned_pos_embed: The absolute position embedding when it is learned (None when fixed
+            sin-cos or absent).
+        residual_out: Per block in depth order, the last linear layer of each residual branch:
+            the attention output projection and the MLP's second layer (BEiT's rescaled pair).
+    """
+
+    patch_embed: nn.Conv2d
+    mask_token: nn.Parameter
+    class_token: nn.Parameter | None = None
+    learned_pos_embed: nn.Parameter | None = None
+    residual_out: list[tuple[nn.Linear, nn.Linear]] = field(default_factory=list)
 
 
 class Encoder(nn.Module, metaclass=ABCMeta):
@@ -148,6 +171,12 @@ class Encoder(nn.Module, metaclass=ABCMeta):
     def final_norm(self, t: torch.Tensor) -> torch.Tensor:
         """The norm after the last block (identity for families without one)."""
         return t
+
+    def init_parts(self) -> InitParts:
+        """The parts an initialisation rule names (transformer families); see :class:`InitParts`."""
+        raise ValueError(
+            f"a {self.family} encoder has no transformer parts to initialise: use encoder_init: timm"
+        )
 
     def block_grid(self, index: int) -> tuple[int, int]:
         """Grid of :meth:`forward_blocks` entry ``index`` (isotropic families: the output's)."""

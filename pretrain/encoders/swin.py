@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from harness.core.config import EncoderConfig
-from pretrain.encoders.base import Encoder, apply_mask_token, register_encoder
+from pretrain.encoders.base import Encoder, InitParts, apply_mask_token, register_encoder
 
 
 @register_encoder
@@ -73,6 +73,14 @@ class SwinEncoder(Encoder):
     def num_layers(self) -> int:
         """Number of Swin blocks over all stages."""
         return self._stage_offsets[-1]
+
+    def init_parts(self) -> InitParts:
+        blocks = [b for layer in self.swin.layers for b in layer.blocks]
+        return InitParts(
+            patch_embed=self.swin.patch_embed.proj,
+            mask_token=self.mask_token,
+            residual_out=[(b.attn.proj, b.mlp.fc2) for b in blocks],
+        )
 
     @property
     def encoder_stride(self) -> int:

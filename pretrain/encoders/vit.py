@@ -1,7 +1,9 @@
 """The ViT family: timm's :class:`~timm.models.vision_transformer.VisionTransformer`
 (Dosovitskiy et al., ICLR 2021) behind the encoder contract, with what masked image modeling
 adds to it: a learned mask token (SimMIM, BEiT), the encoder on visible tokens only (MAE) and
-fixed 2-D sin-cos position embeddings (MAE) or learned ones.
+fixed 2-D sin-cos position embeddings (MAE), learned ones or none; with ``layer_scale``, timm's
+layer scale on every residual branch (``blocks.i.ls1.gamma`` / ``ls2.gamma``). A ViT with
+relative position bias is the ``beit`` family (:mod:`pretrain.encoders.beit`).
 
 The timm model lives in ``self.vit``; its state dict keeps timm's key names, so a saved encoder
 loads with ``timm.create_model(name, num_classes=0, checkpoint_path=...)``.
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from harness.core.config import EncoderConfig
-from pretrain.encoders.base import Encoder, apply_mask_token, register_encoder
+from pretrain.encoders.base import Encoder, InitParts, apply_mask_token, register_encoder
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
@@ -49,6 +51,16 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     )
 
 
+def set_sincos_pos_embed(pos_embed: nn.Parameter, grid: tuple[int, int]) -> None:
+    """Fill a ``[1, 1 + L, D]`` position embedding with the fixed 2-D sin-cos one (class token
+    position: zeros, as in MAE) and freeze it."""
+    pe = sincos_pos_embed_2d(int(pos_embed.shape[-1]), *grid)
+    with torch.no_grad():
+        pos_embed.zero_()
+        pos_embed[0, 1:].copy_(torch.from_numpy(pe))
+    pos_embed.requires_grad_(False)
+
+
 @register_encoder
 class ViTEncoder(Encoder):
     """A timm ViT with mask-token and visible-only forwards.
@@ -74,12 +86,9 @@ class ViTEncoder(Encoder):
             raise ValueError("ViTEncoder expects one class token with its own position embedding")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         nn.init.normal_(self.mask_token, std=0.02)
+        self.abs_pos = cfg.pos_embed != "none"
         if cfg.pos_embed == "sincos":
-            pe = sincos_pos_embed_2d(self.embed_dim, *self.grid_size)
-            with torch.no_grad():
-                self.vit.pos_embed.zero_()  # class token position: zeros, as in MAE
-                self.vit.pos_embed[0, 1:].copy_(torch.from_numpy(pe))
-            self.vit.pos_embed.requires_grad_(False)
+            set_sincos_pos_embed(self.vit.pos_embed, self.grid_size)
 
     # ------------------------------------------------------------------ the contract
     @property
@@ -97,9 +106,22 @@ class ViTEncoder(Encoder):
     def final_norm(self, t: torch.Tensor) -> torch.Tensor:
         return self.vit.norm(t)
 
+    def init_parts(self) -> InitParts:
+        learned = self.vit.pos_embed if self.cfg.pos_embed == "learned" else None
+        return InitParts(
+            patch_embed=self.vit.patch_embed.proj,
+            mask_token=self.mask_token,
+            class_token=self.vit.cls_token,
+            learned_pos_embed=learned,
+            residual_out=[(b.attn.proj, b.mlp.fc2) for b in self.vit.blocks],
+        )
+
     def no_weight_decay(self) -> set[str]:
-        """Position embedding, class token and mask token."""
-        return {"vit.pos_embed", "vit.cls_token", "mask_token"}
+        """Position embedding, class token, mask token and layer-scale gammas (1-D, as BEiT's
+        optimizer leaves out every 1-D parameter)."""
+        names = {n for n, _ in self.named_parameters()}
+        gammas = {n for n in names if n.endswith((".ls1.gamma", ".ls2.gamma"))}
+        return ({"vit.pos_embed", "vit.cls_token", "mask_token"} & names) | gammas
 
     def layer_id(self, name: str) -> int:
         """0 = embeddings, i+1 = block i, L+1 = top."""
@@ -117,10 +139,12 @@ class ViTEncoder(Encoder):
         return self.vit.patch_embed(x)
 
     def _add_positions(self, t: torch.Tensor) -> torch.Tensor:
-        """Position embeddings and the class token: ``[B, L, D] -> [B, 1 + L, D]``."""
-        t = t + self.vit.pos_embed[:, 1:, :]
-        cls = (self.vit.cls_token + self.vit.pos_embed[:, :1, :]).expand(t.shape[0], -1, -1)
-        return torch.cat([cls, t], dim=1)
+        """Position embeddings (if any) and the class token: ``[B, L, D] -> [B, 1 + L, D]``."""
+        cls = self.vit.cls_token
+        if self.abs_pos:
+            t = t + self.vit.pos_embed[:, 1:, :]
+            cls = cls + self.vit.pos_embed[:, :1, :]
+        return torch.cat([cls.expand(t.shape[0], -1, -1), t], dim=1)
 
     def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embedding, mask token, class token and position embedding.

@@ -71,7 +71,12 @@ def test_recipe_file_values_are_the_resolved_values(name):
     assert (cfg.recipe, cfg.train) == expect
     plain = to_plain(cfg)
     assert plain["train"]["betas"] == list(raw["train"]["betas"])
-    assert "encoder_init" not in plain["recipe"]  # left out of dumps at its default: hashes kept
+    if raw["recipe"]["encoder_init"] == "default":  # left out of dumps at its default: hashes kept
+        assert "encoder_init" not in plain["recipe"]
+    else:  # a paper's rule (mae, beit, simmim): part of the config and of its hash
+        assert plain["recipe"]["encoder_init"] == raw["recipe"]["encoder_init"] == name
+    assert "encoder_setup" not in plain["recipe"]  # 'paper' is left out of dumps
+    assert ("encoder_defaults" in plain["recipe"]) == (raw["recipe"]["encoder_defaults"] is not None)
 
 
 def test_user_keys_override_the_recipe_file():

@@ -9,6 +9,7 @@ from harness.core.config import (
     ENCODER_INITS,
     TARGETS,
     EncoderConfig,
+    EncoderInitRule,
     PretrainConfig,
     RecipeConfig,
     to_plain,
@@ -84,14 +85,14 @@ def test_a_named_encoder_init_runs_on_the_built_encoder(monkeypatch):
         for p in encoder.parameters():
             torch.nn.init.zeros_(p)
 
-    monkeypatch.setitem(ENCODER_INITS._items, "zeros", zeros)
+    monkeypatch.setitem(ENCODER_INITS._items, "zeros", EncoderInitRule(zeros, None, "test"))
     recipe = RecipeConfig(**MAE, encoder_init="zeros")
     model = MIMModel(ENC, recipe)
     assert all(float(p.detach().abs().sum()) == 0 for p in model.encoder.parameters())
     assert to_plain(recipe)["encoder_init"] == "zeros"  # a non-default init is part of the config
     torch.manual_seed(0)
-    a = MIMModel(ENC, RecipeConfig(**MAE)).state_dict()
+    a = MIMModel(ENC, RecipeConfig(**MAE, encoder_init="timm")).state_dict()
     torch.manual_seed(0)
-    b = MIMModel(ENC, RecipeConfig(**MAE, encoder_init="default")).state_dict()
+    b = MIMModel(ENC, RecipeConfig(**MAE, encoder_init="default")).state_dict()  # the old name
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(float(v.abs().sum()) != 0 for k, v in a.items() if k.startswith("encoder."))

@@ -10,6 +10,8 @@ that code exists for, one source of truth, and whoever validates a recipe import
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,36 @@ TARGETS: Registry[Any] = Registry("target")
 TOKENIZERS: Registry[Any] = Registry("tokenizer")
 #: ``recipe.loss.type`` -> loss (:mod:`pretrain.losses`).
 LOSSES: Registry[Any] = Registry("loss")
-#: ``recipe.encoder_init`` -> initialisation of a freshly built encoder (:mod:`pretrain.model`).
-ENCODER_INITS: Registry[Any] = Registry("encoder initialisation")
+
+
+@dataclass(frozen=True)
+class EncoderInitRule:
+    """An encoder initialisation (``recipe.encoder_init``): a function of the freshly built
+    encoder and the families it is defined for, so a config naming it for another family is
+    refused at validation.
+
+    Attributes:
+        apply: Initialises the encoder in place.
+        families: Encoder families the rule is written for (``None``: every family).
+        source: The reference it follows (paper, file and function), for messages and records.
+    """
+
+    apply: Callable[[Any], None]
+    families: tuple[str, ...] | None
+    source: str
+
+    def check_family(self, name: str, family: str) -> None:
+        """Raise :class:`ValueError` if the rule has no definition for ``family``."""
+        if self.families is not None and family not in self.families:
+            raise ValueError(
+                f"encoder_init '{name}' ({self.source}) is defined for {', '.join(self.families)} "
+                f"encoders, not a {family} encoder: use encoder_init: timm (the family's own)"
+            )
+
+
+#: ``recipe.encoder_init`` -> :class:`EncoderInitRule` of a freshly built encoder
+#: (:mod:`pretrain.inits`).
+ENCODER_INITS: Registry[EncoderInitRule] = Registry("encoder initialisation")
 
 
 def check_name(registry: Registry[Any], value: str) -> str:

@@ -4,17 +4,45 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from harness.core.config.base import StrictModel
 from harness.core.registry import did_you_mean
 
 
+#: The encoder-definition fields of a ViT beyond its shape (the variants of BEiT and SimMIM's
+#: ViTs), and the value of each that builds the plain ViT.
+VARIANT_FIELDS: dict[str, Any] = {"pos_embed": "sincos", "rel_pos_bias": "none", "layer_scale": None}
+#: Variant fields added after configs were hashed: left out of dumps at their plain value.
+_OMIT_AT_PLAIN = ("rel_pos_bias", "layer_scale")
+
+PosEmbed = Literal["sincos", "learned", "none"]
+RelPosBias = Literal["none", "per_block", "shared"]
+
+
 class EncoderConfig(StrictModel):
-    """A ViT encoder: a preset (``arch``) plus optional overrides of its shape.
+    """A ViT encoder: a preset (``arch``) plus optional overrides of its shape, and the ViT
+    variant (absolute position embedding, relative position bias, layer scale).
 
     ``None`` fields take the preset's value from :data:`ENCODER_PRESETS`; the resolved config
     holds the values used.
+
+    Attributes:
+        pos_embed: Absolute position embedding: ``sincos`` (fixed 2-D sin-cos, MAE),
+            ``learned`` (ViT), ``none`` (BEiT and SimMIM's ViT-B, which use relative position
+            bias instead).
+        rel_pos_bias: Relative position bias in every attention (Shaw et al. 2018; BEiT Sec.
+            2.6): ``none``, ``per_block`` (a table per block), ``shared`` (one table for every
+            block, BEiT pretraining and SimMIM's ViT-B). A ViT with it is built on timm's
+            ``Beit`` (family ``beit``), whose visible-only forward does not exist (the bias is
+            defined over the full grid).
+        layer_scale: Initial value of a learned per-channel scale on every residual branch
+            (CaiT, Touvron et al. 2021; BEiT-B: 0.1), or ``None`` for none.
+        drop_path_rate: Stochastic depth.
+
+    ``rel_pos_bias`` and ``layer_scale`` are left out of dumps at their plain values (``none``,
+    ``None``), so configs hashed before they existed keep their hashes; they apply to the ViT
+    presets only.
     """
 
     arch: str = "vit_tiny_32"
@@ -24,8 +52,24 @@ class EncoderConfig(StrictModel):
     depth: int | None = None
     num_heads: int | None = None
     mlp_ratio: float | None = None
-    pos_embed: Literal["sincos", "learned"] = "sincos"
+    pos_embed: PosEmbed = "sincos"
+    rel_pos_bias: RelPosBias = "none"
+    layer_scale: float | None = Field(None, gt=0.0)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_serializer(mode="wrap")
+    def _omit_plain_variant(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # added after records and stages were hashed: left out at the plain ViT's values
+        out = handler(self)
+        for key in _OMIT_AT_PLAIN:
+            if getattr(self, key) == VARIANT_FIELDS[key]:
+                out.pop(key, None)
+        return out
+
+    @property
+    def is_variant(self) -> bool:
+        """Whether relative position bias or layer scale is on (not the plain ViT)."""
+        return any(getattr(self, k) != VARIANT_FIELDS[k] for k in _OMIT_AT_PLAIN)
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> EncoderConfig:
@@ -43,6 +87,11 @@ class EncoderConfig(StrictModel):
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:  # type: ignore[operator]
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.is_variant and preset.get("family", "vit") != "vit":
+            raise ValueError(
+                f"rel_pos_bias / layer_scale are ViT variants; '{self.arch}' is a "
+                f"{preset.get('family')} preset: remove them or pick a ViT arch"
+            )
         return self
 
     @property
@@ -53,8 +102,10 @@ class EncoderConfig(StrictModel):
     @property
     def family(self) -> str:
         """``vit``, ``swin`` or ``conv`` (the Context Encoder's, not a timm model): the
-        family in :data:`pretrain.encoders.base.ENCODERS` that builds this preset."""
-        return str(ENCODER_PRESETS[self.arch].get("family", "vit"))
+        family in :data:`pretrain.encoders.base.ENCODERS` that builds this preset; a ViT preset
+        with relative position bias is built by ``beit`` (timm's ``Beit`` has the bias)."""
+        family = str(ENCODER_PRESETS[self.arch].get("family", "vit"))
+        return "beit" if family == "vit" and self.rel_pos_bias != "none" else family
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model(self.timm_name, **kwargs)``.
@@ -77,7 +128,7 @@ class EncoderConfig(StrictModel):
             }
         if self.family == "conv":
             return {}
-        return {
+        out: dict[str, Any] = {
             "img_size": self.img_size,
             "patch_size": self.patch_size,
             "embed_dim": self.embed_dim,
@@ -86,6 +137,11 @@ class EncoderConfig(StrictModel):
             "mlp_ratio": self.mlp_ratio,
             "num_classes": 0,
         }
+        if self.layer_scale is not None:  # timm's LayerScale (ls1 / ls2 .gamma)
+            out["init_values"] = self.layer_scale
+        if self.pos_embed == "none":
+            out["pos_embed"] = "none"
+        return out
 
 
 # Encoder presets: tiny ones for CPU (tests, the demo), the standard ViTs for GPUs.

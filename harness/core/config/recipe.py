@@ -20,6 +20,7 @@ from pydantic import (
 
 from harness.core.config.axes import ENCODER_INITS, HEADS, LOSSES, TARGETS, TOKENIZERS, check_name
 from harness.core.config.base import StrictModel, deep_merge
+from harness.core.config.encoder import VARIANT_FIELDS, PosEmbed, RelPosBias
 from harness.core.config.masking import MaskingConfig
 from harness.core.config.recipe_files import recipe_file
 
@@ -164,6 +165,30 @@ class LossConfig(StrictModel):
         return check_name(LOSSES, value)
 
 
+class EncoderDefaults(StrictModel):
+    """The encoder definition a recipe's paper uses, applied to the encoder fields the user left
+    unset (ViT presets only: a Swin or conv encoder keeps its own definition). ``None`` leaves a
+    field to the encoder's default. See :class:`harness.core.config.encoder.EncoderConfig`.
+
+    Attributes:
+        pos_embed: ``sincos``, ``learned`` or ``none``.
+        rel_pos_bias: ``none``, ``per_block`` or ``shared``.
+        layer_scale: Initial layer-scale value.
+    """
+
+    pos_embed: PosEmbed | None = None
+    rel_pos_bias: RelPosBias | None = None
+    layer_scale: float | None = Field(None, gt=0.0)
+
+    def given(self) -> dict[str, Any]:
+        """The fields the recipe sets (not ``None``)."""
+        return {k: getattr(self, k) for k in VARIANT_FIELDS if getattr(self, k) is not None}
+
+
+#: ``recipe.encoder_setup``: the paper's encoder (its init and definition) or one held equal.
+EncoderSetup = Literal["paper", "controlled"]
+
+
 class RecipeConfig(StrictModel):
     """A MIM recipe: masking + encoder mode + head + target + loss + encoder initialisation.
 
@@ -173,9 +198,17 @@ class RecipeConfig(StrictModel):
 
     Attributes:
         encoder_init: How the freshly built encoder is initialised, a name registered in
-            :data:`harness.core.config.axes.ENCODER_INITS` (``default``: the encoder's own
-            initialisation). Left out of dumps at ``default``, so configs hashed before it
-            existed keep their hashes.
+            :data:`harness.core.config.axes.ENCODER_INITS` (:mod:`pretrain.inits`: ``timm``, the
+            encoder's own initialisation, also named ``default``; ``mae``, ``beit``,
+            ``simmim``: the papers' reference code). Left out of dumps at ``default``, so
+            configs hashed before it existed keep their hashes.
+        encoder_defaults: The paper's encoder definition (relative position bias, layer scale,
+            absolute position embedding), applied to the encoder fields the user left unset
+            (:func:`harness.core.config.train.resolve_encoder`); ``None``: the plain ViT.
+        encoder_setup: ``paper`` (the recipe file's ``encoder_init`` and
+            ``encoder_defaults``) or ``controlled``: every recipe gets the same plain encoder
+            definition and ``timm`` initialisation, so a comparison across recipes holds the
+            encoder equal (setting either key as well is refused).
     """
 
     name: str
@@ -185,12 +218,18 @@ class RecipeConfig(StrictModel):
     target: TargetConfig = Field(default_factory=TargetConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     encoder_init: str = "default"
+    encoder_defaults: EncoderDefaults | None = None
+    encoder_setup: EncoderSetup = "paper"
 
     @model_validator(mode="before")
     @classmethod
     def _fill_recipe_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and "name" in data:
-            return deep_merge(recipe_file(data["name"])["recipe"], data)
+            base = recipe_file(data["name"])["recipe"]
+            if data.get("encoder_setup") == "controlled":
+                _check_controlled(data)
+                base.update(encoder_init="timm", encoder_defaults=None)
+            return deep_merge(base, data)
         return data
 
     @field_validator("encoder_init")
@@ -205,6 +244,10 @@ class RecipeConfig(StrictModel):
         out = handler(self)
         if self.encoder_init == "default":
             out.pop("encoder_init", None)
+        if self.encoder_defaults is None:  # added later too: left out at their defaults
+            out.pop("encoder_defaults", None)
+        if self.encoder_setup == "paper":
+            out.pop("encoder_setup", None)
         return out
 
     @model_validator(mode="after")
@@ -242,6 +285,22 @@ class RecipeConfig(StrictModel):
         raise ValueError(
             f"loss '{self.loss.type}' needs a discrete target ({', '.join(targets)}); "
             f"target '{self.target.type}' is continuous: use {_or_list(losses)}"
+        )
+
+
+def _check_controlled(data: dict[str, Any]) -> None:
+    """``encoder_setup: controlled`` replaces the recipe's encoder init and definition: a user
+    value for either as well contradicts it."""
+    init = data.get("encoder_init", "timm")
+    if init not in ("timm", "default"):
+        raise ValueError(
+            f"encoder_setup 'controlled' initialises every encoder with 'timm', but encoder_init "
+            f"is '{init}': remove encoder_init or use encoder_setup: paper"
+        )
+    if data.get("encoder_defaults") is not None:
+        raise ValueError(
+            "encoder_setup 'controlled' uses the plain encoder definition, but encoder_defaults "
+            "is given: remove it (set the encoder's own fields instead) or use encoder_setup: paper"
         )
 
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, SerializeAsAny, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializeAsAny,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from harness.core.config.base import StrictModel
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import EncoderConfig
 from harness.core.config.masking import check_masking_fits
 from harness.core.config.tasks import TaskConfig, parse_task_config
-from harness.core.config.train import PretrainSpec
+from harness.core.config.train import PretrainSpec, dump_encoder, resolve_encoder
 from harness.core.registry import Registry, did_you_mean
 
 #: ``checkpoint: "timm:<model name>"`` evaluates a randomly initialized timm architecture.
@@ -83,9 +90,17 @@ class EncoderEntry(StrictModel):
                 f"(a randomly initialized timm architecture, no file is read): remove '{given[0]}'"
             )
         if self.pretrain is not None:
+            # assigned without re-validation (validate_assignment would rerun this validator)
+            object.__setattr__(self, "encoder", resolve_encoder(self.encoder, self.pretrain.recipe))
             masking = self.pretrain.recipe.masking
             check_masking_fits(masking, self.encoder, "pretrain.recipe.masking")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        dump_encoder(out, self.encoder, self.pretrain.recipe if self.pretrain else None)
+        return out
 
     @property
     def source(self) -> str:

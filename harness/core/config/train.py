@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
+from harness.core.config.axes import ENCODER_INITS
 from harness.core.config.base import StrictModel
 from harness.core.config.data import DataConfig
-from harness.core.config.encoder import EncoderConfig
+from harness.core.config.encoder import ENCODER_PRESETS, VARIANT_FIELDS, EncoderConfig
 from harness.core.config.masking import check_masking_fits
 from harness.core.config.recipe import RecipeConfig
 from harness.core.config.recipe_files import recipe_train_defaults
@@ -38,6 +39,39 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_steps: int | None = Field(None, ge=1)
     num_recon_images: int = Field(8, ge=0)
+
+
+def resolve_encoder(encoder: EncoderConfig, recipe: RecipeConfig) -> EncoderConfig:
+    """The encoder a recipe pretrains: ``recipe.encoder_defaults`` (the paper's definition)
+    filled into the fields the user left unset, on ViT presets (a Swin or conv encoder keeps its
+    own definition); then checked against the recipe.
+
+    Raises:
+        ValueError: the recipe's ``encoder_init`` is not defined for the encoder's family, or
+            MAE's visible-only encoding meets a relative position bias (defined over the grid).
+    """
+    defaults = recipe.encoder_defaults.given() if recipe.encoder_defaults is not None else {}
+    is_vit = ENCODER_PRESETS[encoder.arch].get("family", "vit") == "vit"
+    fill = {k: v for k, v in defaults.items() if k not in encoder.model_fields_set}
+    if fill and is_vit:
+        given = {k: getattr(encoder, k) for k in encoder.model_fields_set}
+        encoder = EncoderConfig.model_validate({**given, **fill})
+    ENCODER_INITS.get(recipe.encoder_init).check_family(recipe.encoder_init, encoder.family)
+    if recipe.encoder_mode == "visible" and encoder.rel_pos_bias != "none":
+        raise ValueError(
+            f"encoder_mode 'visible' (MAE) encodes the visible patches alone, but the encoder has "
+            f"a {encoder.rel_pos_bias} relative position bias, defined over the full patch grid: "
+            "set encoder.rel_pos_bias: none or recipe.encoder_mode: mask_token"
+        )
+    return encoder
+
+
+def dump_encoder(out: dict[str, Any], encoder: EncoderConfig, recipe: RecipeConfig | None) -> None:
+    """With ``recipe.encoder_defaults``, write every variant field of the dumped ``encoder``
+    (even at the plain value), so that reloading the dump keeps what the user chose over the
+    recipe's defaults."""
+    if recipe is not None and recipe.encoder_defaults is not None:
+        out["encoder"].update({k: getattr(encoder, k) for k in VARIANT_FIELDS})
 
 
 class PretrainSpec(StrictModel):
@@ -71,6 +105,14 @@ class PretrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _masking_fits(self) -> PretrainConfig:
+        # assigned without re-validation (validate_assignment would run this validator again)
+        object.__setattr__(self, "encoder", resolve_encoder(self.encoder, self.recipe))
         check_masking_fits(self.recipe.masking, self.encoder, "recipe.masking")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        dump_encoder(out, self.encoder, self.recipe)
+        return out
 
