@@ -62,13 +62,12 @@ def _register(name: str, families: tuple[str, ...] | None, source: str) -> Calla
     return deco
 
 
-def _linears_and_norms(
-    trunk: nn.Module,
-    weight_init: Callable[[torch.Tensor], None],
-) -> None:
-    """Every ``nn.Linear`` of ``trunk``: ``weight_init`` on the weight, bias 0; every LayerNorm:
-    weight 1, bias 0 (the ``_init_weights`` that MAE, BEiT and SimMIM apply to all modules)."""
-    for m in trunk.modules():
+def linear_norm_init(weight_init: Callable[[torch.Tensor], None]) -> Callable[[nn.Module], None]:
+    """The per-module ``_init_weights`` that MAE, BEiT and SimMIM ``apply`` to a whole model:
+    an ``nn.Linear`` gets ``weight_init`` on its weight and a zero bias, a LayerNorm weight 1 and
+    bias 0 (use with ``module.apply``, the references' visiting order)."""
+
+    def init(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             weight_init(m.weight)
             if m.bias is not None:
@@ -76,6 +75,8 @@ def _linears_and_norms(
         elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    return init
 
 
 def rescale_residual_out(parts: InitParts) -> None:
@@ -97,7 +98,7 @@ def timm_init(encoder: Encoder) -> None:
 def mae_init(encoder: Encoder) -> None:
     """MAE's ``initialize_weights`` on the encoder (see the module docstring)."""
     parts = encoder.init_parts()
-    _linears_and_norms(encoder.trunk, nn.init.xavier_uniform_)
+    encoder.trunk.apply(linear_norm_init(nn.init.xavier_uniform_))
     w = parts.patch_embed.weight  # [D, C, p, p], initialised as the [D, C*p*p] matrix
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     if parts.class_token is not None:
@@ -115,7 +116,7 @@ def _beit_style(encoder: Encoder, std_cut: float | None) -> None:
         nn.init.trunc_normal_(t, std=0.02, **bounds)
 
     parts = encoder.init_parts()
-    _linears_and_norms(encoder.trunk, tn)
+    encoder.trunk.apply(linear_norm_init(tn))
     tn(parts.patch_embed.weight)
     if parts.patch_embed.bias is not None:
         nn.init.zeros_(parts.patch_embed.bias)
@@ -144,7 +145,7 @@ def simmim_init(encoder: Encoder) -> None:
         _beit_style(encoder, std_cut=None)
         return
     parts = encoder.init_parts()
-    _linears_and_norms(encoder.trunk, lambda t: nn.init.trunc_normal_(t, std=0.02))
+    encoder.trunk.apply(linear_norm_init(lambda t: nn.init.trunc_normal_(t, std=0.02)))
     nn.init.trunc_normal_(parts.mask_token, std=0.02)
 
 

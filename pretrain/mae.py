@@ -21,6 +21,7 @@ from torch import nn
 from harness.core.config import HeadConfig
 from pretrain.encoders.vit import sincos_pos_embed_2d
 from pretrain.heads import HEADS, Head
+from pretrain.inits import linear_norm_init
 
 
 @HEADS.register("mae_decoder")
@@ -58,7 +59,7 @@ class MAEDecoder(Head):
         self.decoder_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.decoder_pred = nn.Linear(cfg.dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(linear_norm_init(nn.init.xavier_uniform_))  # MAE's _init_weights
 
     requires_full_sequence = False
 
@@ -93,14 +94,3 @@ class MAEDecoder(Head):
             x = blk(x)
         x = self.decoder_norm(x)
         return self.decoder_pred(x)[:, 1:]  # [B, L, out_dim]
-
-
-def _init_weights(m: nn.Module) -> None:
-    # MAE initializes linear layers with xavier_uniform and LayerNorms to identity.
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

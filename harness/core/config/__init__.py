@@ -18,12 +18,12 @@ The modules, by job: :mod:`~harness.core.config.base` (the strict base schema),
 from harness.core.config.axes import (
     ENCODER_INITS,
     HEADS,
-    EncoderInitRule,
     LOSSES,
     MASKERS,
     RECIPES,
     TARGETS,
     TOKENIZERS,
+    EncoderInitRule,
     check_name,
 )
 from harness.core.config.base import ConfigError, StrictModel, deep_merge

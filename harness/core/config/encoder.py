@@ -9,7 +9,6 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 from harness.core.config.base import StrictModel
 from harness.core.registry import did_you_mean
 
-
 #: The encoder-definition fields of a ViT beyond its shape (the variants of BEiT and SimMIM's
 #: ViTs), and the value of each that builds the plain ViT.
 VARIANT_FIELDS: dict[str, Any] = {"pos_embed": "sincos", "rel_pos_bias": "none", "layer_scale": None}
