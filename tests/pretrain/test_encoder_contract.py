@@ -25,7 +25,22 @@ TINY: dict[str, tuple[EncoderConfig, dict[str, Any]]] = {
     "beit": (EncoderConfig(arch="vit_micro_32"), {"use_shared_rel_pos_bias": True}),
 }
 
+#: ViT variants (``EncoderConfig`` values; the family follows from the config): layer scale and
+#: no absolute position on timm's ViT, relative position bias (shared / per block) on timm's Beit.
+VARIANTS: dict[str, EncoderConfig] = {
+    "vit_layer_scale_no_pos": EncoderConfig(arch="vit_micro_32", layer_scale=0.1, pos_embed="none"),
+    "vit_learned_pos": EncoderConfig(arch="vit_micro_32", pos_embed="learned"),
+    "beit_shared_layer_scale": EncoderConfig(
+        arch="vit_micro_32", rel_pos_bias="shared", layer_scale=0.1, pos_embed="none"
+    ),
+    "beit_per_block_sincos": EncoderConfig(
+        arch="vit_micro_32", rel_pos_bias="per_block", pos_embed="sincos"
+    ),
+}
+
 FAMILIES = ENCODERS.names()
+#: Every family's tiny config, then every variant.
+CASES = FAMILIES + list(VARIANTS)
 B = 2
 
 
@@ -33,10 +48,13 @@ def _untested_families() -> set[str]:
     return set(ENCODERS.names()) - set(TINY)
 
 
-def _tiny(family: str, seed: int = 0) -> Encoder:
-    cfg, options = TINY[family]  # a KeyError here: give the new family a tiny config in TINY
+def _tiny(case: str, seed: int = 0) -> Encoder:
     torch.manual_seed(seed)
-    enc = create_encoder(cfg, family, options)
+    if case in VARIANTS:
+        enc = create_encoder(VARIANTS[case])
+    else:
+        cfg, options = TINY[case]  # a KeyError here: give the new family a tiny config in TINY
+        enc = create_encoder(cfg, case, options)
     with torch.no_grad():  # every weight away from its init (zeros, ones), so loads must matter
         for p in enc.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -81,9 +99,9 @@ def test_family_name_and_class_agree(family):
     assert enc.family == family and ENCODERS.get(family) is type(enc)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_output_shapes(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_output_shapes(case):
+    enc = _tiny(case)
     x = _images(enc)
     gh, gw = enc.feature_grid
     assert enc.encoder_stride * gh == enc.cfg.img_size == enc.encoder_stride * gw
@@ -101,9 +119,9 @@ def test_output_shapes(family):
         assert torch.allclose(enc.final_norm(blocks[-1]), out, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_feature_maps_for_dense_heads(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_feature_maps_for_dense_heads(case):
+    enc = _tiny(case)
     x = _images(enc)
     n = len(enc.forward_blocks(x))
     with torch.no_grad():
@@ -119,9 +137,9 @@ def test_feature_maps_for_dense_heads(family):
     assert torch.allclose(tokens, out[:, enc.num_prefix_tokens :], atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pooling_choices(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_pooling_choices(case):
+    enc = _tiny(case)
     x = _images(enc)
     with torch.no_grad():
         out = enc.forward_features(x)
@@ -147,9 +165,9 @@ def test_pooling_choices(family):
             assert torch.equal(g, enc.pool(out, "avg"))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_last_blocks(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_last_blocks(case):
+    enc = _tiny(case)
     x = _images(enc)
     k = enc.num_feature_blocks
     assert k == (enc.num_layers if enc.isotropic else 1)
@@ -164,9 +182,9 @@ def test_last_blocks(family):
         enc.last_blocks(x, k + 1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_layer_ids_monotone_and_in_range(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_layer_ids_monotone_and_in_range(case):
+    enc = _tiny(case)
     names = [n for n, _ in enc.named_parameters()]
     top = enc.num_layers + 1
     assert all(0 <= enc.layer_id(n) <= top for n in names)
@@ -180,9 +198,9 @@ def test_layer_ids_monotone_and_in_range(family):
     assert len(enc.residual_blocks()) in (0, enc.num_layers)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_no_weight_decay_names_are_parameters(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_no_weight_decay_names_are_parameters(case):
+    enc = _tiny(case)
     assert set(enc.no_weight_decay()) <= {n for n, _ in enc.named_parameters()}
 
 
@@ -192,9 +210,9 @@ def _patch_pixels(enc: Encoder, k: int) -> tuple[slice, slice]:
     return slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_masked_forward_hides_exactly_the_masked_patches(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_masked_forward_hides_exactly_the_masked_patches(case):
+    enc = _tiny(case)
     x = _images(enc)
     mask = torch.zeros(B, enc.num_patches, dtype=torch.bool)
     masked, kept = [1, enc.num_patches - 2], 0
@@ -212,9 +230,9 @@ def test_masked_forward_hides_exactly_the_masked_patches(family):
         assert not torch.allclose(enc.forward_features(x_kept_changed, mask), ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_visible_only_and_token_forwards(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_visible_only_and_token_forwards(case):
+    enc = _tiny(case)
     x = _images(enc)
     mask = torch.zeros(B, enc.num_patches, dtype=torch.bool)
     mask[:, :3] = True
@@ -235,27 +253,94 @@ def test_visible_only_and_token_forwards(family):
                 enc.patch_tokens(x)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_patchify_round_trip(family):
-    enc = _tiny(family)
+@pytest.mark.parametrize("case", CASES)
+def test_patchify_round_trip(case):
+    enc = _tiny(case)
     x = _images(enc)
     p = enc.patchify(x)
     assert p.shape == (B, enc.num_patches, enc.patch_size**2 * 3)
     assert torch.equal(enc.unpatchify(p), x)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_save_then_load_gives_equal_outputs(family, tmp_path):
-    enc = _tiny(family, seed=0)
-    path = tmp_path / f"{family}.pth"
+@pytest.mark.parametrize("case", CASES)
+def test_save_then_load_gives_equal_outputs(case, tmp_path):
+    enc = _tiny(case, seed=0)
+    path = tmp_path / f"{case}.pth"
     enc.save_timm(path, meta={"recipe": "test"})
     again = load_encoder(path)
     assert type(again) is type(enc) and again.options == enc.options
     x = _images(enc)
-    other = _tiny(family, seed=5)
+    other = _tiny(case, seed=5)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), enc(x))
         assert not torch.allclose(other(x), enc(x), atol=1e-4)  # the weights are what matter
     meta = torch.load(path, weights_only=True)["mimbench"]
     assert meta == enc.file_meta({"recipe": "test"})
-    assert meta["family"] == family and meta["encoder"] == enc.cfg.model_dump(mode="json")
+    assert meta["family"] == enc.family and meta["encoder"] == enc.cfg.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- ViT variants
+
+
+def test_variant_config_picks_the_family_and_the_timm_model():
+    ls = _tiny("vit_layer_scale_no_pos")
+    assert ls.family == "vit" and ls.vit.pos_embed is None
+    assert all(float(b.ls1.gamma.detach().mean()) != 0 for b in ls.vit.blocks)
+    name, kwargs = ls.timm_architecture()
+    assert kwargs["init_values"] == 0.1 and kwargs["pos_embed"] == "none"
+    shared = create_encoder(VARIANTS["beit_shared_layer_scale"])
+    assert shared.family == "beit" and shared.beit.pos_embed is None
+    assert shared.beit.rel_pos_bias is not None and shared.beit.blocks[0].attn.relative_position_bias_table is None
+    assert torch.equal(shared.beit.blocks[1].gamma_2.detach(), torch.full((32,), 0.1))
+    per_block = create_encoder(VARIANTS["beit_per_block_sincos"])
+    assert per_block.beit.rel_pos_bias is None and per_block.beit.blocks[0].gamma_1 is None
+    assert not per_block.beit.pos_embed.requires_grad  # fixed sin-cos, as the ViT's
+    assert float(per_block.beit.pos_embed[0, 0].abs().max()) == 0.0
+
+
+def test_variant_no_weight_decay_holds_tables_and_gammas():
+    nwd = _tiny("beit_shared_layer_scale").no_weight_decay()
+    assert "beit.rel_pos_bias.relative_position_bias_table" in nwd
+    assert {"beit.blocks.0.gamma_1", "beit.blocks.1.gamma_2"} <= nwd and "beit.pos_embed" not in nwd
+    assert "vit.blocks.1.ls2.gamma" in _tiny("vit_layer_scale_no_pos").no_weight_decay()
+    per_block = _tiny("beit_per_block_sincos").no_weight_decay()
+    assert "beit.blocks.1.attn.relative_position_bias_table" in per_block
+
+
+def test_variant_position_choices_change_the_output():
+    x = _images(_tiny("vit"))
+    with torch.no_grad():
+        # no absolute position: permuting the patches permutes the patch tokens
+        enc = _tiny("vit_layer_scale_no_pos")
+        perm = torch.randperm(enc.num_patches, generator=torch.Generator().manual_seed(0))
+        t = enc.patch_tokens(x)
+        out = enc.forward_tokens(t)
+        assert torch.allclose(enc.forward_tokens(t[:, perm])[:, 1:], out[:, 1 + perm], atol=1e-5)
+        # relative position bias: not permutation-equivariant, though no absolute position
+        rel = _tiny("beit_shared_layer_scale")
+        p = rel.patchify(x)
+        shuffled = rel.unpatchify(p[:, perm])
+        assert not torch.allclose(rel(shuffled)[:, 1:], rel(x)[:, 1 + perm], atol=1e-4)
+
+
+def test_visible_only_with_relative_position_bias_is_refused_clearly():
+    enc = _tiny("beit_shared_layer_scale")
+    ids = torch.arange(enc.num_patches).expand(B, -1)
+    with pytest.raises(ValueError, match="relative position bias needs the full grid"):
+        enc.forward_visible(_images(enc), ids)
+
+
+def test_options_that_contradict_a_variant_config_are_refused():
+    cfg = VARIANTS["beit_shared_layer_scale"]
+    with pytest.raises(ValueError, match="contradict the encoder config"):
+        create_encoder(cfg, "beit", {"use_rel_pos_bias": True, "use_shared_rel_pos_bias": False})
+    with pytest.raises(ValueError, match="rel_pos_bias / layer_scale are ViT variants"):
+        EncoderConfig(arch="swin_micro_32", layer_scale=0.1)
+
+
+def test_plain_values_are_left_out_of_dumps():
+    plain = EncoderConfig(arch="vit_micro_32").model_dump()
+    assert "rel_pos_bias" not in plain and "layer_scale" not in plain  # hashes kept
+    dumped = VARIANTS["beit_shared_layer_scale"].model_dump()
+    assert dumped["rel_pos_bias"] == "shared" and dumped["layer_scale"] == 0.1
+    assert EncoderConfig.model_validate(dumped) == VARIANTS["beit_shared_layer_scale"]
