@@ -302,8 +302,10 @@ def _recorded_config(
             "import its weights with --format timm and --arch"
         )
     rec = EncoderConfig.model_validate(meta["encoder"])
-    wrapper = "vit" if target == "beit" else target
-    if rec.family != wrapper:
+    # BEiT weights: recorded as a ViT preset (imported BEiTs, switches in beit_options) or as
+    # a ViT variant with relative position bias (family 'beit', switches from the config)
+    wrappers = ("vit", "beit") if target == "beit" else (target,)
+    if rec.family not in wrappers:
         raise CheckpointError(
             f"{report.source}: its metadata records a {rec.family} encoder ({rec.arch}) but its "
             f"weights are a {target} encoder's: the file is inconsistent; re-export it"

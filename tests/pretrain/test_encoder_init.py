@@ -81,7 +81,8 @@ def test_mae_rule_is_xavier_uniform_everywhere():
 
 def test_timm_rule_keeps_timms_init_and_default_is_its_old_name():
     a, b = _built("timm", seed=3), _built("default", seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     blk = a.vit.blocks[-1]
     # timm's ViT: trunc-normal(0.02) (cut at +-2, i.e. normal) on every linear layer, unscaled
     for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc2):
