@@ -644,7 +644,8 @@ def _pretrain_tiny(data, out):
     cfg = PretrainConfig(
         data={"source": str(data)},
         encoder={"arch": "vit_tiny_32"},
-        recipe={"name": "simmim", "masking": {"mask_patch_size": 8}},
+        # the plain ViT (SimMIM's own ViT-B definition would build a BEiT-style encoder)
+        recipe={"name": "simmim", "masking": {"mask_patch_size": 8}, "encoder_setup": "controlled"},
         train={"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "max_steps": 2,
                "ckpt_every_steps": 1, "num_recon_images": 0},
     )
@@ -789,7 +790,8 @@ def test_record_names_the_architecture_that_ran(tiny_imagefolder, tmp_path):
         obtain({"name": "c", "checkpoint": str(f), "encoder": {"arch": "vit_tiny_32"}})
     # a pretraining stage whose encoder file is not the entry's architecture is refused
     entry = {"name": "p", "encoder": {"arch": "vit_tiny_32"},
-             "pretrain": {"recipe": {"name": "simmim", "masking": {"mask_patch_size": 8}}}}
+             "pretrain": {"recipe": {"name": "simmim", "masking": {"mask_patch_size": 8},
+                                     "encoder_setup": "controlled"}}}  # the plain ViT
     s = validate_config({
         "kind": "suite", "name": "arch", "output_dir": str(tmp_path / "runs"),
         "data": {"source": str(tiny_imagefolder)}, "encoders": [entry], "tasks": [{"name": "knn"}],
