@@ -17,6 +17,7 @@ from harness.core.config.base import StrictModel
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import EncoderConfig
 from harness.core.config.masking import check_masking_fits
+from harness.core.config.recipe import EncoderSetup
 from harness.core.config.tasks import TaskConfig, parse_task_config
 from harness.core.config.train import PretrainSpec, dump_encoder, resolve_encoder
 from harness.core.registry import Registry, did_you_mean
@@ -112,7 +113,13 @@ class EncoderEntry(StrictModel):
 
 
 class SuiteConfig(StrictModel):
-    """A benchmark: encoders x tasks x seeds (``mimbench run FILE``)."""
+    """A benchmark: encoders x tasks x seeds (``mimbench run FILE``).
+
+    Attributes:
+        encoder_setup: ``controlled`` sets ``recipe.encoder_setup: controlled`` on every
+            pretrained encoder (one plain encoder definition and ``timm`` init across recipes;
+            an entry saying otherwise is refused); ``None`` (left out of dumps): each recipe's.
+    """
 
     kind: Literal["suite"] = "suite"
     name: str = Field("suite", pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -121,6 +128,34 @@ class SuiteConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     encoders: list[EncoderEntry] = Field(min_length=1)
     tasks: list[SerializeAsAny[TaskConfig]] = Field(min_length=1)
+    encoder_setup: EncoderSetup | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _suite_encoder_setup(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("encoder_setup") is None:
+            return data
+        setup, entries = data["encoder_setup"], []
+        for entry in data.get("encoders") or []:
+            recipe = ((entry or {}).get("pretrain") or {}).get("recipe")
+            if isinstance(recipe, dict):
+                if recipe.get("encoder_setup", setup) != setup:
+                    raise ValueError(
+                        f"encoder '{entry.get('name')}' sets recipe.encoder_setup "
+                        f"'{recipe['encoder_setup']}' but the suite's encoder_setup is '{setup}': "
+                        "remove one"
+                    )
+                recipe = {**recipe, "encoder_setup": setup}
+                entry = {**entry, "pretrain": {**entry["pretrain"], "recipe": recipe}}
+            entries.append(entry)
+        return {**data, "encoders": entries}
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_setup(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if self.encoder_setup is None:  # added after suites were hashed
+            out.pop("encoder_setup", None)
+        return out
 
     @field_validator("tasks", mode="before")
     @classmethod
