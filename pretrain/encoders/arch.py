@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from harness.core.config import ENCODER_PRESETS, EncoderConfig
+from harness.core.config.encoder import VARIANT_FIELDS
 from harness.core.errors import CheckpointError
 
 #: The shape fields of an :class:`EncoderConfig` (with the family and, for Swin, the preset's
@@ -31,7 +32,9 @@ def architecture(cfg: EncoderConfig) -> dict[str, Any]:
 def arch_label(cfg: EncoderConfig) -> str:
     """What a record calls the architecture: the preset, plus every value that differs from it.
 
-    ``vit_tiny_32`` for the preset itself, ``vit_tiny_32(num_heads=2, img_size=48)`` otherwise.
+    ``vit_tiny_32`` for the preset itself, ``vit_tiny_32(num_heads=2, img_size=48)`` otherwise;
+    a variant adds its definition: ``vit_base_16(pos_embed=none, rel_pos_bias=shared,
+    layer_scale=0.1)``.
     """
     preset = ENCODER_PRESETS[cfg.arch]
     diffs = [
@@ -39,6 +42,8 @@ def arch_label(cfg: EncoderConfig) -> str:
         for k in (*ARCH_FIELDS, "img_size")
         if k in preset and getattr(cfg, k) != preset[k]
     ]
+    if cfg.is_variant:  # BEiT-style ViT variants name their definition
+        diffs += [f"{k}={getattr(cfg, k)}" for k in VARIANT_FIELDS]
     return f"{cfg.arch}({', '.join(diffs)})" if diffs else cfg.arch
 
 

@@ -344,3 +344,12 @@ def test_plain_values_are_left_out_of_dumps():
     dumped = VARIANTS["beit_shared_layer_scale"].model_dump()
     assert dumped["rel_pos_bias"] == "shared" and dumped["layer_scale"] == 0.1
     assert EncoderConfig.model_validate(dumped) == VARIANTS["beit_shared_layer_scale"]
+
+
+def test_records_name_a_variants_definition():
+    from pretrain.encoders.arch import arch_label
+
+    assert arch_label(VARIANTS["beit_shared_layer_scale"]) == (
+        "vit_micro_32(pos_embed=none, rel_pos_bias=shared, layer_scale=0.1)"
+    )
+    assert arch_label(VARIANTS["vit_learned_pos"]) == "vit_micro_32"  # not a variant: as before
