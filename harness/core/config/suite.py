@@ -10,6 +10,7 @@ from harness.core.config.base import StrictModel
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import EncoderConfig
 from harness.core.config.masking import check_masking_fits
+from harness.core.config.recipe import check_target_fits
 from harness.core.config.tasks import TaskConfig, parse_task_config
 from harness.core.config.train import PretrainSpec
 from harness.core.registry import Registry, did_you_mean
@@ -85,6 +86,7 @@ class EncoderEntry(StrictModel):
         if self.pretrain is not None:
             masking = self.pretrain.recipe.masking
             check_masking_fits(masking, self.encoder, "pretrain.recipe.masking")
+            check_target_fits(self.pretrain.recipe, self.encoder, "pretrain.recipe")
         return self
 
     @property

@@ -11,7 +11,7 @@ from harness.core.config.base import StrictModel
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import EncoderConfig
 from harness.core.config.masking import check_masking_fits
-from harness.core.config.recipe import RecipeConfig
+from harness.core.config.recipe import RecipeConfig, check_target_fits
 from harness.core.config.recipe_files import recipe_train_defaults
 
 
@@ -72,5 +72,6 @@ class PretrainConfig(StrictModel):
     @model_validator(mode="after")
     def _masking_fits(self) -> PretrainConfig:
         check_masking_fits(self.recipe.masking, self.encoder, "recipe.masking")
+        check_target_fits(self.recipe, self.encoder, "recipe")
         return self
 
