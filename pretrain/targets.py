@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import LossConfig, TargetConfig
-from harness.core.config.recipe import target_grid
 from harness.core.config.axes import TARGETS as _TARGETS
+from harness.core.config.recipe import target_grid
 from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from harness.core.registry import Registry
 from pretrain.losses import classification_loss, reconstruction_loss
