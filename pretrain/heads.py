@@ -8,9 +8,9 @@ exceeds the patch size (Swin: 32 px vs 4 px patches), the head upsamples by
 ``r = encoder_stride / patch_size`` to the patch grid.
 
 * ``linear`` (SimMIM, :mod:`pretrain.simmim`): a 1x1 conv + pixel shuffle.
-* ``mlp``: a 2-layer MLP per output token, then the same pixel shuffle (SimMIM Table 3).
+* ``mlp``: a 2-layer MLP per output token, then the same pixel shuffle (SimMIM Table 2).
 * ``inverse_swin``: Swin blocks in reverse order of a Swin encoder, each stage after the first
-  doubling the resolution (Swin-Unet's patch expanding), then a linear layer (SimMIM Table 3's
+  doubling the resolution (Swin-Unet's patch expanding), then a linear layer (SimMIM Table 2's
   "inverse Swin-T / Swin-B").
 * ``mae_decoder`` (:mod:`pretrain.mae`) and ``upconv`` (:mod:`pretrain.context_encoder`).
 """

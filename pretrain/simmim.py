@@ -5,12 +5,13 @@ mask token at the patch embedding (:meth:`pretrain.encoders.vit.ViTEncoder.forwa
 :class:`pretrain.encoders.swin.SwinEncoder` for the paper's main Swin-B setting), and a one-layer
 prediction head maps every output token back to its pixels: a 1x1 convolution to
 ``stride^2 * 3`` channels followed by a pixel shuffle of the encoder stride (Sec. 3.3, "linear
-head"). The loss is L1 on the masked pixels only (Sec. 3.4, Table 5).
+head", Table 2). The loss is L1 on the masked pixels only (Sec. 3.4, Tables 4 and 5).
 
 Paper defaults (its recipe file, ``pretrain/recipes/simmim.yaml``): random masking of 32 px units on
 16 px patches at ratio 0.6 (Table 1), AdamW with base lr 8e-4 at batch 2048 scaled per 512,
 weight decay 0.05, 100 epochs with 10 warmup, crops of scale [0.67, 1]. The ablation axes of
-Tables 1-5 (masking, head, target, loss) are config values; see ``configs/sweeps/``.
+Tables 1-5 and 13 (masking, head, prediction resolution, loss region, target and loss, colour
+bins x resolution) are config values; see ``configs/sweeps/``.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ class HeadConfig(StrictModel):
 
     Attributes:
         type: ``linear`` (SimMIM: 1x1 conv + pixel shuffle), ``mlp`` (2-layer MLP, SimMIM
-            Table 3), ``inverse_swin`` (Swin blocks that upsample back to the patch grid, SimMIM
-            Table 3), ``mae_decoder`` (MAE's transformer decoder), ``upconv`` (Context Encoder:
+            Table 2), ``inverse_swin`` (Swin blocks that upsample back to the patch grid, SimMIM
+            Table 2), ``mae_decoder`` (MAE's transformer decoder), ``upconv`` (Context Encoder:
             channel-wise fully connected layer + up-convolutions).
         depth: ``mae_decoder``: blocks; ``inverse_swin``: blocks per stage when
             ``stage_depths`` is not given.
@@ -125,7 +125,7 @@ class TargetConfig(StrictModel):
     Attributes:
         type: ``pixels`` (SimMIM), ``norm_pixels`` (MAE: per-patch normalized), ``hog``
             (MaskFeat), ``color_bins`` (each pixel's channel values in ``bins`` bins: SimMIM
-            Table 4's 8-bit color with 256), ``mean_color`` (the patch's mean color with ``bins``
+            Table 5's 8-bin and 256-bin, Table 13's 2 to 256), ``mean_color`` (the patch's mean color with ``bins``
             per channel, one ``bins^3``-way class: ViT's 3-bit color with 8), ``tokens`` (BEiT).
         bins: Color bins per channel for ``color_bins`` and ``mean_color``.
         hog: HOG parameters for ``hog``.
@@ -183,7 +183,7 @@ class LossConfig(StrictModel):
     Attributes:
         type: ``l1``, ``l2``, ``smooth_l1`` for continuous targets, ``cross_entropy`` for the
             discrete ones (color bins, mean color, tokens).
-        on: ``masked`` patches only, or ``all`` patches (SimMIM Table 5).
+        on: ``masked`` patches only, or ``all`` patches (SimMIM Table 4).
         adv_weight: Weight of the adversarial loss (Context Encoder: 0.001, the reconstruction
             then weighs ``1 - adv_weight`` = 0.999); 0 disables the discriminator.
     """
