@@ -43,6 +43,9 @@ from harness.leaderboard import PARTIAL_FAILURE_MARK, data_key, data_labels, new
 from harness.report import latex_escape
 from harness.sweep import tag_text, variant_name
 
+#: How the published file writes a number the paper prints as N/A (not reported).
+NOT_REPORTED = "N/A"
+
 #: The published numbers shipped with the repository.
 DEFAULT_PUBLISHED = Path(__file__).resolve().parents[1] / "results" / "published_ablations.yaml"
 
@@ -76,11 +79,20 @@ class PublishedTable:
     rows: list[dict[str, Any]]  # entries with ``tags`` (a sweep row)
     unmatched: list[dict[str, Any]]  # entries with ``row: null`` (not a sweep row here)
     note: str = ""
+    match_by_row: bool = False  # rows of a scaled-down stand-in sweep match by row index
 
     def lookup(self, tags: dict[str, Any]) -> dict[str, Any] | None:
         """The published row whose tags equal ``tags``, if any."""
         key = _tags_key(tags)
         return next((r for r in self.rows if _tags_key(r["tags"]) == key), None)
+
+    def lookup_row(self, tags: dict[str, Any], row: int) -> tuple[dict[str, Any] | None, bool]:
+        """The published row of a sweep row: by its tags, else (``match_by_row``) the one at its
+        row index. Returns the row and whether it was matched by index."""
+        by_tags = self.lookup(tags)
+        if by_tags is not None or not self.match_by_row:
+            return by_tags, False
+        return next((r for r in self.rows if r.get("row") == row), None), True
 
 
 def load_published(path: PathLike = DEFAULT_PUBLISHED) -> dict[str, PublishedTable]:
@@ -132,7 +144,8 @@ def load_published(path: PathLike = DEFAULT_PUBLISHED) -> dict[str, PublishedTab
             metrics=used,
             rows=rows,
             unmatched=unmatched,
-            note=str(t.get("note", "")),
+            note=" ".join(str(t.get("note", "")).split()),
+            match_by_row=bool(t.get("match_by_row")),
         )
     return out
 
@@ -162,6 +175,7 @@ class AblationTable:
         source: The published table, if the published file has one for this sweep.
         total_rows: Rows the sweep has (the table shows the ones with records).
         notes: What the reader must know.
+        not_reported: ``(row, column)`` cells the paper prints as N/A (shown as "N/A").
     """
 
     name: str
@@ -180,6 +194,13 @@ class AblationTable:
     source: PublishedTable | None
     total_rows: int
     notes: list[str] = field(default_factory=list)
+    not_reported: set[tuple[str, str]] = field(default_factory=set)
+
+    def published_text(self, row: str, column: str) -> str:
+        """The published cell as the paper prints it (``70.0``, ``N/A``), blank where none."""
+        if (row, column) in self.not_reported:
+            return NOT_REPORTED
+        return _num_text(float(self.published.at[row, column]), "paper")
 
     @property
     def rows(self) -> list[str]:
@@ -206,8 +227,9 @@ class AblationTable:
         return bool((self.n[column] > 0).any() or self.failed[column].any())
 
     def has_published(self, column: str) -> bool:
-        """Whether any row has a published number in ``column``."""
-        return bool(self.published[column].notna().any())
+        """Whether any row has a published number (or N/A) in ``column``."""
+        na = any(c == column for _, c in self.not_reported)
+        return bool(self.published[column].notna().any()) or na
 
 
 def sweep_names(records: Iterable[Record]) -> list[str]:
@@ -321,14 +343,27 @@ def ablation_table(
         n.loc[label, c] = len(vs)
 
     published = pd.DataFrame(math.nan, index=labels, columns=columns)
+    not_reported: set[tuple[str, str]] = set()
     cases: list[str | None] = []
+    by_index: list[str] = []
     for k, label in zip(order, labels, strict=True):
-        prow = (source.lookup(row_of[k][1]) if source else None) or {}
+        prow, indexed = source.lookup_row(row_of[k][1], row_of[k][0]) if source else (None, False)
+        prow = prow or {}
+        if indexed and prow:
+            by_index.append(label)
         cases.append(str(prow["case"]) if prow.get("case") else None)
         for m in source.metrics if source else []:
             pv = prow.get(m.key)
             if isinstance(pv, (int, float)) and not isinstance(pv, bool):
                 published.loc[label, m.column] = float(pv)
+            elif pv == NOT_REPORTED:
+                not_reported.add((label, m.column))
+    if by_index:
+        notes.append(
+            f"{len(by_index)} row(s) matched to the paper's rows by their row index, not their "
+            "values: this sweep is a scaled-down stand-in of the paper's table (the 'case' "
+            "column names the paper's row)."
+        )
 
     notes.extend(_source_notes(source, name, newest_info, len({k[0] for k in order})))
     if failed.to_numpy().any() and (n.to_numpy() > 0)[failed.to_numpy()].any():
@@ -347,6 +382,7 @@ def ablation_table(
         n=n,
         failed=failed,
         published=published,
+        not_reported=not_reported,
         published_key={m.column: m.key for m in (source.metrics if source else [])},
         higher_is_better={c: directions.get(c, True) for c in columns},
         cases=cases,
@@ -517,7 +553,7 @@ def format_markdown(t: AblationTable) -> str:
             if kind == "ours":
                 cells.append(_ours_text(t, row, c, " ± ") or "–")
             elif kind == "published":
-                cells.append(_num_text(float(t.published.at[row, c]), "paper"))
+                cells.append(t.published_text(row, c))
             else:
                 cells.append(_num_text(float(t.diff.at[row, c]), "+.2f"))
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
@@ -595,7 +631,7 @@ def format_latex(t: AblationTable) -> str:
                     PARTIAL_FAILURE_MARK, r"$^\dagger$"
                 )
             elif kind == "published":
-                text = _num_text(float(t.published.at[row, c]), "paper")
+                text = t.published_text(row, c)
             else:
                 text = _num_text(float(t.diff.at[row, c]), "+.2f")
             cells.append(text or "--")

@@ -8,6 +8,7 @@ the registries that config validation reads (:mod:`harness.core.config.axes`), a
 
 from pretrain import (  # noqa: F401  (each registers its parts)
     beit,
+    color_clusters,
     context_encoder,
     dall_e,
     heads,

@@ -60,14 +60,25 @@ class UpConvHead(Head):
         cfg: ``dim`` is the width of the first up-convolution (halved at each, at least 16).
         out_dim: Predictions per patch.
         pixel_channels: Values per pixel of a per-pixel target, else None.
+        pred_grid: Must be the patch grid (or None).
     """
+
+    patch_grid_only = True
 
     requires_full_sequence = True
 
     def __init__(
-        self, encoder: nn.Module, cfg: HeadConfig, out_dim: int, pixel_channels: int | None = None
+        self,
+        encoder: nn.Module,
+        cfg: HeadConfig,
+        out_dim: int,
+        pixel_channels: int | None = None,
+        pred_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        if pred_grid is not None:  # the patch grid only
+            grid, feature = int(encoder.grid_size[0]), int(encoder.feature_grid[0])
+            self.upsampling(int(pred_grid[0]), grid, feature)
         self.prefix, self.grid = int(encoder.num_prefix_tokens), tuple(encoder.feature_grid)
         self.patch_size = int(encoder.patch_size)
         c = int(encoder.num_features)

@@ -8,9 +8,9 @@ exceeds the patch size (Swin: 32 px vs 4 px patches), the head upsamples by
 ``r = encoder_stride / patch_size`` to the patch grid.
 
 * ``linear`` (SimMIM, :mod:`pretrain.simmim`): a 1x1 conv + pixel shuffle.
-* ``mlp``: a 2-layer MLP per output token, then the same pixel shuffle (SimMIM Table 3).
+* ``mlp``: a 2-layer MLP per output token, then the same pixel shuffle (SimMIM Table 2).
 * ``inverse_swin``: Swin blocks in reverse order of a Swin encoder, each stage after the first
-  doubling the resolution (Swin-Unet's patch expanding), then a linear layer (SimMIM Table 3's
+  doubling the resolution (Swin-Unet's patch expanding), then a linear layer (SimMIM Table 2's
   "inverse Swin-T / Swin-B").
 * ``mae_decoder`` (:mod:`pretrain.mae`) and ``upconv`` (:mod:`pretrain.context_encoder`).
 """
@@ -18,6 +18,7 @@ exceeds the patch size (Swin: 32 px vs 4 px patches), the head upsamples by
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -31,14 +32,50 @@ HEADS: Registry[type[Head]] = _HEADS  # the core registry (config validation rea
 
 
 class Head(nn.Module):
-    """Base class of the heads: ``forward(tokens, mask, ids_restore) -> [B, L, out_dim]``.
+    """Base class of the heads: ``forward(tokens, mask, ids_restore) -> [B, L', out_dim]``.
+
+    ``L'`` is the number of cells of the prediction grid, the target's
+    (:attr:`pretrain.targets.Target.pred_grid`): the patch grid unless the target is taken at
+    a lower resolution (``target.resolution``, SimMIM Table 3), which every constructor gets as
+    ``pred_grid`` (None: the patch grid).
 
     Attributes:
         requires_full_sequence: Whether the head reads a token at every position (so it needs
             ``encoder_mode: mask_token``); MAE's decoder fills masked positions itself.
+        patch_grid_only: Whether the head predicts on the patch grid only (MAE's decoder, the
+            up-conv head); the others upsample the encoder's grid by any whole factor.
     """
 
     requires_full_sequence: bool = True
+    patch_grid_only: ClassVar[bool] = False
+
+    @classmethod
+    def upsampling(cls, pred: int, patch_grid: int, feature: int) -> int:
+        """How far the head upsamples the encoder's output grid to the prediction grid (sides).
+
+        The one rule for config validation (:func:`harness.core.config.recipe.check_target_fits`)
+        and for the heads' construction.
+
+        Args:
+            pred: Side of the prediction grid.
+            patch_grid: Side of the encoder's patch grid.
+            feature: Side of the encoder's output grid (the patch grid over the stride).
+
+        Raises:
+            ValueError: The head cannot produce that grid (the message names both sides).
+        """
+        if cls.patch_grid_only and pred != patch_grid:
+            raise ValueError(
+                f"this head predicts on the {patch_grid}x{patch_grid} patch grid only, not on a "
+                f"{pred}x{pred} target grid: use head.type linear, mlp or inverse_swin"
+            )
+        if pred % feature:
+            raise ValueError(
+                f"the {pred}x{pred} target grid is not a whole multiple of the encoder's "
+                f"{feature}x{feature} output grid: use a target.resolution that is a multiple of "
+                f"{feature}"
+            )
+        return pred // feature
 
     def no_weight_decay(self) -> set[str]:
         """Names of this head's parameters exempt from weight decay besides biases and norm
@@ -52,12 +89,16 @@ def tokens_to_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> t
     return tokens[:, prefix:].transpose(1, 2).reshape(b, c, grid[0], grid[1])
 
 
-def upsample_factor(encoder: nn.Module) -> int:
-    """``encoder_stride / patch_size``: how far a head upsamples to reach the patch grid."""
+def upsample_factor(encoder: nn.Module, pred_grid: tuple[int, int] | None = None) -> int:
+    """How far a head upsamples the encoder's output grid to reach ``pred_grid`` (None: the
+    patch grid, a factor ``encoder_stride / patch_size``)."""
     stride, p = int(encoder.encoder_stride), int(encoder.patch_size)
     if stride % p:
         raise ValueError(f"encoder stride {stride} is not a multiple of the patch size {p}")
-    return stride // p
+    if pred_grid is None or tuple(pred_grid) == tuple(encoder.grid_size):
+        return stride // p
+    return Head.upsampling(int(pred_grid[0]), int(encoder.grid_size[0]),
+                           int(encoder.feature_grid[0]))
 
 
 def map_to_patches(x: torch.Tensor) -> torch.Tensor:
@@ -72,17 +113,23 @@ class MLPHead(Head):
     Args:
         encoder: The encoder whose tokens it reads.
         cfg: ``dim`` is the hidden width.
-        out_dim: Predictions per patch.
+        out_dim: Predictions per cell of the prediction grid (per patch by default).
         pixel_channels: Unused.
+        pred_grid: The target's prediction grid (None: the patch grid).
     """
 
     requires_full_sequence = True
 
     def __init__(
-        self, encoder: nn.Module, cfg: HeadConfig, out_dim: int, pixel_channels: int | None = None
+        self,
+        encoder: nn.Module,
+        cfg: HeadConfig,
+        out_dim: int,
+        pixel_channels: int | None = None,
+        pred_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        r = upsample_factor(encoder)
+        r = upsample_factor(encoder, pred_grid)
         self.prefix, self.grid = int(encoder.num_prefix_tokens), tuple(encoder.feature_grid)
         self.fc1 = nn.Conv2d(encoder.num_features, cfg.dim, kernel_size=1)
         self.act = nn.GELU()
@@ -126,20 +173,29 @@ class InverseSwinHead(Head):
         encoder: The encoder whose tokens it reads.
         cfg: ``dim``, ``num_heads``, ``window_size``, ``mlp_ratio`` and ``stage_depths`` (or
             ``depth`` blocks in every stage).
-        out_dim: Predictions per patch.
+        out_dim: Predictions per cell of the prediction grid (per patch by default).
         pixel_channels: Unused.
+        pred_grid: The target's prediction grid (None: the patch grid).
     """
 
     requires_full_sequence = True
 
     def __init__(
-        self, encoder: nn.Module, cfg: HeadConfig, out_dim: int, pixel_channels: int | None = None
+        self,
+        encoder: nn.Module,
+        cfg: HeadConfig,
+        out_dim: int,
+        pixel_channels: int | None = None,
+        pred_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        r = upsample_factor(encoder)
+        r = upsample_factor(encoder, pred_grid)
         n_up = int(round(math.log2(r)))
         if 2**n_up != r:
-            raise ValueError(f"inverse_swin upsamples by powers of 2; encoder stride / patch = {r}")
+            raise ValueError(
+                f"inverse_swin upsamples by powers of 2; the prediction grid is {r}x the "
+                "encoder's output grid"
+            )
         depths = list(cfg.stage_depths) if cfg.stage_depths else [cfg.depth] * (n_up + 1)
         if len(depths) != n_up + 1:
             raise ValueError(

@@ -2,7 +2,7 @@
 
 A loss averages an element-wise error (or a cross-entropy per group) within each patch, then
 over the masked patches (``on: masked``, every paper's default) or over all patches (``on: all``,
-SimMIM Table 5). For SimMIM's L1 this equals the paper's sum over masked pixels and channels
+SimMIM Table 4). For SimMIM's L1 this equals the paper's sum over masked pixels and channels
 divided by their count (Xie et al., CVPR 2022, Sec. 3.4); MAE's MSE is ``l2`` (He et al., CVPR
 2022, Sec. 3).
 

@@ -33,12 +33,23 @@ class MAEDecoder(Head):
         cfg: Decoder depth, width, heads and MLP ratio.
         out_dim: Predictions per patch (``p*p*3`` for pixels, the vocabulary for tokens, ...).
         pixel_channels: Unused.
+        pred_grid: Must be the patch grid (or None).
     """
 
+    patch_grid_only = True
+
     def __init__(
-        self, encoder: nn.Module, cfg: HeadConfig, out_dim: int, pixel_channels: int | None = None
+        self,
+        encoder: nn.Module,
+        cfg: HeadConfig,
+        out_dim: int,
+        pixel_channels: int | None = None,
+        pred_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        if pred_grid is not None:  # the patch grid only
+            grid, feature = int(encoder.grid_size[0]), int(encoder.feature_grid[0])
+            self.upsampling(int(pred_grid[0]), grid, feature)
         if encoder.num_prefix_tokens != 1 or encoder.encoder_stride != encoder.patch_size:
             raise ValueError(
                 "mae_decoder reads a ViT's class token and one token per patch; use head.type "

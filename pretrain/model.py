@@ -51,8 +51,8 @@ class MIMOutput:
     """What one forward returns."""
 
     loss: torch.Tensor
-    pred: torch.Tensor  # [B, L, out_dim]
-    target: torch.Tensor  # [B, L, P] values or [B, L, G] class indices
+    pred: torch.Tensor  # [B, L', out_dim] (L': cells of the target's prediction grid)
+    target: torch.Tensor  # [B, L', P] values or [B, L', G] class indices
     mask: torch.Tensor  # [B, L]
     target_mean: torch.Tensor | None = None  # [B, L, 1] for norm_pixels
     target_std: torch.Tensor | None = None
@@ -82,7 +82,11 @@ class MIMModel(nn.Module):
                 "encoder_mode: mask_token"
             )
         self.head = HEADS.get(recipe.head.type)(
-            self.encoder, recipe.head, self.target.out_dim, self.target.pixel_channels
+            self.encoder,
+            recipe.head,
+            self.target.out_dim,
+            self.target.pixel_channels,
+            pred_grid=tuple(self.target.pred_grid),
         )
         if recipe.encoder_mode == "visible" and self.head.requires_full_sequence:
             raise ValueError(
@@ -140,7 +144,7 @@ class MIMModel(nn.Module):
             mask: ``[B, L]`` boolean, True = masked.
         """
         tokens, ids_restore = self.encode(imgs, mask)
-        pred = self.head(tokens, mask, ids_restore)  # [B, L, out_dim]
+        pred = self.head(tokens, mask, ids_restore)  # [B, L', out_dim]
         tgt = self.target(imgs)
         loss = self.target.loss(pred, tgt, mask, self.recipe.loss)
         parts = {"rec": loss.detach()}

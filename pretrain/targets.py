@@ -7,13 +7,27 @@ values for continuous targets, ``[B, L, G]`` class indices for discrete ones (``
 * ``pixels``: the (ImageNet-normalized) input pixels (SimMIM).
 * ``norm_pixels``: each patch normalized by its own mean and variance (MAE's ``norm_pix_loss``,
   He et al. 2022, Sec. 3 and Table 1d; unbiased variance, eps 1e-6 as in the reference code).
-* ``color_bins``: each pixel's R, G and B in ``bins`` uniform bins of [0, 1] (SimMIM Table 4's
-  "8-bit" color classification with 256 bins), one classification per pixel and channel.
+* ``color_bins``: each pixel's R, G and B in ``bins`` uniform bins of [0, 1] (SimMIM's
+  channel-wise colour bins, Table 5 and Table 13: 2 to 256 bins), one classification per pixel
+  and channel.
+* ``color_clusters`` (:mod:`pretrain.color_clusters`): each pixel's nearest of iGPT's RGB colour
+  clusters (SimMIM Table 5).
 * ``hog`` (:mod:`pretrain.maskfeat`), ``mean_color`` (:mod:`pretrain.vit_mpp`) and ``tokens``
   (:mod:`pretrain.beit`) register themselves in :data:`TARGETS`.
 
 Each target picks the loss of the recipe's ``loss`` axis (:mod:`pretrain.losses`): a
 regression for continuous targets, a classification for discrete ones.
+
+Prediction resolution (``target.resolution``, SimMIM Sec. 4.1.4 and Table 3: targets of 6^2 to
+192^2 at 192 px input): a target that ``supports_resolution`` is taken from the input
+average-pooled to ``k x k`` (:func:`harness.core.config.recipe.target_grid`). At ``k`` >= the patch grid each patch holds
+``(k / grid)^2`` target pixels, so the rows stay the patches; below it each row is one target
+pixel covering ``(grid / k)^2`` patches, the prediction grid is ``k x k`` and the loss weights
+each cell by the fraction of its patches that are masked (the patch mask average-pooled, which
+is exact whenever masked units are whole cells, as SimMIM's 32 px units at ``k >= 6``). The
+public SimMIM code (``models/simmim.py``: 1x1 conv to ``stride^2 * 3`` channels, pixel shuffle
+of the stride, L1 over the masked pixels of the mask upsampled to pixels) holds the 192^2
+default only; average pooling of target and mask is the harness's reading of the ablation.
 """
 
 from __future__ import annotations
@@ -23,10 +37,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import LossConfig, TargetConfig
 from harness.core.config.axes import TARGETS as _TARGETS
+from harness.core.config.recipe import target_grid
 from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from harness.core.registry import Registry
 from pretrain.losses import classification_loss, reconstruction_loss
@@ -86,16 +102,22 @@ class Target(nn.Module):
     """Base class of the targets.
 
     Attributes:
-        out_dim: Head outputs per patch.
+        out_dim: Head outputs per cell of the prediction grid (per patch by default).
         num_classes: Classes per group for discrete targets (0 for continuous ones).
-        pixel_channels: For targets that are a per-pixel map (pixels, color bins), the values
-            per pixel, so a head may predict a full-resolution map (the ``upconv`` head); None
-            for per-patch targets.
+        pixel_channels: For targets that are a per-pixel map at the input's resolution (pixels,
+            color bins), the values per pixel, so a head may predict a full-resolution map (the
+            ``upconv`` head); None for per-patch targets and lower target resolutions.
         discrete_target: Whether the target is class indices (config validation pairs it with
             a discrete loss, :mod:`pretrain.losses`).
+        supports_resolution: Whether ``target.resolution`` applies (config validation reads it).
+        resolution: Side of the target image (the input's side unless ``target.resolution``).
+        pred_grid: The grid the head predicts on and the loss averages over
+            (:func:`harness.core.config.recipe.target_grid`).
+        cell: Target pixels per side of one prediction-grid cell.
     """
 
     discrete_target: ClassVar[bool] = False
+    supports_resolution: ClassVar[bool] = False
     out_dim: int = 0
     num_classes: int = 0
     pixel_channels: int | None = None
@@ -105,6 +127,36 @@ class Target(nn.Module):
         self.cfg = cfg
         self.patch_size = patch_size
         self.grid = grid
+        self.img_size = patch_size * grid[0]
+        self.resolution = cfg.resolution or self.img_size
+        self.pred_grid, self.cell = target_grid(self.resolution, patch_size, grid)
+        self.pool = self.img_size // self.resolution  # input pixels per target pixel side
+
+    def downsample(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, C, k, k]``: the average of each ``pool x pool`` block."""
+        return F.avg_pool2d(imgs, self.pool) if self.pool > 1 else imgs
+
+    def cells(self, maps: torch.Tensor) -> torch.Tensor:
+        """A target-resolution map ``[B, C, k, k]`` as rows of the prediction grid
+        ``[B, L', cell*cell*C]``."""
+        return patchify(maps, self.cell)
+
+    def cell_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The patch mask ``[B, L]`` on the prediction grid: itself on the patch grid, else the
+        fraction of each cell's patches that are masked, ``[B, k*k]`` float."""
+        if tuple(self.pred_grid) == tuple(self.grid):
+            return mask
+        b = mask.shape[0]
+        m = mask.view(b, 1, self.grid[0], self.grid[1]).float()
+        return F.avg_pool2d(m, self.grid[0] // self.pred_grid[0]).flatten(1)  # [B, k*k]
+
+    def to_image(self, rows: torch.Tensor, channels: int = 3) -> torch.Tensor:
+        """Rows of the prediction grid ``[B, L', cell*cell*C]`` as a map at the input size
+        ``[B, C, H, W]`` (each target pixel repeated over its ``pool x pool`` block)."""
+        maps = unpatchify(rows, self.cell, self.pred_grid, channels)  # [B, C, k, k]
+        if self.pool == 1:
+            return maps
+        return maps.repeat_interleave(self.pool, 2).repeat_interleave(self.pool, 3)
 
     @classmethod
     def from_encoder(cls, cfg: TargetConfig, encoder: nn.Module) -> Target:
@@ -138,10 +190,12 @@ class Target(nn.Module):
     def loss(
         self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor, cfg: LossConfig
     ) -> torch.Tensor:
-        """The recipe's loss of ``pred`` ``[B, L, out_dim]`` against the target."""
+        """The recipe's loss of ``pred`` ``[B, L', out_dim]`` against the target, averaged over
+        the cells of the prediction grid that the patch mask ``[B, L]`` covers."""
+        weights = self.cell_mask(mask)
         if self.discrete:
-            return classification_loss(pred, tgt.value, mask, cfg, self.num_classes)
-        return reconstruction_loss(pred, tgt.value, mask, cfg)
+            return classification_loss(pred, tgt.value, weights, cfg, self.num_classes)
+        return reconstruction_loss(pred, tgt.value, weights, cfg)
 
     def pred_image(self, pred: torch.Tensor, tgt: TargetOut) -> torch.Tensor | None:
         """The prediction drawn as an image in [0, 1] ``[B, 3, H, W]``, or None."""
@@ -154,21 +208,32 @@ class Target(nn.Module):
 
 @TARGETS.register("pixels")
 class PixelTarget(Target):
-    """The normalized input pixels (SimMIM)."""
+    """The normalized input pixels (SimMIM), at ``target.resolution`` when given."""
+
+    supports_resolution = True
 
     def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
         super().__init__(cfg, patch_size, grid)
-        self.out_dim = patch_size * patch_size * 3
-        self.pixel_channels = 3
+        self.out_dim = self.cell * self.cell * 3
+        self.pixel_channels = 3 if self.pool == 1 else None
 
     def forward(self, imgs: torch.Tensor) -> TargetOut:
-        return TargetOut(patchify(imgs, self.patch_size))  # [B, L, p*p*3]
+        return TargetOut(self.cells(self.downsample(imgs)))  # [B, L', cell*cell*3]
 
     def pred_image(self, pred: torch.Tensor, tgt: TargetOut) -> torch.Tensor:
         pred = pred.float()
         if tgt.mean is not None and tgt.std is not None:
             pred = pred * tgt.std + tgt.mean
-        return to_unit(unpatchify(pred, self.patch_size, self.grid))
+        return to_unit(self.to_image(pred))
+
+    def target_image(self, tgt: TargetOut) -> torch.Tensor | None:
+        """None at the input's resolution (the target is the input); else the pooled input."""
+        if self.pool == 1:
+            return None
+        value = tgt.value.float()
+        if tgt.mean is not None and tgt.std is not None:
+            value = value * tgt.std + tgt.mean
+        return to_unit(self.to_image(value))
 
 
 @TARGETS.register("norm_pixels")
@@ -176,35 +241,38 @@ class NormPixelTarget(PixelTarget):
     """Per-patch normalized pixels (MAE's ``norm_pix_loss``)."""
 
     def forward(self, imgs: torch.Tensor) -> TargetOut:
-        value, mean, std = make_target(patchify(imgs, self.patch_size), self.cfg)
+        value, mean, std = make_target(self.cells(self.downsample(imgs)), self.cfg)
         return TargetOut(value, mean, std)
 
 
 @TARGETS.register("color_bins")
 class ColorBinsTarget(Target):
-    """Each pixel's channel values in ``bins`` uniform bins of [0, 1]: ``p*p*3`` classifications
-    per patch (SimMIM Table 4's 8-bit color target is ``bins: 256``)."""
+    """Each pixel's channel values in ``bins`` uniform bins of [0, 1]: ``cell*cell*3``
+    classifications per cell (SimMIM's channel-wise colour bins: Table 5's 8-bin and 256-bin
+    targets, Table 13's 2 to 256 bins at 6^2, 48^2 and 192^2). At a lower ``target.resolution``
+    the input is average-pooled first, then binned."""
 
     discrete_target = True
+    supports_resolution = True
 
     def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
         super().__init__(cfg, patch_size, grid)
         self.num_classes = cfg.bins
-        self.out_dim = patch_size * patch_size * 3 * cfg.bins
-        self.pixel_channels = 3 * cfg.bins
+        self.out_dim = self.cell * self.cell * 3 * cfg.bins
+        self.pixel_channels = 3 * cfg.bins if self.pool == 1 else None
 
     def forward(self, imgs: torch.Tensor) -> TargetOut:
-        bins = (to_unit(imgs.float()) * self.num_classes).long().clamp_(max=self.num_classes - 1)
-        return TargetOut(patchify(bins, self.patch_size))  # [B, L, p*p*3] in [0, bins)
+        unit = to_unit(self.downsample(imgs.float()))  # [B, 3, k, k] in [0, 1]
+        bins = (unit * self.num_classes).long().clamp_(max=self.num_classes - 1)
+        return TargetOut(self.cells(bins))  # [B, L', cell*cell*3] in [0, bins)
 
     def pred_image(self, pred: torch.Tensor, tgt: TargetOut) -> torch.Tensor:
         b, n, _ = pred.shape
-        idx = pred.float().view(b, n, -1, self.num_classes).argmax(-1)  # [B, L, p*p*3]
-        return unpatchify((idx.float() + 0.5) / self.num_classes, self.patch_size, self.grid)
+        idx = pred.float().view(b, n, -1, self.num_classes).argmax(-1)  # [B, L', cell*cell*3]
+        return self.to_image((idx.float() + 0.5) / self.num_classes)
 
     def target_image(self, tgt: TargetOut) -> torch.Tensor:
-        vals = (tgt.value.float() + 0.5) / self.num_classes
-        return unpatchify(vals, self.patch_size, self.grid)
+        return self.to_image((tgt.value.float() + 0.5) / self.num_classes)
 
 
 # --------------------------------------------------------------------------- functions

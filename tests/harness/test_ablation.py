@@ -176,6 +176,50 @@ def test_the_shipped_published_file_keys_tables_by_sweep_name():
     assert t.published.at["depth=8", "finetune/top1"] == 84.9
 
 
+def test_stand_in_rows_match_by_row_index_and_not_reported_prints_na(tmp_path):
+    # a tiny stand-in of SimMIM Table 3 (resolutions 2 / 4 for the paper's 6 / 12) and a row
+    # the paper prints as N/A
+    data = {
+        "papers": {"simmim": "Xie et al. SimMIM. CVPR 2022"},
+        "metrics": {"ft": {"task": "finetune", "metric": "top1"}},
+        "tables": [{
+            "id": "simmim_resolution", "paper": "simmim", "table": "Table 3", "setting": "s",
+            "verified": True, "match_by_row": True,
+            "rows": [
+                {"row": 0, "tags": {"resolution": 6}, "case": "6^2", "ft": 82.3},
+                {"row": 1, "tags": {"resolution": 12}, "case": "12^2", "ft": "N/A"},
+                {"row": 2, "tags": {"resolution": 4}, "case": "24^2", "ft": 82.8},
+            ],
+        }],
+    }
+    path = tmp_path / "pub.yaml"
+    path.write_text(yaml.safe_dump(data))
+    recs = [
+        _rec({"resolution": r}, i, 0, {"top1": 50.0 + i}, task="finetune",
+             name="simmim_resolution", rows=2, table="SimMIM Table 3")
+        for i, r in enumerate((2, 4))
+    ]
+    t = ablation_tables(recs, load_published(path))[0]
+    # row 0 by index (its tags match nothing); row 1's tags {resolution: 4} match published
+    # row 2 by value, which wins over the index
+    assert t.cases == ["6^2", "24^2"]
+    assert t.published["finetune/top1"].tolist() == [82.3, 82.8]
+    assert t.diff.at["resolution=2", "finetune/top1"] == pytest.approx(50.0 - 82.3)
+    assert any("1 row(s) matched to the paper's rows by their row index" in n for n in t.notes)
+    recs[1] = _rec({"resolution": 5}, 1, 0, {"top1": 51.0}, task="finetune",
+                   name="simmim_resolution", rows=2, table="SimMIM Table 3")
+    t = ablation_tables(recs, load_published(path))[0]
+    assert t.cases == ["6^2", "12^2"] and ("resolution=5", "finetune/top1") in t.not_reported
+    md = format_markdown(t).splitlines()
+    assert md[2] == "| resolution | case (paper) | ft (ours) ↑ | ft (paper) | Δ ft |"
+    assert md[5] == "| 5 | 12^2 | 51.00 | N/A |  |"
+    assert "& 51.00 & N/A & -- \\\\" in format_latex(t)
+    data["tables"][0]["match_by_row"] = False  # without it: by tags only
+    path.write_text(yaml.safe_dump(data))
+    t = ablation_tables(recs, load_published(path))[0]
+    assert t.cases == [None, None] and t.published.isna().all().all()
+
+
 def test_malformed_published_metrics_name_the_key(tmp_path):
     path = _pub_file(tmp_path, rows=[], metrics={"lin": "linear probe top-1"})
     with pytest.raises(AblationError, match=r"metrics\.lin: give the mimbench 'task' and 'metric'"):

@@ -215,9 +215,80 @@ def test_published_numbers_match_the_sweep_rows():
         "simmim_head",
         "simmim_target",
         "simmim_loss",
+        "simmim_resolution",
+        "simmim_bins",
     } <= ids
     depth = next(t for t in pub["tables"] if t["id"] == "mae_decoder_depth")
     assert [(r["tags"]["depth"], r["ft"], r["lin"]) for r in depth["rows"]][3] == (8, 84.9, 73.5)
+
+
+SIMMIM_TABLES = {  # sweep name -> (the paper's table, published rows, N/A entries)
+    "simmim_masking": ("Table 1", 29, 0),
+    "simmim_head": ("Table 2 (downstream columns from Table 10)", 4, 0),
+    "simmim_resolution": ("Table 3", 6, 0),
+    "simmim_loss": ("Table 4", 2, 0),
+    "simmim_target": ("Table 5 (downstream columns from Table 11)", 12, 2),
+    "simmim_bins": ("Table 13", 18, 2),
+}
+
+
+def test_simmim_tables_are_verified_with_the_papers_numbering_and_na_kept_as_na():
+    pub = yaml.safe_load((ROOT / "results" / "published_ablations.yaml").read_text())
+    tables = {t["id"]: t for t in pub["tables"] if t["paper"] == "simmim"}
+    for name, (table, n, n_na) in SIMMIM_TABLES.items():
+        t = tables[name]
+        assert (t["table"], t["verified"], len(t["rows"])) == (table, True, n), name
+        assert sum(r["ft"] == "N/A" for r in t["rows"]) == n_na, name
+        assert all(r["ft"] == "N/A" or 80 < r["ft"] < 84 for r in t["rows"]), name
+        sweep = yaml.safe_load((ROOT / t["sweep"]).read_text())["sweep"]
+        assert sweep["name"] == name and sweep["table"] == f"SimMIM {table.split(' (')[0]}"
+    # spot checks against the reference text
+    res = {r["tags"]["resolution"]: r["ft"] for r in tables["simmim_resolution"]["rows"]}
+    assert res == {6: 82.3, 12: 82.7, 24: 82.8, 48: 82.7, 96: 82.8, 192: 82.8}
+    bins = {(r["tags"]["resolution"], r["tags"]["bins"]): r["ft"] for r in tables["simmim_bins"]["rows"]}
+    assert bins[(192, 32)] == bins[(192, 256)] == "N/A" and bins[(6, 16)] == 82.9
+    head = tables["simmim_head"]["rows"][0]
+    assert (head["ft"], head["inat"], head["coco_box"], head["ade_miou"]) == (82.8, 75.2, 49.9, 50.0)
+    assert [r["ft"] for r in tables["simmim_lr_schedule"]["rows"]] == [82.8, 83.0, 82.9, 83.3]
+
+
+@pytest.mark.parametrize("name", sorted(SIMMIM_TABLES))
+def test_tiny_simmim_sweeps_stand_in_row_for_row(name):
+    """The tiny sweeps' rows are matched to the paper's by index (``match_by_row``): each tiny
+    row changes the same keys as the full row at its index, and no tiny row is extra."""
+    full = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml")
+    tiny = load_sweep(ROOT / "configs" / "sweeps" / "tiny" / f"{name}.yaml")
+    assert 0 < len(tiny) <= len(full)
+    for (t, _), (f, _) in zip(tiny, full, strict=False):
+        assert list(t) == list(f)
+        for key in t:  # mapping values (a target, a head) keep their type
+            if isinstance(f[key], dict):
+                assert t[key]["type"] == f[key]["type"], (t, f)
+            elif isinstance(f[key], str):
+                assert t[key] == f[key], (t, f)
+    assert len({variant_name(t) for t, _ in tiny}) == len(tiny)  # rows stay distinguishable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SIMMIM_TABLES))
+def test_tiny_simmim_tables_run_end_to_end_beside_the_published_column(name, tmp_path, capsys):
+    from harness.cli import main
+
+    path = ROOT / "configs" / "sweeps" / "tiny" / f"{name}.yaml"
+    assert main(["run", str(path), "--out", str(tmp_path)]) == 0
+    suite = yaml.safe_load(path.read_text())["name"]
+    md = (tmp_path / suite / "ablation" / f"{name}.md").read_text()
+    assert md in capsys.readouterr().out
+    head = md.splitlines()[2]
+    assert "case (paper)" in head and "ft (ours) ↑ | ft (paper) | Δ ft" in head
+    rows = [x for x in md.splitlines() if x.startswith("| ") and "---" not in x][1:]
+    assert len(rows) == len(load_sweep(path))
+    pub = next(t for t in yaml.safe_load((ROOT / "results" / "published_ablations.yaml")
+                                         .read_text())["tables"] if t["id"] == name)
+    cells = [r.split(" | ") for r in rows]
+    ft_paper = head.split(" | ").index("ft (paper)")
+    assert [c[ft_paper] for c in cells] == [
+        str(r["ft"]) for r in pub["rows"][: len(rows)]]  # the paper's numbers, row for row
 
 
 # --------------------------------------------------------------------------- running sweeps

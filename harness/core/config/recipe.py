@@ -20,7 +20,13 @@ from pydantic import (
 
 from harness.core.config.axes import ENCODER_INITS, HEADS, LOSSES, TARGETS, TOKENIZERS, check_name
 from harness.core.config.base import StrictModel, deep_merge
-from harness.core.config.encoder import VARIANT_FIELDS, PosEmbed, RelPosBias
+from harness.core.config.encoder import (
+    ENCODER_PRESETS,
+    VARIANT_FIELDS,
+    EncoderConfig,
+    PosEmbed,
+    RelPosBias,
+)
 from harness.core.config.masking import MaskingConfig
 from harness.core.config.recipe_files import recipe_file
 
@@ -31,8 +37,8 @@ class HeadConfig(StrictModel):
 
     Attributes:
         type: ``linear`` (SimMIM: 1x1 conv + pixel shuffle), ``mlp`` (2-layer MLP, SimMIM
-            Table 3), ``inverse_swin`` (Swin blocks that upsample back to the patch grid, SimMIM
-            Table 3), ``mae_decoder`` (MAE's transformer decoder), ``upconv`` (Context Encoder:
+            Table 2), ``inverse_swin`` (Swin blocks that upsample back to the patch grid, SimMIM
+            Table 2), ``mae_decoder`` (MAE's transformer decoder), ``upconv`` (Context Encoder:
             channel-wise fully connected layer + up-convolutions).
         depth: ``mae_decoder``: blocks; ``inverse_swin``: blocks per stage when
             ``stage_depths`` is not given.
@@ -125,22 +131,55 @@ class TargetConfig(StrictModel):
     Attributes:
         type: ``pixels`` (SimMIM), ``norm_pixels`` (MAE: per-patch normalized), ``hog``
             (MaskFeat), ``color_bins`` (each pixel's channel values in ``bins`` bins: SimMIM
-            Table 4's 8-bit color with 256), ``mean_color`` (the patch's mean color with ``bins``
+            Table 5's 8-bin and 256-bin, Table 13's 2 to 256), ``mean_color`` (the patch's mean color with ``bins``
             per channel, one ``bins^3``-way class: ViT's 3-bit color with 8), ``tokens`` (BEiT).
         bins: Color bins per channel for ``color_bins`` and ``mean_color``.
         hog: HOG parameters for ``hog``.
         tokenizer: The tokenizer for ``tokens``.
+        resolution: Side in pixels of the target image (SimMIM Table 3's prediction
+            resolution): the input is average-pooled to ``resolution x resolution`` before the
+            target is taken, and the head predicts at that resolution. ``None``: the input's
+            own size (today's behaviour). Only targets whose class says
+            ``supports_resolution`` take it (``pixels``, ``norm_pixels``, ``color_bins``,
+            ``color_clusters``); it must divide the input size, and either be a multiple of
+            the patch grid or divide it. Left out of dumps at ``None``.
+        clusters: ``color_clusters``: number of RGB colour clusters (iGPT's 512, SimMIM
+            Table 5), fitted by k-means on training pixels before pretraining (with the
+            ``tokenizer``'s ``train_images`` and ``kmeans_iters``). Left out of dumps at 512.
     """
 
     type: str = "pixels"
     bins: int = Field(8, ge=2, le=256)
     hog: HOGConfig = Field(default_factory=HOGConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    resolution: int | None = Field(None, ge=1)
+    clusters: int = Field(512, ge=2)
 
     @field_validator("type")
     @classmethod
     def _known_target(cls, value: str) -> str:
         return check_name(TARGETS, value)
+
+    @model_validator(mode="after")
+    def _resolution_applies(self) -> TargetConfig:
+        if self.resolution is not None and not TARGETS.get(self.type).supports_resolution:
+            takes = [n for n in TARGETS.names() if TARGETS.get(n).supports_resolution]
+            raise ValueError(
+                f"target.resolution applies to {_or_list(takes)} targets; target "
+                f"'{self.type}' predicts on the patch grid: remove target.resolution"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # added after records and pretraining stages were hashed: left out of every dump at
+        # their defaults so those hashes stay the same
+        out = handler(self)
+        if self.resolution is None:
+            out.pop("resolution", None)
+        if self.clusters == 512:
+            out.pop("clusters", None)
+        return out
 
 
 class LossConfig(StrictModel):
@@ -150,7 +189,7 @@ class LossConfig(StrictModel):
     Attributes:
         type: ``l1``, ``l2``, ``smooth_l1`` for continuous targets, ``cross_entropy`` for the
             discrete ones (color bins, mean color, tokens).
-        on: ``masked`` patches only, or ``all`` patches (SimMIM Table 5).
+        on: ``masked`` patches only, or ``all`` patches (SimMIM Table 4).
         adv_weight: Weight of the adversarial loss (Context Encoder: 0.001, the reconstruction
             then weighs ``1 - adv_weight`` = 0.999); 0 disables the discriminator.
     """
@@ -267,6 +306,11 @@ class RecipeConfig(StrictModel):
                 )
         if self.loss.adv_weight > 0 and self.target.type not in ("pixels", "norm_pixels"):
             raise ValueError("loss.adv_weight (adversarial loss) needs a pixel target")
+        if self.loss.adv_weight > 0 and self.target.resolution is not None:
+            raise ValueError(
+                "loss.adv_weight pastes the predicted pixels into the input: it needs the "
+                f"input's resolution; remove target.resolution ({self.target.resolution})"
+            )
         return self
 
     def _check_discrete(self) -> None:
@@ -307,3 +351,78 @@ def _check_controlled(data: dict[str, Any]) -> None:
 def _or_list(names: list[str]) -> str:
     """``a, b or c``."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_target_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str) -> None:
+    """Refuse a ``target.resolution`` that the encoder's input or the head cannot produce.
+
+    The rule is :func:`target_grid`'s (the resolution divides the input size
+    and divides or is a multiple of the patch grid) and the head's
+    (:meth:`pretrain.heads.Head.upsampling`: the prediction grid is a whole multiple of the
+    encoder's output grid; MAE's decoder and the up-conv head predict on the patch grid only).
+
+    Args:
+        recipe: The recipe.
+        encoder: The encoder config (preset filled in).
+        where: The key path of the recipe in messages.
+
+    Raises:
+        ValueError: The message names the resolution and the size or grid it does not fit.
+    """
+    k = recipe.target.resolution
+    if k is None:
+        return
+    size, patch = int(encoder.img_size), int(encoder.patch_size)  # type: ignore[arg-type]
+    grid = size // patch
+    try:
+        target_grid(k, patch, (grid, grid))
+    except ValueError as exc:
+        raise ValueError(f"{where}.{exc} (encoder '{encoder.arch}')") from None
+    if encoder.family == "conv":
+        return  # its output grid is not in the config; the up-conv head refuses at build time
+    stages = ENCODER_PRESETS[encoder.arch].get("stage_depths")
+    feature = grid // 2 ** (len(stages) - 1) if stages else grid  # Swin halves it per stage
+    try:
+        HEADS.get(recipe.head.type).upsampling(min(k, grid), grid, feature)
+    except ValueError as exc:
+        raise ValueError(
+            f"{where}.target.resolution {k} with head '{recipe.head.type}' on encoder "
+            f"'{encoder.arch}': {exc}"
+        ) from None
+
+
+def target_grid(
+    resolution: int, patch_size: int, grid: tuple[int, int]
+) -> tuple[tuple[int, int], int]:
+    """The prediction grid and the target pixels per cell side for a ``resolution`` target.
+
+    Args:
+        resolution: Side of the target image in pixels (the input's side: every pixel).
+        patch_size: The encoder's patch size.
+        grid: The encoder's patch grid (square).
+
+    Returns:
+        ``(pred_grid, cell)``: the patch grid and ``resolution / grid`` when ``resolution`` is
+        a multiple of the grid, else ``(resolution, resolution)`` and 1.
+
+    Raises:
+        ValueError: ``resolution`` does not divide the input size, or neither divides nor is a
+            multiple of the patch grid (the message names both values).
+    """
+    size = patch_size * grid[0]
+    if grid[0] != grid[1] and resolution != size:
+        raise ValueError(f"target.resolution needs a square patch grid, got {grid[0]}x{grid[1]}")
+    if resolution > size or size % resolution:
+        raise ValueError(
+            f"target.resolution {resolution} does not divide the input size {size}: use a "
+            f"divisor of {size}"
+        )
+    if resolution % grid[0] == 0:
+        return tuple(grid), resolution // grid[0]  # type: ignore[return-value]
+    if grid[0] % resolution:
+        raise ValueError(
+            f"target.resolution {resolution} neither divides nor is a multiple of the "
+            f"{grid[0]}x{grid[0]} patch grid (input {size}, patch {patch_size}): target pixels "
+            "would straddle patches"
+        )
+    return (resolution, resolution), 1

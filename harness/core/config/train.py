@@ -12,7 +12,7 @@ from harness.core.config.base import StrictModel
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import ENCODER_PRESETS, VARIANT_FIELDS, EncoderConfig
 from harness.core.config.masking import check_masking_fits
-from harness.core.config.recipe import RecipeConfig
+from harness.core.config.recipe import RecipeConfig, check_target_fits
 from harness.core.config.recipe_files import recipe_train_defaults
 
 
@@ -108,6 +108,7 @@ class PretrainConfig(StrictModel):
         # assigned without re-validation (validate_assignment would run this validator again)
         object.__setattr__(self, "encoder", resolve_encoder(self.encoder, self.recipe))
         check_masking_fits(self.recipe.masking, self.encoder, "recipe.masking")
+        check_target_fits(self.recipe, self.encoder, "recipe")
         return self
 
     @model_serializer(mode="wrap")
