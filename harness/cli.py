@@ -51,6 +51,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(format_sweep(cfg, base), end="")
         return 0
     print(dump_config(cfg), end="")
+    if isinstance(cfg, PretrainConfig):  # as a YAML comment: the output stays a config file
+        from pretrain.avgdist import encoder_avgdist
+
+        print(f"# {encoder_avgdist(cfg.recipe.masking, cfg.encoder).text()} (SimMIM Fig. 3)")
     return 0
 
 
@@ -355,11 +359,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_viz_masks(args: argparse.Namespace) -> int:
-    from pretrain.viz import save_mask_picture
+    from pretrain.viz import mask_avgdists, save_mask_picture
 
     path = save_mask_picture(args.out, arch=args.arch, strategies=args.strategy,
                              samples=args.samples, ratio=args.ratio, seed=args.seed)
     print(f"wrote {path}")
+    for name, avg in mask_avgdists(args.arch, args.strategy, args.ratio, args.seed,
+                                   args.avgdist_draws):
+        print(f"  {name}: {avg.text()}")
     return 0
 
 
@@ -560,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one mask ratio in (0, 1) for all (default: each paper's)")
     vm.add_argument("--samples", type=int, default=6, help="columns of masks (>= 1)")
     vm.add_argument("--seed", type=int, default=0)
+    vm.add_argument("--avgdist-draws", type=int, default=256,
+                    help="masks drawn per strategy for its AvgDist (SimMIM Fig. 3; >= 1)")
     vm.set_defaults(func=cmd_viz_masks)
 
     from harness import bench as bench_mod

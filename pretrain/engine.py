@@ -78,6 +78,7 @@ from harness.core.training import (
     split_batch,
     steps_per_epoch,
 )
+from pretrain.avgdist import encoder_avgdist
 from pretrain.model import MIMModel, create_model
 from pretrain.viz import render_recon_grid
 
@@ -572,6 +573,7 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
                 "status": "ok", "final_loss": run.last_loss, "steps": run.step, "wall_s": wall,
                 "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
                 "skipped_images": {"train": len(skipped)}, "skipped_files": skipped,
+                "avgdist": encoder_avgdist(cfg.recipe.masking, cfg.encoder).to_dict(),
                 **({"world_size": run.world} if run.world > 1 else {}),
             },
         )  # fmt: skip
