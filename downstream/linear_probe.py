@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from downstream.features import encoder_fingerprint, get_features
-from harness.core.config import DataConfig, TaskConfig
+from harness.core.config import DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import (
     check_classification_data,
     eval_transform,
@@ -313,6 +313,14 @@ class LinearProbe(Task):
         """A frozen forward pass: the features are extracted once and cached, the heads then
         train on cached vectors (negligible)."""
         return frozen_forward_step(encoder, batch)
+
+    def bench_images(
+        self, cfg: TaskConfig, encoder: EncoderConfig, n_train: int, n_val: int
+    ) -> int | None:
+        """Features of every train image in ``train_views`` views and of every val image (the
+        heads' training on cached features is not counted)."""
+        assert isinstance(cfg, LinearProbeConfig)
+        return cfg.train_views * n_train + n_val
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, LinearProbeConfig)

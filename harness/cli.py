@@ -185,6 +185,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = _load_suite_or_sweep(args)
     print(format_plan(plan_sweep(cfg) if isinstance(cfg, list) else plan_suite(cfg)))
+    if args.estimate:
+        from harness.estimate import estimate
+
+        print()
+        print(estimate(cfg, args.bench_table, args.gpu, args.train_images, args.val_images))
     return 0
 
 
@@ -464,6 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="list a suite's stages and which are done / pending / failed")
     sp.add_argument("suite")
     sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
+    sp.add_argument("--estimate", action="store_true",
+                    help="also print each stage's steps x step time and the total device-hours")
+    sp.add_argument("--bench-table", metavar="FILE",
+                    help="a `mimbench bench --csv` file measured on the target hardware "
+                         "(default: the shipped estimates, results/bench/estimates.csv)")
+    sp.add_argument("--gpu", help="the device of the table's rows to use (default with the "
+                                  "shipped table: H100; it also has A100)")
+    sp.add_argument("--train-images", type=int_at_least(1), metavar="N",
+                    help="train split size (default: counted in data.source)")
+    sp.add_argument("--val-images", type=int_at_least(1), metavar="N",
+                    help="val split size (default: counted in data.source)")
     add_set(sp)
     sp.set_defaults(func=cmd_plan)
 
