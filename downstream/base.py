@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from harness.core.config import TASK_CONFIGS, DataConfig, TaskConfig
+from harness.core.config import TASK_CONFIGS, DataConfig, EncoderConfig, TaskConfig
 from harness.core.registry import Registry
 from pretrain.encoders.base import Encoder
 
@@ -118,6 +118,25 @@ class Task(ABC):
             NotImplementedError: The task times its own iterations (:meth:`bench_pipeline`).
         """
         raise NotImplementedError(f"task '{self.name}' has no bench step")
+
+    def bench_images(
+        self, cfg: TaskConfig, encoder: EncoderConfig, n_train: int, n_val: int
+    ) -> int | None:
+        """Images one run of this task passes through its :meth:`bench_step`, for the cost
+        estimate before a run (``mimbench plan --estimate``, :mod:`harness.estimate`): steps x
+        batch of an optimization loop, or the images a cached-feature task extracts features of.
+
+        Args:
+            cfg: The task config.
+            encoder: The encoder config it evaluates.
+            n_train: Images of the train split.
+            n_val: Images of the val split.
+
+        Returns:
+            The count, or None where the task has no rule (the estimate then says the stage is
+            not estimated, never that it is free).
+        """
+        return None
 
     def bench_pipeline(self, arch: str, iters: int, count_flops: bool, batch_size: int | None = None,
                        size: int | None = None, threads: int | None = None) -> PipelineBench | None:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from downstream.linear_probe import topk_accuracy
-from harness.core.config import ConfigError, DataConfig, TaskConfig
+from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -66,6 +66,7 @@ from harness.core.training import (
     set_lr,
     steps_per_epoch,
 )
+from pretrain.encoders import create_encoder
 from pretrain.encoders.base import Encoder
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
@@ -329,6 +330,17 @@ class Finetune(Task):
     def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
         """The ImageFolder's train and val splits, with the same classes."""
         check_classification_data(data)
+
+    def bench_images(
+        self, cfg: TaskConfig, encoder: EncoderConfig, n_train: int, n_val: int
+    ) -> int | None:
+        """``epochs`` (the paper's for the encoder's depth when unset) x the full batches of
+        train; the evaluation passes are not counted."""
+        assert isinstance(cfg, FinetuneConfig)
+        with torch.device("meta"):  # the depth only: no weights are allocated
+            layers = int(create_encoder(encoder).num_layers)
+        epochs = int(resolve_settings(cfg, layers)["epochs"])
+        return epochs * (n_train // cfg.batch_size) * cfg.batch_size
 
     def bench_step(self, encoder: Any, batch: BenchBatch) -> Callable[[], None]:
         """One step of the MAE / BEiT recipe: forward and backward through the whole encoder

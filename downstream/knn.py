@@ -24,7 +24,7 @@ from pydantic import Field
 
 from downstream.features import encoder_fingerprint, get_features
 from downstream.linear_probe import topk_accuracy
-from harness.core.config import DataConfig, TaskConfig
+from harness.core.config import DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import (
     check_classification_data,
     eval_transform,
@@ -118,6 +118,12 @@ class KNN(Task):
     def bench_step(self, encoder: Any, batch: BenchBatch) -> Callable[[], None]:
         """A frozen forward pass (the votes work on cached features)."""
         return frozen_forward_step(encoder, batch)
+
+    def bench_images(
+        self, cfg: TaskConfig, encoder: EncoderConfig, n_train: int, n_val: int
+    ) -> int | None:
+        """Features of every train and val image (the votes are not counted)."""
+        return n_train + n_val
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, KNNConfig)

@@ -12,7 +12,9 @@ affine parameters (eps 1e-6) before a linear classifier initialized with std 0.0
   same input share the (affine-free) BatchNorm. SGD with momentum, a cosine schedule, no weight
   decay; learning rates are base rates scaled by ``batch / 256``. The head is chosen on a
   held-out, class-stratified part of train, never on val; the record says which head won and
-  lists every head's numbers.
+  lists every head's numbers. A winner on an edge of a numeric grid axis (the lowest or highest
+  lr, ...) means the grid may be too narrow: the log warns, the record lists it
+  (``details.grid_edge``, :func:`grid_edges`) and the leaderboard marks the cell.
 * ``linear_probe_faithful``: MAE's protocol end to end (see :mod:`downstream.linear_probe_faithful`).
 
 ``mimbench bench-probe`` (:mod:`downstream.bench_probe`) runs both on the same encoder and data.
@@ -31,7 +33,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from downstream.features import encoder_fingerprint, get_features
-from harness.core.config import DataConfig, TaskConfig
+from harness.core.config import DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import (
     check_classification_data,
     eval_transform,
@@ -42,6 +44,54 @@ from harness.core.data.datasets import (
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .features import frozen_forward_step
+
+#: The fast probe's default base learning rates (version 3; version 2 had 0.01 ... 1.0).
+DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+#: The head grid's numeric axes (``heads`` table column -> the config key that sets it).
+GRID_AXES: dict[str, str] = {"lr": "lrs", "last_blocks": "last_blocks"}
+
+
+def grid_edges(
+    heads: list[dict[str, Any]],
+    score: str,
+    axes: dict[str, str] = GRID_AXES,
+    ceilings: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """The grid axes on which the best heads sit on an edge (the grid may be too narrow there).
+
+    An axis with at least two values is on an edge when every head reaching the best ``score``
+    has the axis' lowest value, or every one its highest (a tie that also reaches an interior
+    value is not an edge). A value at its ceiling (``last_blocks`` = the encoder's depth) cannot
+    be widened and is not reported.
+
+    Args:
+        heads: One row per head, with the axis values and ``score``.
+        score: The column the winner is chosen by (higher is better).
+        axes: Axis column -> the config key that sets its values (for the message).
+        ceilings: Axis column -> the largest value the axis can take, if bounded.
+
+    Returns:
+        Per edge: ``{"axis", "value", "edge": "lowest" | "highest", "grid", "message"}``.
+    """
+    best = max(h[score] for h in heads)
+    winners = [h for h in heads if h[score] == best]
+    edges = []
+    for axis, key in axes.items():
+        grid = sorted({h[axis] for h in heads})
+        won = {h[axis] for h in winners}
+        if len(grid) < 2:
+            continue
+        for edge, value in (("lowest", grid[0]), ("highest", grid[-1])):
+            if won != {value} or (edge == "highest" and value == (ceilings or {}).get(axis)):
+                continue
+            grid_text = ", ".join(f"{v:g}" for v in grid)
+            edges.append({
+                "axis": axis, "value": value, "edge": edge, "grid": grid,
+                "message": f"the winning head's {axis} {value:g} is the {edge} of the grid "
+                           f"[{grid_text}]: the grid may be too narrow; widen task.{key}",
+            })  # fmt: skip
+    return edges
 
 
 class LinearProbeConfig(TaskConfig):
@@ -56,7 +106,11 @@ class LinearProbeConfig(TaskConfig):
             ``avg`` only.
         last_blocks: Concatenate the chosen token of the last k blocks, each after the final
             norm (DINOv2: 1 and 4). Clipped to the encoder's depth.
-        lrs: Base learning rates (scaled by ``batch_size / 256``).
+        lrs: Base learning rates (scaled by ``batch_size / 256``). The default spans 1e-3 to 30
+            in steps of about 3x: MAE's linear probe uses LARS at base lr 0.1 (He et al., 2022,
+            appendix A.2), DINOv2's grid (``dinov2/eval/linear.py``) runs from 1e-5 to 0.1 without
+            a BatchNorm, and the fast probe's winners of the 5-value grid of version 2
+            (0.01 ... 1.0) sat at its top, 1.0, for all three demo encoders.
         epochs: Passes over the cached features.
         batch_size: Head training batch.
         momentum: SGD momentum.
@@ -76,7 +130,7 @@ class LinearProbeConfig(TaskConfig):
         default_factory=lambda: ["cls", "avg", "cls_avg"], min_length=1
     )
     last_blocks: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
-    lrs: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0], min_length=1)
+    lrs: list[float] = Field(default_factory=lambda: list(DEFAULT_LRS), min_length=1)
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
     momentum: float = 0.9
@@ -242,11 +296,12 @@ class LinearProbe(Task):
     """Fast linear probe (see the module docstring).
 
     Version 2: cached features (optionally several views), ``last_blocks`` and ``cls_avg`` in
-    the grid, unreadable images skipped and counted.
+    the grid, unreadable images skipped and counted. Version 3: the default lr grid widened from
+    0.01 ... 1.0 to 0.001 ... 30 (:data:`DEFAULT_LRS`), a winner on a grid edge reported.
     """
 
     name = "linear_probe"
-    version = 2
+    version = 3
     metrics = {"top1": True, "top5": True}
     config_cls = LinearProbeConfig
 
@@ -258,6 +313,14 @@ class LinearProbe(Task):
         """A frozen forward pass: the features are extracted once and cached, the heads then
         train on cached vectors (negligible)."""
         return frozen_forward_step(encoder, batch)
+
+    def bench_images(
+        self, cfg: TaskConfig, encoder: EncoderConfig, n_train: int, n_val: int
+    ) -> int | None:
+        """Features of every train image in ``train_views`` views and of every val image (the
+        heads' training on cached features is not counted)."""
+        assert isinstance(cfg, LinearProbeConfig)
+        return cfg.train_views * n_train + n_val
 
     def run(self, encoder: Any, cfg: TaskConfig, ctx: TaskContext) -> TaskResult:
         assert isinstance(cfg, LinearProbeConfig)
@@ -324,6 +387,10 @@ class LinearProbe(Task):
             f"[linear_probe] best head pooling={best['pooling']} last_blocks={best['last_blocks']} "
             f"lr={best['lr']} holdout {best['holdout_top1']:.1f} -> val top1 {best['val_top1']:.2f}"
         )
+        edges = grid_edges(table, "holdout_top1",
+                           ceilings={"last_blocks": encoder.num_feature_blocks})
+        for edge in edges:
+            ctx.log(f"[linear_probe] WARNING: {edge['message']}")
         return TaskResult(
             metrics={"top1": best["val_top1"], "top5": best["val_top5"]},
             details={
@@ -333,6 +400,7 @@ class LinearProbe(Task):
                     "lr": best["lr"],
                 },
                 "holdout_top1": best["holdout_top1"],
+                "grid_edge": edges,
                 "heads": table,
                 "num_classes": num_classes,
                 "num_train": len(fit),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch.utils.data import DataLoader
 
-from harness.core.config import DataConfig, TaskConfig
+from harness.core.config import DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import (
     SeededDataset,
     SkipTally,
@@ -117,6 +117,13 @@ class LinearProbeFaithful(Task):
     def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
         """The ImageFolder's train and val splits, with the same classes."""
         check_classification_data(data)
+
+    def bench_images(
+        self, cfg: TaskConfig, encoder: EncoderConfig, n_train: int, n_val: int
+    ) -> int | None:
+        """``epochs`` x the full batches of train (the per-epoch evaluation is not counted)."""
+        assert isinstance(cfg, LinearProbeFaithfulConfig)
+        return cfg.epochs * (n_train // cfg.batch_size) * cfg.batch_size
 
     def bench_step(self, encoder: Any, batch: BenchBatch) -> Callable[[], None]:
         """One step of MAE's probe (He et al. 2022, A.2): frozen forward without gradients,

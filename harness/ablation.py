@@ -50,6 +50,10 @@ NOT_REPORTED = "N/A"
 DEFAULT_PUBLISHED = Path(__file__).resolve().parents[1] / "results" / "published_ablations.yaml"
 
 
+#: The header of the AvgDist column and the label of its plot axis.
+AVGDIST_LABEL = "AvgDist (px)"
+
+
 class AblationError(UserError, ValueError):
     """The published-numbers file is malformed, or there is no sweep to report."""
 
@@ -176,6 +180,9 @@ class AblationTable:
         total_rows: Rows the sweep has (the table shows the ones with records).
         notes: What the reader must know.
         not_reported: ``(row, column)`` cells the paper prints as N/A (shown as "N/A").
+        avgdist: Per row, the AvgDist of its pretraining's masking in pixels (SimMIM Sec. 4.1.2:
+            mean distance of a masked pixel to the nearest visible one; from the records'
+            ``details.avgdist``, which the pretraining summary stores); None where unknown.
     """
 
     name: str
@@ -201,11 +208,17 @@ class AblationTable:
         if (row, column) in self.not_reported:
             return NOT_REPORTED
         return _num_text(float(self.published.at[row, column]), "paper")
+    avgdist: list[float | None] = field(default_factory=list)
 
     @property
     def rows(self) -> list[str]:
         """The row labels, in the sweep's order."""
         return [str(i) for i in self.mean.index]
+
+    @property
+    def has_avgdist(self) -> bool:
+        """Whether any row has an AvgDist (then it is a column and an x axis of the plot)."""
+        return any(a is not None for a in self.avgdist)
 
     @property
     def several_encoders(self) -> bool:
@@ -389,7 +402,22 @@ def ablation_table(
         source=source,
         total_rows=newest_info.rows,
         notes=notes,
+        avgdist=_row_avgdist(kept, [label_of[k] for k in order], label_of),
     )
+
+
+def _row_avgdist(
+    records: Sequence[Record], labels: list[str], label_of: dict[tuple[str, str], str]
+) -> list[float | None]:
+    """Per row label, the mean of its records' AvgDist (``details.avgdist.mean``; the seeds of
+    a row share the masking, so they agree up to their Monte-Carlo error); None without one."""
+    values: dict[str, list[float]] = {}
+    for r in records:
+        avg = r.details.get("avgdist")
+        if isinstance(avg, dict) and _is_number(avg.get("mean")):
+            label = label_of[(_tags_key(r.sweep.tags), _base_encoder(r))]  # type: ignore[union-attr]
+            values.setdefault(label, []).append(float(avg["mean"]))
+    return [sum(values[lb]) / len(values[lb]) if lb in values else None for lb in labels]
 
 
 def _source_notes(
@@ -516,6 +544,9 @@ def _row_cells(t: AblationTable, i: int) -> list[str]:
         cells.append(t.encoders[i])
     if any(t.cases):
         cells.append(t.cases[i] or "")
+    if t.has_avgdist:
+        avg = t.avgdist[i]
+        cells.append("" if avg is None else f"{avg:.1f}")
     return cells
 
 
@@ -525,6 +556,8 @@ def _row_header(t: AblationTable) -> list[str]:
         head.append("encoder")
     if any(t.cases):
         head.append("case (paper)")
+    if t.has_avgdist:
+        head.append(AVGDIST_LABEL)
     return head
 
 
@@ -579,6 +612,8 @@ def format_csv(t: AblationTable) -> str:
             for tags in t.tags
         ]
     data["case"] = [c or "" for c in t.cases]
+    if t.has_avgdist:
+        data["avgdist"] = [math.nan if a is None else a for a in t.avgdist]
     for c in t.columns:
         data[f"{c}/mean"] = list(t.mean[c])
         data[f"{c}/std"] = list(t.std[c])
@@ -670,12 +705,16 @@ def plot_png(t: AblationTable, path: PathLike) -> Path | None:
     metrics = [c for c in t.columns if (t.n[c] > 0).any()]
     if not metrics or not t.axes:
         return None
+    xaxes = [*t.axes, *([AVGDIST_LABEL] if t.has_avgdist else [])]
     fig, axs = plt.subplots(
-        len(metrics), len(t.axes), squeeze=False, figsize=(4.2 * len(t.axes), 3.2 * len(metrics))
+        len(metrics), len(xaxes), squeeze=False, figsize=(4.2 * len(xaxes), 3.2 * len(metrics))
     )
     for mi, metric in enumerate(metrics):
-        for ai, axis in enumerate(t.axes):
+        for ai, axis in enumerate(xaxes):
             ax = axs[mi][ai]
+            if axis == AVGDIST_LABEL:  # SimMIM Fig. 3b: the metric of every row against AvgDist
+                _plot_against_avgdist(ax, t, metric)
+                continue
             values: list[Any] = [tags.get(axis) for tags in t.tags]
             numeric = all(_is_number(v) for v in values)
             cats: list[str] = []
@@ -726,6 +765,28 @@ def plot_png(t: AblationTable, path: PathLike) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _plot_against_avgdist(ax: Any, t: AblationTable, metric: str) -> None:
+    """One point per row with an AvgDist: the metric (error bar: std over seeds) against the
+    row's AvgDist, labelled with the row; published numbers as crosses."""
+    idx = [i for i, a in enumerate(t.avgdist) if a is not None and t.n.iloc[i][metric] > 0]
+    xs = [float(t.avgdist[i]) for i in idx]  # type: ignore[arg-type]
+    ys = [float(t.mean.iloc[i][metric]) for i in idx]
+    es = [float(t.std.iloc[i][metric]) for i in idx]
+    ax.errorbar(xs, ys, yerr=[0.0 if e != e else e for e in es], marker="o", linestyle="none",
+                capsize=3, label="ours")
+    for x, y, i in zip(xs, ys, idx, strict=True):
+        ax.annotate(t.rows[i], (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    pub = [(x, float(t.published.iloc[i][metric])) for x, i in zip(xs, idx, strict=True)]
+    pub = [(x, p) for x, p in pub if p == p]
+    if pub:
+        ax.plot([x for x, _ in pub], [p for _, p in pub], linestyle="none", marker="x",
+                color="gray", label="paper")
+    ax.set_xlabel(AVGDIST_LABEL)
+    ax.set_ylabel(f"{t.published_key[metric]} ({metric})" if metric in t.published_key else metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 # --------------------------------------------------------------------------- files

@@ -51,6 +51,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(format_sweep(cfg, base), end="")
         return 0
     print(dump_config(cfg), end="")
+    if isinstance(cfg, PretrainConfig):  # as a YAML comment: the output stays a config file
+        from pretrain.avgdist import encoder_avgdist
+
+        print(f"# {encoder_avgdist(cfg.recipe.masking, cfg.encoder).text()} (SimMIM Fig. 3)")
     return 0
 
 
@@ -181,6 +185,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = _load_suite_or_sweep(args)
     print(format_plan(plan_sweep(cfg) if isinstance(cfg, list) else plan_suite(cfg)))
+    if args.estimate:
+        from harness.estimate import estimate
+
+        print()
+        print(estimate(cfg, args.bench_table, args.gpu, args.train_images, args.val_images))
     return 0
 
 
@@ -355,11 +364,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_viz_masks(args: argparse.Namespace) -> int:
-    from pretrain.viz import save_mask_picture
+    from pretrain.viz import mask_avgdists, save_mask_picture
 
     path = save_mask_picture(args.out, arch=args.arch, strategies=args.strategy,
                              samples=args.samples, ratio=args.ratio, seed=args.seed)
     print(f"wrote {path}")
+    for name, avg in mask_avgdists(args.arch, args.strategy, args.ratio, args.seed,
+                                   args.avgdist_draws):
+        print(f"  {name}: {avg.text()}")
     return 0
 
 
@@ -457,6 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="list a suite's stages and which are done / pending / failed")
     sp.add_argument("suite")
     sp.add_argument("--out", help="output directory (overrides the suite's output_dir)")
+    sp.add_argument("--estimate", action="store_true",
+                    help="also print each stage's steps x step time and the total device-hours")
+    sp.add_argument("--bench-table", metavar="FILE",
+                    help="a `mimbench bench --csv` file measured on the target hardware "
+                         "(default: the shipped estimates, results/bench/estimates.csv)")
+    sp.add_argument("--gpu", help="the device of the table's rows to use (default with the "
+                                  "shipped table: H100; it also has A100)")
+    sp.add_argument("--train-images", type=int_at_least(1), metavar="N",
+                    help="train split size (default: counted in data.source)")
+    sp.add_argument("--val-images", type=int_at_least(1), metavar="N",
+                    help="val split size (default: counted in data.source)")
     add_set(sp)
     sp.set_defaults(func=cmd_plan)
 
@@ -560,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one mask ratio in (0, 1) for all (default: each paper's)")
     vm.add_argument("--samples", type=int, default=6, help="columns of masks (>= 1)")
     vm.add_argument("--seed", type=int, default=0)
+    vm.add_argument("--avgdist-draws", type=int, default=256,
+                    help="masks drawn per strategy for its AvgDist (SimMIM Fig. 3; >= 1)")
     vm.set_defaults(func=cmd_viz_masks)
 
     from harness import bench as bench_mod

@@ -189,6 +189,7 @@ def _html_row(lb: Leaderboard, label: str, origin_columns: list[str]) -> str:
             text = f"{mean:.2f}" + (f" &plusmn; {std:.2f}" if n > 1 else "")
             text += f" <span class='n'>n={n}</span>"
             text += " &dagger;" if failed else ""
+            text += " &Dagger;" if lb.on_grid_edge(label, col) else ""
             cls = "best" if label in best[col] else ""
             v = f"{mean:.6g}"
         cells.append(f'<td class="{cls}" data-v="{v}">{text}</td>')

@@ -48,6 +48,10 @@ FRAME_COLUMNS: tuple[str, ...] = (
 #: Marker appended to a cell whose mean is over the ok seeds while other seeds failed.
 PARTIAL_FAILURE_MARK = "†"
 
+#: Marker appended to a cell where a run's winning probe head lay on an edge of its grid (the
+#: record's ``details.grid_edge``, :func:`downstream.linear_probe.grid_edges`).
+GRID_EDGE_MARK = "‡"
+
 #: Units of the metrics our tasks report, for records whose metric_info names none: accuracies
 #: and mIoU are percentages, COCO AP is on its 0-100 scale.
 DEFAULT_UNITS: dict[str, str] = {
@@ -99,6 +103,8 @@ class Leaderboard:
         rows: Row label -> where the row comes from (encoder, suite, data).
         units: Column -> unit of its values (None where unknown).
         row_of: ``run_id`` of each counted record -> its row label.
+        grid_edge: ``(row label, column)`` -> the edge messages of the cell's ok runs whose
+            winning head lay on an edge of the task's grid (``details.grid_edge``).
     """
 
     mean: pd.DataFrame
@@ -110,6 +116,11 @@ class Leaderboard:
     rows: dict[str, RowInfo] = field(default_factory=dict)
     units: dict[str, str | None] = field(default_factory=dict)
     row_of: dict[str, str] = field(default_factory=dict)
+    grid_edge: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def on_grid_edge(self, label: str, column: str) -> bool:
+        """Whether a counted run of the cell chose a head on an edge of its grid."""
+        return bool(self.grid_edge.get((label, column)))
 
     @property
     def columns(self) -> list[str]:
@@ -348,11 +359,44 @@ def leaderboard(records: Iterable[Record], metrics: list[str] | None = None) -> 
             f"{PARTIAL_FAILURE_MARK}: some seeds of this cell failed; the value is over the ok "
             "seeds only."
         )
+    edges = _grid_edges(ok, row_of, columns)
+    notes.extend(_grid_edge_notes(edges))
     higher = {c: directions.get(c, True) for c in columns}
     return Leaderboard(
         mean=mean, std=std, n=n, failed=failed_frame, higher_is_better=higher, notes=notes,
-        rows=rows, units=_units(current, columns), row_of=row_of,
+        rows=rows, units=_units(current, columns), row_of=row_of, grid_edge=edges,
     )
+
+
+def _grid_edges(
+    ok: Sequence[Record], row_of: dict[str, str], columns: list[str]
+) -> dict[tuple[str, str], list[str]]:
+    """``(row, column)`` -> the distinct edge messages of its ok records (seed order)."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for record in sorted(ok, key=lambda r: r.seed):
+        found = record.details.get("grid_edge") or []
+        messages = [str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in found]
+        for column in columns:
+            if messages and column.split("/", 1)[0] == record.task.name:
+                cell = edges.setdefault((row_of[record.run_id], column), [])
+                cell.extend(m for m in messages if m not in cell)
+    return edges
+
+
+def _grid_edge_notes(edges: dict[tuple[str, str], list[str]]) -> list[str]:
+    """The footnote of :data:`GRID_EDGE_MARK`: what it means, then each row and task's edges."""
+    if not edges:
+        return []
+    notes = [f"{GRID_EDGE_MARK}: the winning head lay on an edge of the task's hyperparameter "
+             "grid in at least one seed; the grid may be too narrow (the record's "
+             "details.grid_edge)."]
+    seen: set[tuple[str, str]] = set()
+    for (label, column), messages in edges.items():
+        task = column.split("/", 1)[0]
+        if (label, task) not in seen:
+            seen.add((label, task))
+            notes.append(f"{GRID_EDGE_MARK} {label} / {task}: {'; '.join(messages)}.")
+    return notes
 
 
 # --------------------------------------------------------------------------- rows

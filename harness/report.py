@@ -18,6 +18,7 @@ from harness.core.records import (
 )
 from harness.html_report import format_html
 from harness.leaderboard import (
+    GRID_EDGE_MARK,
     PARTIAL_FAILURE_MARK,
     Leaderboard,
     ReportError,
@@ -37,6 +38,8 @@ def _cell_text(lb: Leaderboard, encoder: str, column: str, pm: str) -> str | Non
         text += f"{pm}{float(lb.std.at[encoder, column]):.2f} ({n})"
     if failed:
         text += f" {PARTIAL_FAILURE_MARK}"
+    if lb.on_grid_edge(encoder, column):
+        text += f" {GRID_EDGE_MARK}"
     return text
 
 
@@ -112,7 +115,8 @@ def _md_escape(text: str) -> str:
 
 def format_csv(lb: Leaderboard) -> str:
     """Formats a leaderboard as CSV: one row per leaderboard row, its ``suite`` and ``data``,
-    then ``<column>/mean``, ``/std``, ``/n``.
+    then ``<column>/mean``, ``/std``, ``/n`` (and ``/grid_edge``, True where a run's winning head
+    lay on an edge of its grid, for the columns that have one).
 
     Args:
         lb: The leaderboard.
@@ -126,6 +130,9 @@ def format_csv(lb: Leaderboard) -> str:
         parts[f"{column}/mean"] = lb.mean[column].to_numpy()
         parts[f"{column}/std"] = lb.std[column].to_numpy()
         parts[f"{column}/n"] = lb.n[column].to_numpy()
+        if any(lb.on_grid_edge(label, column) for label in lb.encoders):
+            parts[f"{column}/grid_edge"] = [lb.on_grid_edge(label, column)
+                                            for label in lb.encoders]
     table = pd.DataFrame(parts, index=pd.Index([i.encoder for i in infos], name="encoder"))
     return str(table.to_csv(lineterminator="\n", float_format="%.10g"))
 
@@ -179,6 +186,7 @@ def format_latex(lb: Leaderboard) -> str:
                 cells.append("--")
                 continue
             text = text.replace(PARTIAL_FAILURE_MARK, r"$^\dagger$")
+            text = text.replace(GRID_EDGE_MARK, r"$^\ddagger$")
             cells.append(rf"\textbf{{{text}}}" if _is_best(lb, encoder, column, best) else text)
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -186,7 +194,8 @@ def format_latex(lb: Leaderboard) -> str:
     if origin:
         lines.append(f"% All rows: {latex_escape(origin)}.")
     lines += [
-        f"% {latex_escape(note.replace(PARTIAL_FAILURE_MARK, 'dagger'))}" for note in lb.notes
+        f"% {latex_escape(note.replace(PARTIAL_FAILURE_MARK, 'dagger').replace(GRID_EDGE_MARK, 'ddagger'))}"
+        for note in lb.notes
     ]
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ task, so no rank waits at a barrier for hours, and task code never sees a proces
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
@@ -82,7 +83,7 @@ from harness.stages import (
 from harness.sweep import SweepRow, row_encoder_name, tag_text
 from pretrain.encoders import create_encoder, load_encoder
 from pretrain.encoders.arch import arch_label
-from pretrain.engine import ENCODER, pretrain
+from pretrain.engine import ENCODER, SUMMARY, pretrain
 
 
 @dataclass
@@ -127,7 +128,8 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
         enc = load_encoder(path, entry.encoder)  # refused if it is not that one
         info = EncoderInfo(name=entry.name, arch=arch_label(enc.cfg), source="pretrain",
                            checkpoint=str(path), sha256=sha256_file(path))
-        return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"), {"stage": str(stage)})
+        return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"),
+                             _pretrain_details(stage))
     if entry.checkpoint is not None:
         if entry.checkpoint.startswith(TIMM_PREFIX):  # a timm architecture, randomly initialized
             name = entry.checkpoint.removeprefix(TIMM_PREFIX)
@@ -148,6 +150,17 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
     enc = create_encoder(entry.encoder)
     info = EncoderInfo(name=entry.name, arch=arch_label(enc.cfg), source="random")
     return EncoderHandle(enc, info, None, {})
+
+
+def _pretrain_details(stage: Path) -> dict[str, Any]:
+    """What a pretrained encoder's records say about its pretraining: the stage directory and
+    the summary's AvgDist of its masking (SimMIM Fig. 3; absent in summaries written before it
+    was stored)."""
+    details: dict[str, Any] = {"stage": str(stage)}
+    avgdist = json.loads((stage / SUMMARY).read_text()).get("avgdist")
+    if avgdist is not None:
+        details["avgdist"] = avgdist
+    return details
 
 
 class DependencyFailedError(UserError):

@@ -78,6 +78,7 @@ from harness.core.training import (
     split_batch,
     steps_per_epoch,
 )
+from pretrain.avgdist import encoder_avgdist
 from pretrain.inits import encoder_definition
 from pretrain.model import MIMModel, create_model
 from pretrain.viz import render_recon_grid
@@ -574,6 +575,7 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
                 "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
                 "skipped_images": {"train": len(skipped)}, "skipped_files": skipped,
                 "encoder_definition": encoder_definition(cfg.encoder, cfg.recipe),
+                "avgdist": encoder_avgdist(cfg.recipe.masking, cfg.encoder).to_dict(),
                 **({"world_size": run.world} if run.world > 1 else {}),
             },
         )  # fmt: skip

@@ -26,6 +26,7 @@ from harness.core.config import (
 )
 from harness.core.fsutil import atomic_write_bytes
 from harness.core.registry import did_you_mean
+from pretrain.avgdist import DEFAULT_DRAWS, AvgDist, masking_avgdist
 from pretrain.masking import MASKERS, create_masker
 
 PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
@@ -52,21 +53,49 @@ def mask_rows(
     grid = (int(enc.img_size) // p, int(enc.img_size) // p)  # type: ignore[arg-type]
     rows = []
     for name in strategies or MASKERS.names():
-        MASKERS.get(name)  # unknown names fail with a did-you-mean
-        kw = dict(PAPER_MASKING.get(name, {}))
-        if ratio is not None:
-            kw["ratio"] = ratio
-        if kw.get("mask_patch_size") is not None:
-            try:  # the paper's unit may not fit this encoder's image (or may mask it all)
-                plan_masking(MaskingConfig(strategy=name, **kw), grid, p)  # type: ignore[arg-type]
-            except ConfigError:
-                kw["mask_patch_size"] = None  # then the model's patch is the unit
-        cfg = MaskingConfig(strategy=name, **kw)  # type: ignore[arg-type]
+        cfg = paper_masking(name, grid, p, ratio)
         masker = create_masker(cfg, grid, p)
         m = masker(samples, generator=torch.Generator().manual_seed(seed))
         label = f"{name} {masker.num_masked}/{masker.num_patches}"
         rows.append((label, m.view(samples, *grid)))
     return rows
+
+
+def paper_masking(
+    name: str, grid: tuple[int, int], patch_px: int, ratio: float | None = None
+) -> MaskingConfig:
+    """The masking config of strategy ``name`` drawn by :func:`mask_rows`: its paper's setting
+    (:data:`PAPER_MASKING`), ``ratio`` when given, and the model patch as the unit when the
+    paper's unit does not fit the image."""
+    MASKERS.get(name)  # unknown names fail with a did-you-mean
+    kw = dict(PAPER_MASKING.get(name, {}))
+    if ratio is not None:
+        kw["ratio"] = ratio
+    if kw.get("mask_patch_size") is not None:
+        try:  # the paper's unit may not fit this encoder's image (or may mask it all)
+            plan_masking(MaskingConfig(strategy=name, **kw), grid, patch_px)  # type: ignore[arg-type]
+        except ConfigError:
+            kw["mask_patch_size"] = None  # then the model's patch is the unit
+    return MaskingConfig(strategy=name, **kw)  # type: ignore[arg-type]
+
+
+def mask_avgdists(
+    arch: str = "vit_base_16",
+    strategies: list[str] | None = None,
+    ratio: float | None = None,
+    seed: int = 0,
+    draws: int = DEFAULT_DRAWS,
+) -> list[tuple[str, AvgDist]]:
+    """``(strategy, AvgDist)`` of each strategy of :func:`mask_rows` on the preset's image
+    (:func:`pretrain.avgdist.masking_avgdist`, ``draws`` masks each)."""
+    enc = EncoderConfig(arch=arch)
+    p = int(enc.patch_size)  # type: ignore[arg-type]
+    side = int(enc.img_size)  # type: ignore[arg-type]
+    return [
+        (name, masking_avgdist(paper_masking(name, (side // p, side // p), p, ratio), side, p,
+                               draws, seed))
+        for name in strategies or MASKERS.names()
+    ]
 
 
 def render_masks(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -52,6 +55,9 @@ def test_run_suite_end_to_end_then_skip_on_rerun(tiny_imagefolder, tmp_path, cap
     sim = next(r for r in records if r.encoder.name == "simmim")
     assert sim.encoder.source == "pretrain" and len(sim.encoder.sha256) == 64
     assert sim.recipe["masking"]["mask_patch_size"] == 16
+    # the pretraining summary's AvgDist travels into the record (the ablation tables read it)
+    summary = json.loads((Path(sim.details["stage"]) / "summary.json").read_text())
+    assert sim.details["avgdist"] == summary["avgdist"] and summary["avgdist"]["mean"] >= 1.0
     assert sim.provenance["packages"]["torch"]
     for f in ("leaderboard.md", "leaderboard.csv", "leaderboard.tex"):
         assert (out / "mini" / f).is_file()

@@ -322,3 +322,80 @@ def test_images_rewritten_in_place_miss_the_cache(tiny_imagefolder, tmp_path):
     fresh = task.run(enc, cfg.model_copy(update={"cache_features": False}),
                      _ctx(tiny_imagefolder, tmp_path))
     assert again.metrics == fresh.metrics  # the figure of the new images
+
+
+# --------------------------------------------------------------------------- grid edges
+
+
+def _heads(scores: dict[tuple[float, int], float]) -> list[dict]:
+    return [{"pooling": "cls", "lr": lr, "last_blocks": k, "holdout_top1": s}
+            for (lr, k), s in scores.items()]
+
+
+def test_a_winner_on_an_edge_of_the_lr_grid_is_reported():
+    from downstream.linear_probe import grid_edges
+
+    top = grid_edges(_heads({(0.1, 1): 50.0, (1.0, 1): 60.0, (10.0, 1): 70.0}), "holdout_top1")
+    assert [(e["axis"], e["value"], e["edge"]) for e in top] == [("lr", 10.0, "highest")]
+    assert "lr 10 is the highest of the grid [0.1, 1, 10]" in top[0]["message"]
+    assert "widen task.lrs" in top[0]["message"]
+    low = grid_edges(_heads({(0.1, 1): 70.0, (1.0, 1): 60.0, (10.0, 1): 50.0}), "holdout_top1")
+    assert [(e["axis"], e["edge"]) for e in low] == [("lr", "lowest")]
+
+
+def test_an_interior_winner_or_a_tie_reaching_the_interior_is_not_an_edge():
+    from downstream.linear_probe import grid_edges
+
+    assert grid_edges(_heads({(0.1, 1): 50.0, (1.0, 1): 70.0, (10.0, 1): 60.0}),
+                      "holdout_top1") == []
+    assert grid_edges(_heads({(0.1, 1): 70.0, (1.0, 1): 70.0, (10.0, 1): 60.0}),
+                      "holdout_top1") == []
+    assert grid_edges(_heads({(0.1, 1): 70.0}), "holdout_top1") == []  # one value: no grid
+
+
+def test_last_blocks_edge_unless_it_is_the_encoders_depth():
+    from downstream.linear_probe import grid_edges
+
+    heads = _heads({(0.1, 1): 50.0, (1.0, 1): 60.0, (0.1, 4): 80.0, (1.0, 4): 40.0, (3.0, 1): 55.0})
+    assert [(e["axis"], e["value"], e["edge"]) for e in grid_edges(heads, "holdout_top1")] == [
+        ("lr", 0.1, "lowest"), ("last_blocks", 4, "highest")]
+    capped = grid_edges(heads, "holdout_top1", ceilings={"last_blocks": 4})
+    assert [e["axis"] for e in capped] == ["lr"]
+
+
+def test_synthetic_features_whose_best_lr_is_the_top_of_the_grid_warn():
+    """Separable features: a vanishing lr leaves the heads near their init, so the largest lr
+    of a grid of tiny ones wins and is reported on the edge."""
+    from downstream.linear_probe import grid_edges
+
+    g = torch.Generator().manual_seed(123)
+    n, d, c = 600, 16, 10
+    centers = torch.randn(c, d, generator=g) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    x = centers[y] + torch.randn(n, d, generator=g)
+    cfg = LinearProbeConfig(pooling=["cls"], lrs=[1e-7, 1e-6, 0.1], epochs=8, batch_size=100)
+    heads = train_heads({"cls": x}, y, c, cfg, seed=0)
+    with torch.no_grad():
+        table = [{"lr": lr, "last_blocks": 1, "holdout_top1": topk_accuracy(h(x), y, 1)}
+                 for (_, lr), h in heads.items()]
+    edges = grid_edges(table, "holdout_top1")
+    assert [(e["axis"], e["value"], e["edge"]) for e in edges] == [("lr", 0.1, "highest")]
+
+
+def test_the_task_logs_and_records_its_grid_edges(tiny_imagefolder, tmp_path):
+    from downstream.linear_probe import DEFAULT_LRS, grid_edges
+
+    assert get_task("linear_probe").version == 3
+    assert LinearProbeConfig().lrs == list(DEFAULT_LRS) and min(DEFAULT_LRS) < 0.01
+    assert max(DEFAULT_LRS) > 1.0  # version 2's winners sat at its top, 1.0
+    lines: list[str] = []
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    cfg = LinearProbeConfig(lrs=[1e-9, 0.1, 1.0], epochs=3, batch_size=8, pooling=["cls"],
+                            last_blocks=[1], cache_features=False)
+    res = get_task("linear_probe").run(enc, cfg, _ctx(tiny_imagefolder, tmp_path, lines.append))
+    want = grid_edges(res.details["heads"], "holdout_top1",
+                      ceilings={"last_blocks": enc.num_feature_blocks})
+    assert res.details["grid_edge"] == want
+    warned = [m for m in lines if "WARNING" in m]
+    assert [m.split("WARNING: ", 1)[1] for m in warned] == [e["message"] for e in want]

@@ -367,3 +367,36 @@ def test_one_sweep_on_two_datasets_is_two_tables_never_averaged():
     assert by_name["mae_decoder_depth (s, a)"].mean.iloc[0]["linear_probe/top1"] == 10.0
     assert by_name["mae_decoder_depth (s, b)"].mean.iloc[0]["linear_probe/top1"] == 90.0
     assert all("own table" in " ".join(t.notes) for t in tables)
+
+
+def test_avgdist_is_a_column_and_an_x_axis(seeded, tmp_path):
+    recs, _ = seeded
+    # the seeds of a row carry the same masking's AvgDist up to Monte-Carlo error
+    given = {1: [10.0, 10.2, 10.4], 2: [15.0, 15.0, 15.0]}  # depth 4: none (older summaries)
+    seen: dict[int, int] = {}
+    with_avg = []
+    for r in recs:
+        d = r.sweep.tags["depth"]
+        if d in given:
+            i = seen.setdefault(d, 0)
+            seen[d] += 1
+            r = r.model_copy(update={"details": {"avgdist": {"mean": given[d][i], "stderr": 0.1}}})
+        with_avg.append(r)
+    t = ablation_table(with_avg, "mae_decoder_depth")
+    assert t.has_avgdist and t.avgdist == [pytest.approx(10.2), 15.0, None]
+    md = format_markdown(t)
+    assert "| depth | AvgDist (px) |" in md
+    assert "| 1 | 10.2 |" in md and "| 4 |  |" in md
+    csv = pd.read_csv(io.StringIO(format_csv(t)))
+    assert csv["avgdist"].iloc[:2].tolist() == pytest.approx([10.2, 15.0])
+    assert math.isnan(csv["avgdist"].iloc[2])
+    assert "AvgDist (px)" in format_latex(t)
+    from harness.ablation import plot_png
+
+    path = plot_png(t, tmp_path / "t.png")
+    from PIL import Image
+
+    one_axis = plot_png(ablation_table(recs, "mae_decoder_depth"), tmp_path / "plain.png")
+    assert Image.open(path).width > Image.open(one_axis).width  # a second panel column
+    assert not ablation_table(recs, "mae_decoder_depth").has_avgdist
+    assert "AvgDist" not in format_markdown(ablation_table(recs, "mae_decoder_depth"))

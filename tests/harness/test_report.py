@@ -493,3 +493,34 @@ def test_report_cli_names_a_truncated_record_once(tmp_path: Path, capsys) -> Non
     assert "cut-in-half.json" in (tmp_path / "out" / "leaderboard.html").read_text()
     # the other records are all reported
     assert {r[0] for r in _md_rows(md)} == set(TOP1)
+
+
+def test_a_winner_on_the_grid_edge_is_marked_with_a_footnote() -> None:
+    from harness.html_report import format_html
+    from harness.leaderboard import GRID_EDGE_MARK
+
+    edge = {"axis": "lr", "value": 30.0, "edge": "highest", "grid": [0.1, 30.0],
+            "message": "the winning head's lr 30 is the highest of the grid [0.1, 30]"}
+    records = standard_records()
+    mae_seed1 = next(r for r in records if r.encoder.name == "mae" and r.seed == 1)
+    mae_seed1.details["grid_edge"] = [edge]
+    next(r for r in records if r.encoder.name == "simmim").details["grid_edge"] = []  # interior
+    lb = leaderboard(records)
+    assert lb.on_grid_edge("mae", "linear_probe/top1") and lb.on_grid_edge("mae", "linear_probe/loss")
+    assert not lb.on_grid_edge("simmim", "linear_probe/top1")
+    assert not lb.on_grid_edge("random", "linear_probe/top1")
+    md = format_markdown(lb)
+    mae_row = next(line for line in md.splitlines() if line.startswith("| mae "))
+    assert mae_row.count(GRID_EDGE_MARK) == 2
+    simmim_row = next(line for line in md.splitlines() if line.startswith("| simmim "))
+    assert GRID_EDGE_MARK not in simmim_row
+    assert f"- {GRID_EDGE_MARK}: the winning head lay on an edge" in md
+    assert f"- {GRID_EDGE_MARK} mae / linear_probe: {edge['message']}." in md
+    csv = pd.read_csv(StringIO(format_csv(lb)), index_col=0)
+    assert csv["linear_probe/top1/grid_edge"].to_dict() == {"mae": True, "random": False,
+                                                            "simmim": False}
+    assert r"$^\ddagger$" in format_latex(lb)
+    assert "&Dagger;" in format_html(lb, records)
+    clean = format_csv(leaderboard(standard_records()))
+    assert "grid_edge" not in clean and GRID_EDGE_MARK not in format_markdown(
+        leaderboard(standard_records()))

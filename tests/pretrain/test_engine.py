@@ -77,7 +77,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_imagefolder, tmp_path, rec
 
 
 def test_outputs_and_loss_goes_down_on_a_fixed_batch(tiny_imagefolder, tmp_path):
-    res = pretrain(_cfg(tiny_imagefolder, "mae", epochs=1), tmp_path / "o", log=lambda m: None)
+    cfg = _cfg(tiny_imagefolder, "mae", epochs=1)
+    res = pretrain(cfg, tmp_path / "o", log=lambda m: None)
     assert (tmp_path / "o" / ENCODER).is_file() and res.recon_path.is_file()
     from PIL import Image
 
@@ -85,6 +86,10 @@ def test_outputs_and_loss_goes_down_on_a_fixed_batch(tiny_imagefolder, tmp_path)
     assert im.width > 3 * 32 and im.height > 4 * 32  # 4 rows of 3 images, upscaled
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == 6
+    # the masking's AvgDist (SimMIM Fig. 3), as pretrain.avgdist computes it for the config
+    from pretrain.avgdist import encoder_avgdist
+
+    assert summary["avgdist"] == encoder_avgdist(cfg.recipe.masking, cfg.encoder).to_dict()
     # TensorBoard scalars: the loss curve of loss.jsonl, step for step
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
