@@ -82,7 +82,7 @@ from harness.stages import (
 from harness.sweep import SweepRow, row_encoder_name, tag_text
 from pretrain.encoders import create_encoder, load_encoder
 from pretrain.encoders.arch import arch_label
-from pretrain.engine import ENCODER, pretrain
+from pretrain.engine import ENCODER, pretrain, summary_for_record
 
 
 @dataclass
@@ -127,7 +127,8 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
         enc = load_encoder(path, entry.encoder)  # refused if it is not that one
         info = EncoderInfo(name=entry.name, arch=arch_label(enc.cfg), source="pretrain",
                            checkpoint=str(path), sha256=sha256_file(path))
-        return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"), {"stage": str(stage)})
+        extra = {"stage": str(stage), "pretraining": summary_for_record(stage)}
+        return EncoderHandle(enc, info, entry.pretrain.recipe.model_dump(mode="json"), extra)
     if entry.checkpoint is not None:
         if entry.checkpoint.startswith(TIMM_PREFIX):  # a timm architecture, randomly initialized
             name = entry.checkpoint.removeprefix(TIMM_PREFIX)
