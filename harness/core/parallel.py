@@ -122,7 +122,10 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: di
     if not is_sharded(model):
         opt.load_state_dict(state)
         return
-    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    # strict=False: a parameter that never had a gradient (MAE's encoder mask token) has no
+    # AdamW state to load
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(model, opt, state, options=options)
 
 
 def compile_module(module: nn.Module) -> nn.Module:

@@ -57,6 +57,13 @@ def _worker(out: Path, data: str) -> None:
 
     torch.set_num_threads(1)
     distributed.init_from_env()
+    shard, sizes = engine._shard, []
+
+    def recording_shard(run, blocks):  # what each rank holds of each parameter once sharded
+        shard(run, blocks)
+        sizes[:] = [(p.numel(), p.to_local().numel()) for p in run.model.parameters()]
+
+    engine._shard = recording_shard
     for name, train in RUNS.items():
         engine.pretrain(_cfg(data, name, **train), out / name, log=lambda m: None)
     cfg = _cfg(data, "fsdp", **RUNS["fsdp"])
@@ -78,6 +85,7 @@ def _worker(out: Path, data: str) -> None:
     engine.pretrain(cfg, out / "fsdp_cut", resume=True, log=lines.append)
     if distributed.get_rank() == 0:
         (out / "resume_log.txt").write_text("\n".join(lines))
+        (out / "shard_sizes.json").write_text(json.dumps(sizes))
     distributed.cleanup()
 
 
@@ -110,6 +118,9 @@ def test_fsdp_matches_ddp_and_resumes_exactly(tiny_imagefolder, tmp_path):
     summary = json.loads((out / "fsdp" / "summary.json").read_text())
     assert summary["compute"]["fsdp"] and summary["compute"]["activation_checkpointing"]
     assert summary["world_size"] == 2
+    sizes = json.loads((out / "shard_sizes.json").read_text())  # (global, this rank's) numel
+    assert sum(g for g, _ in sizes) == sum(v.numel() for v in _model_init().parameters())
+    assert sum(mine for _, mine in sizes) <= 0.6 * sum(g for g, _ in sizes)  # about half each
     assert json.loads((out / "ddp_accum" / "summary.json").read_text())["compute"]["accum_steps"] == 2
     # the checkpoint holds full tensors under the plain model's names (what export reads)
     ck = torch.load(out / "fsdp" / "checkpoint.pth", weights_only=True)
@@ -130,14 +141,18 @@ def test_fsdp_matches_ddp_and_resumes_exactly(tiny_imagefolder, tmp_path):
         assert json.loads(y)["loss"] == pytest.approx(json.loads(x)["loss"], rel=1e-6)
 
 
-def _state_init() -> dict[str, torch.Tensor]:
-    """The encoder weights before training (the engine seeds torch with the config's seed)."""
+def _model_init() -> torch.nn.Module:
+    """The model before training (the engine seeds torch with the config's seed)."""
     from pretrain.model import create_model
 
     cfg = _cfg(".", "init")
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.encoder, cfg.recipe)
-    return {k: v.detach() for k, v in model.encoder.timm_state_dict().items()}
+    return create_model(cfg.encoder, cfg.recipe)
+
+
+def _state_init() -> dict[str, torch.Tensor]:
+    """The encoder weights before training."""
+    return {k: v.detach() for k, v in _model_init().encoder.timm_state_dict().items()}
 
 
 if __name__ == "__main__":  # a torchrun worker of the slow test (PYTHONPATH: the checkout)
