@@ -135,10 +135,15 @@ def compile_module(module: nn.Module) -> nn.Module:
 
 
 def compile_failure_message(exc: BaseException) -> str:
-    """The one warning of a failed compilation: the error (its first line) and what happens."""
-    first = (str(exc).strip().splitlines() or [""])[0][:500]
+    """The one warning of a failed compilation: the error (the first line of its root cause,
+    which dynamo wraps in ``BackendCompilerFailed``) and what happens."""
+    root = exc
+    while (inner := root.__cause__ or root.__context__) is not None:
+        root = inner
+    first = (str(root).strip().splitlines() or [""])[0][:500]
+    kind = type(exc).__name__ if root is exc else f"{type(exc).__name__} <- {type(root).__name__}"
     return (
-        f"torch.compile failed ({type(exc).__name__}: {first}); continuing eagerly (uncompiled). "
+        f"torch.compile failed ({kind}: {first}); continuing eagerly (uncompiled). "
         "Set train.compile: false to skip the attempt, or install a C++ compiler (inductor "
         "needs one) / upgrade torch"
     )
