@@ -30,17 +30,18 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
 from downstream.linear_probe import topk_accuracy
+from harness.core import parallel
 from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
@@ -113,7 +114,13 @@ class FinetuneConfig(TaskConfig):
         precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16``.
         num_workers: Loader workers (None: the data config's).
         strict_data: Unreadable image files are fatal instead of skipped and counted.
+        activation_checkpointing: Recompute each encoder block's activations in the backward
+            pass instead of storing them (memory for compute; the same gradients). Left out of
+            dumps and hashes while off, so runs recorded before it existed keep their keys.
     """
+
+    #: Added after runs were recorded: dropped from dumps while at their default.
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("activation_checkpointing",)
 
     name: Literal["finetune"] = "finetune"
     epochs: int | None = Field(None, ge=1)
@@ -148,6 +155,15 @@ class FinetuneConfig(TaskConfig):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_workers: int | None = Field(None, ge=0)
     strict_data: bool = False
+    activation_checkpointing: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        for key in self.OMIT_AT_DEFAULT:
+            if getattr(self, key) == type(self).model_fields[key].default:
+                out.pop(key, None)
+        return out
 
 
 def resolve_settings(cfg: FinetuneConfig, num_layers: int) -> dict[str, Any]:
@@ -482,6 +498,8 @@ def _setup(encoder: Any, cfg: FinetuneConfig, ctx: TaskContext) -> _FinetuneRun:
     set_drop_path(enc, settings["drop_path"])
     for pname, p in enc.named_parameters():
         p.requires_grad_(pname != "mask_token")
+    if cfg.activation_checkpointing:
+        parallel.checkpoint_blocks(enc.residual_blocks())
     torch.manual_seed(ctx.seed)
     model = FinetuneModel(enc, num_classes, cfg.global_pool, cfg.head_init_std).to(device)
     groups = param_groups_layer_decay(model, cfg.weight_decay, settings["layer_decay"])

@@ -9,6 +9,10 @@ A *target* is one step kind at one encoder size:
 * ``pretrain/<label>``: one optimization step (forward, backward, AdamW) of a recipe
   (:data:`pretrain.bench.BENCH_RECIPES`: ``simmim``, ``mae``, ``mae_mask_token``, ``beit_kmeans``,
   ...). ``--arch`` replaces the recipe's default ViT-B preset for the ViT recipes.
+  ``pretrain/<label>+compile`` times the same step through ``torch.compile`` (inductor; what
+  ``train.compile`` does): the warm-up step compiles (its seconds are the row's ``compile_s``),
+  the timed steps run the compiled code; no FLOP count (the eager row's is the same).
+  ``--compare pretrain/mae+compile pretrain/mae`` gives the speedup.
 * ``task/<name>``: the step each registered task declares
   (:meth:`downstream.base.Task.bench_step`, on a random batch at ``--arch``): a frozen forward
   pass for the tasks that work on cached features (fast linear probe, kNN), one optimization
@@ -37,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,11 +89,16 @@ def all_targets() -> list[str]:
     return [f"pretrain/{r}" for r in BENCH_RECIPES] + [f"task/{t}" for t in names]
 
 
+#: The suffix of a pretraining target timed through ``torch.compile``.
+COMPILE_SUFFIX = "+compile"
+
+
 def check_targets(targets: list[str]) -> None:
     """Reject unknown target names with a did-you-mean."""
     known = all_targets()
     for t in targets:
-        if t not in known:
+        base = t.removesuffix(COMPILE_SUFFIX) if t.startswith("pretrain/") else t
+        if base not in known:
             raise UserError(f"unknown bench target '{t}'{did_you_mean(t, known)}; known: {', '.join(known)}")
 
 
@@ -112,7 +122,10 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
 
 
 def _pretrain_step(label: str, arch: str | None, batch: int, device: Any, tmp: str) -> tuple[Callable[[], None], int, str]:
-    step, _, size, use_arch = recipe_step(label, arch, batch, device, tmp)
+    """A recipe's step; ``<label>+compile``: through ``torch.compile``."""
+    compiled = label.endswith(COMPILE_SUFFIX)
+    step, _, size, use_arch = recipe_step(label.removesuffix(COMPILE_SUFFIX), arch, batch, device,
+                                          tmp, compile=compiled)  # fmt: skip
     return step, size, use_arch
 
 
@@ -135,15 +148,18 @@ def measure(target: str, arch: str, batch: int, steps: int, device_name: str, fl
             step, size, arch = _pretrain_step(name, arch, batch, device, tmp)
         else:
             step, size = _task_step(name, arch, batch, device)
+        compiled = name.endswith(COMPILE_SUFFIX)
+        t0 = time.perf_counter()
         times = time_step(step, steps, device)
+        compile_s = time.perf_counter() - t0 - sum(times)  # the warm-up step (compiles)
         peak = peak_mb(device)  # before the flop count, whose dispatch mode adds its own memory
-        total = count_flops(step) if flops else None
+        total = count_flops(step) if flops and not compiled else None
     step_s = statistics.median(times)
     gflops = total / batch / 1e9 if total else None
     mfu = peak_fraction(total / step_s, dev_label) if total and device.type == "cuda" else None
     return {"target": target, "arch": arch, "img": size, "batch": batch, "step_s": step_s,
             "img_per_s": batch / step_s, "peak_mb": peak, "gflops_per_img": gflops, "mfu": mfu,
-            "device": dev_label}  # fmt: skip
+            "device": dev_label, **({"compile_s": compile_s} if compiled else {})}  # fmt: skip
 
 
 def _fmt(v: Any, digits: int = 2) -> str:

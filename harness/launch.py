@@ -11,7 +11,10 @@
   checkpointable: on preemption or timeout submitit resubmits the same job, and the stage
   resumes from its last checkpoint because every stage is resumable by construction.
   A sweep submits every row's stages the same way; rows with identical stages share one job
-  (:func:`launch_submitit_sweep`).
+  (:func:`launch_submitit_sweep`). On SLURM with ``gpus_per_node > 1`` a pretraining job runs
+  one process per GPU (``tasks_per_node``); each joins the job's process group
+  (submitit's ``TorchDistributedEnvironment``), so the pretraining is data-parallel as under
+  torchrun: DDP, or FSDP with ``train.fsdp``. Task jobs stay one process.
 
   A task job never pretrains: if its encoder's pretraining did not finish (its job failed, which
   holds the task on SLURM through ``afterok``; the local executor has no dependencies), the job
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import downstream  # noqa: F401  (registers every task and its config schema)
+from harness.core import distributed
 from harness.core.config import SuiteConfig, to_plain, validate_config
 from harness.core.errors import UserError
 from harness.core.fsutil import stage_lock
@@ -137,22 +141,42 @@ class StageJob:
     """
 
     def __init__(self, suite: dict[str, Any], only: StageFilter,
-                 sweep: dict[str, Any] | None = None) -> None:
+                 sweep: dict[str, Any] | None = None, multiprocess: bool = False) -> None:
         self.suite = suite
         self.only = only
         self.sweep = sweep
+        self.multiprocess = multiprocess  # one of several processes of a SLURM job
 
     def __call__(self) -> str:
         cfg = validate_config(self.suite, source="launcher job")
         assert isinstance(cfg, SuiteConfig)
         info = SweepInfo.model_validate(self.sweep) if self.sweep is not None else None
+        if self.multiprocess:
+            _join_job_group()
         return str(run_suite(cfg, log=lambda m: print(m, flush=True), only=self.only, sweep=info))
 
     def checkpoint(self) -> Any:
         """Called by submitit on preemption/timeout: resubmit the same stage (it resumes)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.suite, self.only, self.sweep))
+        again = StageJob(self.suite, self.only, self.sweep, self.multiprocess)
+        return submitit.helpers.DelayedSubmission(again)
+
+
+def _join_job_group() -> None:
+    """Join the process group of this SLURM job's processes: submitit exports ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` as torchrun would (every
+    process keeps every GPU visible; :func:`harness.core.distributed.init_from_env` picks
+    ``cuda:LOCAL_RANK``). :func:`harness.runner.run_suite` leaves the group when done."""
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    distributed.init_from_env()
+
+
+def pretrain_tasks_per_node(kind: str, opts: SlurmOptions) -> int:
+    """Processes of a pretraining job on each node: one per GPU on SLURM, else one."""
+    return max(1, opts.gpus_per_node) if kind == "slurm" else 1
 
 
 def launch_submitit(cfg: SuiteConfig, kind: str, opts: SlurmOptions, log: Any = print) -> Path:
@@ -202,15 +226,17 @@ def _executor(kind: str, root: Path, opts: SlurmOptions) -> Any:
     return executor
 
 
-def _submit(executor: Any, kind: str, job: StageJob, after: Any = None) -> Any:
-    """Submit ``job``; on SLURM it starts once ``after`` (a job, or None) finished well."""
-    if kind != "slurm" or after is None:
+def _submit(executor: Any, kind: str, job: StageJob, after: Any = None, tasks: int = 1) -> Any:
+    """Submit ``job`` (``tasks`` processes per node on SLURM); on SLURM it starts once ``after``
+    (a job, or None) finished well."""
+    if kind != "slurm":
         return executor.submit(job)
-    executor.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{after.job_id}"})
+    extra = {"dependency": f"afterok:{after.job_id}"} if after is not None else {}
+    executor.update_parameters(slurm_additional_parameters=extra, tasks_per_node=tasks)
     try:
         return executor.submit(job)
     finally:
-        executor.update_parameters(slurm_additional_parameters={})
+        executor.update_parameters(slurm_additional_parameters={}, tasks_per_node=1)
 
 
 def _launch(suites: list[SuiteConfig], infos: list[SweepInfo | None], kind: str,
@@ -226,6 +252,7 @@ def _launch(suites: list[SuiteConfig], infos: list[SweepInfo | None], kind: str,
         jobs.append(partial(StageJob, raw, sweep=info.model_dump(mode="json") if info else None))
     root = plans[0].root
     executor = _executor(kind, root, opts)
+    pre_tasks = pretrain_tasks_per_node(kind, opts)
 
     # pretrainings, one job per stage directory (rows with the same config share it)
     pre_jobs: dict[Path, tuple[Any, str]] = {}
@@ -236,8 +263,8 @@ def _launch(suites: list[SuiteConfig], infos: list[SweepInfo | None], kind: str,
                 log(f"[launch] pretraining of {where}: same stage as {pre_jobs[pre.dir][1]}, "
                     f"shares its job {pre_jobs[pre.dir][0].job_id}")
                 continue
-            job = _submit(executor, kind, make(StageFilter(pre.entry.name, pre.seed,
-                                                           pretrain_only=True)))
+            only = StageFilter(pre.entry.name, pre.seed, pretrain_only=True)
+            job = _submit(executor, kind, make(only, multiprocess=pre_tasks > 1), tasks=pre_tasks)
             pre_jobs[pre.dir] = (job, where)
             log(f"[launch] submitted pretraining of {where}: job {job.job_id}")
     if kind != "slurm":  # the local executor knows no dependencies

@@ -83,7 +83,7 @@ from harness.stages import (
 from harness.sweep import SweepRow, row_encoder_name, tag_text
 from pretrain.encoders import create_encoder, load_encoder
 from pretrain.encoders.arch import arch_label
-from pretrain.engine import ENCODER, SUMMARY, pretrain
+from pretrain.engine import ENCODER, SUMMARY, pretrain, summary_for_record
 
 
 @dataclass
@@ -153,10 +153,10 @@ def obtain_encoder(entry: EncoderEntry, suite: SuiteConfig, seed: int, root: Pat
 
 
 def _pretrain_details(stage: Path) -> dict[str, Any]:
-    """What a pretrained encoder's records say about its pretraining: the stage directory and
-    the summary's AvgDist of its masking (SimMIM Fig. 3; absent in summaries written before it
+    """What a pretrained encoder's records say about its pretraining: the stage directory, the
+    summary's compute / non-finite blocks (:func:`pretrain.engine.summary_for_record`) and its AvgDist of its masking (SimMIM Fig. 3; absent in summaries written before it
     was stored)."""
-    details: dict[str, Any] = {"stage": str(stage)}
+    details: dict[str, Any] = {"stage": str(stage), "pretraining": summary_for_record(stage)}
     avgdist = json.loads((stage / SUMMARY).read_text()).get("avgdist")
     if avgdist is not None:
         details["avgdist"] = avgdist

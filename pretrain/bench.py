@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from harness.core import parallel
 from harness.core.config import EncoderConfig, RecipeConfig
 from harness.core.measure import peak_mb, sync, time_step
 from pretrain.dall_e import DallEEncoder
@@ -76,10 +77,13 @@ def recipe_overrides(label: str, tmp: str) -> dict[str, Any]:
 
 
 def recipe_step(
-    label: str, arch: str | None, batch: int, device: torch.device, tmp: str
+    label: str, arch: str | None, batch: int, device: torch.device, tmp: str,
+    compile: bool = False,
 ) -> tuple[Callable[[], None], torch.nn.Module, int, str]:
     """One recipe's model and a closure doing one optimization step (forward, backward, AdamW)
-    on a fixed random batch; ``arch`` replaces the default preset of the ViT recipes.
+    on a fixed random batch; ``arch`` replaces the default preset of the ViT recipes. With
+    ``compile`` the model runs through ``torch.compile`` (what ``train.compile`` does; the first
+    call compiles).
 
     Returns:
         ``(step, model, image side, encoder preset used)``.
@@ -96,10 +100,11 @@ def recipe_step(
     imgs = torch.randn(batch, 3, size, size, device=device)
     mask = model.masker(batch, generator=torch.Generator().manual_seed(0)).to(device)
     amp = device.type == "cuda"
+    net = parallel.compile_module(model) if compile else model
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(imgs, mask).loss
+            loss = net(imgs, mask).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

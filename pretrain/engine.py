@@ -9,9 +9,22 @@
   states; the data order, augmentation and masks are functions of (seed, epoch/step, index), so a
   resumed run reproduces the uninterrupted loss curve. A checkpoint of another config is refused
   (:class:`harness.core.training.ResumableCheckpoint`, the policy of every training loop).
-* The loop reads as MAE's: :func:`pretrain` is setup (:func:`_setup`), restore
-  (:func:`_restore`), the steps (:func:`_train`, :func:`_train_step`) and :func:`_finish`;
-  ``accum_steps`` accumulates gradients over micro-batches of each step.
+* The loop reads as MAE's: :func:`pretrain` is setup (:func:`_setup`), the wrapping
+  (:func:`_wrap`), restore (:func:`_restore`), the steps (:func:`_train`, :func:`_train_step`)
+  and :func:`_finish`.
+* Compute and memory (``train.*``, :mod:`harness.core.parallel`): ``accum_steps`` accumulates
+  gradients over micro-batches of each step (the lr schedule counts optimizer steps);
+  ``activation_checkpointing`` recomputes each encoder block in the backward pass; ``fsdp``
+  shards the model over the ranks with one ``fully_shard`` unit per encoder block instead of DDP
+  (checkpoints hold full state dicts, so resume and export read them as any other);
+  ``compile`` runs the model through ``torch.compile``, falling back to eager with one warning
+  when compilation fails. The summary says what ran (``compute``).
+* A non-finite loss (the mean over ranks, so every rank takes the same branch) follows
+  ``train.nonfinite``: ``stop`` raises naming the step; ``skip`` makes no update that step and
+  counts it; ``restore`` reloads the last checkpoint (a fresh run writes one at step 0) and
+  multiplies the lr by ``nonfinite_lr_factor``; more than ``nonfinite_max_events`` events in a
+  row stop the run. Every event is logged and listed in the summary (``nonfinite``) and the
+  checkpoint.
 * Recipes whose target needs fitting first (BEiT's tokenizers trained here) fit it at the start
   of a fresh run on seeded training images (``model.prepare``); the fitted tokenizer lives in the
   model's state, so a resumed run restores it from the checkpoint.
@@ -42,7 +55,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from harness.core import distributed
+from harness.core import distributed, parallel
 from harness.core.config import ConfigError, PretrainConfig, dump_config, to_plain
 from harness.core.data.datasets import (
     DatasetError,
@@ -238,12 +251,26 @@ class _Run:
     peak_lr: float
     model: MIMModel
     opt: torch.optim.Optimizer
-    net: torch.nn.Module
+    net: torch.nn.Module  # what the steps call: the model, wrapped (DDP, compile) or not
     accum: GradAccumulation
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_before: set[str] = field(default_factory=set)  # met by earlier sessions of this run
     last_loss: float = float("nan")
+    ddp: DistributedDataParallel | None = None
+    fsdp: bool = False  # the model is sharded (fully_shard)
+    eager: torch.nn.Module | None = None  # run.net before torch.compile
+    compile_error: str | None = None  # why compilation failed (then run.net is eager)
+    lr_scale: float = 1.0  # the product of the nonfinite 'restore' factors so far
+    nonfinite_events: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_streak: int = 0  # events since a step last got past the last event's step
+    last_event_step: int = 0
+    restart: bool = False  # the state was restored: the loop goes on from run.step
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the steps run the compiled model."""
+        return self.eager is not None
 
     @property
     def is_main(self) -> bool:
@@ -255,7 +282,6 @@ def pretrain(
     out_dir: str | Path,
     resume: bool = True,
     log: Callable[[str], Any] = print,
-    accum_steps: int = 1,
 ) -> PretrainResult:
     """Run (or resume) one pretraining.
 
@@ -264,12 +290,10 @@ def pretrain(
         out_dir: Stage directory; holds the resolved config, checkpoint, log, encoder and picture.
         resume: Continue from ``out_dir/checkpoint.pth`` when it exists (else start over).
         log: Where progress lines go.
-        accum_steps: Micro-batches per step of each process's batch (gradient accumulation, for
-            a batch that does not fit in memory at once; not a config key yet, so it is not in
-            the config hash: the gradient is the same up to float rounding).
 
     Raises:
         CheckpointError: ``resume`` and the checkpoint was written by another config.
+        FloatingPointError: A non-finite loss that ``train.nonfinite`` does not absorb.
     """
     out = Path(out_dir)
     # data parallel when launched by torchrun (harness.core.distributed.init_from_env was called)
@@ -284,21 +308,25 @@ def pretrain(
         fix="pass --overwrite to start over, use another output directory, or delete it",
     )  # fmt: skip
     ck = _read_checkpoint(ckpt, resume, rank, world)
-    run = _setup(cfg, out, ckpt, log, rank, world, local_batch, accum_steps, fresh=ck is None)
+    run = _setup(cfg, out, ckpt, log, rank, world, local_batch, fresh=ck is None)
+    _wrap(run)
     if ck is not None:
         _restore(run, ck)
-    elif not run.is_main:
-        # rank 0 keeps the single-process RNG stream; the others get their own, so in-forward
-        # randomness (drop path, token corruption) is not repeated across ranks
-        torch.manual_seed(_rank_seed(cfg.seed, rank))
-        random.seed(_rank_seed(cfg.seed, rank))
-    _wrap_data_parallel(run)
+    else:
+        if not run.is_main:
+            # rank 0 keeps the single-process RNG stream; the others get their own, so in-forward
+            # randomness (drop path, token corruption) is not repeated across ranks
+            torch.manual_seed(_rank_seed(cfg.seed, rank))
+            random.seed(_rank_seed(cfg.seed, rank))
+        if cfg.train.nonfinite == "restore":  # what a non-finite loss before any checkpoint restores
+            _save_checkpoint(run)
     t = cfg.train
     log(
         f"[pretrain {cfg.name}] recipe={cfg.recipe.name} encoder={cfg.encoder.arch} "
         f"images={len(run.train_ds)} batch={t.batch_size} steps={run.total_steps} "
         f"lr={run.peak_lr:.3g} device={run.device}{' bf16' if run.amp_dtype else ' fp32'}"
         + (f" ranks={world} (batch {local_batch} each)" if world > 1 else "")
+        + _compute_note(run)
     )
     t0 = time.time()
     _train(run, t0)
@@ -333,7 +361,6 @@ def _setup(
     rank: int,
     world: int,
     local_batch: int,
-    accum_steps: int,
     fresh: bool,
 ) -> _Run:
     """Device, seeds, data, schedule, model and optimizer; writes ``config.yaml`` (rank 0) once
@@ -369,25 +396,47 @@ def _setup(
     if fresh:
         model.prepare(_image_sampler(train_ds, cfg.seed, device), log)
     peak_lr = scaled_lr(t.base_lr, t.batch_size, t.lr_base_batch)
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak_lr, betas=t.betas)
     return _Run(
         cfg=cfg, out=out, log=log, ckpt=ckpt, rank=rank, world=world, local_batch=local_batch,
         device=device, amp_dtype=amp_dtype, root=root, train_ds=train_ds,
         skips=SkipTally(base_ds, "pretraining train split"), steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=t.warmup_epochs * spe, peak_lr=peak_lr,
-        model=model, opt=opt, net=model, accum=GradAccumulation(accum_steps),
+        model=model, opt=_optimizer(model, cfg, peak_lr), net=model,
+        accum=GradAccumulation(t.accum_steps),
     )  # fmt: skip
 
 
+def _optimizer(model: MIMModel, cfg: PretrainConfig, peak_lr: float) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` (built again after ``fully_shard`` replaced the
+    parameters)."""
+    t = cfg.train
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak_lr, betas=t.betas)
+
+
 def _restore(run: _Run, ck: dict[str, Any]) -> None:
-    """Model, optimizer, step, history and RNG states from checkpoint ``ck``."""
+    """Resume from checkpoint ``ck``: the training state (:func:`_load_training_state`), the
+    unreadable files met, the lr scale and the non-finite events so far."""
+    cfg, world = run.cfg, run.world
+    _load_training_state(run, ck)
+    run.skipped_before = set(ck.get("skipped_files", []))
+    run.lr_scale = float(ck.get("lr_scale", 1.0))
+    run.nonfinite_events = list(ck.get("nonfinite_events", []))
+    if world > 1 and int(ck.get("world_size", 1)) != world:
+        run.log(f"[pretrain {cfg.name}] checkpoint written by {ck.get('world_size', 1)} "
+                f"process(es), resumed by {world}: the data order and masks continue exactly; the "
+                "RNG streams of ranks > 0 (drop path, token corruption) are reseeded")  # fmt: skip
+    run.log(f"[pretrain {cfg.name}] resumed at step {run.step}/{run.total_steps} from {run.ckpt.path}")
+
+
+def _load_training_state(run: _Run, ck: dict[str, Any]) -> None:
+    """Model, optimizer, step, history and RNG states from checkpoint ``ck`` (full state dicts,
+    loaded into a sharded model as into any other)."""
     cfg, rank, world = run.cfg, run.rank, run.world
-    run.model.load_state_dict(ck["model"])
-    run.opt.load_state_dict(ck["optimizer"])
+    parallel.load_model_state(run.model, ck["model"])
+    parallel.load_optimizer_state(run.model, run.opt, ck["optimizer"])
     run.step = int(ck["step"])
     run.history = list(ck["history"])
     run.last_loss = run.history[-1]["loss"] if run.history else float("nan")
-    run.skipped_before = set(ck.get("skipped_files", []))
     per_rank = ck.get("rng_ranks")
     if world > 1 and per_rank is not None and len(per_rank) == world:
         _set_rng_state(per_rank[rank], run.device)
@@ -396,33 +445,66 @@ def _restore(run: _Run, ck: dict[str, Any]) -> None:
     else:  # a checkpoint from another world size: fresh, still seeded, streams for rank > 0
         torch.manual_seed(_rank_seed(cfg.seed, rank, run.step))
         random.seed(_rank_seed(cfg.seed, rank, run.step))
-    if world > 1 and int(ck.get("world_size", 1)) != world:
-        run.log(f"[pretrain {cfg.name}] checkpoint written by {ck.get('world_size', 1)} "
-                f"process(es), resumed by {world}: the data order and masks continue exactly; the "
-                "RNG streams of ranks > 0 (drop path, token corruption) are reseeded")  # fmt: skip
-    run.log(f"[pretrain {cfg.name}] resumed at step {run.step}/{run.total_steps} from {run.ckpt.path}")
+
+
+def _wrap(run: _Run) -> None:
+    """What the steps call: the model with activation checkpointing per encoder block (when
+    asked), then sharded (FSDP) or wrapped in DDP under torchrun, then compiled (when asked)."""
+    t = run.cfg.train
+    blocks = run.model.encoder.residual_blocks()
+    if t.activation_checkpointing:
+        parallel.checkpoint_blocks(blocks)
+    if t.fsdp and run.world > 1:
+        _shard(run, blocks)
+    elif run.world > 1:
+        _wrap_data_parallel(run)
+    if t.compile:
+        run.eager = run.net
+        run.net = parallel.compile_module(run.net)
+
+
+def _shard(run: _Run, blocks: list[torch.nn.Module]) -> None:
+    """FSDP: one unit per encoder block, one for the rest; the optimizer is built again over the
+    sharded parameters (each rank holds its shard of the AdamW moments)."""
+    parallel.shard_blocks(run.model, blocks, run.device)
+    run.opt = _optimizer(run.model, run.cfg, run.peak_lr)
+    run.fsdp = True
 
 
 def _wrap_data_parallel(run: _Run) -> None:
     """Under torchrun, the model the steps call is wrapped in DistributedDataParallel."""
-    if run.world == 1:
-        return
     # some parameters never get a gradient (MAE's encoder mask token); DDP must look for
     # them each step (static_graph=True gave wrong cls-token gradients here: 0.2 off)
     ids = [torch.cuda.current_device()] if run.device.type == "cuda" else None
-    run.net = DistributedDataParallel(run.model, device_ids=ids, find_unused_parameters=True)
+    run.ddp = DistributedDataParallel(run.model, device_ids=ids, find_unused_parameters=True)
+    run.net = run.ddp
+
+
+def _compute_note(run: _Run) -> str:
+    """The start line's note of the compute settings that are not the defaults."""
+    t = run.cfg.train
+    notes = [f"accum={t.accum_steps}"] if t.accum_steps > 1 else []
+    notes += ["fsdp"] if run.fsdp else []
+    if t.fsdp and not run.fsdp:
+        notes.append("fsdp off (one process: nothing to shard)")
+    notes += ["activation-checkpointing"] if t.activation_checkpointing else []
+    notes += ["compile"] if t.compile else []
+    notes += [f"nonfinite={t.nonfinite}"] if t.nonfinite != "stop" else []
+    return (" " + " ".join(notes)) if notes else ""
 
 
 def _save_checkpoint(run: _Run) -> None:
     """The resumable state (a collective under torchrun: every rank calls it, rank 0 writes)."""
     ck = {
-        "model": run.model.state_dict(),
-        "optimizer": run.opt.state_dict(),
+        "model": parallel.model_state(run.model),  # full tensors, under FSDP too
+        "optimizer": parallel.optimizer_state(run.model, run.opt),
         "step": run.step,
         "history": run.history,
         "encoder_config": run.cfg.encoder.model_dump(mode="json"),  # what import builds
         "rng": _rng_state(run.device),
         "skipped_files": _skipped_files(run.skipped_before, run.skips),  # a collective too
+        "lr_scale": run.lr_scale,
+        "nonfinite_events": run.nonfinite_events,
     }
     if run.world > 1:
         ck["rng_ranks"] = distributed.all_gather_object(_rng_state(run.device))
@@ -458,7 +540,9 @@ def _train(run: _Run, t0: float) -> None:
             for j, (imgs, _, keep) in enumerate(loader):
                 run.skips.add(batches[j], keep)
                 run.skips.report(run.log)  # names each unreadable file once
-                lr = lr_at(run.step, run.total_steps, run.warmup_steps, run.peak_lr, t.min_lr)
+                lr = run.lr_scale * lr_at(
+                    run.step, run.total_steps, run.warmup_steps, run.peak_lr, t.min_lr
+                )
                 set_lr(run.opt, lr)
                 mask = _local_mask(run, keep)  # [b, L]
                 if imgs.shape[0] == 0:  # every image unreadable: this step makes no update
@@ -468,6 +552,10 @@ def _train(run: _Run, t0: float) -> None:
                             "batch, no update")  # fmt: skip
                 else:
                     _train_step(run, imgs, mask, lr)
+                    if run.restart:  # a restored checkpoint: the epoch's loader from run.step
+                        run.restart = False
+                        _rewind_bar(bar, run.step)
+                        break
                     scalars.scalars({"pretrain/loss": run.last_loss, "pretrain/lr": lr}, run.step)
                     if bar is not None:
                         bar.set_postfix(loss=f"{run.last_loss:.4f}", refresh=False)
@@ -485,6 +573,13 @@ def _train(run: _Run, t0: float) -> None:
         scalars.close()
 
 
+def _rewind_bar(bar: Any, step: int) -> None:
+    """Put the progress bar back at ``step`` (after a restored checkpoint)."""
+    if bar is not None:
+        bar.n = step
+        bar.refresh()
+
+
 def _local_mask(run: _Run, keep: torch.Tensor) -> torch.Tensor:
     """This step's masks of this rank's readable images ``[b, L]``: the masks of the whole
     global batch, then this rank's rows (the union over ranks is the single-process mask), less
@@ -496,49 +591,143 @@ def _local_mask(run: _Run, keep: torch.Tensor) -> torch.Tensor:
 
 def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) -> None:
     """One optimizer step on this rank's readable images ``[b, 3, H, W]`` and their masks
-    ``[b, L]``, accumulated over up to ``run.accum.k`` micro-batches (each loss weighted by its
-    share of the ``b`` images, so the step's gradient is that of the mean loss; under DDP the
-    gradients are all-reduced on the last micro-batch only).
+    ``[b, L]`` (:func:`_forward_backward`); a non-finite loss goes to :func:`_on_nonfinite`
+    instead of the update.
 
     Raises:
-        FloatingPointError: The loss is not finite (the same verdict on every rank).
+        FloatingPointError: The loss is not finite and ``train.nonfinite`` gives up (the same
+            verdict on every rank).
     """
-    t = run.cfg.train
     imgs = imgs.to(run.device, non_blocking=True)
     mask = mask.to(run.device, non_blocking=True)
+    run.opt.zero_grad(set_to_none=True)
+    loss_value = _forward_backward(run, imgs, mask)
+    if not math.isfinite(loss_value):  # the same verdict on every rank, before the update
+        _on_nonfinite(run, loss_value, lr)
+        return
+    clip_and_step(run.opt, run.model.parameters(), run.cfg.train.clip_grad)
+    run.step += 1
+    run.model.after_step(run.step)
+    run.last_loss = loss_value
+    run.history.append({"step": run.step, "loss": loss_value, "lr": lr})
+    if run.step >= run.last_event_step:  # past the last non-finite event
+        run.nonfinite_streak = 0
+
+
+def _forward_backward(run: _Run, imgs: torch.Tensor, mask: torch.Tensor) -> float:
+    """The step's gradients and its loss (the mean over ranks). A compiled model that fails
+    (compilation happens at the first call, and again on a new input shape) is dropped for the
+    eager one with one warning, and the step is redone eagerly from the same RNG state."""
+    if not run.compiled:
+        return distributed.all_reduce_mean(_accumulate(run, imgs, mask))
+    rng = _rng_state(run.device)
+    try:
+        local = _accumulate(run, imgs, mask)
+    except Exception as exc:  # noqa: BLE001  (a compiler's failure has no one type)
+        _uncompile(run, exc)
+        _set_rng_state(rng, run.device)
+        run.opt.zero_grad(set_to_none=True)
+        local = _accumulate(run, imgs, mask)
+    return distributed.all_reduce_mean(local)
+
+
+def _uncompile(run: _Run, exc: BaseException) -> None:
+    """Go on with the eager model; the warning names the error (the summary keeps it)."""
+    assert run.eager is not None
+    run.net, run.eager = run.eager, None
+    run.compile_error = parallel.compile_failure_message(exc)
+    run.log(f"[pretrain {run.cfg.name}] WARNING: {run.compile_error}")
+
+
+def _accumulate(run: _Run, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of this rank's batch, accumulated over up to ``run.accum.k``
+    micro-batches (each loss weighted by its share of the ``b`` images, so the step's gradient
+    is that of the mean loss; under DDP / FSDP the gradients are reduced on the last micro-batch
+    only); the batch's mean loss (a 0-d tensor, detached)."""
     b = imgs.shape[0]
     parts = split_batch(b, run.accum.k)
-    run.opt.zero_grad(set_to_none=True)
     local = torch.zeros((), device=run.device)
     for j, part in enumerate(parts):
-        with _sync_unless(run.net, last=j == len(parts) - 1):
+        with _sync_unless(run, last=j == len(parts) - 1):
             with autocast(run.device, run.amp_dtype):
                 loss = run.net(imgs[part], mask[part]).loss
             if len(parts) > 1:  # this micro-batch's share of the mean over the b images
                 loss = loss * ((part.stop - part.start) / b)
             loss.backward()
-        if len(parts) > 1:
-            local = local + loss.detach().float()
-    loss_value = distributed.all_reduce_mean(local if len(parts) > 1 else loss.detach())
-    if not math.isfinite(loss_value):  # the same verdict on every rank, before the update
-        raise FloatingPointError(
-            f"loss is {loss_value} at step {run.step}; the last good checkpoint is "
-            f"{run.ckpt.path if run.ckpt.exists() else '(none yet)'}. Lower train.base_lr or "
-            "set train.clip_grad"
-        )
-    clip_and_step(run.opt, run.model.parameters(), t.clip_grad)
-    run.step += 1
-    run.model.after_step(run.step)
-    run.last_loss = loss_value
-    run.history.append({"step": run.step, "loss": loss_value, "lr": lr})
+        local = local + loss.detach().float()
+    return local
 
 
-def _sync_unless(net: torch.nn.Module, last: bool) -> Any:
-    """DDP's ``no_sync`` for every micro-batch but the last of a step (a no-op context for a
-    single process and for the last micro-batch, whose backward all-reduces the sum)."""
-    if last or not isinstance(net, DistributedDataParallel):
+def _sync_unless(run: _Run, last: bool) -> Any:
+    """No gradient reduction for every micro-batch but the last of a step (DDP's ``no_sync``,
+    FSDP's gradient sync off); a no-op context for a single process and for the last micro-batch,
+    whose backward reduces the sum."""
+    if last:
         return contextlib.nullcontext()
-    return net.no_sync()
+    if run.ddp is not None:
+        return run.ddp.no_sync()
+    if run.fsdp:
+        return _fsdp_no_sync(run.model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: torch.nn.Module) -> Any:
+    parallel.set_gradient_sync(model, False)
+    try:
+        yield
+    finally:
+        parallel.set_gradient_sync(model, True)
+
+
+def _on_nonfinite(run: _Run, value: float, lr: float) -> None:
+    """A non-finite loss at step ``run.step`` (counted as the error and the events count it:
+    the optimizer steps done before it) under ``train.nonfinite``: ``skip`` counts the step
+    without an update, ``restore`` reloads the last checkpoint and lowers the lr; each is an
+    event in the log, the summary and the checkpoint.
+
+    Raises:
+        FloatingPointError: ``stop``, or more than ``nonfinite_max_events`` events in a row.
+    """
+    t = run.cfg.train
+    run.opt.zero_grad(set_to_none=True)
+    at = run.step
+    run.nonfinite_streak += 1
+    run.last_event_step = max(run.last_event_step, at + 1)  # the step count once it succeeds
+    if t.nonfinite == "stop" or run.nonfinite_streak > t.nonfinite_max_events:
+        raise FloatingPointError(_nonfinite_message(run, value, at))
+    event: dict[str, Any] = {"step": at, "loss": str(value), "lr": lr, "action": t.nonfinite}
+    if t.nonfinite == "skip":
+        run.step += 1
+        what = "step skipped (no update)"
+    else:
+        ck = run.ckpt.load()
+        assert ck is not None  # a restoring run writes one before its first step
+        _load_training_state(run, ck)
+        run.lr_scale *= t.nonfinite_lr_factor
+        run.restart = True
+        event |= {"restored_step": run.step, "lr_scale": run.lr_scale}
+        what = f"restored step {run.step} from {run.ckpt.path}, lr x {run.lr_scale:.3g} from now on"
+    run.nonfinite_events.append(event)
+    run.log(
+        f"[pretrain {run.cfg.name}] step {at}: loss is {value}; {what} (event "
+        f"{run.nonfinite_streak} in a row, at most {t.nonfinite_max_events})"
+    )
+
+
+def _nonfinite_message(run: _Run, value: float, at: int) -> str:
+    t = run.cfg.train
+    given_up = (
+        f" after {run.nonfinite_streak - 1} non-finite event(s) in a row "
+        f"(train.nonfinite_max_events={t.nonfinite_max_events}, policy '{t.nonfinite}')"
+        if t.nonfinite != "stop"
+        else ""
+    )
+    return (
+        f"loss is {value} at step {at}{given_up}; the last good checkpoint is "
+        f"{run.ckpt.path if run.ckpt.exists() else '(none yet)'}. Lower train.base_lr, set "
+        "train.clip_grad, or set train.nonfinite: skip / restore"
+    )
 
 
 def _log_progress(run: _Run, epoch: int, lr: float, step_at_start: int, t0: float) -> None:
@@ -558,15 +747,16 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
     cfg, out = run.cfg, run.out
     recon = out / "recon.png" if cfg.train.num_recon_images > 0 else None
     skipped = _skipped_files(run.skipped_before, run.skips)  # a collective: before the rank-0 block
+    model = _full_model(run)  # a collective under FSDP: the model on rank 0, None elsewhere
     if skipped:
         run.log(f"[pretrain {cfg.name}] {len(skipped)} unreadable training image(s) skipped "
                 f"(listed in {SUMMARY})")  # fmt: skip
-    if run.is_main:  # the other ranks wait at the barrier below until the outputs exist
+    if model is not None:  # rank 0; the other ranks wait at the barrier below for the outputs
         chash = run.ckpt.config_hash
         meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": run.step}
-        run.model.encoder.save_timm(out / ENCODER, meta=meta)
+        model.encoder.save_timm(out / ENCODER, meta=meta)
         if recon is not None:
-            recon = save_reconstruction_grid(run.model, run.root, cfg, recon, run.device, run.log)
+            recon = save_reconstruction_grid(model, run.root, cfg, recon, run.device, run.log)
         atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
         atomic_write_json(
             out / SUMMARY,
@@ -577,10 +767,54 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
                 "encoder_definition": encoder_definition(cfg.encoder, cfg.recipe),
                 "avgdist": encoder_avgdist(cfg.recipe.masking, cfg.encoder).to_dict(),
                 **({"world_size": run.world} if run.world > 1 else {}),
+                "compute": _compute_summary(run), "nonfinite": _nonfinite_summary(run),
             },
         )  # fmt: skip
     distributed.barrier()
     return PretrainResult(out, out / ENCODER, recon, run.last_loss, run.step, wall)
+
+
+def _full_model(run: _Run) -> MIMModel | None:
+    """The trained model, whole, on rank 0 (None on the other ranks): under FSDP a fresh model
+    holding the gathered full state (every rank takes part in the gather)."""
+    if not run.fsdp:
+        return run.model if run.is_main else None
+    state = parallel.model_state(run.model)
+    if not run.is_main:
+        return None
+    model = create_model(run.cfg.encoder, run.cfg.recipe).to(run.device)
+    model.load_state_dict(state)
+    return model
+
+
+def _compute_summary(run: _Run) -> dict[str, Any]:
+    """What ran: accumulation, FSDP, activation checkpointing, compiled or not (and why not)."""
+    t = run.cfg.train
+    return {
+        "accum_steps": t.accum_steps, "fsdp": run.fsdp,
+        "activation_checkpointing": t.activation_checkpointing,
+        "compile": t.compile, "compiled": run.compiled, "compile_error": run.compile_error,
+    }  # fmt: skip
+
+
+def _nonfinite_summary(run: _Run) -> dict[str, Any]:
+    """The policy, every event, the skipped steps, the restores and the lr scale reached."""
+    events = run.nonfinite_events
+    return {
+        "policy": run.cfg.train.nonfinite, "events": events,
+        "skipped_steps": sum(e["action"] == "skip" for e in events),
+        "restores": sum(e["action"] == "restore" for e in events), "lr_scale": run.lr_scale,
+    }  # fmt: skip
+
+
+def summary_for_record(stage: Path) -> dict[str, Any]:
+    """What a task record says about the pretraining of stage directory ``stage``: the
+    ``compute`` and ``nonfinite`` blocks of its summary (empty when the summary has none)."""
+    path = stage / SUMMARY
+    if not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    return {k: summary[k] for k in ("compute", "nonfinite") if k in summary}
 
 
 def _silent(msg: str) -> None:

@@ -192,3 +192,22 @@ def test_finetune_writes_tensorboard_scalars(tiny_imagefolder, tmp_path):
     assert loss[0].value == pytest.approx(res.details["loss_first"], rel=1e-5)
     assert loss[1].value == pytest.approx(res.details["loss_last"], rel=1e-5)
     assert [e.step for e in acc.Scalars("finetune/lr")] == [1, 2]
+
+
+def test_activation_checkpointing_gives_the_same_fine_tuning(tiny_imagefolder, tmp_path):
+    """Recomputed blocks (drop path 0.1 redraws the same masks: the RNG state is replayed) give
+    the run without checkpointing; the key is left out of dumps while off."""
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    task = get_task("finetune")
+    tiny = {**TINY, "epochs": 1, "drop_path": 0.1, "keep_checkpoint": True}
+    runs = {ac: task.run(enc, FinetuneConfig(**tiny, activation_checkpointing=ac),
+                         _ctx(tiny_imagefolder, tmp_path / str(ac))) for ac in (False, True)}  # fmt: skip
+    assert runs[True].metrics == pytest.approx(runs[False].metrics, abs=1e-9)
+    states = [torch.load(tmp_path / str(ac) / "finetune_checkpoint.pth", weights_only=True)["model"]
+              for ac in (False, True)]  # fmt: skip
+    assert states[0].keys() == states[1].keys()  # the same names: hooks, not wrappers
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=0, atol=1e-6)
+    assert "activation_checkpointing" not in FinetuneConfig(**TINY).model_dump()
+    assert FinetuneConfig(**TINY, activation_checkpointing=True).model_dump()["activation_checkpointing"]

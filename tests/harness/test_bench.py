@@ -131,3 +131,25 @@ def test_a_task_that_times_its_own_pipeline_gives_the_row(monkeypatch):
     assert asked == [("vit_micro_32", 4, True)]  # the timed steps and one warm-up
     assert (row["img"], row["batch"], row["step_s"], row["img_per_s"]) == ("64x64", 2, 0.5, 4.0)
     assert (row["peak_mb"], row["gflops_per_img"], row["mfu"]) == (123.0, 4.0, None)
+
+
+def test_compile_targets_are_the_pretraining_targets_with_a_suffix():
+    bench.check_targets(["pretrain/mae+compile", "pretrain/simmim"])
+    from harness.core.errors import UserError
+
+    with pytest.raises(UserError, match="unknown bench target 'task/finetune\\+compile'"):
+        bench.check_targets(["task/finetune+compile"])
+
+
+@pytest.mark.slow
+def test_a_compiled_pretraining_step_is_timed(monkeypatch):
+    from harness.core import parallel
+
+    monkeypatch.setattr(parallel, "COMPILE_BACKEND", "aot_eager")  # inductor takes minutes here
+    monkeypatch.setitem(pretrain_bench.BENCH_RECIPES, "mae_micro",
+                        ("vit_micro_32", {"name": "mae", "head": {"depth": 1, "dim": 32,
+                                                                  "num_heads": 2}}))  # fmt: skip
+    row = bench.measure("pretrain/mae_micro+compile", "vit_micro_32", batch=2, steps=1,
+                        device_name="cpu")  # fmt: skip
+    assert row["target"] == "pretrain/mae_micro+compile" and row["gflops_per_img"] is None
+    assert row["compile_s"] > 0 and row["step_s"] > 0

@@ -72,3 +72,38 @@ def test_submitit_local_task_does_not_run_after_its_pretraining_failed(tiny_imag
     states = {(s.kind, s.encoder): s.state for s in plan_suite(cfg)}
     assert states == {("pretrain", "mae"): "failed", ("linear_probe", "mae"): "blocked",
                       ("linear_probe", "random-init"): "done"}
+
+
+class _FakeSlurm:
+    """Records what each submission was given (submitit's executor interface, no cluster)."""
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+        self.submitted: list[tuple] = []
+
+    def update_parameters(self, **kw) -> None:
+        self.params.update(kw)
+
+    def submit(self, job):
+        self.submitted.append((job, dict(self.params)))
+        n = len(self.submitted)
+        return type("Job", (), {"job_id": str(n), "result": lambda self: None})()
+
+
+def test_slurm_pretraining_jobs_run_one_process_per_gpu(tiny_imagefolder, tmp_path, monkeypatch):
+    """With 4 GPUs per node the pretraining job gets 4 tasks whose processes join one group
+    (data-parallel, FSDP with train.fsdp); the task jobs stay one process and wait on it."""
+    import harness.launch as launch
+
+    fake = _FakeSlurm()
+    monkeypatch.setattr(launch, "_executor", lambda kind, root, opts: fake)
+    launch_submitit(_suite(tiny_imagefolder, tmp_path, "sl"), "slurm",
+                    SlurmOptions(gpus_per_node=4), log=lambda m: None)
+    (pre, pre_params), *tasks = fake.submitted
+    assert pre.only.pretrain_only and pre.multiprocess and pre_params["tasks_per_node"] == 4
+    assert len(tasks) == 2
+    for job, params in tasks:
+        assert not job.multiprocess and params["tasks_per_node"] == 1
+    deps = sorted(p["slurm_additional_parameters"].get("dependency", "") for _, p in tasks)
+    assert deps == ["", "afterok:1"]  # the random-init encoder's task waits for nothing
+    assert launch.pretrain_tasks_per_node("submitit-local", SlurmOptions(gpus_per_node=4)) == 1

@@ -200,7 +200,8 @@ def test_pretraining_accumulation_matches_the_whole_batch(tiny_imagefolder, tmp_
                          recipe=rec, train={"epochs": 1, "warmup_epochs": 0, "batch_size": 8,
                                             "base_lr": 1e-3, "max_steps": 3,
                                             "num_recon_images": 0})
-    runs = [pretrain(cfg, tmp_path / f"k{k}", log=lambda m: None, accum_steps=k) for k in (1, 3)]
+    runs = [pretrain(cfg.model_copy(update={"train": cfg.train.model_copy(update={"accum_steps": k})}),
+                     tmp_path / f"k{k}", log=lambda m: None) for k in (1, 3)]  # fmt: skip
     whole, accum = (torch.load(r.encoder_path, weights_only=True)["state_dict"] for r in runs)
     curves = [[json.loads(x) for x in (tmp_path / f"k{k}" / "loss.jsonl").read_text().splitlines()]
               for k in (1, 3)]  # fmt: skip

@@ -3,7 +3,7 @@ block and a standalone pretraining config; the recipe file's train block lies un
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
@@ -20,7 +20,34 @@ class TrainConfig(StrictModel):
     """Pretraining optimization (AdamW, cosine schedule with linear warmup).
 
     The learning rate is ``base_lr * batch_size / lr_base_batch`` (MAE: /256; SimMIM: /512).
+
+    Compute and memory (:mod:`pretrain.engine`; left out of dumps and hashes at their defaults,
+    so configs hashed before they existed keep their hashes):
+
+    Attributes:
+        accum_steps: Micro-batches per optimizer step of each process's batch (gradient
+            accumulation, MAE's ``accum_iter``); the step's gradient is the whole batch's, the
+            lr schedule counts optimizer steps.
+        compile: ``torch.compile`` the model's forward and backward (inductor); when
+            compilation fails the run continues eagerly with one warning naming the error.
+        fsdp: Shard parameters, gradients and optimizer state over the ranks (PyTorch's
+            ``fully_shard``, one unit per transformer block) instead of DistributedDataParallel;
+            checkpoints still hold full state dicts.
+        activation_checkpointing: Recompute each transformer block's activations in the
+            backward pass instead of storing them.
+        nonfinite: What a non-finite loss does: ``stop`` (raise, naming the step), ``skip`` (no
+            update this step, counted), ``restore`` (reload the last checkpoint and multiply the
+            lr by ``nonfinite_lr_factor``).
+        nonfinite_lr_factor: The lr multiplier of each ``restore`` event.
+        nonfinite_max_events: Consecutive non-finite events (no finite step between) after which
+            ``skip`` and ``restore`` give up with the ``stop`` error.
     """
+
+    #: Added after pretraining stages were hashed: dropped from dumps while at their default.
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = (
+        "accum_steps", "compile", "fsdp", "activation_checkpointing", "nonfinite",
+        "nonfinite_lr_factor", "nonfinite_max_events",
+    )  # fmt: skip
 
     epochs: int = Field(100, ge=1)
     warmup_epochs: float = Field(10, ge=0)
@@ -39,6 +66,31 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_steps: int | None = Field(None, ge=1)
     num_recon_images: int = Field(8, ge=0)
+    accum_steps: int = Field(1, ge=1)
+    compile: bool = False
+    fsdp: bool = False
+    activation_checkpointing: bool = False
+    nonfinite: Literal["stop", "skip", "restore"] = "stop"
+    nonfinite_lr_factor: float = Field(0.5, gt=0, lt=1)
+    nonfinite_max_events: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _accum_fits_batch(self) -> TrainConfig:
+        if self.accum_steps > self.batch_size:
+            raise ValueError(
+                f"accum_steps={self.accum_steps} is more than batch_size={self.batch_size}: a "
+                "micro-batch needs at least one image; lower train.accum_steps"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        fields = type(self).model_fields
+        for key in self.OMIT_AT_DEFAULT:
+            if getattr(self, key) == fields[key].default:
+                out.pop(key, None)
+        return out
 
 
 def resolve_encoder(encoder: EncoderConfig, recipe: RecipeConfig) -> EncoderConfig:
