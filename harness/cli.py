@@ -585,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from harness import bench as bench_mod
 
-    sp = sub.add_parser("bench", help="img/s, peak memory and FLOPs of each recipe's and task's step")
+    sp = sub.add_parser("bench", help="img/s, peak memory and FLOPs of each recipe's and task's "
+                        "step; `mimbench bench data`: the input pipeline's img/s per worker")
     bench_mod.build_parser(sp)
     sp.set_defaults(func=bench_mod.main)
 
@@ -616,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
             from downstream.bench_probe import main as bench_probe_main
 
             args = argparse.Namespace(func=lambda _: bench_probe_main(argv[1:]))
+        elif argv[:2] == ["bench", "data"]:  # the input pipeline's benchmark: its own options
+            from harness.bench_data import main as bench_data_main
+
+            args = argparse.Namespace(func=lambda _: bench_data_main(argv[2:]))
         else:
             try:
                 args = build_parser().parse_args(argv)
