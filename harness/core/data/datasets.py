@@ -37,6 +37,7 @@ from harness.core.data.imagefolder import (  # noqa: F401  (re-exported: the rea
     check_imagefolder_split,
     decode_sample,
     has_images,
+    seed_cpu_rng,
     unreadable_image_error,
 )
 from harness.core.data.shapes import ShapesSpec, ensure_shapes
@@ -340,7 +341,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed(index))
+            seed_cpu_rng(self.sample_seed(index))
             return self.base[index]
 
 
@@ -356,7 +357,7 @@ class FullySeededDataset(SeededDataset):
         s = self.sample_seed(index)
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            seed_cpu_rng(s)
             random.seed(s)
             np.random.seed(s)
             try:

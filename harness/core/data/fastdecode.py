@@ -162,7 +162,7 @@ def to_device_normalized(imgs: torch.Tensor, device: torch.device) -> torch.Tens
         return imgs
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return (imgs.float().div(255) - mean) / std
+    return imgs.float().div_(255).sub_(mean).div_(std)  # in place: no temporaries
 
 
 def loader_options(num_workers: int, device: torch.device, prefetch: int = 4) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from harness.core.data.imagefolder import (
     DatasetError,
     check_imagefolder_split,
     decode_sample,
+    seed_cpu_rng,
 )
 from harness.core.fsutil import atomic_write_json
 
@@ -599,7 +600,7 @@ class ShardStream(IterableDataset):
             s = (self.seed * 1_000_003 + epoch * 100_003 + (self.rank * self.workers + slot)
                  * 1_000_000_007 + i) % (2**63 - 1)  # fmt: skip
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
+                seed_cpu_rng(s)
                 try:
                     return StreamItem(decode_sample(io.BytesIO(data), self.transform), label, name)
                 except (OSError, ValueError, SyntaxError) as exc:
