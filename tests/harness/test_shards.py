@@ -310,3 +310,40 @@ def test_pretraining_reads_shards_as_it_reads_the_imagefolder(tiny_imagefolder, 
 
     a, b = run(tiny_imagefolder, "a"), run(tmp_path / "s", "b")
     assert len(a) == 3 and a == b
+
+
+@pytest.mark.slow
+def test_tasks_read_shards_as_they_read_the_imagefolder(tiny_imagefolder, tmp_path):
+    """kNN (on the features the probes cache too) on an ImageFolder and on its shards: the
+    same metrics; a damaged member is skipped and named by shard and member in the pretraining
+    summary."""
+    from downstream.base import TaskContext, get_task
+    from downstream.knn import KNNConfig
+    from harness.core.config import EncoderConfig
+    from pretrain.encoders.vit import ViTEncoder
+
+    write_shards(tiny_imagefolder, tmp_path / "s", shard_size=7, log=lambda m: None)
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+
+    def metrics(source: Path, name: str) -> dict[str, float]:
+        ctx = TaskContext(data=DataConfig(source=str(source)), seed=0,
+                          device=torch.device("cpu"), out_dir=tmp_path / name, log=lambda m: None)
+        return get_task("knn").run(enc, KNNConfig(k=3), ctx).metrics  # fmt: skip
+
+    a, b = metrics(tiny_imagefolder, "a"), metrics(tmp_path / "s", "b")
+    assert a == b and a["top1"] > 0
+
+    from harness.core.config import PretrainConfig
+    from pretrain.engine import pretrain
+
+    bad = _damage_member(tmp_path / "s", "train", 1, 2)
+    cfg = PretrainConfig(
+        data={"source": str(tmp_path / "s")}, encoder={"arch": "vit_micro_32"},
+        recipe={"name": "simmim", "masking": {"mask_patch_size": 16}},
+        train={"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "base_lr": 1e-3,
+               "lr_base_batch": 8, "num_recon_images": 0},
+    )  # fmt: skip
+    pretrain(cfg, tmp_path / "p", log=lambda m: None)
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["skipped_files"] == [bad] and summary["skipped_images"] == {"train": 1}

@@ -8,6 +8,7 @@ transform gets it decoded to RGB, as from torchvision's loader.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -128,3 +129,9 @@ class CheckedImageFolder(datasets.ImageFolder):
     def open(self, path: str) -> Image.Image:
         """The image at ``path`` opened, not decoded (what a :class:`LazyDecode` transform gets)."""
         return Image.open(path)
+
+    def sample_stat(self, path: str) -> tuple[int, int]:
+        """(size in bytes, modification time in ns) standing for the contents of sample ``path``
+        in cache fingerprints (one ``stat``, no image read)."""
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns

@@ -335,6 +335,11 @@ class ShardImageFolder(CheckedImageFolder):
         """The image at ``path`` decoded to RGB (torchvision's loader, for a shard member)."""
         return self.open(path).convert("RGB")
 
+    def sample_stat(self, path: str) -> tuple[int, int]:
+        """(member size, its shard's modification time in ns): a rewritten shard changes it."""
+        m = self._members[path]
+        return m.size, self.shard_paths[m.shard].stat().st_mtime_ns
+
 
 _SHARD_FIX = (
     "write the shards again with `mimbench data shard`, or run without strict_data to skip the "
