@@ -179,3 +179,20 @@ def test_pretraining_with_fast_decode_follows_the_slow_path_on_pngs(tiny_imagefo
 
     slow, fast = run(False, "a"), run(True, "b")
     assert len(slow) == 3 and np.allclose(slow, fast, rtol=1e-5, atol=1e-6)
+
+
+def test_fine_tuning_with_fast_decode_crops_through_the_draft_path(tiny_imagefolder, tmp_path, monkeypatch):
+    from downstream.base import TaskContext, get_task
+    from downstream.finetune import FinetuneConfig
+    from harness.core.config import DataConfig, EncoderConfig
+    from pretrain.encoders.vit import ViTEncoder
+
+    calls = []
+    real = DraftRandomResizedCrop.__call__
+    monkeypatch.setattr(DraftRandomResizedCrop, "__call__",
+                        lambda self, img: calls.append(1) or real(self, img))  # fmt: skip
+    ctx = TaskContext(data=DataConfig(source=str(tiny_imagefolder), fast_decode=True), seed=0,
+                      device=torch.device("cpu"), out_dir=tmp_path, log=lambda m: None)  # fmt: skip
+    cfg = FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=8, max_steps=2, mixup=0, cutmix=0)
+    res = get_task("finetune").run(ViTEncoder(EncoderConfig(arch="vit_micro_32")), cfg, ctx)
+    assert len(calls) == 16 and math.isfinite(res.details["loss_first"])  # 2 steps of 8 crops
