@@ -74,9 +74,9 @@ def dataset_fingerprint(ds: Any) -> str:
     h = hashlib.sha256(str(root).encode())
     h.update(json.dumps(list(ds.classes)).encode())
     for path, target in ds.samples:
-        st = os.stat(path)
+        size, mtime_ns = ds.sample_stat(path)  # a shard member: its size and its shard's mtime
         rel = os.path.relpath(path, root)
-        h.update(f"{rel}\t{target}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{rel}\t{target}\t{size}\t{mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -54,6 +54,7 @@ from harness.core.data.datasets import (
     imagefolder_checked,
     resolve_imagefolder_root,
 )
+from harness.core.data.fastdecode import with_draft_crop
 from harness.core.tracking import ScalarLogger, progress
 from harness.core.training import (
     GradAccumulation,
@@ -480,7 +481,10 @@ def _setup(encoder: Any, cfg: FinetuneConfig, ctx: TaskContext) -> _FinetuneRun:
     img = int(encoder.cfg.img_size)
     root = resolve_imagefolder_root(ctx.data)
     strict = cfg.strict_data or ctx.data.strict_data
-    train = imagefolder_checked(root, "train", _train_transform(cfg, img), strict)
+    train_tf = _train_transform(cfg, img)
+    if ctx.data.fast_decode:  # the crop decodes JPEGs at reduced size; the later stages as they are
+        train_tf = with_draft_crop(train_tf)
+    train = imagefolder_checked(root, "train", train_tf, strict)
     val = imagefolder_checked(root, "val", eval_transform(img, ctx.data.eval_crop_pct), strict)
     num_classes = len(train.classes)
     n = len(train)

@@ -363,6 +363,17 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    import time
+
+    from harness.core.data.shards import write_shards
+
+    t0 = time.time()
+    manifest = write_shards(Path(args.imagefolder), Path(args.out), args.shard_size, args.seed)
+    print(f"wrote {manifest} in {time.time() - t0:.1f}s (use {args.out} as data.source)")
+    return 0
+
+
 def cmd_viz_masks(args: argparse.Namespace) -> int:
     from pretrain.viz import mask_avgdists, save_mask_picture
 
@@ -561,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--published", help="published numbers (default: results/published_ablations.yaml)")
     sp.set_defaults(func=cmd_ablation)
 
-    sp = sub.add_parser("data", help="datasets: synth (write the synthetic shapes dataset)")
+    sp = sub.add_parser("data", help="datasets: synth (write the synthetic shapes dataset), "
+                        "shard (an ImageFolder as WebDataset tar shards)")
     dsub = sp.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     ds = dsub.add_parser("synth", help="write the synthetic shapes dataset")
     ds.add_argument("--out", required=True, help="a new or empty directory (or an earlier output)")
@@ -571,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train images per class (>= 1)")
     ds.add_argument("--val-per-class", type=int, default=25, help="val images per class (>= 1)")
     ds.set_defaults(func=cmd_data_synth)
+    ds = dsub.add_parser("shard", help="write an ImageFolder root (train/, val/) as WebDataset tar "
+                         "shards with a manifest; every task and pretraining read it as data.source")
+    ds.add_argument("imagefolder", help="ImageFolder root holding train/<class>/* and val/<class>/*")
+    ds.add_argument("--out", required=True, help="a new or empty directory (or an earlier output)")
+    ds.add_argument("--shard-size", type=int_at_least(1), default=1000,
+                    help="images per shard (default 1000)")
+    ds.add_argument("--seed", type=int, default=0,
+                    help="seed of the order in which images are spread over the shards")
+    ds.set_defaults(func=cmd_data_shard)
 
     sp = sub.add_parser("viz", help="pictures: masks (each masking strategy's masks)")
     vsub = sp.add_subparsers(dest="viz_command", required=True, metavar="COMMAND")
@@ -589,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from harness import bench as bench_mod
 
-    sp = sub.add_parser("bench", help="img/s, peak memory and FLOPs of each recipe's and task's step")
+    sp = sub.add_parser("bench", help="img/s, peak memory and FLOPs of each recipe's and task's "
+                        "step; `mimbench bench data`: the input pipeline's img/s per worker")
     bench_mod.build_parser(sp)
     sp.set_defaults(func=bench_mod.main)
 
@@ -620,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
             from downstream.bench_probe import main as bench_probe_main
 
             args = argparse.Namespace(func=lambda _: bench_probe_main(argv[1:]))
+        elif argv[:2] == ["bench", "data"]:  # the input pipeline's benchmark: its own options
+            from harness.bench_data import main as bench_data_main
+
+            args = argparse.Namespace(func=lambda _: bench_data_main(argv[2:]))
         else:
             try:
                 args = build_parser().parse_args(argv)

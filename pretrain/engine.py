@@ -68,6 +68,7 @@ from harness.core.data.datasets import (
     pretrain_transform,
     resolve_imagefolder_root,
 )
+from harness.core.data.fastdecode import fast_pretrain_transform, to_device_normalized
 from harness.core.errors import CheckpointError
 from harness.core.fsutil import (
     atomic_write_bytes,
@@ -182,7 +183,7 @@ def _image_sampler(ds: SeededDataset, seed: int, device: torch.device):
     def sample(n: int) -> torch.Tensor:
         ds.set_epoch(0)
         order = epoch_order(len(ds), seed, -1)
-        return torch.stack(_readable(ds, order, n)).to(device)
+        return to_device_normalized(torch.stack(_readable(ds, order, n)), device)
 
     return sample
 
@@ -379,8 +380,10 @@ def _setup(
     root = resolve_imagefolder_root(cfg.data)
     img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
     # unreadable files are skipped, counted and named on the log (fatal with data.strict_data)
+    # data.fast_decode: JPEGs decoded at reduced size, uint8 batches normalised on the device
+    make_tf = fast_pretrain_transform if cfg.data.fast_decode else pretrain_transform
     base_ds = imagefolder_checked(
-        root, "train", pretrain_transform(img_size, t.crop_scale, t.hflip),
+        root, "train", make_tf(img_size, t.crop_scale, t.hflip),
         strict=cfg.data.strict_data, min_classes=1,
     )  # fmt: skip
     train_ds = SeededDataset(base_ds, cfg.seed)
@@ -598,7 +601,7 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
         FloatingPointError: The loss is not finite and ``train.nonfinite`` gives up (the same
             verdict on every rank).
     """
-    imgs = imgs.to(run.device, non_blocking=True)
+    imgs = to_device_normalized(imgs, run.device)  # uint8 from data.fast_decode: normalised here
     mask = mask.to(run.device, non_blocking=True)
     run.opt.zero_grad(set_to_none=True)
     loss_value = _forward_backward(run, imgs, mask)

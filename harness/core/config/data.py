@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -26,7 +26,8 @@ class DataConfig(StrictModel):
     """Where images come from.
 
     ``source: shapes`` generates the embedded synthetic dataset on demand into a cache;
-    any other value is a path to an ImageFolder root holding ``train/`` and ``val/``.
+    any other value is a path to an ImageFolder root holding ``train/`` and ``val/``, or to a
+    shard dataset (``mimbench data shard``'s output: WebDataset tar shards and a manifest).
     """
 
     source: str = "shapes"
@@ -37,13 +38,28 @@ class DataConfig(StrictModel):
     #: tasks; a task's own ``strict_data`` also makes them fatal for that task). Default: skipped,
     #: counted and named on the log.
     strict_data: bool = False
+    #: The layout of ``source``: ``auto`` (default) reads shards where a shard manifest is found
+    #: (``manifest.json`` with ``format: mimbench-shards``) and an ImageFolder otherwise; the
+    #: other two insist on one (an error names the mismatch).
+    layout: Literal["auto", "imagefolder", "shards"] = "auto"
+    #: Pretraining's crops through the fast decode path (:mod:`harness.core.data.fastdecode`:
+    #: JPEGs decoded at reduced size where the crop is downscaled anyway, uint8 batches
+    #: normalised on the device). Off by default: the pixels differ slightly from the full
+    #: decode, so it is part of the run's config.
+    fast_decode: bool = False
 
     @model_serializer(mode="wrap")
     def _omit_default_strict(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # added after records and pretraining stages were hashed: left out of every dump at its
-        # default so their config hashes (which dump the whole data config) stay the same
+        # added after records and pretraining stages were hashed: left out of every dump at
+        # their defaults so their config hashes (which dump the whole data config) stay the same
         out = handler(self)
-        if not self.strict_data:
-            out.pop("strict_data", None)
+        for key, default in self._LATE_DEFAULTS.items():
+            if getattr(self, key) == default:
+                out.pop(key, None)
         return out
+
+    #: Keys added after configs were hashed, with the default that leaves them out of dumps.
+    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "strict_data": False, "layout": "auto", "fast_decode": False,
+    }
 

@@ -1,1 +1,2 @@
-"""Datasets: real on-disk formats (ImageFolder, COCO, ADE20K) and the embedded synthetic "shapes"."""
+"""Datasets: real on-disk formats (ImageFolder, WebDataset shards, COCO, ADE20K), the fast
+decode path and the embedded synthetic "shapes"."""

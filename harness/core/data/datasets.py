@@ -2,7 +2,9 @@
 synthetic "shapes" generated on demand), with a clear message for a wrong layout.
 
 One ImageFolder loader serves pretraining and every classification task:
-:func:`imagefolder_checked`. Unreadable image files are skipped (``None`` samples, dropped by
+:func:`imagefolder_checked`; a shard dataset (:mod:`harness.core.data.shards`, found by its
+manifest or named by ``data.layout: shards``) is read through the same functions, in the same
+sample order. Unreadable image files are skipped (``None`` samples, dropped by
 :func:`collate_skipping`), counted and named once on the log (:class:`SkipTally`), or fatal with
 ``strict``; a split none of whose images decodes, and a classification split with a single
 class, are errors that say so.
@@ -23,38 +25,60 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import datasets, transforms
+from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from harness.core.config import DataConfig
+from harness.core.data.imagefolder import (  # noqa: F401  (re-exported: the readers' names)
+    IMG_EXTENSIONS,
+    CheckedImageFolder,
+    DatasetError,
+    LazyDecode,
+    check_imagefolder_split,
+    decode_sample,
+    has_images,
+    seed_cpu_rng,
+    unreadable_image_error,
+)
 from harness.core.data.shapes import ShapesSpec, ensure_shapes
-from harness.core.errors import UserError
+from harness.core.data.shards import ShardImageFolder, is_shard_root, read_manifest, split_manifest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DatasetError(UserError, ValueError):
-    """A dataset path or layout is wrong; the message says what to fix."""
 
 
 def resolve_imagefolder_root(data: DataConfig) -> Path:
     """The ImageFolder root (holding ``train/`` and ``val/``) that ``data`` names.
 
-    ``source: shapes`` generates (or reuses from the cache) the synthetic dataset.
+    ``source: shapes`` generates (or reuses from the cache) the synthetic dataset. A shard
+    dataset's root is returned as it is (its manifest read and checked); ``data.layout`` other
+    than ``auto`` insists on one layout.
+
+    Raises:
+        DatasetError: The path is missing, its layout is wrong, or not the one ``data.layout``
+            names.
     """
     if data.source == "shapes":
+        if data.layout == "shards":
+            raise DatasetError(
+                "data.layout is 'shards' but data.source is 'shapes' (an ImageFolder): write its "
+                "shards with `mimbench data synth --out D && mimbench data shard D/imagefolder "
+                "--out S` and set data.source to S"
+            )
         return resolve_shapes_root(data) / "imagefolder"
     root = Path(data.source).expanduser()
     if not root.exists():
         raise DatasetError(
             f"dataset path {root} does not exist: set data.source to an ImageFolder root holding "
-            "train/<class>/*.jpg and val/<class>/*.jpg (ImageNet-1k's layout), or to 'shapes'"
+            "train/<class>/*.jpg and val/<class>/*.jpg (ImageNet-1k's layout), a shard dataset "
+            "(`mimbench data shard`), or 'shapes'"
         )
+    if _layout(root, data.layout) == "shards":
+        read_manifest(root)
+        return root
     if (root / "imagefolder").is_dir() and not (root / "train").is_dir():
         root = root / "imagefolder"  # the output of `mimbench data synth`
-    if not (root / "train").is_dir() and root.name in ("train", "val") and _has_images(root, "*/*"):
+    if not (root / "train").is_dir() and root.name in ("train", "val") and has_images(root, "*/*"):
         raise DatasetError(
             f"{root} looks like one split (class folders of images), not a dataset root: pass "
             f"its parent {root.parent}, which must hold both train/ and val/"
@@ -64,79 +88,25 @@ def resolve_imagefolder_root(data: DataConfig) -> Path:
     return root
 
 
+def _layout(root: Path, layout: str) -> str:
+    """The layout of ``root``: ``shards`` where a shard manifest is, else ``imagefolder``.
+
+    Raises:
+        DatasetError: ``layout`` names the other layout than the one found.
+    """
+    found = "shards" if is_shard_root(root) else "imagefolder"
+    if layout not in ("auto", found):
+        fix = ("write its shards with `mimbench data shard`" if layout == "shards"
+               else "set data.layout to shards or auto")  # fmt: skip
+        raise DatasetError(f"data.layout is '{layout}' but {root} holds {found}: {fix}")
+    return found
+
+
 def resolve_shapes_root(data: DataConfig) -> Path:
     """Root of the synthetic dataset ``data.shapes`` describes (generated into the cache on
     first use): ``imagefolder/``, ``coco/`` and ``ade20k/`` live under it."""
 
     return ensure_shapes(ShapesSpec(**data.shapes.model_dump()))
-
-
-def _has_images(folder: Path, pattern: str) -> bool:
-    """Whether a path of ``folder.glob(pattern)`` is an image file (stops at the first one)."""
-    return any(f.suffix.lower() in IMG_EXTENSIONS and f.is_file() for f in folder.glob(pattern))
-
-
-def check_imagefolder_split(split_dir: Path) -> list[str]:
-    """Check one split's layout; return its class names (sorted)."""
-    if not split_dir.is_dir():
-        raise DatasetError(
-            f"{split_dir} is missing: an ImageFolder root needs train/ and val/ folders, "
-            "each with one sub-folder per class"
-        )
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    if not classes:
-        flat = _has_images(split_dir, "*")
-        raise DatasetError(
-            f"{split_dir} has no class folders: put images in {split_dir}/<class>/"
-            + (
-                " (it holds images directly; ImageNet-1k's val archive unpacks flat: sort it into "
-                "the 1000 wnid folders of train/ first, e.g. with the LOC_val_solution.csv labels)"
-                if flat
-                else ""
-            )
-        )
-    # torchvision's ImageFolder walks each class folder recursively: so does this check
-    empty = [c for c in classes if not _has_images(split_dir / c, "**/*")]
-    if empty:
-        raise DatasetError(
-            f"{split_dir}: class folder(s) without images: {', '.join(empty[:10])}; "
-            "remove them or add images"
-        )
-    return classes
-
-
-def unreadable_image_error(path: str | Path, reason: str) -> DatasetError:
-    """The error of a strict run on an image file PIL cannot decode (``reason`` says why)."""
-    return DatasetError(
-        f"unreadable image {path} ({reason}); remove or replace it, or run without --strict "
-        "(strict_data: false) to skip unreadable files (they are counted in the record)"
-    )
-
-
-class CheckedImageFolder(datasets.ImageFolder):
-    """An ImageFolder that survives unreadable image files.
-
-    A file PIL cannot decode (corrupt, truncated, not an image) makes ``__getitem__`` return
-    ``None`` (batch with :func:`collate_skipping`, which drops it and says which ones it kept;
-    count and name them with :class:`SkipTally`), or, with ``strict``, raise
-    :class:`DatasetError` naming the file.
-    """
-
-    def __init__(self, root: str, transform: Any = None, strict: bool = False) -> None:
-        super().__init__(root, transform=transform)
-        self.strict = strict
-
-    def __getitem__(self, index: int) -> Any:
-        path, target = self.samples[index]
-        try:
-            sample = self.loader(path)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            if self.strict:
-                raise unreadable_image_error(path, f"{type(exc).__name__}: {exc}") from None
-            return None
-        if self.transform is not None:
-            sample = self.transform(sample)
-        return sample, target
 
 
 def imagefolder_classes(root: Path, split: str, min_classes: int = 2) -> list[str]:
@@ -146,7 +116,12 @@ def imagefolder_classes(root: Path, split: str, min_classes: int = 2) -> list[st
     Raises:
         DatasetError: A wrong layout, too few classes, or classes that differ between splits.
     """
-    classes = check_imagefolder_split(root / split)
+    if is_shard_root(root):  # a shard dataset: the classes of its manifest (one list for all)
+        man = read_manifest(root)
+        split_manifest(man, root, split)
+        classes = list(man["classes"])
+    else:
+        classes = check_imagefolder_split(root / split)
     if len(classes) < min_classes:
         raise DatasetError(
             f"{root / split} has {len(classes)} class folder(s) ({', '.join(classes)}), this task "
@@ -154,7 +129,7 @@ def imagefolder_classes(root: Path, split: str, min_classes: int = 2) -> list[st
             "accuracy reads 100; add the other class folders (ImageNet-1k's layout: "
             "<split>/<class>/*.jpg, the same classes in train/ and val/)"
         )
-    if split != "train" and (root / "train").is_dir():
+    if split != "train" and (root / "train").is_dir() and not is_shard_root(root):
         train_classes = check_imagefolder_split(root / "train")
         if classes != train_classes:
             raise DatasetError(
@@ -181,10 +156,12 @@ def check_classification_data(data: DataConfig) -> Path:
 def imagefolder_checked(
     root: Path, split: str, transform: Any, strict: bool = False, min_classes: int = 2
 ) -> CheckedImageFolder:
-    """The ImageFolder of ``root/split``, unreadable files skipped (or fatal with ``strict``).
+    """The ImageFolder of ``root/split``, unreadable files skipped (or fatal with ``strict``);
+    for a shard dataset, its :class:`~harness.core.data.shards.ShardImageFolder` (the same
+    interface and sample order).
 
     Args:
-        root: Dataset root (holding ``train/`` and ``val/``).
+        root: Dataset root (holding ``train/`` and ``val/``, or a shard manifest).
         split: ``train`` or ``val``; a split other than train must have train's classes.
         transform: Applied to each decoded image.
         strict: Unreadable files raise instead of being skipped.
@@ -196,6 +173,8 @@ def imagefolder_checked(
             (:func:`imagefolder_classes`).
     """
     imagefolder_classes(root, split, min_classes)
+    if is_shard_root(root):
+        return ShardImageFolder(root, split, transform=transform, strict=strict)
     return CheckedImageFolder(str(root / split), transform=transform, strict=strict)
 
 
@@ -362,7 +341,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed(index))
+            seed_cpu_rng(self.sample_seed(index))
             return self.base[index]
 
 
@@ -378,7 +357,7 @@ class FullySeededDataset(SeededDataset):
         s = self.sample_seed(index)
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            seed_cpu_rng(s)
             random.seed(s)
             np.random.seed(s)
             try:

@@ -1,0 +1,174 @@
+"""The fast decode path of the training crops: JPEGs decoded at reduced size where the random
+crop is downscaled anyway, uint8 tensors shipped by the loader and normalised on the device.
+
+:class:`DraftRandomResizedCrop` draws its crop box exactly as torchvision's
+``RandomResizedCrop.get_params`` does, on the full image size read from the file's header (the
+same torch RNG draws: with the same seed it picks the same box and the same flip as the slow
+path), then asks libjpeg for a DCT-domain reduced decode (PIL's ``Image.draft``: scale 1/2, 1/4
+or 1/8) as small as keeps the crop at least as large as the output in both sides, maps the box
+onto the reduced image (sub-pixel, through ``Image.resize(box=...)``) and resizes it (bicubic).
+Where no reduction applies (not a JPEG, or a crop smaller than twice the output), it is the slow
+path's crop and resize, pixel for pixel. Decoding at 1/s of the size costs about 1/s^2 of the
+IDCT and colour work, which dominates a full ImageNet-sized decode; the reduced decode is
+libjpeg's own scaled IDCT (an area-like downscale), so the pixels differ slightly from a full
+decode followed by bicubic resizing (that is why ``data.fast_decode`` is part of a run's config).
+
+The papers' pretraining transform (MAE ``main_pretrain.py``, SimMIM ``data_simmim.py``:
+RandomResizedCrop, bicubic, horizontal flip, ImageNet normalisation) becomes
+:func:`fast_pretrain_transform` (uint8 out) + :func:`to_device_normalized` in the training step;
+the fine-tuning transform (timm's ``transforms_imagenet_train``) keeps its later stages
+(RandAugment, normalisation, random erasing) behind the draft crop (:func:`with_draft_crop`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from harness.core.data.imagefolder import LazyDecode
+
+#: libjpeg's scaled decodes (PIL's ``draft`` picks among these).
+DRAFT_SCALES = (8, 4, 2)
+
+_PIL_INTERP = {
+    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+}
+
+
+class DraftRandomResizedCrop(LazyDecode):
+    """RandomResizedCrop (and an optional horizontal flip) decoding JPEGs at reduced size.
+
+    Args:
+        size: Output side in pixels.
+        scale: Range of the crop's area as a fraction of the image's (torchvision's ``scale``).
+        ratio: Range of the crop's aspect ratio (torchvision's ``ratio``).
+        hflip: Flip horizontally with probability 1/2 (drawn after the box, as the slow path's
+            ``RandomHorizontalFlip`` following the crop).
+        interpolation: Bicubic (the papers') or bilinear.
+        output: ``uint8`` (a ``[3, size, size]`` uint8 tensor, normalised later on the device)
+            or ``pil`` (an RGB image, for transforms that continue on PIL images).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+        output: str = "uint8",
+    ) -> None:
+        if output not in ("uint8", "pil"):
+            raise ValueError(f"output must be 'uint8' or 'pil', got {output!r}")
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.hflip, self.output = hflip, output
+        self.resample = _PIL_INTERP[interpolation]
+        self.last_box: tuple[int, int, int, int] | None = None  # (top, left, h, w): for tests
+        self.last_draft = 1  # the reduction of the last decode (1: full size)
+
+    def __repr__(self) -> str:
+        return (f"DraftRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+                f"hflip={self.hflip}, output={self.output})")  # fmt: skip
+
+    def __call__(self, img: Image.Image) -> Any:
+        """Crop, resize and flip ``img`` (opened, not yet decoded)."""
+        top, left, h, w = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)  # type: ignore[arg-type]
+        flip = self.hflip and bool(torch.rand(1) < 0.5)
+        self.last_box = (top, left, h, w)
+        out = self._crop(img, top, left, h, w)
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.output == "pil":
+            return out
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
+
+    def _crop(self, img: Image.Image, top: int, left: int, h: int, w: int) -> Image.Image:
+        """The box resized to the output: from a reduced decode where one keeps both sides of
+        the box at least the output size, else exactly the slow path's crop + resize."""
+        full_w = img.size[0]
+        reduce = self.draft_scale(h, w) if img.format == "JPEG" else 1
+        drafted = None
+        if reduce > 1:  # PIL picks the scale min(W // w', H // h') allows: ask for W // reduce
+            drafted = img.draft("RGB", (full_w // reduce, img.size[1] // reduce))
+        # the full image's width in the reduced image's pixels (libjpeg: W / scale, unrounded)
+        f = 1.0 if drafted is None else drafted[1][2] / full_w
+        self.last_draft = round(1 / f)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if self.last_draft == 1:  # no reduction: the slow path, pixel for pixel
+            crop = img.crop((left, top, left + w, top + h))
+            return crop.resize((self.size, self.size), self.resample)
+        box = (left * f, top * f, (left + w) * f, (top + h) * f)
+        return img.resize((self.size, self.size), self.resample, box=box)
+
+    def draft_scale(self, h: int, w: int) -> int:
+        """The largest libjpeg reduction (8, 4, 2; 1: none) that keeps an ``h x w`` box at least
+        the output size in both sides."""
+        return next((s for s in DRAFT_SCALES if min(h, w) / s >= self.size), 1)
+
+
+def fast_pretrain_transform(
+    img_size: int, crop_scale: tuple[float, float], hflip: bool
+) -> DraftRandomResizedCrop:
+    """The fast path of :func:`harness.core.data.datasets.pretrain_transform`: the same crop
+    and flip draws, uint8 out (normalise with :func:`to_device_normalized`)."""
+    return DraftRandomResizedCrop(img_size, scale=crop_scale, hflip=hflip)
+
+
+def with_draft_crop(transform: transforms.Compose) -> transforms.Compose:
+    """timm's training transform with its leading RandomResizedCrop decoding at reduced size
+    (the same size, scale, ratio and interpolation; the flip and the later stages unchanged).
+
+    Raises:
+        ValueError: The transform does not start with timm's ``RandomResizedCropAndInterpolation``.
+    """
+    first = transform.transforms[0]
+    if not isinstance(first, RandomResizedCropAndInterpolation):
+        raise ValueError(f"expected timm's RandomResizedCropAndInterpolation first, got {first!r}")
+    interp = first.interpolation
+    mode = interp if isinstance(interp, InterpolationMode) else InterpolationMode.BICUBIC
+    crop = DraftRandomResizedCrop(first.size[0], first.scale, first.ratio, hflip=False,
+                                  interpolation=mode, output="pil")  # fmt: skip
+    return transforms.Compose([_Composed(crop, transforms.Compose(transform.transforms[1:]))])
+
+
+class _Composed(LazyDecode):
+    """A draft crop followed by transforms on its PIL output (the whole is a LazyDecode)."""
+
+    def __init__(self, crop: DraftRandomResizedCrop, rest: Any) -> None:
+        self.crop, self.rest = crop, rest
+
+    def __call__(self, img: Image.Image) -> Any:
+        return self.rest(self.crop(img))
+
+    def __repr__(self) -> str:
+        return f"{self.crop!r} then {self.rest!r}"
+
+
+def to_device_normalized(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``: uint8 ``[B, 3, H, W]`` (the fast path) is normalised there,
+    ``(x / 255 - mean) / std`` in float32 as ``ToTensor`` + ``Normalize`` compute it on the
+    CPU; a float batch (already normalised) is only moved."""
+    imgs = imgs.to(device, non_blocking=True)
+    if imgs.dtype != torch.uint8:
+        return imgs
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return imgs.float().div_(255).sub_(mean).div_(std)  # in place: no temporaries
+
+
+def loader_options(num_workers: int, device: torch.device, prefetch: int = 4) -> dict[str, Any]:
+    """DataLoader options of the fast path: pinned memory on a GPU, and with workers,
+    persistent workers and ``prefetch`` batches in flight per worker."""
+    opts: dict[str, Any] = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+    if num_workers > 0:
+        opts.update(persistent_workers=True, prefetch_factor=prefetch)
+    return opts
