@@ -217,8 +217,10 @@ class AblationTable:
 
     @property
     def has_avgdist(self) -> bool:
-        """Whether any row has an AvgDist (then it is a column and an x axis of the plot)."""
-        return any(a is not None for a in self.avgdist)
+        """Whether the rows' AvgDist differ (then it is a column and an x axis of the plot): a
+        sweep that does not vary the masking (MAE's decoder tables) gets no constant column."""
+        known = {round(a, 6) for a in self.avgdist if a is not None}
+        return len(known) > 1
 
     @property
     def several_encoders(self) -> bool:

@@ -400,3 +400,7 @@ def test_avgdist_is_a_column_and_an_x_axis(seeded, tmp_path):
     assert Image.open(path).width > Image.open(one_axis).width  # a second panel column
     assert not ablation_table(recs, "mae_decoder_depth").has_avgdist
     assert "AvgDist" not in format_markdown(ablation_table(recs, "mae_decoder_depth"))
+    # a sweep that does not vary the masking: every row has the same AvgDist, no column
+    same = [r.model_copy(update={"details": {"avgdist": {"mean": 6.0, "stderr": 0.1}}})
+            for r in recs]
+    assert not ablation_table(same, "mae_decoder_depth").has_avgdist
