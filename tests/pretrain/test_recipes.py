@@ -303,7 +303,16 @@ def test_layer_ids_cover_every_parameter():
 @pytest.mark.parametrize(
     "arch,rec,match",
     [
-        ("swin_micro_32", {"name": "mae", "head": MICRO_MAE_HEAD}, "needs a ViT encoder"),
+        (  # MAE's visible-only encoding (with the family's own init, so that check is reached)
+            "swin_micro_32",
+            {"name": "mae", "head": MICRO_MAE_HEAD, "encoder_init": "timm"},
+            "needs a ViT encoder",
+        ),
+        (  # MAE's initialisation is written for ViTs
+            "swin_micro_32",
+            {"name": "mae", "head": MICRO_MAE_HEAD},
+            "encoder_init 'mae' .* not a swin encoder",
+        ),
         (
             "swin_micro_32",
             {
