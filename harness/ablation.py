@@ -91,12 +91,15 @@ class PublishedTable:
         return next((r for r in self.rows if _tags_key(r["tags"]) == key), None)
 
     def lookup_row(self, tags: dict[str, Any], row: int) -> tuple[dict[str, Any] | None, bool]:
-        """The published row of a sweep row: by its tags, else (``match_by_row``) the one at its
-        row index. Returns the row and whether it was matched by index."""
-        by_tags = self.lookup(tags)
-        if by_tags is not None or not self.match_by_row:
-            return by_tags, False
-        return next((r for r in self.rows if r.get("row") == row), None), True
+        """The published row of a sweep row: by its tags; with ``match_by_row``, the one at its
+        row index (a stand-in's values may equal another paper row's), by tags only where no
+        published row has that index. Returns the row and whether it was matched by index
+        although its tags differ."""
+        if self.match_by_row:
+            at = next((r for r in self.rows if r.get("row") == row), None)
+            if at is not None:
+                return at, _tags_key(at["tags"]) != _tags_key(tags)
+        return self.lookup(tags), False
 
 
 def load_published(path: PathLike = DEFAULT_PUBLISHED) -> dict[str, PublishedTable]:

@@ -200,12 +200,13 @@ def test_stand_in_rows_match_by_row_index_and_not_reported_prints_na(tmp_path):
         for i, r in enumerate((2, 4))
     ]
     t = ablation_tables(recs, load_published(path))[0]
-    # row 0 by index (its tags match nothing); row 1's tags {resolution: 4} match published
-    # row 2 by value, which wins over the index
-    assert t.cases == ["6^2", "24^2"]
-    assert t.published["finetune/top1"].tolist() == [82.3, 82.8]
+    # by row index, even where a stand-in's values equal another paper row's (row 1's
+    # {resolution: 4} is the paper's row 2; it stands for row 1, 12^2)
+    assert t.cases == ["6^2", "12^2"]
+    assert t.published.at["resolution=2", "finetune/top1"] == 82.3
     assert t.diff.at["resolution=2", "finetune/top1"] == pytest.approx(50.0 - 82.3)
-    assert any("1 row(s) matched to the paper's rows by their row index" in n for n in t.notes)
+    assert ("resolution=4", "finetune/top1") in t.not_reported
+    assert any("2 row(s) matched to the paper's rows by their row index" in n for n in t.notes)
     recs[1] = _rec({"resolution": 5}, 1, 0, {"top1": 51.0}, task="finetune",
                    name="simmim_resolution", rows=2, table="SimMIM Table 3")
     t = ablation_tables(recs, load_published(path))[0]
@@ -218,6 +219,10 @@ def test_stand_in_rows_match_by_row_index_and_not_reported_prints_na(tmp_path):
     path.write_text(yaml.safe_dump(data))
     t = ablation_tables(recs, load_published(path))[0]
     assert t.cases == [None, None] and t.published.isna().all().all()
+    recs[1] = _rec({"resolution": 4}, 1, 0, {"top1": 51.0}, task="finetune",
+                   name="simmim_resolution", rows=2, table="SimMIM Table 3")
+    t = ablation_tables(recs, load_published(path))[0]
+    assert t.cases == [None, "24^2"]  # by value
 
 
 def test_malformed_published_metrics_name_the_key(tmp_path):

@@ -94,6 +94,16 @@ CASES = {
             "loss": {"type": "cross_entropy"},
         },
     ),
+    "target_color_clusters_swin": (
+        "swin_micro_32",
+        {
+            "name": "simmim",
+            "masking": {"mask_patch_size": 8},
+            "target": {"type": "color_clusters", "clusters": 16, "resolution": 8,
+                       "tokenizer": {"type": "kmeans", "train_images": 8, "kmeans_iters": 3}},
+            "loss": {"type": "cross_entropy"},
+        },
+    ),
     "target_mean_color": (
         "vit_micro_32",
         {
