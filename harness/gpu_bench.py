@@ -4,8 +4,7 @@ On a machine with a CUDA device it runs, each as its own ``mimbench bench`` proc
 
 * the pretraining steps (MAE, SimMIM) and the fine-tuning step at ViT-B/16 and ViT-L/16, bf16
   (``mimbench bench`` autocasts to bfloat16 on CUDA);
-* the same with the training step compiled (``--set train.compile=true``);
-* MAE ViT-L/16 pretraining under FSDP on the one device (``--set train.fsdp=true``);
+* the pretraining steps compiled (``mimbench bench pretrain/<recipe>+compile``);
 * the data benchmark (``mimbench bench data``: images per second per worker of the input
   pipelines);
 
@@ -15,8 +14,7 @@ one summary of img/s and MFU (model FLOPs utilization against the device's dense
 run. Without a CUDA device it stops at once with ``no GPU: ...``; ``--dry-run`` prints the
 commands without running them (on any machine).
 
-The compile, FSDP and data-benchmark options are the names this script expects from the
-``compute`` and ``data`` work (``train.compile``, ``train.fsdp``, ``mimbench bench data``).
+FSDP is not part of it yet (see :data:`PARTS`).
 """
 
 from __future__ import annotations
@@ -38,11 +36,18 @@ RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench"
 #: The model steps measured at each size.
 TARGETS = ("pretrain/mae", "pretrain/simmim", "task/finetune")
 
+#: The same pretraining steps through ``torch.compile`` (``mimbench bench``'s ``+compile`` targets).
+COMPILED_TARGETS = ("pretrain/mae+compile", "pretrain/simmim+compile")
+
 #: The two sizes.
 ARCHS = ("vit_base_16", "vit_large_16")
 
 #: Parts that ``--skip`` can leave out.
-PARTS = ("eager", "compile", "fsdp", "data")
+PARTS = ("eager", "compile", "data")
+# Not here yet: MAE ViT-L under FSDP on one device. ``mimbench bench`` has no FSDP step and the
+# engine shards only across two or more ranks (``train.fsdp`` on one process is a no-op, said in
+# its start line), so FSDP is measured with ``torchrun --nproc_per_node 2 ... train.fsdp=true``
+# on a machine with two GPUs (issue 15's note).
 
 
 class NoGPUError(UserError):
@@ -94,14 +99,10 @@ def plan_runs(args: argparse.Namespace, out: Path) -> list[BenchRun]:
     for arch in ARCHS:
         common = ("--arch", arch, "--batch", str(batch[arch]), "--steps", str(args.steps),
                   "--device", "cuda")
-        for part, extra in (("eager", ()), ("compile", ("--set", "train.compile=true"))):
+        for part, targets in (("eager", TARGETS), ("compile", COMPILED_TARGETS)):
             name = f"{arch}-{part}"
-            runs.append(BenchRun(name, part, ("bench", *TARGETS, *common, *extra,
+            runs.append(BenchRun(name, part, ("bench", *targets, *common,
                                               "--csv", str(out / f"{name}.csv"))))
-    fsdp = ("--arch", "vit_large_16", "--batch", str(args.batch_large), "--steps",
-            str(args.steps), "--device", "cuda", "--set", "train.fsdp=true")
-    runs.append(BenchRun("vit_large_16-fsdp", "fsdp", ("bench", "pretrain/mae", *fsdp, "--csv",
-                                                       str(out / "vit_large_16-fsdp.csv"))))
     runs.append(BenchRun("data", "data", ("bench", "data", "--csv", str(out / "data.csv"))))
     return [r for r in runs if r.part not in args.skip]
 
