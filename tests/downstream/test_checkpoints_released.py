@@ -41,20 +41,22 @@ def _cae_source() -> BeitEncoder:
     return randomize(BeitEncoder(MICRO, opts), 34)
 
 
-#: name -> (source encoder, checkpoint object, load kwargs, the family it imports as)
-def _releases() -> dict[str, tuple]:
-    d2v = random_released("vit_postnorm", seed=31)
-    ijepa = random_released("vit_avgpool", seed=32)
-    ibot = random_vit(seed=33)
-    cae = _cae_source()
+def _release(name: str) -> tuple:
+    """``(source encoder, checkpoint object, load kwargs, the family it imports as)``."""
+    if name == "data2vec2":
+        d2v = random_released("vit_postnorm", seed=31)
+        return d2v, data2vec2_layout(d2v), {"cfg": MICRO}, "vit_postnorm"
+    if name == "ijepa":
+        ijepa = random_released("vit_avgpool", seed=32)
+        return ijepa, ijepa_layout(ijepa), {"cfg": MICRO}, "vit_avgpool"
+    if name == "ibot":
+        ibot = random_vit(seed=33)
+        return ibot, ibot_layout(ibot), {"cfg": MICRO}, "vit"
+    if name == "cae":
+        cae = _cae_source()
+        return cae, cae_layout(cae), {"cfg": MICRO}, "beit"
     beit2 = random_beit(shared=True, seed=35)
-    return {
-        "data2vec2": (d2v, data2vec2_layout(d2v), {"cfg": MICRO}, "vit_postnorm"),
-        "ijepa": (ijepa, ijepa_layout(ijepa), {"cfg": MICRO}, "vit_avgpool"),
-        "ibot": (ibot, ibot_layout(ibot), {"cfg": MICRO}, "vit"),
-        "cae": (cae, cae_layout(cae), {"cfg": MICRO}, "beit"),
-        "beit2": (beit2, beit2_layout(beit2), {}, "beit"),
-    }
+    return beit2, beit2_layout(beit2), {}, "beit"
 
 
 RELEASES = ["data2vec2", "ijepa", "ibot", "cae", "beit2"]
@@ -83,7 +85,7 @@ def _contract_outputs(enc: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", RELEASES)
 def test_release_imports_with_every_contract_output_equal(name, tmp_path):
-    source, obj, kwargs, family = _releases()[name]
+    source, obj, kwargs, family = _release(name)
     path = tmp_path / f"{name}.pth"
     torch.save(obj, path)
     got, rep = load_checkpoint(path, **kwargs)
@@ -103,7 +105,7 @@ def test_release_imports_with_every_contract_output_equal(name, tmp_path):
 def test_imports_take_the_teacher_the_releases_evaluate(tmp_path):
     """iBOT's ``teacher`` over its ``student``, I-JEPA's ``target_encoder`` over ``encoder``."""
     for name in ("ibot", "ijepa"):
-        source, obj, kwargs, _ = _releases()[name]
+        source, obj, kwargs, _ = _release(name)
         torch.save(obj, tmp_path / "x.pth")
         _, rep = load_checkpoint(tmp_path / "x.pth", **kwargs)
         assert rep.container == {"ibot": "teacher", "ijepa": "target_encoder"}[name]
@@ -153,7 +155,7 @@ def test_data2vec2_class_token_gets_no_position_and_norm_precedes_the_blocks():
 
 @pytest.mark.parametrize("name", RELEASES)
 def test_a_key_the_layout_does_not_know_is_refused_by_name(name, tmp_path):
-    _, obj, kwargs, _ = _releases()[name]
+    _, obj, kwargs, _ = _release(name)
     container = {"ibot": "teacher", "ijepa": "target_encoder"}.get(name, "model")
     prefix = "module." if name == "ijepa" else ""
     obj[container][f"{prefix}mystery_adapter.weight"] = torch.randn(4)
@@ -217,7 +219,7 @@ def test_released_families_export_and_load_back(family, tmp_path):
 @pytest.mark.parametrize("name", ["data2vec2", "ijepa"])
 @pytest.mark.parametrize("task", ["linear_probe", "knn"])
 def test_every_task_reads_an_imported_release(name, task, tiny_imagefolder, tmp_path):
-    source, obj, kwargs, _ = _releases()[name]
+    source, obj, kwargs, _ = _release(name)
     torch.save(obj, tmp_path / "x.pth")
     enc, _ = load_checkpoint(tmp_path / "x.pth", **kwargs)
     config = {"linear_probe": {"lrs": [0.1], "epochs": 1, "batch_size": 8, "cache_features": False},
