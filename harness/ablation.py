@@ -91,12 +91,15 @@ class PublishedTable:
         return next((r for r in self.rows if _tags_key(r["tags"]) == key), None)
 
     def lookup_row(self, tags: dict[str, Any], row: int) -> tuple[dict[str, Any] | None, bool]:
-        """The published row of a sweep row: by its tags, else (``match_by_row``) the one at its
-        row index. Returns the row and whether it was matched by index."""
-        by_tags = self.lookup(tags)
-        if by_tags is not None or not self.match_by_row:
-            return by_tags, False
-        return next((r for r in self.rows if r.get("row") == row), None), True
+        """The published row of a sweep row: by its tags; with ``match_by_row``, the one at its
+        row index (a stand-in's values may equal another paper row's), by tags only where no
+        published row has that index. Returns the row and whether it was matched by index
+        although its tags differ."""
+        if self.match_by_row:
+            at = next((r for r in self.rows if r.get("row") == row), None)
+            if at is not None:
+                return at, _tags_key(at["tags"]) != _tags_key(tags)
+        return self.lookup(tags), False
 
 
 def load_published(path: PathLike = DEFAULT_PUBLISHED) -> dict[str, PublishedTable]:
@@ -217,8 +220,10 @@ class AblationTable:
 
     @property
     def has_avgdist(self) -> bool:
-        """Whether any row has an AvgDist (then it is a column and an x axis of the plot)."""
-        return any(a is not None for a in self.avgdist)
+        """Whether the rows' AvgDist differ (then it is a column and an x axis of the plot): a
+        sweep that does not vary the masking (MAE's decoder tables) gets no constant column."""
+        known = {round(a, 6) for a in self.avgdist if a is not None}
+        return len(known) > 1
 
     @property
     def several_encoders(self) -> bool:
@@ -544,10 +549,15 @@ def _row_cells(t: AblationTable, i: int) -> list[str]:
         cells.append(t.encoders[i])
     if any(t.cases):
         cells.append(t.cases[i] or "")
-    if t.has_avgdist:
-        avg = t.avgdist[i]
-        cells.append("" if avg is None else f"{avg:.1f}")
     return cells
+
+
+def _avgdist_cells(t: AblationTable, i: int) -> list[str]:
+    """Row ``i``'s AvgDist, the table's last column (none when no row has one)."""
+    if not t.has_avgdist:
+        return []
+    avg = t.avgdist[i]
+    return ["" if avg is None else f"{avg:.1f}"]
 
 
 def _row_header(t: AblationTable) -> list[str]:
@@ -556,8 +566,6 @@ def _row_header(t: AblationTable) -> list[str]:
         head.append("encoder")
     if any(t.cases):
         head.append("case (paper)")
-    if t.has_avgdist:
-        head.append(AVGDIST_LABEL)
     return head
 
 
@@ -571,14 +579,16 @@ def format_markdown(t: AblationTable) -> str:
     layout = _layout(t)
     names = {"ours": "{} (ours)", "published": "{} (paper)", "diff": "Δ {}"}
     arrows = {c: "↑" if t.higher_is_better.get(c, True) else "↓" for c in t.columns}
+    avg_head = [AVGDIST_LABEL] if t.has_avgdist else []
     header = [*_row_header(t)] + [
         names[k].format(_short(t, c)) + (f" {arrows[c]}" if k == "ours" else "") for k, c in layout
-    ]
+    ] + avg_head
     lines = [
         f"### {_title(t)}",
         "",
         "| " + " | ".join(h.replace("|", "\\|") for h in header) + " |",
-        "|" + "|".join([" --- "] * len(_row_header(t)) + [" ---: "] * len(layout)) + "|",
+        "|" + "|".join([" --- "] * len(_row_header(t))
+                       + [" ---: "] * (len(layout) + len(avg_head))) + "|",
     ]
     for i, row in enumerate(t.rows):
         cells = _row_cells(t, i)
@@ -589,6 +599,7 @@ def format_markdown(t: AblationTable) -> str:
                 cells.append(t.published_text(row, c))
             else:
                 cells.append(_num_text(float(t.diff.at[row, c]), "+.2f"))
+        cells += _avgdist_cells(t, i)
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     if t.notes:
         lines.append("")
@@ -644,9 +655,11 @@ def format_latex(t: AblationTable) -> str:
         rf"\multicolumn{{{k}}}{{c}}{{{latex_escape(_short(t, c))}}}" for c, k in groups
     ]
     sub = {"ours": "ours", "published": "paper", "diff": r"$\Delta$"}
+    avg_head = [latex_escape(AVGDIST_LABEL)] if t.has_avgdist else []
+    top += [""] * len(avg_head)
     lines = [
         rf"% {latex_escape(_title(t))}",
-        r"\begin{tabular}{" + "l" * len(head) + "r" * len(layout) + "}",
+        r"\begin{tabular}{" + "l" * len(head) + "r" * (len(layout) + len(avg_head)) + "}",
         r"\toprule",
         " & ".join(top) + r" \\",
     ]
@@ -656,7 +669,8 @@ def format_latex(t: AblationTable) -> str:
         rules.append(rf"\cmidrule(lr){{{start}-{start + k - 1}}}")
         start += k
     lines.append(" ".join(rules))
-    lines.append(" & ".join([latex_escape(h) for h in head] + [sub[k] for k, _ in layout]) + r" \\")
+    lines.append(" & ".join([latex_escape(h) for h in head] + [sub[k] for k, _ in layout]
+                            + avg_head) + r" \\")
     lines.append(r"\midrule")
     for i, row in enumerate(t.rows):
         cells = [latex_escape(x) for x in _row_cells(t, i)]
@@ -670,6 +684,7 @@ def format_latex(t: AblationTable) -> str:
             else:
                 text = _num_text(float(t.diff.at[row, c]), "+.2f")
             cells.append(text or "--")
+        cells += _avgdist_cells(t, i)
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [f"% {latex_escape(note.replace(PARTIAL_FAILURE_MARK, 'dagger'))}" for note in t.notes]

@@ -77,7 +77,8 @@ class MIMModel(nn.Module):
         self.target = TARGETS.get(recipe.target.type).from_encoder(recipe.target, self.encoder)
         if recipe.encoder_mode == "visible" and not self.encoder.visible_only:
             raise ValueError(
-                f"encoder_mode 'visible' needs a plain ViT encoder; '{encoder_cfg.arch}' is a "
+                f"encoder_mode 'visible' needs a ViT encoder (no relative position bias); "
+                f"'{encoder_cfg.arch}' is a "
                 f"{self.encoder.family} encoder ({self.encoder.full_grid_reason}): use "
                 "encoder_mode: mask_token"
             )

@@ -200,12 +200,13 @@ def test_stand_in_rows_match_by_row_index_and_not_reported_prints_na(tmp_path):
         for i, r in enumerate((2, 4))
     ]
     t = ablation_tables(recs, load_published(path))[0]
-    # row 0 by index (its tags match nothing); row 1's tags {resolution: 4} match published
-    # row 2 by value, which wins over the index
-    assert t.cases == ["6^2", "24^2"]
-    assert t.published["finetune/top1"].tolist() == [82.3, 82.8]
+    # by row index, even where a stand-in's values equal another paper row's (row 1's
+    # {resolution: 4} is the paper's row 2; it stands for row 1, 12^2)
+    assert t.cases == ["6^2", "12^2"]
+    assert t.published.at["resolution=2", "finetune/top1"] == 82.3
     assert t.diff.at["resolution=2", "finetune/top1"] == pytest.approx(50.0 - 82.3)
-    assert any("1 row(s) matched to the paper's rows by their row index" in n for n in t.notes)
+    assert ("resolution=4", "finetune/top1") in t.not_reported
+    assert any("2 row(s) matched to the paper's rows by their row index" in n for n in t.notes)
     recs[1] = _rec({"resolution": 5}, 1, 0, {"top1": 51.0}, task="finetune",
                    name="simmim_resolution", rows=2, table="SimMIM Table 3")
     t = ablation_tables(recs, load_published(path))[0]
@@ -218,6 +219,10 @@ def test_stand_in_rows_match_by_row_index_and_not_reported_prints_na(tmp_path):
     path.write_text(yaml.safe_dump(data))
     t = ablation_tables(recs, load_published(path))[0]
     assert t.cases == [None, None] and t.published.isna().all().all()
+    recs[1] = _rec({"resolution": 4}, 1, 0, {"top1": 51.0}, task="finetune",
+                   name="simmim_resolution", rows=2, table="SimMIM Table 3")
+    t = ablation_tables(recs, load_published(path))[0]
+    assert t.cases == [None, "24^2"]  # by value
 
 
 def test_malformed_published_metrics_name_the_key(tmp_path):
@@ -385,8 +390,9 @@ def test_avgdist_is_a_column_and_an_x_axis(seeded, tmp_path):
     t = ablation_table(with_avg, "mae_decoder_depth")
     assert t.has_avgdist and t.avgdist == [pytest.approx(10.2), 15.0, None]
     md = format_markdown(t)
-    assert "| depth | AvgDist (px) |" in md
-    assert "| 1 | 10.2 |" in md and "| 4 |  |" in md
+    rows = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    assert rows["| depth"].endswith(" | AvgDist (px) |")  # the last column, after the metrics
+    assert rows["| 1"].endswith(" | 10.2 |") and rows["| 4"].endswith(" |  |")
     csv = pd.read_csv(io.StringIO(format_csv(t)))
     assert csv["avgdist"].iloc[:2].tolist() == pytest.approx([10.2, 15.0])
     assert math.isnan(csv["avgdist"].iloc[2])
@@ -400,3 +406,7 @@ def test_avgdist_is_a_column_and_an_x_axis(seeded, tmp_path):
     assert Image.open(path).width > Image.open(one_axis).width  # a second panel column
     assert not ablation_table(recs, "mae_decoder_depth").has_avgdist
     assert "AvgDist" not in format_markdown(ablation_table(recs, "mae_decoder_depth"))
+    # a sweep that does not vary the masking: every row has the same AvgDist, no column
+    same = [r.model_copy(update={"details": {"avgdist": {"mean": 6.0, "stderr": 0.1}}})
+            for r in recs]
+    assert not ablation_table(same, "mae_decoder_depth").has_avgdist

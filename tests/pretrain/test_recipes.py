@@ -94,6 +94,16 @@ CASES = {
             "loss": {"type": "cross_entropy"},
         },
     ),
+    "target_color_clusters_swin": (
+        "swin_micro_32",
+        {
+            "name": "simmim",
+            "masking": {"mask_patch_size": 8},
+            "target": {"type": "color_clusters", "clusters": 16, "resolution": 8,
+                       "tokenizer": {"type": "kmeans", "train_images": 8, "kmeans_iters": 3}},
+            "loss": {"type": "cross_entropy"},
+        },
+    ),
     "target_mean_color": (
         "vit_micro_32",
         {
@@ -303,7 +313,16 @@ def test_layer_ids_cover_every_parameter():
 @pytest.mark.parametrize(
     "arch,rec,match",
     [
-        ("swin_micro_32", {"name": "mae", "head": MICRO_MAE_HEAD}, "needs a ViT encoder"),
+        (  # MAE's visible-only encoding (with the family's own init, so that check is reached)
+            "swin_micro_32",
+            {"name": "mae", "head": MICRO_MAE_HEAD, "encoder_init": "timm"},
+            "needs a ViT encoder",
+        ),
+        (  # MAE's initialisation is written for ViTs
+            "swin_micro_32",
+            {"name": "mae", "head": MICRO_MAE_HEAD},
+            "encoder_init 'mae' .* not a swin encoder",
+        ),
         (
             "swin_micro_32",
             {
