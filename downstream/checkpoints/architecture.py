@@ -23,6 +23,8 @@ from downstream.checkpoints.report import ImportReport
 from harness.core.config import ENCODER_PRESETS, EncoderConfig
 from harness.core.errors import CheckpointError
 from pretrain.encoders.arch import arch_label, check_architecture
+from pretrain.encoders.released import RELEASED_FAMILIES
+from pretrain.encoders.released import options_from_keys as released_options
 
 #: Widths whose head count every public ViT release shares (DeiT / ViT / MAE / BEiT / DINO).
 _PUBLIC_VIT_HEADS: dict[int, tuple[int, str]] = {
@@ -102,9 +104,7 @@ def _vit_shape(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
     mlp_ratio = float(fc1.shape[0]) / dim if fc1 is not None else 4.0
     grid = None
     if "pos_embed" in state:
-        n = int(state["pos_embed"].shape[1]) - 1
-        g = math.isqrt(n)
-        grid = g if g * g == n else None
+        grid = _pos_grid(int(state["pos_embed"].shape[1]))
     else:
         tables = [v for k, v in state.items() if k.endswith("relative_position_bias_table")]
         if tables:
@@ -122,6 +122,17 @@ def _vit_shape(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
         "grid": grid,
         "heads": heads,
     }
+
+
+def _pos_grid(n: int) -> int | None:
+    """The grid side of a position embedding of ``n`` entries: ``g * g`` patches, plus one for
+    the class token when it has a position (timm's ViT); None when neither fits. ``1 + g * g``
+    is never a square for ``g >= 1``, so the two layouts cannot be confused."""
+    for prefix in (0, 1):
+        g = math.isqrt(n - prefix)
+        if g > 0 and g * g == n - prefix:
+            return g
+    return None
 
 
 def _target_vit_config(
@@ -262,7 +273,7 @@ def target_config(
     recorded: dict[str, Any] | None = None,
     img_size: int | None = None,
 ) -> tuple[EncoderConfig, dict[str, Any]]:
-    """``(encoder config, BEiT options)`` for converted weights ``state`` of wrapper ``target``.
+    """``(encoder config, family options)`` for converted weights ``state`` of wrapper ``target``.
 
     Args:
         target: The wrapper the weights were converted for (``vit``, ``beit``, ``swin``).
@@ -281,12 +292,21 @@ def target_config(
         options = {}
     else:
         enc_cfg = _target_vit_config(state, cfg, report)
-        options = beit_options_from_keys(state) if target == "beit" else {}
+        options = _options_from_keys(target, state)
     if img_size is not None and cfg is None and img_size != enc_cfg.img_size:
         enc_cfg = EncoderConfig.model_validate({**enc_cfg.model_dump(), "img_size": img_size})
     if cfg is not None and cfg.drop_path_rate != enc_cfg.drop_path_rate:
         enc_cfg = enc_cfg.model_copy(update={"drop_path_rate": cfg.drop_path_rate})
     return enc_cfg, options
+
+
+def _options_from_keys(target: str, state: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """The family switches that the converted weights of wrapper ``target`` were trained with."""
+    if target == "beit":
+        return beit_options_from_keys(state)
+    if target in RELEASED_FAMILIES:
+        return released_options(state)
+    return {}
 
 
 def _recorded_config(
@@ -304,7 +324,8 @@ def _recorded_config(
     rec = EncoderConfig.model_validate(meta["encoder"])
     # BEiT weights: recorded as a ViT preset (imported BEiTs, switches in beit_options) or as
     # a ViT variant with relative position bias (family 'beit', switches from the config)
-    wrappers = ("vit", "beit") if target == "beit" else (target,)
+    # ... and the released layouts' families are built from a ViT preset as well
+    wrappers = ("vit", target) if target == "beit" or target in RELEASED_FAMILIES else (target,)
     if rec.family not in wrappers:
         raise CheckpointError(
             f"{report.source}: its metadata records a {rec.family} encoder ({rec.arch}) but its "

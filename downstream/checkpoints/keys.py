@@ -12,6 +12,7 @@ import re
 import torch
 
 from downstream.checkpoints.report import ImportReport
+from harness.core.errors import CheckpointError
 
 #: Where a converted state dict carries the checkpoint's encoder-side mask token (if any).
 MASK_TOKEN = "__mask_token__"
@@ -128,4 +129,47 @@ def has_beit_keys(state: dict[str, torch.Tensor]) -> bool:
     return any(
         k.endswith((".gamma_1", "attn.q_bias")) or "relative_position_bias_table" in k
         for k in state
+    )
+
+
+def split_layout(
+    state: dict[str, torch.Tensor],
+    encoder_prefix: str,
+    dropped: dict[str, str],
+    report: ImportReport,
+    layout: str,
+) -> dict[str, torch.Tensor]:
+    """The encoder's keys of a release (``encoder_prefix`` removed; ``''``: every key not
+    dropped); keys starting with a prefix of ``dropped`` go to the report under its reason.
+
+    Raises:
+        CheckpointError: for any other key, naming them: a layout only partly understood is
+            refused, never loaded half-way.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for k, v in state.items():
+        reason = next((r for p, r in dropped.items() if k.startswith(p)), None)
+        if reason is not None:
+            report.drop(reason, k)
+        elif k.startswith(encoder_prefix):
+            out[k.removeprefix(encoder_prefix)] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        refuse_unplaced(report, layout, unknown)
+    return out
+
+
+def refuse_unplaced(report: ImportReport, layout: str, keys: list[str]) -> None:
+    """Refuse a checkpoint whose ``keys`` the ``layout`` does not know.
+
+    Raises:
+        CheckpointError: naming the keys (the first 8) and what to do.
+    """
+    raise CheckpointError(
+        f"{report.source}: {len(keys)} key(s) that the {layout} layout cannot place: "
+        f"{', '.join(sorted(keys)[:8])}{' ...' if len(keys) > 8 else ''}. Refusing rather than "
+        "loading it half-way: check --format (detected: "
+        f"{report.detected}), or strip the keys if they are not the encoder's"
     )

@@ -39,9 +39,10 @@ def _resize_to(
     out = dict(state)
     pe = out.get("pos_embed")
     if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
-        old = math.isqrt(pe.shape[1] - 1)
+        prefix = int(own["pos_embed"].shape[1]) - enc.num_patches  # a class position: 1, else 0
+        old = math.isqrt(pe.shape[1] - prefix)
         out["pos_embed"] = resample_abs_pos_embed(
-            pe.float(), new_size=list(grid), num_prefix_tokens=1
+            pe.float(), new_size=list(grid), num_prefix_tokens=prefix
         ).to(pe.dtype)
         report.notes.append(f"pos_embed resized {old}x{old} -> {grid[0]}x{grid[1]} (bicubic)")
     if target == "beit":

@@ -29,7 +29,11 @@ try:
 except ImportError:  # pragma: no cover - numpy 1
     import numpy.core.multiarray as ma  # type: ignore[no-redef]
 
-_CONTAINERS = ("state_dict", "model", "module", "model_state", "model_ema")
+#: Where checkpoints keep the weights, tried in order; the EMA teachers that iBOT
+#: (``teacher``) and I-JEPA (``target_encoder``) evaluate are taken over their students.
+_CONTAINERS = (
+    "state_dict", "model", "module", "model_state", "model_ema", "teacher", "target_encoder",
+)  # fmt: skip
 
 
 def _safe_globals() -> list[Any]:

@@ -35,9 +35,10 @@ class ImportReport:
         self.dropped.setdefault(reason, []).append(key)
 
     def arch_label(self) -> str:
-        """The imported architecture as records name it (``beit:`` for the BEiT wrapper)."""
+        """The imported architecture as records name it (prefixed by the wrapper, ``beit:``, unless
+        it is the ViT's or a Swin's)."""
         label = arch_label(EncoderConfig.model_validate(self.encoder))
-        return f"beit:{label}" if self.target == "beit" else label
+        return label if self.target in ("vit", "swin") else f"{self.target}:{label}"
 
     def summary(self, limit: int = 20) -> dict[str, Any]:
         """JSON-compatible summary for records (key lists cut to ``limit``)."""

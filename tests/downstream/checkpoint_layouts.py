@@ -184,3 +184,127 @@ def pretraining_checkpoint(seed: int = 7) -> tuple[torch.nn.Module, dict]:
     model = MIMModel(MICRO, RecipeConfig(name="simmim", masking={"mask_patch_size": 16}))
     randomize(model.encoder, seed)
     return model.encoder, {"model": model.state_dict(), "step": 3}
+
+
+# --------------------------------------------------------------------------- latent-target releases
+
+
+def random_released(family: str, seed: int, **options: bool) -> torch.nn.Module:
+    """A micro encoder of a released layout's family (``vit_postnorm``, ``vit_avgpool``) with
+    known random weights (``options``: its norms)."""
+    from pretrain.encoders import create_encoder
+
+    torch.manual_seed(seed)
+    return randomize(create_encoder(MICRO, family, options or None), seed)
+
+
+def _renamed(sd: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """``sd`` with each key renamed by the first matching ``(pattern, replacement)``."""
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in rules:
+            if re.match(pat, k):
+                k = re.sub(pat, rep, k)
+                break
+        out[k] = v
+    return out
+
+
+def data2vec2_layout(enc: torch.nn.Module, n_pre: int = 1) -> dict:
+    """fairseq's data2vec 2.0 image checkpoint: the image modality encoder (patch embedding,
+    fixed positions, one extra token, the context encoder's norm and its first ``n_pre``
+    blocks), the main blocks renumbered from 0, the decoder, the EMA teacher (a dict, not a
+    tensor) and fairseq's plain-dict ``cfg``."""
+    img = "modality_encoders.IMAGE."
+    sd = _renamed(enc.timm_state_dict(), [
+        (r"^patch_embed\.proj\.", f"{img}local_encoder.proj."),
+        (r"^pos_embed$", f"{img}fixed_positional_encoder.positions"),
+        (r"^cls_token$", f"{img}extra_tokens"),
+        (r"^norm_pre\.", f"{img}context_encoder.norm."),
+    ])  # fmt: skip
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"blocks\.(\d+)\.(.+)$", k)
+        if m and int(m.group(1)) < n_pre:
+            k = f"{img}context_encoder.blocks.{m.group(1)}.{m.group(2)}"
+        elif m:
+            k = f"blocks.{int(m.group(1)) - n_pre}.{m.group(2)}"
+        out[k] = v
+    out[f"{img}decoder.blocks.0.0.weight"] = torch.randn(16, 2, 3, 3)
+    out[f"{img}decoder.proj.weight"] = torch.randn(32, 16)
+    out["_ema"] = {"blocks.0.norm1.weight": torch.randn(32)}
+    return {"model": out, "cfg": {"model": {"_name": "data2vec_multi", "depth": 2}},
+            "optimizer_history": [{"num_updates": 10}]}  # fmt: skip
+
+
+def ijepa_layout(enc: torch.nn.Module) -> dict:
+    """I-JEPA's checkpoint: DDP-prefixed student ``encoder``, ``predictor`` and the EMA
+    ``target_encoder`` (the weights of ``enc``), with the optimizer's epoch and lr."""
+    sd = enc.timm_state_dict()
+    student = {f"module.{k}": torch.randn_like(v) for k, v in sd.items()}
+    predictor = {"module.predictor_embed.weight": torch.randn(16, 32),
+                 "module.mask_token": torch.randn(1, 1, 16)}  # fmt: skip
+    return {"encoder": student, "predictor": predictor,
+            "target_encoder": {f"module.{k}": v for k, v in sd.items()},
+            "epoch": 3, "loss": 0.5, "batch_size": 8, "world_size": 1, "lr": 1e-3}  # fmt: skip
+
+
+def ibot_layout(enc: ViTEncoder) -> dict:
+    """iBOT's checkpoint: the DDP student and the teacher, each a ViT under ``backbone.`` (its
+    mask token ``masked_embed`` ``[1, D]``) beside the iBOT head under ``head.``."""
+    def model(sd: dict[str, torch.Tensor], token: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {f"backbone.{k}": v for k, v in sd.items()}
+        out["backbone.masked_embed"] = token.reshape(1, -1)
+        out["head.mlp.0.weight"] = torch.randn(64, 32)
+        out["head.last_layer.weight_g"] = torch.ones(100, 1)
+        out["head.last_layer2.weight_v"] = torch.randn(100, 16)
+        return out
+
+    student = {f"module.{k}": torch.randn_like(v)
+               for k, v in model(enc.timm_state_dict(), enc.mask_token.detach()).items()}  # fmt: skip
+    return {"student": student, "teacher": model(enc.timm_state_dict(), enc.mask_token.detach()),
+            "epoch": 5, "args": argparse.Namespace(arch="vit_micro")}  # fmt: skip
+
+
+def cae_layout(enc: BeitEncoder) -> dict:
+    """CAE's checkpoint: the BEiT-style encoder under ``encoder.`` beside the alignment encoder,
+    the regressor, the decoder, their mask token and sin-cos positions."""
+    sd = {f"encoder.{k}": v for k, v in enc.timm_state_dict().items()}
+    sd.update({f"alignment_encoder.{k}": torch.randn_like(v)
+               for k, v in enc.timm_state_dict().items()})  # fmt: skip
+    sd["regresser.cross_attn_blocks.0.norm1_q.weight"] = torch.randn(32)
+    sd["decoder.blocks.0.attn.qkv.weight"] = torch.randn(96, 32)
+    sd["mask_token"] = torch.randn(1, 1, 32)
+    sd["rd_pos_embed"] = torch.randn(1, 17, 32)
+    return {"model": sd, "epoch": 10}
+
+
+def beit2_layout(enc: BeitEncoder) -> dict:
+    """BEiT v2's pretraining checkpoint: BEiT's release plus the patch-aggregation head."""
+    sd = beit_layout(enc)["model"]
+    for k, v in list(sd.items()):
+        if k.startswith("blocks.0."):
+            sd[k.replace("blocks.0.", "cls_pt_layers.0.")] = torch.randn_like(v.float())
+    sd["cls_pt_norm.weight"] = torch.randn(32)
+    sd["cls_pt_lm_head.weight"] = torch.randn(8192, 32)
+    return {"model": sd}
+
+
+def capi_layout() -> dict[str, torch.Tensor]:
+    """CAPI's ``EncoderDecoder`` keys (RoPE, RMSNorm, separate q / k / v, registers)."""
+    blk = "encoder.blocks.0."
+    return {"registers": torch.randn(1, 16, 32), "patch_embed.weight": torch.randn(32, 3, 8, 8),
+            f"{blk}residual1.norm.weight": torch.randn(32),
+            f"{blk}residual1.fn.q_proj.weight": torch.randn(32, 32),
+            f"{blk}residual1.fn.rope.freqs": torch.randn(2, 16),
+            f"{blk}residual2.fn.fc1.weight": torch.randn(128, 32),
+            "enc_norm.weight": torch.randn(32), "mask_token": torch.randn(1, 32)}  # fmt: skip
+
+
+def aim_layout() -> dict[str, torch.Tensor]:
+    """AIM v1's backbone keys (``preprocessor`` with the patch norm, ``trunk``)."""
+    return {"preprocessor.patchifier.proj.weight": torch.randn(32, 3, 8, 8),
+            "preprocessor.patchifier.norm.weight": torch.randn(32),
+            "trunk.blocks.0.attn.qkv.weight": torch.randn(96, 32),
+            "trunk.blocks.0.norm_1.weight": torch.randn(32),
+            "trunk.post_trunk_norm.weight": torch.randn(32)}  # fmt: skip

@@ -17,14 +17,23 @@ import pytest
 import torch
 from checkpoint_layouts import (
     MICRO,
+    aim_layout,
+    beit2_layout,
     beit_layout,
+    cae_layout,
+    capi_layout,
+    data2vec2_layout,
+    ibot_layout,
+    ijepa_layout,
     images,
     mae_layout,
     mmpretrain_layout,
     pretraining_checkpoint,
     random_beit,
+    random_released,
     random_swin,
     random_vit,
+    randomize,
     simmim_vit_layout,
     swin_original_layout,
 )
@@ -38,6 +47,8 @@ from harness.core.config import (
     EncoderEntry,
     checkpoint_format_names,
 )
+from harness.core.errors import CheckpointError
+from pretrain.encoders.beit import BeitEncoder
 
 SWIN_MICRO = EncoderConfig(arch="swin_micro_32")
 
@@ -103,6 +114,36 @@ def _swin_repo() -> Synthesized:
     return enc, {"model": sd}, {}
 
 
+def _data2vec2(n_pre: int) -> Callable[[], Synthesized]:
+    def synth() -> Synthesized:
+        enc = random_released("vit_postnorm", seed=21)
+        return enc, data2vec2_layout(enc, n_pre), {"cfg": MICRO}
+
+    return synth
+
+
+def _ijepa() -> Synthesized:
+    enc = random_released("vit_avgpool", seed=22)
+    return enc, ijepa_layout(enc), {"cfg": MICRO}
+
+
+def _ibot() -> Synthesized:
+    enc = random_vit(seed=23)
+    return enc, ibot_layout(enc), {"cfg": MICRO}
+
+
+def _cae() -> Synthesized:
+    opts = {"use_abs_pos_emb": True, "use_rel_pos_bias": False,
+            "use_shared_rel_pos_bias": False, "layer_scale": True, "qkv_bias": True}  # fmt: skip
+    enc = randomize(BeitEncoder(MICRO, opts), 24)
+    return enc, cae_layout(enc), {"cfg": MICRO}
+
+
+def _beit2() -> Synthesized:
+    enc = random_beit(shared=True, seed=25)
+    return enc, beit2_layout(enc), {}
+
+
 #: Format name -> its synthesizers (each variant of the format's layout that maps differently).
 SYNTHESIZERS: dict[str, list[Callable[[], Synthesized]]] = {
     "mimbench": [_mimbench_file],
@@ -113,12 +154,26 @@ SYNTHESIZERS: dict[str, list[Callable[[], Synthesized]]] = {
     "simmim": [_simmim_vit, _simmim_swin],
     "mmpretrain": [_mmpretrain_vit, _mmpretrain_beit],
     "swin": [_swin_repo],
+    "data2vec2": [_data2vec2(0), _data2vec2(1)],
+    "ijepa": [_ijepa],
+    "ibot": [_ibot],
+    "cae": [_cae],
+    "beit2": [_beit2],
+}
+
+#: Recognised formats that are refused: format name -> (a file of it, what the refusal names).
+REFUSED: dict[str, tuple[Callable[[], dict[str, torch.Tensor]], str]] = {
+    "capi": (capi_layout, "rotary position embeddings"),
+    "aim": (aim_layout, r"LayerNorm before the sin-cos positions \(preprocessor"),
 }
 
 
 def formats_without_synthesizer() -> list[str]:
-    """Registered formats that :data:`SYNTHESIZERS` does not cover."""
-    return [name for name in checkpoint_format_names() if not SYNTHESIZERS.get(name)]
+    """Registered formats that neither :data:`SYNTHESIZERS` nor :data:`REFUSED` covers."""
+    return [n for n in checkpoint_format_names() if not SYNTHESIZERS.get(n) and n not in REFUSED]
+
+
+LOADING = [n for n in checkpoint_format_names() if n not in REFUSED]
 
 
 def _write(synth: Callable[[], Synthesized], path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -144,7 +199,7 @@ def test_every_registered_format_has_a_synthesizer():
     )
 
 
-@pytest.mark.parametrize("fmt", checkpoint_format_names())
+@pytest.mark.parametrize("fmt", LOADING)
 def test_format_is_detected_imported_and_computes_the_source_features(fmt, tmp_path):
     synths = SYNTHESIZERS.get(fmt)
     assert synths, f"checkpoint format '{fmt}' has no synthesizer in SYNTHESIZERS"
@@ -161,6 +216,17 @@ def test_format_is_detected_imported_and_computes_the_source_features(fmt, tmp_p
         assert torch.allclose(out, ref, rtol=0, atol=1e-5), (synth.__name__, err)
         forced, rep = load_checkpoint(path, fmt=fmt, **kwargs)  # the same, named
         assert rep.family == fmt and torch.allclose(_features(forced), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", sorted(REFUSED))
+def test_refused_format_is_detected_and_names_the_missing_piece(fmt, tmp_path):
+    layout, missing = REFUSED[fmt]
+    path = tmp_path / f"{fmt}.pth"
+    torch.save(layout(), path)
+    assert detect_family(layout()) == fmt
+    for named in ("auto", fmt):
+        with pytest.raises(CheckpointError, match=missing):
+            load_checkpoint(path, fmt=named, cfg=MICRO)
 
 
 # --------------------------------------------------------------------------- a new format

@@ -23,6 +23,9 @@ TINY: dict[str, tuple[EncoderConfig, dict[str, Any]]] = {
     "swin": (EncoderConfig(arch="swin_micro_32"), {}),
     "conv": (EncoderConfig(arch="ce_conv_32"), {}),
     "beit": (EncoderConfig(arch="vit_micro_32"), {"use_shared_rel_pos_bias": True}),
+    # the layouts of published checkpoints (data2vec 2.0's post-norm ViT, I-JEPA's without cls)
+    "vit_postnorm": (EncoderConfig(arch="vit_micro_32", pos_embed="learned"), {}),
+    "vit_avgpool": (EncoderConfig(arch="vit_micro_32", pos_embed="learned"), {}),
 }
 
 #: ViT variants (``EncoderConfig`` values; the family follows from the config): layer scale and

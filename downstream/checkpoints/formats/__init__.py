@@ -15,4 +15,10 @@ from downstream.checkpoints.formats import (  # noqa: F401, I001  (registers eac
     simmim,
     mmpretrain,
     swin,
+    data2vec2,
+    ijepa,
+    ibot,
+    cae,
+    beit2,
+    refused,
 )
