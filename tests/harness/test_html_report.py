@@ -241,6 +241,7 @@ def test_partial_finetune_curve_averages_seeds_and_is_plotted(tmp_path):
     by_encoder = {lb.row(label).encoder: pts for label, pts in c.lines.items()}
     assert by_encoder == {"mae": [(0.0, 45.0), (2.0, 65.0)], "random": [(0.0, 20.0), (2.0, 30.0)]}
     assert {"partial_finetune/top1_k0", "partial_finetune/top1_k2"} <= set(lb.columns)
+    assert lb.header("partial_finetune/top1_k2") == "partial_finetune/top1_k2 (%)"
     page = format_html(lb, records)
     assert "<h2>Curves</h2>" in page and 'alt="partial_finetune: blocks fine-tuned vs top-1 (%)"' in page
     rdir = tmp_path / "records"
