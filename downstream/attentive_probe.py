@@ -543,7 +543,8 @@ class AttentiveProbe(Task):
         val = imagefolder_checked(root, "val", tf, strict)
         num_classes = len(train.classes)
         dim = int(encoder.num_features)
-        tokens_per_image = int(encoder.num_patches)
+        grid_h, grid_w = encoder.feature_grid
+        tokens_per_image = int(grid_h * grid_w)  # output tokens (Swin: fewer than patches)
         encoder.to(ctx.device).eval()
         mode, cache_bytes, skipped = self._source_mode(cfg, len(train) + len(val), n_blocks,
                                                        tokens_per_image, dim), 0, {}  # fmt: skip

@@ -118,6 +118,17 @@ def test_task_end_to_end_above_chance_encoder_unchanged(source, tmp_path):
     if source == "cache":
         assert res.details["token_cache_bytes"] > 0
         assert any("MiB (fp16)" in m for m in logs)  # the disk cost is printed
-        again = get_task("attentive_probe").run(enc, cfg, ctx)
-        assert again.metrics == res.metrics
+        quick = cfg.model_copy(update={"presets": ["capi"], "epochs": 1})
+        again = get_task("attentive_probe").run(enc, quick, ctx)
         assert any("read from cache" in m for m in logs)
+        assert again.details["token_cache_bytes"] == res.details["token_cache_bytes"]
+
+
+def test_auto_caches_tokens_only_when_they_fit():
+    from downstream.attentive_probe import AttentiveProbe
+
+    mode = AttentiveProbe._source_mode
+    fits = 1000 * 6 * 64 * 128 * 2  # images x blocks x tokens x width x 2 bytes (fp16)
+    assert mode(AttentiveProbeConfig(cache_max_gb=fits / 2**30), 1000, 6, 64, 128) == "cache"
+    assert mode(AttentiveProbeConfig(cache_max_gb=(fits - 1) / 2**30), 1000, 6, 64, 128) == "online"
+    assert mode(AttentiveProbeConfig(token_source="online"), 1, 1, 1, 1) == "online"
