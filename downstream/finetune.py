@@ -522,8 +522,9 @@ def _setup(
 
 def trains(encoder: Encoder, name: str, trainable_blocks: int | None) -> bool:
     """Whether encoder parameter ``name`` is fine-tuned when only the last ``trainable_blocks``
-    blocks are (None: all): its layer id (:meth:`Encoder.layer_id`) lies above the frozen ones,
-    so the final norm trains with any k and the embeddings only with every block."""
+    blocks are (None: every weight): its layer id (:meth:`Encoder.layer_id`) lies above the
+    frozen ones, so the final norm trains with any k and the embeddings (layer id 0) only with
+    None, even when k reaches the encoder's depth."""
     if trainable_blocks is None:
         return True
     return encoder.layer_id(name) > int(encoder.num_layers) - trainable_blocks
