@@ -6,11 +6,13 @@ inside ``run``.
 """
 
 from downstream import (  # noqa: F401  (registers every task and checkpoint format)
+    attentive_probe,
     checkpoints,
     detection,
     finetune,
     knn,
     linear_probe,
     linear_probe_faithful,
+    partial_finetune,
     segmentation,
 )

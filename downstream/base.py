@@ -96,6 +96,11 @@ class Task(ABC):
     metrics: ClassVar[dict[str, bool]]  # metric name -> higher_is_better
     config_cls: ClassVar[type[TaskConfig]]
 
+    def metric_names(self, cfg: TaskConfig) -> dict[str, bool]:
+        """The metrics (name -> higher_is_better) a run with ``cfg`` reports: :attr:`metrics`,
+        unless the config shapes them (partial fine-tuning: one metric per k)."""
+        return dict(self.metrics)
+
     @abstractmethod
     def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
         """Check the dataset this task would read, cheaply (no image decoded, nothing trained):
@@ -155,6 +160,9 @@ TASK_ALIASES: dict[str, str] = {
     "linear-faithful": "linear_probe_faithful",
     "linear_faithful": "linear_probe_faithful",
     "ft": "finetune",
+    "attentive": "attentive_probe",
+    "partial": "partial_finetune",
+    "partial-ft": "partial_finetune",
 }
 
 

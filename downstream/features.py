@@ -241,10 +241,12 @@ def extract(
     return feats, labels, sorted(os.path.relpath(ds.samples[i][0], ds.root) for i in skipped)
 
 
-def _split_key(
+def split_key(
     encoder_hash: str, ds: Any, split: str, eval_tf: Any, device: torch.device, dtype: torch.dtype
 ) -> str:
-
+    """The cache key of one split's frozen outputs: encoder weights, dataset files, split, eval
+    transform, device kind, autocast precision and storage dtype (the attentive probe's token
+    cache shares it)."""
     amp = autocast_dtype("auto", device)
     parts = {
         "v": FEATURE_CACHE_VERSION,
@@ -333,7 +335,7 @@ def get_features(
     got: Features | None = None
     key = aug = ""
     if use_cache:
-        key = _split_key(
+        key = split_key(
             encoder_hash or encoder_fingerprint(encoder), ds, split, eval_tf, device, dtype
         )
         aug = _aug_key(aug_tf, seed) if views > 1 else "x"

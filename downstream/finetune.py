@@ -469,8 +469,22 @@ def _mixer_and_criterion(cfg: FinetuneConfig, num_classes: int) -> tuple[Any, nn
     return mixer, criterion
 
 
-def _setup(encoder: Any, cfg: FinetuneConfig, ctx: TaskContext) -> _FinetuneRun:
+def _setup(
+    encoder: Any,
+    cfg: FinetuneConfig,
+    ctx: TaskContext,
+    trainable_blocks: int | None = None,
+    ckpt_name: str = "finetune_checkpoint.pth",
+) -> _FinetuneRun:
     """Data, schedule, the model (a copy of the encoder), optimizer, mixing and loss.
+
+    Args:
+        encoder: The encoder (copied: its weights stay as they are).
+        cfg: The fine-tuning recipe.
+        ctx: Data, seed, device, task directory.
+        trainable_blocks: Fine-tune only the last k blocks (with the final norm and the head;
+            MAE's partial fine-tuning, Fig. 9), the rest frozen; None: every weight.
+        ckpt_name: The resumable checkpoint's file in the task directory.
 
     Raises:
         ConfigError: ``micro_batch_size`` does not divide ``batch_size``, or the train split
@@ -501,7 +515,7 @@ def _setup(encoder: Any, cfg: FinetuneConfig, ctx: TaskContext) -> _FinetuneRun:
     enc = copy.deepcopy(encoder).cpu()
     set_drop_path(enc, settings["drop_path"])
     for pname, p in enc.named_parameters():
-        p.requires_grad_(pname != "mask_token")
+        p.requires_grad_(pname != "mask_token" and trains(enc, pname, trainable_blocks))
     if cfg.activation_checkpointing:
         parallel.checkpoint_blocks(enc.residual_blocks())
     torch.manual_seed(ctx.seed)
@@ -536,10 +550,18 @@ def _setup(encoder: Any, cfg: FinetuneConfig, ctx: TaskContext) -> _FinetuneRun:
         opt=opt,
         mixer=mixer,
         criterion=criterion,
-        ckpt=task_checkpoint(
-            ctx.out_dir / "finetune_checkpoint.pth", cfg, encoder, ctx.data, ctx.seed
-        ),
+        ckpt=task_checkpoint(ctx.out_dir / ckpt_name, cfg, encoder, ctx.data, ctx.seed),
     )
+
+
+def trains(encoder: Encoder, name: str, trainable_blocks: int | None) -> bool:
+    """Whether encoder parameter ``name`` is fine-tuned when only the last ``trainable_blocks``
+    blocks are (None: every weight): its layer id (:meth:`Encoder.layer_id`) lies above the
+    frozen ones, so the final norm trains with any k and the embeddings (layer id 0) only with
+    None, even when k reaches the encoder's depth."""
+    if trainable_blocks is None:
+        return True
+    return encoder.layer_id(name) > int(encoder.num_layers) - trainable_blocks
 
 
 def _restore(run: _FinetuneRun) -> None:

@@ -15,6 +15,8 @@ import base64
 import html
 import io
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,68 @@ def loss_curve_png(loss_jsonl: Path, title: str, loss: str | None = None) -> byt
     return buf.getvalue()
 
 
+@dataclass
+class Curve:
+    """A task's curve over the leaderboard rows (e.g. partial fine-tuning: blocks fine-tuned vs
+    top-1), from the ``curve`` detail of its records (``{"x": label, "y": label, "points":
+    [[x, y], ...]}``), averaged over the seeds of each row.
+
+    Attributes:
+        task: The task whose records hold the curve.
+        x: The x axis label.
+        y: The y axis label.
+        lines: Row label -> ``[(x, mean y), ...]`` in x order.
+    """
+
+    task: str
+    x: str
+    y: str
+    lines: dict[str, list[tuple[float, float]]]
+
+
+def record_curves(lb: Leaderboard, records: list[Record]) -> list[Curve]:
+    """Every task's curve from the ok records behind the leaderboard's rows (tasks sorted)."""
+    sums: dict[str, dict[str, dict[float, list[float]]]] = {}
+    axes: dict[str, tuple[str, str]] = {}
+    for r in records:
+        curve = r.details.get("curve") if r.details and r.status == "ok" else None
+        label = lb.row_of.get(r.run_id)
+        if not isinstance(curve, dict) or label is None:
+            continue
+        axes.setdefault(r.task.name, (str(curve.get("x", "x")), str(curve.get("y", "y"))))
+        per = sums.setdefault(r.task.name, {}).setdefault(label, {})
+        for x, y in curve.get("points", []):
+            per.setdefault(float(x), []).append(float(y))
+    return [
+        Curve(task, *axes[task], {
+            label: [(x, sum(ys) / len(ys)) for x, ys in sorted(pts.items())]
+            for label, pts in sorted(rows.items())
+        })
+        for task, rows in sorted(sums.items())
+    ]  # fmt: skip
+
+
+def curve_png(curve: Curve, name: Callable[[str], str]) -> bytes:
+    """A small PNG of ``curve``: one line (with markers) per row, named by ``name(label)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3), dpi=90)
+    for label, pts in curve.lines.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1, label=name(label))
+    ax.set_xlabel(curve.x)
+    ax.set_ylabel(curve.y)
+    ax.set_title(curve.task, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def format_html(
     lb: Leaderboard,
     records: list[Record],
@@ -156,6 +220,11 @@ def format_html(
     notes = "".join(f"<li>{e(n)}</li>" for n in lb.notes)
     origin = lb.origin()
     gallery = _gallery(lb, records, records_dir)
+    curves = [
+        f'<div class="enc"><img alt="{e(c.task)}: {e(c.x)} vs {e(c.y)}" '
+        f'src="{_data_uri_png(curve_png(c, lambda label: _gallery_name(lb, label)))}"></div>'
+        for c in record_curves(lb, records)
+    ]
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{e(title)}</title><style>{_STYLE}</style></head><body>"
@@ -166,6 +235,7 @@ def format_html(
         "<p class='notes'>Cells: mean &plusmn; sample standard deviation over n seeds (ok runs); "
         "best of each column in bold.</p>"
         + (f"<ul class='notes'>{notes}</ul>" if notes else "")
+        + ("<h2>Curves</h2>" + "".join(curves) if curves else "")
         + ("<h2>Pretraining: reconstructions and loss</h2>" + "".join(gallery) if gallery else "")
         + f"<script>{_SCRIPT}</script></body></html>"
     )

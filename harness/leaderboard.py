@@ -528,9 +528,15 @@ def _units(records: Sequence[Record], columns: list[str]) -> dict[str, str | Non
             if info.unit:
                 units.setdefault(_column(record.task.name, metric), info.unit)
     return {
-        c: (units.get(c) or DEFAULT_UNITS.get(c.split("/", 1)[1])) if "/" in c else None
+        c: (units.get(c) or default_unit(c.split("/", 1)[1])) if "/" in c else None
         for c in columns
     }
+
+
+def default_unit(metric: str) -> str | None:
+    """:data:`DEFAULT_UNITS` of ``metric``, or of its stem for a variant of it (``top1_k2``,
+    ``top1_best_layer``: the unit of ``top1``)."""
+    return DEFAULT_UNITS.get(metric) or DEFAULT_UNITS.get(metric.split("_", 1)[0])
 
 
 def _column(task: str, metric: str) -> str:

@@ -9,14 +9,14 @@ from typing import Any
 
 import pandas as pd
 
-from harness.core.fsutil import PathLike, atomic_write_text
+from harness.core.fsutil import PathLike, atomic_write_bytes, atomic_write_text
 from harness.core.records import (
     RecordScan,
     SkippedRecord,
     announce_skipped,
     scan_records,
 )
-from harness.html_report import format_html
+from harness.html_report import curve_png, format_html, record_curves
 from harness.leaderboard import (
     GRID_EDGE_MARK,
     PARTIAL_FAILURE_MARK,
@@ -235,8 +235,13 @@ def write_report(
     lb = leaderboard(scan.records)
     lb.notes.extend(skipped_notes(scan.skipped))
     out = Path(out_dir)
+    figures = []
+    for curve in record_curves(lb, scan.records):  # one PNG per task with a curve, md links it
+        png = out / f"curve-{curve.task}.png"
+        atomic_write_bytes(png, curve_png(curve, lambda label: lb.row(label).encoder))
+        figures.append((f"{curve.task}: {curve.x} vs {curve.y}", png.name))
     texts = {
-        "md": format_markdown(lb),
+        "md": format_markdown(lb) + "".join(f"\n![{alt}]({name})\n" for alt, name in figures),
         "csv": format_csv(lb),
         "tex": format_latex(lb),
         "html": format_html(lb, scan.records, records_dir=root),

@@ -341,13 +341,14 @@ def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C
                     torch.manual_seed(seed)
                     result = st.task.run(handle.encoder, st.task_cfg, ctx)
                     task = st.task
+                    declared = task.metric_names(st.task_cfg)
                     rec = Record(
                         run_id=new_run_id(f"{name}-{st.kind}-s{seed}"),
                         status="ok", started_at=started, finished_at=utc_now(),
                         duration_s=time.time() - t0, encoder=info, recipe=handle.recipe,
                         task=TaskInfo(name=task.name, version=task.version),
                         metrics={k: float(v) for k, v in result.metrics.items()},
-                        metric_info={k: MetricInfo(higher_is_better=task.metrics[k])
+                        metric_info={k: MetricInfo(higher_is_better=declared[k])
                                      for k in result.metrics},
                         details={**result.details, **handle.extra},
                         config=st.run_config, config_hash=st.key, seed=seed, suite=cfg.name,
@@ -417,7 +418,8 @@ def _failed_record(st: TaskStage, cfg: SuiteConfig, prov: dict[str, Any], starte
                                     checkpoint=entry.checkpoint),
         recipe=entry.pretrain.recipe.model_dump(mode="json") if entry.pretrain else None,
         task=TaskInfo(name=task.name, version=task.version),
-        metric_info={k: MetricInfo(higher_is_better=v) for k, v in task.metrics.items()},
+        metric_info={k: MetricInfo(higher_is_better=v)
+                     for k, v in task.metric_names(st.task_cfg).items()},
         config=st.run_config, config_hash=st.key, seed=st.seed, suite=cfg.name, provenance=prov,
         error=ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()),
     )

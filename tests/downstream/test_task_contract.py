@@ -55,6 +55,14 @@ TINY_CASES: dict[str, TinyCase] = {
     "finetune": TinyCase("imagefolder", {"epochs": 1, "warmup_epochs": 0, "batch_size": 8,
                                          "micro_batch_size": 4, "max_steps": 1}, runs=True,
                          slow=True),
+    "attentive_probe": TinyCase("imagefolder", {"presets": ["capi"], "lrs": [1e-3],
+                                                "weight_decays": [0.0], "epochs": 1,
+                                                "batch_size": 8, "token_source": "online"},
+                                runs=True),
+    "partial_finetune": TinyCase("imagefolder", {"blocks": [0, 1], "epochs": 1,
+                                                 "warmup_epochs": 0, "batch_size": 8,
+                                                 "micro_batch_size": 4, "max_steps": 1},
+                                 runs=True, slow=True),
     "detection": TinyCase("coco", {"img_size": 64, "max_iters": 1, "batch_size": 1}),
     "segmentation": TinyCase("ade20k", {"crop_size": 64, "max_iters": 1, "batch_size": 2}),
 }  # fmt: skip
@@ -97,6 +105,7 @@ def test_default_config_validates_and_names_the_task(name):
     assert isinstance(tiny, task.config_cls)
     assert isinstance(task.version, int) and task.version >= 1
     assert task.metrics and all(isinstance(v, bool) for v in task.metrics.values())
+    assert task.metric_names(default) == task.metrics  # what a failed default run declares
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -140,8 +149,9 @@ def test_run_returns_exactly_its_metrics_and_leaves_the_weights(name, tiny_image
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     ctx = TaskContext(data=_good_data(case, tiny_imagefolder, shapes_root), seed=0,
                       device=torch.device("cpu"), out_dir=tmp_path / "out", log=lambda m: None)
-    res = task.run(enc, parse_task_config({"name": name, **case.config}), ctx)
-    assert set(res.metrics) == set(task.metrics)
+    cfg = parse_task_config({"name": name, **case.config})
+    res = task.run(enc, cfg, ctx)
+    assert set(res.metrics) == set(task.metric_names(cfg))
     assert all(isinstance(v, float) and math.isfinite(v) for v in res.metrics.values()), res.metrics
     json.dumps(res.details)  # records store the details as JSON
     after = enc.state_dict()

@@ -221,3 +221,33 @@ def test_loss_curve_names_the_recipe_s_loss(tmp_path, monkeypatch):
     assert html_report.loss_name({"loss": {"type": "l2", "on": "all"},
                                   "target": {"type": "norm_pixels"}}) == (
         "L2 (MSE) on all patches' normalized pixels")
+
+
+def test_partial_finetune_curve_averages_seeds_and_is_plotted(tmp_path):
+    from harness.html_report import record_curves
+    from harness.report import write_report
+
+    def curve(encoder, seed, pts):
+        r = record(encoder, seed, {f"top1_k{k}": y for k, y in pts}, task="partial_finetune")
+        r.details = {"curve": {"x": "blocks fine-tuned", "y": "top-1 (%)",
+                               "points": [list(p) for p in pts]}}
+        return r
+
+    records = [curve("mae", 0, [(0, 40.0), (2, 60.0)]), curve("mae", 1, [(0, 50.0), (2, 70.0)]),
+               curve("random", 0, [(0, 20.0), (2, 30.0)]), *standard_records()]
+    lb = leaderboard(records)
+    (c,) = record_curves(lb, records)
+    assert c.task == "partial_finetune" and c.x == "blocks fine-tuned"
+    by_encoder = {lb.row(label).encoder: pts for label, pts in c.lines.items()}
+    assert by_encoder == {"mae": [(0.0, 45.0), (2.0, 65.0)], "random": [(0.0, 20.0), (2.0, 30.0)]}
+    assert {"partial_finetune/top1_k0", "partial_finetune/top1_k2"} <= set(lb.columns)
+    assert lb.header("partial_finetune/top1_k2") == "partial_finetune/top1_k2 (%)"
+    page = format_html(lb, records)
+    assert "<h2>Curves</h2>" in page and 'alt="partial_finetune: blocks fine-tuned vs top-1 (%)"' in page
+    rdir = tmp_path / "records"
+    rdir.mkdir()
+    for r in records:
+        (rdir / f"{r.run_id}.json").write_text(r.model_dump_json())
+    paths = write_report(rdir, tmp_path / "out")
+    assert (tmp_path / "out" / "curve-partial_finetune.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](curve-partial_finetune.png)" in paths["md"].read_text()

@@ -1,0 +1,65 @@
+"""Partial fine-tuning (MAE Fig. 9): which weights train for k, the frozen part stays as loaded,
+one metric per k and the curve in the record."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from downstream.base import TaskContext, get_task
+from downstream.finetune import _setup, _train, trains
+from downstream.partial_finetune import PartialFinetuneConfig
+from harness.core.config import DataConfig, EncoderConfig
+from pretrain.encoders.vit import ViTEncoder
+
+TINY = dict(epochs=1, warmup_epochs=0, batch_size=8, micro_batch_size=4, mixup=0.0, cutmix=0.0,
+            auto_augment=None, reprob=0.0, base_lr=1e-2, drop_path=0.0)
+
+
+def test_trains_the_last_k_blocks_and_the_top():
+    enc = ViTEncoder(EncoderConfig(arch="vit_tiny_32"))  # 6 blocks
+    names = [n for n, _ in enc.named_parameters()]
+    blocks_of = lambda k: {int(n.split(".")[2]) for n in names  # noqa: E731
+                           if n.startswith("vit.blocks.") and trains(enc, n, k)}
+    assert blocks_of(0) == set() and blocks_of(1) == {5} and blocks_of(2) == {4, 5}
+    assert blocks_of(6) == set(range(6)) and blocks_of(None) == set(range(6))
+    assert all(trains(enc, n, 0) for n in names if n.startswith("vit.norm."))
+    assert not any(trains(enc, n, 6) for n in names if n.startswith("vit.patch_embed"))
+    assert all(trains(enc, n, None) for n in names)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_frozen_part_is_unchanged_and_the_rest_trains(k, tiny_imagefolder, tmp_path):
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))  # 2 blocks
+    cfg = PartialFinetuneConfig(blocks=[k], max_steps=2, **TINY)
+    ctx = TaskContext(data=DataConfig(source=str(tiny_imagefolder), eval_crop_pct=1.0), seed=0,
+                      device=torch.device("cpu"), out_dir=tmp_path, log=lambda m: None)
+    run = _setup(enc, cfg, ctx, trainable_blocks=k, ckpt_name="p.pth")
+    _train(run)
+    tuned = dict(run.model.encoder.named_parameters())
+    for name, p in enc.named_parameters():
+        same = torch.equal(p, tuned[name])
+        if name.startswith("vit.blocks.") and trains(enc, name, k):
+            assert not same, f"{name} did not train"
+        elif name.startswith(("vit.blocks.", "vit.patch_embed", "vit.pos_embed", "vit.cls_token")):
+            assert same, f"{name} is frozen for k={k} but changed"
+    assert not torch.equal(run.model.head.weight, torch.zeros_like(run.model.head.weight))
+
+
+@pytest.mark.slow
+def test_task_reports_one_metric_per_k_and_the_curve(tiny_imagefolder, tmp_path):
+    task = get_task("partial_finetune")
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderConfig(arch="vit_micro_32"))
+    cfg = PartialFinetuneConfig(blocks=[0, 1, "all"], max_steps=1, **TINY)
+    ctx = TaskContext(data=DataConfig(source=str(tiny_imagefolder), eval_crop_pct=1.0), seed=0,
+                      device=torch.device("cpu"), out_dir=tmp_path, log=lambda m: None)
+    res = task.run(enc, cfg, ctx)
+    assert set(res.metrics) == {"top1_k0", "top1_k1", "top1_all"} == set(task.metric_names(cfg))
+    pts = res.details["curve"]["points"]
+    assert [p[0] for p in pts] == [0, 1, 2]
+    assert [p[1] for p in pts] == [res.metrics[m] for m in ("top1_k0", "top1_k1", "top1_all")]
+    params = [c["trainable_params"] for c in res.details["per_k"]]
+    assert params[0] < params[1] < params[2]
+    assert not list(tmp_path.glob("partial_k*_checkpoint.pth"))  # removed after each k
