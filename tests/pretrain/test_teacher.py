@@ -161,6 +161,7 @@ def _cfg(data, steps, **train):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_pretraining_with_a_teacher_writes_stats_and_exports_per_config(tiny_imagefolder, tmp_path):
     cfg = _cfg(tiny_imagefolder, 3)
     cfg.recipe.teacher.evaluate = "teacher"  # type: ignore[union-attr]
@@ -174,6 +175,7 @@ def test_pretraining_with_a_teacher_writes_stats_and_exports_per_config(tiny_ima
     assert all({"target_std", "cosine"} <= set(h) for h in hist)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_with_a_teacher(tiny_imagefolder, tmp_path):
     cfg = _cfg(tiny_imagefolder, 4, log_every_steps=1)
     full = pretrain(cfg, tmp_path / "full", log=lambda m: None)
@@ -197,3 +199,31 @@ def test_resume_is_bitwise_with_a_teacher(tiny_imagefolder, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     la, lb = ((p / "loss.jsonl").read_text() for p in (full.out_dir, resumed.out_dir))
     assert la == lb  # losses and target statistics, bitwise
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_over_a_latent_axis_runs(tiny_imagefolder, tmp_path):
+    from harness.core.config import validate_config
+    from harness.stages import pretrain_config_for
+    from harness.sweep import expand_sweep, variant_name
+
+    suite = {
+        "kind": "suite", "name": "t", "data": {"source": str(tiny_imagefolder)},
+        "encoders": [{"name": "d2v", "encoder": {"arch": "vit_micro_32"}, "pretrain": {
+            "recipe": D2V,
+            "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "lr_base_batch": 4,
+                      "max_steps": 2, "num_recon_images": 0}}}],
+        "tasks": [{"name": "linear_probe"}],
+        "sweep": {"prefix": "encoders.0.pretrain.recipe",
+                  "axes": {"target.latent.block_norm": ["none", "instance", "layer"]}},
+    }  # fmt: skip
+    rows = expand_sweep(suite)
+    assert [t["block_norm"] for t, _ in rows] == ["none", "instance", "layer"]
+    losses = []
+    for tags, raw in rows:
+        cfg = validate_config(raw)
+        pcfg = pretrain_config_for(cfg.encoders[0], cfg, 0)
+        res = pretrain(pcfg, tmp_path / variant_name(tags), log=lambda m: None)
+        assert res.steps == 2 and math.isfinite(res.final_loss)
+        losses.append(res.final_loss)
+    assert len(set(losses)) == 3  # each row trained against its own targets
