@@ -63,7 +63,8 @@ def mask_rows(
                 kw["mask_patch_size"] = None  # then the model's patch is the unit
         cfg = MaskingConfig(strategy=name, **kw)  # type: ignore[arg-type]
         masker = create_masker(cfg, grid, p)
-        m = masker(samples, generator=torch.Generator().manual_seed(seed))
+        # hidden from the encoder (I-JEPA's codes: context 0 shows, targets and the rest do not)
+        m = masker(samples, generator=torch.Generator().manual_seed(seed)) != 0
         label = f"{name} {masker.num_masked}/{masker.num_patches}"
         rows.append((label, m.view(samples, *grid)))
     return rows
