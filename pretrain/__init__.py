@@ -12,6 +12,7 @@ from pretrain import (  # noqa: F401  (each registers its parts)
     context_encoder,
     dall_e,
     heads,
+    ijepa,
     losses,
     mae,
     maskfeat,
@@ -20,6 +21,7 @@ from pretrain import (  # noqa: F401  (each registers its parts)
     recipes,
     simmim,
     targets,
+    teacher,
     tokenizers,
     vit_mpp,
 )

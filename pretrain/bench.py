@@ -13,6 +13,8 @@ The MAE comparison (He et al. 2022, Table 2: 2.8x to 4.1x wall-clock on TPUs) ti
 ViT-B MAE at mask ratio 0.75 with the encoder on the visible 25 % of patches and with mask tokens
 on all patches, whole step (8-block, 512-wide decoder in both) and encoder alone (forward +
 backward). Timings on a shared CPU are noisy: the script prints the median of the timed steps.
+``target s`` times the target alone (no gradient) plus the after-step hook: for the latent
+recipes the EMA teacher's forward and update, the teacher's share of a step.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ BENCH_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "maskfeat": ("vit_base_16", {"name": "maskfeat"}),
     "vit_mpp": ("vit_base_16", {"name": "vit_mpp"}),
     "context_encoder": ("ce_conv_128", {"name": "context_encoder"}),
+    # latent targets of an EMA teacher (pretrain/teacher.py)
+    "data2vec": ("vit_base_16", {"name": "data2vec"}),
+    "ijepa": ("vit_base_16", {"name": "ijepa"}),
 }
 
 
@@ -119,6 +124,14 @@ def time_recipe(
     step, model, size, arch = recipe_step(label, None, batch, device, tmp)
     times = time_step(step, steps, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    imgs = torch.randn(batch, 3, size, size, device=device)
+
+    def target_step() -> None:  # the target (an EMA teacher's forward) and the after-step hook
+        with torch.no_grad():
+            model.target(imgs)
+        model.after_step(1)
+
+    target_times = time_step(target_step, steps, device)
     return {
         "recipe": label,
         "encoder": arch,
@@ -126,6 +139,7 @@ def time_recipe(
         "batch": batch,
         "step_s": statistics.median(times),
         "steps_s": times,
+        "target_s": statistics.median(target_times),  # within the step: its target's share
         "peak_mb": peak_mb(device),
         "trainable_params_m": n_params / 1e6,
     }
@@ -212,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         else f"CPU, {args.threads} threads"
     )
     print(f"device: {dev}; batch {args.batch}; median of {args.steps} steps after one warm-up")
-    print(f"{'recipe':<16} {'encoder':<14} {'img':>4} {'step s':>8} {'peak MB':>9} {'params M':>9}")
+    print(f"{'recipe':<16} {'encoder':<14} {'img':>4} {'step s':>8} {'peak MB':>9} {'params M':>9} "
+          f"{'target s':>9}")
     for job in jobs:
         cmd = [
             sys.executable,
@@ -251,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(
                 f"{res['recipe']:<16} {res['encoder']:<14} {res['img']:>4} {res['step_s']:>8.3f} "
-                f"{res['peak_mb']:>9.0f} {res['trainable_params_m']:>9.1f}"
+                f"{res['peak_mb']:>9.0f} {res['trainable_params_m']:>9.1f} {res['target_s']:>9.3f}"
             )
     if args.json:
         with open(args.json, "w") as f:

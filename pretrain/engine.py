@@ -34,9 +34,13 @@
   (gradients averaged over equal slices = the gradient of the global mean loss), the logged loss
   is the mean over ranks, and only rank 0 writes files. Every rank loads the checkpoint on resume;
   checkpoints also hold each rank's RNG state.
-* At the end: the encoder alone under timm's key names (``encoder.pth``) and a PNG grid of
+* At the end: the encoder alone under timm's key names (``encoder.pth``: the student, or the EMA
+  teacher where ``recipe.teacher.evaluate`` says so, named in the summary) and a PNG grid of
   original / masked / the recipe's rows (pixel targets: reconstruction and reconstruction with
-  the visible patches pasted; HOG, colors and tokens: target and prediction drawn).
+  the visible patches pasted; HOG, colors and tokens: target and prediction drawn; latent
+  targets: the masks only, plus ``target_stats.png``, the target std and the student-teacher
+  cosine per step; steps whose target std falls below ``recipe.teacher.collapse_std`` are
+  logged and counted in the summary).
 """
 
 from __future__ import annotations
@@ -95,11 +99,12 @@ from harness.core.training import (
 from pretrain.avgdist import encoder_avgdist
 from pretrain.inits import encoder_definition
 from pretrain.model import MIMModel, create_model
-from pretrain.viz import render_recon_grid
+from pretrain.viz import render_recon_grid, render_series
 
 CHECKPOINT = "checkpoint.pth"
 ENCODER = "encoder.pth"
 SUMMARY = "summary.json"
+TARGET_STATS = "target_stats.png"
 
 
 @dataclass
@@ -393,6 +398,7 @@ def _setup(
         total_steps = min(total_steps, t.max_steps)
 
     model = create_model(cfg.encoder, cfg.recipe).to(device)
+    model.set_run_length(total_steps)
     if rank == 0:  # nothing refused the run: it is this directory's config from now on
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -604,7 +610,7 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
     imgs = to_device_normalized(imgs, run.device)  # uint8 from data.fast_decode: normalised here
     mask = mask.to(run.device, non_blocking=True)
     run.opt.zero_grad(set_to_none=True)
-    loss_value = _forward_backward(run, imgs, mask)
+    loss_value, stats = _forward_backward(run, imgs, mask)
     if not math.isfinite(loss_value):  # the same verdict on every rank, before the update
         _on_nonfinite(run, loss_value, lr)
         return
@@ -612,26 +618,31 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
     run.step += 1
     run.model.after_step(run.step)
     run.last_loss = loss_value
-    run.history.append({"step": run.step, "loss": loss_value, "lr": lr})
+    run.history.append({"step": run.step, "loss": loss_value, "lr": lr, **stats})
+    _check_collapse(run, stats)
     if run.step >= run.last_event_step:  # past the last non-finite event
         run.nonfinite_streak = 0
 
 
-def _forward_backward(run: _Run, imgs: torch.Tensor, mask: torch.Tensor) -> float:
-    """The step's gradients and its loss (the mean over ranks). A compiled model that fails
+def _forward_backward(
+    run: _Run, imgs: torch.Tensor, mask: torch.Tensor
+) -> tuple[float, dict[str, float]]:
+    """The step's gradients, its loss (the mean over ranks) and the target's statistics of its
+    last micro-batch (:attr:`pretrain.model.MIMOutput.stats`). A compiled model that fails
     (compilation happens at the first call, and again on a new input shape) is dropped for the
     eager one with one warning, and the step is redone eagerly from the same RNG state."""
     if not run.compiled:
-        return distributed.all_reduce_mean(_accumulate(run, imgs, mask))
+        local, stats = _accumulate(run, imgs, mask)
+        return distributed.all_reduce_mean(local), stats
     rng = _rng_state(run.device)
     try:
-        local = _accumulate(run, imgs, mask)
+        local, stats = _accumulate(run, imgs, mask)
     except Exception as exc:  # noqa: BLE001  (a compiler's failure has no one type)
         _uncompile(run, exc)
         _set_rng_state(rng, run.device)
         run.opt.zero_grad(set_to_none=True)
-        local = _accumulate(run, imgs, mask)
-    return distributed.all_reduce_mean(local)
+        local, stats = _accumulate(run, imgs, mask)
+    return distributed.all_reduce_mean(local), stats
 
 
 def _uncompile(run: _Run, exc: BaseException) -> None:
@@ -642,23 +653,48 @@ def _uncompile(run: _Run, exc: BaseException) -> None:
     run.log(f"[pretrain {run.cfg.name}] WARNING: {run.compile_error}")
 
 
-def _accumulate(run: _Run, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _accumulate(
+    run: _Run, imgs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward and backward of this rank's batch, accumulated over up to ``run.accum.k``
     micro-batches (each loss weighted by its share of the ``b`` images, so the step's gradient
     is that of the mean loss; under DDP / FSDP the gradients are reduced on the last micro-batch
-    only); the batch's mean loss (a 0-d tensor, detached)."""
+    only); the batch's mean loss (a 0-d tensor, detached) and the target's statistics of the
+    last micro-batch."""
     b = imgs.shape[0]
     parts = split_batch(b, run.accum.k)
     local = torch.zeros((), device=run.device)
+    stats: dict[str, float] = {}
     for j, part in enumerate(parts):
         with _sync_unless(run, last=j == len(parts) - 1):
             with autocast(run.device, run.amp_dtype):
-                loss = run.net(imgs[part], mask[part]).loss
+                out = run.net(imgs[part], mask[part])
+            loss, stats = out.loss, out.stats  # the statistics of the last micro-batch
             if len(parts) > 1:  # this micro-batch's share of the mean over the b images
                 loss = loss * ((part.stop - part.start) / b)
             loss.backward()
         local = local + loss.detach().float()
-    return local
+    return local, stats
+
+
+def _check_collapse(run: _Run, stats: dict[str, float]) -> None:
+    """Log a step whose latent target's std fell below ``recipe.teacher.collapse_std`` (every
+    such step on the log lines' cadence, and the first one); the summary counts them."""
+    teacher = run.cfg.recipe.teacher
+    std = stats.get("target_std")
+    if teacher is None or std is None or not std < teacher.collapse_std:
+        return
+    if _collapsed_steps(run.history, teacher.collapse_std) == 1 or (
+        run.step % run.cfg.train.log_every_steps == 0
+    ):
+        run.log(f"[pretrain {run.cfg.name}] step {run.step}: target std {std:.3g} is below "
+                f"recipe.teacher.collapse_std {teacher.collapse_std:g}: the targets are "
+                "collapsing (every patch gets the same target)")  # fmt: skip
+
+
+def _collapsed_steps(history: list[dict[str, float]], threshold: float) -> int:
+    """Steps of ``history`` whose target std is below ``threshold``."""
+    return sum(1 for h in history if h.get("target_std", math.inf) < threshold)
 
 
 def _sync_unless(run: _Run, last: bool) -> Any:
@@ -757,7 +793,8 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
     if model is not None:  # rank 0; the other ranks wait at the barrier below for the outputs
         chash = run.ckpt.config_hash
         meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": run.step}
-        model.encoder.save_timm(out / ENCODER, meta=meta)
+        exported, encoder = model.exported_encoder()  # the student, or an EMA teacher
+        encoder.save_timm(out / ENCODER, meta={**meta, "exported": exported})  # type: ignore[operator]
         if recon is not None:
             recon = save_reconstruction_grid(model, run.root, cfg, recon, run.device, run.log)
         atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
@@ -771,6 +808,7 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
                 "avgdist": encoder_avgdist(cfg.recipe.masking, cfg.encoder).to_dict(),
                 **({"world_size": run.world} if run.world > 1 else {}),
                 "compute": _compute_summary(run), "nonfinite": _nonfinite_summary(run),
+                **_teacher_summary(run, exported),
             },
         )  # fmt: skip
     distributed.barrier()
@@ -818,6 +856,27 @@ def summary_for_record(stage: Path) -> dict[str, Any]:
         return {}
     summary = json.loads(path.read_text())
     return {k: summary[k] for k in ("compute", "nonfinite") if k in summary}
+
+
+def _teacher_summary(run: _Run, exported: str) -> dict[str, Any]:
+    """For a recipe with an EMA teacher: which encoder was exported, the collapse count and the
+    plot of the target statistics per step (``target_stats.png``)."""
+    teacher = run.cfg.recipe.teacher
+    if teacher is None:
+        return {}
+    plot = run.out / TARGET_STATS
+    series = {k: [h.get(k, math.nan) for h in run.history] for k in ("target_std", "cosine")}
+    atomic_write_bytes(plot, render_series([h["step"] for h in run.history], series))
+    stds = [v for v in series["target_std"] if math.isfinite(v)]
+    return {
+        "exported_encoder": exported,
+        "target_stats": TARGET_STATS,
+        "final_target_std": stds[-1] if stds else None,
+        "collapse": {
+            "threshold": teacher.collapse_std,
+            "steps": _collapsed_steps(run.history, teacher.collapse_std),
+        },
+    }
 
 
 def _silent(msg: str) -> None:

@@ -44,10 +44,13 @@ class Head(nn.Module):
             ``encoder_mode: mask_token``); MAE's decoder fills masked positions itself.
         patch_grid_only: Whether the head predicts on the patch grid only (MAE's decoder, the
             up-conv head); the others upsample the encoder's grid by any whole factor.
+        narrow: Whether ``head.dim`` may not exceed the encoder's width (I-JEPA's predictor
+            is a bottleneck; config validation compares them).
     """
 
     requires_full_sequence: bool = True
     patch_grid_only: ClassVar[bool] = False
+    narrow: ClassVar[bool] = False
 
     @classmethod
     def upsampling(cls, pred: int, patch_grid: int, feature: int) -> int:

@@ -30,6 +30,16 @@ trunk's ``nn.Linear`` / ``nn.LayerNorm`` modules.
             ``SwinTransformerForSimMIM`` (mask token): linear layers truncated-normal(0.02) with
             zero bias, LayerNorms 1 / 0, the mask token truncated-normal(0.02), no rescaling, the
             patch embedding left at PyTorch's default.
+``data2vec`` data2vec (Baevski et al., ICML 2022), fairseq ``examples/data2vec/models/
+            data2vec_vision.py`` ``TransformerEncoder.init_weights`` / ``fix_init_weight`` and
+            ``Data2VecVisionModel.__init__``: SimMIM's ViT rule (torch's ``trunc_normal_``, cut
+            at +-2) on the transformer and the class / mask tokens, but the patch embedding (built
+            outside the transformer) keeps PyTorch's default conv init.
+``ijepa``   I-JEPA (Assran et al., CVPR 2023), ``src/models/vision_transformer.py``
+            ``VisionTransformer._init_weights`` / ``fix_init_weight``: truncated-normal(0.02) cut
+            at +-2 on linear layers and the patch-embedding conv, block ``l``'s attention output
+            and MLP second layer divided by ``sqrt(2 l)``: SimMIM's ViT rule (the reference has
+            no class token; the fixed sin-cos positions are not initialised).
 ==========  =======================================================================================
 
 The rules for MAE and BEiT are written for ViTs (a class token, one width); naming them for a
@@ -106,10 +116,10 @@ def mae_init(encoder: Encoder) -> None:
     nn.init.normal_(parts.mask_token, std=0.02)
 
 
-def _beit_style(encoder: Encoder, std_cut: float | None) -> None:
+def _beit_style(encoder: Encoder, std_cut: float | None, patch_embed: bool = True) -> None:
     """BEiT's and SimMIM-ViT's rule: truncated normal(0.02) cut at ``+-std_cut`` (None: timm's
-    default cut at +-2) on linear, patch embedding, tokens and a learned position embedding,
-    then :func:`rescale_residual_out`."""
+    default cut at +-2) on linear, patch embedding (unless ``patch_embed`` is False: left as
+    built), tokens and a learned position embedding, then :func:`rescale_residual_out`."""
     bounds = {"a": -std_cut, "b": std_cut} if std_cut is not None else {}
 
     def tn(t: torch.Tensor) -> None:
@@ -117,9 +127,10 @@ def _beit_style(encoder: Encoder, std_cut: float | None) -> None:
 
     parts = encoder.init_parts()
     encoder.trunk.apply(linear_norm_init(tn))
-    tn(parts.patch_embed.weight)
-    if parts.patch_embed.bias is not None:
-        nn.init.zeros_(parts.patch_embed.bias)
+    if patch_embed:
+        tn(parts.patch_embed.weight)
+        if parts.patch_embed.bias is not None:
+            nn.init.zeros_(parts.patch_embed.bias)
     for p in (parts.class_token, parts.mask_token, parts.learned_pos_embed):
         if p is not None:
             tn(p)
@@ -147,6 +158,24 @@ def simmim_init(encoder: Encoder) -> None:
     parts = encoder.init_parts()
     encoder.trunk.apply(linear_norm_init(lambda t: nn.init.trunc_normal_(t, std=0.02)))
     nn.init.trunc_normal_(parts.mask_token, std=0.02)
+
+
+@_register(
+    "data2vec",
+    VIT_FAMILIES,
+    "data2vec data2vec_vision.py TransformerEncoder.init_weights + fix_init_weight",
+)
+@torch.no_grad()
+def data2vec_init(encoder: Encoder) -> None:
+    """data2vec's vision init: SimMIM's ViT rule, the patch embedding left at its default."""
+    _beit_style(encoder, std_cut=None, patch_embed=False)
+
+
+@_register("ijepa", VIT_FAMILIES, "I-JEPA vision_transformer.py _init_weights + fix_init_weight")
+@torch.no_grad()
+def ijepa_init(encoder: Encoder) -> None:
+    """I-JEPA's init: SimMIM's ViT rule (truncated normal cut at +-2, residual rescale)."""
+    _beit_style(encoder, std_cut=None)
 
 
 def encoder_definition(encoder: EncoderConfig, recipe: RecipeConfig) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.config import LossConfig, TargetConfig
+from harness.core.config import LossConfig, TargetConfig, TeacherConfig
 from harness.core.config.axes import TARGETS as _TARGETS
 from harness.core.config.recipe import target_grid
 from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
@@ -110,6 +110,8 @@ class Target(nn.Module):
         discrete_target: Whether the target is class indices (config validation pairs it with
             a discrete loss, :mod:`pretrain.losses`).
         supports_resolution: Whether ``target.resolution`` applies (config validation reads it).
+        needs_teacher: Whether the target is computed by an EMA teacher (config validation
+            then requires ``recipe.teacher``, :mod:`pretrain.teacher`).
         resolution: Side of the target image (the input's side unless ``target.resolution``).
         pred_grid: The grid the head predicts on and the loss averages over
             (:func:`harness.core.config.recipe.target_grid`).
@@ -118,6 +120,7 @@ class Target(nn.Module):
 
     discrete_target: ClassVar[bool] = False
     supports_resolution: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
     out_dim: int = 0
     num_classes: int = 0
     pixel_channels: int | None = None
@@ -159,13 +162,29 @@ class Target(nn.Module):
         return maps.repeat_interleave(self.pool, 2).repeat_interleave(self.pool, 3)
 
     @classmethod
-    def from_encoder(cls, cfg: TargetConfig, encoder: nn.Module) -> Target:
+    def from_encoder(
+        cls, cfg: TargetConfig, encoder: nn.Module, teacher: TeacherConfig | None = None
+    ) -> Target:
         """Build the target for the encoder being pretrained: the model's construction hook.
 
         The default reads the encoder's patch size and grid; a target that needs the encoder
-        itself (an EMA teacher copying its weights) overrides this.
+        itself (an EMA teacher copying its weights, configured by ``teacher``) overrides this.
         """
         return cls(cfg, encoder.patch_size, encoder.grid_size)  # type: ignore[arg-type]
+
+    def set_run_length(self, total_steps: int) -> None:
+        """Told once, before the first step, how many optimizer steps the run has (a momentum
+        schedule over the whole run); default: nothing."""
+
+    def exported_encoder(self, encoder: nn.Module) -> tuple[str, nn.Module]:
+        """What the encoder file holds, and its name for the summary: the trained ``student``
+        by default (a teacher target may export its teacher)."""
+        return "student", encoder
+
+    def statistics(self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor) -> dict[str, float]:
+        """Per-step statistics of the target for the log (collapse of a latent target);
+        default: none."""
+        return {}
 
     @property
     def discrete(self) -> bool:

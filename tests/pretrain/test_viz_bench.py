@@ -30,6 +30,7 @@ def test_mask_rows_use_the_papers_settings_and_draw_masked_dark():
         "block 75/196",
         "central 49/196",
         "grid 147/196",
+        "multiblock 39/196",
         "random 120/196",
         "random_blocks 49/196",
         "random_region 49/196",

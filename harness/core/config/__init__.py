@@ -40,13 +40,21 @@ from harness.core.config.loading import (
     to_plain,
     validate_config,
 )
-from harness.core.config.masking import MaskingConfig, MaskPlan, check_masking_fits, plan_masking
+from harness.core.config.masking import (
+    MaskingConfig,
+    MaskPlan,
+    MultiBlockConfig,
+    check_masking_fits,
+    plan_masking,
+)
 from harness.core.config.recipe import (
     HeadConfig,
     HOGConfig,
+    LatentConfig,
     LossConfig,
     RecipeConfig,
     TargetConfig,
+    TeacherConfig,
     TokenizerConfig,
 )
 from harness.core.config.recipe_files import RECIPE_FILE_KEYS, recipe_file, recipe_names
@@ -86,9 +94,11 @@ __all__ = [
     "EncoderEntry",
     "HOGConfig",
     "HeadConfig",
+    "LatentConfig",
     "LossConfig",
     "MaskPlan",
     "MaskingConfig",
+    "MultiBlockConfig",
     "PretrainConfig",
     "PretrainSpec",
     "RecipeConfig",
@@ -97,6 +107,7 @@ __all__ = [
     "SuiteConfig",
     "TargetConfig",
     "TaskConfig",
+    "TeacherConfig",
     "TokenizerConfig",
     "TrainConfig",
     "apply_overrides",

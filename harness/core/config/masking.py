@@ -7,12 +7,49 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from harness.core.config.axes import MASKERS, check_name
 from harness.core.config.base import ConfigError, StrictModel
 from harness.core.config.encoder import EncoderConfig
 from harness.core.registry import did_you_mean
+
+
+class MultiBlockConfig(StrictModel):
+    """I-JEPA's multi-block masks (``strategy: multiblock``, :mod:`pretrain.ijepa`): per image
+    ``num_targets`` target blocks and one context block minus the targets.
+
+    Attributes:
+        context_scale: The context block's share of the grid, drawn per batch (I-JEPA
+            ``enc_mask_scale`` [0.85, 1.0]; square, as the reference's aspect (1, 1)).
+        target_scale: Each target block's share of the grid, drawn per batch (``pred_mask_scale``
+            [0.15, 0.2]).
+        aspect: Target blocks' height / width, drawn per batch (``aspect_ratio`` [0.75, 1.5]).
+        num_targets: Target blocks per image (``num_pred_masks`` 4).
+        min_context: Fewest context patches an image may keep (``min_keep`` 10): a context
+            block with fewer left after removing the targets is drawn again.
+    """
+
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    aspect: tuple[float, float] = (0.75, 1.5)
+    num_targets: int = Field(4, ge=1)
+    min_context: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> MultiBlockConfig:
+        for name in ("context_scale", "target_scale", "aspect"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi or (name != "aspect" and hi > 1):
+                bound = "0 < low <= high" + ("" if name == "aspect" else " <= 1")
+                raise ValueError(f"multiblock.{name} ({lo}, {hi}) needs {bound}")
+        return self
 
 
 class MaskingConfig(StrictModel):
@@ -25,7 +62,8 @@ class MaskingConfig(StrictModel):
             ``min_block_patches``), ``central`` (Context Encoder: the central square),
             ``random_blocks`` (Context Encoder: several smaller, possibly overlapping
             rectangles), ``random_region`` (Context Encoder: one connected region of random
-            shape), ``grid`` (MAE Table 1f: keep one unit of every ``k x k``).
+            shape), ``grid`` (MAE Table 1f: keep one unit of every ``k x k``), ``multiblock``
+            (I-JEPA: context block minus target blocks, see ``multiblock``; ``ratio`` unused).
         ratio: Fraction of patches masked.
         mask_patch_size: Side of a masking unit in pixels; ``None`` means the model patch size.
         min_block_patches: ``block`` / ``random_blocks``: smallest rectangle, in units (BEiT: 16).
@@ -36,6 +74,7 @@ class MaskingConfig(StrictModel):
             token (1.0 everywhere except ViT's masked patch prediction: 0.8).
         random_token_prob: Of the masked patches, the fraction given another patch's embedding
             (ViT masked patch prediction: 0.1); the rest keep their own embedding.
+        multiblock: ``multiblock``'s blocks; left out of dumps at its default (hashes kept).
     """
 
     strategy: str = "random"
@@ -46,6 +85,14 @@ class MaskingConfig(StrictModel):
     min_aspect: float = Field(0.3, gt=0.0, le=1.0)
     mask_token_prob: float = Field(1.0, ge=0.0, le=1.0)
     random_token_prob: float = Field(0.0, ge=0.0, le=1.0)
+    multiblock: MultiBlockConfig = Field(default_factory=MultiBlockConfig)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_multiblock(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if self.multiblock == MultiBlockConfig():
+            out.pop("multiblock", None)
+        return out
 
     @field_validator("strategy")
     @classmethod
@@ -158,6 +205,13 @@ def _count_grid(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[st
     return uh * uw - (uh // k) * (uw // k), f"{uh * uw} - {uh // k} x {uw // k}", {"k": k}
 
 
+def _count_multiblock(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[str, Any]]:
+    # I-JEPA: the targets vary per image; the plan holds the largest count of one target block
+    mb = cfg.multiblock
+    n = max(1, int(uh * uw * mb.target_scale[1]))
+    return min(n, uh * uw - 1), f"int({mb.target_scale[1]:g} x {uh * uw}) per target block", {}
+
+
 #: strategy -> ``(units_masked, rule, extra plan fields)`` on a ``uh x uw`` unit grid.
 _UNIT_COUNTS = {
     "random": _count_random,
@@ -167,6 +221,7 @@ _UNIT_COUNTS = {
     "random_region": _count_round,
     "central": _count_central,
     "grid": _count_grid,
+    "multiblock": _count_multiblock,
 }
 
 

@@ -124,6 +124,58 @@ class TokenizerConfig(StrictModel):
         return check_name(TOKENIZERS, value)
 
 
+class LatentConfig(StrictModel):
+    """A latent target: features of the EMA teacher on the unmasked image (``target.type:
+    latent``, see :class:`pretrain.teacher.LatentTarget`).
+
+    The teacher's per-block outputs before its final norm (the encoder contract's
+    :meth:`forward_blocks`), the last ``top_k`` of them each normalized by ``block_norm``,
+    averaged, then normalized by ``target_norm``.
+
+    Attributes:
+        top_k: Blocks averaged (data2vec: 6 for ViT-B, data2vec 2.0: 10; I-JEPA: 1).
+        block_norm: Per block before averaging: ``instance`` (each channel over the tokens of an
+            image, data2vec's ``instance_norm_target_layer``), ``layer`` (each token over its
+            channels, no affine), ``final`` (the teacher's own final norm: I-JEPA's target
+            encoder output) or ``none``.
+        target_norm: After averaging: ``layer`` (no affine: data2vec's ``layer_norm_targets``,
+            I-JEPA's ``F.layer_norm`` of the target encoder's output), ``instance`` or ``none``.
+    """
+
+    top_k: int = Field(1, ge=1)
+    block_norm: Literal["none", "instance", "layer", "final"] = "none"
+    target_norm: Literal["none", "instance", "layer"] = "layer"
+
+
+class TeacherConfig(StrictModel):
+    """An EMA teacher (see :mod:`pretrain.teacher`): a copy of the encoder that receives no
+    gradient and follows the student after each optimizer step,
+    ``teacher = m * teacher + (1 - m) * student``.
+
+    Attributes:
+        momentum: ``m`` at the first update.
+        momentum_end: ``m`` from ``momentum_steps`` updates on.
+        momentum_steps: Updates over which ``m`` goes from ``momentum`` to ``momentum_end``;
+            ``None``: the whole run (data2vec's ``ema_anneal_end_step = max_update``, I-JEPA's
+            schedule over every iteration).
+        schedule: ``linear`` (data2vec, I-JEPA) or ``cosine`` (BYOL, iBOT: ``end - (end -
+            start) * (1 + cos(pi * t)) / 2``).
+        evaluate: What the encoder file holds, so what every task evaluates: the ``teacher``
+            (I-JEPA's ``target_encoder``, iBOT) or the ``student`` (data2vec).
+        collapse_std: A step whose target std (per channel over the batch's patches, averaged
+            over channels: data2vec's ``target_var``) falls below this is a collapse, logged
+            and counted in the summary (harness's choice: 0.01; data2vec 2.0 stops below
+            ``min_target_var``).
+    """
+
+    momentum: float = Field(0.999, ge=0.0, le=1.0)
+    momentum_end: float = Field(0.9999, ge=0.0, le=1.0)
+    momentum_steps: int | None = Field(None, ge=1)
+    schedule: Literal["linear", "cosine"] = "linear"
+    evaluate: Literal["teacher", "student"] = "student"
+    collapse_std: float = Field(0.01, ge=0.0)
+
+
 class TargetConfig(StrictModel):
     """What the head predicts for each patch (see :mod:`pretrain.targets`); ``type`` is a name
     registered in :data:`harness.core.config.axes.TARGETS`.
@@ -146,6 +198,8 @@ class TargetConfig(StrictModel):
         clusters: ``color_clusters``: number of RGB colour clusters (iGPT's 512, SimMIM
             Table 5), fitted by k-means on training pixels before pretraining (with the
             ``tokenizer``'s ``train_images`` and ``kmeans_iters``). Left out of dumps at 512.
+        latent: The teacher's features for ``latent`` (data2vec, I-JEPA); left out of dumps at
+            its default, so configs hashed before it existed keep their hashes.
     """
 
     type: str = "pixels"
@@ -154,6 +208,7 @@ class TargetConfig(StrictModel):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     resolution: int | None = Field(None, ge=1)
     clusters: int = Field(512, ge=2)
+    latent: LatentConfig = Field(default_factory=LatentConfig)
 
     @field_validator("type")
     @classmethod
@@ -174,12 +229,7 @@ class TargetConfig(StrictModel):
     def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after records and pretraining stages were hashed: left out of every dump at
         # their defaults so those hashes stay the same
-        out = handler(self)
-        if self.resolution is None:
-            out.pop("resolution", None)
-        if self.clusters == 512:
-            out.pop("clusters", None)
-        return out
+        return _omit_defaults(self, handler(self), ("resolution", "clusters", "latent"))
 
 
 class LossConfig(StrictModel):
@@ -192,11 +242,23 @@ class LossConfig(StrictModel):
         on: ``masked`` patches only, or ``all`` patches (SimMIM Table 4).
         adv_weight: Weight of the adversarial loss (Context Encoder: 0.001, the reconstruction
             then weighs ``1 - adv_weight`` = 0.999); 0 disables the discriminator.
+        beta: ``smooth_l1``'s transition point (SimMIM: 1; data2vec: ``loss_beta`` 2).
+        patch_reduce: How the values of a patch make its loss: their ``mean``, or their sum
+            divided by the square root of their number (``sum_rsqrt_dim``: data2vec's
+            ``loss_scale = 1 / sqrt(dim)``).
+
+    ``beta`` and ``patch_reduce`` are left out of dumps at their defaults (hashes kept).
     """
 
     type: str = "l1"
     on: Literal["masked", "all"] = "masked"
     adv_weight: float = Field(0.0, ge=0.0, lt=1.0)
+    beta: float = Field(1.0, gt=0.0)
+    patch_reduce: Literal["mean", "sum_rsqrt_dim"] = "mean"
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_defaults(self, handler(self), ("beta", "patch_reduce"))
 
     @field_validator("type")
     @classmethod
@@ -248,6 +310,8 @@ class RecipeConfig(StrictModel):
             ``encoder_defaults``) or ``controlled``: every recipe gets the same plain encoder
             definition and ``timm`` initialisation, so a comparison across recipes holds the
             encoder equal (setting either key as well is refused).
+        teacher: The EMA teacher of a target that has one (``latent``); ``None`` (left out of
+            dumps) for every other target.
     """
 
     name: str
@@ -259,6 +323,7 @@ class RecipeConfig(StrictModel):
     encoder_init: str = "default"
     encoder_defaults: EncoderDefaults | None = None
     encoder_setup: EncoderSetup = "paper"
+    teacher: TeacherConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -280,23 +345,20 @@ class RecipeConfig(StrictModel):
     def _omit_default_init(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after records and pretraining stages were hashed: left out of every dump at its
         # default so their config hashes stay the same
-        out = handler(self)
-        if self.encoder_init == "default":
-            out.pop("encoder_init", None)
-        if self.encoder_defaults is None:  # added later too: left out at their defaults
-            out.pop("encoder_defaults", None)
-        if self.encoder_setup == "paper":
-            out.pop("encoder_setup", None)
-        return out
+        return _omit_defaults(
+            self, handler(self), ("encoder_init", "encoder_defaults", "encoder_setup", "teacher")
+        )
 
     @model_validator(mode="after")
     def _axes_fit_together(self) -> RecipeConfig:
         self._check_discrete()
+        self._check_teacher()
         if self.encoder_mode == "visible":
-            if self.head.type != "mae_decoder":
+            if HEADS.get(self.head.type).requires_full_sequence:
+                fill = [n for n in HEADS.names() if not HEADS.get(n).requires_full_sequence]
                 raise ValueError(
                     f"encoder_mode 'visible' leaves masked positions empty; head '{self.head.type}' "
-                    "predicts from every encoder token: use head.type: mae_decoder or "
+                    f"predicts from every encoder token: use head.type: {_or_list(fill)} or "
                     "encoder_mode: mask_token"
                 )
             if self.masking.mask_token_prob < 1.0 or self.masking.random_token_prob > 0.0:
@@ -312,6 +374,22 @@ class RecipeConfig(StrictModel):
                 f"input's resolution; remove target.resolution ({self.target.resolution})"
             )
         return self
+
+    def _check_teacher(self) -> None:
+        """A target that reads an EMA teacher (its class's ``needs_teacher``) needs
+        ``recipe.teacher``, and a teacher needs such a target."""
+        needs = bool(TARGETS.get(self.target.type).needs_teacher)
+        if needs and self.teacher is None:
+            raise ValueError(
+                f"target '{self.target.type}' is computed by an EMA teacher: set recipe.teacher "
+                "(e.g. teacher: {momentum: 0.999, momentum_end: 0.9999})"
+            )
+        if not needs and self.teacher is not None:
+            users = [n for n in TARGETS.names() if TARGETS.get(n).needs_teacher]
+            raise ValueError(
+                f"recipe.teacher is set but target '{self.target.type}' has no teacher: remove "
+                f"recipe.teacher or use target.type: {_or_list(users)}"
+            )
 
     def _check_discrete(self) -> None:
         """A discrete target (class indices) needs a classification loss and a continuous one a
@@ -346,6 +424,16 @@ def _check_controlled(data: dict[str, Any]) -> None:
             "encoder_setup 'controlled' uses the plain encoder definition, but encoder_defaults "
             "is given: remove it (set the encoder's own fields instead) or use encoder_setup: paper"
         )
+def _omit_defaults(
+    model: StrictModel, out: dict[str, Any], names: tuple[str, ...]
+) -> dict[str, Any]:
+    """``out`` (a dump of ``model``) less the fields of ``names`` that hold their default: keys
+    added after configs were hashed, so those configs keep their hashes."""
+    for name in names:
+        default = type(model).model_fields[name].get_default(call_default_factory=True)
+        if getattr(model, name) == default:
+            out.pop(name, None)
+    return out
 
 
 def _or_list(names: list[str]) -> str:

@@ -7,8 +7,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from harness.core.config.axes import ENCODER_INITS
-from harness.core.config.base import StrictModel
+from harness.core.config.axes import ENCODER_INITS, HEADS
+from harness.core.config.base import ConfigError, StrictModel
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import ENCODER_PRESETS, VARIANT_FIELDS, EncoderConfig
 from harness.core.config.masking import check_masking_fits
@@ -161,6 +161,7 @@ class PretrainConfig(StrictModel):
         object.__setattr__(self, "encoder", resolve_encoder(self.encoder, self.recipe))
         check_masking_fits(self.recipe.masking, self.encoder, "recipe.masking")
         check_target_fits(self.recipe, self.encoder, "recipe")
+        check_head_width(self.recipe, self.encoder)
         return self
 
     @model_serializer(mode="wrap")
@@ -168,4 +169,20 @@ class PretrainConfig(StrictModel):
         out = handler(self)
         dump_encoder(out, self.encoder, self.recipe)
         return out
+
+
+def check_head_width(recipe: RecipeConfig, encoder: EncoderConfig) -> None:
+    """A narrow head (I-JEPA's predictor, its class's ``narrow``) may not be wider than the
+    encoder.
+
+    Raises:
+        ConfigError: ``recipe.head.dim`` exceeds ``encoder.embed_dim``.
+    """
+    width = int(encoder.embed_dim)  # type: ignore[arg-type]
+    if HEADS.get(recipe.head.type).narrow and recipe.head.dim > width:
+        raise ConfigError(
+            f"recipe.head.dim {recipe.head.dim} is wider than the encoder ({encoder.arch}: "
+            f"embed_dim {width}); head '{recipe.head.type}' is a bottleneck: set recipe.head.dim "
+            f"to at most {width} (I-JEPA: 384 for ViT-H's 1280)"
+        )
 
