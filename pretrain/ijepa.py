@@ -130,14 +130,20 @@ class JEPAPredictor(MAEDecoder):
         cfg: Depth, width, heads and MLP ratio (I-JEPA ViT-H/14: depth 12, width 384).
         out_dim: The target's width (the encoder's).
         pixel_channels: Unused.
+        pred_grid: Must be the patch grid (or None), as for MAE's decoder.
     """
 
     narrow = True
 
     def __init__(
-        self, encoder: nn.Module, cfg: HeadConfig, out_dim: int, pixel_channels: int | None = None
+        self,
+        encoder: nn.Module,
+        cfg: HeadConfig,
+        out_dim: int,
+        pixel_channels: int | None = None,
+        pred_grid: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(encoder, cfg, out_dim, pixel_channels)
+        super().__init__(encoder, cfg, out_dim, pixel_channels, pred_grid)
         nn.init.trunc_normal_(self.mask_token, std=0.02)  # the reference's mask token init
 
     def forward(

@@ -58,6 +58,22 @@ CASES = {
     ),
     "vit_mpp": ("vit_micro_32", {"name": "vit_mpp"}),
     "context_encoder": ("ce_conv_32", {"name": "context_encoder", "head": {"dim": 32}}),
+    "data2vec": (
+        "vit_micro_32",
+        {
+            "name": "data2vec",
+            "masking": {"min_block_patches": 2, "ratio": 0.5},
+            "target": {"latent": {"top_k": 2}},
+        },
+    ),
+    "ijepa": (
+        "vit_micro_32",
+        {
+            "name": "ijepa",
+            "head": {"depth": 1, "dim": 16, "num_heads": 2},
+            "masking": {"multiblock": {"min_context": 1}},
+        },
+    ),
     # axes
     "head_mlp": (
         "vit_micro_32",
@@ -204,7 +220,8 @@ def test_recipe_trains_on_a_fixed_batch(case):
     assert losses[-1] < losses[0], losses
     assert out.pred.shape == (4, model.encoder.num_patches, model.target.out_dim)
     rows = model.visualize(imgs, out)
-    assert [r[0] for r in rows[:2]] == ["original", "masked"] and len(rows) == 4
+    pictures = 2 if rec["name"] in ("data2vec", "ijepa") else 4  # a latent target has no picture
+    assert [r[0] for r in rows[:2]] == ["original", "masked"] and len(rows) == pictures
     for _, img in rows:
         assert img.shape == imgs.shape and img.min() >= 0 and img.max() <= 1
 
