@@ -6,44 +6,45 @@ and the target are built; it touches the encoder only (MAE's decoder keeps its o
 (:meth:`pretrain.encoders.base.Encoder.init_parts`); every other weight is reached through the
 trunk's ``nn.Linear`` / ``nn.LayerNorm`` modules.
 
-==========  =======================================================================================
-``timm``    timm's own initialisation of each family (``default`` is the same rule under its old
-            name, kept so configs hashed with it keep their hashes): ViT linear layers
-            trunc-normal(0.02), the patch embedding PyTorch's default conv init, the class token
-            normal(1e-6); Swin and BEiT as timm builds them.
-``mae``     MAE, ``models_mae.py`` ``MaskedAutoencoderViT.initialize_weights`` / ``_init_weights``
-            (He et al., CVPR 2022): every linear layer xavier-uniform with zero bias, LayerNorms
-            weight 1 and bias 0, the patch embedding's weight xavier-uniform viewed as a
-            ``[D, C*p*p]`` matrix, the class and mask tokens normal(0.02).
-``beit``    BEiT, ``modeling_pretrain.py`` ``VisionTransformerForMaskedImageModeling.__init__``,
-            ``_init_weights`` and ``fix_init_weight`` (Bao et al., ICLR 2022): linear and patch
-            embedding weights truncated-normal with std 0.02 *cut at +-0.02* (the file's own
-            ``trunc_normal_`` passes ``a=-std, b=std``, so the drawn std is 0.02 x 0.5399),
-            biases 0, LayerNorms 1 / 0, class / mask tokens and a learned position embedding the
-            same truncated normal; then block ``l`` (1-based) has its attention output projection
-            and MLP second layer divided by ``sqrt(2 l)``.
-``simmim``  SimMIM (Xie et al., CVPR 2022). ViT: ``models/vision_transformer.py``
-            ``VisionTransformer.__init__`` / ``_init_weights`` / ``fix_init_weight`` and
-            ``models/simmim.py`` ``VisionTransformerForSimMIM`` (mask token): BEiT's rule with
-            timm's ``trunc_normal_`` (cut at +-2, i.e. plain normal(0.02) at this std).
-            Swin: ``models/swin_transformer.py`` ``SwinTransformer._init_weights`` and
-            ``SwinTransformerForSimMIM`` (mask token): linear layers truncated-normal(0.02) with
-            zero bias, LayerNorms 1 / 0, the mask token truncated-normal(0.02), no rescaling, the
-            patch embedding left at PyTorch's default.
-``data2vec`` data2vec (Baevski et al., ICML 2022), fairseq ``examples/data2vec/models/
-            data2vec_vision.py`` ``TransformerEncoder.init_weights`` / ``fix_init_weight`` and
-            ``Data2VecVisionModel.__init__``: SimMIM's ViT rule (torch's ``trunc_normal_``, cut
-            at +-2) on the transformer and the class / mask tokens, but the patch embedding (built
-            outside the transformer) keeps PyTorch's default conv init.
-``ijepa``   I-JEPA (Assran et al., CVPR 2023), ``src/models/vision_transformer.py``
-            ``VisionTransformer._init_weights`` / ``fix_init_weight``: truncated-normal(0.02) cut
-            at +-2 on linear layers and the patch-embedding conv, block ``l``'s attention output
-            and MLP second layer divided by ``sqrt(2 l)``: SimMIM's ViT rule (the reference has
-            no class token; the fixed sin-cos positions are not initialised).
-==========  =======================================================================================
+============  =====================================================================================
+``timm``      timm's own initialisation of each family (``default`` is the same rule under its old
+              name, kept so configs hashed with it keep their hashes): ViT linear layers
+              trunc-normal(0.02), the patch embedding PyTorch's default conv init, the class token
+              normal(1e-6); Swin and BEiT as timm builds them.
+``mae``       MAE, ``models_mae.py`` ``MaskedAutoencoderViT.initialize_weights`` / ``_init_weights``
+              (He et al., CVPR 2022): every linear layer xavier-uniform with zero bias, LayerNorms
+              weight 1 and bias 0, the patch embedding's weight xavier-uniform viewed as a
+              ``[D, C*p*p]`` matrix, the class and mask tokens normal(0.02).
+``beit``      BEiT, ``modeling_pretrain.py`` ``VisionTransformerForMaskedImageModeling.__init__``,
+              ``_init_weights`` and ``fix_init_weight`` (Bao et al., ICLR 2022): linear and patch
+              embedding weights truncated-normal with std 0.02 *cut at +-0.02* (the file's own
+              ``trunc_normal_`` passes ``a=-std, b=std``, so the drawn std is 0.02 x 0.5399),
+              biases 0, LayerNorms 1 / 0, class / mask tokens and a learned position embedding the
+              same truncated normal; then block ``l`` (1-based) has its attention output projection
+              and MLP second layer divided by ``sqrt(2 l)``.
+``simmim``    SimMIM (Xie et al., CVPR 2022). ViT: ``models/vision_transformer.py``
+              ``VisionTransformer.__init__`` / ``_init_weights`` / ``fix_init_weight`` and
+              ``models/simmim.py`` ``VisionTransformerForSimMIM`` (mask token): BEiT's rule with
+              timm's ``trunc_normal_`` (cut at +-2, i.e. plain normal(0.02) at this std).
+              Swin: ``models/swin_transformer.py`` ``SwinTransformer._init_weights`` and
+              ``SwinTransformerForSimMIM`` (mask token): linear layers truncated-normal(0.02) with
+              zero bias, LayerNorms 1 / 0, the mask token truncated-normal(0.02), no rescaling, the
+              patch embedding left at PyTorch's default.
+``data2vec``  data2vec (Baevski et al., ICML 2022), fairseq ``examples/data2vec/models/
+              data2vec_vision.py`` ``TransformerEncoder.init_weights`` / ``fix_init_weight`` and
+              ``Data2VecVisionModel.__init__``: SimMIM's ViT rule (torch's ``trunc_normal_``, cut
+              at +-2) on the transformer and the class / mask tokens, but the patch embedding (built
+              outside the transformer) keeps PyTorch's default conv init.
+``ijepa``     I-JEPA (Assran et al., CVPR 2023), ``src/models/vision_transformer.py``
+              ``VisionTransformer._init_weights`` / ``fix_init_weight``: truncated-normal(0.02) cut
+              at +-2 on linear layers and the patch-embedding conv, block ``l``'s attention output
+              and MLP second layer divided by ``sqrt(2 l)``: SimMIM's ViT rule (the reference has
+              no class token; the fixed sin-cos positions are not initialised).
+============  =====================================================================================
 
-The rules for MAE and BEiT are written for ViTs (a class token, one width); naming them for a
-Swin or conv encoder is refused at validation (:class:`EncoderInitRule.check_family`).
+The rules for MAE, BEiT, data2vec and I-JEPA are written for ViTs (a class token, one width);
+naming them for a Swin or conv encoder is refused at validation
+(:class:`EncoderInitRule.check_family`).
 """
 
 from __future__ import annotations

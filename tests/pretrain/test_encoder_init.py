@@ -92,15 +92,21 @@ def test_timm_rule_keeps_timms_init_and_default_is_its_old_name():
 
 @pytest.mark.parametrize(
     "init, cut",
-    [("beit", 1.0), ("simmim", 100.0)],  # BEiT cuts at +-std; SimMIM uses timm's +-2 (100 std)
+    # BEiT cuts at +-std; SimMIM, I-JEPA and data2vec use a cut at +-2 (100 std)
+    [("beit", 1.0), ("simmim", 100.0), ("ijepa", 100.0), ("data2vec", 100.0)],
 )
 def test_beit_and_simmim_rules_rescale_block_outputs(init, cut):
-    enc = _built(init, rel_pos_bias="shared", layer_scale=0.1, pos_embed="none")
+    beit = dict(rel_pos_bias="shared", layer_scale=0.1, pos_embed="none")
+    enc = _built(init, **beit)
     assert enc.family == "beit"
     base = 0.02 * _cut_std(cut)
     parts = enc.init_parts()
-    assert _close(_std(parts.patch_embed.weight), base)
-    assert _max(parts.patch_embed.bias) == 0.0
+    if init == "data2vec":  # data2vec_vision.py builds the patch embedding outside its encoder
+        built = _built("timm", **beit).init_parts().patch_embed  # the same seed, left as built
+        assert torch.equal(parts.patch_embed.weight, built.weight)
+    else:
+        assert _close(_std(parts.patch_embed.weight), base)
+        assert _max(parts.patch_embed.bias) == 0.0
     for layer_id, blk in enumerate(enc.beit.blocks, start=1):
         scale = 1 / math.sqrt(2 * layer_id)
         assert _close(_std(blk.attn.qkv.weight), base)
