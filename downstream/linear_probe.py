@@ -56,7 +56,7 @@ def grid_edges(
     heads: list[dict[str, Any]],
     score: str,
     axes: dict[str, str] = GRID_AXES,
-    ceilings: dict[str, float] | None = None,
+    bounds: dict[str, tuple[float, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """The grid axes on which the best heads sit on an edge (the grid may be too narrow there).
 
@@ -69,7 +69,7 @@ def grid_edges(
         heads: One row per head, with the axis values and ``score``.
         score: The column the winner is chosen by (higher is better).
         axes: Axis column -> the config key that sets its values (for the message).
-        ceilings: Axis column -> the largest value the axis can take, if bounded.
+        bounds: Axis column -> the smallest and largest values the axis can take, if bounded.
 
     Returns:
         Per edge: ``{"axis", "value", "edge": "lowest" | "highest", "grid", "message"}``.
@@ -83,7 +83,7 @@ def grid_edges(
         if len(grid) < 2:
             continue
         for edge, value in (("lowest", grid[0]), ("highest", grid[-1])):
-            if won != {value} or (edge == "highest" and value == (ceilings or {}).get(axis)):
+            if won != {value} or value in (bounds or {}).get(axis, ()):
                 continue
             grid_text = ", ".join(f"{v:g}" for v in grid)
             edges.append({
@@ -388,7 +388,7 @@ class LinearProbe(Task):
             f"lr={best['lr']} holdout {best['holdout_top1']:.1f} -> val top1 {best['val_top1']:.2f}"
         )
         edges = grid_edges(table, "holdout_top1",
-                           ceilings={"last_blocks": encoder.num_feature_blocks})
+                           bounds={"last_blocks": (1, encoder.num_feature_blocks)})
         for edge in edges:
             ctx.log(f"[linear_probe] WARNING: {edge['message']}")
         return TaskResult(

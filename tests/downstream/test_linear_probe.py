@@ -353,14 +353,20 @@ def test_an_interior_winner_or_a_tie_reaching_the_interior_is_not_an_edge():
     assert grid_edges(_heads({(0.1, 1): 70.0}), "holdout_top1") == []  # one value: no grid
 
 
-def test_last_blocks_edge_unless_it_is_the_encoders_depth():
+def test_last_blocks_edge_unless_it_is_one_or_the_encoders_depth():
     from downstream.linear_probe import grid_edges
 
     heads = _heads({(0.1, 1): 50.0, (1.0, 1): 60.0, (0.1, 4): 80.0, (1.0, 4): 40.0, (3.0, 1): 55.0})
     assert [(e["axis"], e["value"], e["edge"]) for e in grid_edges(heads, "holdout_top1")] == [
         ("lr", 0.1, "lowest"), ("last_blocks", 4, "highest")]
-    capped = grid_edges(heads, "holdout_top1", ceilings={"last_blocks": 4})
+    capped = grid_edges(heads, "holdout_top1", bounds={"last_blocks": (1, 4)})
     assert [e["axis"] for e in capped] == ["lr"]
+    # a winner at last_blocks 1 (nothing below it) is no edge either; 2 of [2, 4] is one
+    low = _heads({(0.1, 1): 50.0, (1.0, 1): 90.0, (3.0, 1): 60.0, (1.0, 4): 40.0})
+    assert grid_edges(low, "holdout_top1", bounds={"last_blocks": (1, 4)}) == []
+    two = _heads({(0.1, 2): 50.0, (1.0, 2): 90.0, (3.0, 2): 60.0, (1.0, 4): 40.0})
+    assert [(e["axis"], e["value"]) for e in grid_edges(
+        two, "holdout_top1", bounds={"last_blocks": (1, 4)})] == [("last_blocks", 2)]
 
 
 def test_synthetic_features_whose_best_lr_is_the_top_of_the_grid_warn():
@@ -395,7 +401,7 @@ def test_the_task_logs_and_records_its_grid_edges(tiny_imagefolder, tmp_path):
                             last_blocks=[1], cache_features=False)
     res = get_task("linear_probe").run(enc, cfg, _ctx(tiny_imagefolder, tmp_path, lines.append))
     want = grid_edges(res.details["heads"], "holdout_top1",
-                      ceilings={"last_blocks": enc.num_feature_blocks})
+                      bounds={"last_blocks": (1, enc.num_feature_blocks)})
     assert res.details["grid_edge"] == want
     warned = [m for m in lines if "WARNING" in m]
     assert [m.split("WARNING: ", 1)[1] for m in warned] == [e["message"] for e in want]
