@@ -46,6 +46,7 @@ from harness.core import distributed
 from harness.core.config import ConfigError, PretrainConfig, dump_config, to_plain
 from harness.core.data.datasets import (
     DatasetError,
+    MultiView,
     SeededDataset,
     SkipTally,
     all_unreadable_error,
@@ -350,10 +351,11 @@ def _setup(
     root = resolve_imagefolder_root(cfg.data)
     img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
     # unreadable files are skipped, counted and named on the log (fatal with data.strict_data)
+    # recipe.global_crops views of each image ([B, V, 3, H, W] batches for iBOT), else one
+    crops = MultiView(pretrain_transform(img_size, t.crop_scale, t.hflip), cfg.recipe.global_crops)
     base_ds = imagefolder_checked(
-        root, "train", pretrain_transform(img_size, t.crop_scale, t.hflip),
-        strict=cfg.data.strict_data, min_classes=1,
-    )  # fmt: skip
+        root, "train", crops, strict=cfg.data.strict_data, min_classes=1
+    )
     train_ds = SeededDataset(base_ds, cfg.seed)
     spe = steps_per_epoch(len(train_ds), t.batch_size, "lower train.batch_size")
     total_steps = t.epochs * spe

@@ -37,7 +37,7 @@ from harness.core.config.axes import ENCODER_INITS
 from pretrain.encoders import create_encoder
 from pretrain.encoders.conv import mask_to_pixels
 from pretrain.heads import HEADS
-from pretrain.masking import Masker, create_masker, mask_to_indices
+from pretrain.masking import Masker, ViewMasker, create_masker, mask_to_indices
 from pretrain.targets import TARGETS, ImageSampler, TargetOut, to_unit
 from pretrain.vit_mpp import corrupt_and_encode
 
@@ -97,7 +97,11 @@ class MIMModel(nn.Module):
             raise ValueError(
                 "masking.mask_token_prob / random_token_prob need a ViT or Swin encoder"
             )
-        self.masker: Masker = create_masker(m, self.encoder.grid_size, self.encoder.patch_size)
+        self.masker: Masker | ViewMasker = create_masker(
+            m, self.encoder.grid_size, self.encoder.patch_size
+        )
+        if recipe.global_crops > 1:  # [B, V, L]: one mask per view
+            self.masker = ViewMasker(self.masker, recipe.global_crops)
         self.discriminator = (
             ce.Discriminator(int(encoder_cfg.img_size)) if recipe.loss.adv_weight > 0 else None  # type: ignore[arg-type]
         )
@@ -138,12 +142,23 @@ class MIMModel(nn.Module):
         """Encode with the recipe's mode, predict, and compute the loss.
 
         Args:
-            imgs: Normalized images ``[B, C, H, W]``.
-            mask: ``[B, L]`` boolean, True = masked.
+            imgs: Normalized images ``[B, C, H, W]``, or ``[B, V, C, H, W]``: ``V`` views of each
+                image (``recipe.global_crops``) for a target that compares views.
+            mask: ``[B, L]`` boolean, True = masked, or ``[B, V, L]`` with views.
+
+        With views, the encoder and head see the ``B * V`` views as one batch (``pred``
+        ``[B * V, ...]``, row ``b * V + v`` for view ``v`` of image ``b``) and the target gets them as
+        ``[B, V, C, H, W]``; a single image batch with view masks (the reconstruction picture)
+        uses each image's first mask.
         """
+        target_in = imgs
+        if imgs.dim() == 5:
+            imgs, mask = imgs.flatten(0, 1), mask.flatten(0, 1)  # [B * V, C, H, W], [B * V, L]
+        elif mask.dim() == 3:
+            mask = mask[:, 0]
         tokens, ids_restore = self.encode(imgs, mask)
         pred = self.head(tokens, mask, ids_restore)  # [B, L, out_dim]
-        tgt = self.target(imgs)
+        tgt = self.target(target_in)
         loss = self.target.loss(pred, tgt, mask, self.recipe.loss)
         parts = {"rec": loss.detach()}
         if self.discriminator is not None:

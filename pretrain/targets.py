@@ -93,9 +93,13 @@ class Target(nn.Module):
             for per-patch targets.
         discrete_target: Whether the target is class indices (config validation pairs it with
             a discrete loss, :mod:`pretrain.losses`).
+        multi_view: Whether the target compares several views of each image: it gets them as
+            ``[B, V, C, H, W]`` and the student's predictions of all ``B * V`` views (config
+            validation allows ``recipe.global_crops > 1`` only then).
     """
 
     discrete_target: ClassVar[bool] = False
+    multi_view: ClassVar[bool] = False
     out_dim: int = 0
     num_classes: int = 0
     pixel_channels: int | None = None

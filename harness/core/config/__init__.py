@@ -41,8 +41,10 @@ from harness.core.config.loading import (
 )
 from harness.core.config.masking import MaskingConfig, MaskPlan, check_masking_fits, plan_masking
 from harness.core.config.recipe import (
+    ClusteringConfig,
     HeadConfig,
     HOGConfig,
+    IBOTConfig,
     LossConfig,
     RecipeConfig,
     TargetConfig,
@@ -82,7 +84,9 @@ __all__ = [
     "DataConfig",
     "EncoderConfig",
     "EncoderEntry",
+    "ClusteringConfig",
     "HOGConfig",
+    "IBOTConfig",
     "HeadConfig",
     "LossConfig",
     "MaskPlan",
