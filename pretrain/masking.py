@@ -24,6 +24,11 @@ with exactly the same number of masked patches in every sample (so visible token
   (uniform in ``ratio +- ratio_var``; with probability ``1 - mask_prob`` none), and BEiT's
   rectangles are added up to that count, stopping when none fits: the only masker whose count
   varies per image (``per_image_ratio``), so it needs mask tokens.
+* ``capi_inverse_block``: CAPI's inverse block masking (Darcet et al. 2025; reference:
+  facebookresearch/capi ``data.py`` ``InverseBlockMasking``): the visible patches are one
+  rectangle of aspect ratio in ``[min_aspect, 1 / min_aspect]`` cut to exactly
+  ``L - int(ratio * L)`` patches, rolled by a random offset (wrapping around the image), and
+  everything else is masked.
 
 The last five work on masking units of ``mask_patch_size`` pixels like ``random`` and draw each
 sample with Python's ``random.Random`` seeded from the torch generator, so masks are a function
@@ -310,6 +315,38 @@ class IBOTBlockMasker(BlockMasker):
                 break
             count += delta
         return mask
+
+
+@MASKERS.register("capi_inverse_block")
+class CAPIInverseBlockMasker(UnitMasker):
+    """CAPI's inverse block: one visible rectangle, cut to the count, randomly rolled.
+
+    ``last_box`` keeps the most recent sample's ``(h, w, aspect, roll_y, roll_x)``.
+    """
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        self.log_aspect = (math.log(cfg.min_aspect), math.log(1.0 / cfg.min_aspect))
+        self.last_box: tuple[int, int, float, int, int] = (0, 0, 1.0, 0, 0)
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        uh, uw = self.unit_grid
+        n_vis = self.num_units - self.units_masked
+        # the reference's bounds keep the rectangle inside the grid
+        lo = max(self.log_aspect[0], math.log(n_vis / uw**2))
+        hi = min(self.log_aspect[1], math.log(uh**2 / (n_vis + 1e-5)))
+        aspect = math.exp(rng.uniform(lo, hi))
+        h = min(uh, math.ceil(math.sqrt(n_vis * aspect)))
+        w = min(uw, max(math.ceil(math.sqrt(n_vis / aspect)), math.ceil(n_vis / h)))
+        top, left = rng.randint(0, uh - h), rng.randint(0, uw - w)
+        box = np.zeros(self.unit_grid, dtype=bool)
+        box[top : top + h, left : left + w] = True
+        visible = np.zeros(self.num_units, dtype=bool)
+        visible[np.flatnonzero(box)[:n_vis]] = True  # row-major cut to exactly n_vis
+        dy, dx = rng.randint(0, uh - 1), rng.randint(0, uw - 1)
+        visible = np.roll(visible.reshape(uh, uw), (dy, dx), (0, 1))
+        self.last_box = (h, w, aspect, dy, dx)
+        return ~visible
 
 
 class ViewMasker:

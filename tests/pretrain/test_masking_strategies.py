@@ -36,7 +36,7 @@ def _components(m: np.ndarray) -> int:
 
 
 def test_every_strategy_is_registered():
-    assert set(MASKERS.names()) == {"random", "shuffle", *NEW, "ibot_block"}
+    assert set(MASKERS.names()) == {"random", "shuffle", *NEW, "ibot_block", "capi_inverse_block"}
 
 
 GRIDS = [((14, 14), 16, None), ((8, 8), 4, 8), ((12, 12), 4, 16)]

@@ -32,7 +32,8 @@ class MaskingConfig(StrictModel):
             ``random_blocks`` (Context Encoder: several smaller, possibly overlapping
             rectangles), ``random_region`` (Context Encoder: one connected region of random
             shape), ``grid`` (MAE Table 1f: keep one unit of every ``k x k``), ``ibot_block``
-            (iBOT: BEiT-style blocks up to a ratio drawn per image, so the count varies).
+            (iBOT: BEiT-style blocks up to a ratio drawn per image, so the count varies),
+            ``capi_inverse_block`` (CAPI: one visible rectangle, randomly rolled).
         ratio: Fraction of patches masked (``ibot_block``: the middle of the per-image range).
         ratio_var: ``ibot_block``: each image's ratio is drawn uniformly from
             ``[ratio - ratio_var, ratio + ratio_var]`` (iBOT: 0.3 +- 0.2, ``pred_ratio_var``).
@@ -167,6 +168,11 @@ def _count_round(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[s
     return round(uh * uw * cfg.ratio), f"round({cfg.ratio:g} x {uh * uw})", {}
 
 
+def _count_int(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[str, Any]]:
+    # CAPI: n_masked = int(n_tokens * mask_ratio)
+    return int(uh * uw * cfg.ratio), f"int({cfg.ratio:g} x {uh * uw})", {}
+
+
 def _count_central(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[str, Any]]:
     # a centered box of sqrt(ratio) of each side
     side = math.sqrt(cfg.ratio)
@@ -200,6 +206,7 @@ _UNIT_COUNTS = {
     "central": _count_central,
     "grid": _count_grid,
     "ibot_block": _count_round,  # the count of the middle ratio; each image draws its own
+    "capi_inverse_block": _count_int,
 }
 
 

@@ -147,8 +147,9 @@ class IBOTConfig(StrictModel):
         teacher_patch_temp: Teacher temperature of the patches after warm-up (0.07).
         warmup_teacher_temp: Class-token teacher temperature at step 0 (0.04).
         warmup_teacher_patch_temp: Patch teacher temperature at step 0 (0.04).
-        warmup_teacher_temp_steps: Optimizer steps of the linear temperature warm-up (the
-            reference: 30 epochs).
+        warmup_teacher_temp_fraction: Share of the run's optimizer steps over which both
+            temperatures rise linearly from their warm-up values (the reference: 30 epochs, of
+            its default 100: 0.3; of the 800-epoch runs: 0.0375).
         center_momentum: EMA momentum of the class-token centre (0.9).
         patch_center_momentum: EMA momentum of the patch centre (0.9).
         cls_weight: Weight of the class-token (DINO) loss, ``lambda1`` (1.0).
@@ -167,7 +168,7 @@ class IBOTConfig(StrictModel):
     teacher_patch_temp: float = Field(0.07, gt=0.0)
     warmup_teacher_temp: float = Field(0.04, gt=0.0)
     warmup_teacher_patch_temp: float = Field(0.04, gt=0.0)
-    warmup_teacher_temp_steps: int = Field(0, ge=0)
+    warmup_teacher_temp_fraction: float = Field(0.3, ge=0.0, le=1.0)
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     patch_center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     cls_weight: float = Field(1.0, ge=0.0)
