@@ -321,10 +321,11 @@ class RecipeConfig(StrictModel):
     def _axes_fit_together(self) -> RecipeConfig:
         self._check_discrete()
         if self.encoder_mode == "visible":
-            if self.head.type != "mae_decoder":
+            if HEADS.get(self.head.type).requires_full_sequence:  # the head class says
+                fill = [n for n in HEADS.names() if not HEADS.get(n).requires_full_sequence]
                 raise ValueError(
                     f"encoder_mode 'visible' leaves masked positions empty; head '{self.head.type}' "
-                    "predicts from every encoder token: use head.type: mae_decoder or "
+                    f"predicts from every encoder token: use head.type: {_or_list(fill)} or "
                     "encoder_mode: mask_token"
                 )
             if self.masking.mask_token_prob < 1.0 or self.masking.random_token_prob > 0.0:
