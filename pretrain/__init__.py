@@ -11,6 +11,7 @@ from pretrain import (  # noqa: F401  (each registers its parts)
     context_encoder,
     dall_e,
     heads,
+    ijepa,
     losses,
     mae,
     maskfeat,
@@ -19,6 +20,7 @@ from pretrain import (  # noqa: F401  (each registers its parts)
     recipes,
     simmim,
     targets,
+    teacher,
     tokenizers,
     vit_mpp,
 )

@@ -21,9 +21,13 @@
   (gradients averaged over equal slices = the gradient of the global mean loss), the logged loss
   is the mean over ranks, and only rank 0 writes files. Every rank loads the checkpoint on resume;
   checkpoints also hold each rank's RNG state.
-* At the end: the encoder alone under timm's key names (``encoder.pth``) and a PNG grid of
+* At the end: the encoder alone under timm's key names (``encoder.pth``: the student, or the EMA
+  teacher where ``recipe.teacher.evaluate`` says so, named in the summary) and a PNG grid of
   original / masked / the recipe's rows (pixel targets: reconstruction and reconstruction with
-  the visible patches pasted; HOG, colors and tokens: target and prediction drawn).
+  the visible patches pasted; HOG, colors and tokens: target and prediction drawn; latent
+  targets: the masks only, plus ``target_stats.png``, the target std and the student-teacher
+  cosine per step; steps whose target std falls below ``recipe.teacher.collapse_std`` are
+  logged and counted in the summary).
 """
 
 from __future__ import annotations
@@ -80,11 +84,12 @@ from harness.core.training import (
     steps_per_epoch,
 )
 from pretrain.model import MIMModel, create_model
-from pretrain.viz import render_recon_grid
+from pretrain.viz import render_recon_grid, render_series
 
 CHECKPOINT = "checkpoint.pth"
 ENCODER = "encoder.pth"
 SUMMARY = "summary.json"
+TARGET_STATS = "target_stats.png"
 
 
 @dataclass
@@ -363,6 +368,7 @@ def _setup(
         total_steps = min(total_steps, t.max_steps)
 
     model = create_model(cfg.encoder, cfg.recipe).to(device)
+    model.set_run_length(total_steps)
     if rank == 0:  # nothing refused the run: it is this directory's config from now on
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -510,10 +516,12 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
     parts = split_batch(b, run.accum.k)
     run.opt.zero_grad(set_to_none=True)
     local = torch.zeros((), device=run.device)
+    stats: dict[str, float] = {}
     for j, part in enumerate(parts):
         with _sync_unless(run.net, last=j == len(parts) - 1):
             with autocast(run.device, run.amp_dtype):
-                loss = run.net(imgs[part], mask[part]).loss
+                out = run.net(imgs[part], mask[part])
+            loss, stats = out.loss, out.stats  # the statistics of the last micro-batch
             if len(parts) > 1:  # this micro-batch's share of the mean over the b images
                 loss = loss * ((part.stop - part.start) / b)
             loss.backward()
@@ -530,7 +538,28 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
     run.step += 1
     run.model.after_step(run.step)
     run.last_loss = loss_value
-    run.history.append({"step": run.step, "loss": loss_value, "lr": lr})
+    run.history.append({"step": run.step, "loss": loss_value, "lr": lr, **stats})
+    _check_collapse(run, stats)
+
+
+def _check_collapse(run: _Run, stats: dict[str, float]) -> None:
+    """Log a step whose latent target's std fell below ``recipe.teacher.collapse_std`` (every
+    such step on the log lines' cadence, and the first one); the summary counts them."""
+    teacher = run.cfg.recipe.teacher
+    std = stats.get("target_std")
+    if teacher is None or std is None or not std < teacher.collapse_std:
+        return
+    if _collapsed_steps(run.history, teacher.collapse_std) == 1 or (
+        run.step % run.cfg.train.log_every_steps == 0
+    ):
+        run.log(f"[pretrain {run.cfg.name}] step {run.step}: target std {std:.3g} is below "
+                f"recipe.teacher.collapse_std {teacher.collapse_std:g}: the targets are "
+                "collapsing (every patch gets the same target)")  # fmt: skip
+
+
+def _collapsed_steps(history: list[dict[str, float]], threshold: float) -> int:
+    """Steps of ``history`` whose target std is below ``threshold``."""
+    return sum(1 for h in history if h.get("target_std", math.inf) < threshold)
 
 
 def _sync_unless(net: torch.nn.Module, last: bool) -> Any:
@@ -564,7 +593,8 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
     if run.is_main:  # the other ranks wait at the barrier below until the outputs exist
         chash = run.ckpt.config_hash
         meta = {"recipe": cfg.recipe.model_dump(mode="json"), "config_hash": chash, "steps": run.step}
-        run.model.encoder.save_timm(out / ENCODER, meta=meta)
+        exported, encoder = run.model.exported_encoder()  # the student, or an EMA teacher
+        encoder.save_timm(out / ENCODER, meta={**meta, "exported": exported})  # type: ignore[operator]
         if recon is not None:
             recon = save_reconstruction_grid(run.model, run.root, cfg, recon, run.device, run.log)
         atomic_write_text(out / "loss.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
@@ -575,10 +605,32 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
                 "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
                 "skipped_images": {"train": len(skipped)}, "skipped_files": skipped,
                 **({"world_size": run.world} if run.world > 1 else {}),
+                **_teacher_summary(run, exported),
             },
         )  # fmt: skip
     distributed.barrier()
     return PretrainResult(out, out / ENCODER, recon, run.last_loss, run.step, wall)
+
+
+def _teacher_summary(run: _Run, exported: str) -> dict[str, Any]:
+    """For a recipe with an EMA teacher: which encoder was exported, the collapse count and the
+    plot of the target statistics per step (``target_stats.png``)."""
+    teacher = run.cfg.recipe.teacher
+    if teacher is None:
+        return {}
+    plot = run.out / TARGET_STATS
+    series = {k: [h.get(k, math.nan) for h in run.history] for k in ("target_std", "cosine")}
+    atomic_write_bytes(plot, render_series([h["step"] for h in run.history], series))
+    stds = [v for v in series["target_std"] if math.isfinite(v)]
+    return {
+        "exported_encoder": exported,
+        "target_stats": TARGET_STATS,
+        "final_target_std": stds[-1] if stds else None,
+        "collapse": {
+            "threshold": teacher.collapse_std,
+            "steps": _collapsed_steps(run.history, teacher.collapse_std),
+        },
+    }
 
 
 def _silent(msg: str) -> None:

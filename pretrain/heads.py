@@ -18,6 +18,7 @@ exceeds the patch size (Swin: 32 px vs 4 px patches), the head upsamples by
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -36,9 +37,12 @@ class Head(nn.Module):
     Attributes:
         requires_full_sequence: Whether the head reads a token at every position (so it needs
             ``encoder_mode: mask_token``); MAE's decoder fills masked positions itself.
+        narrow: Whether ``head.dim`` may not exceed the encoder's width (I-JEPA's predictor
+            is a bottleneck; config validation compares them).
     """
 
     requires_full_sequence: bool = True
+    narrow: ClassVar[bool] = False
 
     def no_weight_decay(self) -> set[str]:
         """Names of this head's parameters exempt from weight decay besides biases and norm

@@ -13,6 +13,7 @@ color bins, mean color, tokens) or values with values.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -35,6 +36,14 @@ class Loss:
         """Element-wise error of float ``pred`` against ``target``, both ``[B, L, P]``."""
         raise NotImplementedError
 
+    @classmethod
+    def configured_error(
+        cls, pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig
+    ) -> torch.Tensor:
+        """:meth:`error` under the recipe's loss settings (a loss with a parameter reads it
+        from ``cfg``); default: :meth:`error`."""
+        return cls.error(pred, target)
+
 
 @LOSSES.register("l1")
 class L1Loss(Loss):
@@ -56,11 +65,17 @@ class L2Loss(Loss):
 
 @LOSSES.register("smooth_l1")
 class SmoothL1Loss(Loss):
-    """Smooth L1 with ``beta = 1`` (SimMIM Table 5)."""
+    """Smooth L1: ``beta = 1`` in SimMIM Table 5, ``loss.beta`` otherwise (data2vec: 2)."""
 
     @staticmethod
     def error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
+
+    @classmethod
+    def configured_error(
+        cls, pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig
+    ) -> torch.Tensor:
+        return F.smooth_l1_loss(pred, target, reduction="none", beta=cfg.beta)
 
 
 @LOSSES.register("cross_entropy")
@@ -80,7 +95,8 @@ def _average(per_patch: torch.Tensor, mask: torch.Tensor, on: str) -> torch.Tens
 def reconstruction_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cfg: LossConfig
 ) -> torch.Tensor:
-    """Element-wise loss, mean within each patch, mean over masked (or all) patches.
+    """Element-wise loss, mean within each patch (or the sum over ``sqrt(P)``, data2vec's
+    ``loss_scale``: ``loss.patch_reduce``), mean over masked (or all) patches.
 
     Args:
         pred: ``[B, L, P]``.
@@ -91,8 +107,11 @@ def reconstruction_loss(
     loss = LOSSES.get(cfg.type)
     if loss.discrete:
         raise ValueError(f"loss '{cfg.type}' does not apply to a continuous target")
-    err = loss.error(pred.float(), target.float())  # [B, L, P]
-    return _average(err.mean(dim=-1), mask, cfg.on)  # [B, L] -> scalar
+    err = loss.configured_error(pred.float(), target.float(), cfg)  # [B, L, P]
+    per_patch = err.mean(dim=-1)  # [B, L]
+    if cfg.patch_reduce == "sum_rsqrt_dim":  # sum / sqrt(P) = mean * sqrt(P)
+        per_patch = err.sum(dim=-1) / math.sqrt(err.shape[-1])
+    return _average(per_patch, mask, cfg.on)  # [B, L] -> scalar
 
 
 def classification_loss(

@@ -80,6 +80,18 @@ class MAEDecoder(Head):
         Returns:
             ``[B, L, out_dim]``.
         """
+        x = self.embed_grid(tokens, ids_restore)  # [B, 1 + L, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        return self.decoder_pred(x)[:, 1:]  # [B, L, out_dim]
+
+
+    def embed_grid(
+        self, tokens: torch.Tensor, ids_restore: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The decoder's input ``[B, 1 + L, Dd]``: the embedded tokens in grid order, the mask
+        token at every position the encoder did not see, plus the fixed position embedding."""
         x = self.decoder_embed(tokens)  # [B, 1 + K, Dd]
         if ids_restore is not None:
             b, k1, dd = x.shape
@@ -88,11 +100,7 @@ class MAEDecoder(Head):
             x_ = torch.cat([x[:, 1:], fill], dim=1)  # [B, L, Dd] in visible-first order
             x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # grid order
             x = torch.cat([x[:, :1], x_], dim=1)  # [B, 1 + L, Dd]
-        x = x + self.decoder_pos_embed.to(x.dtype)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
-        return self.decoder_pred(x)[:, 1:]  # [B, L, out_dim]
+        return x + self.decoder_pos_embed.to(x.dtype)
 
 
 def _init_weights(m: nn.Module) -> None:

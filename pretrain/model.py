@@ -15,12 +15,18 @@ BEiT                :mod:`pretrain.beit` (tokens), :mod:`pretrain.tokenizers`, :
 MaskFeat            :mod:`pretrain.maskfeat` (HOG)
 ViT MPP             :mod:`pretrain.vit_mpp` (corruption, mean color)
 Context Encoder     :mod:`pretrain.context_encoder` (up-conv head, discriminator), conv encoder
+data2vec, I-JEPA    :mod:`pretrain.teacher` (EMA teacher, latent targets)
+iBOT                :mod:`pretrain.ibot` (EMA teacher + projection heads, two crops, per-image masks)
+CAPI                :mod:`pretrain.capi` (online clustering, Sinkhorn-Knopp, cross-attention head)
 ==================  ==============================================================
 
 Hooks instead of flags: the target is built from the encoder (:meth:`Target.from_encoder`), the
 engine calls :meth:`MIMModel.after_step` once per optimizer step (an EMA teacher's update), the
 encoder, head and target each report their no-weight-decay names, and ``recipe.encoder_init``
-names the encoder's initialisation (:data:`harness.core.config.axes.ENCODER_INITS`).
+names the encoder's initialisation (:data:`harness.core.config.axes.ENCODER_INITS`). The engine
+also tells the model the run's length (:meth:`MIMModel.set_run_length`, a momentum schedule),
+asks it which encoder to export (:meth:`MIMModel.exported_encoder`: the student or an EMA
+teacher) and logs the target's statistics (:attr:`MIMOutput.stats`, collapse of a latent target).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class MIMOutput:
     target_mean: torch.Tensor | None = None  # [B, L, 1] for norm_pixels
     target_std: torch.Tensor | None = None
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # loss terms (detached)
+    stats: dict[str, float] = field(default_factory=dict)  # target statistics (latent targets)
 
 
 class MIMModel(nn.Module):
@@ -77,7 +84,11 @@ class MIMModel(nn.Module):
         self.recipe = recipe
         self.encoder = create_encoder(encoder_cfg)
         ENCODER_INITS.get(recipe.encoder_init)(self.encoder)
-        self.target = TARGETS.get(recipe.target.type).from_encoder(recipe.target, self.encoder)
+        # a target with an EMA teacher (validated: recipe.teacher is set) gets its schedule
+        teacher = {"teacher": recipe.teacher} if recipe.teacher is not None else {}
+        self.target = TARGETS.get(recipe.target.type).from_encoder(
+            recipe.target, self.encoder, **teacher
+        )
         if recipe.encoder_mode == "visible" and not self.encoder.visible_only:
             raise ValueError(
                 f"encoder_mode 'visible' needs a ViT encoder; '{encoder_cfg.arch}' is a "
@@ -122,6 +133,16 @@ class MIMModel(nn.Module):
         here); the parts decide, by default nothing happens."""
         self.target.after_step(self.encoder, step)
 
+    def set_run_length(self, total_steps: int) -> None:
+        """The engine tells the parts once how many optimizer steps the run has (an EMA
+        teacher's momentum schedule spans them)."""
+        self.target.set_run_length(total_steps)
+
+    def exported_encoder(self) -> tuple[str, nn.Module]:
+        """The encoder the run exports and every task evaluates, and its name: the student,
+        or an EMA teacher where the recipe says so (``recipe.teacher.evaluate``)."""
+        return self.target.exported_encoder(self.encoder)
+
     def prepare(self, sample_images: ImageSampler, log: Callable[[str], None] = print) -> None:
         """Fit what the target needs before pretraining (a tokenizer); the engine calls it once,
         before the first step of a fresh run (a resumed run restores it from the checkpoint)."""
@@ -147,28 +168,30 @@ class MIMModel(nn.Module):
             mask: ``[B, L]`` boolean, True = masked, or ``[B, V, L]`` with views.
 
         With views, the encoder and head see the ``B * V`` views as one batch (``pred``
-        ``[B * V, ...]``, row ``b * V + v`` for view ``v`` of image ``b``) and the target gets them as
-        ``[B, V, C, H, W]``; a single image batch with view masks (the reconstruction picture)
-        uses each image's first mask.
+        ``[B * V, ...]``, row ``b * V + v`` for view ``v`` of image ``b``) and the target gets
+        them as ``[B, V, C, H, W]``; a single image batch with view masks (the reconstruction
+        picture) uses each image's first mask.
         """
         target_in = imgs
         if imgs.dim() == 5:
             imgs, mask = imgs.flatten(0, 1), mask.flatten(0, 1)  # [B * V, C, H, W], [B * V, L]
         elif mask.dim() == 3:
             mask = mask[:, 0]
-        tokens, ids_restore = self.encode(imgs, mask)
+        hidden, predicted = mask != 0, mask == 1  # the same as mask for a boolean mask
+        tokens, ids_restore = self.encode(imgs, hidden)
         pred = self.head(tokens, mask, ids_restore)  # [B, L, out_dim]
         tgt = self.target(target_in)
-        loss = self.target.loss(pred, tgt, mask, self.recipe.loss)
+        loss = self.target.loss(pred, tgt, predicted, self.recipe.loss)
         parts = {"rec": loss.detach()}
         if self.discriminator is not None:
             w = self.recipe.loss.adv_weight
             g_adv, d_loss = ce.adversarial_losses(
-                self.discriminator, imgs, self._paste(imgs, pred, tgt, mask)
+                self.discriminator, imgs, self._paste(imgs, pred, tgt, hidden)
             )
             loss = (1.0 - w) * loss + w * g_adv + d_loss
             parts |= {"adv_g": g_adv.detach(), "adv_d": d_loss.detach()}
-        return MIMOutput(loss, pred, tgt.value, mask, tgt.mean, tgt.std, parts)
+        stats = self.target.statistics(pred, tgt, predicted)
+        return MIMOutput(loss, pred, tgt.value, mask, tgt.mean, tgt.std, parts, stats)
 
     def _paste(
         self, imgs: torch.Tensor, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor
@@ -187,8 +210,10 @@ class MIMModel(nn.Module):
         input, then what makes sense for the target (pixels: prediction and prediction pasted
         into the visible patches; HOG, colors, tokens: the target and the prediction drawn)."""
         orig = to_unit(imgs.float())
-        pm = mask_to_pixels(out.mask, self.encoder.patch_size, self.encoder.grid_size).to(orig)
-        rows = [("original", orig), ("masked", orig * (1 - pm) + 0.5 * pm)]
+        p, g = self.encoder.patch_size, self.encoder.grid_size
+        pm = mask_to_pixels(out.mask == 1, p, g).to(orig)  # predicted: grey
+        po = mask_to_pixels(out.mask > 1, p, g).to(orig)  # neither seen nor predicted: dark
+        rows = [("original", orig), ("masked", orig * (1 - pm - po) + 0.5 * pm + 0.15 * po)]
         tgt = TargetOut(out.target, out.target_mean, out.target_std)
         pred = self.target.pred_image(out.pred, tgt)
         target = self.target.target_image(tgt)

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from harness.core.config import LossConfig, TargetConfig
+from harness.core.config import LossConfig, TargetConfig, TeacherConfig
 from harness.core.config.axes import TARGETS as _TARGETS
 from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from harness.core.registry import Registry
@@ -96,10 +96,13 @@ class Target(nn.Module):
         multi_view: Whether the target compares several views of each image: it gets them as
             ``[B, V, C, H, W]`` and the student's predictions of all ``B * V`` views (config
             validation allows ``recipe.global_crops > 1`` only then).
+        needs_teacher: Whether the target is computed by an EMA teacher (config validation
+            then requires ``recipe.teacher``, :mod:`pretrain.teacher`).
     """
 
     discrete_target: ClassVar[bool] = False
     multi_view: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
     out_dim: int = 0
     num_classes: int = 0
     pixel_channels: int | None = None
@@ -111,13 +114,29 @@ class Target(nn.Module):
         self.grid = grid
 
     @classmethod
-    def from_encoder(cls, cfg: TargetConfig, encoder: nn.Module) -> Target:
+    def from_encoder(
+        cls, cfg: TargetConfig, encoder: nn.Module, teacher: TeacherConfig | None = None
+    ) -> Target:
         """Build the target for the encoder being pretrained: the model's construction hook.
 
         The default reads the encoder's patch size and grid; a target that needs the encoder
-        itself (an EMA teacher copying its weights) overrides this.
+        itself (an EMA teacher copying its weights, configured by ``teacher``) overrides this.
         """
         return cls(cfg, encoder.patch_size, encoder.grid_size)  # type: ignore[arg-type]
+
+    def set_run_length(self, total_steps: int) -> None:
+        """Told once, before the first step, how many optimizer steps the run has (a momentum
+        schedule over the whole run); default: nothing."""
+
+    def exported_encoder(self, encoder: nn.Module) -> tuple[str, nn.Module]:
+        """What the encoder file holds, and its name for the summary: the trained ``student``
+        by default (a teacher target may export its teacher)."""
+        return "student", encoder
+
+    def statistics(self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor) -> dict[str, float]:
+        """Per-step statistics of the target for the log (collapse of a latent target);
+        default: none."""
+        return {}
 
     @property
     def discrete(self) -> bool:

@@ -183,3 +183,46 @@ def save_mask_picture(path: str | Path, **kwargs) -> Path:
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def render_series(
+    steps: list[int], series: dict[str, list[float]], width: int = 480, height: int = 140
+) -> bytes:
+    """PNG bytes of one panel per series (each on its own y range, steps on x): the per-step
+    target statistics of a latent target (std of the targets, student-teacher cosine).
+
+    Args:
+        steps: The x values.
+        series: Name -> one value per step (non-finite values are skipped).
+        width: Panel width in pixels.
+        height: Panel height in pixels.
+    """
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    img = Image.new("RGB", (width, height * max(len(series), 1)), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, 10, 18, 16
+    x_lo, x_hi = (min(steps), max(steps)) if steps else (0, 1)
+    for i, (name, values) in enumerate(series.items()):
+        y0 = i * height
+        pts = [(s, v) for s, v in zip(steps, values, strict=True) if np.isfinite(v)]
+        draw.rectangle((left, y0 + top, width - right, y0 + height - bottom), outline="gray")
+        if not pts:
+            draw.text((left + 4, y0 + 2), f"{name}: no values", fill="black")
+            continue
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        span_y, span_x = (hi - lo) or 1.0, (x_hi - x_lo) or 1
+        draw.text((left + 4, y0 + 2), f"{name} (last {pts[-1][1]:.4g})", fill="black")
+        draw.text((2, y0 + top), f"{hi:.3g}", fill="black")
+        draw.text((2, y0 + height - bottom - 10), f"{lo:.3g}", fill="black")
+        xy = [
+            (left + (s - x_lo) / span_x * (width - left - right),
+             y0 + height - bottom - (v - lo) / span_y * (height - top - bottom))
+            for s, v in pts
+        ]  # fmt: skip
+        if len(xy) == 1:
+            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=colors[i % 4])
+        else:
+            draw.line(xy, fill=colors[i % len(colors)], width=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -64,7 +64,9 @@ def test_recipe_file_sets_every_recipe_and_train_key(name):
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
 def test_recipe_file_values_are_the_resolved_values(name):
     # a pretraining config naming only the recipe resolves to exactly the file's values
-    enc = {"arch": "ce_conv_32"} if name == "context_encoder" else {"arch": "vit_tiny_16"}
+    # the Context Encoder's conv net; I-JEPA's 384-wide predictor needs an encoder at least as wide
+    arch = {"context_encoder": "ce_conv_32", "ijepa": "vit_base_16"}.get(name, "vit_tiny_16")
+    enc = {"arch": arch}
     cfg = PretrainConfig(encoder=enc, recipe={"name": name})
     raw = _raw(name)
     expect = RecipeConfig.model_validate(raw["recipe"]), TrainConfig.model_validate(raw["train"])

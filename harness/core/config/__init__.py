@@ -39,15 +39,23 @@ from harness.core.config.loading import (
     to_plain,
     validate_config,
 )
-from harness.core.config.masking import MaskingConfig, MaskPlan, check_masking_fits, plan_masking
+from harness.core.config.masking import (
+    MaskingConfig,
+    MaskPlan,
+    MultiBlockConfig,
+    check_masking_fits,
+    plan_masking,
+)
 from harness.core.config.recipe import (
     ClusteringConfig,
     HeadConfig,
     HOGConfig,
     IBOTConfig,
+    LatentConfig,
     LossConfig,
     RecipeConfig,
     TargetConfig,
+    TeacherConfig,
     TokenizerConfig,
 )
 from harness.core.config.recipe_files import RECIPE_FILE_KEYS, recipe_file, recipe_names
@@ -88,9 +96,11 @@ __all__ = [
     "HOGConfig",
     "IBOTConfig",
     "HeadConfig",
+    "LatentConfig",
     "LossConfig",
     "MaskPlan",
     "MaskingConfig",
+    "MultiBlockConfig",
     "PretrainConfig",
     "PretrainSpec",
     "RecipeConfig",
@@ -99,6 +109,7 @@ __all__ = [
     "SuiteConfig",
     "TargetConfig",
     "TaskConfig",
+    "TeacherConfig",
     "TokenizerConfig",
     "TrainConfig",
     "apply_overrides",

@@ -21,6 +21,37 @@ from harness.core.config.encoder import EncoderConfig
 from harness.core.registry import did_you_mean
 
 
+class MultiBlockConfig(StrictModel):
+    """I-JEPA's multi-block masks (``strategy: multiblock``, :mod:`pretrain.ijepa`): per image
+    ``num_targets`` target blocks and one context block minus the targets.
+
+    Attributes:
+        context_scale: The context block's share of the grid, drawn per batch (I-JEPA
+            ``enc_mask_scale`` [0.85, 1.0]; square, as the reference's aspect (1, 1)).
+        target_scale: Each target block's share of the grid, drawn per batch (``pred_mask_scale``
+            [0.15, 0.2]).
+        aspect: Target blocks' height / width, drawn per batch (``aspect_ratio`` [0.75, 1.5]).
+        num_targets: Target blocks per image (``num_pred_masks`` 4).
+        min_context: Fewest context patches an image may keep (``min_keep`` 10): a context
+            block with fewer left after removing the targets is drawn again.
+    """
+
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    aspect: tuple[float, float] = (0.75, 1.5)
+    num_targets: int = Field(4, ge=1)
+    min_context: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> MultiBlockConfig:
+        for name in ("context_scale", "target_scale", "aspect"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi or (name != "aspect" and hi > 1):
+                bound = "0 < low <= high" + ("" if name == "aspect" else " <= 1")
+                raise ValueError(f"multiblock.{name} ({lo}, {hi}) needs {bound}")
+        return self
+
+
 class MaskingConfig(StrictModel):
     """Which patches are hidden (see :mod:`pretrain.masking`); ``strategy`` is a name registered
     in :data:`harness.core.config.axes.MASKERS`.
@@ -31,14 +62,11 @@ class MaskingConfig(StrictModel):
             ``min_block_patches``), ``central`` (Context Encoder: the central square),
             ``random_blocks`` (Context Encoder: several smaller, possibly overlapping
             rectangles), ``random_region`` (Context Encoder: one connected region of random
-            shape), ``grid`` (MAE Table 1f: keep one unit of every ``k x k``), ``ibot_block``
-            (iBOT: BEiT-style blocks up to a ratio drawn per image, so the count varies),
-            ``capi_inverse_block`` (CAPI: one visible rectangle, randomly rolled).
+            shape), ``grid`` (MAE Table 1f: keep one unit of every ``k x k``), ``multiblock``
+            (I-JEPA: context block minus target blocks, see ``multiblock``; ``ratio`` unused),
+            ``ibot_block`` (iBOT: BEiT-style blocks up to a ratio drawn per image, so the count
+            varies), ``capi_inverse_block`` (CAPI: one visible rectangle, randomly rolled).
         ratio: Fraction of patches masked (``ibot_block``: the middle of the per-image range).
-        ratio_var: ``ibot_block``: each image's ratio is drawn uniformly from
-            ``[ratio - ratio_var, ratio + ratio_var]`` (iBOT: 0.3 +- 0.2, ``pred_ratio_var``).
-        mask_prob: ``ibot_block``: the probability that an image is masked at all (iBOT's
-            ImageNet runs: 0.5, ``--pred_ratio 0 0.3`` picks 0 or the range at random).
         mask_patch_size: Side of a masking unit in pixels; ``None`` means the model patch size.
         min_block_patches: ``block`` / ``random_blocks``: smallest rectangle, in units (BEiT: 16).
         max_block_patches: Largest rectangle in units; ``None``: all that is left to mask
@@ -48,6 +76,14 @@ class MaskingConfig(StrictModel):
             token (1.0 everywhere except ViT's masked patch prediction: 0.8).
         random_token_prob: Of the masked patches, the fraction given another patch's embedding
             (ViT masked patch prediction: 0.1); the rest keep their own embedding.
+        multiblock: ``multiblock``'s blocks; left out of dumps at its default (hashes kept).
+        ratio_var: ``ibot_block``: each image's ratio is drawn uniformly from
+            ``[ratio - ratio_var, ratio + ratio_var]`` (iBOT: 0.3 +- 0.2, ``pred_ratio_var``).
+        mask_prob: ``ibot_block``: the probability that an image is masked at all (iBOT's
+            ImageNet runs: 0.5, ``--pred_ratio 0 0.3`` picks 0 or the range at random).
+
+    ``multiblock``, ``ratio_var`` and ``mask_prob`` are left out of dumps at their defaults
+    (hashes kept).
     """
 
     strategy: str = "random"
@@ -60,6 +96,7 @@ class MaskingConfig(StrictModel):
     random_token_prob: float = Field(0.0, ge=0.0, le=1.0)
     ratio_var: float = Field(0.0, ge=0.0, lt=0.5)
     mask_prob: float = Field(1.0, gt=0.0, le=1.0)
+    multiblock: MultiBlockConfig = Field(default_factory=MultiBlockConfig)
 
     @field_validator("strategy")
     @classmethod
@@ -92,7 +129,7 @@ class MaskingConfig(StrictModel):
     @model_serializer(mode="wrap")
     def _omit_new_keys_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after configs were hashed: left out of dumps at their defaults (hashes kept)
-        return omit_at_default(self, handler(self), ("ratio_var", "mask_prob"))
+        return omit_at_default(self, handler(self), ("multiblock", "ratio_var", "mask_prob"))
 
 
 @dataclass(frozen=True)
@@ -196,6 +233,13 @@ def _count_grid(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[st
     return uh * uw - (uh // k) * (uw // k), f"{uh * uw} - {uh // k} x {uw // k}", {"k": k}
 
 
+def _count_multiblock(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[str, Any]]:
+    # I-JEPA: the targets vary per image; the plan holds the largest count of one target block
+    mb = cfg.multiblock
+    n = max(1, int(uh * uw * mb.target_scale[1]))
+    return min(n, uh * uw - 1), f"int({mb.target_scale[1]:g} x {uh * uw}) per target block", {}
+
+
 #: strategy -> ``(units_masked, rule, extra plan fields)`` on a ``uh x uw`` unit grid.
 _UNIT_COUNTS = {
     "random": _count_random,
@@ -207,6 +251,7 @@ _UNIT_COUNTS = {
     "grid": _count_grid,
     "ibot_block": _count_round,  # the count of the middle ratio; each image draws its own
     "capi_inverse_block": _count_int,
+    "multiblock": _count_multiblock,
 }
 
 

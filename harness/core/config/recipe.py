@@ -210,6 +210,56 @@ class ClusteringConfig(StrictModel):
     sinkhorn_iters: int = Field(3, ge=1)
     bias: bool = True
     positionwise: bool = True
+class LatentConfig(StrictModel):
+    """A latent target: features of the EMA teacher on the unmasked image (``target.type:
+    latent``, see :class:`pretrain.teacher.LatentTarget`).
+
+    The teacher's per-block outputs before its final norm (the encoder contract's
+    :meth:`forward_blocks`), the last ``top_k`` of them each normalized by ``block_norm``,
+    averaged, then normalized by ``target_norm``.
+
+    Attributes:
+        top_k: Blocks averaged (data2vec: 6 for ViT-B, data2vec 2.0: 10; I-JEPA: 1).
+        block_norm: Per block before averaging: ``instance`` (each channel over the tokens of an
+            image, data2vec's ``instance_norm_target_layer``), ``layer`` (each token over its
+            channels, no affine), ``final`` (the teacher's own final norm: I-JEPA's target
+            encoder output) or ``none``.
+        target_norm: After averaging: ``layer`` (no affine: data2vec's ``layer_norm_targets``,
+            I-JEPA's ``F.layer_norm`` of the target encoder's output), ``instance`` or ``none``.
+    """
+
+    top_k: int = Field(1, ge=1)
+    block_norm: Literal["none", "instance", "layer", "final"] = "none"
+    target_norm: Literal["none", "instance", "layer"] = "layer"
+
+
+class TeacherConfig(StrictModel):
+    """An EMA teacher (see :mod:`pretrain.teacher`): a copy of the encoder that receives no
+    gradient and follows the student after each optimizer step,
+    ``teacher = m * teacher + (1 - m) * student``.
+
+    Attributes:
+        momentum: ``m`` at the first update.
+        momentum_end: ``m`` from ``momentum_steps`` updates on.
+        momentum_steps: Updates over which ``m`` goes from ``momentum`` to ``momentum_end``;
+            ``None``: the whole run (data2vec's ``ema_anneal_end_step = max_update``, I-JEPA's
+            schedule over every iteration).
+        schedule: ``linear`` (data2vec, I-JEPA) or ``cosine`` (BYOL, iBOT: ``end - (end -
+            start) * (1 + cos(pi * t)) / 2``).
+        evaluate: What the encoder file holds, so what every task evaluates: the ``teacher``
+            (I-JEPA's ``target_encoder``, iBOT) or the ``student`` (data2vec).
+        collapse_std: A step whose target std (per channel over the batch's patches, averaged
+            over channels: data2vec's ``target_var``) falls below this is a collapse, logged
+            and counted in the summary (harness's choice: 0.01; data2vec 2.0 stops below
+            ``min_target_var``).
+    """
+
+    momentum: float = Field(0.999, ge=0.0, le=1.0)
+    momentum_end: float = Field(0.9999, ge=0.0, le=1.0)
+    momentum_steps: int | None = Field(None, ge=1)
+    schedule: Literal["linear", "cosine"] = "linear"
+    evaluate: Literal["teacher", "student"] = "student"
+    collapse_std: float = Field(0.01, ge=0.0)
 
 
 class TargetConfig(StrictModel):
@@ -228,6 +278,8 @@ class TargetConfig(StrictModel):
         tokenizer: The tokenizer for ``tokens``.
         ibot: The projection heads, temperatures and centring for ``ibot``.
         clustering: The clustering head for ``clusters``.
+        latent: The teacher's features for ``latent`` (data2vec, I-JEPA); left out of dumps at
+            its default, so configs hashed before it existed keep their hashes.
     """
 
     type: str = "pixels"
@@ -236,6 +288,7 @@ class TargetConfig(StrictModel):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     ibot: IBOTConfig = Field(default_factory=IBOTConfig)
     clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
+    latent: LatentConfig = Field(default_factory=LatentConfig)
 
     @field_validator("type")
     @classmethod
@@ -245,7 +298,7 @@ class TargetConfig(StrictModel):
     @model_serializer(mode="wrap")
     def _omit_new_keys_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after configs were hashed: left out of dumps at their defaults (hashes kept)
-        return omit_at_default(self, handler(self), ("ibot", "clustering"))
+        return omit_at_default(self, handler(self), ("ibot", "clustering", "latent"))
 
 
 class LossConfig(StrictModel):
@@ -258,11 +311,23 @@ class LossConfig(StrictModel):
         on: ``masked`` patches only, or ``all`` patches (SimMIM Table 5).
         adv_weight: Weight of the adversarial loss (Context Encoder: 0.001, the reconstruction
             then weighs ``1 - adv_weight`` = 0.999); 0 disables the discriminator.
+        beta: ``smooth_l1``'s transition point (SimMIM: 1; data2vec: ``loss_beta`` 2).
+        patch_reduce: How the values of a patch make its loss: their ``mean``, or their sum
+            divided by the square root of their number (``sum_rsqrt_dim``: data2vec's
+            ``loss_scale = 1 / sqrt(dim)``).
+
+    ``beta`` and ``patch_reduce`` are left out of dumps at their defaults (hashes kept).
     """
 
     type: str = "l1"
     on: Literal["masked", "all"] = "masked"
     adv_weight: float = Field(0.0, ge=0.0, lt=1.0)
+    beta: float = Field(1.0, gt=0.0)
+    patch_reduce: Literal["mean", "sum_rsqrt_dim"] = "mean"
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return omit_at_default(self, handler(self), ("beta", "patch_reduce"))
 
     @field_validator("type")
     @classmethod
@@ -287,6 +352,8 @@ class RecipeConfig(StrictModel):
             dumps at 1.
         local_crops: Smaller crops seen by the student only (iBOT's multi-crop); the encoders
             take one input size, so only 0 is accepted for now. Left out of dumps at 0.
+        teacher: The EMA teacher of a target that has one (``latent``); ``None`` (left out of
+            dumps) for every other target.
     """
 
     name: str
@@ -298,6 +365,7 @@ class RecipeConfig(StrictModel):
     encoder_init: str = "default"
     global_crops: int = Field(1, ge=1)
     local_crops: int = Field(0, ge=0)
+    teacher: TeacherConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -315,13 +383,15 @@ class RecipeConfig(StrictModel):
     def _omit_default_init(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after records and pretraining stages were hashed: left out of every dump at its
         # default so their config hashes stay the same
-        return omit_at_default(self, handler(self), ("encoder_init", "global_crops", "local_crops"))
+        names = ("encoder_init", "teacher", "global_crops", "local_crops")
+        return omit_at_default(self, handler(self), names)
 
     @model_validator(mode="after")
     def _axes_fit_together(self) -> RecipeConfig:
         self._check_discrete()
+        self._check_teacher()
         if self.encoder_mode == "visible":
-            if HEADS.get(self.head.type).requires_full_sequence:  # the head class says
+            if HEADS.get(self.head.type).requires_full_sequence:
                 fill = [n for n in HEADS.names() if not HEADS.get(n).requires_full_sequence]
                 raise ValueError(
                     f"encoder_mode 'visible' leaves masked positions empty; head '{self.head.type}' "
@@ -365,6 +435,22 @@ class RecipeConfig(StrictModel):
             raise ValueError(
                 f"masking.strategy '{self.masking.strategy}' masks a different count in each "
                 "image, which encoder_mode 'visible' cannot batch: use encoder_mode: mask_token"
+            )
+
+    def _check_teacher(self) -> None:
+        """A target that reads an EMA teacher (its class's ``needs_teacher``) needs
+        ``recipe.teacher``, and a teacher needs such a target."""
+        needs = bool(TARGETS.get(self.target.type).needs_teacher)
+        if needs and self.teacher is None:
+            raise ValueError(
+                f"target '{self.target.type}' is computed by an EMA teacher: set recipe.teacher "
+                "(e.g. teacher: {momentum: 0.999, momentum_end: 0.9999})"
+            )
+        if not needs and self.teacher is not None:
+            users = [n for n in TARGETS.names() if TARGETS.get(n).needs_teacher]
+            raise ValueError(
+                f"recipe.teacher is set but target '{self.target.type}' has no teacher: remove "
+                f"recipe.teacher or use target.type: {_or_list(users)}"
             )
 
     def _check_discrete(self) -> None:

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from harness.core.config.base import StrictModel
+from harness.core.config.axes import HEADS
+from harness.core.config.base import ConfigError, StrictModel
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import EncoderConfig
 from harness.core.config.masking import check_masking_fits
@@ -72,5 +73,22 @@ class PretrainConfig(StrictModel):
     @model_validator(mode="after")
     def _masking_fits(self) -> PretrainConfig:
         check_masking_fits(self.recipe.masking, self.encoder, "recipe.masking")
+        check_head_width(self.recipe, self.encoder)
         return self
+
+
+def check_head_width(recipe: RecipeConfig, encoder: EncoderConfig) -> None:
+    """A narrow head (I-JEPA's predictor, its class's ``narrow``) may not be wider than the
+    encoder.
+
+    Raises:
+        ConfigError: ``recipe.head.dim`` exceeds ``encoder.embed_dim``.
+    """
+    width = int(encoder.embed_dim)  # type: ignore[arg-type]
+    if HEADS.get(recipe.head.type).narrow and recipe.head.dim > width:
+        raise ConfigError(
+            f"recipe.head.dim {recipe.head.dim} is wider than the encoder ({encoder.arch}: "
+            f"embed_dim {width}); head '{recipe.head.type}' is a bottleneck: set recipe.head.dim "
+            f"to at most {width} (I-JEPA: 384 for ViT-H's 1280)"
+        )
 

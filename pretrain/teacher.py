@@ -1,0 +1,192 @@
+"""The EMA teacher and the latent targets it computes (data2vec, data2vec 2.0, I-JEPA).
+
+* :class:`EMATeacher`: a copy of the encoder that never receives a gradient (its parameters
+  have ``requires_grad = False``, so the engine's optimizer never holds them, and it runs under
+  ``no_grad``), always in eval mode (no drop path: data2vec's ``self.ema.model.eval()``),
+  updated after each optimizer step ``teacher = m * teacher + (1 - m) * student`` with ``m`` on
+  a linear (data2vec's ``get_annealed_rate``, I-JEPA's momentum scheduler) or cosine (BYOL,
+  iBOT) schedule from ``momentum`` to ``momentum_end``. It is a submodule of the model, so
+  checkpoints hold it and a resumed run continues bitwise.
+* :class:`LatentTarget` (``target.type: latent``): the teacher's per-block outputs before the
+  final norm on the unmasked image, the last ``top_k`` each normalized (instance / layer / the
+  encoder's final norm / none), averaged, then normalized (layer / instance / none). data2vec
+  (Baevski et al., ICML 2022; fairseq ``examples/data2vec/models/data2vec_vision.py``,
+  ``Data2VecVisionModel.forward``): top 6, layer norm of the average for vision
+  (``base_imagenet_d2v1.yaml``); data2vec 2.0 (Baevski et al. 2023; fairseq
+  ``examples/data2vec/config/v2/base_images_only_task.yaml``): top 10, instance norm per block,
+  layer norm of the average; I-JEPA (Assran et al., CVPR 2023; facebookresearch/ijepa
+  ``src/train.py``, ``forward_target``): the target encoder's normed output, layer-normed again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.core.config import TargetConfig, TeacherConfig
+from pretrain.targets import TARGETS, Target, TargetOut
+
+
+def momentum_at(cfg: TeacherConfig, update: int, total_steps: int) -> float:
+    """The momentum ``m`` of the ``update``-th EMA update (0-based).
+
+    Args:
+        cfg: The teacher's schedule.
+        update: Updates done before this one.
+        total_steps: The run's optimizer steps (``momentum_steps: None`` spans them).
+    """
+    span = cfg.momentum_steps or max(total_steps, 1)
+    t = min(update / span, 1.0)
+    start, end = cfg.momentum, cfg.momentum_end
+    if cfg.schedule == "cosine":
+        return end - (end - start) * (1.0 + math.cos(math.pi * t)) / 2.0
+    return start + (end - start) * t
+
+
+class EMATeacher(nn.Module):
+    """An exponential moving average of an encoder.
+
+    Args:
+        encoder: The student; the teacher starts as its copy.
+        cfg: Momentum schedule and what is exported.
+    """
+
+    def __init__(self, encoder: nn.Module, cfg: TeacherConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = copy.deepcopy(encoder)
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        self.total_steps = 1
+        self.last_momentum = float("nan")
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        """The teacher stays in eval mode (no drop path, no dropout) whatever the model's mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, step: int) -> None:
+        """``teacher = m * teacher + (1 - m) * student`` after optimizer step ``step`` (1-based,
+        so the first update uses ``momentum``); buffers are copied."""
+        m = momentum_at(self.cfg, step - 1, self.total_steps)
+        self.last_momentum = m
+        t_params = list(self.encoder.parameters())
+        s_params = [p.detach() for p in student.parameters()]
+        torch._foreach_lerp_(t_params, s_params, 1.0 - m)  # t + (1 - m) * (s - t)
+        for tb, sb in zip(self.encoder.buffers(), student.buffers(), strict=True):
+            tb.copy_(sb)
+
+    @torch.no_grad()
+    def blocks(self, imgs: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's per-block outputs before the final norm, ``[B, P + L, D]`` each."""
+        return self.encoder.forward_blocks(imgs)
+
+
+def instance_norm_tokens(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each channel normalized over the tokens of its image, ``[B, L, D]`` (``F.instance_norm``
+    over ``[B, D, L]``, as data2vec's ``instance_norm_target_layer``)."""
+    return F.instance_norm(x.float().transpose(1, 2), eps=eps).transpose(1, 2)
+
+
+def layer_norm_tokens(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each token normalized over its channels, no affine, ``[B, L, D]``."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+
+
+def target_std(values: torch.Tensor) -> float:
+    """Std of each channel over every row, averaged over channels (data2vec's ``compute_var``:
+    ``sqrt(var + 1e-6)``): near zero when every patch gets the same target (collapse)."""
+    flat = values.detach().float().reshape(-1, values.shape[-1])
+    if flat.shape[0] < 2:
+        return float("nan")
+    return float(torch.sqrt(flat.var(dim=0) + 1e-6).mean())
+
+
+@TARGETS.register("latent")
+class LatentTarget(Target):
+    """Features of an EMA teacher of the encoder, one ``D``-vector per patch.
+
+    Args:
+        cfg: ``cfg.latent``: ``top_k``, ``block_norm``, ``target_norm``.
+        encoder: The student (an isotropic family: ViT, BEiT).
+        teacher: The teacher's schedule.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, cfg: TargetConfig, encoder: nn.Module, teacher: TeacherConfig) -> None:
+        super().__init__(cfg, int(encoder.patch_size), tuple(encoder.grid_size))  # type: ignore[arg-type]
+        if not encoder.isotropic:
+            raise ValueError(
+                f"target 'latent' averages the teacher's per-block outputs, which a "
+                f"{encoder.family} encoder does not give at one width and grid: use a ViT or BEiT "
+                "encoder (encoder.arch: vit_*), or a pixel target (target.type: pixels)"
+            )
+        depth = int(encoder.num_layers)
+        if cfg.latent.top_k > depth:
+            raise ValueError(
+                f"target.latent.top_k {cfg.latent.top_k} exceeds the encoder's {depth} blocks: "
+                f"set target.latent.top_k to at most {depth}"
+            )
+        self.teacher = EMATeacher(encoder, teacher)
+        self.prefix = int(encoder.num_prefix_tokens)
+        self.out_dim = int(encoder.num_features)
+
+    @classmethod
+    def from_encoder(
+        cls, cfg: TargetConfig, encoder: nn.Module, teacher: TeacherConfig | None = None
+    ) -> Target:
+        if teacher is None:
+            raise ValueError("target 'latent' needs recipe.teacher (its EMA teacher's schedule)")
+        return cls(cfg, encoder, teacher)
+
+    def set_run_length(self, total_steps: int) -> None:
+        self.teacher.total_steps = total_steps
+
+    def after_step(self, encoder: nn.Module, step: int) -> None:
+        self.teacher.update(encoder, step)
+
+    def exported_encoder(self, encoder: nn.Module) -> tuple[str, nn.Module]:
+        if self.teacher.cfg.evaluate == "teacher":
+            return "teacher", self.teacher.encoder
+        return "student", encoder
+
+    def _block_norm(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self.cfg.latent.block_norm
+        if kind == "instance":
+            return instance_norm_tokens(x)
+        if kind == "layer":
+            return layer_norm_tokens(x)
+        if kind == "final":
+            return self.teacher.encoder.final_norm(x).float()
+        return x.float()
+
+    def _target_norm(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self.cfg.latent.target_norm
+        if kind == "layer":
+            return layer_norm_tokens(x)
+        if kind == "instance":
+            return instance_norm_tokens(x)
+        return x
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor) -> TargetOut:
+        blocks = self.teacher.blocks(imgs)[-self.cfg.latent.top_k :]
+        # the patch tokens of each block, [B, L, D]; prefix (class) tokens are not predicted
+        normed = [self._block_norm(b[:, self.prefix :]) for b in blocks]
+        avg = torch.stack(normed).mean(dim=0)  # [B, L, D]
+        return TargetOut(self._target_norm(avg))
+
+    def statistics(self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor) -> dict[str, float]:
+        """The target's std over the masked patches (collapse: near zero) and the cosine
+        between prediction and target there."""
+        sel = mask.bool()
+        t, p = tgt.value[sel].float(), pred.detach()[sel].float()  # [M, D]
+        cos = float(F.cosine_similarity(p, t, dim=-1).mean()) if len(t) else float("nan")
+        return {"target_std": target_std(t), "cosine": cos}

@@ -1,0 +1,199 @@
+"""The EMA teacher and latent targets (:mod:`pretrain.teacher`): the update against a hand
+computation, no gradient and no optimizer slot for the teacher, the top-K target against a hand
+computation, the export choice, collapse statistics, validation, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.core.config import EncoderConfig, PretrainConfig, RecipeConfig, TeacherConfig, to_plain
+from pretrain.engine import param_groups, pretrain
+from pretrain.model import MIMModel
+from pretrain.teacher import EMATeacher, momentum_at, target_std
+
+ENC = EncoderConfig(arch="vit_micro_32")  # 2 blocks, width 32, 4x4 patches of 8 px
+D2V = {"name": "data2vec", "masking": {"min_block_patches": 2, "ratio": 0.5},
+       "target": {"latent": {"top_k": 2}}}  # fmt: skip
+
+
+def _model(**recipe) -> MIMModel:
+    torch.manual_seed(0)
+    return MIMModel(ENC, RecipeConfig(**{**D2V, **recipe}))
+
+
+def test_momentum_schedules_match_their_formulas():
+    lin = TeacherConfig(momentum=0.9, momentum_end=1.0, momentum_steps=10)
+    assert [momentum_at(lin, k, 99) for k in (0, 5, 10, 20)] == pytest.approx([0.9, 0.95, 1.0, 1.0])
+    cos = TeacherConfig(momentum=0.9, momentum_end=1.0, momentum_steps=10, schedule="cosine")
+    assert momentum_at(cos, 0, 99) == pytest.approx(0.9)
+    assert momentum_at(cos, 5, 99) == pytest.approx(0.95)  # half way: cos(pi / 2) = 0
+    assert momentum_at(cos, 2, 99) == pytest.approx(1.0 - 0.1 * (1 + math.cos(math.pi * 0.2)) / 2)
+    whole = TeacherConfig(momentum=0.9, momentum_end=1.0)  # momentum_steps None: the whole run
+    assert momentum_at(whole, 50, 100) == pytest.approx(0.95)
+
+
+def test_ema_update_equals_a_hand_computation():
+    model = _model(teacher={"momentum": 0.9, "momentum_end": 0.5, "momentum_steps": 4})
+    teacher = model.target.teacher
+    before = {n: p.detach().clone() for n, p in teacher.encoder.named_parameters()}
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    student = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+    model.after_step(3)  # the third update: m = 0.9 + (0.5 - 0.9) * 2 / 4 = 0.7
+    for n, p in teacher.encoder.named_parameters():
+        torch.testing.assert_close(p, 0.7 * before[n] + 0.3 * student[n])
+    assert teacher.last_momentum == pytest.approx(0.7)
+
+
+def test_teacher_gets_no_gradient_and_is_not_in_the_optimizer():
+    model = _model()
+    imgs, mask = torch.randn(2, 3, 32, 32), model.masker(2, torch.Generator().manual_seed(0))
+    model(imgs, mask).loss.backward()
+    teacher = list(model.target.teacher.parameters())
+    assert teacher and all(p.grad is None and not p.requires_grad for p in teacher)
+    assert any(p.grad is not None for p in model.encoder.parameters())
+    in_opt = {id(p) for g in param_groups(model, 0.05) for p in g["params"]}
+    assert not in_opt & {id(p) for p in teacher}
+    model.train()
+    assert not model.target.teacher.encoder.training  # no drop path in the teacher
+
+
+def test_top_k_instance_normed_target_equals_a_hand_computation(monkeypatch):
+    model = _model(target={"latent": {"top_k": 2, "block_norm": "instance", "target_norm": "none"}})
+    # three blocks' outputs [B=1, 1 + L=2, D=2]: the class token first, the last two are used
+    outs = [torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 6.0]]]),
+            torch.tensor([[[5.0, 5.0], [0.0, 4.0], [2.0, 0.0]]]),
+            torch.tensor([[[7.0, 1.0], [1.0, 1.0], [5.0, 3.0]]])]  # fmt: skip
+    monkeypatch.setattr(EMATeacher, "blocks", lambda self, imgs: outs)
+    got = model.target(torch.zeros(1, 3, 32, 32)).value  # [1, 2, 2]
+    # instance norm over the two patch tokens per channel: (x - mean) / sqrt(var_biased + eps)
+    eps = 1e-5
+
+    def inorm(a, b):
+        m, v = (a + b) / 2, ((a - b) / 2) ** 2
+        return (a - m) / math.sqrt(v + eps), (b - m) / math.sqrt(v + eps)
+
+    # block 1: channel 0 (0, 2), channel 1 (4, 0); block 2: channel 0 (1, 5), channel 1 (1, 3)
+    b1c0, b1c1, b2c0, b2c1 = inorm(0, 2), inorm(4, 0), inorm(1, 5), inorm(1, 3)
+    want = torch.tensor([[[(b1c0[0] + b2c0[0]) / 2, (b1c1[0] + b2c1[0]) / 2],
+                          [(b1c0[1] + b2c0[1]) / 2, (b1c1[1] + b2c1[1]) / 2]]])  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
+def test_layer_normed_average_and_final_norm_targets(monkeypatch):
+    outs = [torch.randn(2, 17, 32) for _ in range(2)]
+    monkeypatch.setattr(EMATeacher, "blocks", lambda self, imgs: outs)
+    model = _model()  # data2vec: top 2 here, no per-block norm, layer norm of the average
+    want = F.layer_norm((outs[0][:, 1:] + outs[1][:, 1:]) / 2, (32,))
+    torch.testing.assert_close(model.target(torch.zeros(2, 3, 32, 32)).value, want)
+    ijepa = _model(target={"latent": {"top_k": 1, "block_norm": "final", "target_norm": "layer"}})
+    enc = ijepa.target.teacher.encoder
+    want = F.layer_norm(enc.final_norm(outs[1][:, 1:]), (32,))
+    torch.testing.assert_close(ijepa.target(torch.zeros(2, 3, 32, 32)).value, want)
+
+
+def test_the_target_is_the_teachers_on_the_unmasked_image():
+    model = _model()
+    imgs = torch.randn(2, 3, 32, 32)
+    blocks = model.target.teacher.encoder.forward_blocks(imgs)
+    want = F.layer_norm((blocks[0][:, 1:] + blocks[1][:, 1:]) / 2, (32,))
+    torch.testing.assert_close(model.target(imgs).value, want)
+    assert model.target.out_dim == 32
+
+
+def test_evaluate_picks_the_exported_encoder():
+    student = _model()
+    assert student.exported_encoder() == ("student", student.encoder)
+    teacher = _model(teacher={"evaluate": "teacher"})
+    assert teacher.exported_encoder() == ("teacher", teacher.target.teacher.encoder)
+
+
+def test_target_std_and_cosine_show_a_collapse():
+    assert target_std(torch.ones(10, 4)) == pytest.approx(1e-3)  # sqrt(0 + 1e-6)
+    x = torch.randn(1000, 4)
+    assert target_std(x) == pytest.approx(float(x.std(dim=0).mean()), rel=1e-3)
+    model = _model()
+    imgs, mask = torch.randn(2, 3, 32, 32), model.masker(2, torch.Generator().manual_seed(0))
+    out = model(imgs, mask)
+    assert set(out.stats) == {"target_std", "cosine"}
+    assert -1.0 <= out.stats["cosine"] <= 1.0 and out.stats["target_std"] > 0
+
+
+@pytest.mark.parametrize(
+    "recipe, match",
+    [
+        ({"teacher": None}, "target 'latent' is computed by an EMA teacher: set recipe.teacher"),
+        ({"name": "simmim", "teacher": {}}, "target 'pixels' has no teacher: remove recipe.teacher"),
+        ({"encoder_mode": "visible"}, "head 'linear' predicts from every encoder token"),
+    ],
+)
+def test_bad_teacher_combinations_fail_at_validation(recipe, match):
+    with pytest.raises(ValueError, match=match):
+        RecipeConfig(**{**D2V, **recipe})
+
+
+def test_a_teacher_on_an_encoder_without_per_block_outputs_is_refused():
+    with pytest.raises(ValueError, match="conv encoder .* use a ViT or BEiT encoder"):
+        MIMModel(EncoderConfig(arch="ce_conv_32"), RecipeConfig(**D2V))
+    with pytest.raises(ValueError, match="top_k 6 exceeds the encoder's 2 blocks"):
+        MIMModel(ENC, RecipeConfig(name="data2vec"))
+
+
+def test_new_keys_are_left_out_of_dumps_at_their_defaults():
+    plain = to_plain(RecipeConfig(name="mae"))
+    assert "teacher" not in plain and "latent" not in plain["target"]
+    assert "beta" not in plain["loss"] and "patch_reduce" not in plain["loss"]
+    d2v = to_plain(RecipeConfig(name="data2vec"))
+    assert d2v["teacher"]["momentum"] == 0.999 and d2v["loss"]["beta"] == 2.0
+
+
+def _cfg(data, steps, **train):
+    return PretrainConfig(
+        data={"source": str(data)}, encoder={"arch": "vit_micro_32"}, recipe=D2V,
+        train={"epochs": 10, "warmup_epochs": 0, "batch_size": 4, "lr_base_batch": 4,
+               "max_steps": steps, "num_recon_images": 2, "ckpt_every_steps": 2, **train},
+    )  # fmt: skip
+
+
+def test_pretraining_with_a_teacher_writes_stats_and_exports_per_config(tiny_imagefolder, tmp_path):
+    cfg = _cfg(tiny_imagefolder, 3)
+    cfg.recipe.teacher.evaluate = "teacher"  # type: ignore[union-attr]
+    res = pretrain(cfg, tmp_path / "o", log=lambda m: None)
+    summary = json.loads((res.out_dir / "summary.json").read_text())
+    assert summary["exported_encoder"] == "teacher" and summary["collapse"]["steps"] == 0
+    assert (res.out_dir / summary["target_stats"]).stat().st_size > 0
+    saved = torch.load(res.encoder_path, weights_only=False)
+    assert saved["mimbench"]["exported"] == "teacher"
+    hist = [json.loads(line) for line in (res.out_dir / "loss.jsonl").read_text().splitlines()]
+    assert all({"target_std", "cosine"} <= set(h) for h in hist)
+
+
+def test_resume_is_bitwise_with_a_teacher(tiny_imagefolder, tmp_path):
+    cfg = _cfg(tiny_imagefolder, 4, log_every_steps=1)
+    full = pretrain(cfg, tmp_path / "full", log=lambda m: None)
+
+    class Interrupt(Exception):
+        pass
+
+    def killer(msg: str) -> None:
+        if "step 3/" in msg:  # after the step-2 checkpoint
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pretrain(cfg, tmp_path / "cut", log=killer)
+    resumed = pretrain(cfg, tmp_path / "cut", log=lambda m: None)
+
+    def state(path):
+        return torch.load(path / "checkpoint.pth", weights_only=False)["model"]
+
+    a, b = state(full.out_dir), state(resumed.out_dir)
+    assert any(k.startswith("target.teacher.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = ((p / "loss.jsonl").read_text() for p in (full.out_dir, resumed.out_dir))
+    assert la == lb  # losses and target statistics, bitwise
