@@ -8,9 +8,11 @@ the registries that config validation reads (:mod:`harness.core.config.axes`), a
 
 from pretrain import (  # noqa: F401  (each registers its parts)
     beit,
+    capi,
     context_encoder,
     dall_e,
     heads,
+    ibot,
     ijepa,
     losses,
     mae,
