@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from downstream.linear_probe import topk_accuracy
 from harness.core import parallel
 from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
+from harness.core.config.base import omit_at_default
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -160,11 +161,7 @@ class FinetuneConfig(TaskConfig):
 
     @model_serializer(mode="wrap")
     def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out = handler(self)
-        for key in self.OMIT_AT_DEFAULT:
-            if getattr(self, key) == type(self).model_fields[key].default:
-                out.pop(key, None)
-        return out
+        return omit_at_default(self, handler(self), self.OMIT_AT_DEFAULT)
 
 
 def resolve_settings(cfg: FinetuneConfig, num_layers: int) -> dict[str, Any]:

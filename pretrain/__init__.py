@@ -8,10 +8,12 @@ the registries that config validation reads (:mod:`harness.core.config.axes`), a
 
 from pretrain import (  # noqa: F401  (each registers its parts)
     beit,
+    capi,
     color_clusters,
     context_encoder,
     dall_e,
     heads,
+    ibot,
     ijepa,
     losses,
     mae,

@@ -63,6 +63,7 @@ from harness.core import distributed, parallel
 from harness.core.config import ConfigError, PretrainConfig, dump_config, to_plain
 from harness.core.data.datasets import (
     DatasetError,
+    MultiView,
     SeededDataset,
     SkipTally,
     all_unreadable_error,
@@ -387,10 +388,14 @@ def _setup(
     # unreadable files are skipped, counted and named on the log (fatal with data.strict_data)
     # data.fast_decode: JPEGs decoded at reduced size, uint8 batches normalised on the device
     make_tf = fast_pretrain_transform if cfg.data.fast_decode else pretrain_transform
+    tf = make_tf(img_size, t.crop_scale, t.hflip)
+    # recipe.global_crops views of each image ([B, V, 3, H, W] batches for iBOT), else one (the
+    # transform itself: a LazyDecode crop stays one; fast_decode with views is refused in config)
+    views = cfg.recipe.global_crops
+    crops = tf if views == 1 else MultiView(tf, views)
     base_ds = imagefolder_checked(
-        root, "train", make_tf(img_size, t.crop_scale, t.hflip),
-        strict=cfg.data.strict_data, min_classes=1,
-    )  # fmt: skip
+        root, "train", crops, strict=cfg.data.strict_data, min_classes=1
+    )
     train_ds = SeededDataset(base_ds, cfg.seed)
     spe = steps_per_epoch(len(train_ds), t.batch_size, "lower train.batch_size")
     total_steps = t.epochs * spe

@@ -19,6 +19,16 @@ with exactly the same number of masked patches in every sample (so visible token
   from a random seed unit by adding random neighbours (Eden growth).
 * ``grid``: MAE's grid-wise sampling (Table 1f): one unit of every ``k x k`` is kept, with
   ``k = 1 / sqrt(1 - ratio)`` (ratio 0.75: one of every four), at a random offset per sample.
+* ``ibot_block``: iBOT's block-wise masking (Zhou et al., ICLR 2022, Sec. 3.3 and appendix;
+  reference: bytedance/ibot ``loader.py`` ``ImageFolderMask``): each image draws its own ratio
+  (uniform in ``ratio +- ratio_var``; with probability ``1 - mask_prob`` none), and BEiT's
+  rectangles are added up to that count, stopping when none fits: the only masker whose count
+  varies per image (``per_image_ratio``), so it needs mask tokens.
+* ``capi_inverse_block``: CAPI's inverse block masking (Darcet et al. 2025; reference:
+  facebookresearch/capi ``data.py`` ``InverseBlockMasking``): the visible patches are one
+  rectangle of aspect ratio in ``[min_aspect, 1 / min_aspect]`` cut to exactly
+  ``L - int(ratio * L)`` patches, rolled by a random offset (wrapping around the image), and
+  everything else is masked.
 
 The last five work on masking units of ``mask_patch_size`` pixels like ``random`` and draw each
 sample with Python's ``random.Random`` seeded from the torch generator, so masks are a function
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -49,10 +60,16 @@ MASKERS: Registry[type[Masker]] = _MASKERS  # the core registry (config validati
 class Masker:
     """Base class: builds masks for a ``grid`` of patches of ``patch_size`` pixels.
 
+    Attributes:
+        per_image_ratio: Whether each image draws its own count (config validation reads it:
+            ``ratio_var`` / ``mask_prob`` need it, visible-only encoding refuses it).
+
     Raises:
         ConfigError: From :func:`harness.core.config.plan_masking`: the units do not fit the grid or
             the mask would hide every patch or none.
     """
+
+    per_image_ratio: ClassVar[bool] = False
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         self.cfg = cfg
@@ -160,7 +177,7 @@ class BlockMasker(UnitMasker):
         self.last_blocks: list[tuple[int, int, int, int, float, float]] = []
         self.last_grown = 0
 
-    def _add_block(self, mask: np.ndarray, max_new: int, rng: random.Random) -> int:
+    def _add_block(self, mask: np.ndarray, max_new: float, rng: random.Random) -> int:
         uh, uw = self.unit_grid
         for _ in range(10):  # BEiT: ten attempts per block
             area = rng.uniform(self.min_area, max_new)
@@ -264,6 +281,89 @@ class GridMasker(UnitMasker):
         mask = np.ones(self.unit_grid, dtype=bool)
         mask[dy :: self.k, dx :: self.k] = False
         return mask
+
+
+@MASKERS.register("ibot_block")
+class IBOTBlockMasker(BlockMasker):
+    """iBOT's masks: a ratio per image, then BEiT's rectangles up to ``ratio * units`` patches.
+
+    As the reference: the smallest rectangle is ``(min(uh, uw) // 3)^2`` units (16 on ViT-B/16's
+    14x14 grid, BEiT's value), ``masking.min_aspect`` bounds the aspect ratio (0.3), and the loop
+    stops when ten attempts place nothing, so a sample may fall short of its count (it is not
+    grown to it). ``last_ratio`` keeps the ratio of the most recent sample (0 when unmasked).
+    """
+
+    per_image_ratio = True
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        self.min_area = (min(self.unit_grid) // 3) ** 2
+        self.last_ratio = 0.0
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        mask = np.zeros(self.unit_grid, dtype=bool)
+        self.last_blocks = []
+        ratio = 0.0
+        if rng.random() < self.cfg.mask_prob:
+            c = self.cfg
+            ratio = rng.uniform(c.ratio - c.ratio_var, c.ratio + c.ratio_var) if c.ratio_var else c.ratio
+        self.last_ratio = ratio
+        high, count = ratio * self.num_units, 0
+        while count < high:  # the reference compares with the fractional count
+            delta = self._add_block(mask, high - count, rng)
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+
+@MASKERS.register("capi_inverse_block")
+class CAPIInverseBlockMasker(UnitMasker):
+    """CAPI's inverse block: one visible rectangle, cut to the count, randomly rolled.
+
+    ``last_box`` keeps the most recent sample's ``(h, w, aspect, roll_y, roll_x)``.
+    """
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        self.log_aspect = (math.log(cfg.min_aspect), math.log(1.0 / cfg.min_aspect))
+        self.last_box: tuple[int, int, float, int, int] = (0, 0, 1.0, 0, 0)
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        uh, uw = self.unit_grid
+        n_vis = self.num_units - self.units_masked
+        # the reference's bounds keep the rectangle inside the grid
+        lo = max(self.log_aspect[0], math.log(n_vis / uw**2))
+        hi = min(self.log_aspect[1], math.log(uh**2 / (n_vis + 1e-5)))
+        aspect = math.exp(rng.uniform(lo, hi))
+        h = min(uh, math.ceil(math.sqrt(n_vis * aspect)))
+        w = min(uw, max(math.ceil(math.sqrt(n_vis / aspect)), math.ceil(n_vis / h)))
+        top, left = rng.randint(0, uh - h), rng.randint(0, uw - w)
+        box = np.zeros(self.unit_grid, dtype=bool)
+        box[top : top + h, left : left + w] = True
+        visible = np.zeros(self.num_units, dtype=bool)
+        visible[np.flatnonzero(box)[:n_vis]] = True  # row-major cut to exactly n_vis
+        dy, dx = rng.randint(0, uh - 1), rng.randint(0, uw - 1)
+        visible = np.roll(visible.reshape(uh, uw), (dy, dx), (0, 1))
+        self.last_box = (h, w, aspect, dy, dx)
+        return ~visible
+
+
+class ViewMasker:
+    """Masks for several views of each image: ``[B, V, L]``, each view masked independently by
+    ``base`` (iBOT masks each global crop with its own ratio)."""
+
+    def __init__(self, base: Masker, views: int) -> None:
+        self.base = base
+        self.views = views
+
+    @property
+    def num_masked(self) -> int:
+        return self.base.num_masked
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        mask = self.base(batch_size * self.views, generator=generator)  # [B * V, L]
+        return mask.view(batch_size, self.views, -1)
 
 
 def create_masker(cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> Masker:

@@ -16,6 +16,8 @@ MaskFeat            :mod:`pretrain.maskfeat` (HOG)
 ViT MPP             :mod:`pretrain.vit_mpp` (corruption, mean color)
 Context Encoder     :mod:`pretrain.context_encoder` (up-conv head, discriminator), conv encoder
 data2vec, I-JEPA    :mod:`pretrain.teacher` (EMA teacher, latent targets)
+iBOT                :mod:`pretrain.ibot` (EMA teacher + projection heads, two crops, per-image masks)
+CAPI                :mod:`pretrain.capi` (online clustering, Sinkhorn-Knopp, cross-attention head)
 ==================  ==============================================================
 
 Hooks instead of flags: the target is built from the encoder (:meth:`Target.from_encoder`), the
@@ -42,7 +44,7 @@ from harness.core.config.axes import ENCODER_INITS
 from pretrain.encoders import create_encoder
 from pretrain.encoders.conv import mask_to_pixels
 from pretrain.heads import HEADS
-from pretrain.masking import Masker, create_masker, mask_to_indices
+from pretrain.masking import Masker, ViewMasker, create_masker, mask_to_indices
 from pretrain.targets import TARGETS, ImageSampler, TargetOut, to_unit
 from pretrain.vit_mpp import corrupt_and_encode
 
@@ -108,7 +110,11 @@ class MIMModel(nn.Module):
             raise ValueError(
                 "masking.mask_token_prob / random_token_prob need a ViT or Swin encoder"
             )
-        self.masker: Masker = create_masker(m, self.encoder.grid_size, self.encoder.patch_size)
+        self.masker: Masker | ViewMasker = create_masker(
+            m, self.encoder.grid_size, self.encoder.patch_size
+        )
+        if recipe.global_crops > 1:  # [B, V, L]: one mask per view
+            self.masker = ViewMasker(self.masker, recipe.global_crops)
         self.discriminator = (
             ce.Discriminator(int(encoder_cfg.img_size)) if recipe.loss.adv_weight > 0 else None  # type: ignore[arg-type]
         )
@@ -159,13 +165,24 @@ class MIMModel(nn.Module):
         """Encode with the recipe's mode, predict, and compute the loss.
 
         Args:
-            imgs: Normalized images ``[B, C, H, W]``.
-            mask: ``[B, L]`` boolean, True = masked.
+            imgs: Normalized images ``[B, C, H, W]``, or ``[B, V, C, H, W]``: ``V`` views of each
+                image (``recipe.global_crops``) for a target that compares views.
+            mask: ``[B, L]`` boolean, True = masked, or ``[B, V, L]`` with views.
+
+        With views, the encoder and head see the ``B * V`` views as one batch (``pred``
+        ``[B * V, ...]``, row ``b * V + v`` for view ``v`` of image ``b``) and the target gets
+        them as ``[B, V, C, H, W]``; a single image batch with view masks (the reconstruction
+        picture) uses each image's first mask.
         """
+        target_in = imgs
+        if imgs.dim() == 5:
+            imgs, mask = imgs.flatten(0, 1), mask.flatten(0, 1)  # [B * V, C, H, W], [B * V, L]
+        elif mask.dim() == 3:
+            mask = mask[:, 0]
         hidden, predicted = mask != 0, mask == 1  # the same as mask for a boolean mask
         tokens, ids_restore = self.encode(imgs, hidden)
-        pred = self.head(tokens, mask, ids_restore)  # [B, L', out_dim]
-        tgt = self.target(imgs)
+        pred = self.head(tokens, mask, ids_restore)  # [B (* V), L', out_dim]
+        tgt = self.target(target_in)
         loss = self.target.loss(pred, tgt, predicted, self.recipe.loss)
         parts = {"rec": loss.detach()}
         if self.discriminator is not None:

@@ -110,6 +110,9 @@ class Target(nn.Module):
         discrete_target: Whether the target is class indices (config validation pairs it with
             a discrete loss, :mod:`pretrain.losses`).
         supports_resolution: Whether ``target.resolution`` applies (config validation reads it).
+        multi_view: Whether the target compares several views of each image: it gets them as
+            ``[B, V, C, H, W]`` and the student's predictions of all ``B * V`` views (config
+            validation allows ``recipe.global_crops > 1`` only then).
         needs_teacher: Whether the target is computed by an EMA teacher (config validation
             then requires ``recipe.teacher``, :mod:`pretrain.teacher`).
         resolution: Side of the target image (the input's side unless ``target.resolution``).
@@ -120,6 +123,7 @@ class Target(nn.Module):
 
     discrete_target: ClassVar[bool] = False
     supports_resolution: ClassVar[bool] = False
+    multi_view: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
     out_dim: int = 0
     num_classes: int = 0

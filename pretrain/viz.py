@@ -37,6 +37,8 @@ PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
     "random_blocks": {"ratio": 0.25},
     "random_region": {"ratio": 0.25},
     "grid": {"ratio": 0.75},
+    "ibot_block": {"ratio": 0.3},  # iBOT README: --pred_ratio 0.3 (here without its variance)
+    "capi_inverse_block": {"ratio": 0.65},  # CAPI default_pretrain_config.yaml: mask_ratio 0.65
 }
 
 

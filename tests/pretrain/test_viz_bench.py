@@ -28,8 +28,10 @@ def test_mask_rows_use_the_papers_settings_and_draw_masked_dark():
     rows = dict(mask_rows(arch="vit_base_16", samples=2, seed=0))
     assert set(rows) == {
         "block 75/196",
+        "capi_inverse_block 127/196",  # round(0.65 * 196) = round(127.4)
         "central 49/196",
         "grid 147/196",
+        "ibot_block 59/196",  # round(0.3 * 196) = round(58.8)
         "multiblock 39/196",
         "random 120/196",
         "random_blocks 49/196",

@@ -48,8 +48,10 @@ from harness.core.config.masking import (
     plan_masking,
 )
 from harness.core.config.recipe import (
+    ClusteringConfig,
     HeadConfig,
     HOGConfig,
+    IBOTConfig,
     LatentConfig,
     LossConfig,
     RecipeConfig,
@@ -92,7 +94,9 @@ __all__ = [
     "DataConfig",
     "EncoderConfig",
     "EncoderEntry",
+    "ClusteringConfig",
     "HOGConfig",
+    "IBOTConfig",
     "HeadConfig",
     "LatentConfig",
     "LossConfig",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -46,3 +47,14 @@ def deep_merge(base: Any, override: Any) -> Any:
             out[key] = deep_merge(out[key], value) if key in out else copy.deepcopy(value)
         return out
     return copy.deepcopy(override)
+
+
+def omit_at_default(model: BaseModel, dumped: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``dumped`` (a ``model_dump`` of ``model``) less the fields ``names`` that hold their schema
+    default: keys added after configs were hashed stay out of dumps until set, so those configs
+    keep their hashes (used by the schemas' ``model_serializer``)."""
+    fields = type(model).model_fields
+    for name in names:
+        if getattr(model, name) == fields[name].get_default(call_default_factory=True):
+            dumped.pop(name, None)
+    return dumped

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from harness.core.config.axes import MASKERS, check_name
-from harness.core.config.base import ConfigError, StrictModel
+from harness.core.config.base import ConfigError, StrictModel, omit_at_default
 from harness.core.config.encoder import EncoderConfig
 from harness.core.registry import did_you_mean
 
@@ -63,8 +63,10 @@ class MaskingConfig(StrictModel):
             ``random_blocks`` (Context Encoder: several smaller, possibly overlapping
             rectangles), ``random_region`` (Context Encoder: one connected region of random
             shape), ``grid`` (MAE Table 1f: keep one unit of every ``k x k``), ``multiblock``
-            (I-JEPA: context block minus target blocks, see ``multiblock``; ``ratio`` unused).
-        ratio: Fraction of patches masked.
+            (I-JEPA: context block minus target blocks, see ``multiblock``; ``ratio`` unused),
+            ``ibot_block`` (iBOT: BEiT-style blocks up to a ratio drawn per image, so the count
+            varies), ``capi_inverse_block`` (CAPI: one visible rectangle, randomly rolled).
+        ratio: Fraction of patches masked (``ibot_block``: the middle of the per-image range).
         mask_patch_size: Side of a masking unit in pixels; ``None`` means the model patch size.
         min_block_patches: ``block`` / ``random_blocks``: smallest rectangle, in units (BEiT: 16).
         max_block_patches: Largest rectangle in units; ``None``: all that is left to mask
@@ -75,6 +77,13 @@ class MaskingConfig(StrictModel):
         random_token_prob: Of the masked patches, the fraction given another patch's embedding
             (ViT masked patch prediction: 0.1); the rest keep their own embedding.
         multiblock: ``multiblock``'s blocks; left out of dumps at its default (hashes kept).
+        ratio_var: ``ibot_block``: each image's ratio is drawn uniformly from
+            ``[ratio - ratio_var, ratio + ratio_var]`` (iBOT: 0.3 +- 0.2, ``pred_ratio_var``).
+        mask_prob: ``ibot_block``: the probability that an image is masked at all (iBOT's
+            ImageNet runs: 0.5, ``--pred_ratio 0 0.3`` picks 0 or the range at random).
+
+    ``multiblock``, ``ratio_var`` and ``mask_prob`` are left out of dumps at their defaults
+    (hashes kept).
     """
 
     strategy: str = "random"
@@ -85,14 +94,9 @@ class MaskingConfig(StrictModel):
     min_aspect: float = Field(0.3, gt=0.0, le=1.0)
     mask_token_prob: float = Field(1.0, ge=0.0, le=1.0)
     random_token_prob: float = Field(0.0, ge=0.0, le=1.0)
+    ratio_var: float = Field(0.0, ge=0.0, lt=0.5)
+    mask_prob: float = Field(1.0, gt=0.0, le=1.0)
     multiblock: MultiBlockConfig = Field(default_factory=MultiBlockConfig)
-
-    @model_serializer(mode="wrap")
-    def _omit_default_multiblock(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out = handler(self)
-        if self.multiblock == MultiBlockConfig():
-            out.pop("multiblock", None)
-        return out
 
     @field_validator("strategy")
     @classmethod
@@ -106,7 +110,26 @@ class MaskingConfig(StrictModel):
                 f"mask_token_prob ({self.mask_token_prob}) + random_token_prob "
                 f"({self.random_token_prob}) exceeds 1"
             )
+        lo, hi = self.ratio - self.ratio_var, self.ratio + self.ratio_var
+        if self.ratio_var > 0 and not 0.0 < lo < hi < 1.0:
+            raise ValueError(
+                f"ratio_var {self.ratio_var} with ratio {self.ratio} draws ratios outside (0, 1): "
+                "lower ratio_var or move ratio"
+            )
+        per_image = bool(MASKERS.get(self.strategy).per_image_ratio)
+        if (self.ratio_var > 0 or self.mask_prob < 1.0) and not per_image:
+            takes = [n for n in MASKERS.names() if MASKERS.get(n).per_image_ratio]
+            raise ValueError(
+                f"masking.ratio_var {self.ratio_var} / mask_prob {self.mask_prob} draw a ratio per "
+                f"image; strategy '{self.strategy}' masks the same count in every image: use "
+                f"strategy: {' or '.join(takes)}, or ratio_var: 0 and mask_prob: 1"
+            )
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_new_keys_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # added after configs were hashed: left out of dumps at their defaults (hashes kept)
+        return omit_at_default(self, handler(self), ("multiblock", "ratio_var", "mask_prob"))
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,11 @@ def _count_round(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[s
     return round(uh * uw * cfg.ratio), f"round({cfg.ratio:g} x {uh * uw})", {}
 
 
+def _count_int(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[str, Any]]:
+    # CAPI: n_masked = int(n_tokens * mask_ratio)
+    return int(uh * uw * cfg.ratio), f"int({cfg.ratio:g} x {uh * uw})", {}
+
+
 def _count_central(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[str, Any]]:
     # a centered box of sqrt(ratio) of each side
     side = math.sqrt(cfg.ratio)
@@ -221,6 +249,8 @@ _UNIT_COUNTS = {
     "random_region": _count_round,
     "central": _count_central,
     "grid": _count_grid,
+    "ibot_block": _count_round,  # the count of the middle ratio; each image draws its own
+    "capi_inverse_block": _count_int,
     "multiblock": _count_multiblock,
 }
 

@@ -18,8 +18,16 @@ from pydantic import (
     model_validator,
 )
 
-from harness.core.config.axes import ENCODER_INITS, HEADS, LOSSES, TARGETS, TOKENIZERS, check_name
-from harness.core.config.base import StrictModel, deep_merge
+from harness.core.config.axes import (
+    ENCODER_INITS,
+    HEADS,
+    LOSSES,
+    MASKERS,
+    TARGETS,
+    TOKENIZERS,
+    check_name,
+)
+from harness.core.config.base import StrictModel, deep_merge, omit_at_default
 from harness.core.config.encoder import (
     ENCODER_PRESETS,
     VARIANT_FIELDS,
@@ -124,6 +132,91 @@ class TokenizerConfig(StrictModel):
         return check_name(TOKENIZERS, value)
 
 
+class IBOTConfig(StrictModel):
+    """iBOT's online tokenizer (Zhou et al., ICLR 2022; reference: bytedance/ibot,
+    ``main_ibot.py`` ``iBOTLoss`` and ``models/head.py`` ``iBOTHead``): a DINO projection head on
+    the class token and the patch tokens, the student's copy trained and the teacher's an EMA of
+    it, teacher outputs centred (an EMA of the batch mean) and sharpened (a low temperature).
+
+    Attributes:
+        out_dim: Prototypes of the class-token head (reference: 8192).
+        patch_out_dim: Prototypes of the patch head (8192); equal to ``out_dim`` when
+            ``shared_head``.
+        shared_head: One last layer for the class token and the patches (the reference's
+            ImageNet runs: true); false gives the patches their own last layer.
+        hidden_dim: Width of the MLP (2048).
+        bottleneck_dim: Width before the weight-normed last layer (256).
+        num_layers: Linear layers of the MLP (3).
+        norm_last_layer: Freeze the last layer's weight-norm gain at 1 (the reference's
+            ViT-S/B runs: false).
+        student_temp: Temperature of the student's softmax (0.1).
+        teacher_temp: Teacher temperature of the class token after warm-up (0.07 in the runs).
+        teacher_patch_temp: Teacher temperature of the patches after warm-up (0.07).
+        warmup_teacher_temp: Class-token teacher temperature at step 0 (0.04).
+        warmup_teacher_patch_temp: Patch teacher temperature at step 0 (0.04).
+        warmup_teacher_temp_fraction: Share of the run's optimizer steps over which both
+            temperatures rise linearly from their warm-up values (the reference: 30 epochs, of
+            its default 100: 0.3; of the 800-epoch runs: 0.0375).
+        center_momentum: EMA momentum of the class-token centre (0.9).
+        patch_center_momentum: EMA momentum of the patch centre (0.9).
+        cls_weight: Weight of the class-token (DINO) loss, ``lambda1`` (1.0).
+        patch_weight: Weight of the masked-patch loss, ``lambda2`` (1.0).
+    """
+
+    out_dim: int = Field(8192, ge=2)
+    patch_out_dim: int = Field(8192, ge=2)
+    shared_head: bool = False
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    num_layers: int = Field(3, ge=1)
+    norm_last_layer: bool = True
+    student_temp: float = Field(0.1, gt=0.0)
+    teacher_temp: float = Field(0.04, gt=0.0)
+    teacher_patch_temp: float = Field(0.07, gt=0.0)
+    warmup_teacher_temp: float = Field(0.04, gt=0.0)
+    warmup_teacher_patch_temp: float = Field(0.04, gt=0.0)
+    warmup_teacher_temp_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    patch_center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    cls_weight: float = Field(1.0, ge=0.0)
+    patch_weight: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _shared_head_one_size(self) -> IBOTConfig:
+        if self.shared_head and self.patch_out_dim != self.out_dim:
+            raise ValueError(
+                f"target.ibot.shared_head uses one last layer for class token and patches, but "
+                f"out_dim {self.out_dim} != patch_out_dim {self.patch_out_dim}: set them equal "
+                "or shared_head: false"
+            )
+        return self
+
+
+class ClusteringConfig(StrictModel):
+    """CAPI's online clustering of the teacher's patch tokens (Darcet et al., "Cluster and
+    Predict Latent Patches for Improved Masked Image Modeling", 2025; reference:
+    facebookresearch/capi, ``model.py`` ``OnlineClustering`` / ``sinkhorn_knopp`` and
+    ``default_pretrain_config.yaml``).
+
+    Attributes:
+        num_clusters: Prototypes (reference: 16384).
+        target_temp: Temperature of the logits fed to Sinkhorn-Knopp (0.06).
+        pred_temp: Temperature of the clustering head's own prediction of the assignments in
+            its loss (0.12).
+        student_temp: Temperature of the student's predicted logits (0.12).
+        sinkhorn_iters: Sinkhorn-Knopp iterations (3).
+        bias: A bias in the clustering layer (true).
+        positionwise: Balance the assignments over the batch at each position separately
+            (the reference's default) instead of over all tokens at once.
+    """
+
+    num_clusters: int = Field(16384, ge=2)
+    target_temp: float = Field(0.06, gt=0.0)
+    pred_temp: float = Field(0.12, gt=0.0)
+    student_temp: float = Field(0.12, gt=0.0)
+    sinkhorn_iters: int = Field(3, ge=1)
+    bias: bool = True
+    positionwise: bool = True
 class LatentConfig(StrictModel):
     """A latent target: features of the EMA teacher on the unmasked image (``target.type:
     latent``, see :class:`pretrain.teacher.LatentTarget`).
@@ -183,8 +276,11 @@ class TargetConfig(StrictModel):
     Attributes:
         type: ``pixels`` (SimMIM), ``norm_pixels`` (MAE: per-patch normalized), ``hog``
             (MaskFeat), ``color_bins`` (each pixel's channel values in ``bins`` bins: SimMIM
-            Table 5's 8-bin and 256-bin, Table 13's 2 to 256), ``mean_color`` (the patch's mean color with ``bins``
-            per channel, one ``bins^3``-way class: ViT's 3-bit color with 8), ``tokens`` (BEiT).
+            Table 5's 8-bin and 256-bin, Table 13's 2 to 256), ``mean_color`` (the patch's mean
+            color with ``bins`` per channel, one ``bins^3``-way class: ViT's 3-bit color with 8),
+            ``tokens`` (BEiT), ``ibot`` (iBOT: the EMA teacher's softmax over projected tokens),
+            ``clusters`` (CAPI: the EMA teacher's patch tokens clustered online with
+            Sinkhorn-Knopp; not the ``clusters`` field below, which counts colour clusters).
         bins: Color bins per channel for ``color_bins`` and ``mean_color``.
         hog: HOG parameters for ``hog``.
         tokenizer: The tokenizer for ``tokens``.
@@ -198,6 +294,10 @@ class TargetConfig(StrictModel):
         clusters: ``color_clusters``: number of RGB colour clusters (iGPT's 512, SimMIM
             Table 5), fitted by k-means on training pixels before pretraining (with the
             ``tokenizer``'s ``train_images`` and ``kmeans_iters``). Left out of dumps at 512.
+        ibot: The projection heads, temperatures and centring for ``ibot``. Left out of dumps
+            at its default.
+        clustering: The clustering head for the ``clusters`` target (CAPI). Left out of dumps
+            at its default.
         latent: The teacher's features for ``latent`` (data2vec, I-JEPA); left out of dumps at
             its default, so configs hashed before it existed keep their hashes.
     """
@@ -208,6 +308,8 @@ class TargetConfig(StrictModel):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     resolution: int | None = Field(None, ge=1)
     clusters: int = Field(512, ge=2)
+    ibot: IBOTConfig = Field(default_factory=IBOTConfig)
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
     latent: LatentConfig = Field(default_factory=LatentConfig)
 
     @field_validator("type")
@@ -229,7 +331,8 @@ class TargetConfig(StrictModel):
     def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after records and pretraining stages were hashed: left out of every dump at
         # their defaults so those hashes stay the same
-        return _omit_defaults(self, handler(self), ("resolution", "clusters", "latent"))
+        names = ("resolution", "clusters", "ibot", "clustering", "latent")
+        return omit_at_default(self, handler(self), names)
 
 
 class LossConfig(StrictModel):
@@ -258,7 +361,7 @@ class LossConfig(StrictModel):
 
     @model_serializer(mode="wrap")
     def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _omit_defaults(self, handler(self), ("beta", "patch_reduce"))
+        return omit_at_default(self, handler(self), ("beta", "patch_reduce"))
 
     @field_validator("type")
     @classmethod
@@ -310,6 +413,11 @@ class RecipeConfig(StrictModel):
             ``encoder_defaults``) or ``controlled``: every recipe gets the same plain encoder
             definition and ``timm`` initialisation, so a comparison across recipes holds the
             encoder equal (setting either key as well is refused).
+        global_crops: Views of each image in a batch, each its own random resized crop (iBOT,
+            DINO: 2); more than one needs a target that compares views (``ibot``). Left out of
+            dumps at 1.
+        local_crops: Smaller crops seen by the student only (iBOT's multi-crop); the encoders
+            take one input size, so only 0 is accepted for now. Left out of dumps at 0.
         teacher: The EMA teacher of a target that has one (``latent``); ``None`` (left out of
             dumps) for every other target.
     """
@@ -323,6 +431,8 @@ class RecipeConfig(StrictModel):
     encoder_init: str = "default"
     encoder_defaults: EncoderDefaults | None = None
     encoder_setup: EncoderSetup = "paper"
+    global_crops: int = Field(1, ge=1)
+    local_crops: int = Field(0, ge=0)
     teacher: TeacherConfig | None = None
 
     @model_validator(mode="before")
@@ -345,9 +455,15 @@ class RecipeConfig(StrictModel):
     def _omit_default_init(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after records and pretraining stages were hashed: left out of every dump at its
         # default so their config hashes stay the same
-        return _omit_defaults(
-            self, handler(self), ("encoder_init", "encoder_defaults", "encoder_setup", "teacher")
+        names = (
+            "encoder_init",
+            "encoder_defaults",
+            "encoder_setup",
+            "teacher",
+            "global_crops",
+            "local_crops",
         )
+        return omit_at_default(self, handler(self), names)
 
     @model_validator(mode="after")
     def _axes_fit_together(self) -> RecipeConfig:
@@ -373,7 +489,37 @@ class RecipeConfig(StrictModel):
                 "loss.adv_weight pastes the predicted pixels into the input: it needs the "
                 f"input's resolution; remove target.resolution ({self.target.resolution})"
             )
+        self._check_views()
         return self
+
+    def _check_views(self) -> None:
+        """Several crops need a target that compares them; per-image mask counts need mask
+        tokens; the class-token loss needs two crops to compare."""
+        target = TARGETS.get(self.target.type)
+        if self.global_crops > 1 and not target.multi_view:
+            takes = [n for n in TARGETS.names() if TARGETS.get(n).multi_view]
+            raise ValueError(
+                f"recipe.global_crops {self.global_crops} gives each image several views; target "
+                f"'{self.target.type}' takes one: set global_crops: 1 or target.type: "
+                f"{' or '.join(takes)}"
+            )
+        if target.multi_view and self.global_crops < 2 and self.target.ibot.cls_weight > 0:
+            raise ValueError(
+                f"target '{self.target.type}' compares the class tokens of two crops "
+                f"(ibot.cls_weight {self.target.ibot.cls_weight}) but recipe.global_crops is "
+                f"{self.global_crops}: set global_crops: 2 or target.ibot.cls_weight: 0"
+            )
+        if self.local_crops:
+            raise ValueError(
+                f"recipe.local_crops {self.local_crops}: local crops are smaller than "
+                "encoder.img_size and the encoders here take one input size (no position-"
+                "embedding interpolation yet): set local_crops: 0"
+            )
+        if self.encoder_mode == "visible" and MASKERS.get(self.masking.strategy).per_image_ratio:
+            raise ValueError(
+                f"masking.strategy '{self.masking.strategy}' masks a different count in each "
+                "image, which encoder_mode 'visible' cannot batch: use encoder_mode: mask_token"
+            )
 
     def _check_teacher(self) -> None:
         """A target that reads an EMA teacher (its class's ``needs_teacher``) needs
@@ -424,16 +570,6 @@ def _check_controlled(data: dict[str, Any]) -> None:
             "encoder_setup 'controlled' uses the plain encoder definition, but encoder_defaults "
             "is given: remove it (set the encoder's own fields instead) or use encoder_setup: paper"
         )
-def _omit_defaults(
-    model: StrictModel, out: dict[str, Any], names: tuple[str, ...]
-) -> dict[str, Any]:
-    """``out`` (a dump of ``model``) less the fields of ``names`` that hold their default: keys
-    added after configs were hashed, so those configs keep their hashes."""
-    for name in names:
-        default = type(model).model_fields[name].get_default(call_default_factory=True)
-        if getattr(model, name) == default:
-            out.pop(name, None)
-    return out
 
 
 def _or_list(names: list[str]) -> str:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from harness.core.config.axes import ENCODER_INITS, HEADS
-from harness.core.config.base import ConfigError, StrictModel
+from harness.core.config.base import ConfigError, StrictModel, omit_at_default
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import ENCODER_PRESETS, VARIANT_FIELDS, EncoderConfig
 from harness.core.config.masking import check_masking_fits
@@ -85,12 +85,7 @@ class TrainConfig(StrictModel):
 
     @model_serializer(mode="wrap")
     def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out = handler(self)
-        fields = type(self).model_fields
-        for key in self.OMIT_AT_DEFAULT:
-            if getattr(self, key) == fields[key].default:
-                out.pop(key, None)
-        return out
+        return omit_at_default(self, handler(self), self.OMIT_AT_DEFAULT)
 
 
 def resolve_encoder(encoder: EncoderConfig, recipe: RecipeConfig) -> EncoderConfig:
@@ -162,6 +157,11 @@ class PretrainConfig(StrictModel):
         check_masking_fits(self.recipe.masking, self.encoder, "recipe.masking")
         check_target_fits(self.recipe, self.encoder, "recipe")
         check_head_width(self.recipe, self.encoder)
+        if self.data.fast_decode and self.recipe.global_crops > 1:
+            raise ConfigError(
+                f"data.fast_decode decodes each image once at reduced size for one crop, but "
+                f"recipe.global_crops is {self.recipe.global_crops}: set data.fast_decode: false"
+            )
         return self
 
     @model_serializer(mode="wrap")

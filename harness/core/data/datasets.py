@@ -300,6 +300,21 @@ def pretrain_transform(img_size: int, crop_scale: tuple[float, float], hflip: bo
     return transforms.Compose(t)
 
 
+class MultiView:
+    """``views`` independent draws of ``transform`` stacked, ``[V, C, H, W]`` per image: the
+    global crops of DINO / iBOT (batched by :func:`collate_skipping` as ``[B, V, C, H, W]``).
+    One view is the transform's own output, ``[C, H, W]``."""
+
+    def __init__(self, transform: Any, views: int) -> None:
+        self.transform = transform
+        self.views = views
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        if self.views == 1:
+            return self.transform(img)
+        return torch.stack([self.transform(img) for _ in range(self.views)])
+
+
 def eval_transform(img_size: int, crop_pct: float = 0.875) -> Any:
     """Resize the short side to ``img_size / crop_pct`` (bicubic), center crop, normalize."""
     resize = int(round(img_size / crop_pct))
