@@ -160,3 +160,45 @@ def test_index_feed_with_persistent_workers_gives_each_epochs_augmentation(tiny_
             assert torch.equal(imgs, torch.stack([ref[i][0] for i in indices]))
         seen[epoch] = {i: img for imgs, _, idx in got for i, img in zip(idx, imgs, strict=True)}
     assert not torch.equal(seen[0][0], seen[1][0])  # each epoch its own crops
+
+
+@pytest.mark.slow
+def test_stream_sigkill_mid_epoch_then_resume_is_bitwise_identical(shards, tmp_path):
+    """Streaming with 2 persistent workers, killed with SIGKILL mid-epoch and resumed: the
+    weights and the loss curve of the uninterrupted run, bitwise (CPU)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = _cfg(shards, workers=2, stream=True, epochs=20, ckpt_every_steps=4)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_config(cfg))
+    cmd = [sys.executable, "-m", "harness.cli", "pretrain", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert yaml.safe_load(path.read_text())["data"]["stream"] is True
+    subprocess.run([*cmd, "--out", str(tmp_path / "full")], check=True, env=env,
+                   capture_output=True, timeout=600)  # fmt: skip
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(cut)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline, killed_at = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        if (cut / "checkpoint.pth").exists():
+            step = torch.load(cut / "checkpoint.pth", weights_only=True)["step"]  # atomic writes
+            if step >= 40 and step % 6:  # mid-epoch (6 steps an epoch)
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_at = step
+                break
+        time.sleep(0.005)
+    assert killed_at is not None, "the run ended before it could be killed"
+    assert not (cut / "summary.json").exists()
+    subprocess.run([*cmd, "--out", str(cut), "--resume"], check=True, env=env,
+                   capture_output=True, timeout=600)  # fmt: skip
+    a = torch.load(tmp_path / "full" / "encoder.pth", weights_only=True)["state_dict"]
+    b = torch.load(cut / "encoder.pth", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / "loss.jsonl").read_text() == (cut / "loss.jsonl").read_text()
