@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from harness.core.data.datasets import (
     SkipTally,
     collate_skipping,
+    seed_cpu_rng,
     skipped_message,
     unreadable_image_error,
 )
@@ -157,9 +159,7 @@ class _ViewDataset(Dataset):
             return self.transform(img), target
         s = (self.seed * 1_000_003 + self.view * 100_003 + index) % (2**63 - 1)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            import random
-
+            seed_cpu_rng(s)  # torch.manual_seed's CPU state, without seeding the accelerators
             state = random.getstate()
             random.seed(s)
             try:

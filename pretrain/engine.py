@@ -57,23 +57,23 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from harness.core import distributed, parallel
 from harness.core.config import ConfigError, PretrainConfig, dump_config, to_plain
 from harness.core.data.datasets import (
+    CheckedImageFolder,
     DatasetError,
     MultiView,
     SeededDataset,
     SkipTally,
     all_unreadable_error,
-    collate_skipping,
     eval_transform,
     imagefolder_checked,
     pretrain_transform,
     resolve_imagefolder_root,
 )
 from harness.core.data.fastdecode import fast_pretrain_transform, to_device_normalized
+from harness.core.data.shards import ShardStream
 from harness.core.errors import CheckpointError
 from harness.core.fsutil import (
     atomic_write_bytes,
@@ -88,16 +88,15 @@ from harness.core.training import (
     autocast,
     autocast_dtype,
     clip_and_step,
-    epoch_batches,
     epoch_order,
     lr_at,
     pick_device,
     scaled_lr,
     set_lr,
     split_batch,
-    steps_per_epoch,
 )
 from pretrain.avgdist import encoder_avgdist
+from pretrain.feed import Feed, IndexFeed, StreamFeed
 from pretrain.inits import encoder_definition
 from pretrain.model import MIMModel, create_model
 from pretrain.viz import render_recon_grid, render_series
@@ -251,6 +250,7 @@ class _Run:
     amp_dtype: torch.dtype | None
     root: Path
     train_ds: SeededDataset
+    feed: Feed  # the steps' batches: the seeded global order, or the shard stream
     skips: SkipTally
     steps_per_epoch: int
     total_steps: int
@@ -319,7 +319,8 @@ def pretrain(
     _wrap(run)
     if ck is not None:
         _restore(run, ck)
-    else:
+    _write_config(run)  # nothing refused the run: it is this directory's config from now on
+    if ck is None:
         if not run.is_main:
             # rank 0 keeps the single-process RNG stream; the others get their own, so in-forward
             # randomness (drop path, token corruption) is not repeated across ranks
@@ -397,27 +398,50 @@ def _setup(
         root, "train", crops, strict=cfg.data.strict_data, min_classes=1
     )
     train_ds = SeededDataset(base_ds, cfg.seed)
-    spe = steps_per_epoch(len(train_ds), t.batch_size, "lower train.batch_size")
+    feed = _feed(cfg, root, base_ds, train_ds, local_batch, rank, world, device)
+    spe = feed.steps_per_epoch
     total_steps = t.epochs * spe
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
 
     model = create_model(cfg.encoder, cfg.recipe).to(device)
     model.set_run_length(total_steps)
-    if rank == 0:  # nothing refused the run: it is this directory's config from now on
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
     if fresh:
         model.prepare(_image_sampler(train_ds, cfg.seed, device), log)
     peak_lr = scaled_lr(t.base_lr, t.batch_size, t.lr_base_batch)
     return _Run(
         cfg=cfg, out=out, log=log, ckpt=ckpt, rank=rank, world=world, local_batch=local_batch,
-        device=device, amp_dtype=amp_dtype, root=root, train_ds=train_ds,
+        device=device, amp_dtype=amp_dtype, root=root, train_ds=train_ds, feed=feed,
         skips=SkipTally(base_ds, "pretraining train split"), steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=t.warmup_epochs * spe, peak_lr=peak_lr,
         model=model, opt=_optimizer(model, cfg, peak_lr), net=model,
         accum=GradAccumulation(t.accum_steps),
     )  # fmt: skip
+
+
+def _feed(cfg: PretrainConfig, root: Path, base_ds: CheckedImageFolder, train_ds: SeededDataset,
+          local_batch: int, rank: int, world: int, device: torch.device) -> Feed:  # fmt: skip
+    """The run's loader: the shard stream (``data.stream``; ``base_ds``, the same shards by
+    random access, names its samples) or the seeded global order over ``train_ds``.
+
+    Raises:
+        DatasetError: The stream has fewer shards than ranks x loader workers.
+        ConfigError: An epoch holds less than one batch.
+    """
+    d = cfg.data
+    if not d.stream:
+        return IndexFeed(train_ds, cfg.train.batch_size, local_batch, rank, world, d.num_workers,
+                         device)  # fmt: skip
+    stream = ShardStream(root, "train", base_ds.transform, cfg.seed, local_batch, d.num_workers,
+                         rank, world, buffer=d.shuffle_buffer, strict=d.strict_data)  # fmt: skip
+    return StreamFeed(stream, base_ds, d.num_workers, device)
+
+
+def _write_config(run: _Run) -> None:
+    """``config.yaml`` of the output directory (rank 0), once nothing refused the run."""
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.out / "config.yaml", dump_config(run.cfg))
 
 
 def _optimizer(model: MIMModel, cfg: PretrainConfig, peak_lr: float) -> torch.optim.Optimizer:
@@ -431,6 +455,7 @@ def _restore(run: _Run, ck: dict[str, Any]) -> None:
     """Resume from checkpoint ``ck``: the training state (:func:`_load_training_state`), the
     unreadable files met, the lr scale and the non-finite events so far."""
     cfg, world = run.cfg, run.world
+    run.feed.load_state_dict(ck)  # a stream refuses other numbers of ranks or workers
     _load_training_state(run, ck)
     run.skipped_before = set(ck.get("skipped_files", []))
     run.lr_scale = float(ck.get("lr_scale", 1.0))
@@ -519,6 +544,7 @@ def _save_checkpoint(run: _Run) -> None:
         "skipped_files": _skipped_files(run.skipped_before, run.skips),  # a collective too
         "lr_scale": run.lr_scale,
         "nonfinite_events": run.nonfinite_events,
+        **run.feed.state_dict(run.step),
     }
     if run.world > 1:
         ck["rng_ranks"] = distributed.all_gather_object(_rng_state(run.device))
@@ -541,18 +567,9 @@ def _train(run: _Run, t0: float) -> None:
     try:
         while run.step < run.total_steps:
             epoch, batch_idx = divmod(run.step, run.steps_per_epoch)
-            run.train_ds.set_epoch(epoch)
-            # this rank's slice of each global batch (the whole batch for a single process)
-            batches = epoch_batches(
-                len(run.train_ds), cfg.seed, epoch, t.batch_size, batch_idx, micro=run.local_batch
-            )[run.rank :: run.world]
-            loader = DataLoader(
-                run.train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
-                pin_memory=run.device.type == "cuda", persistent_workers=False,
-                collate_fn=collate_skipping,
-            )  # fmt: skip
-            for j, (imgs, _, keep) in enumerate(loader):
-                run.skips.add(batches[j], keep)
+            # this rank's batches (its slice of each global batch, or its stream) from batch_idx
+            for imgs, keep, indices in run.feed.epoch(epoch, batch_idx):
+                run.skips.add(indices, keep)
                 run.skips.report(run.log)  # names each unreadable file once
                 lr = run.lr_scale * lr_at(
                     run.step, run.total_steps, run.warmup_steps, run.peak_lr, t.min_lr

@@ -175,8 +175,16 @@ def config_hash(obj: Any) -> str:
 def pretrain_config_hash(plain: dict[str, Any]) -> str:
     """The hash of a resolved pretraining config (plain dict) less its ``name`` and
     ``output_dir``, which place a run but do not change its result: the key of a pretraining
-    stage directory and the hash its checkpoint carries."""
-    return config_hash({k: v for k, v in plain.items() if k not in ("output_dir", "name")})
+    stage directory and the hash its checkpoint carries.
+
+    A streaming run (``data.stream``) leaves out ``data.num_workers`` too: like the number of
+    ranks, it shapes the stream's order, which the checkpoint records and a resume checks
+    (naming the numbers to resume with) rather than refusing the run as another config."""
+    kept = {k: v for k, v in plain.items() if k not in ("output_dir", "name")}
+    data = kept.get("data")
+    if isinstance(data, dict) and data.get("stream"):
+        kept["data"] = {k: v for k, v in data.items() if k != "num_workers"}
+    return config_hash(kept)
 
 
 # ---------------------------------------------------------------------------------------------

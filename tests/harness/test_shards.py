@@ -200,7 +200,7 @@ def test_stream_resume_mid_epoch_gives_the_uninterrupted_order(data, workers):
     _, out = data
     stream = _stream(out, num_workers=workers)
     full = _keys(stream, workers)
-    n = stream.batches_per_epoch(0)
+    n = stream.batches_per_epoch()
     assert len(full) == n * 2 and len(set(full)) == len(full)
     for b in range(n + 1):
         resumed = _stream(out, num_workers=workers)
@@ -221,7 +221,7 @@ def test_stream_order_is_seeded_per_epoch_and_split_over_ranks(data):
     plain = _keys(_stream(out, buffer=0), 0)
     s = _stream(out, buffer=0)
     want = [f"{s.entries[i]['name']}/{m[0]}.{m[1]}" for i in s.slot_shards(0, 0, 0)
-            for m in s.entries[i]["members"]][: s.slot_samples(0)]  # fmt: skip
+            for m in s.entries[i]["members"]][: s.slot_samples()]  # fmt: skip
     assert plain == want and sorted(plain) == sorted(a)
 
 
@@ -347,3 +347,24 @@ def test_tasks_read_shards_as_they_read_the_imagefolder(tiny_imagefolder, tmp_pa
     pretrain(cfg, tmp_path / "p", log=lambda m: None)
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["skipped_files"] == [bad] and summary["skipped_images"] == {"train": 1}
+
+
+def test_stream_epoch_length_is_the_fewest_samples_a_slot_can_get(tmp_path):
+    """Shards of 5, 5 and 2 samples over 2 worker slots (2 shards and 1 shard): brute force
+    over every shard order, the slot of one shard can get 2 samples, so every epoch yields 2
+    samples per slot, and each epoch's slots hold at least that."""
+    import itertools
+
+    src = make_imagefolder(tmp_path / "if")  # 12 train images
+    write_shards(src, tmp_path / "s", shard_size=5, log=lambda m: None)
+    stream = _stream(tmp_path / "s", num_workers=2)
+    sizes = [e["samples"] for e in stream.entries]
+    assert sorted(sizes) == [2, 5, 5]
+    fewest = min(min(sum(sizes[s] for s in p[w::2]) for w in range(2))
+                 for p in itertools.permutations(range(3)))  # fmt: skip
+    assert stream.slot_samples() == fewest == 2 and stream.batches_per_epoch() == 2
+    for epoch in range(6):
+        assert len(_keys(stream, 2, epoch=epoch)) == 4
+        assert all(sum(sizes[s] for s in stream.slot_shards(epoch, 0, w)) >= 2 for w in range(2))
+    wide = _stream(tmp_path / "s", batch_size=1)  # one slot: all 12 samples, in every epoch
+    assert wide.slot_samples() == 12 and len(_keys(wide, 0, epoch=3)) == 12

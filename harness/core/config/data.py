@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from harness.core.config.base import StrictModel
 
@@ -47,6 +47,29 @@ class DataConfig(StrictModel):
     #: normalised on the device). Off by default: the pixels differ slightly from the full
     #: decode, so it is part of the run's config.
     fast_decode: bool = False
+    #: Pretraining reads its shards as a stream (:class:`~harness.core.data.shards.ShardStream`:
+    #: seeded shard order split over ranks and loader workers, a shuffle buffer, exact resume
+    #: mid-epoch) instead of by random access in the seeded global order. Shards only; the
+    #: tasks read them by random access either way. The order depends on the number of ranks
+    #: and loader workers: a resume with other numbers is refused (the checkpoint keeps them).
+    stream: bool = False
+    #: The stream's shuffle buffer in samples (WebDataset's ``shuffle(n)``; 0: shard order).
+    shuffle_buffer: int = Field(1000, ge=0)
+
+    @model_validator(mode="after")
+    def _check_stream(self) -> DataConfig:
+        if self.stream and (self.source == "shapes" or self.layout == "imagefolder"):
+            what = "'shapes' (an ImageFolder)" if self.source == "shapes" else "an ImageFolder"
+            raise ValueError(
+                f"data.stream reads a shard dataset, but data.source is {what}: write its shards "
+                "with `mimbench data shard IMAGEFOLDER --out DIR` and set data.source to DIR, "
+                "or set data.stream: false"
+            )
+        if self.shuffle_buffer != 1000 and not self.stream:
+            raise ValueError(
+                "data.shuffle_buffer is the stream's: set data.stream: true (shards), or leave it out"
+            )
+        return self
 
     @model_serializer(mode="wrap")
     def _omit_default_strict(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -60,6 +83,7 @@ class DataConfig(StrictModel):
 
     #: Keys added after configs were hashed, with the default that leaves them out of dumps.
     _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {
-        "strict_data": False, "layout": "auto", "fast_decode": False,
+        "strict_data": False, "layout": "auto", "fast_decode": False, "stream": False,
+        "shuffle_buffer": 1000,
     }
 

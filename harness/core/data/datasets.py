@@ -76,6 +76,12 @@ def resolve_imagefolder_root(data: DataConfig) -> Path:
     if _layout(root, data.layout) == "shards":
         read_manifest(root)
         return root
+    if data.stream:
+        raise DatasetError(
+            f"data.stream reads a shard dataset, but {root} is an ImageFolder: write its shards "
+            f"with `mimbench data shard {root} --out DIR` and set data.source to DIR, or set "
+            "data.stream: false"
+        )
     if (root / "imagefolder").is_dir() and not (root / "train").is_dir():
         root = root / "imagefolder"  # the output of `mimbench data synth`
     if not (root / "train").is_dir() and root.name in ("train", "val") and has_images(root, "*/*"):
@@ -350,13 +356,24 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def sample_seed(self, index: int) -> int:
-        """The seed of sample ``index`` in the current epoch."""
-        return (self.seed * 1_000_003 + self.epoch * 100_003 + index) % self.MODULUS
+    def sample_seed(self, index: int, epoch: int | None = None) -> int:
+        """The seed of sample ``index`` in ``epoch`` (None: the current epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        return (self.seed * 1_000_003 + epoch * 100_003 + index) % self.MODULUS
 
-    def __getitem__(self, index: int) -> Any:
+    def keyed(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        """(seed, index) of ``key``: a sample index (in the current epoch) or ``(epoch, index)``.
+
+        The second form carries the epoch with the sample: a persistent loader worker holds a
+        copy of this dataset made when it started, whose ``epoch`` :meth:`set_epoch` no longer
+        reaches."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        return self.sample_seed(index, epoch), index
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        seed, index = self.keyed(key)
         with torch.random.fork_rng(devices=[]):
-            seed_cpu_rng(self.sample_seed(index))
+            seed_cpu_rng(seed)
             return self.base[index]
 
 
@@ -368,8 +385,8 @@ class FullySeededDataset(SeededDataset):
 
     MODULUS = 2**32 - 1
 
-    def __getitem__(self, index: int) -> Any:
-        s = self.sample_seed(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        s, index = self.keyed(key)
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             seed_cpu_rng(s)

@@ -397,8 +397,8 @@ class ShardStream(IterableDataset):
     (seeded), rank ``r`` of ``R`` takes ``[r::R]`` of them and worker slot ``s`` of ``W`` takes
     ``[s::W]`` of the rank's; each slot streams its shards through a shuffle buffer of
     ``buffer`` samples (seeded by seed, epoch, rank, slot) and yields exactly
-    :meth:`slot_samples` items, the same number in every slot (the shortest slot's whole
-    batches: a few samples per epoch are left out, like a dropped last batch), so the
+    :meth:`slot_samples` items, the same number in every slot and epoch (whole batches of the
+    fewest a slot can get: a few samples per epoch are left out, like a dropped last batch), so the
     DataLoader's round-robin over workers is a fixed interleaving: batch ``j`` of an epoch is
     batch ``j // W`` of slot ``j % W``.
 
@@ -466,24 +466,27 @@ class ShardStream(IterableDataset):
         """The shards worker slot ``slot`` of rank ``rank`` streams in ``epoch``."""
         return self.shard_order(epoch)[rank :: self.world][slot :: self.workers]
 
-    def slot_samples(self, epoch: int) -> int:
-        """Samples every slot yields in ``epoch``: the shortest slot's whole batches."""
-        sizes = [
-            sum(self.entries[s]["samples"] for s in self.slot_shards(epoch, r, w))
-            for r in range(self.world)
-            for w in range(self.workers)
-        ]
-        return min(sizes) // self.batch_size * self.batch_size
+    def slot_samples(self) -> int:
+        """Samples every slot yields in every epoch: whole batches of the fewest samples a slot
+        can get. A slot's number of shards is fixed by the positions it takes (only which
+        shards varies with the epoch), so the fewest is the sum of that many smallest shards,
+        for the slot with the fewest shards; a fixed epoch length keeps the steps of an epoch
+        (and the lr schedule's epochs) the same in every epoch."""
+        n = len(self.entries)
+        count = min(len(range(n)[r :: self.world][w :: self.workers])
+                    for r in range(self.world) for w in range(self.workers))  # fmt: skip
+        fewest = sum(sorted(e["samples"] for e in self.entries)[:count])
+        return fewest // self.batch_size * self.batch_size
 
-    def batches_per_epoch(self, epoch: int) -> int:
-        """Batches this rank's loader yields in ``epoch`` (the same on every rank)."""
-        return self.slot_samples(epoch) // self.batch_size * self.workers
+    def batches_per_epoch(self) -> int:
+        """Batches this rank's loader yields in every epoch (the same on every rank)."""
+        return self.slot_samples() // self.batch_size * self.workers
 
     # ---- position
 
     def set_position(self, epoch: int, batches_taken: int = 0) -> None:
         """Where the next iterator starts: ``epoch``, after its first ``batches_taken`` batches."""
-        if not 0 <= batches_taken <= self.batches_per_epoch(epoch):
+        if not 0 <= batches_taken <= self.batches_per_epoch():
             raise ValueError(f"batch {batches_taken} is outside epoch {epoch}")
         self._pos[0], self._pos[1] = epoch, batches_taken
 
@@ -524,7 +527,7 @@ class ShardStream(IterableDataset):
         epoch, taken = int(self._pos[0]), int(self._pos[1])
         slot = (taken + w) % self.workers
         skip = (taken + w) // self.workers * self.batch_size
-        n = self.slot_samples(epoch)
+        n = self.slot_samples()
         records = self._shuffled(self._records(epoch, slot), epoch, slot)
         for i, rec in enumerate(records):
             if i >= n:
