@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.cli_args import int_at_least
 from harness.core.errors import UserError
 
 #: Where the runs' folders go.
@@ -73,23 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The script's options."""
     p = argparse.ArgumentParser(prog="scripts/gpu_bench.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="folder of this run (default: results/bench/gpu-<device>-<date>)")
-    p.add_argument("--batch-base", type=_positive, default=64, help="ViT-B images per step")
-    p.add_argument("--batch-large", type=_positive, default=32, help="ViT-L images per step")
-    p.add_argument("--steps", type=_positive, default=10, help="timed steps after one warm-up")
+    p.add_argument("--batch-base", type=int_at_least(1), default=64, help="ViT-B images per step")
+    p.add_argument("--batch-large", type=int_at_least(1), default=32, help="ViT-L images per step")
+    p.add_argument("--steps", type=int_at_least(1), default=10, help="timed steps after one warm-up")
     p.add_argument("--skip", action="append", default=[], choices=PARTS,
                    help="leave a part out (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return p
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def plan_runs(args: argparse.Namespace, out: Path) -> list[BenchRun]:

@@ -59,7 +59,7 @@ def test_bad_options_are_usage_errors(capsys):
             gpu_bench.build_parser().parse_args(argv)
         assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "must be at least 1, got 0" in err and "expected a whole number, got 'x'" in err
+    assert "must be at least 1 (got 0)" in err and "'x' is not an integer" in err
     assert "invalid choice: 'warp'" in err
 
 
