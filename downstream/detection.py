@@ -182,7 +182,21 @@ def _backbone_and_neck(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """ViT: ViTDet's windowed backbone and simple feature pyramid. Swin: mmdet's Swin (our
     weights mapped in) with a standard FPN on its stages, the extra levels up to stride 64 by
-    max pooling (Swin's Mask R-CNN)."""
+    max pooling (Swin's Mask R-CNN). SwinV2: our SwinV2 itself (:mod:`downstream._mm.swinv2_dense`,
+    mmdet has none) under the same FPN."""
+    if encoder.family == "swinv2":
+        from ._mm.swinv2_dense import swinv2_stage_channels
+
+        chans = swinv2_stage_channels(encoder)
+        if [encoder.patch_size * 2**i for i in range(len(chans))] != scales[: len(chans)]:
+            raise ConfigError(f"SwinV2 encoder '{encoder.arch}' has patch size {encoder.patch_size}; "
+                              "detection needs stage strides 4, 8, 16, ... (patch size 4)")  # fmt: skip
+        backbone = dict(type="MimSwinV2", encoder=encoder.model_dump(mode="json"),
+                        img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate,
+                        init_checkpoint=init_checkpoint)  # fmt: skip
+        neck = dict(type="FPN", in_channels=chans, out_channels=cfg.fpn_channels,
+                    num_outs=len(scales) + 1)  # fmt: skip
+        return backbone, neck
     if encoder.family == "swin":
         from ._mm.swin_dense import mm_swin_kwargs, swin_stage_channels
 
@@ -319,7 +333,7 @@ def build_mm_config(
 
     warmup = min(cfg.warmup_iters, cfg.max_iters)
     lr = cfg.lr * (cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else 1.0)
-    layer_decay = cfg.swin_layer_decay if encoder.family == "swin" else cfg.layer_decay
+    layer_decay = cfg.swin_layer_decay if encoder.is_hierarchical else cfg.layer_decay
     out = runtime_config(
         scope="mmdet", module="downstream._mm.mmdet_modules", work_dir=work_dir,
         experiment_name=experiment_name, seed=seed, max_iters=cfg.max_iters,

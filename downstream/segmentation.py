@@ -199,13 +199,21 @@ def _backbone_and_neck(
 ) -> tuple[dict[str, Any], dict[str, Any] | None, list[int]]:
     """ViT: four blocks' maps rescaled to strides 4-32 by the multi-level neck (BEiT / MAE).
     Swin: mmseg's Swin (our weights mapped in), UperNet directly on its stages (Swin's ADE20K
-    setting). Returns the backbone, the neck (``None``: none) and the channels of the levels."""
+    setting); SwinV2: our SwinV2 itself (:mod:`downstream._mm.swinv2_dense`) on its stages.
+    Returns the backbone, the neck (``None``: none) and the channels of the levels."""
+    if encoder.is_hierarchical and cfg.out_indices is not None:
+        raise ConfigError(f"out_indices picks ViT blocks; a {encoder.family} encoder always feeds "
+                          "UperNet all of its stages: remove out_indices from the task config")  # fmt: skip
+    if encoder.family == "swinv2":
+        from ._mm.swinv2_dense import swinv2_stage_channels
+
+        backbone = dict(type="MimSwinV2", encoder=encoder.model_dump(mode="json"),
+                        img_size=cfg.crop_size, drop_path_rate=cfg.drop_path_rate,
+                        init_checkpoint=init_checkpoint)  # fmt: skip
+        return backbone, None, swinv2_stage_channels(encoder)
     if encoder.family == "swin":
         from ._mm.swin_dense import mm_swin_kwargs, swin_stage_channels
 
-        if cfg.out_indices is not None:
-            raise ConfigError("out_indices picks ViT blocks; a Swin encoder always feeds UperNet "
-                              "all of its stages: remove out_indices from the task config")  # fmt: skip
         swin = mm_swin_kwargs(encoder, cfg.drop_path_rate)
         backbone = dict(type="MimSwin", **swin, init_checkpoint=init_checkpoint)
         return backbone, None, swin_stage_channels(encoder)
@@ -297,7 +305,7 @@ def build_mm_config(
 
     warmup = min(cfg.warmup_iters, cfg.max_iters - 1)
     lr = cfg.lr * (cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else 1.0)
-    layer_decay = cfg.swin_layer_decay if encoder.family == "swin" else cfg.layer_decay
+    layer_decay = cfg.swin_layer_decay if encoder.is_hierarchical else cfg.layer_decay
     sched: list[dict[str, Any]] = []
     if warmup > 0:
         sched.append(dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup))

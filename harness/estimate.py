@@ -151,6 +151,8 @@ def pretrain_target(recipe: RecipeConfig, arch: str) -> str:
     name = recipe.name
     if name == "mae" and recipe.encoder_mode == "mask_token":
         return "pretrain/mae_mask_token"
+    if name == "simmim" and arch.startswith("swinv2"):
+        return "pretrain/simmim_swinv2"
     if name == "simmim" and arch.startswith("swin"):
         return "pretrain/simmim_swin"
     if name == "beit":

@@ -43,6 +43,8 @@ from pretrain.model import create_model
 BENCH_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "simmim": ("vit_base_16", {"name": "simmim"}),
     "simmim_swin": ("swin_base_192", {"name": "simmim"}),
+    # SimMIM's SwinV2-B (the Swin repo's simmim_pretrain__swinv2_base__img192_window12__800ep)
+    "simmim_swinv2": ("swinv2_base_192", {"name": "simmim"}),
     "mae": ("vit_base_16", {"name": "mae"}),
     # MAE's ablation (He et al. 2022, Table 1c): the encoder also runs on mask tokens
     "mae_mask_token": ("vit_base_16", {"name": "mae", "encoder_mode": "mask_token"}),

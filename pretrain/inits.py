@@ -147,18 +147,24 @@ def beit_init(encoder: Encoder) -> None:
 
 @_register(
     "simmim",
-    (*VIT_FAMILIES, "swin"),
-    "SimMIM models/vision_transformer.py (ViT) and models/swin_transformer.py (Swin) _init_weights",
+    (*VIT_FAMILIES, "swin", "swinv2"),
+    "SimMIM models/vision_transformer.py (ViT) and models/swin_transformer.py (Swin) "
+    "_init_weights; SwinV2: the Swin repo's models/swin_transformer_v2.py _init_weights + "
+    "_init_respostnorm",
 )
 @torch.no_grad()
 def simmim_init(encoder: Encoder) -> None:
-    """SimMIM's init: BEiT's rule with timm's truncation for ViTs, Swin's own for Swin."""
+    """SimMIM's init: BEiT's rule with timm's truncation for ViTs, Swin's own for Swin (and
+    SwinV2, whose residual post-norms then start at zero)."""
     if encoder.isotropic:
         _beit_style(encoder, std_cut=None)
         return
     parts = encoder.init_parts()
     encoder.trunk.apply(linear_norm_init(lambda t: nn.init.trunc_normal_(t, std=0.02)))
     nn.init.trunc_normal_(parts.mask_token, std=0.02)
+    for norm in parts.post_norms:
+        nn.init.zeros_(norm.weight)
+        nn.init.zeros_(norm.bias)
 
 
 @_register(

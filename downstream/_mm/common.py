@@ -60,6 +60,9 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "rel_pos_h", "rel_pos_w",
                          "relative_position_bias_table")  # fmt: skip
+    #: SwinV2's continuous position bias MLP and cosine-attention logit scales (the reference's
+    #: ``no_weight_decay_keywords``).
+    NO_DECAY_KEYWORDS = ("cpb_mlp", "logit_scale")
 
     def add_params(
         self,
@@ -80,7 +83,11 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 if name.startswith("backbone.")
                 else top
             )
-            no_decay = p.ndim <= 1 or name.endswith(self.NO_DECAY_SUFFIXES)
+            no_decay = (
+                p.ndim <= 1
+                or name.endswith(self.NO_DECAY_SUFFIXES)
+                or any(k in name for k in self.NO_DECAY_KEYWORDS)
+            )
             key = (lid, no_decay)
             if key not in groups:
                 scale = rate ** (top - lid)

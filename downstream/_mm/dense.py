@@ -22,9 +22,9 @@ from ..base import TaskContext
 ConfigBuilder = Callable[[str, str, str, bool], dict[str, Any]]
 
 
-#: Encoder families with a dense backbone: ``vit`` (ViTDet / BEiT backbones of our own) and
-#: ``swin`` (mmdet's / mmseg's Swin with the weights mapped in).
-DENSE_FAMILIES = ("vit", "swin")
+#: Encoder families with a dense backbone: ``vit`` (ViTDet / BEiT backbones of our own),
+#: ``swin`` (mmdet's / mmseg's Swin with the weights mapped in) and ``swinv2`` (our own SwinV2).
+DENSE_FAMILIES = ("vit", "swin", "swinv2")
 
 
 def dense_family(encoder: Encoder, task: str) -> str:
@@ -33,7 +33,7 @@ def dense_family(encoder: Encoder, task: str) -> str:
     if encoder.family in DENSE_FAMILIES:
         return encoder.family
     raise ConfigError(
-        f"{task} supports ViT and Swin encoders; encoder '{encoder.cfg.arch}' is a "
+        f"{task} supports ViT, Swin and SwinV2 encoders; encoder '{encoder.cfg.arch}' is a "
         f"{encoder.family} encoder, which has no dense backbone: evaluate it with linear_probe, "
         "knn or finetune instead"
     )

@@ -2,7 +2,7 @@
 (imports mmseg).
 
 Importing this module registers ``MimViT`` (:class:`~downstream._mm.vit_dense.DenseViT` returning
-four blocks' maps), ``MimSwin`` (mmseg's own ``SwinTransformer`` loading our timm-keyed Swin
+four blocks' maps), ``MimSwinV2`` (:class:`~downstream._mm.swinv2_dense.DenseSwinV2`), ``MimSwin`` (mmseg's own ``SwinTransformer`` loading our timm-keyed Swin
 weights, see :mod:`downstream._mm.swin_dense`), ``MimMultiLevelNeck`` (BEiT / MAE's
 deconvolution / pooling neck for UperNet) and ``MimLoadSegAnnotations`` (mmseg's ``LoadAnnotations`` that names an unreadable
 label map or a label outside the configured classes), plus the shared pieces of
@@ -23,6 +23,7 @@ from harness.core.data.datasets import DatasetError
 
 from . import common  # noqa: F401  (registers the LLRD constructor and the image loader)
 from .swin_dense import MimSwinMixin
+from .swinv2_dense import DenseSwinV2
 from .vit_dense import DenseViT, MultiLevelNeck
 
 
@@ -34,6 +35,11 @@ class MimViT(DenseViT):
 @MODELS.register_module(name="MimSwin", force=True)
 class MimSwin(MimSwinMixin, SwinTransformer):
     """mmseg's Swin with our encoder's weights mapped in (see :class:`MimSwinMixin`)."""
+
+
+@MODELS.register_module(name="MimSwinV2", force=True)
+class MimSwinV2(DenseSwinV2):
+    """Our SwinV2 encoder returning its stage maps (see :class:`DenseSwinV2`)."""
 
 
 @MODELS.register_module(name="MimMultiLevelNeck", force=True)

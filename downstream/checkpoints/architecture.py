@@ -189,7 +189,12 @@ def _check_named_vit(s: dict[str, Any], cfg: EncoderConfig, report: ImportReport
 
 def _swin_shape(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
     """Width, patch, stage depths and heads, window, resolution (from the attention masks) and
-    mlp ratio of timm-keyed Swin weights; None where the weights do not tell."""
+    mlp ratio of timm-keyed Swin or SwinV2 weights; None where the weights do not tell.
+
+    Swin: heads and window from the bias tables ``[(2w - 1)^2, heads]``. SwinV2 has no table:
+    heads from the bias MLP's output layer ``cpb_mlp.2.weight [heads, hidden]``, the window from
+    the Swin repo's stored coordinate table ``relative_coords_table [1, 2w - 1, 2w - 1, 2]``
+    (timm does not store it: then the window is unknown)."""
     w = state.get("patch_embed.proj.weight")
     if w is None:
         raise CheckpointError(f"{source}: no Swin patch embedding ('patch_embed.proj.weight')")
@@ -206,6 +211,10 @@ def _swin_shape(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
                 heads[s] = int(v.shape[1])
                 if s == 0 and b == 0:  # later stages may shrink the window to their grid
                     window = (math.isqrt(int(v.shape[0])) + 1) // 2
+            elif k.endswith("attn.cpb_mlp.2.weight"):
+                heads[s] = int(v.shape[0])
+            elif k.endswith("attn.relative_coords_table") and s == 0 and b == 0:
+                window = (int(v.shape[1]) + 1) // 2
     for k, v in state.items():
         if re.match(r"layers\.0\.blocks\.\d+\.attn_mask$", k) and window:
             img = math.isqrt(int(v.shape[0])) * window * int(w.shape[-1])  # [windows, w*w, w*w]
@@ -223,30 +232,43 @@ def _swin_shape(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
 
 
 def _target_swin_config(
-    state: dict[str, torch.Tensor], cfg: EncoderConfig | None, report: ImportReport
+    state: dict[str, torch.Tensor], cfg: EncoderConfig | None, report: ImportReport, family: str
 ) -> EncoderConfig:
-    """The Swin preset of the weights' shape (the named one if it is that preset)."""
+    """The ``family`` (``swin`` / ``swinv2``) preset of the weights' shape (the named one if it
+    is that preset). A window the weights do not record (timm's SwinV2 files) is the preset's:
+    refused when presets of that shape differ in window and none is named."""
     s = _swin_shape(state, report.source)
     presets = [
         n
         for n, p in ENCODER_PRESETS.items()
-        if p.get("family") == "swin"
+        if p.get("family") == family
         and tuple(p["stage_depths"]) == s["stage_depths"]
         and tuple(p["stage_heads"]) == s["stage_heads"]
-        and p["window_size"] == s["window_size"]
+        and s["window_size"] in (None, p["window_size"])
     ]
-    if cfg is not None:
-        if cfg.family != "swin" or cfg.arch not in presets:
+    if s["window_size"] is None and cfg is None:
+        windows = sorted({ENCODER_PRESETS[n]["window_size"] for n in presets})
+        if len(windows) > 1:
             raise CheckpointError(
-                f"{report.source} is a Swin with stages {s['stage_depths']}, heads {s['stage_heads']}, "
+                f"{report.source} does not record its window size, and the {family} presets of "
+                f"its shape have windows {windows} ({presets}): name one with --arch"
+            )
+        if presets:
+            report.assumed.append(
+                f"window {windows[0]} from preset {presets[0]} (the weights do not record it)"
+            )
+    if cfg is not None:
+        if cfg.family != family or cfg.arch not in presets:
+            raise CheckpointError(
+                f"{report.source} is a {family} with stages {s['stage_depths']}, heads {s['stage_heads']}, "
                 f"window {s['window_size']}; encoder '{cfg.arch}' does not match"
                 + (f": use one of {presets}" if presets else "")
             )
         return cfg
     if not presets:
         raise CheckpointError(
-            f"{report.source} is a Swin with stages {s['stage_depths']}, heads {s['stage_heads']} and "
-            f"window {s['window_size']}: no Swin preset in ENCODER_PRESETS has that shape (the wrapper "
+            f"{report.source} is a {family} with stages {s['stage_depths']}, heads {s['stage_heads']} and "
+            f"window {s['window_size']}: no {family} preset in ENCODER_PRESETS has that shape (the wrapper "
             "takes stage depths, heads and window from a preset); add one"
         )
     img = s["img_size"] or ENCODER_PRESETS[presets[0]]["img_size"]
@@ -287,8 +309,8 @@ def target_config(
     if rec is not None:
         enc_cfg = _fit_recorded(rec, cfg, report, recorded or {})
         options = dict((recorded or {}).get(f"{target}_options") or {})
-    elif target == "swin":
-        enc_cfg = _target_swin_config(state, cfg, report)
+    elif target in ("swin", "swinv2"):
+        enc_cfg = _target_swin_config(state, cfg, report, target)
         options = {}
     else:
         enc_cfg = _target_vit_config(state, cfg, report)

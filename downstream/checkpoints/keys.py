@@ -107,10 +107,16 @@ def beit_options_from_keys(state: dict[str, torch.Tensor]) -> dict[str, bool]:
     }
 
 
+def swin_wrapper(state: dict[str, torch.Tensor]) -> str:
+    """``swinv2`` for Swin-layout keys with SwinV2's continuous position bias MLP (``cpb_mlp``),
+    else ``swin``: the two share every other key name."""
+    return "swinv2" if any(".attn.cpb_mlp." in k for k in state) else "swin"
+
+
 def convert_plain_swin(
     state: dict[str, torch.Tensor], report: ImportReport
 ) -> dict[str, torch.Tensor]:
-    """timm / Swin-repo Swin keys: drop the classifier head; the mask token goes under
+    """timm / Swin-repo Swin or SwinV2 keys: drop the classifier head; the mask token goes under
     :data:`MASK_TOKEN`."""
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():

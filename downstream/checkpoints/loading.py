@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from timm.models.swin_transformer import checkpoint_filter_fn
+from timm.models.swin_transformer_v2 import checkpoint_filter_fn as v2_checkpoint_filter_fn
 
 from downstream.checkpoints.architecture import target_config
 from downstream.checkpoints.files import guard_outputs, source_files
@@ -103,11 +104,14 @@ def _align_to(
 ) -> dict[str, torch.Tensor]:
     """The converted weights in the encoder's layout: timm's Swin filter (the Swin repo's
     layout, rebuilt buffers dropped) or position tables resized to the encoder's grid."""
-    if target == "swin":
-        buffers = [k for k in st if "relative_position_index" in k or "attn_mask" in k]
+    if target in ("swin", "swinv2"):
+        rebuilt = ("relative_position_index", "attn_mask", "relative_coords_table")
+        buffers = [k for k in st if any(b in k for b in rebuilt)]
         for k in buffers:
             report.drop("index / mask buffer (rebuilt)", k)
-        return checkpoint_filter_fn(st, enc.swin)  # type: ignore[attr-defined]
+        keep = {k: v for k, v in st.items() if k not in buffers}
+        filt = v2_checkpoint_filter_fn if target == "swinv2" else checkpoint_filter_fn
+        return filt(keep, enc.swin)  # type: ignore[attr-defined]
     return _resize_to(enc, target, st, report)
 
 

@@ -38,7 +38,7 @@ class ImportReport:
         """The imported architecture as records name it (prefixed by the wrapper, ``beit:``, unless
         it is the ViT's or a Swin's)."""
         label = arch_label(EncoderConfig.model_validate(self.encoder))
-        return label if self.target in ("vit", "swin") else f"{self.target}:{label}"
+        return label if self.target in ("vit", "swin", "swinv2") else f"{self.target}:{label}"
 
     def summary(self, limit: int = 20) -> dict[str, Any]:
         """JSON-compatible summary for records (key lists cut to ``limit``)."""

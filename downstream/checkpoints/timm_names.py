@@ -5,6 +5,7 @@ from __future__ import annotations
 import timm
 from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
 
 from downstream.checkpoints.architecture import nearest_vit_preset
@@ -42,12 +43,12 @@ def encoder_from_timm_name(name: str) -> tuple[Encoder, ImportReport]:
     elif isinstance(model, VisionTransformer):
         _check_class_token(model, name)
         cfg = _vit_config(model)
-    elif isinstance(model, SwinTransformer):
-        report.family = "swin"  # the architecture is the Swin preset of its shape
+    elif isinstance(model, SwinTransformer | SwinTransformerV2):
+        report.family = "swin"  # the architecture is the Swin / SwinV2 preset of its shape
     else:
         raise CheckpointError(
             f"timm model '{name}' is a {type(model).__name__}; the encoder wrappers cover timm's "
-            "VisionTransformer, Beit and (preset shapes of) SwinTransformer"
+            "VisionTransformer, Beit and (preset shapes of) SwinTransformer / SwinTransformerV2"
         )
     enc = import_state_dict(state, report, cfg)
     return enc, report

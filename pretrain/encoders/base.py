@@ -67,6 +67,8 @@ class InitParts:
             sin-cos or absent).
         residual_out: Per block in depth order, the last linear layer of each residual branch:
             the attention output projection and the MLP's second layer (BEiT's rescaled pair).
+        post_norms: Residual post-norms that the family's reference initialises to zero after
+            its ``_init_weights`` (SwinV2's ``_init_respostnorm``); empty for pre-norm families.
     """
 
     patch_embed: nn.Conv2d
@@ -74,6 +76,7 @@ class InitParts:
     class_token: nn.Parameter | None = None
     learned_pos_embed: nn.Parameter | None = None
     residual_out: list[tuple[nn.Linear, nn.Linear]] = field(default_factory=list)
+    post_norms: list[nn.LayerNorm] = field(default_factory=list)
 
 
 class Encoder(nn.Module, metaclass=ABCMeta):

@@ -42,10 +42,15 @@ class SwinEncoder(Encoder):
     family: ClassVar[str] = "swin"
     token_input: ClassVar[bool] = True
     full_grid_reason: ClassVar[str] = "Swin's window attention needs every patch"
+    #: Parameters whose name holds one of these are not weight-decayed (with the mask token).
+    no_decay_keywords: ClassVar[tuple[str, ...]] = ("relative_position_bias_table",)
 
     def __init__(self, cfg: EncoderConfig, options: Mapping[str, Any] | None = None) -> None:
-        if cfg.family != "swin":
-            raise ValueError(f"SwinEncoder needs a Swin preset, got '{cfg.arch}' ({cfg.family})")
+        if cfg.family != self.family:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.family} preset, got '{cfg.arch}' "
+                f"({cfg.family})"
+            )
         super().__init__(cfg, options)
         self.swin = timm.create_model(
             cfg.timm_name, pretrained=False, drop_path_rate=cfg.drop_path_rate, **cfg.timm_kwargs()
@@ -109,11 +114,12 @@ class SwinEncoder(Encoder):
         return self.swin.norm(t)
 
     def no_weight_decay(self) -> set[str]:
-        """The mask token and the relative position bias tables (as in timm / SimMIM)."""
+        """The mask token and the parameters named by :attr:`no_decay_keywords` (Swin: the
+        relative position bias tables, as in timm / SimMIM)."""
         names = {
             f"swin.{n}"
             for n, _ in self.swin.named_parameters()
-            if "relative_position_bias_table" in n
+            if any(k in n for k in self.no_decay_keywords)
         }
         return names | {"mask_token"}
 

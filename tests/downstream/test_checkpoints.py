@@ -3,6 +3,7 @@ weights, imported, and the imported encoder must reproduce the original's output
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -857,3 +858,75 @@ def test_import_and_export_never_overwrite_what_the_user_has(tmp_path, capsys):
     assert main(["export", str(out), "--out", str(exported), "--overwrite"]) == 0
     got, _ = load_checkpoint(st)
     assert _diff(model.encoder, got) == 0.0
+
+
+# --------------------------------------------------------------------------- SwinV2
+
+
+def _swinv2(seed: int = 2):
+    from pretrain.encoders.swinv2 import SwinV2Encoder
+
+    torch.manual_seed(0)
+    return _randomize(SwinV2Encoder(EncoderConfig(arch="swinv2_micro_32")), seed)
+
+
+def _swinv2_repo_layout(enc) -> dict[str, torch.Tensor]:
+    """The Swin repo's SwinV2 (models/swin_transformer_v2.py): patch merging at the end of a
+    stage, and its index, coordinate-table and mask buffers stored with the weights."""
+    sd = {}
+    for k, v in enc.timm_state_dict().items():
+        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        sd[k] = v
+    w = enc.cfg.timm_kwargs()["window_size"]
+    for s, layer in enumerate(enc.swin.layers):
+        for b in range(len(layer.blocks)):
+            pre = f"layers.{s}.blocks.{b}.attn."
+            sd[pre + "relative_coords_table"] = torch.zeros(1, 2 * w - 1, 2 * w - 1, 2)
+            sd[pre + "relative_position_index"] = torch.zeros(w * w, w * w, dtype=torch.long)
+    sd["head.weight"] = torch.randn(10, enc.num_features)
+    return sd
+
+
+def test_simmim_swinv2_repo_layout(tmp_path):
+    """SimMIM's SwinV2 runs (the Swin repo): 'encoder.' keys in the repo's layout beside the
+    decoder; imported onto the SwinV2 wrapper with the window read from the coordinate table."""
+    enc = _swinv2()
+    sd = {f"encoder.{k}": v for k, v in _swinv2_repo_layout(enc).items()}
+    sd["encoder.mask_token"] = enc.mask_token.detach().clone()
+    sd["decoder.0.weight"] = torch.randn(3 * 16 * 16, 64, 1, 1)
+    got, rep = load_checkpoint(_save({"model": sd}, tmp_path / "simmim_swinv2.pth"))
+    assert rep.family == "simmim" and rep.target == "swinv2" and got.family == "swinv2"
+    assert rep.encoder["arch"] == "swinv2_micro_32"
+    assert not any("window" in a for a in rep.assumed)  # read from the coordinate table
+    assert len(rep.dropped["index / mask buffer (rebuilt)"]) == 2 * 3  # two buffers per block
+    assert _diff(enc, got) == 0.0
+    assert torch.equal(got.mask_token, enc.mask_token)
+
+
+def test_timm_swinv2_file_takes_the_presets_window(tmp_path):
+    """timm's SwinV2 files store no size-bound buffer: the window is the preset's, said in the
+    report; a named architecture of another shape is refused."""
+    enc = _swinv2(3)
+    sd = dict(enc.timm_state_dict())
+    sd["head.fc.weight"] = torch.randn(10, enc.num_features)
+    path = _save(sd, tmp_path / "timm_swinv2.pth")
+    got, rep = load_checkpoint(path)
+    assert rep.family == "swin" and rep.target == "swinv2"
+    assert any("window 4 from preset swinv2_micro_32" in a for a in rep.assumed)
+    assert _diff(enc, got) == 0.0
+    with pytest.raises(CheckpointError, match="swinv2 with stages"):
+        load_checkpoint(path, cfg=EncoderConfig(arch="swinv2_tiny_256"))
+    again, rep2 = load_checkpoint(_save({"state_dict": got.timm_state_dict()}, tmp_path / "b.pth"))
+    assert rep2.target == "swinv2" and _diff(enc, again) == 0.0
+
+
+def test_encoder_file_of_a_swinv2_round_trips(tmp_path):
+    enc = _swinv2(4)
+    enc.save_timm(tmp_path / "e.pth")
+    got, rep = load_checkpoint(tmp_path / "e.pth")
+    assert rep.family == "mimbench" and got.family == "swinv2" and _diff(enc, got) == 0.0
+
+
+def test_timm_name_of_a_swinv2():
+    got, rep = encoder_from_timm_name("swinv2_tiny_window8_256")
+    assert got.family == "swinv2" and rep.encoder["arch"] == "swinv2_tiny_256"

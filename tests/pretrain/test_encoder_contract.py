@@ -21,6 +21,7 @@ from pretrain.encoders import ENCODERS, Encoder, create_encoder, load_encoder
 TINY: dict[str, tuple[EncoderConfig, dict[str, Any]]] = {
     "vit": (EncoderConfig(arch="vit_micro_32"), {}),
     "swin": (EncoderConfig(arch="swin_micro_32"), {}),
+    "swinv2": (EncoderConfig(arch="swinv2_micro_32"), {}),
     "conv": (EncoderConfig(arch="ce_conv_32"), {}),
     "beit": (EncoderConfig(arch="vit_micro_32"), {"use_shared_rel_pos_bias": True}),
     # the layouts of published checkpoints (data2vec 2.0's post-norm ViT, I-JEPA's without cls)

@@ -121,6 +121,36 @@ def test_beit_and_simmim_rules_rescale_block_outputs(init, cut):
     assert _close(_std(parts.class_token), base, rel=0.12)
 
 
+def test_simmim_rule_on_swinv2_zeroes_the_residual_post_norms():
+    """The Swin repo's SwinV2: ``_init_weights`` (trunc-normal 0.02 linears, LayerNorms 1 / 0),
+    then ``_init_respostnorm`` sets every block's norm1 / norm2 to zero; the final and patch
+    norms stay at 1 / 0; no residual rescale."""
+    torch.manual_seed(0)
+    enc = create_encoder(EncoderConfig(arch="swinv2_tiny_256", img_size=64))
+    for b in enc.residual_blocks():  # disturb them, so the rule must set them
+        b.norm1.weight.data.fill_(0.5)
+        b.norm2.bias.data.fill_(0.5)
+    ENCODER_INITS.get("simmim").apply(enc)
+    parts = enc.init_parts()
+    assert len(parts.post_norms) == 2 * enc.num_layers
+    for norm in parts.post_norms:
+        assert torch.count_nonzero(norm.weight) == 0 and torch.count_nonzero(norm.bias) == 0
+    assert torch.all(enc.swin.norm.weight == 1) and torch.all(enc.swin.patch_embed.norm.weight == 1)
+    last = parts.residual_out[-1]  # [768 x 3072] fc2 of the last block: no rescale
+    assert _close(_std(last[1].weight), 0.02) and _close(_std(last[0].weight), 0.02)
+    # cosine attention's logit scale and the bias MLP keep the family's own start (log 10)
+    scale = enc.swin.layers[0].blocks[0].attn.logit_scale
+    assert torch.allclose(scale, torch.full_like(scale, math.log(10.0)))
+
+
+def test_swinv2_does_not_decay_its_position_mlp_logit_scale_or_mask_token():
+    enc = create_encoder(EncoderConfig(arch="swinv2_micro_32"))
+    nd = enc.no_weight_decay()
+    names = [n for n, _ in enc.named_parameters()]
+    expect = {n for n in names if "cpb_mlp" in n or "logit_scale" in n} | {"mask_token"}
+    assert nd == expect and any("cpb_mlp.0.weight" in n for n in nd)
+
+
 def test_simmim_rule_on_swin_is_swins_own_without_rescale():
     torch.manual_seed(0)
     enc = create_encoder(EncoderConfig(arch="swin_tiny_192", img_size=96))

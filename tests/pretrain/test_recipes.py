@@ -23,6 +23,7 @@ MICRO_SIMMIM_MASKING = {"mask_patch_size": 16}
 CASES = {
     "simmim": ("vit_micro_32", {"name": "simmim", "masking": {"mask_patch_size": 16}}),
     "simmim_swin": ("swin_micro_32", {"name": "simmim", "masking": {"mask_patch_size": 8}}),
+    "simmim_swinv2": ("swinv2_micro_32", {"name": "simmim", "masking": {"mask_patch_size": 8}}),
     "mae": ("vit_micro_32", {"name": "mae", "head": MICRO_MAE_HEAD}),
     "beit_kmeans": (
         "vit_micro_32",
@@ -302,8 +303,9 @@ def test_context_encoder_loss_weights():
     assert torch.allclose(out.loss, 0.999 * p["rec"] + 0.001 * p["adv_g"] + p["adv_d"], atol=1e-5)
 
 
-def test_swin_encoder_checkpoint_loads_in_timm(tmp_path):
-    cfg = EncoderConfig(arch="swin_micro_32")
+@pytest.mark.parametrize("arch", ["swin_micro_32", "swinv2_micro_32"])
+def test_swin_encoder_checkpoint_loads_in_timm(tmp_path, arch):
+    cfg = EncoderConfig(arch=arch)
     enc = create_encoder(cfg).eval()
     assert enc.encoder_stride == 16 and enc.feature_grid == (2, 2) and enc.num_prefix_tokens == 0
     enc.save_timm(tmp_path / "e.pth")
@@ -326,7 +328,7 @@ def test_swin_encoder_checkpoint_loads_in_timm(tmp_path):
 
 
 def test_layer_ids_cover_every_parameter():
-    for arch in ("swin_micro_32", "ce_conv_32"):
+    for arch in ("swin_micro_32", "swinv2_micro_32", "ce_conv_32"):
         enc = create_encoder(EncoderConfig(arch=arch))
         ids = {enc.layer_id(n) for n, _ in enc.named_parameters()}
         assert min(ids) >= 0 and max(ids) <= enc.num_layers + 1 and len(ids) > 2

@@ -20,7 +20,8 @@ from harness.core.config import CHECKPOINT_FORMATS, checkpoint_format_names
 from harness.core.errors import CheckpointError
 from harness.core.registry import did_you_mean
 
-#: ``(wrapper, state dict in its timm keys)``: the wrapper is ``vit``, ``beit`` or ``swin``.
+#: ``(wrapper, state dict in its timm keys)``: the wrapper is an encoder family (``vit``,
+#: ``beit``, ``swin``, ``swinv2``, ...).
 Converted = tuple[str, dict[str, torch.Tensor]]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from downstream.checkpoints.formats.base import CheckpointFormat, Converted, register_format
-from downstream.checkpoints.keys import MASK_TOKEN
+from downstream.checkpoints.keys import MASK_TOKEN, swin_wrapper
 from downstream.checkpoints.report import ImportReport
 
 
@@ -38,12 +38,12 @@ class MimbenchCheckpointFormat(CheckpointFormat):
                 st[k.removeprefix("encoder.vit.")] = v
             elif k.startswith("encoder.swin."):
                 st[k.removeprefix("encoder.swin.")] = v
-                target = "swin"
+                target = "swin"  # SwinV2 shares the prefix: told apart below
             elif k == "encoder.mask_token":
                 st[MASK_TOKEN] = v
             else:
                 report.drop("pretraining head / decoder", k)
-        return target, st
+        return (swin_wrapper(st) if target == "swin" else target), st
 
     def recorded_meta(self, meta: dict[str, Any] | None) -> dict[str, Any] | None:
         return meta or None

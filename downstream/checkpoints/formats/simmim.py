@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from downstream.checkpoints.formats.base import CheckpointFormat, Converted, register_format
-from downstream.checkpoints.keys import convert_beit_like, convert_plain_swin
+from downstream.checkpoints.keys import convert_beit_like, convert_plain_swin, swin_wrapper
 from downstream.checkpoints.report import ImportReport
 
 
@@ -15,7 +15,8 @@ from downstream.checkpoints.report import ImportReport
 class SimmimFormat(CheckpointFormat):
     """The encoder under ``encoder.`` beside a 1x1-conv decoder (dropped). A ViT encoder is
     SimMIM's BEiT-style ViT (onto the BEiT wrapper, as for ``beit``); an encoder with
-    ``layers.i`` is a Swin in the Swin repo's layout (onto the Swin wrapper, as for ``swin``).
+    ``layers.i`` is a Swin or SwinV2 in the Swin repo's layout (onto the Swin / SwinV2 wrapper,
+    as for ``swin``; SimMIM's SwinV2 runs are in the Swin repo).
     """
 
     name = "simmim"
@@ -36,5 +37,5 @@ class SimmimFormat(CheckpointFormat):
             else:
                 report.drop("SimMIM decoder", k)
         if any(k.startswith("layers.") for k in st):
-            return "swin", convert_plain_swin(st, report)
+            return swin_wrapper(st), convert_plain_swin(st, report)
         return "beit", convert_beit_like(st, report)

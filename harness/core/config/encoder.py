@@ -100,21 +100,26 @@ class EncoderConfig(StrictModel):
 
     @property
     def family(self) -> str:
-        """``vit``, ``swin`` or ``conv`` (the Context Encoder's, not a timm model): the
+        """``vit``, ``swin``, ``swinv2`` or ``conv`` (the Context Encoder's, not a timm model): the
         family in :data:`pretrain.encoders.base.ENCODERS` that builds this preset; a ViT preset
         with relative position bias is built by ``beit`` (timm's ``Beit`` has the bias)."""
         family = str(ENCODER_PRESETS[self.arch].get("family", "vit"))
         return "beit" if family == "vit" and self.rel_pos_bias != "none" else family
 
+    @property
+    def is_hierarchical(self) -> bool:
+        """Whether the preset is built in stages (Swin, SwinV2: ``stage_depths`` in the preset)."""
+        return "stage_depths" in ENCODER_PRESETS[self.arch]
+
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model(self.timm_name, **kwargs)``.
 
-        For Swin, ``depth`` and ``num_heads`` are the totals of the preset's stages: the stage
-        depths, stage heads and window size come from the preset (``stage_depths``,
-        ``stage_heads``, ``window_size``).
+        For the hierarchical presets (Swin, SwinV2: :attr:`is_hierarchical`), ``depth`` and
+        ``num_heads`` are the totals of the preset's stages: the stage depths, stage heads and
+        window size come from the preset (``stage_depths``, ``stage_heads``, ``window_size``).
         """
         preset = ENCODER_PRESETS[self.arch]
-        if self.family == "swin":
+        if self.is_hierarchical:
             return {
                 "img_size": self.img_size,
                 "patch_size": self.patch_size,
@@ -168,6 +173,20 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "swin_base_192": dict(timm_name="swin_base_patch4_window7_224", family="swin", img_size=192,
                           patch_size=4, embed_dim=128, depth=24, num_heads=4, mlp_ratio=4.0,
                           stage_depths=(2, 2, 18, 2), stage_heads=(4, 8, 16, 32), window_size=6),
+    # SwinV2 (Liu et al., CVPR 2022: residual post-norm, cosine attention, log-spaced continuous
+    # position bias), the encoder of SimMIM's largest runs. swinv2_base_192: the Swin repo's
+    # configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml (embed 128, depths
+    # 2-2-18-2, heads 4-8-16-32, window 12, 192 px); swinv2_tiny_256: timm's
+    # swinv2_tiny_window8_256 (configs/swinv2/swinv2_tiny_patch4_window8_256.yaml).
+    "swinv2_micro_32": dict(timm_name="swinv2_tiny_window8_256", family="swinv2", img_size=32,
+                            patch_size=4, embed_dim=16, depth=3, num_heads=1, mlp_ratio=2.0,
+                            stage_depths=(1, 1, 1), stage_heads=(1, 2, 4), window_size=4),
+    "swinv2_tiny_256": dict(timm_name="swinv2_tiny_window8_256", family="swinv2", img_size=256,
+                            patch_size=4, embed_dim=96, depth=12, num_heads=3, mlp_ratio=4.0,
+                            stage_depths=(2, 2, 6, 2), stage_heads=(3, 6, 12, 24), window_size=8),
+    "swinv2_base_192": dict(timm_name="swinv2_base_window12_192", family="swinv2", img_size=192,
+                            patch_size=4, embed_dim=128, depth=24, num_heads=4, mlp_ratio=4.0,
+                            stage_depths=(2, 2, 18, 2), stage_heads=(4, 8, 16, 32), window_size=12),
     # Context Encoder's convolutional encoder (Pathak et al. 2016): ``depth`` stride-2 4x4 convs
     # ending at ``embed_dim`` channels; ``patch_size`` is the masking unit in pixels.
     "ce_conv_32": dict(family="conv", img_size=32, patch_size=4, embed_dim=64, depth=3,
