@@ -16,4 +16,5 @@ from downstream import (  # noqa: F401  (registers every task and checkpoint for
     low_shot,
     partial_finetune,
     segmentation,
+    transfer,
 )
