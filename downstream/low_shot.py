@@ -295,7 +295,7 @@ def fit_logreg(
     w = w0.clone().requires_grad_(True)
     b = b0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-10, tolerance_change=1e-14,
+                            tolerance_grad=1e-8, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")  # fmt: skip
 
     def closure() -> torch.Tensor:

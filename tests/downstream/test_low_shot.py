@@ -67,7 +67,7 @@ def test_lbfgs_logreg_reaches_the_optimum_of_an_independent_gradient_descent():
     # optimality: the gradient of the objective vanishes at the solution
     wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
     gw, gb = torch.autograd.grad(logreg_objective(x, y, wg, bg, l2), [wg, bg])
-    assert gw.abs().max() < 1e-7 and gb.abs().max() < 1e-7
+    assert gw.abs().max() < 1e-6 and gb.abs().max() < 1e-6
     # an independent solution: plain gradient descent (numpy) with the hand-written gradient
     # d/dW = (softmax - onehot)^T x / n + l2 W, d/db = mean(softmax - onehot)
     xn, onehot = x.numpy(), F.one_hot(y, 3).double().numpy()
@@ -79,7 +79,8 @@ def test_lbfgs_logreg_reaches_the_optimum_of_an_independent_gradient_descent():
         w2 -= 1.5 * (r.T @ xn / 60 + l2 * w2)
         b2 -= 1.5 * r.mean(0)
     w2, b2 = torch.from_numpy(w2), torch.from_numpy(b2)
-    assert torch.allclose(w, w2, atol=1e-6) and torch.allclose(b, b2, atol=1e-6)
+    assert w.abs().max() > 0.1  # a solution far from its zero start
+    assert torch.allclose(w, w2, atol=1e-5) and torch.allclose(b, b2, atol=1e-5)
 
 
 def _brute_force_knn_top1(xs, ys, xv, yv, k, t, num_classes):
