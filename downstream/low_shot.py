@@ -445,10 +445,11 @@ class LowShot(Task):
             ctx.log(f"[low_shot] {label} ({row['num_images']} images): " + ", ".join(
                 f"{p} {row[f'{p}_top1']:.2f}" for p in cfg.protocols)
                 + (f" (l2 {row['logreg']['l2']:g})" if "logreg" in row else ""))  # fmt: skip
-        edges = [dict(e, subset=label) for label, row in subsets.items() if "logreg" in row
+        edges = [dict(e, subset=label, message=f"logreg on {label}: {e['message']}")
+                 for label, row in subsets.items() if "logreg" in row
                  for e in grid_edges(row["logreg"]["grid"], "holdout_top1", {"l2": "l2s"})]
         for edge in edges:
-            ctx.log(f"[low_shot] WARNING {edge['subset']}: {edge['message']}")
+            ctx.log(f"[low_shot] WARNING {edge['message']}")
         return TaskResult(
             metrics=metrics,
             details={
