@@ -13,6 +13,8 @@ from downstream import (  # noqa: F401  (registers every task and checkpoint for
     knn,
     linear_probe,
     linear_probe_faithful,
+    low_shot,
     partial_finetune,
     segmentation,
+    transfer,
 )

@@ -163,6 +163,8 @@ TASK_ALIASES: dict[str, str] = {
     "attentive": "attentive_probe",
     "partial": "partial_finetune",
     "partial-ft": "partial_finetune",
+    "low-shot": "low_shot",
+    "lowshot": "low_shot",
 }
 
 

@@ -140,7 +140,8 @@ class Curve:
     [[x, y], ...]}``), averaged over the seeds of each row.
 
     Attributes:
-        task: The task whose records hold the curve.
+        task: The task whose records hold the curve (``<task>-<name>`` for an entry of a
+            record's ``curves`` detail).
         x: The x axis label.
         y: The y axis label.
         lines: Row label -> ``[(x, mean y), ...]`` in x order.
@@ -157,14 +158,14 @@ def record_curves(lb: Leaderboard, records: list[Record]) -> list[Curve]:
     sums: dict[str, dict[str, dict[float, list[float]]]] = {}
     axes: dict[str, tuple[str, str]] = {}
     for r in records:
-        curve = r.details.get("curve") if r.details and r.status == "ok" else None
         label = lb.row_of.get(r.run_id)
-        if not isinstance(curve, dict) or label is None:
-            continue
-        axes.setdefault(r.task.name, (str(curve.get("x", "x")), str(curve.get("y", "y"))))
-        per = sums.setdefault(r.task.name, {}).setdefault(label, {})
-        for x, y in curve.get("points", []):
-            per.setdefault(float(x), []).append(float(y))
+        for key, curve in _record_curves(r):
+            if label is None:
+                continue
+            axes.setdefault(key, (str(curve.get("x", "x")), str(curve.get("y", "y"))))
+            per = sums.setdefault(key, {}).setdefault(label, {})
+            for x, y in curve.get("points", []):
+                per.setdefault(float(x), []).append(float(y))
     return [
         Curve(task, *axes[task], {
             label: [(x, sum(ys) / len(ys)) for x, ys in sorted(pts.items())]
@@ -172,6 +173,17 @@ def record_curves(lb: Leaderboard, records: list[Record]) -> list[Curve]:
         })
         for task, rows in sorted(sums.items())
     ]  # fmt: skip
+
+
+def _record_curves(r: Record) -> list[tuple[str, dict[str, Any]]]:
+    """The curves of an ok record: its ``curve`` detail under the task's name, and each entry of
+    its ``curves`` detail (low-shot: one per protocol) under ``<task>-<entry name>``."""
+    if not r.details or r.status != "ok":
+        return []
+    found = [(r.task.name, r.details.get("curve"))]
+    found += [(f"{r.task.name}-{c.get('name')}", c) for c in r.details.get("curves") or []
+              if isinstance(c, dict)]  # fmt: skip
+    return [(key, c) for key, c in found if isinstance(c, dict)]
 
 
 def curve_png(curve: Curve, name: Callable[[str], str]) -> bytes:

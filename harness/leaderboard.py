@@ -359,6 +359,14 @@ def leaderboard(records: Iterable[Record], metrics: list[str] | None = None) -> 
             f"{PARTIAL_FAILURE_MARK}: some seeds of this cell failed; the value is over the ok "
             "seeds only."
         )
+    ranked = _ranked_columns(ok, columns, metrics)
+    for column, sources in ranked.items():  # mean rank over datasets (the transfer suite)
+        mean[column] = mean_rank(mean[sources], directions.get(sources[0], True))
+        std[column] = math.nan
+        n[column] = n[sources].min(axis=1)
+        failed_frame[column] = failed_frame[sources].any(axis=1)
+        directions[column] = False
+    columns = [*columns, *ranked]
     edges = _grid_edges(ok, row_of, columns)
     notes.extend(_grid_edge_notes(edges))
     higher = {c: directions.get(c, True) for c in columns}
@@ -366,6 +374,29 @@ def leaderboard(records: Iterable[Record], metrics: list[str] | None = None) -> 
         mean=mean, std=std, n=n, failed=failed_frame, higher_is_better=higher, notes=notes,
         rows=rows, units=_units(current, columns), row_of=row_of, grid_edge=edges,
     )
+
+
+def mean_rank(table: pd.DataFrame, higher_is_better: bool = True) -> pd.Series:
+    """Per row, its rank among the rows in each column (1 = best; ties share the average rank;
+    rows without a value are not ranked), averaged over the columns it has a value in."""
+    ranks = table.rank(axis=0, ascending=not higher_is_better, method="average")
+    return ranks.mean(axis=1, skipna=True)
+
+
+def _ranked_columns(
+    ok: Sequence[Record], columns: list[str], wanted: list[str] | None
+) -> dict[str, list[str]]:
+    """``task/rank_...`` column -> the ``task/metric`` columns it ranks over, from the records'
+    ``details.ranked`` (``{rank metric: [metric, ...]}``), where every source column is shown
+    and the rank column is wanted."""
+    found: dict[str, list[str]] = {}
+    for record in ok:
+        for rank_metric, sources in (record.details.get("ranked") or {}).items():
+            cols = [_column(record.task.name, m) for m in sources]
+            if cols and all(c in columns for c in cols):
+                found.setdefault(_column(record.task.name, rank_metric), cols)
+    keep = _select_columns(sorted(found), wanted) if wanted is not None else sorted(found)
+    return {c: found[c] for c in keep}
 
 
 def _grid_edges(

@@ -63,6 +63,11 @@ TINY_CASES: dict[str, TinyCase] = {
                                                  "warmup_epochs": 0, "batch_size": 8,
                                                  "micro_batch_size": 4, "max_steps": 1},
                                  runs=True, slow=True),
+    "low_shot": TinyCase("imagefolder", {"fractions": [0.5], "shots": [2], "k": 3,
+                                         "l2s": [1e-2], "max_iter": 20,
+                                         "cache_features": False}, runs=True),
+    "transfer": TinyCase("imagefolder", {"protocols": [{"name": "knn", "k": 3, "extra_k": [],
+                                                        "cache_features": False}]}, runs=True),
     "detection": TinyCase("coco", {"img_size": 64, "max_iters": 1, "batch_size": 1}),
     "segmentation": TinyCase("ade20k", {"crop_size": 64, "max_iters": 1, "batch_size": 2}),
 }  # fmt: skip

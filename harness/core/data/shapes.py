@@ -30,7 +30,7 @@ import numbers
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -337,9 +337,11 @@ def _render(
     size: int,
     feature: float,
     objects: list[tuple[int, float, float, float]],
+    background: Callable[[np.random.Generator, int, float], np.ndarray] | None = None,
 ) -> Scene:
-    """Draw ``objects`` (class_id, cx, cy, r) at random rotations on a textured background."""
-    canvas = _background(rng, size, feature)
+    """Draw ``objects`` (class_id, cx, cy, r) at random rotations on a textured background
+    (or on what ``background(rng, size, feature)`` draws: the transfer sets' hook)."""
+    canvas = (background or _background)(rng, size, feature)
     n = size * _SS
     angles = rng.uniform(0, 2 * np.pi, len(objects))
     shapes = []
