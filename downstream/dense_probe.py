@@ -447,8 +447,9 @@ class KNNSegConfig(TaskConfig):
         temperature: Neighbour weights ``softmax(cosine / temperature)`` over the k.
         patch_labels: ``soft`` (the class distribution of the patch's pixels, Hummingbird's) or
             ``majority`` (one-hot of its most frequent class).
-        max_bank: Most bank patches (a seeded random subset beyond it; Hummingbird also
-            subsamples its memory).
+        max_bank: Most bank patches: each train image keeps at most ``ceil(max_bank / N)``
+            of its labelled patches (a seeded random subset), so memory stays bounded on
+            ADE20K's 20k images (Hummingbird, too, fills a memory of fixed size).
         chunk_size: Val patches compared with the bank at once.
         batch_size_extract: Batch of the frozen forward passes.
     """
@@ -533,19 +534,20 @@ class KNNSeg(Task):
         encoder.to(ctx.device).eval()
         grid = encoder.feature_grid
         size = int(encoder.cfg.img_size)
-        m_tr = TokenMaps(encoder, train, 1, False, ctx.device, True, cfg.batch_size_extract)
-        m_va = TokenMaps(encoder, val, 1, False, ctx.device, True, cfg.batch_size_extract)
-        bank, bank_lab = self._bank(m_tr, train, grid, size, len(classes), cfg, ctx.seed)
-        bank, bank_lab = bank.to(ctx.device), bank_lab.to(ctx.device)
+        bank, bank_lab = self._bank(encoder, train, grid, size, len(classes), cfg, ctx)
         t_bank = time.time() - t0
+        m_va = TokenMaps(encoder, val, 1, False, ctx.device, False, cfg.batch_size_extract)
         counts = torch.zeros(3, len(classes), dtype=torch.long)
-        for s in range(len(val)):
-            q = F.normalize(m_va.get([s])[0].flatten(1).T, dim=1)  # [h*w, D]
-            dist = knn_patch_predict(bank, bank_lab, q, cfg.k, cfg.temperature, cfg.chunk_size)
-            label = val.target(s)
-            maps = dist.T.reshape(1, len(classes), *grid)  # [1, K, h, w]
-            pred = upsample(maps, tuple(label.shape))[0].argmax(0).cpu()
-            counts += seg_counts(pred, label, len(classes))
+        for i in range(0, len(val), cfg.batch_size_extract):
+            chunk = list(range(i, min(i + cfg.batch_size_extract, len(val))))
+            feats = m_va.get(chunk)  # [B, D, h, w]
+            for s, f in zip(chunk, feats, strict=True):
+                q = F.normalize(f.flatten(1).T, dim=1)  # [h*w, D]
+                dist = knn_patch_predict(bank, bank_lab, q, cfg.k, cfg.temperature, cfg.chunk_size)
+                label = val.target(s)
+                maps = dist.T.reshape(1, len(classes), *grid)  # [1, K, h, w]
+                pred = upsample(maps, tuple(label.shape))[0].argmax(0).cpu()
+                counts += seg_counts(pred, label, len(classes))
         miou, aacc, per_class = miou_aacc(counts)
         ctx.log(f"[knn_seg] k={cfg.k} T={cfg.temperature} {cfg.patch_labels} labels, bank "
                 f"{bank.shape[0]} patches: mIoU {miou:.2f} aAcc {aacc:.2f} "
@@ -559,18 +561,25 @@ class KNNSeg(Task):
         )  # fmt: skip
 
     @staticmethod
-    def _bank(maps: TokenMaps, train: DenseSplit, grid: tuple[int, int], size: int,
-              num_classes: int, cfg: KNNSegConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The normalized bank features ``[M, D]`` and label distributions ``[M, K]``: every
-        train patch with a labelled pixel (a seeded subset of ``max_bank`` beyond it)."""
-        assert maps.cached is not None
-        feats = F.normalize(maps.cached.float().flatten(2).transpose(1, 2), dim=2)  # [N, h*w, D]
-        labels = resize_targets(train, size).long()  # [N, S, S] at the encoder's input size
-        dists = patch_label_dists(labels, grid, num_classes, cfg.patch_labels == "majority")
-        feats, dists = feats.flatten(0, 1), dists.flatten(0, 1)
-        keep = dists.sum(dim=1) > 0
-        feats, dists = feats[keep], dists[keep]
-        if feats.shape[0] > cfg.max_bank:
-            pick = torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(seed))
-            feats, dists = feats[pick[: cfg.max_bank]], dists[pick[: cfg.max_bank]]
-        return feats, dists
+    def _bank(encoder: Encoder, train: DenseSplit, grid: tuple[int, int], size: int,
+              num_classes: int, cfg: KNNSegConfig, ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The normalized bank features ``[M, D]`` and label distributions ``[M, K]`` on the
+        device: the labelled patches of every train image, at most ``ceil(max_bank / N)`` of
+        each (a seeded random subset), extracted batch by batch."""
+        quota = -(-cfg.max_bank // len(train))
+        g = torch.Generator().manual_seed(ctx.seed * 7_919 + 3)
+        maps = TokenMaps(encoder, train, 1, False, ctx.device, False, cfg.batch_size_extract)
+        feats, dists = [], []
+        for i in range(0, len(train), cfg.batch_size_extract):
+            chunk = list(range(i, min(i + cfg.batch_size_extract, len(train))))
+            f = F.normalize(maps.get(chunk).flatten(2).transpose(1, 2), dim=2)  # [B, h*w, D]
+            labels = torch.stack([resize_targets(DenseSplit([train.pairs[j]], train.read_target),
+                                                 size)[0] for j in chunk]).long()  # fmt: skip
+            d = patch_label_dists(labels, grid, num_classes, cfg.patch_labels == "majority")
+            for fi, di in zip(f, d.to(f.device), strict=True):
+                keep = (di.sum(dim=1) > 0).nonzero().flatten().cpu()
+                if len(keep) > quota:
+                    keep = keep[torch.randperm(len(keep), generator=g)[:quota]].sort().values
+                feats.append(fi[keep.to(fi.device)])
+                dists.append(di[keep.to(di.device)])
+        return torch.cat(feats), torch.cat(dists)

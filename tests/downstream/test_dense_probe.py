@@ -255,3 +255,10 @@ def test_linear_depth_beats_the_mean_depth(roots):
                                         torch.from_numpy(g.ravel())) for g in gts])  # fmt: skip
     assert res.metrics["rmse"] < const["rmse"], (res.metrics, const)
     assert set(res.metrics) == {"rmse", "abs_rel", "delta1", "delta2", "delta3"}
+
+
+def test_knn_seg_bank_keeps_a_quota_per_image(tmp_path):
+    ade = _colour_ade(tmp_path / "ade", n_train=8, n_val=2)
+    full = _run("knn_seg", ade, img_size=32, k=3)
+    capped = _run("knn_seg", ade, img_size=32, k=3, max_bank=12)  # ceil(12 / 8) = 2 per image
+    assert capped.details["bank_patches"] == 16 < full.details["bank_patches"]
