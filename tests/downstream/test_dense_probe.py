@@ -262,3 +262,10 @@ def test_knn_seg_bank_keeps_a_quota_per_image(tmp_path):
     full = _run("knn_seg", ade, img_size=32, k=3)
     capped = _run("knn_seg", ade, img_size=32, k=3, max_bank=12)  # ceil(12 / 8) = 2 per image
     assert capped.details["bank_patches"] == 16 < full.details["bank_patches"]
+
+
+def test_leaderboard_units_of_the_dense_metrics():
+    from harness.leaderboard import default_unit
+
+    units = [default_unit(m) for m in ("miou", "aacc", "rmse", "abs_rel", "delta1", "delta3")]
+    assert units == ["%", "%", "m", None, "%", "%"]
