@@ -8,6 +8,8 @@ inside ``run``.
 from downstream import (  # noqa: F401  (registers every task and checkpoint format)
     attentive_probe,
     checkpoints,
+    dense_probe,
+    depth_probe,
     detection,
     finetune,
     knn,

@@ -168,6 +168,14 @@ def check_ade(root: Path, classes: list[str] | None, sample: int = 16) -> list[s
     return names
 
 
+def ade_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """``(image, label map)`` paths of an ADE20K split (``train`` / ``val``), sorted by name, as
+    :func:`check_ade` checked them (every ``.jpg`` of ``images/<split>`` with its ``.png``)."""
+    d = ADE_SPLITS[split]
+    return [(p, root / "annotations" / d / f"{p.stem}.png")
+            for p in sorted((root / "images" / d).glob("*.jpg"))]  # fmt: skip
+
+
 def _resolve_classes(root: Path, classes: list[str] | None) -> list[str]:
     listed = None
     for path in (root / "classes.json", root.parent / "classes.json"):

@@ -358,8 +358,12 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
                       val_per_class=args.val_per_class, seed=args.seed)
     t0 = time.time()
     root = generate_shapes(args.out, spec)
+    if args.depth:
+        from harness.core.data.shapes_depth import write_nyu_depth
+
+        write_nyu_depth(root / "nyu_depth_v2", spec)
     print(f"wrote the shapes dataset to {root} in {time.time() - t0:.1f}s "
-          f"(imagefolder/, coco/, ade20k/, manifest.json)")
+          f"(imagefolder/, coco/, ade20k/, {'nyu_depth_v2/, ' if args.depth else ''}manifest.json)")
     return 0
 
 
@@ -526,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load a checkpoint whose keys do not all match (they are listed)")
     sp.add_argument("--strict", action="store_true",
                     help="unreadable image files are fatal (default: skipped and counted in the record)")
-    sp.add_argument("--data", default="shapes", help="ImageFolder root with train/ and val/, or 'shapes'")
+    sp.add_argument("--data", default="shapes", help="the task's dataset root (an ImageFolder with train/ and val/; "
+                    "COCO, ADE20K or NYU-Depth v2 for the dense tasks), or 'shapes'")
     sp.add_argument("--name", help="encoder name in the leaderboard")
     sp.add_argument("--seed", type=int_at_least(0), default=0)
     sp.add_argument("--out", default="runs", help="output directory")
@@ -582,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--train-per-class", type=int, default=100,
                     help="train images per class (>= 1)")
     ds.add_argument("--val-per-class", type=int, default=25, help="val images per class (>= 1)")
+    ds.add_argument("--depth", action="store_true",
+                    help="also write the scenes' depth maps in NYU-Depth v2's layout (nyu_depth_v2/)")
     ds.set_defaults(func=cmd_data_synth)
     ds = dsub.add_parser("shard", help="write an ImageFolder root (train/, val/) as WebDataset tar "
                          "shards with a manifest; every task and pretraining read it as data.source")

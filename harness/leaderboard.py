@@ -58,6 +58,11 @@ DEFAULT_UNITS: dict[str, str] = {
     "top1": "%",
     "top5": "%",
     "miou": "%",
+    "aacc": "%",
+    "rmse": "m",
+    "delta1": "%",
+    "delta2": "%",
+    "delta3": "%",
     "box_ap": "AP",
     "mask_ap": "AP",
 }

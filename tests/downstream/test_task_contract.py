@@ -20,6 +20,7 @@ import torch
 from downstream.base import BenchBatch, Task, TaskContext, all_tasks, get_task
 from harness.core.config import DataConfig, EncoderConfig, parse_task_config
 from harness.core.data.shapes import ShapesSpec, ensure_shapes
+from harness.core.data.shapes_depth import ensure_shapes_depth
 from harness.core.errors import UserError
 from pretrain.encoders.vit import ViTEncoder
 
@@ -33,7 +34,8 @@ class TinyCase:
     """How the contract exercises one task.
 
     Attributes:
-        data: The dataset layout the task reads: ``imagefolder``, ``coco`` or ``ade20k``.
+        data: The dataset layout the task reads: ``imagefolder``, ``coco``, ``ade20k`` or
+            ``nyu`` (NYU-Depth v2's split files).
         config: Overrides of the default config that make a run take seconds.
         runs: Whether the test runs the task (cheap tasks); the others check config and data.
         slow: The run takes more than a few seconds (marked ``slow``).
@@ -70,6 +72,9 @@ TINY_CASES: dict[str, TinyCase] = {
                                                         "cache_features": False}]}, runs=True),
     "detection": TinyCase("coco", {"img_size": 64, "max_iters": 1, "batch_size": 1}),
     "segmentation": TinyCase("ade20k", {"crop_size": 64, "max_iters": 1, "batch_size": 2}),
+    "linear_seg": TinyCase("ade20k", {"epochs": 1, "batch_size": 2, "lrs": [1e-3]}, runs=True),
+    "knn_seg": TinyCase("ade20k", {"k": 3}, runs=True),
+    "linear_depth": TinyCase("nyu", {"epochs": 1, "batch_size": 2, "lrs": [1e-3]}, runs=True),
 }  # fmt: skip
 
 TASK_NAMES = sorted(all_tasks())
@@ -87,6 +92,9 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _good_data(case: TinyCase, imagefolder: Path, shapes: Path) -> DataConfig:
+    if case.data == "nyu":  # the depth copy of the same scenes, beside the shapes cache
+        source = ensure_shapes_depth(SPEC, cache_root=shapes.parent)
+        return DataConfig(source=str(source), eval_crop_pct=1.0)
     source = {"imagefolder": imagefolder, "coco": shapes / "coco",
               "ade20k": shapes / "ade20k" / "ADEChallengeData2016"}[case.data]  # fmt: skip
     return DataConfig(source=str(source), eval_crop_pct=1.0)
