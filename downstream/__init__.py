@@ -14,5 +14,6 @@ from downstream import (  # noqa: F401  (registers every task and checkpoint for
     linear_probe,
     linear_probe_faithful,
     partial_finetune,
+    robustness,
     segmentation,
 )
