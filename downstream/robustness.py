@@ -58,6 +58,8 @@ from harness.core.data.datasets import (
     resolve_shapes_root,
 )
 from harness.core.data.imagefolder import DatasetError
+from harness.core.data.shapes import ShapesSpec
+from harness.core.data.shapes_robust import ensure_shapes_robust
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .features import frozen_forward_step
@@ -279,32 +281,37 @@ def val_in_name_order(val: CheckedImageFolder) -> list[int]:
 # --------------------------------------------------------------------------- the task
 
 
+def metric_name(metric: str, classifier: str) -> str:
+    """``<metric>@<classifier>``, e.g. ``a_top1_subset@linear_probe``."""
+    return f"{metric}@{classifier}"
+
+
+
 @register_task("robustness")
 class Robustness(Task):
     """The robustness suite (see the module docstring)."""
 
     name = "robustness"
     version = 1
-    metrics = {"a_top1_subset": True, "a_top1_full": True, "r_top1_subset": True,
-               "r_top1_full": True, "sketch_top1": True, "v2_top1": True, "real_top1": True,
-               "c_mce": False, "c_error": False}  # fmt: skip
-    config_cls = RobustnessConfig
-
-    #: The metrics each set reports.
-    SET_METRICS: dict[str, tuple[str, ...]] = {
-        "imagenet_a": ("a_top1_subset", "a_top1_full"),
-        "imagenet_r": ("r_top1_subset", "r_top1_full"),
-        "imagenet_sketch": ("sketch_top1",), "imagenet_v2": ("v2_top1",),
-        "real": ("real_top1",), "imagenet_c": ("c_mce", "c_error"),
+    #: Each set's metrics (name -> higher_is_better), before :func:`metric_name` adds the
+    #: classifier.
+    SET_METRICS: dict[str, dict[str, bool]] = {
+        "imagenet_a": {"a_top1_subset": True, "a_top1_full": True},
+        "imagenet_r": {"r_top1_subset": True, "r_top1_full": True},
+        "imagenet_sketch": {"sketch_top1": True}, "imagenet_v2": {"v2_top1": True},
+        "real": {"real_top1": True}, "imagenet_c": {"c_mce": False, "c_error": False},
     }  # fmt: skip
+    metrics = {metric_name(m, "linear_probe"): hib for per in SET_METRICS.values()
+               for m, hib in per.items()}  # fmt: skip
+    config_cls = RobustnessConfig
 
     def metric_names(self, cfg: TaskConfig) -> dict[str, bool]:
         """The metrics of the sets of ``cfg``, each named with its classifier
         (:func:`metric_name`), so that one suite's robustness runs of several classifiers
         are separate leaderboard columns."""
         assert isinstance(cfg, RobustnessConfig)
-        return {metric_name(m, cfg.classifier): self.metrics[m]
-                for s in cfg.sets for m in self.SET_METRICS[s]}  # fmt: skip
+        return {metric_name(m, cfg.classifier): hib
+                for s in cfg.sets for m, hib in self.SET_METRICS[s].items()}  # fmt: skip
 
     def inputs(self, cfg: TaskConfig) -> tuple[str, ...]:
         """The task whose saved classifier is evaluated."""
@@ -434,11 +441,6 @@ class Robustness(Task):
                  "baseline": "AlexNet, google-research/augmix imagenet.py ALEXNET_ERR"})  # fmt: skip
 
 
-def metric_name(metric: str, classifier: str) -> str:
-    """``<metric>@<classifier>``, e.g. ``a_top1_subset@linear_probe``."""
-    return f"{metric}@{classifier}"
-
-
 def set_path(cfg: RobustnessConfig, data: DataConfig, s: str) -> Path:
     """Where set ``s`` is read: ``paths[s]``, else ``root/<default name>``, else (shapes data)
     the synthetic copies.
@@ -455,9 +457,6 @@ def set_path(cfg: RobustnessConfig, data: DataConfig, s: str) -> Path:
             f"robustness set {s}: set task.root to the folder holding "
             f"{', '.join(DEFAULT_PATHS[x] for x in cfg.sets)} (or task.paths.{s})"
         )
-    from harness.core.data.shapes import ShapesSpec
-    from harness.core.data.shapes_robust import ensure_shapes_robust
-
     resolve_shapes_root(data)  # the val split real.json refers to
     return ensure_shapes_robust(ShapesSpec(**data.shapes.model_dump())) / DEFAULT_PATHS[s]
 

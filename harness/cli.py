@@ -264,7 +264,7 @@ def eval_overrides(overrides: list[str]) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from downstream.base import resolve_task_name
+    from downstream.base import get_task, resolve_task_name
     from harness.runner import run_suite
     from harness.stages import suite_dir
 
@@ -298,6 +298,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     raw = apply_overrides(raw, eval_overrides(args.set))
     cfg = validate_config(raw, source="mimbench eval")
     assert isinstance(cfg, SuiteConfig)
+    needs = get_task(task).inputs(cfg.tasks[0])  # e.g. robustness: the task of its classifier
+    if needs:
+        raw["tasks"] = [{"name": n} for n in needs] + raw["tasks"]
+        cfg = validate_config(raw, source="mimbench eval")
+        assert isinstance(cfg, SuiteConfig)
     records_dir = run_suite(cfg, log=_log)
     _print_report(records_dir, suite_dir(cfg))
     return _report_unfinished(cfg)

@@ -33,7 +33,8 @@ class TinyCase:
     """How the contract exercises one task.
 
     Attributes:
-        data: The dataset layout the task reads: ``imagefolder``, ``coco`` or ``ade20k``.
+        data: The dataset layout the task reads: ``imagefolder``, ``coco``, ``ade20k`` or
+            ``shapes`` (the synthetic dataset itself, e.g. with its robustness copies).
         config: Overrides of the default config that make a run take seconds.
         runs: Whether the test runs the task (cheap tasks); the others check config and data.
         slow: The run takes more than a few seconds (marked ``slow``).
@@ -63,6 +64,7 @@ TINY_CASES: dict[str, TinyCase] = {
                                                  "warmup_epochs": 0, "batch_size": 8,
                                                  "micro_batch_size": 4, "max_steps": 1},
                                  runs=True, slow=True),
+    "robustness": TinyCase("shapes", {"sets": ["imagenet_v2", "real"]}),  # reads a classifier
     "detection": TinyCase("coco", {"img_size": 64, "max_iters": 1, "batch_size": 1}),
     "segmentation": TinyCase("ade20k", {"crop_size": 64, "max_iters": 1, "batch_size": 2}),
 }  # fmt: skip
@@ -82,6 +84,8 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _good_data(case: TinyCase, imagefolder: Path, shapes: Path) -> DataConfig:
+    if case.data == "shapes":  # generated (with the robustness copies) into the cache
+        return DataConfig(source="shapes", shapes=SPEC.to_dict(), eval_crop_pct=1.0)
     source = {"imagefolder": imagefolder, "coco": shapes / "coco",
               "ade20k": shapes / "ade20k" / "ADEChallengeData2016"}[case.data]  # fmt: skip
     return DataConfig(source=str(source), eval_crop_pct=1.0)

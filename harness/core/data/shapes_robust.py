@@ -37,6 +37,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from harness.core.data.shapes import (
     CLASSES,
+    ShapesError,
     ShapesSpec,
     default_cache_root,
     ensure_generated,
@@ -194,8 +195,6 @@ def generate_shapes_robust(out: str | Path, spec: ShapesSpec = ShapesSpec()) -> 
     --robust``)."""
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
-        from harness.core.data.shapes import ShapesError
-
         raise ShapesError(f"{out} is not empty: choose an empty or new directory for the "
                           "robustness copies")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
