@@ -365,6 +365,13 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     root = generate_shapes(args.out, spec)
     print(f"wrote the shapes dataset to {root} in {time.time() - t0:.1f}s "
           f"(imagefolder/, coco/, ade20k/, manifest.json)")
+    if args.robust:
+        from harness.core.data.shapes_robust import generate_shapes_robust
+
+        t0 = time.time()
+        rob = generate_shapes_robust(root / "robust", spec)
+        print(f"wrote its robustness copies to {rob} in {time.time() - t0:.1f}s (use it as the "
+              "robustness task's root)")
     return 0
 
 
@@ -587,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--train-per-class", type=int, default=100,
                     help="train images per class (>= 1)")
     ds.add_argument("--val-per-class", type=int, default=25, help="val images per class (>= 1)")
+    ds.add_argument("--robust", action="store_true", help="also write the robustness copies of "
+                    "val (ImageNet-A/-R/-Sketch/-V2/-C layouts and real.json) into OUT/robust")
     ds.set_defaults(func=cmd_data_synth)
     ds = dsub.add_parser("shard", help="write an ImageFolder root (train/, val/) as WebDataset tar "
                          "shards with a manifest; every task and pretraining read it as data.source")
