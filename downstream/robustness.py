@@ -53,6 +53,7 @@ from harness.core.data.datasets import (
     check_imagefolder_split,
     collate_skipping,
     eval_transform,
+    imagefolder_checked,
     imagefolder_classes,
     resolve_imagefolder_root,
     resolve_shapes_root,
@@ -60,6 +61,7 @@ from harness.core.data.datasets import (
 from harness.core.data.imagefolder import DatasetError
 from harness.core.data.shapes import ShapesSpec
 from harness.core.data.shapes_robust import ensure_shapes_robust
+from harness.core.registry import did_you_mean
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .features import frozen_forward_step
@@ -124,6 +126,14 @@ class RobustnessConfig(TaskConfig):
     def _distinct(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"sets must be distinct, got {v}")
+        return v
+
+    @field_validator("classifier")
+    @classmethod
+    def _saves_a_classifier(cls, v: str) -> str:
+        if v not in CLASSIFIERS:
+            raise ValueError(f"task '{v}' saves no classifier;{did_you_mean(v, CLASSIFIERS.names())}"
+                             f" use one of {', '.join(CLASSIFIERS.names())}")
         return v
 
 
@@ -322,7 +332,6 @@ class Robustness(Task):
         """Every set's layout, and its classes against the suite's train classes (which the
         classifier is trained on)."""
         assert isinstance(cfg, RobustnessConfig)
-        CLASSIFIERS.get(cfg.classifier)  # a task that saves no classifier: did-you-mean
         root = resolve_imagefolder_root(data)
         classes = imagefolder_classes(root, "train")
         for s in cfg.sets:
@@ -353,7 +362,7 @@ class Robustness(Task):
                                    "sets": {}, "skipped_images": {}}  # fmt: skip
         for s in cfg.sets:
             t1 = time.time()
-            m, d = getattr(self, f"_eval_{s}")(ev, set_path(cfg, ctx.data, s), saved.classes, root)
+            m, d = self._evaluators()[s](ev, set_path(cfg, ctx.data, s), saved.classes, root)
             d["seconds"] = time.time() - t1
             metrics.update(m)
             details["sets"][s] = d
@@ -366,10 +375,18 @@ class Robustness(Task):
 
     # ------------------------------------------------------------------ per set
 
+    def _evaluators(self) -> dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]]:
+        """The evaluation of each set: ``(evaluator, path, classes, data root) -> (metrics,
+        details)``."""
+        return {"imagenet_a": self._eval_imagenet_a, "imagenet_r": self._eval_imagenet_r,
+                "imagenet_sketch": self._eval_imagenet_sketch,
+                "imagenet_v2": self._eval_imagenet_v2, "real": self._eval_real,
+                "imagenet_c": self._eval_imagenet_c}  # fmt: skip
+
     @staticmethod
     def _check_set(s: str, path: Path, classes: list[str], data_root: Path) -> None:
         if s == "real":
-            n_val = len(CheckedImageFolder(str(data_root / "val")).samples)
+            n_val = len(imagefolder_checked(data_root, "val", None).samples)
             read_real_labels(path, n_val, len(classes))
         elif s == "imagenet_c":
             for c, folders in corruption_layout(path).items():
@@ -416,7 +433,7 @@ class Robustness(Task):
     @staticmethod
     def _eval_real(ev: _Evaluator, path: Path, classes: list[str], data_root: Path
                    ) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
-        val = CheckedImageFolder(str(data_root / "val"), transform=ev.tf, strict=ev.strict)
+        val = imagefolder_checked(data_root, "val", ev.tf, ev.strict)
         labels = read_real_labels(path, len(val.samples), len(classes))
         order = val_in_name_order(val)
         preds = ev.predictions(val)  # by sample index; -1 for a skipped image
@@ -428,8 +445,9 @@ class Robustness(Task):
     def _eval_imagenet_c(ev: _Evaluator, path: Path, classes: list[str], _: Path
                          ) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
         errors: dict[str, dict[int, float]] = {}
-        for c in corruption_layout(path):
-            if c not in ALEXNET_ERR:
+        folders = corruption_layout(path)
+        for c in folders:
+            if c not in ALEXNET_ERR:  # e.g. ImageNet-C's extra corruptions: not in the mCE
                 continue
             errors[c] = {s: 100.0 - ev.top1(path / c / str(s), classes, False)[0]
                          for s in SEVERITIES}  # fmt: skip
@@ -438,6 +456,7 @@ class Robustness(Task):
         return ({"c_mce": got["mce"], "c_error": got["mean_error"]},
                 {"errors": {c: {str(s): e for s, e in v.items()} for c, v in errors.items()},
                  "ce": got["ce"], "missing_corruptions": missing,
+                 "ignored_corruptions": sorted(set(folders) - set(ALEXNET_ERR)),
                  "baseline": "AlexNet, google-research/augmix imagenet.py ALEXNET_ERR"})  # fmt: skip
 
 

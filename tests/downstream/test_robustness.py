@@ -273,3 +273,26 @@ def test_robustness_leaves_the_encoder_unchanged(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
     with pytest.raises(RobustnessDataError, match="list 'linear_probe' before 'robustness'"):
         get_task("robustness").run(enc, RobustnessConfig(root=str(root)), ctx)
+
+
+def test_real_json_order_is_file_name_order_not_class_order():
+    from types import SimpleNamespace
+
+    from downstream.robustness import val_in_name_order
+
+    # ImageFolder lists class folders first: real.json lists ILSVRC2012_val_<n> by n
+    val = SimpleNamespace(samples=[("v/n01/ILSVRC2012_val_00000003.JPEG", 0),
+                                   ("v/n01/ILSVRC2012_val_00000004.JPEG", 0),
+                                   ("v/n02/ILSVRC2012_val_00000001.JPEG", 1),
+                                   ("v/n03/ILSVRC2012_val_00000002.JPEG", 2)])  # fmt: skip
+    assert val_in_name_order(val) == [2, 3, 0, 1]  # type: ignore[arg-type]
+
+
+def test_classifier_must_be_a_task_that_saves_one():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="task 'linear_prob' saves no classifier; did you "
+                                              "mean 'linear_probe'"):
+        RobustnessConfig(classifier="linear_prob")
+    with pytest.raises(ValidationError, match="saves no classifier"):
+        RobustnessConfig(classifier="knn")
