@@ -296,3 +296,23 @@ def test_classifier_must_be_a_task_that_saves_one():
         RobustnessConfig(classifier="linear_prob")
     with pytest.raises(ValidationError, match="saves no classifier"):
         RobustnessConfig(classifier="knn")
+
+
+@pytest.mark.slow
+def test_mimbench_eval_robustness_runs_its_classifier_task_first(tmp_path, capsys):
+    from harness.cli import main
+
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=4)
+    root = _sets_root(tmp_path, data)
+    args = ["eval", "robustness", "--encoder", "random:vit_micro_32", "--data", str(data),
+            "--out", str(tmp_path / "r"), "--set", f"root={root}", "--set", "sets=[imagenet_v2]",
+            "--set", "data.eval_crop_pct=1.0"]  # fmt: skip
+    assert main(args) == 0
+    recs = {r.task.name: r for r in load_records(tmp_path / "r" / "eval" / "records")}
+    assert set(recs) == {"linear_probe", "robustness"}
+    assert recs["robustness"].metrics["v2_top1@linear_probe"] == pytest.approx(
+        recs["linear_probe"].metrics["top1"])  # fmt: skip
+    assert "robustness/v2_top1@linear_probe" in capsys.readouterr().out  # the leaderboard column
+    assert main(["eval", "robustness", "--encoder", "random:vit_micro_32", "--data", str(data),
+                 "--out", str(tmp_path / "r2"), "--set", "classifier=knn"]) == 2
+    assert "saves no classifier" in capsys.readouterr().err
