@@ -309,7 +309,7 @@ def _launch(suites: list[SuiteConfig], infos: list[SweepInfo | None], kind: str,
 
 def _task_filter(run: TaskStage, no_pretrain: bool = False) -> StageFilter:
     """The part of its suite that is the task run ``run``."""
-    return StageFilter(run.entry.name, run.seed, run.kind, no_pretrain=no_pretrain)
+    return StageFilter(run.entry.name, run.seed, run.kind, no_pretrain=no_pretrain, key=run.key)
 
 
 def _wait(job: Any, log: Any) -> None:

@@ -156,6 +156,8 @@ class StageFilter:
         no_pretrain: Pretrain nothing: a task whose encoder's pretraining has not finished is
             recorded as failed ("blocked: pretraining ... failed") without running (a launcher
             job whose dependency failed).
+        key: Only the task run of this key (one of several runs of the same task, e.g. the
+            robustness runs of different classifiers; None: all).
     """
 
     encoder: str | None = None
@@ -163,6 +165,7 @@ class StageFilter:
     task: str | None = None
     pretrain_only: bool = False
     no_pretrain: bool = False
+    key: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,7 +273,7 @@ class SuitePlan:
             if only.encoder not in (None, g.entry.name) or only.seed not in (None, g.seed):
                 continue
             tasks = () if only.pretrain_only else tuple(
-                t for t in g.tasks if only.task in (None, t.kind))
+                t for t in g.tasks if only.task in (None, t.kind) and only.key in (None, t.key))
             out.append(EncoderStages(g.entry, g.seed, g.pretrain, tasks))
         return out
 

@@ -316,3 +316,24 @@ def test_mimbench_eval_robustness_runs_its_classifier_task_first(tmp_path, capsy
     assert main(["eval", "robustness", "--encoder", "random:vit_micro_32", "--data", str(data),
                  "--out", str(tmp_path / "r2"), "--set", "classifier=knn"]) == 2
     assert "saves no classifier" in capsys.readouterr().err
+
+
+def test_each_robustness_run_is_its_own_stage_keyed_by_its_input(tmp_path):
+    from harness.stages import StageFilter
+
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=4)
+    tasks = [{"name": "linear_probe"}, {"name": "robustness"},
+             {"name": "attentive_probe"}, {"name": "robustness", "classifier": "attentive_probe"}]
+    plan = plan_stages(_suite(tmp_path, data, tasks))  # type: ignore[arg-type]
+    (group,) = plan.groups
+    lp, rob_lp, ap, rob_ap = group.tasks
+    assert rob_lp.inputs == (lp,) and rob_ap.inputs == (ap,)
+    assert rob_lp.run_config["inputs"] == {"linear_probe": lp.key}
+    assert lp.dir != rob_lp.dir != rob_ap.dir
+    # a launcher job selects one run by its key, not every run of the task
+    (sel,) = plan.select(StageFilter("rand", 0, "robustness", key=rob_ap.key))
+    assert sel.tasks == (rob_ap,)
+    # a changed probe config is a new robustness run
+    again = plan_stages(_suite(tmp_path, data, [{"name": "linear_probe", "epochs": 7},
+                                                {"name": "robustness"}]))  # type: ignore[arg-type]
+    assert again.groups[0].tasks[1].key != rob_lp.key
