@@ -17,6 +17,7 @@ from downstream import (  # noqa: F401  (registers every task and checkpoint for
     linear_probe_faithful,
     low_shot,
     partial_finetune,
+    robustness,
     segmentation,
     transfer,
 )

@@ -58,6 +58,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from downstream.classifier import SavedClassifier, register_classifier, save_classifier
 from downstream.features import default_feature_cache_dir, encoder_fingerprint, split_key
 from downstream.linear_probe import stratified_holdout, topk_accuracy
 from harness.core.config import DataConfig, TaskConfig
@@ -583,6 +584,12 @@ class AttentiveProbe(Task):
                 skipped[name] = src.skips.num_skipped
         last = max((r for r in table if r["layer"] == -1), key=lambda r: r["holdout_top1"])
         best = max(table, key=lambda r: r["holdout_top1"])  # first of ties: grid order
+        chosen = heads[table.index(last)]
+        save_classifier(ctx.out_dir, SavedClassifier(
+            "attentive_probe", list(train.classes),
+            {**_head_key(last), "dim": dim, "aim_avg_blocks": cfg.aim_avg_blocks,
+             "n_blocks": self._blocks_needed(encoder, cfg, [-1])},
+            chosen.model.state_dict()))  # fmt: skip
         ctx.log(f"[attentive_probe] last block: {_name(last)} holdout {last['holdout_top1']:.1f}"
                 f" -> val top1 {last['val_top1']:.2f}; best layer {best['layer']}: {_name(best)}"
                 f" -> val top1 {best['val_top1']:.2f}")  # fmt: skip
@@ -642,6 +649,39 @@ class AttentiveProbe(Task):
             return cfg.token_source
         need = images * n_blocks * tokens * dim * 2  # bytes, fp16
         return "cache" if need <= cfg.cache_max_gb * 2**30 else "online"
+
+
+class AttentiveClassifier(nn.Module):
+    """The frozen encoder and a saved attentive head (the one ``top1`` reports: last block):
+    the head reads :func:`head_input` of the last ``n_blocks`` blocks' tokens.
+
+    Args:
+        encoder: The frozen encoder.
+        head: The attentive head.
+        preset: Its preset name.
+        n_blocks: Blocks of tokens read (AIM averages several).
+        aim_avg_blocks: Blocks the ``aim`` preset averages.
+    """
+
+    def __init__(self, encoder: Encoder, head: AttentiveHead, preset: str, n_blocks: int,
+                 aim_avg_blocks: int) -> None:  # fmt: skip
+        super().__init__()
+        self.encoder, self.head, self.preset = encoder, head, preset
+        self.n_blocks, self.aim_avg_blocks = n_blocks, aim_avg_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = block_tokens(self.encoder, x, self.n_blocks)  # [B, n, T, D]
+        return self.head(head_input(tokens, -1, self.preset, self.aim_avg_blocks))
+
+
+@register_classifier("attentive_probe")
+def attentive_probe_classifier(encoder: Encoder, saved: SavedClassifier) -> nn.Module:
+    """The attentive probe's chosen last-block head on ``encoder``."""
+    spec = saved.spec
+    head = AttentiveHead(PRESETS[spec["preset"]], int(spec["dim"]), len(saved.classes))
+    head.load_state_dict(saved.state)
+    return AttentiveClassifier(encoder, head, spec["preset"], int(spec["n_blocks"]),
+                               int(spec["aim_avg_blocks"]))  # fmt: skip
 
 
 def _head_key(row: dict[str, Any]) -> dict[str, Any]:

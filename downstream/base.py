@@ -31,6 +31,8 @@ class TaskContext:
     device: torch.device
     out_dir: Path
     log: Any = print
+    #: Stage directories of the earlier tasks this one reads (:meth:`Task.inputs`), by task name.
+    inputs: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +102,13 @@ class Task(ABC):
         """The metrics (name -> higher_is_better) a run with ``cfg`` reports: :attr:`metrics`,
         unless the config shapes them (partial fine-tuning: one metric per k)."""
         return dict(self.metrics)
+
+    def inputs(self, cfg: TaskConfig) -> tuple[str, ...]:
+        """Earlier tasks of the same encoder and seed whose stage outputs this task reads (the
+        robustness suite: the task whose saved classifier it evaluates). The planner requires
+        each to be listed once, before this task, in the suite, hands their stage directories
+        over in :attr:`TaskContext.inputs` and keys this task's run by theirs."""
+        return ()
 
     @abstractmethod
     def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:

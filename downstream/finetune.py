@@ -40,6 +40,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
+from downstream.classifier import SavedClassifier, register_classifier, save_classifier
 from downstream.linear_probe import topk_accuracy
 from harness.core import parallel
 from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
@@ -53,6 +54,7 @@ from harness.core.data.datasets import (
     collate_skipping,
     eval_transform,
     imagefolder_checked,
+    imagefolder_classes,
     resolve_imagefolder_root,
 )
 from harness.core.data.fastdecode import with_draft_crop
@@ -233,6 +235,16 @@ class FinetuneModel(nn.Module):
         return self.head(self.features(x))
 
 
+@register_classifier("finetune")
+def finetune_classifier(encoder: Encoder, saved: SavedClassifier) -> nn.Module:
+    """The fine-tuned model: a copy of ``encoder``'s architecture with the saved weights (the
+    fine-tuned encoder, its pooling norm and head); ``encoder`` itself is left unchanged."""
+    model = FinetuneModel(copy.deepcopy(encoder).cpu(), len(saved.classes),
+                          bool(saved.spec["global_pool"]))  # fmt: skip
+    model.load_state_dict(saved.state)
+    return model
+
+
 def param_groups_layer_decay(
     model: FinetuneModel, weight_decay: float, layer_decay: float
 ) -> list[dict[str, Any]]:
@@ -389,7 +401,12 @@ class Finetune(Task):
         )
         t_train0 = time.time()
         _train(run)
-        return _finish(run, time.time() - t_train0, t0)
+        result = _finish(run, time.time() - t_train0, t0)
+        classes = imagefolder_classes(resolve_imagefolder_root(ctx.data), "train")
+        save_classifier(ctx.out_dir, SavedClassifier(
+            "finetune", classes, {"global_pool": cfg.global_pool},
+            run.model.state_dict()))  # fmt: skip
+        return result
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from downstream.classifier import SavedClassifier, register_classifier, save_classifier
 from downstream.features import encoder_fingerprint, get_features
 from harness.core.config import DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import (
@@ -41,6 +42,8 @@ from harness.core.data.datasets import (
     pretrain_transform,
     resolve_imagefolder_root,
 )
+from harness.core.training import autocast_dtype
+from pretrain.encoders.base import Encoder
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .features import frozen_forward_step
@@ -387,6 +390,11 @@ class LinearProbe(Task):
             f"[linear_probe] best head pooling={best['pooling']} last_blocks={best['last_blocks']} "
             f"lr={best['lr']} holdout {best['holdout_top1']:.1f} -> val top1 {best['val_top1']:.2f}"
         )
+        chosen = heads[(f"{best['pooling']}/last{best['last_blocks']}", best["lr"])]
+        save_classifier(ctx.out_dir, SavedClassifier(
+            "linear_probe", list(train.classes),
+            {"pooling": best["pooling"], "last_blocks": best["last_blocks"]},
+            chosen.state_dict()))  # fmt: skip
         edges = grid_edges(table, "holdout_top1",
                            bounds={"last_blocks": (1, encoder.num_feature_blocks)})
         for edge in edges:
@@ -418,6 +426,46 @@ class LinearProbe(Task):
                 "total_seconds": time.time() - t0,
             },
         )
+
+
+class LinearProbeClassifier(nn.Module):
+    """The frozen encoder and a saved probe head: the head's input computed from the images as
+    :meth:`downstream.features.Features.select` reads it from cached features (the pooled
+    token of each of the last ``last_blocks`` blocks, oldest first; ``cls_avg`` adds the last
+    block's average patch token), under the extraction's autocast.
+
+    Args:
+        encoder: The frozen encoder.
+        head: The probe head.
+        pooling: ``cls``, ``avg`` or ``cls_avg``.
+        last_blocks: Blocks whose pooled tokens are concatenated.
+    """
+
+    def __init__(self, encoder: Encoder, head: ProbeHead, pooling: str, last_blocks: int) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+        self.pooling, self.last_blocks = pooling, last_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        amp = autocast_dtype("auto", x.device)
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            blocks = enc.last_blocks(x, self.last_blocks)  # k x [B, T, D]
+        p = "cls" if self.pooling == "cls_avg" else self.pooling
+        z = torch.stack([enc.pool(t, p) for t in blocks], dim=1).flatten(1)  # [B, k * D]
+        if self.pooling == "cls_avg":
+            z = torch.cat([z, enc.pool(blocks[-1], "avg")], dim=1)  # [B, (k + 1) * D]
+        return self.head(z.float())
+
+
+@register_classifier("linear_probe")
+def linear_probe_classifier(encoder: Encoder, saved: SavedClassifier) -> nn.Module:
+    """The fast linear probe's chosen head on ``encoder`` (:class:`LinearProbeClassifier`)."""
+    weight = saved.state["fc.weight"]  # [C, D']
+    head = ProbeHead(int(weight.shape[1]), int(weight.shape[0]))
+    head.load_state_dict(saved.state)
+    return LinearProbeClassifier(encoder, head, saved.spec["pooling"],
+                                 int(saved.spec["last_blocks"]))  # fmt: skip
 
 
 def probe_train_transform(img_size: int, crop_scale: tuple[float, float], hflip: bool) -> Any:

@@ -264,7 +264,7 @@ def eval_overrides(overrides: list[str]) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from downstream.base import resolve_task_name
+    from downstream.base import get_task, resolve_task_name
     from harness.runner import run_suite
     from harness.stages import suite_dir
 
@@ -298,6 +298,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     raw = apply_overrides(raw, eval_overrides(args.set))
     cfg = validate_config(raw, source="mimbench eval")
     assert isinstance(cfg, SuiteConfig)
+    needs = get_task(task).inputs(cfg.tasks[0])  # e.g. robustness: the task of its classifier
+    if needs:
+        raw["tasks"] = [{"name": n} for n in needs] + raw["tasks"]
+        cfg = validate_config(raw, source="mimbench eval")
+        assert isinstance(cfg, SuiteConfig)
     records_dir = run_suite(cfg, log=_log)
     _print_report(records_dir, suite_dir(cfg))
     return _report_unfinished(cfg)
@@ -364,6 +369,13 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         write_nyu_depth(root / "nyu_depth_v2", spec)
     print(f"wrote the shapes dataset to {root} in {time.time() - t0:.1f}s "
           f"(imagefolder/, coco/, ade20k/, {'nyu_depth_v2/, ' if args.depth else ''}manifest.json)")
+    if args.robust:
+        from harness.core.data.shapes_robust import generate_shapes_robust
+
+        t0 = time.time()
+        rob = generate_shapes_robust(root / "robust", spec)
+        print(f"wrote its robustness copies to {rob} in {time.time() - t0:.1f}s (use it as the "
+              "robustness task's root)")
     return 0
 
 
@@ -589,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--val-per-class", type=int, default=25, help="val images per class (>= 1)")
     ds.add_argument("--depth", action="store_true",
                     help="also write the scenes' depth maps in NYU-Depth v2's layout (nyu_depth_v2/)")
+    ds.add_argument("--robust", action="store_true", help="also write the robustness copies of "
+                    "val (ImageNet-A/-R/-Sketch/-V2/-C layouts and real.json) into OUT/robust")
     ds.set_defaults(func=cmd_data_synth)
     ds = dsub.add_parser("shard", help="write an ImageFolder root (train/, val/) as WebDataset tar "
                          "shards with a manifest; every task and pretraining read it as data.source")

@@ -284,6 +284,10 @@ def _launch(suites: list[SuiteConfig], infos: list[SweepInfo | None], kind: str,
                 shared.append((plan, run, where, src))
                 continue
             dep = pre_jobs.get(run.after.dir) if run.after is not None else None
+            for inp in (i for i in run.inputs if i.key in task_jobs):  # reads an earlier task's
+                dep = task_jobs[inp.key]  # output (robustness: a classifier); that job already
+                if kind != "slurm":  # waits for the pretraining
+                    _wait(dep[0], log)
             # the job never pretrains: a failed dependency blocks it (a failed record)
             job = _submit(executor, kind, make(_task_filter(run, no_pretrain=True)),
                           dep[0] if dep else None)
@@ -305,7 +309,7 @@ def _launch(suites: list[SuiteConfig], infos: list[SweepInfo | None], kind: str,
 
 def _task_filter(run: TaskStage, no_pretrain: bool = False) -> StageFilter:
     """The part of its suite that is the task run ``run``."""
-    return StageFilter(run.entry.name, run.seed, run.kind, no_pretrain=no_pretrain)
+    return StageFilter(run.entry.name, run.seed, run.kind, no_pretrain=no_pretrain, key=run.key)
 
 
 def _wait(job: Any, log: Any) -> None:

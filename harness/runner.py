@@ -337,7 +337,8 @@ def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C
                 log(f"[suite] {name} / {st.kind} / seed {seed}: running")
                 try:
                     ctx = TaskContext(data=cfg.data, seed=seed, device=device, out_dir=tdir,
-                                      log=tee_log(log, tdir / "log.txt"))
+                                      log=tee_log(log, tdir / "log.txt"),
+                                      inputs={s.kind: s.dir for s in st.inputs})
                     torch.manual_seed(seed)
                     result = st.task.run(handle.encoder, st.task_cfg, ctx)
                     task = st.task

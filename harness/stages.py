@@ -33,6 +33,7 @@ from typing import Any
 from downstream.base import Task, get_task
 from harness.core.config import (
     TIMM_PREFIX,
+    ConfigError,
     EncoderEntry,
     PretrainConfig,
     SuiteConfig,
@@ -155,6 +156,8 @@ class StageFilter:
         no_pretrain: Pretrain nothing: a task whose encoder's pretraining has not finished is
             recorded as failed ("blocked: pretraining ... failed") without running (a launcher
             job whose dependency failed).
+        key: Only the task run of this key (one of several runs of the same task, e.g. the
+            robustness runs of different classifiers; None: all).
     """
 
     encoder: str | None = None
@@ -162,6 +165,7 @@ class StageFilter:
     task: str | None = None
     pretrain_only: bool = False
     no_pretrain: bool = False
+    key: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,6 +203,7 @@ class TaskStage:
         key: The hash of ``run_config`` (the record's ``config_hash``).
         dir: Its stage directory (:func:`task_stage_dir`).
         after: The pretraining it depends on (None: its encoder is loaded or random).
+        inputs: The earlier task runs whose outputs it reads (:meth:`Task.inputs`).
     """
 
     entry: EncoderEntry
@@ -209,6 +214,7 @@ class TaskStage:
     key: str
     dir: Path
     after: PretrainStage | None
+    inputs: tuple[TaskStage, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -267,7 +273,7 @@ class SuitePlan:
             if only.encoder not in (None, g.entry.name) or only.seed not in (None, g.seed):
                 continue
             tasks = () if only.pretrain_only else tuple(
-                t for t in g.tasks if only.task in (None, t.kind))
+                t for t in g.tasks if only.task in (None, t.kind) and only.key in (None, t.key))
             out.append(EncoderStages(g.entry, g.seed, g.pretrain, tasks))
         return out
 
@@ -288,13 +294,37 @@ def plan_stages(cfg: SuiteConfig, sweep: SweepInfo | None = None) -> SuitePlan:
             if entry.pretrain is not None:
                 pcfg = pretrain_config_for(entry, cfg, seed)
                 pre = PretrainStage(entry, seed, pcfg, pretrain_stage_dir(root, pcfg))
-            runs = []
+            runs: list[TaskStage] = []
             for tcfg, task in tasks:
+                inputs = _task_inputs(tcfg, task, runs)
                 rc, h = task_run_config(entry, tcfg, task, cfg, seed)
+                if inputs:  # keyed by what it reads: a re-run input is a new run
+                    rc["inputs"] = {s.kind: s.key for s in inputs}
+                    h = config_hash(rc)
                 runs.append(TaskStage(entry, seed, tcfg, task, rc, h,
-                                      task_stage_dir(root, entry.name, tcfg.name, seed, h), pre))
+                                      task_stage_dir(root, entry.name, tcfg.name, seed, h), pre,
+                                      inputs))
             groups.append(EncoderStages(entry, seed, pre, tuple(runs)))
     return SuitePlan(cfg, root, sweep, tuple(groups))
+
+
+def _task_inputs(tcfg: TaskConfig, task: Task, earlier: list[TaskStage]) -> tuple[TaskStage, ...]:
+    """The earlier task runs of the same encoder and seed that ``task`` reads.
+
+    Raises:
+        ConfigError: An input task is not listed before it, or is listed more than once.
+    """
+    out = []
+    for name in task.inputs(tcfg):
+        found = [s for s in earlier if s.kind == name]
+        if len(found) != 1:
+            why = "is not listed before it" if not found else f"is listed {len(found)} times"
+            raise ConfigError(
+                f"task '{tcfg.name}' reads the output of task '{name}', which {why} in the "
+                f"suite's tasks: list '{name}' exactly once, before '{tcfg.name}'"
+            )
+        out.append(found[0])
+    return tuple(out)
 
 
 def plan_sweep_stages(rows: list[SweepRow]) -> list[SuitePlan]:

@@ -35,7 +35,8 @@ class TinyCase:
 
     Attributes:
         data: The dataset layout the task reads: ``imagefolder``, ``coco``, ``ade20k`` or
-            ``nyu`` (NYU-Depth v2's split files).
+            ``nyu`` (NYU-Depth v2's split files) or ``shapes`` (the synthetic dataset itself, e.g.
+            with its robustness copies).
         config: Overrides of the default config that make a run take seconds.
         runs: Whether the test runs the task (cheap tasks); the others check config and data.
         slow: The run takes more than a few seconds (marked ``slow``).
@@ -70,6 +71,7 @@ TINY_CASES: dict[str, TinyCase] = {
                                          "cache_features": False}, runs=True),
     "transfer": TinyCase("imagefolder", {"protocols": [{"name": "knn", "k": 3, "extra_k": [],
                                                         "cache_features": False}]}, runs=True),
+    "robustness": TinyCase("shapes", {"sets": ["imagenet_v2", "real"]}),  # reads a classifier
     "detection": TinyCase("coco", {"img_size": 64, "max_iters": 1, "batch_size": 1}),
     "segmentation": TinyCase("ade20k", {"crop_size": 64, "max_iters": 1, "batch_size": 2}),
     "linear_seg": TinyCase("ade20k", {"epochs": 1, "batch_size": 2, "lrs": [1e-3]}, runs=True),
@@ -95,6 +97,8 @@ def _good_data(case: TinyCase, imagefolder: Path, shapes: Path) -> DataConfig:
     if case.data == "nyu":  # the depth copy of the same scenes, beside the shapes cache
         source = ensure_shapes_depth(SPEC, cache_root=shapes.parent)
         return DataConfig(source=str(source), eval_crop_pct=1.0)
+    if case.data == "shapes":  # generated (with the robustness copies) into the cache
+        return DataConfig(source="shapes", shapes=SPEC.to_dict(), eval_crop_pct=1.0)
     source = {"imagefolder": imagefolder, "coco": shapes / "coco",
               "ade20k": shapes / "ade20k" / "ADEChallengeData2016"}[case.data]  # fmt: skip
     return DataConfig(source=str(source), eval_crop_pct=1.0)

@@ -646,19 +646,36 @@ def ensure_shapes(spec: ShapesSpec = ShapesSpec(), cache_root: str | Path | None
         The dataset root (holding ``manifest.json``).
     """
     root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    final = root / f"shapes-{spec.fingerprint()}"
-    if _is_complete(final, spec):
+    return ensure_generated(root / f"shapes-{spec.fingerprint()}",
+                            lambda d: _is_complete(d, spec),
+                            lambda d: _write_dataset(d, spec, FORMATS))  # fmt: skip
+
+
+def ensure_generated(final: Path, complete: Any, write: Any) -> Path:
+    """Return ``final``, generating it with ``write(tmp_dir)`` unless ``complete(final)``.
+
+    Safe under concurrency: each caller writes into its own temporary sibling and renames it
+    into place; a caller that loses the rename race discards its copy and uses the winner's.
+    Also used by the robustness copies (:mod:`harness.core.data.shapes_robust`).
+    """
+    if complete(final):
         return final
-    tmp = _generate_into_temp(root, f".{final.name}.tmp-", spec, FORMATS)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for _ in range(3):
         try:
             os.rename(tmp, final)
             return final
         except OSError:
-            if _is_complete(final, spec):  # another process won the race
+            if complete(final):  # another process won the race
                 shutil.rmtree(tmp, ignore_errors=True)
                 return final
             with contextlib.suppress(FileNotFoundError):  # a broken dir: set it aside, retry
                 shutil.rmtree(_move_aside(final), ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    raise OSError(f"could not move the generated shapes dataset into {final}")
+    raise OSError(f"could not move the generated dataset into {final}")
