@@ -368,3 +368,18 @@ def test_stream_epoch_length_is_the_fewest_samples_a_slot_can_get(tmp_path):
         assert all(sum(sizes[s] for s in stream.slot_shards(epoch, 0, w)) >= 2 for w in range(2))
     wide = _stream(tmp_path / "s", batch_size=1)  # one slot: all 12 samples, in every epoch
     assert wide.slot_samples() == 12 and len(_keys(wide, 0, epoch=3)) == 12
+
+
+def test_the_synthetic_datasets_manifest_is_not_a_shard_manifest(tmp_path):
+    """``mimbench data synth`` writes its own manifest.json (naming its generator): that root
+    is read as the ImageFolder it holds, not refused as a broken shard dataset; an unreadable
+    manifest still counts as a shard manifest, so reading it names the problem."""
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "manifest.json").write_text(json.dumps({"generator": "shapes"}))
+    assert not shards.is_shard_root(tmp_path / "synth")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    assert shards.is_shard_root(tmp_path / "bad")
+    with pytest.raises(shards.DatasetError, match="not valid JSON"):
+        shards.read_manifest(tmp_path / "bad")
+    assert not shards.is_shard_root(tmp_path)  # no manifest at all

@@ -71,8 +71,19 @@ SPLITS = ("train", "val")
 
 
 def is_shard_root(root: Path) -> bool:
-    """Whether ``root`` holds a shard manifest (``mimbench data shard``'s output)."""
-    return (Path(root) / MANIFEST).is_file()
+    """Whether ``root`` holds a shard manifest (``mimbench data shard``'s output).
+
+    A ``manifest.json`` that another generator wrote (the synthetic dataset's names its
+    ``generator``) is not one; an unreadable one is taken for one, so that reading it says what
+    is wrong with it (:func:`read_manifest`)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        man = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(man, dict) and "generator" in man and man.get("format") != FORMAT)
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
