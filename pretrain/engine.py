@@ -472,6 +472,7 @@ def _load_training_state(run: _Run, ck: dict[str, Any]) -> None:
     loaded into a sharded model as into any other)."""
     cfg, rank, world = run.cfg, run.rank, run.world
     parallel.load_model_state(run.model, ck["model"])
+    run.model.check_restored(str(run.ckpt.path))  # a fitted codebook the model reads, if any
     parallel.load_optimizer_state(run.model, run.opt, ck["optimizer"])
     run.step = int(ck["step"])
     run.history = list(ck["history"])

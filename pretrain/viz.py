@@ -39,6 +39,8 @@ PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
     "grid": {"ratio": 0.75},
     "ibot_block": {"ratio": 0.3},  # iBOT README: --pred_ratio 0.3 (here without its variance)
     "capi_inverse_block": {"ratio": 0.65},  # CAPI default_pretrain_config.yaml: mask_ratio 0.65
+    "bernoulli": {"ratio": 0.15},  # iGPT src/run.py: bert_mask_prob 0.15
+    "raster": {"ratio": 0.15},  # iGPT's autoregressive objective: every token (ratio unused)
 }
 
 
@@ -158,7 +160,7 @@ def check_mask_args(
 
 
 #: How the reconstruction picture names the rows of :meth:`pretrain.model.MIMModel.visualize`.
-RECON_ROW_LABELS: dict[str, str] = {"pasted": "prediction + visible"}
+RECON_ROW_LABELS: dict[str, str] = {"pasted": "prediction + visible", "completion": "bottom half drawn"}
 
 
 def recon_row_labels(names: list[str]) -> list[str]:

@@ -2,12 +2,12 @@
 
 Importing the package registers every family in :data:`~pretrain.encoders.base.ENCODERS`:
 ``vit`` (:mod:`.vit`), ``swin`` (:mod:`.swin`), ``beit`` (:mod:`.beit`), ``conv`` (:mod:`.conv`,
-the Context Encoder's), ``vit_postnorm`` and ``vit_avgpool`` (:mod:`.released`, layouts of
+the Context Encoder's), ``igpt`` (:mod:`.igpt`, pixel tokens), ``vit_postnorm`` and ``vit_avgpool`` (:mod:`.released`, layouts of
 published checkpoints). A new family is one module here with a ``@register_encoder`` class and
 its import below.
 """
 
-from pretrain.encoders import beit, conv, released, swin, vit  # noqa: F401  (registers them)
+from pretrain.encoders import beit, conv, igpt, released, swin, vit  # noqa: F401  (registers them)
 from pretrain.encoders.base import ENCODERS, Encoder, create_encoder, load_encoder
 
 __all__ = ["ENCODERS", "Encoder", "create_encoder", "load_encoder"]

@@ -97,6 +97,9 @@ class Encoder(nn.Module, metaclass=ABCMeta):
             :meth:`forward_tokens`, ViT's masked patch prediction corrupts them in between).
         full_grid_reason: Why a family without a visible-only forward needs every patch.
         option_defaults: The family's options and their defaults (stored in encoder files).
+        tokenizes_pixels: The family reads each pixel as an id of a colour-cluster codebook that
+            the harness fits before pretraining (iGPT, :mod:`.igpt`): the model hands it the
+            ``color_clusters`` target's palette (:meth:`set_codebook`).
     """
 
     family: ClassVar[str]
@@ -106,6 +109,7 @@ class Encoder(nn.Module, metaclass=ABCMeta):
     token_input: ClassVar[bool] = False
     full_grid_reason: ClassVar[str] = "it needs every patch"
     option_defaults: ClassVar[dict[str, bool]] = {}
+    tokenizes_pixels: ClassVar[bool] = False
 
     def __init__(self, cfg: EncoderConfig, options: Mapping[str, Any] | None = None) -> None:
         super().__init__()
@@ -177,6 +181,15 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         raise ValueError(
             f"a {self.family} encoder has no transformer parts to initialise: use encoder_init: timm"
         )
+
+    def set_codebook(self, palette: torch.Tensor) -> None:
+        """Take a fitted colour-cluster codebook ``[K, 3]`` (families that ``tokenizes_pixels``)."""
+        raise ValueError(f"a {self.family} encoder reads pixels, not colour-cluster ids")
+
+    @property
+    def codebook_fitted(self) -> bool:
+        """Whether the codebook the encoder reads is fitted (True: a family without one)."""
+        return True
 
     def block_grid(self, index: int) -> tuple[int, int]:
         """Grid of :meth:`forward_blocks` entry ``index`` (isotropic families: the output's)."""
