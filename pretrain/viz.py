@@ -44,6 +44,12 @@ PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
 }
 
 
+def drawn_strategies() -> list[str]:
+    """The strategies drawn by default: every registered one but the causal ones (iGPT's
+    ``raster`` predicts every token, so its mask hides all and shows nothing)."""
+    return [n for n in MASKERS.names() if not MASKERS.get(n).causal]
+
+
 def mask_rows(
     arch: str = "vit_base_16",
     strategies: list[str] | None = None,
@@ -56,7 +62,7 @@ def mask_rows(
     p = int(enc.patch_size)  # type: ignore[arg-type]
     grid = (int(enc.img_size) // p, int(enc.img_size) // p)  # type: ignore[arg-type]
     rows = []
-    for name in strategies or MASKERS.names():
+    for name in strategies or drawn_strategies():
         cfg = paper_masking(name, grid, p, ratio)
         masker = create_masker(cfg, grid, p)
         # hidden from the encoder (I-JEPA's codes: context 0 shows, targets and the rest do not)
@@ -99,7 +105,7 @@ def mask_avgdists(
     return [
         (name, masking_avgdist(paper_masking(name, (side // p, side // p), p, ratio), side, p,
                                draws, seed))
-        for name in strategies or MASKERS.names()
+        for name in strategies or drawn_strategies()
     ]
 
 
