@@ -307,6 +307,26 @@ class Encoder(nn.Module, metaclass=ABCMeta):
             )
         return [self.final_norm(t) for t in self.forward_blocks(x)[-n:]]
 
+    def block_tokens(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Tokens after block ``index`` (0-based; negative counts from the last) through the final
+        norm, ``[B, P + N, D]``: a linear probe of an intermediate block (iGPT's best features lie
+        mid-network, Chen et al. 2020, Sec. 4.2). Isotropic families only (every block has the
+        output's width and grid).
+
+        Raises:
+            ValueError: a hierarchical family, or an index outside the blocks.
+        """
+        n = self.num_layers
+        if not self.isotropic:
+            raise ValueError(
+                f"a {self.family} encoder changes its width between stages: a block index needs "
+                "an isotropic encoder (ViT, BEiT, iGPT); leave block unset"
+            )
+        if not -n <= index < n:
+            raise ValueError(f"block {index} is outside the {n} blocks of '{self.cfg.arch}' "
+                             f"(0 to {n - 1}, or -{n} to -1 from the last)")
+        return self.final_norm(self.forward_blocks(x)[index])
+
     def forward_intermediates(
         self, x: torch.Tensor, indices: list[int], norm: bool = False
     ) -> list[torch.Tensor]:
