@@ -273,9 +273,10 @@ def test_probe_configs_take_a_block_index_left_out_of_the_hash_when_unset():
 
 
 def test_features_of_a_block_are_its_pooled_tokens(tmp_path):
+    from conftest import make_imagefolder
+
     from downstream.features import get_features
     from harness.core.data.datasets import eval_transform, imagefolder_checked
-    from conftest import make_imagefolder
 
     data = make_imagefolder(tmp_path / "d", size=8, per_class=2)
     enc = _model("igpt").encoder.eval()
