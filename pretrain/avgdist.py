@@ -138,15 +138,9 @@ def masking_avgdist(
     side = img_px // patch_px
     masker = create_masker(masking, (side, side), patch_px)
     masks = masker(draws, generator=torch.Generator().manual_seed(seed)).view(draws, side, side)
-    # a masker that draws each token (iGPT's bernoulli) may mask none or all of a small grid:
-    # AvgDist is undefined there, so such draws are left out (and not counted)
-    masks = masks[(masks.flatten(1).any(1) & ~masks.flatten(1).all(1))]
-    if len(masks) == 0:
-        raise ConfigError(f"'{masking.strategy}' masked no token or every token in all {draws} draws")
     values = np.array([mask_avgdist(pixel_mask(m, patch_px)) for m in masks])
-    n = len(values)
-    stderr = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    return AvgDist(float(values.mean()), stderr, n, img_px)
+    stderr = float(values.std(ddof=1) / math.sqrt(draws)) if draws > 1 else 0.0
+    return AvgDist(float(values.mean()), stderr, draws, img_px)
 
 
 def encoder_avgdist(
