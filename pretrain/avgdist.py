@@ -96,21 +96,30 @@ class AvgDist:
             mask).
         draws: Masks drawn.
         img_px: Image side in pixels.
+        left_out: Drawn masks with no masked (or no visible) pixel, where the distance is
+            undefined, left out of ``mean`` (iBOT masks only a share of the images).
     """
 
     mean: float
     stderr: float
     draws: int
     img_px: int
+    left_out: int = 0
 
     def text(self) -> str:
         """``AvgDist 14.41 +- 0.02 px (256 masks, 192 px image)``."""
-        return (f"AvgDist {self.mean:.2f} +- {self.stderr:.2f} px ({self.draws} masks, "
-                f"{self.img_px} px image)")
+        out = (f"AvgDist {self.mean:.2f} +- {self.stderr:.2f} px ({self.draws} masks, "
+               f"{self.img_px} px image)")
+        if self.left_out:
+            out += f"; {self.left_out} masks without a masked or visible pixel left out"
+        return out
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"mean": self.mean, "stderr": self.stderr, "draws": self.draws,
-                "img_px": self.img_px}
+        out = {"mean": self.mean, "stderr": self.stderr, "draws": self.draws,
+               "img_px": self.img_px}  # fmt: skip
+        if self.left_out:
+            out["left_out"] = self.left_out
+        return out
 
 
 def masking_avgdist(
@@ -129,18 +138,29 @@ def masking_avgdist(
         draws: Masks to draw (>= 1).
         seed: Seed of the masks' generator.
 
+    Masks without a masked or without a visible pixel (their distance is undefined: iBOT's
+    ``mask_prob`` leaves images unmasked) are left out and counted (:attr:`AvgDist.left_out`).
+
     Raises:
         ConfigError: The masking does not fit the image (:func:`harness.core.config.plan_masking`).
-        ConfigError: Also when ``draws`` < 1.
+        ConfigError: Also when ``draws`` < 1, or when no drawn mask has both kinds of pixel.
     """
     if draws < 1:
         raise ConfigError(f"AvgDist needs at least one mask: draws must be >= 1 (got {draws})")
     side = img_px // patch_px
     masker = create_masker(masking, (side, side), patch_px)
     masks = masker(draws, generator=torch.Generator().manual_seed(seed)).view(draws, side, side)
-    values = np.array([mask_avgdist(pixel_mask(m, patch_px)) for m in masks])
-    stderr = float(values.std(ddof=1) / math.sqrt(draws)) if draws > 1 else 0.0
-    return AvgDist(float(values.mean()), stderr, draws, img_px)
+    pixel_masks = [pixel_mask(m, patch_px) for m in masks]
+    usable = [m for m in pixel_masks if 0 < int(m.sum()) < m.size]
+    if not usable:
+        raise ConfigError(
+            f"AvgDist is undefined for this masking: none of {draws} masks drawn on a {img_px} px "
+            "image has both a masked and a visible pixel"
+        )
+    values = np.array([mask_avgdist(m) for m in usable])
+    n = len(values)
+    stderr = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return AvgDist(float(values.mean()), stderr, n, img_px, left_out=draws - n)
 
 
 def encoder_avgdist(

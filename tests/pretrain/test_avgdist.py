@@ -134,3 +134,20 @@ def test_validate_prints_a_pretraining_configs_avgdist(capsys):
     cfg = load_config(path)
     want = encoder_avgdist(cfg.recipe.masking, cfg.encoder).text()
     assert capsys.readouterr().out.rstrip().endswith(f"# {want} (SimMIM Fig. 3)")
+
+
+def test_masks_without_a_masked_pixel_are_left_out_and_counted():
+    """iBOT masks only a share of the images (mask_prob): the unmasked draws have no distance;
+    AvgDist is the mean over the others (brute force on the same masks), and says how many."""
+    cfg = MaskingConfig(strategy="ibot_block", ratio=0.3, ratio_var=0.1, mask_prob=0.5,
+                        min_block_patches=2)  # fmt: skip
+    avg = masking_avgdist(cfg, 32, 4, draws=40, seed=1)
+    masks = create_masker(cfg, (8, 8), 4)(40, generator=torch.Generator().manual_seed(1))
+    pix = [pixel_mask(m.view(8, 8), 4) for m in masks]
+    usable = [p for p in pix if p.any() and not p.all()]
+    assert avg.draws == len(usable) and avg.left_out == 40 - len(usable) > 0
+    assert avg.mean == pytest.approx(float(np.mean([_brute_distances(p).mean() for p in usable])))
+    assert "left out" in avg.text() and avg.to_dict()["left_out"] == avg.left_out
+    never = MaskingConfig(strategy="ibot_block", ratio=0.3, mask_prob=1e-9, min_block_patches=2)
+    with pytest.raises(ConfigError, match="none of 5 masks"):
+        masking_avgdist(never, 32, 4, draws=5)
