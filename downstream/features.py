@@ -180,6 +180,7 @@ def extract(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     log: Any = None,
+    block: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Run the frozen encoder over ``ds`` once per view.
 
@@ -188,6 +189,8 @@ def extract(
         ds: A :class:`harness.core.data.datasets.CheckedImageFolder` (its transform is not used).
         transforms: One transform per view (view 0: the evaluation transform).
         n_blocks: How many last blocks to keep.
+        block: Keep the tokens of this one block instead (:meth:`Encoder.block_tokens`;
+            ``n_blocks`` must be 1).
 
     Returns:
         ``({'cls' | 'avg': [N, V, n_blocks, D]}, labels [N], paths of the images skipped)``.
@@ -220,7 +223,9 @@ def extract(
             if imgs.numel() == 0:
                 continue
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                blocks = encoder.last_blocks(imgs.to(device, non_blocking=True), n_blocks)
+                x = imgs.to(device, non_blocking=True)
+                blocks = (encoder.last_blocks(x, n_blocks) if block is None
+                          else [encoder.block_tokens(x, block)])
             for p in pools:
                 pooled = torch.stack([encoder.pool(t, p) for t in blocks], dim=1)  # [B, n, D]
                 out[p].append(pooled.float().to("cpu", dtype))
@@ -242,11 +247,12 @@ def extract(
 
 
 def split_key(
-    encoder_hash: str, ds: Any, split: str, eval_tf: Any, device: torch.device, dtype: torch.dtype
+    encoder_hash: str, ds: Any, split: str, eval_tf: Any, device: torch.device,
+    dtype: torch.dtype, block: int | None = None,
 ) -> str:
     """The cache key of one split's frozen outputs: encoder weights, dataset files, split, eval
     transform, device kind, autocast precision and storage dtype (the attentive probe's token
-    cache shares it)."""
+    cache shares it), and the block read when one is named (keys without one are unchanged)."""
     amp = autocast_dtype("auto", device)
     parts = {
         "v": FEATURE_CACHE_VERSION,
@@ -258,6 +264,8 @@ def split_key(
         "amp": str(amp),
         "dtype": str(dtype),
     }
+    if block is not None:
+        parts["block"] = block
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:24]
 
 
@@ -300,6 +308,7 @@ def get_features(
     log: Any = None,
     encoder_hash: str | None = None,
     strict: bool | None = None,
+    block: int | None = None,
 ) -> Features:
     """Features of ``ds`` (one split) from the cache, or extracted and cached.
 
@@ -322,12 +331,14 @@ def get_features(
         encoder_hash: Precomputed :func:`encoder_fingerprint`.
         strict: Unreadable images are fatal, also when a non-strict run cached the features
             (default: ``ds.strict``).
+        block: Read the tokens of this block (0-based, negative from the last) instead of the
+            last ``n_blocks`` (:meth:`Encoder.block_tokens`); the features then hold that one.
 
     Raises:
         DatasetError: ``strict`` and an image is unreadable, or no image of ``ds`` is readable.
     """
 
-    n_blocks = max(1, min(n_blocks, encoder.num_feature_blocks))
+    n_blocks = 1 if block is not None else max(1, min(n_blocks, encoder.num_feature_blocks))
     if views > 1 and aug_tf is None:
         raise ValueError("views > 1 needs an augmentation transform")
     strict = bool(getattr(ds, "strict", False)) if strict is None else strict
@@ -336,7 +347,7 @@ def get_features(
     key = aug = ""
     if use_cache:
         key = split_key(
-            encoder_hash or encoder_fingerprint(encoder), ds, split, eval_tf, device, dtype
+            encoder_hash or encoder_fingerprint(encoder), ds, split, eval_tf, device, dtype, block
         )
         aug = _aug_key(aug_tf, seed) if views > 1 else "x"
         hit = _find(cache, key, n_blocks, views, aug)
@@ -354,7 +365,7 @@ def get_features(
         path = cache / f"{key}-v{views}-{aug}-b{n_blocks}.safetensors" if use_cache else None
         got = _extract_and_store(
             encoder, ds, split, [eval_tf] + [aug_tf] * (views - 1), n_blocks, device, seed,
-            dtype, batch_size, num_workers, log, path,
+            dtype, batch_size, num_workers, log, path, block,
         )  # fmt: skip
     if got.skipped_files and log is not None:  # once per split, from the cache or not
         log(skipped_message(split, Path(ds.root), got.skipped_files, len(ds)))
@@ -387,14 +398,15 @@ def _extract_and_store(
     num_workers: int,
     log: Any,
     path: Path | None,
+    block: int | None = None,
 ) -> Features:
-    """Extract the features of ``ds`` (one transform per view) and write them to ``path``
-    (None: caching off)."""
+    """Extract the features of ``ds`` (one transform per view; of one ``block`` when named) and
+    write them to ``path`` (None: caching off)."""
     from safetensors.torch import save
 
     t0 = time.time()
     feats, labels, skipped = extract(
-        encoder, ds, tfs, n_blocks, device, batch_size, num_workers, seed, dtype, log
+        encoder, ds, tfs, n_blocks, device, batch_size, num_workers, seed, dtype, log, block
     )
     secs = time.time() - t0
     if path is not None:

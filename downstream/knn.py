@@ -52,6 +52,8 @@ class KNNConfig(TaskConfig):
             reads (or writes) the entries a probe with ``cache_dtype: float16`` writes. The
             votes are computed in float32 either way.
         strict_data: Unreadable image files are fatal instead of skipped and counted.
+        block: Vote with this one block's tokens (0-based; negative from the last) through the
+            final norm instead of the output (iGPT's middle blocks); left out of the hash unset.
     """
 
     name: Literal["knn"] = "knn"
@@ -65,8 +67,9 @@ class KNNConfig(TaskConfig):
     cache_dir: str | None = None
     cache_dtype: Literal["float32", "float16"] = "float32"
     strict_data: bool = False
+    block: int | None = None
 
-    HASH_OMIT_DEFAULTS: ClassVar[tuple[str, ...]] = ("cache_dtype",)  # added in version 1
+    HASH_OMIT_DEFAULTS: ClassVar[tuple[str, ...]] = ("cache_dtype", "block")  # added later
 
 
 @torch.no_grad()
@@ -147,6 +150,7 @@ class KNN(Task):
             num_workers=ctx.data.num_workers,
             log=ctx.log,
             encoder_hash=encoder_fingerprint(encoder) if cfg.cache_features else None,
+            block=cfg.block,
         )
         ftr = get_features(encoder, train, "train", tf, **common)
         fva = get_features(encoder, val, "val", tf, **common)

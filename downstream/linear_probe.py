@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,10 @@ class LinearProbeConfig(TaskConfig):
         cache_dir: Feature cache directory (default ``$MIMBENCH_CACHE/features``).
         cache_dtype: Storage dtype of cached features (``float16`` halves memory on ImageNet).
         strict_data: Unreadable image files are fatal instead of skipped and counted.
+        block: Read this one block (0-based; negative counts from the last), through the final
+            norm, instead of the last ones: iGPT's probe of a middle block (Chen et al. 2020,
+            Sec. 4.2: the best features lie mid-network), any isotropic encoder. ``last_blocks``
+            must then be ``[1]``. Left out of the hash while unset.
     """
 
     name: Literal["linear_probe"] = "linear_probe"
@@ -145,11 +149,19 @@ class LinearProbeConfig(TaskConfig):
     cache_dir: str | None = None
     cache_dtype: Literal["float32", "float16"] = "float32"
     strict_data: bool = False
+    block: int | None = None
+
+    HASH_OMIT_DEFAULTS: ClassVar[tuple[str, ...]] = ("block",)  # added after hashes were kept
 
     @model_validator(mode="after")
     def _positive_blocks(self) -> LinearProbeConfig:
         if any(k < 1 for k in self.last_blocks):
             raise ValueError(f"last_blocks must be >= 1, got {self.last_blocks}")
+        if self.block is not None and self.last_blocks != [1]:
+            raise ValueError(
+                f"block {self.block} reads one block, so last_blocks {self.last_blocks} cannot "
+                "apply: set last_blocks: [1] (or leave block unset)"
+            )
         return self
 
 
@@ -354,6 +366,7 @@ class LinearProbe(Task):
             log=ctx.log,
             encoder_hash=ehash,
             seed=ctx.seed,
+            block=cfg.block,
         )
         ftr = get_features(encoder, train, "train", tf, views=cfg.train_views, aug_tf=aug, **common)
         fva = get_features(encoder, val, "val", tf, **common)

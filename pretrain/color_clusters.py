@@ -9,6 +9,10 @@ k-means++ seeding, Lloyd iterations) in [0, 1] RGB on pixels of ``tokenizer.trai
 training images pooled to the target resolution, with ``tokenizer.kmeans_iters`` iterations
 and seed 0. The palette is a buffer of the target, so it is saved with the run's checkpoint and
 restored on resume, as the k-means tokenizer's codebook is.
+
+iGPT's encoder (:mod:`pretrain.encoders.igpt`) reads the same palette: the model copies it into
+the encoder after the fit (:meth:`ColorClustersTarget.pixel_codebook`), so the one k-means fit
+here serves as both the input tokenizer and the target of the iGPT recipes.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ class ColorClustersTarget(Target):
             f"[color_clusters] {self.num_classes} RGB clusters over {pts.shape[0]} pixels at "
             f"{self.resolution}^2, mean squared distance {float(err):.5f}"
         )
+
+    def pixel_codebook(self) -> torch.Tensor | None:
+        """The palette once fitted, else None."""
+        return self.palette if bool(self.fitted) else None
 
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor) -> TargetOut:

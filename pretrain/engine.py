@@ -437,6 +437,14 @@ def _feed(cfg: PretrainConfig, root: Path, base_ds: CheckedImageFolder, train_ds
     return StreamFeed(stream, base_ds, d.num_workers, device)
 
 
+def _avgdist(run: _Run) -> dict[str, Any] | None:
+    """The AvgDist of the run's masking for the summary; None for a causal masker (iGPT's
+    raster order predicts every token: no visible pixel, the distance is undefined)."""
+    if run.model.causal:
+        return None
+    return encoder_avgdist(run.cfg.recipe.masking, run.cfg.encoder).to_dict()
+
+
 def _write_config(run: _Run) -> None:
     """``config.yaml`` of the output directory (rank 0), once nothing refused the run."""
     if run.is_main:
@@ -472,6 +480,7 @@ def _load_training_state(run: _Run, ck: dict[str, Any]) -> None:
     loaded into a sharded model as into any other)."""
     cfg, rank, world = run.cfg, run.rank, run.world
     parallel.load_model_state(run.model, ck["model"])
+    run.model.check_restored(str(run.ckpt.path))  # a fitted codebook the model reads, if any
     parallel.load_optimizer_state(run.model, run.opt, ck["optimizer"])
     run.step = int(ck["step"])
     run.history = list(ck["history"])
@@ -827,7 +836,7 @@ def _finish(run: _Run, wall: float) -> PretrainResult:
                 "config_hash": chash, "encoder": ENCODER, "recon": recon.name if recon else None,
                 "skipped_images": {"train": len(skipped)}, "skipped_files": skipped,
                 "encoder_definition": encoder_definition(cfg.encoder, cfg.recipe),
-                "avgdist": encoder_avgdist(cfg.recipe.masking, cfg.encoder).to_dict(),
+                "avgdist": _avgdist(run),
                 **({"world_size": run.world} if run.world > 1 else {}),
                 "compute": _compute_summary(run), "nonfinite": _nonfinite_summary(run),
                 **_teacher_summary(run, exported),

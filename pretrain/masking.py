@@ -29,6 +29,13 @@ with exactly the same number of masked patches in every sample (so visible token
   rectangle of aspect ratio in ``[min_aspect, 1 / min_aspect]`` cut to exactly
   ``L - int(ratio * L)`` patches, rolled by a random offset (wrapping around the image), and
   everything else is masked.
+* ``bernoulli``: iGPT's BERT mask (Chen et al., ICML 2020, Sec. 2.2; reference
+  openai/image-gpt ``src/model.py``, ``model``: ``uniform > bert_mask_prob``): every token is
+  masked on its own with probability ``ratio`` (0.15), so the count varies per image
+  (``per_image_ratio``; ``ratio_var`` and ``mask_prob`` as for ``ibot_block``).
+* ``raster``: iGPT's autoregressive objective (Sec. 2.1): every token is predicted (the mask
+  is all True) from the ones before it in raster order; the masker is ``causal``, so the model
+  builds its encoder with causal attention (:class:`pretrain.encoders.igpt.IGPTEncoder`).
 
 The last five work on masking units of ``mask_patch_size`` pixels like ``random`` and draw each
 sample with Python's ``random.Random`` seeded from the torch generator, so masks are a function
@@ -63,6 +70,8 @@ class Masker:
     Attributes:
         per_image_ratio: Whether each image draws its own count (config validation reads it:
             ``ratio_var`` / ``mask_prob`` need it, visible-only encoding refuses it).
+        causal: Every token is predicted from the ones before it: the encoder attends causally
+            (the model passes its ``causal`` option; iGPT's autoregressive objective).
 
     Raises:
         ConfigError: From :func:`harness.core.config.plan_masking`: the units do not fit the grid or
@@ -70,6 +79,7 @@ class Masker:
     """
 
     per_image_ratio: ClassVar[bool] = False
+    causal: ClassVar[bool] = False
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         self.cfg = cfg
@@ -120,6 +130,35 @@ class ShuffleMasker(Masker):
         mask = torch.ones(batch_size, self.num_patches, dtype=torch.bool)
         mask.scatter_(1, ids_shuffle[:, : self.len_keep], False)
         return mask
+
+
+@MASKERS.register("bernoulli")
+class BernoulliMasker(Masker):
+    """iGPT's BERT mask: each token masked independently with probability ``ratio`` (drawn per
+    image in ``ratio +- ratio_var`` when ``ratio_var`` > 0; an image is masked at all with
+    probability ``mask_prob``)."""
+
+    per_image_ratio = True
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.cfg
+        p = torch.full((batch_size, 1), c.ratio)
+        if c.ratio_var > 0:
+            p = p + (torch.rand(batch_size, 1, generator=generator) * 2 - 1) * c.ratio_var
+        if c.mask_prob < 1.0:
+            p = p * (torch.rand(batch_size, 1, generator=generator) < c.mask_prob)
+        return torch.rand(batch_size, self.num_patches, generator=generator) < p  # [B, L]
+
+
+@MASKERS.register("raster")
+class RasterMasker(Masker):
+    """iGPT's autoregressive objective: every token is predicted, each from the tokens before it
+    in raster order (``causal``); ``ratio`` is unused."""
+
+    causal = True
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.ones(batch_size, self.num_patches, dtype=torch.bool)
 
 
 class UnitMasker(Masker):

@@ -18,6 +18,8 @@ Context Encoder     :mod:`pretrain.context_encoder` (up-conv head, discriminator
 data2vec, I-JEPA    :mod:`pretrain.teacher` (EMA teacher, latent targets)
 iBOT                :mod:`pretrain.ibot` (EMA teacher + projection heads, two crops, per-image masks)
 CAPI                :mod:`pretrain.capi` (online clustering, Sinkhorn-Knopp, cross-attention head)
+iGPT                :mod:`pretrain.encoders.igpt` (pixel tokens), ``color_clusters`` target,
+                    ``bernoulli`` (BERT) or ``raster`` (autoregressive, causal) masking
 ==================  ==============================================================
 
 Hooks instead of flags: the target is built from the encoder (:meth:`Target.from_encoder`), the
@@ -41,10 +43,11 @@ import pretrain.context_encoder as ce
 import pretrain.inits  # noqa: F401  (registers the encoder initialisations)
 from harness.core.config import EncoderConfig, RecipeConfig
 from harness.core.config.axes import ENCODER_INITS
-from pretrain.encoders import create_encoder
+from harness.core.errors import CheckpointError
+from pretrain.encoders import ENCODERS, create_encoder
 from pretrain.encoders.conv import mask_to_pixels
 from pretrain.heads import HEADS
-from pretrain.masking import Masker, ViewMasker, create_masker, mask_to_indices
+from pretrain.masking import MASKERS, Masker, ViewMasker, create_masker, mask_to_indices
 from pretrain.targets import TARGETS, ImageSampler, TargetOut, to_unit
 from pretrain.vit_mpp import corrupt_and_encode
 
@@ -76,7 +79,8 @@ class MIMModel(nn.Module):
     def __init__(self, encoder_cfg: EncoderConfig, recipe: RecipeConfig) -> None:
         super().__init__()
         self.recipe = recipe
-        self.encoder = create_encoder(encoder_cfg)
+        self.causal = bool(MASKERS.get(recipe.masking.strategy).causal)
+        self.encoder = create_encoder(encoder_cfg, options=self._encoder_options(encoder_cfg))
         init = ENCODER_INITS.get(recipe.encoder_init)
         init.check_family(recipe.encoder_init, self.encoder.family)
         init.apply(self.encoder)
@@ -92,6 +96,7 @@ class MIMModel(nn.Module):
                 f"{self.encoder.family} encoder ({self.encoder.full_grid_reason}): use "
                 "encoder_mode: mask_token"
             )
+        self._check_codebook()
         self.head = HEADS.get(recipe.head.type)(
             self.encoder,
             recipe.head,
@@ -118,6 +123,49 @@ class MIMModel(nn.Module):
         self.discriminator = (
             ce.Discriminator(int(encoder_cfg.img_size)) if recipe.loss.adv_weight > 0 else None  # type: ignore[arg-type]
         )
+
+    def _encoder_options(self, cfg: EncoderConfig) -> dict[str, bool] | None:
+        """``{'causal': True}`` for a causal masker (iGPT's autoregressive objective), whose
+        encoder family must have causal attention; else the family's defaults."""
+        if not self.causal:
+            return None
+        if "causal" not in ENCODERS.get(cfg.family).option_defaults:
+            raise ValueError(
+                f"masking.strategy '{self.recipe.masking.strategy}' predicts every token from the "
+                f"ones before it, which needs causal attention; a {cfg.family} encoder "
+                f"('{cfg.arch}') has none: use an igpt encoder (arch igpt_*)"
+            )
+        return {"causal": True}
+
+    def _check_codebook(self) -> None:
+        """An encoder that reads colour-cluster ids needs a target that fits them at its input
+        resolution (``color_clusters`` with the encoder's number of clusters)."""
+        enc = self.encoder
+        if not enc.tokenizes_pixels:
+            return
+        t = self.recipe.target
+        vocab = int(enc.palette.shape[0])
+        if t.type != "color_clusters" or t.clusters != vocab or self.target.pool != 1:
+            raise ValueError(
+                f"a {enc.family} encoder reads each pixel as one of {vocab} colour clusters, which "
+                f"the color_clusters target fits: set target.type: color_clusters, "
+                f"target.clusters: {vocab} and target.resolution: null (got {t.type}, "
+                f"{t.clusters} clusters, resolution {t.resolution})"
+            )
+
+    def check_restored(self, source: str) -> None:
+        """After a checkpoint's state was loaded: refuse one whose colour-cluster codebook, which
+        the encoder reads, was never fitted (nothing is written before this check).
+
+        Raises:
+            CheckpointError: naming the checkpoint and the fix.
+        """
+        if not self.encoder.codebook_fitted:
+            raise CheckpointError(
+                f"{source} holds a {self.encoder.family} encoder whose colour-cluster codebook "
+                "was never fitted (it is fitted before the first step of a fresh run), so the "
+                "run cannot resume from it: delete the checkpoint to start the run afresh"
+            )
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides biases and norm weights: what the
@@ -149,6 +197,11 @@ class MIMModel(nn.Module):
         """Fit what the target needs before pretraining (a tokenizer); the engine calls it once,
         before the first step of a fresh run (a resumed run restores it from the checkpoint)."""
         self.target.prepare(sample_images, log)
+        if self.encoder.tokenizes_pixels:  # iGPT: the encoder reads the palette just fitted
+            codebook = self.target.pixel_codebook()
+            if codebook is None:
+                raise ValueError("the color_clusters target did not fit its palette")
+            self.encoder.set_codebook(codebook)
 
     def encode(
         self, imgs: torch.Tensor, mask: torch.Tensor
@@ -223,7 +276,24 @@ class MIMModel(nn.Module):
             return rows
         if target is None:  # pixel targets: the prediction, and pasted into the visible input
             return [*rows, ("prediction", pred), ("pasted", orig * (1 - pm) + pred * pm)]
-        return [*rows, ("target", target), ("prediction", target * (1 - pm) + pred * pm)]
+        rows += [("target", target), ("prediction", target * (1 - pm) + pred * pm)]
+        if self.causal and self.encoder.tokenizes_pixels:
+            rows.append(("completion", self.complete_bottom_half(imgs)))
+        return rows
+
+    @torch.no_grad()
+    def complete_bottom_half(self, imgs: torch.Tensor) -> torch.Tensor:
+        """iGPT's completions (Sec. 4, Fig. 1): the clustered top half of each image and the
+        bottom half generated pixel by pixel, most likely cluster first, ``[B, 3, H, W]`` in
+        [0, 1]."""
+        enc = self.encoder
+        if imgs.dim() == 5:
+            imgs = imgs[:, 0]
+        ids = enc.token_ids(imgs)  # [B, L]
+        full = torch.ones_like(ids, dtype=torch.bool)
+        done = enc.complete(ids, ids.shape[1] // 2, lambda t: self.head(t, full, None))
+        h, w = enc.grid_size
+        return enc.palette[done].view(-1, h, w, 3).permute(0, 3, 1, 2).float()
 
 
 def create_model(encoder_cfg: EncoderConfig, recipe: RecipeConfig) -> MIMModel:

@@ -206,6 +206,11 @@ class Target(nn.Module):
     def prepare(self, sample_images: ImageSampler, log: Callable[[str], None]) -> None:
         """Fit whatever the target needs before pretraining (a tokenizer); default: nothing."""
 
+    def pixel_codebook(self) -> torch.Tensor | None:
+        """The fitted colour-cluster codebook ``[K, 3]`` in [0, 1] RGB that an encoder which
+        ``tokenizes_pixels`` reads (iGPT), or None: the target has none (or it is not fitted)."""
+        return None
+
     def forward(self, imgs: torch.Tensor) -> TargetOut:
         """Targets of normalized images ``[B, C, H, W]``."""
         raise NotImplementedError

@@ -39,7 +39,15 @@ PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
     "grid": {"ratio": 0.75},
     "ibot_block": {"ratio": 0.3},  # iBOT README: --pred_ratio 0.3 (here without its variance)
     "capi_inverse_block": {"ratio": 0.65},  # CAPI default_pretrain_config.yaml: mask_ratio 0.65
+    "bernoulli": {"ratio": 0.15},  # iGPT src/run.py: bert_mask_prob 0.15
+    "raster": {"ratio": 0.15},  # iGPT's autoregressive objective: every token (ratio unused)
 }
+
+
+def drawn_strategies() -> list[str]:
+    """The strategies drawn by default: every registered one but the causal ones (iGPT's
+    ``raster`` predicts every token, so its mask hides all and shows nothing)."""
+    return [n for n in MASKERS.names() if not MASKERS.get(n).causal]
 
 
 def mask_rows(
@@ -54,7 +62,7 @@ def mask_rows(
     p = int(enc.patch_size)  # type: ignore[arg-type]
     grid = (int(enc.img_size) // p, int(enc.img_size) // p)  # type: ignore[arg-type]
     rows = []
-    for name in strategies or MASKERS.names():
+    for name in strategies or drawn_strategies():
         cfg = paper_masking(name, grid, p, ratio)
         masker = create_masker(cfg, grid, p)
         # hidden from the encoder (I-JEPA's codes: context 0 shows, targets and the rest do not)
@@ -97,7 +105,7 @@ def mask_avgdists(
     return [
         (name, masking_avgdist(paper_masking(name, (side // p, side // p), p, ratio), side, p,
                                draws, seed))
-        for name in strategies or MASKERS.names()
+        for name in strategies or drawn_strategies()
     ]
 
 
@@ -158,7 +166,7 @@ def check_mask_args(
 
 
 #: How the reconstruction picture names the rows of :meth:`pretrain.model.MIMModel.visualize`.
-RECON_ROW_LABELS: dict[str, str] = {"pasted": "prediction + visible"}
+RECON_ROW_LABELS: dict[str, str] = {"pasted": "prediction + visible", "completion": "bottom half drawn"}
 
 
 def recon_row_labels(names: list[str]) -> list[str]:

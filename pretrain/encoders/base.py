@@ -100,6 +100,9 @@ class Encoder(nn.Module, metaclass=ABCMeta):
             :meth:`forward_tokens`, ViT's masked patch prediction corrupts them in between).
         full_grid_reason: Why a family without a visible-only forward needs every patch.
         option_defaults: The family's options and their defaults (stored in encoder files).
+        tokenizes_pixels: The family reads each pixel as an id of a colour-cluster codebook that
+            the harness fits before pretraining (iGPT, :mod:`.igpt`): the model hands it the
+            ``color_clusters`` target's palette (:meth:`set_codebook`).
     """
 
     family: ClassVar[str]
@@ -109,6 +112,7 @@ class Encoder(nn.Module, metaclass=ABCMeta):
     token_input: ClassVar[bool] = False
     full_grid_reason: ClassVar[str] = "it needs every patch"
     option_defaults: ClassVar[dict[str, bool]] = {}
+    tokenizes_pixels: ClassVar[bool] = False
 
     def __init__(self, cfg: EncoderConfig, options: Mapping[str, Any] | None = None) -> None:
         super().__init__()
@@ -180,6 +184,15 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         raise ValueError(
             f"a {self.family} encoder has no transformer parts to initialise: use encoder_init: timm"
         )
+
+    def set_codebook(self, palette: torch.Tensor) -> None:
+        """Take a fitted colour-cluster codebook ``[K, 3]`` (families that ``tokenizes_pixels``)."""
+        raise ValueError(f"a {self.family} encoder reads pixels, not colour-cluster ids")
+
+    @property
+    def codebook_fitted(self) -> bool:
+        """Whether the codebook the encoder reads is fitted (True: a family without one)."""
+        return True
 
     def block_grid(self, index: int) -> tuple[int, int]:
         """Grid of :meth:`forward_blocks` entry ``index`` (isotropic families: the output's)."""
@@ -296,6 +309,26 @@ class Encoder(nn.Module, metaclass=ABCMeta):
                 "use last_blocks [1]"
             )
         return [self.final_norm(t) for t in self.forward_blocks(x)[-n:]]
+
+    def block_tokens(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Tokens after block ``index`` (0-based; negative counts from the last) through the final
+        norm, ``[B, P + N, D]``: a linear probe of an intermediate block (iGPT's best features lie
+        mid-network, Chen et al. 2020, Sec. 4.2). Isotropic families only (every block has the
+        output's width and grid).
+
+        Raises:
+            ValueError: a hierarchical family, or an index outside the blocks.
+        """
+        n = self.num_layers
+        if not self.isotropic:
+            raise ValueError(
+                f"a {self.family} encoder changes its width between stages: a block index needs "
+                "an isotropic encoder (ViT, BEiT, iGPT); leave block unset"
+            )
+        if not -n <= index < n:
+            raise ValueError(f"block {index} is outside the {n} blocks of '{self.cfg.arch}' "
+                             f"(0 to {n - 1}, or -{n} to -1 from the last)")
+        return self.final_norm(self.forward_blocks(x)[index])
 
     def forward_intermediates(
         self, x: torch.Tensor, indices: list[int], norm: bool = False

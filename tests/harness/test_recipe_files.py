@@ -65,7 +65,8 @@ def test_recipe_file_sets_every_recipe_and_train_key(name):
 def test_recipe_file_values_are_the_resolved_values(name):
     # a pretraining config naming only the recipe resolves to exactly the file's values
     # the Context Encoder's conv net; I-JEPA's 384-wide predictor needs an encoder at least as wide
-    arch = {"context_encoder": "ce_conv_32", "ijepa": "vit_base_16"}.get(name, "vit_tiny_16")
+    arch = {"context_encoder": "ce_conv_32", "ijepa": "vit_base_16", "igpt": "igpt_micro_8",
+            "igpt_bert": "igpt_micro_8"}.get(name, "vit_tiny_16")
     enc = {"arch": arch}
     cfg = PretrainConfig(encoder=enc, recipe={"name": name})
     raw = _raw(name)
@@ -76,9 +77,10 @@ def test_recipe_file_values_are_the_resolved_values(name):
     if raw["recipe"]["encoder_init"] == "default":  # left out of dumps at its default: hashes kept
         assert "encoder_init" not in plain["recipe"]
     else:  # a paper's rule (mae, beit, simmim) or timm's named (iBOT: DINO's ViT init is timm's;
-        # CAPI: no rule of its own): part of the config and of its hash
+        # CAPI: no rule of its own; iGPT: its family's own init): part of the config and its hash
         assert plain["recipe"]["encoder_init"] == raw["recipe"]["encoder_init"]
-        assert raw["recipe"]["encoder_init"] == {"ibot": "timm", "capi": "timm"}.get(name, name)
+        own = {"ibot": "timm", "capi": "timm", "igpt": "timm", "igpt_bert": "timm"}
+        assert raw["recipe"]["encoder_init"] == own.get(name, name)
     assert "encoder_setup" not in plain["recipe"]  # 'paper' is left out of dumps
     assert ("encoder_defaults" in plain["recipe"]) == (raw["recipe"]["encoder_defaults"] is not None)
 

@@ -27,6 +27,8 @@ TINY: dict[str, tuple[EncoderConfig, dict[str, Any]]] = {
     # the layouts of published checkpoints (data2vec 2.0's post-norm ViT, I-JEPA's without cls)
     "vit_postnorm": (EncoderConfig(arch="vit_micro_32", pos_embed="learned"), {}),
     "vit_avgpool": (EncoderConfig(arch="vit_micro_32", pos_embed="learned"), {}),
+    # iGPT's pixel-token transformer (its codebook set in _tiny; causal in tests/pretrain/test_igpt)
+    "igpt": (EncoderConfig(arch="igpt_micro_8"), {}),
 }
 
 #: ViT variants (``EncoderConfig`` values; the family follows from the config): layer scale and
@@ -62,6 +64,8 @@ def _tiny(case: str, seed: int = 0) -> Encoder:
     with torch.no_grad():  # every weight away from its init (zeros, ones), so loads must matter
         for p in enc.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    if enc.tokenizes_pixels:  # a fitted colour-cluster codebook (the harness fits it in pretraining)
+        enc.set_codebook(torch.rand(512, 3, generator=torch.Generator().manual_seed(seed)))
     return enc.eval()
 
 

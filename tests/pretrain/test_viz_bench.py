@@ -8,7 +8,7 @@ from PIL import Image
 from harness.cli import main
 from pretrain import bench
 from pretrain.masking import MASKERS
-from pretrain.viz import mask_rows, render_masks
+from pretrain.viz import drawn_strategies, mask_rows, render_masks
 
 
 def test_viz_masks_cli_writes_one_row_per_strategy(tmp_path, capsys):
@@ -16,7 +16,9 @@ def test_viz_masks_cli_writes_one_row_per_strategy(tmp_path, capsys):
     assert main(["viz", "masks", "--out", str(out), "--samples", "3"]) == 0
     assert "wrote" in capsys.readouterr().out
     with Image.open(out) as im:
-        assert im.width > 3 * 14 * 6 and im.height > len(MASKERS) * 14 * 6
+        # one row per strategy but the causal ones (raster masks every token: nothing to draw)
+        assert len(drawn_strategies()) == len(MASKERS) - 1
+        assert im.width > 3 * 14 * 6 and im.height > len(drawn_strategies()) * 14 * 6
 
 
 def test_viz_masks_unknown_strategy_suggests(tmp_path, capsys):
@@ -27,6 +29,7 @@ def test_viz_masks_unknown_strategy_suggests(tmp_path, capsys):
 def test_mask_rows_use_the_papers_settings_and_draw_masked_dark():
     rows = dict(mask_rows(arch="vit_base_16", samples=2, seed=0))
     assert set(rows) == {
+        "bernoulli 29/196",  # iGPT's BERT mask: round(0.15 * 196) expected, drawn per token
         "block 75/196",
         "capi_inverse_block 127/196",  # round(0.65 * 196) = round(127.4)
         "central 49/196",

@@ -130,7 +130,7 @@ class EncoderConfig(StrictModel):
                 "mlp_ratio": self.mlp_ratio,
                 "num_classes": 0,
             }
-        if self.family == "conv":
+        if self.family in ("conv", "igpt"):
             return {}
         out: dict[str, Any] = {
             "img_size": self.img_size,
@@ -193,5 +193,15 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
                        num_heads=1, mlp_ratio=1.0),
     "ce_conv_128": dict(family="conv", img_size=128, patch_size=8, embed_dim=512, depth=5,
                         num_heads=1, mlp_ratio=1.0),
+    # iGPT (Chen et al., ICML 2020): one token per pixel of a ``vocab_size``-entry colour-cluster
+    # codebook; iGPT-S as openai/image-gpt src/run.py's defaults (n_embd 512, n_head 8, n_layer
+    # 24, n_px 32, n_vocab 512); img_size is the input resolution (the paper's 32, 48 or 64).
+    # Tiny ones for CPU tests and the demo.
+    "igpt_micro_8": dict(family="igpt", img_size=8, patch_size=1, embed_dim=32, depth=2,
+                         num_heads=2, mlp_ratio=4.0, vocab_size=512),
+    "igpt_tiny_16": dict(family="igpt", img_size=16, patch_size=1, embed_dim=128, depth=6,
+                         num_heads=4, mlp_ratio=4.0, vocab_size=512),
+    "igpt_s_32": dict(family="igpt", img_size=32, patch_size=1, embed_dim=512, depth=24,
+                      num_heads=8, mlp_ratio=4.0, vocab_size=512),
 }
 

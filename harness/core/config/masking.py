@@ -233,6 +233,11 @@ def _count_grid(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[st
     return uh * uw - (uh // k) * (uw // k), f"{uh * uw} - {uh // k} x {uw // k}", {"k": k}
 
 
+def _count_all(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[str, Any]]:
+    # iGPT's autoregressive objective: every unit is predicted from the ones before it
+    return uh * uw, f"all {uh * uw} (each from the ones before it in raster order)", {}
+
+
 def _count_multiblock(cfg: MaskingConfig, uh: int, uw: int) -> tuple[int, str, dict[str, Any]]:
     # I-JEPA: the targets vary per image; the plan holds the largest count of one target block
     mb = cfg.multiblock
@@ -252,16 +257,22 @@ _UNIT_COUNTS = {
     "ibot_block": _count_round,  # the count of the middle ratio; each image draws its own
     "capi_inverse_block": _count_int,
     "multiblock": _count_multiblock,
+    "bernoulli": _count_round,  # the expected count; each unit is drawn on its own
+    "raster": _count_all,
 }
+
+#: Strategies that predict every unit, each from the ones before it (causal attention), so a
+#: mask hiding every unit is their design, not an error.
+PREDICT_ALL = frozenset({"raster"})
 
 
 def _unit_px(cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> int:
     """The masking unit in pixels; raises when it is not whole patches tiling the image."""
     mps = cfg.mask_patch_size
-    if cfg.strategy == "shuffle":
+    if cfg.strategy in ("shuffle", "bernoulli", *PREDICT_ALL):
         if mps not in (None, patch_size):
             raise ConfigError(
-                "shuffle masking works on single patches: set masking.mask_patch_size to null "
+                f"{cfg.strategy} masking works on single patches: set masking.mask_patch_size to null "
                 f"(got {mps} with patch size {patch_size})"
             )
         return patch_size
@@ -345,7 +356,7 @@ def plan_masking(
                    f"{grid[1] * patch_size} px image of {patch_size} px patches")
         fix = _masking_fix(cfg, grid, patch_size, where)
         raise ConfigError(f"{where}: {exc} ({numbers}); {fix}") from None
-    if 0 < plan.units_masked < plan.num_units:
+    if 0 < plan.units_masked < plan.num_units or cfg.strategy in PREDICT_ALL:
         return plan
     what = ("every patch of every sample is masked, nothing is left to predict from"
             if plan.units_masked >= plan.num_units else "no patch is masked, nothing to predict")
