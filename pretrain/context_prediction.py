@@ -152,7 +152,9 @@ class PairClassifier(Head):
         pred_grid: Unused.
     """
 
-    requires_full_sequence = False
+    # never offered for encoder_mode 'visible': it reads no encoder tokens (its model encodes
+    # the patches itself), so it is no answer to a recipe that encodes visible patches only
+    requires_full_sequence = True
     patch_grid_only = True
 
     def __init__(
