@@ -334,3 +334,15 @@ def test_engine_pretrains_and_exports_the_conv_encoder(tiny_imagefolder, tmp_pat
     enc = load_encoder(tmp_path / "run" / ENCODER)
     feats = enc.forward_features(torch.zeros(1, 3, 32, 32))  # the whole image, as tasks use it
     assert feats.shape == (1, 16, 64)
+
+
+def test_the_conv_encoder_has_a_feature_cache_fingerprint():
+    # the linear probe keys its feature cache on the encoder's bytes; batch norm's 0-dim
+    # num_batches_tracked once made that raise for every conv encoder
+    from downstream.features import encoder_fingerprint
+
+    enc = _model(SELFIE).encoder
+    before = encoder_fingerprint(enc)
+    assert before == encoder_fingerprint(enc)
+    enc.convs[3].num_batches_tracked += 1  # the 0-dim counter is part of the bytes
+    assert encoder_fingerprint(enc) != before
