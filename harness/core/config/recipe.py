@@ -47,7 +47,8 @@ class HeadConfig(StrictModel):
         type: ``linear`` (SimMIM: 1x1 conv + pixel shuffle), ``mlp`` (2-layer MLP, SimMIM
             Table 2), ``inverse_swin`` (Swin blocks that upsample back to the patch grid, SimMIM
             Table 2), ``mae_decoder`` (MAE's transformer decoder), ``upconv`` (Context Encoder:
-            channel-wise fully connected layer + up-convolutions).
+            channel-wise fully connected layer + up-convolutions), ``attention_pooling``
+            (Selfie's pooling network), ``pair_classifier`` (context prediction's fc7 + fc8).
         depth: ``mae_decoder``: blocks; ``inverse_swin``: blocks per stage when
             ``stage_depths`` is not given.
         dim: ``mae_decoder``: width; ``mlp``: hidden width; ``inverse_swin``: width of the
@@ -280,7 +281,9 @@ class TargetConfig(StrictModel):
             color with ``bins`` per channel, one ``bins^3``-way class: ViT's 3-bit color with 8),
             ``tokens`` (BEiT), ``ibot`` (iBOT: the EMA teacher's softmax over projected tokens),
             ``clusters`` (CAPI: the EMA teacher's patch tokens clustered online with
-            Sinkhorn-Knopp; not the ``clusters`` field below, which counts colour clusters).
+            Sinkhorn-Knopp; not the ``clusters`` field below, which counts colour clusters),
+            ``selfie`` (the right patch among the image's masked patches, Selfie) and
+            ``relative_position`` (which of 8 neighbours a patch is, context prediction).
         bins: Color bins per channel for ``color_bins`` and ``mean_color``.
         hog: HOG parameters for ``hog``.
         tokenizer: The tokenizer for ``tokens``.
