@@ -62,7 +62,8 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
     for k, v in sorted(encoder.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # flat first: a 0-dim tensor (batch norm's num_batches_tracked) has no byte view
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

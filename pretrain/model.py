@@ -20,7 +20,13 @@ iBOT                :mod:`pretrain.ibot` (EMA teacher + projection heads, two cr
 CAPI                :mod:`pretrain.capi` (online clustering, Sinkhorn-Knopp, cross-attention head)
 iGPT                :mod:`pretrain.encoders.igpt` (pixel tokens), ``color_clusters`` target,
                     ``bernoulli`` (BERT) or ``raster`` (autoregressive, causal) masking
+Selfie              :mod:`pretrain.selfie` (patch choice among the masked patches), conv encoder
+Context prediction  :mod:`pretrain.context_prediction` (relative position of patch pairs)
 ==================  ==============================================================
+
+Selfie and context prediction encode image patches one by one and classify, which is not the
+masker + encoder + head + target pipeline: each registers a subclass of :class:`MIMModel` for its
+target type (:func:`register_model`), which :func:`create_model` builds for that target.
 
 Hooks instead of flags: the target is built from the encoder (:meth:`Target.from_encoder`), the
 engine calls :meth:`MIMModel.after_step` once per optimizer step (an EMA teacher's update), the
@@ -51,7 +57,7 @@ from pretrain.masking import MASKERS, Masker, ViewMasker, create_masker, mask_to
 from pretrain.targets import TARGETS, ImageSampler, TargetOut, to_unit
 from pretrain.vit_mpp import corrupt_and_encode
 
-__all__ = ["HEADS", "MIMModel", "MIMOutput", "create_model"]
+__all__ = ["HEADS", "MODELS", "MIMModel", "MIMOutput", "create_model", "register_model"]
 
 
 @dataclass
@@ -296,6 +302,24 @@ class MIMModel(nn.Module):
         return enc.palette[done].view(-1, h, w, 3).permute(0, 3, 1, 2).float()
 
 
+#: ``recipe.target.type`` -> the model class of a recipe whose objective is not the masker +
+#: encoder + head + target pipeline (Selfie, context prediction); every other target:
+#: :class:`MIMModel`.
+MODELS: dict[str, type[MIMModel]] = {}
+
+
+def register_model(target_type: str) -> Callable[[type[MIMModel]], type[MIMModel]]:
+    """Register a :class:`MIMModel` subclass as the model of recipes with ``target_type``."""
+
+    def _add(cls: type[MIMModel]) -> type[MIMModel]:
+        if target_type in MODELS:
+            raise ValueError(f"a model is already registered for target '{target_type}'")
+        MODELS[target_type] = cls
+        return cls
+
+    return _add
+
+
 def create_model(encoder_cfg: EncoderConfig, recipe: RecipeConfig) -> MIMModel:
-    """The pretraining model of a recipe."""
-    return MIMModel(encoder_cfg, recipe)
+    """The pretraining model of a recipe (its target's registered model, else :class:`MIMModel`)."""
+    return MODELS.get(recipe.target.type, MIMModel)(encoder_cfg, recipe)

@@ -115,6 +115,10 @@ class Target(nn.Module):
             validation allows ``recipe.global_crops > 1`` only then).
         needs_teacher: Whether the target is computed by an EMA teacher (config validation
             then requires ``recipe.teacher``, :mod:`pretrain.teacher`).
+        needs_pairs: Whether the target classifies patch pairs (config validation then
+            requires ``recipe.pairs``, :mod:`pretrain.context_prediction`).
+        patchwise_encoder: Whether the recipe runs the encoder on each image patch on its own
+            (Selfie, context prediction: config validation requires a conv encoder).
         resolution: Side of the target image (the input's side unless ``target.resolution``).
         pred_grid: The grid the head predicts on and the loss averages over
             (:func:`harness.core.config.recipe.target_grid`).
@@ -125,6 +129,8 @@ class Target(nn.Module):
     supports_resolution: ClassVar[bool] = False
     multi_view: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
+    needs_pairs: ClassVar[bool] = False
+    patchwise_encoder: ClassVar[bool] = False
     out_dim: int = 0
     num_classes: int = 0
     pixel_channels: int | None = None

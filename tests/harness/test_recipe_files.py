@@ -65,9 +65,12 @@ def test_recipe_file_sets_every_recipe_and_train_key(name):
 def test_recipe_file_values_are_the_resolved_values(name):
     # a pretraining config naming only the recipe resolves to exactly the file's values
     # the Context Encoder's conv net; I-JEPA's 384-wide predictor needs an encoder at least as wide
+    # Selfie and context prediction encode patches one by one: a conv net (context prediction's
+    # paper grid of 96 px patches needs at least 398 px images: 416 = 13 x 32)
     arch = {"context_encoder": "ce_conv_32", "ijepa": "vit_base_16", "igpt": "igpt_micro_8",
-            "igpt_bert": "igpt_micro_8"}.get(name, "vit_tiny_16")
-    enc = {"arch": arch}
+            "igpt_bert": "igpt_micro_8", "selfie": "ce_conv_32",
+            "context_prediction": "ce_conv_128"}.get(name, "vit_tiny_16")
+    enc = {"arch": arch, "img_size": 416} if name == "context_prediction" else {"arch": arch}
     cfg = PretrainConfig(encoder=enc, recipe={"name": name})
     raw = _raw(name)
     expect = RecipeConfig.model_validate(raw["recipe"]), TrainConfig.model_validate(raw["train"])
@@ -134,7 +137,7 @@ def test_discrete_pairs_follow_the_registered_classes():
     with pytest.raises(ValueError, match=r"target 'tokens' is discrete: set loss.type: cross_entropy \(got 'l2'\)"):
         RecipeConfig(name="beit", loss={"type": "l2"})
     with pytest.raises(ValueError, match=(r"loss 'cross_entropy' needs a discrete target \(clusters, color_bins, "
-                                          r"color_clusters, ibot, mean_color, tokens\); target 'pixels' is continuous: use "
+                                          r"color_clusters, ibot, mean_color, relative_position, selfie, tokens\); target 'pixels' is continuous: use "
                                           r"l1, l2 or smooth_l1")):
         RecipeConfig(name="simmim", loss={"type": "cross_entropy"})
 

@@ -230,13 +230,18 @@ def test_recipe_trains_on_a_fixed_batch(case):
 # trained on a fixed batch in tests/pretrain/test_ibot_capi.py (two views, soft targets: their
 # predictions are not one row per patch of the target's width)
 IBOT_CAPI_HEADS, IBOT_CAPI_TARGETS = {"identity", "cross_attention"}, {"ibot", "clusters"}
+# trained on a fixed batch in tests/pretrain/test_lineage.py (their own models: scores over the
+# masked patches, one classification per pair)
+LINEAGE_HEADS = {"attention_pooling", "pair_classifier"}
+LINEAGE_TARGETS = {"selfie", "relative_position"}
 
 
 def test_every_head_and_target_is_exercised():
     heads = {CASES[c][1].get("head", {}).get("type") for c in CASES} | IBOT_CAPI_HEADS
-    heads |= {RecipeConfig(**CASES[c][1]).head.type for c in CASES}
+    heads |= {RecipeConfig(**CASES[c][1]).head.type for c in CASES} | LINEAGE_HEADS
     assert set(HEADS.names()) <= heads
     targets = {RecipeConfig(**CASES[c][1]).target.type for c in CASES} | IBOT_CAPI_TARGETS
+    targets |= LINEAGE_TARGETS
     assert set(TARGETS.names()) <= targets
 
 

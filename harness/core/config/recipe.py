@@ -47,7 +47,8 @@ class HeadConfig(StrictModel):
         type: ``linear`` (SimMIM: 1x1 conv + pixel shuffle), ``mlp`` (2-layer MLP, SimMIM
             Table 2), ``inverse_swin`` (Swin blocks that upsample back to the patch grid, SimMIM
             Table 2), ``mae_decoder`` (MAE's transformer decoder), ``upconv`` (Context Encoder:
-            channel-wise fully connected layer + up-convolutions).
+            channel-wise fully connected layer + up-convolutions), ``attention_pooling``
+            (Selfie's pooling network), ``pair_classifier`` (context prediction's fc7 + fc8).
         depth: ``mae_decoder``: blocks; ``inverse_swin``: blocks per stage when
             ``stage_depths`` is not given.
         dim: ``mae_decoder``: width; ``mlp``: hidden width; ``inverse_swin``: width of the
@@ -280,7 +281,9 @@ class TargetConfig(StrictModel):
             color with ``bins`` per channel, one ``bins^3``-way class: ViT's 3-bit color with 8),
             ``tokens`` (BEiT), ``ibot`` (iBOT: the EMA teacher's softmax over projected tokens),
             ``clusters`` (CAPI: the EMA teacher's patch tokens clustered online with
-            Sinkhorn-Knopp; not the ``clusters`` field below, which counts colour clusters).
+            Sinkhorn-Knopp; not the ``clusters`` field below, which counts colour clusters),
+            ``selfie`` (the right patch among the image's masked patches, Selfie) and
+            ``relative_position`` (which of 8 neighbours a patch is, context prediction).
         bins: Color bins per channel for ``color_bins`` and ``mean_color``.
         hog: HOG parameters for ``hog``.
         tokenizer: The tokenizer for ``tokens``.
@@ -369,6 +372,36 @@ class LossConfig(StrictModel):
         return check_name(LOSSES, value)
 
 
+class PairsConfig(StrictModel):
+    """Patch pairs of context prediction (Doersch, Gupta, Efros, "Unsupervised Visual
+    Representation Learning by Context Prediction", ICCV 2015, Sec. 3 and 3.1; see
+    :mod:`pretrain.context_prediction`): a 3x3 grid of ``patch_size`` px patches with ``gap``
+    px between neighbours is placed uniformly at random in the image, the centre patch and one
+    of its 8 neighbours (uniform) are cut out, each moved by up to ``jitter`` px in x and y.
+
+    Attributes:
+        patch_size: Side of a patch in pixels (the paper: 96).
+        gap: Pixels between neighbouring patches of the grid before jitter (the paper: 48).
+        jitter: Largest shift of each patch in x and in y, in pixels (the paper: 7).
+        color: The chromatic-aberration counter-measure (Sec. 3.1): ``none``, ``drop`` (keep one
+            random channel per patch, the other two replaced by Gaussian noise) or ``project``
+            (remove each pixel's green-magenta component, shifting those colours towards grey).
+        noise_std: ``drop``: std of the replacing noise as a fraction of the kept channel's std.
+    """
+
+    patch_size: int = Field(96, ge=1)
+    gap: int = Field(48, ge=0)
+    jitter: int = Field(7, ge=0)
+    color: Literal["none", "drop", "project"] = "drop"
+    noise_std: float = Field(0.01, ge=0.0)
+
+    @property
+    def min_image_size(self) -> int:
+        """The smallest image side that holds the grid with both outer patches jittered
+        outwards: ``3 patch + 2 gap + 2 jitter``."""
+        return 3 * self.patch_size + 2 * self.gap + 2 * self.jitter
+
+
 class EncoderDefaults(StrictModel):
     """The encoder definition a recipe's paper uses, applied to the encoder fields the user left
     unset (ViT presets only: a Swin or conv encoder keeps its own definition). ``None`` leaves a
@@ -420,6 +453,8 @@ class RecipeConfig(StrictModel):
             take one input size, so only 0 is accepted for now. Left out of dumps at 0.
         teacher: The EMA teacher of a target that has one (``latent``); ``None`` (left out of
             dumps) for every other target.
+        pairs: The patch pairs of a target that classifies their relative position (context
+            prediction, its class's ``needs_pairs``); ``None`` (left out of dumps) otherwise.
     """
 
     name: str
@@ -434,6 +469,7 @@ class RecipeConfig(StrictModel):
     global_crops: int = Field(1, ge=1)
     local_crops: int = Field(0, ge=0)
     teacher: TeacherConfig | None = None
+    pairs: PairsConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -462,6 +498,7 @@ class RecipeConfig(StrictModel):
             "teacher",
             "global_crops",
             "local_crops",
+            "pairs",
         )
         return omit_at_default(self, handler(self), names)
 
@@ -469,6 +506,7 @@ class RecipeConfig(StrictModel):
     def _axes_fit_together(self) -> RecipeConfig:
         self._check_discrete()
         self._check_teacher()
+        self._check_pairs()
         if self.encoder_mode == "visible":
             if HEADS.get(self.head.type).requires_full_sequence:
                 fill = [n for n in HEADS.names() if not HEADS.get(n).requires_full_sequence]
@@ -537,6 +575,22 @@ class RecipeConfig(StrictModel):
                 f"recipe.teacher or use target.type: {_or_list(users)}"
             )
 
+    def _check_pairs(self) -> None:
+        """A target that classifies patch pairs (its class's ``needs_pairs``) needs
+        ``recipe.pairs``, and ``recipe.pairs`` needs such a target."""
+        needs = bool(TARGETS.get(self.target.type).needs_pairs)
+        if needs and self.pairs is None:
+            raise ValueError(
+                f"target '{self.target.type}' classifies patch pairs: set recipe.pairs "
+                "(e.g. pairs: {patch_size: 8, gap: 3, jitter: 1})"
+            )
+        if not needs and self.pairs is not None:
+            users = [n for n in TARGETS.names() if TARGETS.get(n).needs_pairs]
+            raise ValueError(
+                f"recipe.pairs is set but target '{self.target.type}' does not use patch pairs: "
+                f"remove recipe.pairs or use target.type: {_or_list(users)}"
+            )
+
     def _check_discrete(self) -> None:
         """A discrete target (class indices) needs a classification loss and a continuous one a
         regression loss; which is which the registered classes say (their ``discrete``)."""
@@ -593,6 +647,7 @@ def check_target_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str) 
     Raises:
         ValueError: The message names the resolution and the size or grid it does not fit.
     """
+    check_patchwise_fits(recipe, encoder, where)
     k = recipe.target.resolution
     if k is None:
         return
@@ -613,6 +668,49 @@ def check_target_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str) 
             f"{where}.target.resolution {k} with head '{recipe.head.type}' on encoder "
             f"'{encoder.arch}': {exc}"
         ) from None
+
+
+def check_patchwise_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str) -> None:
+    """Refuse what a target that encodes image patches one by one cannot do (Selfie, context
+    prediction: its class's ``patchwise_encoder``): an encoder that takes one input size (ViT,
+    Swin), a patch the conv encoder's strides do not divide, and context prediction's 3x3 grid
+    of pairs larger than the image.
+
+    Args:
+        recipe: The recipe.
+        encoder: The encoder config (preset filled in).
+        where: The key path of the recipe in messages.
+
+    Raises:
+        ValueError: The message names the sizes and the smallest one that fits.
+    """
+    if not TARGETS.get(recipe.target.type).patchwise_encoder:
+        return
+    if encoder.family != "conv":
+        raise ValueError(
+            f"{where}.target.type '{recipe.target.type}' encodes each image patch on its own, "
+            f"which needs a convolutional encoder (any input size); '{encoder.arch}' is a "
+            f"{encoder.family} encoder of one input size: use a conv preset (ce_conv_32, "
+            "ce_conv_128)"
+        )
+    size, stride = int(encoder.img_size), 2 ** int(encoder.depth)  # type: ignore[arg-type]
+    if recipe.pairs is not None:
+        p = recipe.pairs
+        if p.min_image_size > size:
+            raise ValueError(
+                f"{where}.pairs: the 3x3 grid of {p.patch_size} px patches with gap {p.gap} and "
+                f"jitter {p.jitter} needs an image of at least {p.min_image_size} px "
+                f"(3 patch + 2 gap + 2 jitter); encoder '{encoder.arch}' takes {size} px: use "
+                f"encoder.img_size >= {p.min_image_size} or smaller pairs values"
+            )
+        patch = p.patch_size
+    else:
+        patch = int(recipe.masking.mask_patch_size or encoder.patch_size)  # type: ignore[arg-type]
+    if patch % stride:
+        raise ValueError(
+            f"{where}: '{recipe.target.type}' encodes {patch} px patches, but encoder "
+            f"'{encoder.arch}' ({encoder.depth} stride-2 convs) needs a multiple of {stride} px"
+        )
 
 
 def target_grid(
