@@ -12,6 +12,7 @@ from pretrain import (  # noqa: F401  (each registers its parts)
     color_clusters,
     context_encoder,
     dall_e,
+    data2vec2,
     heads,
     ibot,
     ijepa,
