@@ -377,7 +377,7 @@ def test_combinations_that_cannot_work_fail_clearly(arch, rec, match):
     [
         ({"name": "simmim", "target": {"type": "tokens"}}, "set loss.type: cross_entropy"),
         ({"name": "simmim", "loss": {"type": "cross_entropy"}}, "needs a discrete target"),
-        ({"name": "simmim", "encoder_mode": "visible"}, "use head.type: cross_attention, mae_decoder or predictor"),
+        ({"name": "simmim", "encoder_mode": "visible"}, "use head.type: conv_decoder, cross_attention, mae_decoder or predictor"),
         ({"name": "mae", "masking": {"mask_token_prob": 0.8}}, "need encoder_mode: mask_token"),
         (
             {"name": "simmim", "masking": {"mask_token_prob": 0.8, "random_token_prob": 0.3}},
