@@ -39,6 +39,8 @@ PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
     "grid": {"ratio": 0.75},
     "ibot_block": {"ratio": 0.3},  # iBOT README: --pred_ratio 0.3 (here without its variance)
     "capi_inverse_block": {"ratio": 0.65},  # CAPI default_pretrain_config.yaml: mask_ratio 0.65
+    # data2vec 2.0 base_images_only_task.yaml: mask_prob 0.8, mask_length 3, mask_prob_adjust 0.07
+    "d2v2_inverse_block": {"ratio": 0.8, "block_length": 3, "ratio_adjust": 0.07},
 }
 
 

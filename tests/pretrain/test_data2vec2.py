@@ -294,3 +294,15 @@ def test_resume_is_bitwise_with_a_teacher_and_clones(tiny_imagefolder, tmp_path)
     hist = [json.loads(line) for line in la.splitlines()]
     assert all({"target_std", "cosine"} <= set(h) for h in hist)
     assert full.recon_path is not None and full.recon_path.is_file()
+
+
+def test_bench_times_clones_views_and_the_teachers_share(monkeypatch, tmp_path):
+    from pretrain import bench
+
+    ibot = {"name": "ibot", "target": {"ibot": {"out_dim": 64, "patch_out_dim": 64,
+                                                "hidden_dim": 32, "bottleneck_dim": 16}}}  # fmt: skip
+    monkeypatch.setitem(bench.BENCH_RECIPES, "d2v2_micro", ("vit_micro_32", D2V2))
+    monkeypatch.setitem(bench.BENCH_RECIPES, "ibot_micro", ("vit_micro_32", ibot))
+    for label in ("d2v2_micro", "ibot_micro"):  # clones [B, C, L] masks; views [B, V, ...] images
+        res = bench.time_recipe(label, batch=2, steps=1, device=torch.device("cpu"), tmp=str(tmp_path))
+        assert res["step_s"] > 0 and res["target_s"] > 0 and res["peak_mb"] > 0
