@@ -13,6 +13,7 @@ from pretrain import (  # noqa: F401  (each registers its parts)
     context_encoder,
     context_prediction,
     dall_e,
+    data2vec2,
     heads,
     ibot,
     ijepa,

@@ -14,7 +14,10 @@ ViT-B MAE at mask ratio 0.75 with the encoder on the visible 25 % of patches and
 on all patches, whole step (8-block, 512-wide decoder in both) and encoder alone (forward +
 backward). Timings on a shared CPU are noisy: the script prints the median of the timed steps.
 ``target s`` times the target alone (no gradient) plus the after-step hook: for the latent
-recipes the EMA teacher's forward and update, the teacher's share of a step.
+recipes the EMA teacher's forward and update, the teacher's share of a step (``target %``: its
+time over the whole step's, which includes the same teacher pass). iBOT's batches are two views
+of each image (``recipe.global_crops``); data2vec 2.0's step encodes 16 masked clones of each
+image (``recipe.clone_batch``) against one teacher pass (``data2vec2_clone1``: one clone).
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ BENCH_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     # latent targets of an EMA teacher (pretrain/teacher.py)
     "data2vec": ("vit_base_16", {"name": "data2vec"}),
     "ijepa": ("vit_base_16", {"name": "ijepa"}),
+    "data2vec2": ("vit_base_16", {"name": "data2vec2"}),  # 16 clones per image
+    "data2vec2_clone1": ("vit_base_16", {"name": "data2vec2", "clone_batch": 1}),
+    "ibot": ("vit_base_16", {"name": "ibot"}),
+    "capi": ("vit_base_16", {"name": "capi"}),
 }
 
 
@@ -81,6 +88,14 @@ def recipe_overrides(label: str, tmp: str) -> dict[str, Any]:
         torch.save(DallEEncoder().state_dict(), path)
         rec = {**rec, "target": {"tokenizer": {"path": path}}}
     return rec
+
+
+def random_batch(model: torch.nn.Module, batch: int, size: int, device: torch.device) -> torch.Tensor:
+    """Random images for a recipe's step: ``[B, 3, H, W]``, or ``[B, V, 3, H, W]`` with views
+    (``recipe.global_crops``, iBOT)."""
+    views = int(model.recipe.global_crops)
+    shape = (batch, views, 3, size, size) if views > 1 else (batch, 3, size, size)
+    return torch.randn(*shape, device=device)
 
 
 def recipe_step(
@@ -104,7 +119,7 @@ def recipe_step(
     size = int(enc.img_size)  # type: ignore[arg-type]
     model.prepare(lambda n: torch.randn(n, 3, size, size, device=device), log=lambda m: None)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-    imgs = torch.randn(batch, 3, size, size, device=device)
+    imgs = random_batch(model, batch, size, device)
     mask = model.masker(batch, generator=torch.Generator().manual_seed(0)).to(device)
     amp = device.type == "cuda"
     net = parallel.compile_module(model) if compile else model
@@ -126,7 +141,7 @@ def time_recipe(
     step, model, size, arch = recipe_step(label, None, batch, device, tmp)
     times = time_step(step, steps, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    imgs = torch.randn(batch, 3, size, size, device=device)
+    imgs = random_batch(model, batch, size, device)
 
     def target_step() -> None:  # the target (an EMA teacher's forward) and the after-step hook
         with torch.no_grad():
@@ -229,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"device: {dev}; batch {args.batch}; median of {args.steps} steps after one warm-up")
     print(f"{'recipe':<16} {'encoder':<14} {'img':>4} {'step s':>8} {'peak MB':>9} {'params M':>9} "
-          f"{'target s':>9}")
+          f"{'target s':>9} {'target %':>9}")
     for job in jobs:
         cmd = [
             sys.executable,
@@ -268,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(
                 f"{res['recipe']:<16} {res['encoder']:<14} {res['img']:>4} {res['step_s']:>8.3f} "
-                f"{res['peak_mb']:>9.0f} {res['trainable_params_m']:>9.1f} {res['target_s']:>9.3f}"
+                f"{res['peak_mb']:>9.0f} {res['trainable_params_m']:>9.1f} {res['target_s']:>9.3f} "
+                f"{100 * res['target_s'] / res['step_s']:>8.1f}%"
             )
     if args.json:
         with open(args.json, "w") as f:

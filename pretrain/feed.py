@@ -37,6 +37,15 @@ from harness.core.training import epoch_batches, steps_per_epoch
 Batch = tuple[torch.Tensor, torch.Tensor, list[int]]
 
 
+
+def _loader_generator() -> torch.Generator:
+    """The loader's own generator: every epoch's iterator draws its workers' base seed from it,
+    not from torch's global generator, so a resumed run (which builds an iterator after
+    restoring the checkpoint's global RNG state) leaves the global stream as the uninterrupted
+    run has it, for the model's own randomness (data2vec 2.0's decoder noise). Samples'
+    augmentations are seeded per sample, not by it."""
+    return torch.Generator().manual_seed(0)
+
 class _EpochBatches(Sampler[list[tuple[int, int]]]):
     """The index feed's batch sampler: this rank's batches of one epoch from a start batch,
     each sample keyed ``(epoch, index)``; :meth:`set_position` chooses the epoch (the loader
@@ -87,6 +96,7 @@ class IndexFeed:
         self.steps_per_epoch = steps_per_epoch(len(ds), batch_size, "lower train.batch_size")
         self.sampler = _EpochBatches(len(ds), ds.seed, batch_size, local_batch, rank, world)
         self.loader = DataLoader(ds, batch_sampler=self.sampler, collate_fn=collate_skipping,
+                                 generator=_loader_generator(),
                                  **loader_options(num_workers, device))  # fmt: skip
 
     def epoch(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -131,6 +141,7 @@ class StreamFeed:
         # a sample's name SHARD.tar/KEY.EXT is its path in the split's folder
         self.index = {os.path.relpath(p, base.root): i for i, (p, _) in enumerate(base.samples)}
         self.loader = DataLoader(stream, batch_size=stream.batch_size, collate_fn=collate_stream,
+                                 generator=_loader_generator(),
                                  **loader_options(num_workers, device))  # fmt: skip
 
     def epoch(self, epoch: int, start: int) -> Iterator[Batch]:

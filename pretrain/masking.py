@@ -29,6 +29,14 @@ with exactly the same number of masked patches in every sample (so visible token
   rectangle of aspect ratio in ``[min_aspect, 1 / min_aspect]`` cut to exactly
   ``L - int(ratio * L)`` patches, rolled by a random offset (wrapping around the image), and
   everything else is masked.
+* ``d2v2_inverse_block``: data2vec 2.0's inverse block masking (Baevski et al., ICML 2023;
+  reference: fairseq ``data/data_utils.py`` ``compute_block_mask_2d`` with ``inverse_mask``
+  and ``require_same_masks``, called by ``examples/data2vec/models/modalities/images.py``
+  ``ImageEncoder.compute_mask``): ``int(units x (1 - ratio + ratio_adjust) / block_length^2)``
+  centres are drawn uniformly (with replacement), the ``block_length`` square around each
+  (clamped at the border) is made visible, then random visible units are hidden or random
+  hidden units shown until exactly ``units - int(units x (1 - ratio))`` are masked. The
+  reference rolls nothing (CAPI's roll is CAPI's), so neither does this masker.
 * ``bernoulli``: iGPT's BERT mask (Chen et al., ICML 2020, Sec. 2.2; reference
   openai/image-gpt ``src/model.py``, ``model``: ``uniform > bert_mask_prob``): every token is
   masked on its own with probability ``ratio`` (0.15), so the count varies per image
@@ -37,7 +45,8 @@ with exactly the same number of masked patches in every sample (so visible token
   is all True) from the ones before it in raster order; the masker is ``causal``, so the model
   builds its encoder with causal attention (:class:`pretrain.encoders.igpt.IGPTEncoder`).
 
-The last five work on masking units of ``mask_patch_size`` pixels like ``random`` and draw each
+The unit maskers (``block`` to ``d2v2_inverse_block``, :class:`UnitMasker`) work on masking
+units of ``mask_patch_size`` pixels like ``random`` and draw each
 sample with Python's ``random.Random`` seeded from the torch generator, so masks are a function
 of the generator state. ``block``, ``random_blocks`` and ``random_region`` hit the count exactly:
 when BEiT's rejection loop stops short, the block mask grows by random neighbouring units, and
@@ -386,6 +395,46 @@ class CAPIInverseBlockMasker(UnitMasker):
         visible = np.roll(visible.reshape(uh, uw), (dy, dx), (0, 1))
         self.last_box = (h, w, aspect, dy, dx)
         return ~visible
+
+
+@MASKERS.register("d2v2_inverse_block")
+class D2V2InverseBlockMasker(UnitMasker):
+    """data2vec 2.0's inverse block masking (module docstring).
+
+    ``last_draw`` keeps the most recent sample's ``(centres, visible units before the count was
+    made exact)``; the tests check their statistics.
+    """
+
+    def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
+        super().__init__(cfg, grid, patch_size)
+        share = 1.0 - cfg.ratio + cfg.ratio_adjust
+        self.centres = int(self.num_units * share / cfg.block_length**2)
+        self.last_draw: tuple[int, int] = (0, 0)
+
+    def _squares(self, rng: random.Random) -> np.ndarray:
+        """The union of the squares around ``self.centres`` uniform centres, ``[uh, uw]``."""
+        uh, uw = self.unit_grid
+        side = self.cfg.block_length
+        offsets = np.arange(side) - side // 2  # the reference's i - mask_length // 2
+        visible = np.zeros(self.unit_grid, dtype=bool)
+        for _ in range(self.centres):
+            r, c = divmod(rng.randrange(self.num_units), uw)
+            rows = np.clip(r + offsets, 0, uh - 1)
+            cols = np.clip(c + offsets, 0, uw - 1)
+            visible[np.ix_(rows, cols)] = True
+        return visible
+
+    def sample_units(self, rng: random.Random) -> np.ndarray:
+        visible = self._squares(rng).reshape(-1)  # [U]
+        keep = self.num_units - self.units_masked
+        shown = np.flatnonzero(visible)
+        self.last_draw = (self.centres, len(shown))
+        if len(shown) > keep:  # hide random visible units
+            visible[rng.sample(shown.tolist(), len(shown) - keep)] = False
+        elif len(shown) < keep:  # show random hidden units
+            hidden = np.flatnonzero(~visible).tolist()
+            visible[rng.sample(hidden, keep - len(shown))] = True
+        return ~visible.reshape(self.unit_grid)
 
 
 class ViewMasker:

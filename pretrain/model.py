@@ -18,6 +18,7 @@ Context Encoder     :mod:`pretrain.context_encoder` (up-conv head, discriminator
 data2vec, I-JEPA    :mod:`pretrain.teacher` (EMA teacher, latent targets)
 iBOT                :mod:`pretrain.ibot` (EMA teacher + projection heads, two crops, per-image masks)
 CAPI                :mod:`pretrain.capi` (online clustering, Sinkhorn-Knopp, cross-attention head)
+data2vec 2.0        :mod:`pretrain.data2vec2` (conv decoder), clones sharing one teacher pass
 iGPT                :mod:`pretrain.encoders.igpt` (pixel tokens), ``color_clusters`` target,
                     ``bernoulli`` (BERT) or ``raster`` (autoregressive, causal) masking
 Selfie              :mod:`pretrain.selfie` (patch choice among the masked patches), conv encoder
@@ -39,6 +40,7 @@ of :mod:`pretrain.inits`). The engine also tells the model the run's length
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -126,6 +128,9 @@ class MIMModel(nn.Module):
         )
         if recipe.global_crops > 1:  # [B, V, L]: one mask per view
             self.masker = ViewMasker(self.masker, recipe.global_crops)
+        self.clones = recipe.clone_batch
+        if self.clones > 1:  # [B, C, L]: one mask per clone (validated: not with views)
+            self.masker = ViewMasker(self.masker, self.clones)
         self.discriminator = (
             ce.Discriminator(int(encoder_cfg.img_size)) if recipe.loss.adv_weight > 0 else None  # type: ignore[arg-type]
         )
@@ -231,19 +236,30 @@ class MIMModel(nn.Module):
         With views, the encoder and head see the ``B * V`` views as one batch (``pred``
         ``[B * V, ...]``, row ``b * V + v`` for view ``v`` of image ``b``) and the target gets
         them as ``[B, V, C, H, W]``; a single image batch with view masks (the reconstruction
-        picture) uses each image's first mask.
+        picture) uses each image's first mask. With clones (``recipe.clone_batch`` ``C``, masks
+        ``[B, C, L]``) the student sees each image ``C`` times (row ``b * C + c``), each with
+        its own mask, and the target is computed once per image and repeated for its clones
+        (data2vec 2.0's ``clone_batch``: one teacher pass shared by the clones).
         """
         target_in = imgs
+        clones = 1
         if imgs.dim() == 5:
             imgs, mask = imgs.flatten(0, 1), mask.flatten(0, 1)  # [B * V, C, H, W], [B * V, L]
+        elif mask.dim() == 3 and self.clones > 1:
+            clones = mask.shape[1]
+            imgs, mask = imgs.repeat_interleave(clones, 0), mask.flatten(0, 1)  # [B * C, ...]
         elif mask.dim() == 3:
             mask = mask[:, 0]
         hidden, predicted = mask != 0, mask == 1  # the same as mask for a boolean mask
         tokens, ids_restore = self.encode(imgs, hidden)
-        pred = self.head(tokens, mask, ids_restore)  # [B (* V), L', out_dim]
-        tgt = self.target(target_in)
+        pred = self.head(tokens, mask, ids_restore)  # [B (* V or C), L', out_dim]
+        tgt = _repeat_rows(self.target(target_in), clones)
         loss = self.target.loss(pred, tgt, predicted, self.recipe.loss)
         parts = {"rec": loss.detach()}
+        prefix = self.target.prefix_loss(tokens, tgt, self.recipe.loss)
+        if prefix is not None:  # data2vec 2.0's class-token loss
+            loss = loss + prefix
+            parts["cls"] = prefix.detach()
         if self.discriminator is not None:
             w = self.recipe.loss.adv_weight
             g_adv, d_loss = ce.adversarial_losses(
@@ -270,6 +286,12 @@ class MIMModel(nn.Module):
         """Rows of the reconstruction picture, each ``[B, 3, H, W]`` in [0, 1]: original, masked
         input, then what makes sense for the target (pixels: prediction and prediction pasted
         into the visible patches; HOG, colors, tokens: the target and the prediction drawn)."""
+        if out.mask.shape[0] > imgs.shape[0]:  # clones: each image's first clone
+            c = out.mask.shape[0] // imgs.shape[0]
+            out = dataclasses.replace(out, **{
+                f.name: v[::c] for f in dataclasses.fields(out)
+                if isinstance(v := getattr(out, f.name), torch.Tensor) and v.dim() > 0
+            })  # fmt: skip
         orig = to_unit(imgs.float())
         p, g = self.encoder.patch_size, self.encoder.grid_size
         pm = mask_to_pixels(out.mask == 1, p, g).to(orig)  # predicted: grey
@@ -318,6 +340,19 @@ def register_model(target_type: str) -> Callable[[type[MIMModel]], type[MIMModel
         return cls
 
     return _add
+
+
+def _repeat_rows(tgt: TargetOut, clones: int) -> TargetOut:
+    """A target of ``B`` images for their ``B * clones`` clones: every per-image tensor field
+    repeated ``clones`` times in place (row ``b * clones + c``); scalars (a target's own loss)
+    are kept once."""
+    if clones == 1:
+        return tgt
+    b = tgt.value.shape[0]
+    return dataclasses.replace(tgt, **{
+        f.name: v.repeat_interleave(clones, 0) for f in dataclasses.fields(tgt)
+        if isinstance(v := getattr(tgt, f.name), torch.Tensor) and v.dim() > 0 and len(v) == b
+    })  # fmt: skip
 
 
 def create_model(encoder_cfg: EncoderConfig, recipe: RecipeConfig) -> MIMModel:

@@ -231,6 +231,19 @@ class Target(nn.Module):
             return classification_loss(pred, tgt.value, weights, cfg, self.num_classes)
         return reconstruction_loss(pred, tgt.value, weights, cfg)
 
+    def prefix_loss(
+        self, tokens: torch.Tensor, tgt: TargetOut, cfg: LossConfig
+    ) -> torch.Tensor | None:
+        """A loss on the student's prefix (class) tokens, added to :meth:`loss` (data2vec 2.0's
+        class-token loss); default: none.
+
+        Args:
+            tokens: The student encoder's output ``[B, P + K, D]``.
+            tgt: This batch's target (one row per student image).
+            cfg: The recipe's loss.
+        """
+        return None
+
     def pred_image(self, pred: torch.Tensor, tgt: TargetOut) -> torch.Tensor | None:
         """The prediction drawn as an image in [0, 1] ``[B, 3, H, W]``, or None."""
         return None

@@ -14,7 +14,8 @@
   ``Data2VecVisionModel.forward``): top 6, layer norm of the average for vision
   (``base_imagenet_d2v1.yaml``); data2vec 2.0 (Baevski et al. 2023; fairseq
   ``examples/data2vec/config/v2/base_images_only_task.yaml``): top 10, instance norm per block,
-  layer norm of the average; I-JEPA (Assran et al., CVPR 2023; facebookresearch/ijepa
+  layer norm of the average (``layer_norm_targets: true``), and a class-token loss
+  (``cls_loss`` 0.01, :meth:`LatentTarget.prefix_loss`); I-JEPA (Assran et al., CVPR 2023; facebookresearch/ijepa
   ``src/train.py``, ``forward_target``): the target encoder's normed output, layer-normed again.
 """
 
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.config import TargetConfig, TeacherConfig
+from harness.core.config import LossConfig, TargetConfig, TeacherConfig
+from pretrain.losses import reconstruction_loss
 from pretrain.targets import TARGETS, Target, TargetOut
 
 
@@ -134,6 +136,12 @@ class LatentTarget(Target):
                 f"target.latent.top_k {cfg.latent.top_k} exceeds the encoder's {depth} blocks: "
                 f"set target.latent.top_k to at most {depth}"
             )
+        if cfg.latent.cls_weight > 0 and int(encoder.num_prefix_tokens) < 1:
+            raise ValueError(
+                f"target.latent.cls_weight {cfg.latent.cls_weight} regresses the student's class "
+                f"token, but the {encoder.family} encoder has none: set "
+                "target.latent.cls_weight: 0 or use an encoder with a class token"
+            )
         self.teacher = EMATeacher(encoder, teacher)
         self.prefix = int(encoder.num_prefix_tokens)
         self.out_dim = int(encoder.num_features)
@@ -182,6 +190,23 @@ class LatentTarget(Target):
         normed = [self._block_norm(b[:, self.prefix :]) for b in blocks]
         avg = torch.stack(normed).mean(dim=0)  # [B, L, D]
         return TargetOut(self._target_norm(avg))
+
+    def prefix_loss(
+        self, tokens: torch.Tensor, tgt: TargetOut, cfg: LossConfig
+    ) -> torch.Tensor | None:
+        """data2vec 2.0's class-token loss (``data2vec2.py`` ``Data2VecMultiModel.forward``,
+        ``cls_loss``): the student's class token regresses the mean of its image's patch
+        targets under the recipe's loss (``d2v_loss``), summed over the batch's images and
+        weighted by ``cls_weight`` (the reference multiplies it by the masked-token count its
+        criterion then divides by, so it is a sum over images beside a mean over masked
+        patches). None when ``cls_weight`` is 0."""
+        w = self.cfg.latent.cls_weight
+        if w == 0:
+            return None
+        pred = tokens[:, :1].float()  # [B, 1, D] the student's class token
+        target = tgt.value.float().mean(dim=1, keepdim=True)  # [B, 1, D]
+        ones = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
+        return w * pred.shape[0] * reconstruction_loss(pred, target, ones, cfg)
 
     def statistics(self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor) -> dict[str, float]:
         """The target's std over the masked patches (collapse: near zero) and the cosine

@@ -41,6 +41,8 @@ PAPER_MASKING: dict[str, dict[str, float | int | None]] = {
     "capi_inverse_block": {"ratio": 0.65},  # CAPI default_pretrain_config.yaml: mask_ratio 0.65
     "bernoulli": {"ratio": 0.15},  # iGPT src/run.py: bert_mask_prob 0.15
     "raster": {"ratio": 0.15},  # iGPT's autoregressive objective: every token (ratio unused)
+    # data2vec 2.0 base_images_only_task.yaml: mask_prob 0.8, mask_length 3, mask_prob_adjust 0.07
+    "d2v2_inverse_block": {"ratio": 0.8, "block_length": 3, "ratio_adjust": 0.07},
 }
 
 

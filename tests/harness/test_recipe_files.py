@@ -80,9 +80,11 @@ def test_recipe_file_values_are_the_resolved_values(name):
     if raw["recipe"]["encoder_init"] == "default":  # left out of dumps at its default: hashes kept
         assert "encoder_init" not in plain["recipe"]
     else:  # a paper's rule (mae, beit, simmim) or timm's named (iBOT: DINO's ViT init is timm's;
-        # CAPI: no rule of its own; iGPT: its family's own init): part of the config and its hash
+        # CAPI, data2vec 2.0: no rule of their own; iGPT: its family's own init): part of the
+        # config and of its hash
         assert plain["recipe"]["encoder_init"] == raw["recipe"]["encoder_init"]
-        own = {"ibot": "timm", "capi": "timm", "igpt": "timm", "igpt_bert": "timm"}
+        own = {"ibot": "timm", "capi": "timm", "data2vec2": "timm", "igpt": "timm",
+               "igpt_bert": "timm"}
         assert raw["recipe"]["encoder_init"] == own.get(name, name)
     assert "encoder_setup" not in plain["recipe"]  # 'paper' is left out of dumps
     assert ("encoder_defaults" in plain["recipe"]) == (raw["recipe"]["encoder_defaults"] is not None)

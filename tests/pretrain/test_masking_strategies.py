@@ -36,7 +36,9 @@ def _components(m: np.ndarray) -> int:
 
 
 def test_every_strategy_is_registered():
-    others = {"multiblock", "ibot_block", "capi_inverse_block"}  # I-JEPA, iBOT, CAPI: own tests
+    # I-JEPA, iBOT, CAPI, data2vec 2.0, iGPT: their own tests
+    others = {"multiblock", "ibot_block", "capi_inverse_block", "d2v2_inverse_block",
+              "bernoulli", "raster"}
     assert set(MASKERS.names()) == {"random", "shuffle", *NEW, *others}
 
 

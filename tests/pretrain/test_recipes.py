@@ -190,6 +190,12 @@ CASES = {
         "vit_micro_32",
         {"name": "mae", "head": MICRO_MAE_HEAD, "masking": {"strategy": "grid"}},
     ),
+    # data2vec 2.0 (clones: tests/pretrain/test_data2vec2.py): conv decoder, inverse blocks
+    "data2vec2": (
+        "vit_micro_32",
+        {"name": "data2vec2", "clone_batch": 1, "masking": {"ratio": 0.5, "block_length": 2},
+         "head": {"depth": 2, "dim": 32, "groups": 4}, "target": {"latent": {"top_k": 2}}},
+    ),
 }
 
 
@@ -221,7 +227,7 @@ def test_recipe_trains_on_a_fixed_batch(case):
     assert losses[-1] < losses[0], losses
     assert out.pred.shape == (4, model.encoder.num_patches, model.target.out_dim)
     rows = model.visualize(imgs, out)
-    pictures = 2 if rec["name"] in ("data2vec", "ijepa") else 4  # a latent target has no picture
+    pictures = 2 if rec["name"] in ("data2vec", "data2vec2", "ijepa") else 4  # a latent target has no picture
     assert [r[0] for r in rows[:2]] == ["original", "masked"] and len(rows) == pictures
     for _, img in rows:
         assert img.shape == imgs.shape and img.min() >= 0 and img.max() <= 1
@@ -378,7 +384,7 @@ def test_combinations_that_cannot_work_fail_clearly(arch, rec, match):
     [
         ({"name": "simmim", "target": {"type": "tokens"}}, "set loss.type: cross_entropy"),
         ({"name": "simmim", "loss": {"type": "cross_entropy"}}, "needs a discrete target"),
-        ({"name": "simmim", "encoder_mode": "visible"}, "use head.type: cross_attention, mae_decoder or predictor"),
+        ({"name": "simmim", "encoder_mode": "visible"}, "use head.type: conv_decoder, cross_attention, mae_decoder or predictor"),
         ({"name": "mae", "masking": {"mask_token_prob": 0.8}}, "need encoder_mode: mask_token"),
         (
             {"name": "simmim", "masking": {"mask_token_prob": 0.8, "random_token_prob": 0.3}},

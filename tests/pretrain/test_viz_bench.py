@@ -33,6 +33,7 @@ def test_mask_rows_use_the_papers_settings_and_draw_masked_dark():
         "block 75/196",
         "capi_inverse_block 127/196",  # round(0.65 * 196) = round(127.4)
         "central 49/196",
+        "d2v2_inverse_block 157/196",  # 196 - int(0.2 * 196)
         "grid 147/196",
         "ibot_block 59/196",  # round(0.3 * 196) = round(58.8)
         "multiblock 39/196",

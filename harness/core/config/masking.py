@@ -65,7 +65,9 @@ class MaskingConfig(StrictModel):
             shape), ``grid`` (MAE Table 1f: keep one unit of every ``k x k``), ``multiblock``
             (I-JEPA: context block minus target blocks, see ``multiblock``; ``ratio`` unused),
             ``ibot_block`` (iBOT: BEiT-style blocks up to a ratio drawn per image, so the count
-            varies), ``capi_inverse_block`` (CAPI: one visible rectangle, randomly rolled).
+            varies), ``capi_inverse_block`` (CAPI: one visible rectangle, randomly rolled),
+            ``d2v2_inverse_block`` (data2vec 2.0: the visible patches are squares of
+            ``block_length`` at random centres, the count made exact).
         ratio: Fraction of patches masked (``ibot_block``: the middle of the per-image range).
         mask_patch_size: Side of a masking unit in pixels; ``None`` means the model patch size.
         min_block_patches: ``block`` / ``random_blocks``: smallest rectangle, in units (BEiT: 16).
@@ -81,9 +83,14 @@ class MaskingConfig(StrictModel):
             ``[ratio - ratio_var, ratio + ratio_var]`` (iBOT: 0.3 +- 0.2, ``pred_ratio_var``).
         mask_prob: ``ibot_block``: the probability that an image is masked at all (iBOT's
             ImageNet runs: 0.5, ``--pred_ratio 0 0.3`` picks 0 or the range at random).
+        block_length: ``d2v2_inverse_block``: side in units of each visible square (data2vec
+            2.0's ``mask_length`` 3); at least 2.
+        ratio_adjust: ``d2v2_inverse_block``: added to the visible share when the number of
+            squares is drawn, to make up for their overlap (data2vec 2.0's
+            ``mask_prob_adjust`` 0.07).
 
-    ``multiblock``, ``ratio_var`` and ``mask_prob`` are left out of dumps at their defaults
-    (hashes kept).
+    ``multiblock``, ``ratio_var``, ``mask_prob``, ``block_length`` and ``ratio_adjust`` are left
+    out of dumps at their defaults (hashes kept).
     """
 
     strategy: str = "random"
@@ -97,6 +104,8 @@ class MaskingConfig(StrictModel):
     ratio_var: float = Field(0.0, ge=0.0, lt=0.5)
     mask_prob: float = Field(1.0, gt=0.0, le=1.0)
     multiblock: MultiBlockConfig = Field(default_factory=MultiBlockConfig)
+    block_length: int = Field(3, ge=2)
+    ratio_adjust: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("strategy")
     @classmethod
@@ -129,7 +138,8 @@ class MaskingConfig(StrictModel):
     @model_serializer(mode="wrap")
     def _omit_new_keys_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after configs were hashed: left out of dumps at their defaults (hashes kept)
-        return omit_at_default(self, handler(self), ("multiblock", "ratio_var", "mask_prob"))
+        names = ("multiblock", "ratio_var", "mask_prob", "block_length", "ratio_adjust")
+        return omit_at_default(self, handler(self), names)
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,7 @@ _UNIT_COUNTS = {
     "grid": _count_grid,
     "ibot_block": _count_round,  # the count of the middle ratio; each image draws its own
     "capi_inverse_block": _count_int,
+    "d2v2_inverse_block": _count_shuffle,  # data2vec 2.0: int(L x (1 - ratio)) stay visible
     "multiblock": _count_multiblock,
     "bernoulli": _count_round,  # the expected count; each unit is drawn on its own
     "raster": _count_all,

@@ -58,6 +58,13 @@ class HeadConfig(StrictModel):
         window_size: ``inverse_swin``: attention window.
         stage_depths: ``inverse_swin``: blocks per stage from coarse to fine (SimMIM's
             inverse Swin-T: ``[2, 6, 2, 2]``); one stage per 2x upsampling plus one.
+        kernel_size: ``conv_decoder`` (data2vec 2.0): side of each conv's kernel (odd).
+        groups: ``conv_decoder``: groups of each conv (divides ``dim`` and the encoder's width).
+        mask_noise: ``conv_decoder``: std of the Gaussian noise that fills the masked positions
+            (data2vec 2.0's ``mask_noise_std``).
+
+    ``kernel_size``, ``groups`` and ``mask_noise`` are left out of dumps at their defaults
+    (hashes kept).
     """
 
     type: str = "linear"
@@ -67,11 +74,28 @@ class HeadConfig(StrictModel):
     mlp_ratio: float = 4.0
     window_size: int = Field(7, ge=1)
     stage_depths: list[int] | None = None
+    kernel_size: int = Field(3, ge=1)
+    groups: int = Field(1, ge=1)
+    mask_noise: float = Field(0.0, ge=0.0)
 
     @field_validator("type")
     @classmethod
     def _known_head(cls, value: str) -> str:
         return check_name(HEADS, value)
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(
+                f"head.kernel_size {value} is even: a 'same' convolution keeps the patch grid "
+                f"only with an odd kernel; use {value - 1} or {value + 1}"
+            )
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return omit_at_default(self, handler(self), ("kernel_size", "groups", "mask_noise"))
 
 
 class HOGConfig(StrictModel):
@@ -234,11 +258,19 @@ class LatentConfig(StrictModel):
             encoder output) or ``none``.
         target_norm: After averaging: ``layer`` (no affine: data2vec's ``layer_norm_targets``,
             I-JEPA's ``F.layer_norm`` of the target encoder's output), ``instance`` or ``none``.
+        cls_weight: Weight of data2vec 2.0's class-token loss (``cls_loss`` 0.01): the student's
+            class token regresses the mean of the image's patch targets; 0 (the default, left
+            out of dumps) turns it off.
     """
 
     top_k: int = Field(1, ge=1)
     block_norm: Literal["none", "instance", "layer", "final"] = "none"
     target_norm: Literal["none", "instance", "layer"] = "layer"
+    cls_weight: float = Field(0.0, ge=0.0)
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return omit_at_default(self, handler(self), ("cls_weight",))
 
 
 class TeacherConfig(StrictModel):
@@ -455,6 +487,9 @@ class RecipeConfig(StrictModel):
             dumps) for every other target.
         pairs: The patch pairs of a target that classifies their relative position (context
             prediction, its class's ``needs_pairs``); ``None`` (left out of dumps) otherwise.
+        clone_batch: Masked clones of each image (data2vec 2.0: 16): the student sees every
+            clone with its own mask, the target (the EMA teacher's pass) is computed once per
+            image and shared by its clones. 1 (the default, left out of dumps): no clones.
     """
 
     name: str
@@ -470,6 +505,7 @@ class RecipeConfig(StrictModel):
     local_crops: int = Field(0, ge=0)
     teacher: TeacherConfig | None = None
     pairs: PairsConfig | None = None
+    clone_batch: int = Field(1, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -499,6 +535,7 @@ class RecipeConfig(StrictModel):
             "global_crops",
             "local_crops",
             "pairs",
+            "clone_batch",
         )
         return omit_at_default(self, handler(self), names)
 
@@ -552,6 +589,12 @@ class RecipeConfig(StrictModel):
                 f"recipe.local_crops {self.local_crops}: local crops are smaller than "
                 "encoder.img_size and the encoders here take one input size (no position-"
                 "embedding interpolation yet): set local_crops: 0"
+            )
+        if self.clone_batch > 1 and self.global_crops > 1:
+            raise ValueError(
+                f"recipe.clone_batch {self.clone_batch} repeats each image with its own masks, "
+                f"recipe.global_crops {self.global_crops} gives it several crops: the two cannot "
+                "be combined; set clone_batch: 1 or global_crops: 1"
             )
         if self.encoder_mode == "visible" and MASKERS.get(self.masking.strategy).per_image_ratio:
             raise ValueError(
