@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from downstream.features import encoder_fingerprint, get_features
+from downstream.features import Features, encoder_fingerprint, get_features
 from downstream.linear_probe import topk_accuracy
 from harness.core.config import DataConfig, EncoderConfig, TaskConfig
 from harness.core.data.datasets import (
@@ -73,6 +73,35 @@ class KNNConfig(TaskConfig):
 
 
 @torch.no_grad()
+def pooled_features(
+    encoder: Any, cfg: Any, ctx: TaskContext, train: Any, val: Any, tf: Any,
+    block: int | None = None,
+) -> tuple[Features, Features, torch.Tensor, torch.Tensor]:
+    """Frozen features of both splits (through the shared cache) pooled by ``cfg.pooling``:
+    ``(train features, val features, [N, D] train, [M, D] val)`` on ``ctx.device``, float32.
+
+    ``cfg`` is a task config with the feature-cache fields (``pooling``, ``cache_dir``,
+    ``cache_features``, ``cache_dtype``, ``batch_size_extract``): kNN's and low-shot's.
+    """
+    common = dict(
+        n_blocks=1,
+        device=ctx.device,
+        cache_dir=cfg.cache_dir,
+        use_cache=cfg.cache_features,
+        dtype=torch.float16 if cfg.cache_dtype == "float16" else torch.float32,
+        batch_size=cfg.batch_size_extract,
+        num_workers=ctx.data.num_workers,
+        log=ctx.log,
+        encoder_hash=encoder_fingerprint(encoder) if cfg.cache_features else None,
+        block=block,
+    )
+    ftr = get_features(encoder, train, "train", tf, **common)
+    fva = get_features(encoder, val, "val", tf, **common)
+    xtr = ftr.select(cfg.pooling, 1, views=1)[:, 0].float().to(ctx.device)  # [N, D]
+    xva = fva.select(cfg.pooling, 1, views=1)[:, 0].float().to(ctx.device)  # [M, D]
+    return ftr, fva, xtr, xva
+
+
 def knn_predict(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -140,24 +169,10 @@ class KNN(Task):
         train = imagefolder_checked(root, "train", None, strict)
         val = imagefolder_checked(root, "val", None, strict)
         num_classes = len(train.classes)
-        common = dict(
-            n_blocks=1,
-            device=ctx.device,
-            cache_dir=cfg.cache_dir,
-            use_cache=cfg.cache_features,
-            dtype=torch.float16 if cfg.cache_dtype == "float16" else torch.float32,
-            batch_size=cfg.batch_size_extract,
-            num_workers=ctx.data.num_workers,
-            log=ctx.log,
-            encoder_hash=encoder_fingerprint(encoder) if cfg.cache_features else None,
-            block=cfg.block,
-        )
-        ftr = get_features(encoder, train, "train", tf, **common)
-        fva = get_features(encoder, val, "val", tf, **common)
+        ftr, fva, xtr, xva = pooled_features(encoder, cfg, ctx, train, val, tf, cfg.block)
         t_feat = time.time() - t0
         dev = ctx.device
-        xtr = F.normalize(ftr.select(cfg.pooling, 1, views=1)[:, 0].float().to(dev), dim=1)
-        xva = F.normalize(fva.select(cfg.pooling, 1, views=1)[:, 0].float().to(dev), dim=1)
+        xtr, xva = F.normalize(xtr, dim=1), F.normalize(xva, dim=1)
         ytr, yva = ftr.labels.to(dev), fva.labels.to(dev)
         by_k = {}
         for k in sorted({cfg.k, *cfg.extra_k}):

@@ -55,8 +55,8 @@ from harness.core.data.datasets import (
 from harness.core.data.imagefolder import DatasetError
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
-from .features import encoder_fingerprint, frozen_forward_step, get_features
-from .knn import knn_predict
+from .features import frozen_forward_step
+from .knn import knn_predict, pooled_features
 from .linear_probe import grid_edges, stratified_holdout, topk_accuracy
 
 #: The default L2 grid: decades from 1e-7 to 1e1 (DINOv2 sweeps C over 10^-6 ... 10^5, which
@@ -402,18 +402,9 @@ class LowShot(Task):
         lists = {label: match_split_list(read_split_list(path), train.samples, path)
                  for label, path in cfg.split_lists.items()}  # before any extraction
         tf = eval_transform(int(encoder.cfg.img_size), ctx.data.eval_crop_pct)
-        common = dict(
-            n_blocks=1, device=ctx.device, cache_dir=cfg.cache_dir, use_cache=cfg.cache_features,
-            dtype=torch.float16 if cfg.cache_dtype == "float16" else torch.float32,
-            batch_size=cfg.batch_size_extract, num_workers=ctx.data.num_workers, log=ctx.log,
-            encoder_hash=encoder_fingerprint(encoder) if cfg.cache_features else None,
-        )  # fmt: skip
-        ftr = get_features(encoder, train, "train", tf, **common)
-        fva = get_features(encoder, val, "val", tf, **common)
+        ftr, fva, xtr, xva = pooled_features(encoder, cfg, ctx, train, val, tf)
         t_feat = time.time() - t0
         num_classes = len(train.classes)
-        xtr = ftr.select(cfg.pooling, 1, views=1)[:, 0].float().to(ctx.device)  # [N, D]
-        xva = fva.select(cfg.pooling, 1, views=1)[:, 0].float().to(ctx.device)  # [M, D]
         ytr, yva = ftr.labels.to(ctx.device), fva.labels
         kept = _kept_train_indices(train.samples, ftr.skipped_files, train.root)
         metrics: dict[str, float] = {}
