@@ -102,7 +102,7 @@ def check_targets(targets: list[str]) -> None:
             raise UserError(f"unknown bench target '{t}'{did_you_mean(t, known)}; known: {', '.join(known)}")
 
 
-def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[[], None], int]:
+def task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[[], None], int]:
     """The bench step of a task (:meth:`downstream.base.Task.bench_step`) on a random batch at
     ``arch`` (1000 classes; bfloat16 autocast on CUDA), and the image side."""
     import torch
@@ -121,7 +121,7 @@ def _task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[
     return step, size
 
 
-def _pretrain_step(label: str, arch: str | None, batch: int, device: Any, tmp: str) -> tuple[Callable[[], None], int, str]:
+def pretrain_step(label: str, arch: str | None, batch: int, device: Any, tmp: str) -> tuple[Callable[[], None], int, str]:
     """A recipe's step; ``<label>+compile``: through ``torch.compile``."""
     compiled = label.endswith(COMPILE_SUFFIX)
     step, _, size, use_arch = recipe_step(label.removesuffix(COMPILE_SUFFIX), arch, batch, device,
@@ -145,9 +145,9 @@ def measure(target: str, arch: str, batch: int, steps: int, device_name: str, fl
                 "mfu": mfu, "device": dev_label}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mimbench-bench-") as tmp:
         if kind == "pretrain":
-            step, size, arch = _pretrain_step(name, arch, batch, device, tmp)
+            step, size, arch = pretrain_step(name, arch, batch, device, tmp)
         else:
-            step, size = _task_step(name, arch, batch, device)
+            step, size = task_step(name, arch, batch, device)
         compiled = name.endswith(COMPILE_SUFFIX)
         t0 = time.perf_counter()
         times = time_step(step, steps, device)

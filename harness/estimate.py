@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from harness.bench import _pretrain_step, _task_step
+from harness.bench import pretrain_step, task_step
 from harness.core.config import EncoderConfig, RecipeConfig, SuiteConfig
 from harness.core.data.datasets import resolve_imagefolder_root
 from harness.core.errors import UserError
@@ -354,9 +354,9 @@ def shipped_rows(targets: Iterable[tuple[str, str]] = SHIPPED_TARGETS,
         kind, name = target.split("/", 1)
         with tempfile.TemporaryDirectory(prefix="mimbench-estimate-") as tmp:
             if kind == "pretrain":
-                step, size, _ = _pretrain_step(name, arch, batch, cpu, tmp)
+                step, size, _ = pretrain_step(name, arch, batch, cpu, tmp)
             else:
-                step, size = _task_step(name, arch, batch, cpu)
+                step, size = task_step(name, arch, batch, cpu)
             flops = count_flops(step)
         for gpu, sheet in SHIPPED_GPUS.items():
             peak = PEAK_TFLOPS[gpu] * 1e12

@@ -27,15 +27,15 @@ def test_count_flops_of_a_linear_layer_forward_and_backward():
 
 
 def test_frozen_forward_flops_match_the_vit_formula():
-    step, size = bench._task_step("knn", "vit_micro_32", batch=3, device=torch.device("cpu"))
+    step, size = bench.task_step("knn", "vit_micro_32", batch=3, device=torch.device("cpu"))
     assert size == 32
     want = 3 * vit_forward_flops(img=32, patch=8, dim=32, depth=2, mlp_ratio=2.0)
     assert measure.count_flops(step) == want
 
 
 def test_finetune_step_costs_about_three_forwards():
-    fwd, _ = bench._task_step("knn", "vit_micro_32", batch=2, device=torch.device("cpu"))
-    ft, _ = bench._task_step("finetune", "vit_micro_32", batch=2, device=torch.device("cpu"))
+    fwd, _ = bench.task_step("knn", "vit_micro_32", batch=2, device=torch.device("cpu"))
+    ft, _ = bench.task_step("finetune", "vit_micro_32", batch=2, device=torch.device("cpu"))
     ratio = measure.count_flops(ft) / measure.count_flops(fwd)
     # backward costs about twice the forward (the patch embedding's input needs no gradient)
     assert 2.7 < ratio < 3.05
@@ -48,8 +48,8 @@ def test_mae_visible_only_encoder_needs_fewer_flops_than_mask_tokens(monkeypatch
     monkeypatch.setitem(pretrain_bench.BENCH_RECIPES, "mae_micro_tok",
                         ("vit_micro_32", {"name": "mae", "encoder_mode": "mask_token", **tiny_head}))  # fmt: skip
     cpu = torch.device("cpu")
-    vis, _, arch = bench._pretrain_step("mae_micro", None, 2, cpu, "/tmp")
-    tok, _, _ = bench._pretrain_step("mae_micro_tok", None, 2, cpu, "/tmp")
+    vis, _, arch = bench.pretrain_step("mae_micro", None, 2, cpu, "/tmp")
+    tok, _, _ = bench.pretrain_step("mae_micro_tok", None, 2, cpu, "/tmp")
     assert arch == "vit_micro_32"
     # The encoder blocks see 1 + 4 tokens instead of 1 + 16 (16 patches, 75 % masked) and so does
     # the decoder's input projection; patch embedding, decoder blocks and loss are the same.
