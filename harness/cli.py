@@ -63,6 +63,7 @@ def _print_report(records_dir: Path, out_dir: Path) -> None:
     leaderboard (the written files also list the skipped records) and the ablation tables."""
     from harness.core.records import RecordScan, announce_skipped, scan_records
     from harness.leaderboard import leaderboard
+    from harness.published import format_beside_markdown, load_published_results, published_beside
     from harness.report import format_markdown, write_report
 
     scan = scan_records(records_dir) if records_dir.is_dir() else RecordScan([], [])
@@ -71,6 +72,10 @@ def _print_report(records_dir: Path, out_dir: Path) -> None:
     lb = leaderboard(scan.records)
     print()
     print(format_markdown(lb))
+    beside = format_beside_markdown(
+        published_beside(lb, scan.records, load_published_results()), lb)
+    if beside:
+        print(beside)
     print()
     print("Leaderboard written to: " + ", ".join(str(p) for p in paths.values()))
     _print_ablation(records_dir, out_dir, records=scan.records)
