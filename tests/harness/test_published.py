@@ -184,3 +184,15 @@ def test_the_shipped_numbers_sit_beside_an_imported_mae_checkpoint(tmp_path: Pat
     lb = leaderboard([rec])
     beside = published_beside(lb, [rec], load_published_results())
     assert [(b.value, b.published.note) for b in beside] == [(74.2, "from the CAE paper")]
+
+
+def test_report_command_prints_the_published_numbers(tmp_path: Path, capsys: Any) -> None:
+    from harness.cli import main
+
+    published = _write(tmp_path, {"knn": [_entry(recipe="ibot", top1=77.1)]})
+    write_record(_record("ibot-b", "knn", {"top1": 70.5}, recipe="ibot"), tmp_path / "records")
+    assert main(["report", str(tmp_path / "records"), "--out", str(tmp_path / "out"),
+                 "--published", str(published)]) == 0
+    out = capsys.readouterr().out
+    assert "| ibot-b | knn/top1 | 70.50 | 77.1 | -6.60 | MAE, vit_base_16 | A paper, Table 1 |" in out
+    assert "77.1" in (tmp_path / "out" / "leaderboard.md").read_text()
