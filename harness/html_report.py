@@ -265,7 +265,7 @@ def _beside_html(lb: Leaderboard, beside: list[Beside]) -> str:
     e = html.escape
     rows = "".join(
         f"<tr><td>{e(lb.row(b.row).encoder)}</td><td>{e(b.column)}</td><td>{b.ours:.2f}</td>"
-        f"<td>{b.value:g}</td><td>{b.diff:+.2f}</td><td>{e(b.published.describe())}</td>"
+        f"<td>{b.value_text}</td><td>{b.diff:+.2f}</td><td>{e(b.published.describe())}</td>"
         f"<td>{e(b.published.source)}</td></tr>"
         for b in beside
     )

@@ -203,6 +203,12 @@ class Beside:
         """``ours - published``."""
         return self.ours - self.value
 
+    @property
+    def value_text(self) -> str:
+        """The published number with the decimals its sources print (``68.0``, ``69.32``)."""
+        text = f"{self.value:.2f}"
+        return text[:-1] if text.endswith("0") else text
+
 
 def record_recipe(record: Record) -> str | None:
     """The recipe an encoder comes from: the pretraining recipe's name, or, for an imported
@@ -278,7 +284,7 @@ def format_beside_markdown(beside: Sequence[Beside], lb: Leaderboard) -> str:
         "| --- | --- | ---: | ---: | ---: | --- | --- |",
     ]
     for b in beside:
-        cells = [lb.row(b.row).encoder, b.column, f"{b.ours:.2f}", f"{b.value:g}",
+        cells = [lb.row(b.row).encoder, b.column, f"{b.ours:.2f}", b.value_text,
                  f"{b.diff:+.2f}", b.published.describe(), b.published.source]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += [

@@ -164,7 +164,7 @@ def test_published_numbers_sit_beside_ours_for_the_same_recipe_and_encoder(tmp_p
     md = write_report(rec_dir, tmp_path / "out", published=published)["md"].read_text()
     section = md.split("## Published numbers beside ours", 1)[1]
     assert "| mae-b | attentive_probe/top1 | 71.00 | 74.2 | -3.20 | MAE, vit_base_16 | A paper, Table 1 |" in section
-    assert "| mae-b | linear_probe_faithful/top1 | 66.50 | 68 | -1.50 | MAE, vit_base_16, 1600 ep (paper) |" in section
+    assert "| mae-b | linear_probe_faithful/top1 | 66.50 | 68.0 | -1.50 | MAE, vit_base_16, 1600 ep (paper) |" in section
     assert "simmim-b" not in section and "mae-tiny" not in section
     html = (tmp_path / "out" / "leaderboard.html").read_text()
     assert "Published numbers beside ours" in html and "<td>74.2</td>" in html
