@@ -58,19 +58,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_report(records_dir: Path, out_dir: Path) -> None:
+def _print_report(records_dir: Path, out_dir: Path, published: Path | None = None) -> None:
     """Load the records once, name each unreadable one once on stderr, write and print the
-    leaderboard (the written files also list the skipped records) and the ablation tables."""
+    leaderboard (the written files also list the skipped records) with the published numbers
+    of ``published`` beside ours (default: results/published.yaml) and the ablation tables."""
     from harness.core.records import RecordScan, announce_skipped, scan_records
     from harness.leaderboard import leaderboard
+    from harness.published import (
+        DEFAULT_PUBLISHED_RESULTS,
+        format_beside_markdown,
+        load_published_results,
+        published_beside,
+    )
     from harness.report import format_markdown, write_report
 
+    published = published or DEFAULT_PUBLISHED_RESULTS
     scan = scan_records(records_dir) if records_dir.is_dir() else RecordScan([], [])
     announce_skipped(scan.skipped)
-    paths = write_report(records_dir, out_dir, scan=scan)
+    paths = write_report(records_dir, out_dir, scan=scan, published=published)
     lb = leaderboard(scan.records)
     print()
     print(format_markdown(lb))
+    beside = format_beside_markdown(
+        published_beside(lb, scan.records, load_published_results(published)), lb)
+    if beside:
+        print(beside)
     print()
     print("Leaderboard written to: " + ", ".join(str(p) for p in paths.values()))
     _print_ablation(records_dir, out_dir, records=scan.records)
@@ -341,7 +353,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     records = Path(args.records)
-    _print_report(records, Path(args.out) if args.out else records.parent)
+    _print_report(records, Path(args.out) if args.out else records.parent,
+                  Path(args.published) if args.published else None)
     return 0
 
 
@@ -580,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("records", help="a records directory")
     sp.add_argument("--out", help="where leaderboard.{md,csv,tex,html} and ablation/<sweep>."
                     "{md,csv,tex,png} go (default: beside records)")
+    sp.add_argument("--published", help="published numbers put beside ours in the md and html "
+                    "leaderboards where a row's recipe (or imported checkpoint format) and "
+                    "encoder match (default: results/published.yaml)")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("ablation", help="collate a sweep's records into its ablation table "

@@ -23,6 +23,7 @@ from typing import Any
 from harness.core.fsutil import PathLike
 from harness.core.records import Record, resolve_recorded_path
 from harness.leaderboard import Leaderboard
+from harness.published import Beside
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -212,6 +213,7 @@ def format_html(
     records: list[Record],
     title: str = "mimbench leaderboard",
     records_dir: PathLike | None = None,
+    beside: list[Beside] | None = None,
 ) -> str:
     """The leaderboard as one self-contained HTML page.
 
@@ -221,6 +223,8 @@ def format_html(
         title: The page title.
         records_dir: Where the records were read from: relative paths of old records without a
             provenance ``cwd`` are placed from there (never from the current directory).
+        beside: Published numbers beside our cells (:func:`harness.published.published_beside`),
+            shown as a table under the notes.
     """
     e = html.escape
     origin_columns = [c for c, shown in zip(("suite", "data"), lb.varying(), strict=True) if shown]
@@ -247,9 +251,31 @@ def format_html(
         "<p class='notes'>Cells: mean &plusmn; sample standard deviation over n seeds (ok runs); "
         "best of each column in bold.</p>"
         + (f"<ul class='notes'>{notes}</ul>" if notes else "")
+        + _beside_html(lb, beside or [])
         + ("<h2>Curves</h2>" + "".join(curves) if curves else "")
         + ("<h2>Pretraining: reconstructions and loss</h2>" + "".join(gallery) if gallery else "")
         + f"<script>{_SCRIPT}</script></body></html>"
+    )
+
+
+def _beside_html(lb: Leaderboard, beside: list[Beside]) -> str:
+    """The published numbers beside ours as a table ("" when there are none)."""
+    if not beside:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(lb.row(b.row).encoder)}</td><td>{e(b.column)}</td><td>{b.ours:.2f}</td>"
+        f"<td>{b.value_text}</td><td>{b.diff:+.2f}</td><td>{e(b.published.describe())}</td>"
+        f"<td>{e(b.published.source)}</td></tr>"
+        for b in beside
+    )
+    return (
+        "<h2>Published numbers beside ours</h2><table class='lb'><thead><tr><th>encoder</th>"
+        "<th>column</th><th>ours</th><th>published</th><th>ours - published</th>"
+        "<th>published row</th><th>source</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table><p class='notes'>Published rows of the same recipe (or "
+        "imported checkpoint format) and encoder architecture, from results/published.yaml; "
+        "their data, schedules and protocols are the papers'.</p>"
     )
 
 

@@ -24,6 +24,12 @@ from harness.leaderboard import (
     ReportError,
     leaderboard,
 )
+from harness.published import (
+    DEFAULT_PUBLISHED_RESULTS,
+    format_beside_markdown,
+    load_published_results,
+    published_beside,
+)
 
 
 def _cell_text(lb: Leaderboard, encoder: str, column: str, pm: str) -> str | None:
@@ -204,13 +210,18 @@ def format_latex(lb: Leaderboard) -> str:
 
 
 def write_report(
-    records_dir: PathLike, out_dir: PathLike, scan: RecordScan | None = None
+    records_dir: PathLike,
+    out_dir: PathLike,
+    scan: RecordScan | None = None,
+    published: PathLike | None = DEFAULT_PUBLISHED_RESULTS,
 ) -> dict[str, Path]:
     """Collates every record under ``records_dir`` into ``leaderboard.{md,csv,tex,html}``.
 
     Record files that could not be loaded are named on stderr (once, see
     :func:`harness.core.records.announce_skipped`) and listed in a note under the md, tex and html
-    tables, so no result goes missing without a word.
+    tables, so no result goes missing without a word. Under the md and html tables, the
+    published numbers of the rows' recipes and encoders sit beside ours
+    (:func:`harness.published.published_beside`).
 
     Args:
         records_dir: Directory searched recursively for records; also where relative paths of
@@ -218,12 +229,15 @@ def write_report(
         out_dir: Where the tables are written (created if missing).
         scan: The records already loaded from ``records_dir`` (:func:`scan_records`), so a
             caller that needs them too loads them once; loaded here when ``None``.
+        published: The published numbers (``results/published.yaml`` by default); ``None``:
+            none beside ours.
 
     Returns:
         ``{"md": ..., "csv": ..., "tex": ..., "html": ...}`` paths of the written files.
 
     Raises:
         ReportError: If there are no records under ``records_dir``.
+        PublishedError: If the published-numbers file is malformed.
     """
     root = Path(records_dir)
     if scan is None:
@@ -240,11 +254,15 @@ def write_report(
         png = out / f"curve-{curve.task}.png"
         atomic_write_bytes(png, curve_png(curve, lambda label: lb.row(label).encoder))
         figures.append((f"{curve.task}: {curve.x} vs {curve.y}", png.name))
+    beside = (published_beside(lb, scan.records, load_published_results(published))
+              if published is not None else [])
+    section = format_beside_markdown(beside, lb)
     texts = {
-        "md": format_markdown(lb) + "".join(f"\n![{alt}]({name})\n" for alt, name in figures),
+        "md": format_markdown(lb) + "".join(f"\n![{alt}]({name})\n" for alt, name in figures)
+        + (f"\n{section}" if section else ""),
         "csv": format_csv(lb),
         "tex": format_latex(lb),
-        "html": format_html(lb, scan.records, records_dir=root),
+        "html": format_html(lb, scan.records, records_dir=root, beside=beside),
     }
     return {
         kind: atomic_write_text(out / f"leaderboard.{kind}", text) for kind, text in texts.items()
