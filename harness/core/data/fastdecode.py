@@ -20,7 +20,7 @@ path), then takes one of three routes:
   factor) in torch's vectorised uint8 kernel, within rounding of PIL's ``resize`` (mean absolute
   difference about 0.05 grey levels on ImageNet-sized crops; the test states the bound). On
   ImageNet-sized JPEGs at 224 px every crop takes this route; decode plus resize cost about
-  half of PIL's (``mimbench bench data``; results/bench/data_cpu.txt).
+  half of PIL's (``mimbench bench data``; results/bench/issue15_data_cpu.txt).
 * ``pil`` (not a JPEG, or a JPEG in another mode, e.g. CMYK): the slow path's decode, crop and
   resize, pixel for pixel.
 
