@@ -10,10 +10,12 @@ Rows (each a DataLoader pass over the same train split, after one warm-up batch)
   ``main_pretrain.py``: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), horizontal flip,
   ToTensor, Normalize), float batches: what users of the reference code have.
 * ``fast/imagefolder``: our path on the same folder: the seeded checked ImageFolder the engine
-  reads, :class:`~harness.core.data.fastdecode.DraftRandomResizedCrop` (reduced-size JPEG decode
-  where the crop is downscaled by 2x or more), uint8 batches normalised on the device
-  (:func:`~harness.core.data.fastdecode.to_device_normalized`, counted in the time),
-  persistent workers and prefetching.
+  reads, :class:`~harness.core.data.fastdecode.DraftRandomResizedCrop` (the same crop and flip
+  draws; a reduced-size JPEG decode where the crop is downscaled by 2x or more, else
+  torchvision's ``decode_jpeg`` and torch's uint8 antialiased bicubic resize of the box), uint8
+  batches normalised on the device (:func:`~harness.core.data.fastdecode.to_device_normalized`,
+  counted in the time: on a CPU run the main process does it, beside the worker), persistent
+  workers and prefetching.
 * ``fast/shards``: the same transform on the folder's WebDataset shards read as a stream
   (:class:`~harness.core.data.shards.ShardStream`: one sequential read per shard).
 
@@ -27,6 +29,7 @@ images/s divided by ``--workers`` (0 workers: the main process, counted as one).
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import tempfile
 import time
@@ -84,15 +87,19 @@ def make_jpegs(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (500, 
     return root
 
 
-def baseline_loader(root: Path, img: int, batch: int, workers: int) -> DataLoader:
-    """torchvision's ImageFolder + PIL with the papers' pretraining transform."""
-    tf = transforms.Compose([
+def _baseline_tf(img: int) -> transforms.Compose:
+    """MAE's pretraining transform (``main_pretrain.py``)."""
+    return transforms.Compose([
         transforms.RandomResizedCrop(img, scale=CROP_SCALE, interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])  # fmt: skip
-    ds = datasets.ImageFolder(str(root / "train"), transform=tf)
+
+
+def baseline_loader(root: Path, img: int, batch: int, workers: int) -> DataLoader:
+    """torchvision's ImageFolder + PIL with the papers' pretraining transform."""
+    ds = datasets.ImageFolder(str(root / "train"), transform=_baseline_tf(img))
     return DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
 
 
@@ -139,28 +146,94 @@ def measure(
     }
     loaders = {row: make() for row, make in makers.items()}  # persistent workers: made once
     best: dict[str, tuple[int, float]] = {}
+    ratios: dict[str, list[float]] = {row: [] for row in ROWS}  # to the same round's baseline
     for r in range(repeat):
+        rates = {}
         for row in ROWS:
             n, s = time_pass(loaders[row], device)
             log(f"[bench data] round {r + 1}/{repeat} {row}: {n} images in {s:.2f}s")
+            rates[row] = n / s
             if row not in best or n / s > best[row][0] / best[row][1]:
                 best[row] = (n, s)
+        for row in ROWS:
+            ratios[row].append(rates[row] / rates["baseline"])
     base = best["baseline"][0] / best["baseline"][1]
     out = []
     for row in ROWS:
         n, s = best[row]
         rate = n / s
         out.append({"row": row, "images": n, "seconds": s, "img_per_s": rate,
-                    "img_per_s_per_worker": rate / max(1, workers), "ratio": rate / base})  # fmt: skip
+                    "img_per_s_per_worker": rate / max(1, workers), "ratio": rate / base,
+                    "round_ratio": float(np.median(ratios[row]))})  # fmt: skip
     return out
 
 
+def stage_profile(folder: Path, img: int, n: int = 64, repeat: int = 3) -> list[tuple[str, float]]:
+    """Milliseconds per image of each stage of the baseline and of the fast path's ``tensor``
+    route, in this process (one thread), on the same ``n`` JPEGs and crop boxes (MAE's crop
+    draws); stages interleaved over ``repeat`` rounds, each stage's best round reported. The
+    file bytes are in memory: reading is not counted."""
+    import torch.nn.functional as F  # noqa: N812
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    files = sorted((folder / "train").rglob("*.jpg"))[:n]
+    datas = [f.read_bytes() for f in files]
+    pils = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        boxes = [transforms.RandomResizedCrop.get_params(p, list(CROP_SCALE), [3 / 4, 4 / 3])
+                 for p in pils]  # (top, left, h, w)  # fmt: skip
+    pil_boxes = [(x0, y0, x0 + w, y0 + h) for y0, x0, h, w in boxes]
+    crops = [p.crop(b) for p, b in zip(pils, pil_boxes, strict=True)]
+    outs = [c.resize((img, img), Image.Resampling.BICUBIC) for c in crops]
+    tensors = [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8)) for d in datas]
+    small = [transforms.functional.pil_to_tensor(o) for o in outs]
+    to_tensor, normalize = transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    batch = torch.stack(small)
+    base_tf, fast_tf = _baseline_tf(img), fast_pretrain_transform(img, CROP_SCALE, True)
+
+    def tv_resize(i: int) -> torch.Tensor:
+        x0, y0, x1, y1 = pil_boxes[i]
+        box = tensors[i][None, :, y0:y1, x0:x1]  # [1, 3, h, w], a view
+        return F.interpolate(box, size=(img, img), mode="bicubic", antialias=True)
+
+    stages: dict[str, Callable[[int], Any]] = {
+        "PIL: header parse (Image.open)": lambda i: Image.open(io.BytesIO(datas[i])),
+        "PIL: decode + convert RGB": lambda i: Image.open(io.BytesIO(datas[i])).convert("RGB"),
+        "PIL: crop (copy)": lambda i: pils[i].crop(pil_boxes[i]),
+        "PIL: bicubic resize of the crop": lambda i: crops[i].resize((img, img), Image.Resampling.BICUBIC),
+        "PIL: flip": lambda i: outs[i].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "ToTensor (float)": lambda i: to_tensor(outs[i]),
+        "Normalize": lambda i: normalize(small[i].float()),
+        "torchvision decode_jpeg (uint8 tensor)": lambda i: decode_jpeg(
+            torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8), mode=ImageReadMode.RGB),
+        "torch: uint8 antialiased bicubic resize of the box": tv_resize,
+        "torch: flip (uint8)": lambda i: small[i].flip(-1),
+        "uint8 batch normalised on the device (cpu)": lambda i: to_device_normalized(
+            batch[i % len(batch)][None], torch.device("cpu")),
+        "whole baseline transform (decode to normalised)": lambda i: base_tf(
+            Image.open(io.BytesIO(datas[i])).convert("RGB")),
+        "whole fast transform (decode to uint8)": lambda i: fast_tf(Image.open(io.BytesIO(datas[i]))),
+    }  # fmt: skip
+    best = dict.fromkeys(stages, float("inf"))
+    for _ in range(repeat):
+        for name, fn in stages.items():
+            t0 = time.perf_counter()
+            for i in range(len(datas)):
+                fn(i)
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1000 / len(datas))
+    return list(best.items())
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = ["| row | images | s | img/s | img/s per worker | vs baseline |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    """The rows as a markdown table: best rates, the ratio of the best rates, and the median
+    over rounds of each round's ratio (the rows of one round ran back to back)."""
+    lines = ["| row | images | s | img/s | img/s per worker | vs baseline | median round ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['row']} | {r['images']} | {r['seconds']:.2f} | {r['img_per_s']:.1f} | "
-                     f"{r['img_per_s_per_worker']:.1f} | {r['ratio']:.2f}x |")  # fmt: skip
+                     f"{r['img_per_s_per_worker']:.1f} | {r['ratio']:.2f}x | "
+                     f"{r['round_ratio']:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -179,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds; each row's best is reported (default 2)")
     p.add_argument("--device", default="auto", help="where batches are normalised: cpu, cuda, auto")
     p.add_argument("--dir", help="keep the generated JPEGs and shards here (default: a temp dir)")
+    p.add_argument("--stages", action="store_true",
+                   help="also print where the time of one image goes, stage by stage (ms per "
+                        "image in the main process, baseline and fast path on the same crops)")
     return p
 
 
@@ -203,6 +279,10 @@ def main(argv: list[str]) -> int:
               f"shards written in {time.time() - t0:.1f}s; crops of {args.img_size} px, batch "
               f"{args.batch}, {args.workers} worker(s), device {device}, best of {args.repeat}")
         rows = measure(folder, shards, args.img_size, args.batch, args.workers, args.repeat, device)
+        stages = stage_profile(folder, args.img_size, repeat=args.repeat) if args.stages else []
     print(format_rows(rows))
+    if stages:
+        print("\n| stage (one image, this process, 1 thread) | ms |\n| --- | ---: |")
+        print("\n".join(f"| {name} | {ms:.2f} |" for name, ms in stages))
     print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0

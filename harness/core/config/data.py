@@ -43,9 +43,9 @@ class DataConfig(StrictModel):
     #: other two insist on one (an error names the mismatch).
     layout: Literal["auto", "imagefolder", "shards"] = "auto"
     #: Pretraining's crops through the fast decode path (:mod:`harness.core.data.fastdecode`:
-    #: JPEGs decoded at reduced size where the crop is downscaled anyway, uint8 batches
-    #: normalised on the device). Off by default: the pixels differ slightly from the full
-    #: decode, so it is part of the run's config.
+    #: JPEGs decoded at reduced size where the crop is downscaled anyway, else straight to
+    #: uint8 tensors resized by torch, uint8 batches normalised on the device). Off by default:
+    #: the pixels differ slightly from the slow path's, so it is part of the run's config.
     fast_decode: bool = False
     #: Pretraining reads its shards as a stream (:class:`~harness.core.data.shards.ShardStream`:
     #: seeded shard order split over ranks and loader workers, a shuffle buffer, exact resume

@@ -1,23 +1,35 @@
-"""The fast decode path of the training crops: JPEGs decoded at reduced size where the random
-crop is downscaled anyway, uint8 tensors shipped by the loader and normalised on the device.
+"""The fast decode path of the training crops: JPEGs decoded straight to uint8 tensors, or at
+reduced size where the random crop is downscaled anyway, resized with torch's uint8 kernels,
+shipped as uint8 and normalised on the device.
 
 :class:`DraftRandomResizedCrop` draws its crop box exactly as torchvision's
 ``RandomResizedCrop.get_params`` does, on the full image size read from the file's header (the
 same torch RNG draws: with the same seed it picks the same box and the same flip as the slow
-path), then asks libjpeg for a DCT-domain reduced decode (PIL's ``Image.draft``: scale 1/2, 1/4
-or 1/8) as small as keeps the crop at least as large as the output in both sides, maps the box
-onto the reduced image (sub-pixel, through ``Image.resize(box=...)``) and resizes it (bicubic).
-Where no reduction applies (not a JPEG, or a crop smaller than twice the output), it is the slow
-path's crop and resize, pixel for pixel. Decoding at 1/s of the size costs about 1/s^2 of the
-IDCT and colour work, which dominates a full ImageNet-sized decode; the reduced decode is
-libjpeg's own scaled IDCT (an area-like downscale), so the pixels differ slightly from a full
-decode followed by bicubic resizing (that is why ``data.fast_decode`` is part of a run's config).
+path), then takes one of three routes:
 
-The papers' pretraining transform (MAE ``main_pretrain.py``, SimMIM ``data_simmim.py``:
-RandomResizedCrop, bicubic, horizontal flip, ImageNet normalisation) becomes
-:func:`fast_pretrain_transform` (uint8 out) + :func:`to_device_normalized` in the training step;
-the fine-tuning transform (timm's ``transforms_imagenet_train``) keeps its later stages
-(RandAugment, normalisation, random erasing) behind the draft crop (:func:`with_draft_crop`).
+* ``draft`` (a JPEG whose box keeps at least twice the output in both sides): libjpeg's
+  DCT-domain reduced decode (PIL's ``Image.draft``: scale 1/2, 1/4 or 1/8) as small as keeps the
+  box at least as large as the output, the box mapped onto the reduced image (sub-pixel, through
+  ``Image.resize(box=...)``) and resized (bicubic). Decoding at 1/s of the size costs about
+  1/s^2 of the IDCT and colour work; libjpeg's scaled IDCT is an area-like downscale, so the
+  pixels differ slightly from a full decode followed by bicubic resizing.
+* ``tensor`` (any other RGB or greyscale JPEG): torchvision's ``decode_jpeg`` (libjpeg-turbo,
+  the same pixels as PIL's decode, without PIL's chunked reads and RGB copy), the box taken as a
+  view (no copy) and resized by ``torch.nn.functional.interpolate(..., antialias=True)`` on the
+  uint8 tensor: PIL's resampling (the same bicubic kernel, a = -0.5, widened by the downscale
+  factor) in torch's vectorised uint8 kernel, within rounding of PIL's ``resize`` (mean absolute
+  difference about 0.05 grey levels on ImageNet-sized crops; the test states the bound). On
+  ImageNet-sized JPEGs at 224 px every crop takes this route; decode plus resize cost about
+  half of PIL's (``mimbench bench data``; results/bench/issue15_data_cpu.txt).
+* ``pil`` (not a JPEG, or a JPEG in another mode, e.g. CMYK): the slow path's decode, crop and
+  resize, pixel for pixel.
+
+That is why ``data.fast_decode`` is part of a run's config. The papers' pretraining transform
+(MAE ``main_pretrain.py``, SimMIM ``data_simmim.py``: RandomResizedCrop, bicubic, horizontal
+flip, ImageNet normalisation) becomes :func:`fast_pretrain_transform` (uint8 out) +
+:func:`to_device_normalized` in the training step; the fine-tuning transform (timm's
+``transforms_imagenet_train``) keeps its later stages (RandAugment, normalisation, random
+erasing) behind the draft crop (:func:`with_draft_crop`).
 """
 
 from __future__ import annotations
@@ -26,9 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageFile
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
@@ -41,10 +55,15 @@ _PIL_INTERP = {
     InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
     InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
 }
+#: torch's names of the same filters (with ``antialias=True``: PIL's resampling).
+_TORCH_INTERP = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
+#: The JPEG modes that ``decode_jpeg`` turns into RGB exactly as PIL's ``convert("RGB")`` does.
+_TENSOR_MODES = ("RGB", "L")
 
 
 class DraftRandomResizedCrop(LazyDecode):
-    """RandomResizedCrop (and an optional horizontal flip) decoding JPEGs at reduced size.
+    """RandomResizedCrop (and an optional horizontal flip) decoding JPEGs at reduced size or
+    straight to tensors (the routes are in the module docstring).
 
     Args:
         size: Output side in pixels.
@@ -71,8 +90,10 @@ class DraftRandomResizedCrop(LazyDecode):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.hflip, self.output = hflip, output
         self.resample = _PIL_INTERP[interpolation]
+        self.torch_mode = _TORCH_INTERP[interpolation]
         self.last_box: tuple[int, int, int, int] | None = None  # (top, left, h, w): for tests
         self.last_draft = 1  # the reduction of the last decode (1: full size)
+        self.last_route = ""  # the route of the last image: draft, tensor or pil
 
     def __repr__(self) -> str:
         return (f"DraftRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
@@ -83,24 +104,48 @@ class DraftRandomResizedCrop(LazyDecode):
         top, left, h, w = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)  # type: ignore[arg-type]
         flip = self.hflip and bool(torch.rand(1) < 0.5)
         self.last_box = (top, left, h, w)
-        out = self._crop(img, top, left, h, w)
+        self.last_draft = self.draft_scale(h, w) if img.format == "JPEG" else 1
+        fp = img.fp if isinstance(img, ImageFile.ImageFile) else None  # None once loaded
+        jpeg = img.format == "JPEG" and img.mode in _TENSOR_MODES
+        if self.last_draft == 1 and jpeg and fp is not None:
+            self.last_route = "tensor"
+            fp.seek(0)
+            data = bytearray(fp.read())
+            img.close()
+            x = self._tensor_crop(data, top, left, h, w)  # [3, S, S] uint8
+            if flip:
+                x = x.flip(-1)
+            return x if self.output == "uint8" else Image.fromarray(x.permute(1, 2, 0).numpy())
+        out = self._pil_crop(img, top, left, h, w)
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.output == "pil":
             return out
         return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
 
-    def _crop(self, img: Image.Image, top: int, left: int, h: int, w: int) -> Image.Image:
-        """The box resized to the output: from a reduced decode where one keeps both sides of
-        the box at least the output size, else exactly the slow path's crop + resize."""
+    def _tensor_crop(self, data: bytearray, top: int, left: int, h: int, w: int) -> torch.Tensor:
+        """The box of a JPEG file's bytes decoded by libjpeg-turbo to a tensor and resized by
+        torch (uint8)."""
+        try:
+            x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as exc:  # truncated or corrupt: PIL raises OSError for these
+            raise OSError(f"JPEG does not decode: {str(exc).splitlines()[-1]}") from None
+        box = x[None, :, top : top + h, left : left + w]  # [1, 3, h, w], a view
+        out = F.interpolate(box, size=(self.size, self.size), mode=self.torch_mode, antialias=True)
+        return out[0]
+
+    def _pil_crop(self, img: Image.Image, top: int, left: int, h: int, w: int) -> Image.Image:
+        """The box resized to the output by PIL: from a reduced decode (``last_draft`` > 1),
+        else exactly the slow path's crop + resize."""
         full_w = img.size[0]
-        reduce = self.draft_scale(h, w) if img.format == "JPEG" else 1
         drafted = None
-        if reduce > 1:  # PIL picks the scale min(W // w', H // h') allows: ask for W // reduce
-            drafted = img.draft("RGB", (full_w // reduce, img.size[1] // reduce))
+        if self.last_draft > 1:  # PIL picks the scale min(W // w', H // h') allows: ask for W // s
+            size = (full_w // self.last_draft, img.size[1] // self.last_draft)
+            drafted = img.draft("RGB", size)
         # the full image's width in the reduced image's pixels (libjpeg: W / scale, unrounded)
         f = 1.0 if drafted is None else drafted[1][2] / full_w
         self.last_draft = round(1 / f)
+        self.last_route = "draft" if self.last_draft > 1 else "pil"
         if img.mode != "RGB":
             img = img.convert("RGB")
         if self.last_draft == 1:  # no reduction: the slow path, pixel for pixel

