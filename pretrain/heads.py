@@ -46,11 +46,16 @@ class Head(nn.Module):
             up-conv head); the others upsample the encoder's grid by any whole factor.
         narrow: Whether ``head.dim`` may not exceed the encoder's width (I-JEPA's predictor
             is a bottleneck; config validation compares them).
+        predicts_subset: Whether the head builds its predictions at the predicted positions
+            only (one query per position: I-JEPA's and CAPI's predictors), so that predicting a
+            random subset of the masked patches (``masking.predict_fraction`` < 1) saves its
+            work; config validation refuses that value for the other heads.
     """
 
     requires_full_sequence: bool = True
     patch_grid_only: ClassVar[bool] = False
     narrow: ClassVar[bool] = False
+    predicts_subset: ClassVar[bool] = False
 
     @classmethod
     def upsampling(cls, pred: int, patch_grid: int, feature: int) -> int:

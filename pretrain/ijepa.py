@@ -38,9 +38,9 @@ from torch import nn
 from harness.core.config import HeadConfig, MaskingConfig
 from pretrain.heads import HEADS
 from pretrain.mae import MAEDecoder
-from pretrain.masking import MASKERS, Masker
+from pretrain.masking import MASKERS, PREDICTED, UNPREDICTED, VISIBLE, Masker
 
-CONTEXT, TARGET, OUTSIDE = 0, 1, 2
+CONTEXT, TARGET, OUTSIDE = VISIBLE, PREDICTED, UNPREDICTED
 
 
 def block_size(
@@ -134,6 +134,7 @@ class JEPAPredictor(MAEDecoder):
     """
 
     narrow = True
+    predicts_subset = True
 
     def __init__(
         self,

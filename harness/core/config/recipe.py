@@ -565,7 +565,26 @@ class RecipeConfig(StrictModel):
                 f"input's resolution; remove target.resolution ({self.target.resolution})"
             )
         self._check_views()
+        self._check_predict_fraction()
         return self
+
+    def _check_predict_fraction(self) -> None:
+        """Predicting a subset of the masked patches needs a head that predicts at given
+        positions (its class's ``predicts_subset``)."""
+        f = self.masking.predict_fraction
+        if f < 1.0 and not HEADS.get(self.head.type).predicts_subset:
+            takes = [n for n in HEADS.names() if HEADS.get(n).predicts_subset]
+            raise ValueError(
+                f"masking.predict_fraction {f} predicts a random subset of the masked patches, "
+                f"but head '{self.head.type}' predicts every position of the grid (a subset "
+                f"would only drop loss terms): set masking.predict_fraction: 1 or head.type: "
+                f"{_or_list(takes)}"
+            )
+        if f < 1.0 and self.loss.on == "all":
+            raise ValueError(
+                f"masking.predict_fraction {f} predicts a subset of the masked patches, but "
+                "loss.on 'all' reads every patch: set loss.on: masked or predict_fraction: 1"
+            )
 
     def _check_views(self) -> None:
         """Several crops need a target that compares them; per-image mask counts need mask
