@@ -85,6 +85,16 @@ class Head(nn.Module):
             )
         return pred // feature
 
+    @classmethod
+    def check_width(cls, cfg: HeadConfig, width: int) -> None:
+        """Refuse a head config that cannot read an encoder of ``width`` channels; the one rule
+        for config validation (:func:`harness.core.config.recipe.check_encoder_fits`) and the
+        head's construction. The base class accepts every width.
+
+        Raises:
+            ValueError: Naming both values and the fix.
+        """
+
     def no_weight_decay(self) -> set[str]:
         """Names of this head's parameters exempt from weight decay besides biases and norm
         weights (the model prefixes them with ``head.``)."""

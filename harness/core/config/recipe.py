@@ -693,6 +693,73 @@ def _or_list(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+def check_encoder_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str) -> None:
+    """Everything about a recipe that depends on the encoder, checked once the encoder is
+    resolved (a pretraining config, a suite's pretrained encoder): the target's resolution and
+    patchwise encoding (:func:`check_target_fits`), a narrow head's width
+    (:func:`check_head_width`), what the head's class says of the encoder's width (its
+    ``check_width``: data2vec 2.0's grouped convolutions) and the teacher's blocks
+    (:func:`check_top_k`).
+
+    Args:
+        recipe: The recipe.
+        encoder: The encoder config (preset filled in).
+        where: The key path of the recipe in messages.
+
+    Raises:
+        ValueError: The message names both values and the fix.
+    """
+    check_target_fits(recipe, encoder, where)
+    check_head_width(recipe, encoder, where)
+    try:
+        HEADS.get(recipe.head.type).check_width(recipe.head, int(encoder.embed_dim))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc} (encoder '{encoder.arch}')") from None
+    if TARGETS.get(recipe.target.type).needs_teacher and encoder.depth is not None:
+        check_top_k(recipe.target.latent.top_k, int(encoder.depth), f"{where}.target.latent",
+                    f"encoder '{encoder.arch}'")  # fmt: skip
+
+
+def check_top_k(top_k: int, depth: int, where: str, encoder: str) -> None:
+    """The one rule for a teacher target's ``latent.top_k``: it averages the last ``top_k``
+    block outputs, so it may not exceed the encoder's ``depth`` blocks. Config validation
+    (:func:`check_encoder_fits`) and the target's construction
+    (:class:`pretrain.teacher.LatentTarget`, for a model built without a validated config) call
+    it.
+
+    Args:
+        top_k: ``target.latent.top_k``.
+        depth: The encoder's blocks.
+        where: The key path of ``latent`` in messages.
+        encoder: The encoder's name in messages.
+
+    Raises:
+        ValueError: Naming both values and the fix.
+    """
+    if top_k > depth:
+        raise ValueError(
+            f"{where}.top_k {top_k} averages the teacher's last {top_k} blocks, but {encoder} "
+            f"has {depth} blocks: set {where}.top_k to at most {depth} or use a deeper encoder "
+            "(encoder.depth or a larger encoder.arch)"
+        )
+
+
+def check_head_width(recipe: RecipeConfig, encoder: EncoderConfig, where: str = "recipe") -> None:
+    """A narrow head (I-JEPA's predictor, its class's ``narrow``) may not be wider than the
+    encoder.
+
+    Raises:
+        ValueError: ``head.dim`` exceeds ``encoder.embed_dim``.
+    """
+    width = int(encoder.embed_dim)  # type: ignore[arg-type]
+    if HEADS.get(recipe.head.type).narrow and recipe.head.dim > width:
+        raise ValueError(
+            f"{where}.head.dim {recipe.head.dim} is wider than the encoder ({encoder.arch}: "
+            f"embed_dim {width}); head '{recipe.head.type}' is a bottleneck: set {where}.head.dim "
+            f"to at most {width} (I-JEPA: 384 for ViT-H's 1280)"
+        )
+
+
 def check_target_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str) -> None:
     """Refuse a ``target.resolution`` that the encoder's input or the head cannot produce.
 
