@@ -2,7 +2,7 @@
 Masked Image Modeling", 2025; reference code: facebookresearch/capi, ``model.py`` and
 ``train_capi.py``).
 
-* Target (``target.type: clusters``, :class:`ClusterTarget`): the EMA teacher
+* Target (``target.type: online_clusters``, :class:`ClusterTarget`): the EMA teacher
   (:mod:`pretrain.teacher`) encodes the unmasked image; an online clustering head (a linear
   layer on L2-normalized patch tokens, :class:`OnlineClustering`) gives logits whose
   Sinkhorn-Knopp balanced version (:func:`sinkhorn_knopp`, at ``target_temp``) are the soft
@@ -143,7 +143,7 @@ class CrossAttentionPredictor(Head):
         cfg: ``depth``, ``dim``, ``num_heads``, ``mlp_ratio``.
         out_dim: Clusters.
         pixel_channels: Unused.
-        pred_grid: Unused: one query per patch of the patch grid (the ``clusters`` target takes
+        pred_grid: Unused: one query per patch of the patch grid (the ``online_clusters`` target takes
             no ``target.resolution``).
     """
 
@@ -209,7 +209,7 @@ class ClusterTargetOut(TargetOut):
     logits: torch.Tensor | None = None  # the clustering head's logits [B, L, K]
 
 
-@TARGETS.register("clusters")
+@TARGETS.register("online_clusters")
 class ClusterTarget(LatentTarget):
     """Soft cluster assignments of the EMA teacher's patch tokens (module docstring).
 

@@ -251,6 +251,9 @@ def test_ibot_teacher_head_follows_the_student_head():
         ({"name": "beit", "masking": {"ratio_var": 0.1}}, r"ratio_var 0.1.*strategy 'block'"),
         ({"name": "mae", "masking": {"strategy": "ibot_block"}}, r"'ibot_block'.*encoder_mode"),
         ({"name": "ibot", "target": {"ibot": {"patch_out_dim": 10}}}, r"out_dim 8192 != patch_out_dim 10"),
+        # CAPI's target type was 'clusters', which read like target.clusters (colour clusters)
+        ({"name": "capi", "target": {"type": "clusters"}},
+         r"target.type 'clusters' was renamed 'online_clusters'.*use target.type: online_clusters"),
     ],
 )
 def test_combinations_that_cannot_work_fail_at_validation(rec, match):

@@ -312,8 +312,10 @@ class TargetConfig(StrictModel):
             Table 5's 8-bin and 256-bin, Table 13's 2 to 256), ``mean_color`` (the patch's mean
             color with ``bins`` per channel, one ``bins^3``-way class: ViT's 3-bit color with 8),
             ``tokens`` (BEiT), ``ibot`` (iBOT: the EMA teacher's softmax over projected tokens),
-            ``clusters`` (CAPI: the EMA teacher's patch tokens clustered online with
-            Sinkhorn-Knopp; not the ``clusters`` field below, which counts colour clusters),
+            ``online_clusters`` (CAPI: the EMA teacher's patch tokens clustered online with
+            Sinkhorn-Knopp; named ``clusters`` until it was renamed, apart from the ``clusters``
+            field below, which counts colour clusters: the old spelling is refused with the
+            new one named),
             ``selfie`` (the right patch among the image's masked patches, Selfie) and
             ``relative_position`` (which of 8 neighbours a patch is, context prediction).
         bins: Color bins per channel for ``color_bins`` and ``mean_color``.
@@ -331,7 +333,7 @@ class TargetConfig(StrictModel):
             ``tokenizer``'s ``train_images`` and ``kmeans_iters``). Left out of dumps at 512.
         ibot: The projection heads, temperatures and centring for ``ibot``. Left out of dumps
             at its default.
-        clustering: The clustering head for the ``clusters`` target (CAPI). Left out of dumps
+        clustering: The clustering head for the ``online_clusters`` target (CAPI). Left out of dumps
             at its default.
         latent: The teacher's features for ``latent`` (data2vec, I-JEPA); left out of dumps at
             its default, so configs hashed before it existed keep their hashes.
@@ -350,6 +352,12 @@ class TargetConfig(StrictModel):
     @field_validator("type")
     @classmethod
     def _known_target(cls, value: str) -> str:
+        if value == "clusters":  # CAPI's target before it was renamed
+            raise ValueError(
+                "target.type 'clusters' was renamed 'online_clusters' (CAPI: the EMA teacher's "
+                "tokens clustered online), apart from target.clusters (the colour-cluster count "
+                "of target.type color_clusters): use target.type: online_clusters"
+            )
         return check_name(TARGETS, value)
 
     @model_validator(mode="after")
