@@ -160,10 +160,7 @@ class CrossAttentionPredictor(Head):
         pred_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        if cfg.dim % cfg.num_heads:
-            raise ValueError(
-                f"head.dim {cfg.dim} is not divisible by head.num_heads {cfg.num_heads}"
-            )
+        self.check_config(cfg, int(encoder.num_features))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         nn.init.normal_(self.mask_token, std=0.02)
         pe = torch.from_numpy(sincos_pos_embed_2d(cfg.dim, *encoder.grid_size)).float()
@@ -174,6 +171,15 @@ class CrossAttentionPredictor(Head):
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.pred = _weight_normed_last_layer(cfg.dim, out_dim, freeze_gain=False)
+
+    @classmethod
+    def check_config(cls, cfg: HeadConfig, width: int) -> None:
+        """``head.dim`` splits into ``head.num_heads`` attention heads."""
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(
+                f"head.dim {cfg.dim} is not divisible by head.num_heads {cfg.num_heads}: set "
+                "head.num_heads to a divisor of head.dim"
+            )
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token", "pos_embed"}

@@ -82,7 +82,7 @@ class ConvDecoder(Head):
     ) -> None:
         super().__init__()
         width = int(encoder.num_features)
-        self.check_width(cfg, width)
+        self.check_config(cfg, width)
         self.prefix = int(encoder.num_prefix_tokens)
         self.grid = tuple(int(g) for g in encoder.grid_size)
         self.mask_noise = cfg.mask_noise
@@ -93,7 +93,7 @@ class ConvDecoder(Head):
         self.proj = nn.Linear(cfg.dim, out_dim)
 
     @classmethod
-    def check_width(cls, cfg: HeadConfig, width: int) -> None:
+    def check_config(cls, cfg: HeadConfig, width: int) -> None:
         """``head.groups`` must divide the encoder's width and ``head.dim`` (grouped convs)."""
         for name, value in (("the encoder's width", width), ("head.dim", cfg.dim)):
             if value % cfg.groups:

@@ -86,10 +86,11 @@ class Head(nn.Module):
         return pred // feature
 
     @classmethod
-    def check_width(cls, cfg: HeadConfig, width: int) -> None:
-        """Refuse a head config that cannot read an encoder of ``width`` channels; the one rule
-        for config validation (:func:`harness.core.config.recipe.check_encoder_fits`) and the
-        head's construction. The base class accepts every width.
+    def check_config(cls, cfg: HeadConfig, width: int) -> None:
+        """Refuse a head config that cannot be built, or cannot read an encoder of ``width``
+        channels; the one rule for config validation
+        (:func:`harness.core.config.recipe.check_encoder_fits`) and the head's construction. The
+        base class accepts every config.
 
         Raises:
             ValueError: Naming both values and the fix.

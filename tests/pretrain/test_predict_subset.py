@@ -120,6 +120,9 @@ def test_ijepa_loss_is_smooth_l1_on_the_subset():
         ({**MICRO_CAPI, "masking": {"predict_fraction": 0.5}, "loss": {"on": "all"}}, r"loss.on 'all'"),
         ({**MICRO_CAPI, "masking": {"predict_fraction": 0.0}}, r"predict_fraction"),
         ({**MICRO_CAPI, "masking": {"predict_fraction": 1.5}}, r"predict_fraction"),
+        # a late check of the same class, now at validation: the predictor's attention heads
+        ({**MICRO_CAPI, "head": {"depth": 1, "dim": 30, "num_heads": 4}},
+         r"recipe: head.dim 30 is not divisible by head.num_heads 4.*\(encoder 'vit_micro_32'\)"),
     ],
 )
 def test_heads_that_cannot_use_a_subset_are_refused(rec, match):

@@ -706,7 +706,7 @@ def check_encoder_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str)
     resolved (a pretraining config, a suite's pretrained encoder): the target's resolution and
     patchwise encoding (:func:`check_target_fits`), a narrow head's width
     (:func:`check_head_width`), what the head's class says of the encoder's width (its
-    ``check_width``: data2vec 2.0's grouped convolutions) and the teacher's blocks
+    ``check_config``: data2vec 2.0's grouped convolutions, CAPI's attention heads) and the teacher's blocks
     (:func:`check_top_k`).
 
     Args:
@@ -720,7 +720,7 @@ def check_encoder_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str)
     check_target_fits(recipe, encoder, where)
     check_head_width(recipe, encoder, where)
     try:
-        HEADS.get(recipe.head.type).check_width(recipe.head, int(encoder.embed_dim))  # type: ignore[arg-type]
+        HEADS.get(recipe.head.type).check_config(recipe.head, int(encoder.embed_dim))  # type: ignore[arg-type]
     except ValueError as exc:
         raise ValueError(f"{where}: {exc} (encoder '{encoder.arch}')") from None
     if TARGETS.get(recipe.target.type).needs_teacher and encoder.depth is not None:
