@@ -150,6 +150,7 @@ class CrossAttentionPredictor(Head):
     requires_full_sequence = False
     patch_grid_only = True
     predicts_subset = True
+    equal_counts = True
 
     def __init__(
         self,

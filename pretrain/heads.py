@@ -50,12 +50,16 @@ class Head(nn.Module):
             only (one query per position: I-JEPA's and CAPI's predictors), so that predicting a
             random subset of the masked patches (``masking.predict_fraction`` < 1) saves its
             work; config validation refuses that value for the other heads.
+        equal_counts: Whether the head batches the predicted positions of every image as one
+            tensor, so it needs the same predicted count in each (CAPI's predictor); config
+            validation refuses a masker whose count varies per image.
     """
 
     requires_full_sequence: bool = True
     patch_grid_only: ClassVar[bool] = False
     narrow: ClassVar[bool] = False
     predicts_subset: ClassVar[bool] = False
+    equal_counts: ClassVar[bool] = False
 
     @classmethod
     def upsampling(cls, pred: int, patch_grid: int, feature: int) -> int:

@@ -58,10 +58,15 @@ def block_size(
 class MultiBlockMasker(Masker):
     """I-JEPA's context and target blocks as per-patch codes ``[B, L]`` (uint8).
 
+    Its target blocks overlap at random, so the predicted count varies per image
+    (``varying_predicted``).
+
     ``last_sizes`` keeps the batch's ``(target (h, w), context (h, w))`` and ``last_targets``
     the target rectangles ``(top, left, h, w)`` of every image of the last batch; the tests
     check them against the configured scales and aspects.
     """
+
+    varying_predicted = True
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         super().__init__(cfg, grid, patch_size)

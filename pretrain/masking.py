@@ -86,6 +86,9 @@ class Masker:
             ``ratio_var`` / ``mask_prob`` need it, visible-only encoding refuses it).
         causal: Every token is predicted from the ones before it: the encoder attends causally
             (the model passes its ``causal`` option; iGPT's autoregressive objective).
+        varying_predicted: The number of predicted patches varies per image although the hidden
+            count does not (I-JEPA's overlapping target blocks); config validation refuses it,
+            like ``per_image_ratio``, for a head that needs equal counts.
 
     Raises:
         ConfigError: From :func:`harness.core.config.plan_masking`: the units do not fit the grid or
@@ -94,6 +97,7 @@ class Masker:
 
     per_image_ratio: ClassVar[bool] = False
     causal: ClassVar[bool] = False
+    varying_predicted: ClassVar[bool] = False
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         self.cfg = cfg

@@ -120,7 +120,12 @@ def test_ijepa_loss_is_smooth_l1_on_the_subset():
         ({**MICRO_CAPI, "masking": {"predict_fraction": 0.5}, "loss": {"on": "all"}}, r"loss.on 'all'"),
         ({**MICRO_CAPI, "masking": {"predict_fraction": 0.0}}, r"predict_fraction"),
         ({**MICRO_CAPI, "masking": {"predict_fraction": 1.5}}, r"predict_fraction"),
-        # a late check of the same class, now at validation: the predictor's attention heads
+        # late checks of the same class, now at validation: the predictor batches equal counts
+        ({**MICRO_CAPI, "masking": {"strategy": "multiblock"}},
+         r"head 'cross_attention' predicts the same number.*strategy 'multiblock'.*capi_inverse_block"),
+        ({**MICRO_CAPI, "encoder_mode": "mask_token", "masking": {"strategy": "ibot_block"}},
+         r"strategy 'ibot_block' predicts a different number"),
+        # and its attention heads
         ({**MICRO_CAPI, "head": {"depth": 1, "dim": 30, "num_heads": 4}},
          r"recipe: head.dim 30 is not divisible by head.num_heads 4.*\(encoder 'vit_micro_32'\)"),
     ],

@@ -574,7 +574,24 @@ class RecipeConfig(StrictModel):
             )
         self._check_views()
         self._check_predict_fraction()
+        self._check_equal_counts()
         return self
+
+    def _check_equal_counts(self) -> None:
+        """A head that needs the same predicted count in every image (its class's
+        ``equal_counts``) refuses a masker whose count varies (``per_image_ratio``, or
+        ``varying_predicted``)."""
+        masker = MASKERS.get(self.masking.strategy)
+        if HEADS.get(self.head.type).equal_counts and (
+            masker.per_image_ratio or masker.varying_predicted
+        ):
+            fits = [n for n in MASKERS.names() if not MASKERS.get(n).per_image_ratio
+                    and not MASKERS.get(n).varying_predicted and not MASKERS.get(n).causal]  # fmt: skip
+            raise ValueError(
+                f"head '{self.head.type}' predicts the same number of patches in every image, "
+                f"but masking.strategy '{self.masking.strategy}' predicts a different number in "
+                f"each: use masking.strategy: {_or_list(fits)}"
+            )
 
     def _check_predict_fraction(self) -> None:
         """Predicting a subset of the masked patches needs a head that predicts at given
