@@ -2,7 +2,7 @@
 Masked Image Modeling", 2025; reference code: facebookresearch/capi, ``model.py`` and
 ``train_capi.py``).
 
-* Target (``target.type: clusters``, :class:`ClusterTarget`): the EMA teacher
+* Target (``target.type: online_clusters``, :class:`ClusterTarget`): the EMA teacher
   (:mod:`pretrain.teacher`) encodes the unmasked image; an online clustering head (a linear
   layer on L2-normalized patch tokens, :class:`OnlineClustering`) gives logits whose
   Sinkhorn-Knopp balanced version (:func:`sinkhorn_knopp`, at ``target_temp``) are the soft
@@ -19,11 +19,15 @@ Masked Image Modeling", 2025; reference code: facebookresearch/capi, ``model.py`
   with a context), then a weight-normed linear layer on L2-normalized features (the reference's
   ``L2NormLinear``) gives the logits over the clusters, compared at ``student_temp``.
 
+* Predicting a subset (``masking.predict_fraction``, the reference's
+  ``prediction_subsampling`` 0.05, :class:`pretrain.masking.SubsetMasker`): queries are made
+  for the predicted positions only (``mask == 1``) and the student's loss is the mean over
+  them; the clustering head still sees (and balances over) every teacher token, as the
+  reference's teacher head runs on all of them before the predicted ones are selected.
+
 Not reproduced: register tokens (the ViT encoder contract has one class token and no
 registers; the class token plays their part as context), RoPE (fixed 2-D sin-cos positions
-instead), the reference's prediction of a 5 % subset of the masked positions
-(``prediction_subsampling``: every masked position is predicted here) and its separate
-clustering optimizer.
+instead) and the reference's separate clustering optimizer.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from harness.core.config import (
 from pretrain.encoders.vit import sincos_pos_embed_2d
 from pretrain.heads import HEADS, Head
 from pretrain.ibot import _weight_normed_last_layer, distribution_statistics, soft_cross_entropy
+from pretrain.masking import PREDICTED
 from pretrain.targets import TARGETS, TargetOut
 from pretrain.teacher import LatentTarget
 
@@ -138,12 +143,14 @@ class CrossAttentionPredictor(Head):
         cfg: ``depth``, ``dim``, ``num_heads``, ``mlp_ratio``.
         out_dim: Clusters.
         pixel_channels: Unused.
-        pred_grid: Unused: one query per patch of the patch grid (the ``clusters`` target takes
+        pred_grid: Unused: one query per patch of the patch grid (the ``online_clusters`` target takes
             no ``target.resolution``).
     """
 
     requires_full_sequence = False
     patch_grid_only = True
+    predicts_subset = True
+    equal_counts = True
 
     def __init__(
         self,
@@ -154,10 +161,7 @@ class CrossAttentionPredictor(Head):
         pred_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        if cfg.dim % cfg.num_heads:
-            raise ValueError(
-                f"head.dim {cfg.dim} is not divisible by head.num_heads {cfg.num_heads}"
-            )
+        self.check_config(cfg, int(encoder.num_features))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         nn.init.normal_(self.mask_token, std=0.02)
         pe = torch.from_numpy(sincos_pos_embed_2d(cfg.dim, *encoder.grid_size)).float()
@@ -169,19 +173,30 @@ class CrossAttentionPredictor(Head):
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.pred = _weight_normed_last_layer(cfg.dim, out_dim, freeze_gain=False)
 
+    @classmethod
+    def check_config(cls, cfg: HeadConfig, width: int) -> None:
+        """``head.dim`` splits into ``head.num_heads`` attention heads."""
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(
+                f"head.dim {cfg.dim} is not divisible by head.num_heads {cfg.num_heads}: set "
+                "head.num_heads to a divisor of head.dim"
+            )
+
     def no_weight_decay(self) -> set[str]:
         return {"mask_token", "pos_embed"}
 
     def forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits ``[B, L, out_dim]`` at the masked positions (zeros at the visible ones) from
-        the student's tokens ``[B, 1 + K, D]`` (visible-only) or ``[B, 1 + L, D]``."""
+        """Logits ``[B, L, out_dim]`` at the predicted positions (``mask == 1``; zeros
+        elsewhere) from the student's tokens ``[B, 1 + K, D]`` (visible-only) or
+        ``[B, 1 + L, D]``."""
         b, n = mask.shape
-        counts = mask.sum(dim=1)
+        predicted = mask == PREDICTED  # [B, L]: a boolean mask, or codes with a subset
+        counts = predicted.sum(dim=1)
         if not bool((counts == counts[0]).all()):
             raise ValueError("the cross-attention predictor needs the same masked count per image")
-        idx = mask.nonzero()[:, 1].view(b, -1)  # [B, M] masked positions, ascending
+        idx = predicted.nonzero()[:, 1].view(b, -1)  # [B, M] predicted positions, ascending
         pos = self.pos_embed.expand(b, -1, -1).gather(
             1, idx.unsqueeze(-1).expand(-1, -1, self.pos_embed.shape[-1])
         )
@@ -201,7 +216,7 @@ class ClusterTargetOut(TargetOut):
     logits: torch.Tensor | None = None  # the clustering head's logits [B, L, K]
 
 
-@TARGETS.register("clusters")
+@TARGETS.register("online_clusters")
 class ClusterTarget(LatentTarget):
     """Soft cluster assignments of the EMA teacher's patch tokens (module docstring).
 

@@ -82,13 +82,7 @@ class ConvDecoder(Head):
     ) -> None:
         super().__init__()
         width = int(encoder.num_features)
-        for name, value in (("the encoder's width", width), ("head.dim", cfg.dim)):
-            if value % cfg.groups:
-                raise ValueError(
-                    f"head.groups {cfg.groups} does not divide {name} {value}: a grouped "
-                    f"convolution needs both widths divisible; set head.groups to a common "
-                    f"divisor of {width} and {cfg.dim}"
-                )
+        self.check_config(cfg, width)
         self.prefix = int(encoder.num_prefix_tokens)
         self.grid = tuple(int(g) for g in encoder.grid_size)
         self.mask_noise = cfg.mask_noise
@@ -97,6 +91,17 @@ class ConvDecoder(Head):
             for i in range(cfg.depth)
         )
         self.proj = nn.Linear(cfg.dim, out_dim)
+
+    @classmethod
+    def check_config(cls, cfg: HeadConfig, width: int) -> None:
+        """``head.groups`` must divide the encoder's width and ``head.dim`` (grouped convs)."""
+        for name, value in (("the encoder's width", width), ("head.dim", cfg.dim)):
+            if value % cfg.groups:
+                raise ValueError(
+                    f"head.groups {cfg.groups} does not divide {name} {value}: a grouped "
+                    f"convolution needs both widths divisible; set head.groups to a common "
+                    f"divisor of {width} and {cfg.dim}"
+                )
 
     def fill(self, visible: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Visible tokens ``[B, K, D]`` back on the grid ``[B, L, D]``, noise at the masked

@@ -46,11 +46,20 @@ class Head(nn.Module):
             up-conv head); the others upsample the encoder's grid by any whole factor.
         narrow: Whether ``head.dim`` may not exceed the encoder's width (I-JEPA's predictor
             is a bottleneck; config validation compares them).
+        predicts_subset: Whether the head builds its predictions at the predicted positions
+            only (one query per position: I-JEPA's and CAPI's predictors), so that predicting a
+            random subset of the masked patches (``masking.predict_fraction`` < 1) saves its
+            work; config validation refuses that value for the other heads.
+        equal_counts: Whether the head batches the predicted positions of every image as one
+            tensor, so it needs the same predicted count in each (CAPI's predictor); config
+            validation refuses a masker whose count varies per image.
     """
 
     requires_full_sequence: bool = True
     patch_grid_only: ClassVar[bool] = False
     narrow: ClassVar[bool] = False
+    predicts_subset: ClassVar[bool] = False
+    equal_counts: ClassVar[bool] = False
 
     @classmethod
     def upsampling(cls, pred: int, patch_grid: int, feature: int) -> int:
@@ -79,6 +88,17 @@ class Head(nn.Module):
                 f"{feature}"
             )
         return pred // feature
+
+    @classmethod
+    def check_config(cls, cfg: HeadConfig, width: int) -> None:
+        """Refuse a head config that cannot be built, or cannot read an encoder of ``width``
+        channels; the one rule for config validation
+        (:func:`harness.core.config.recipe.check_encoder_fits`) and the head's construction. The
+        base class accepts every config.
+
+        Raises:
+            ValueError: Naming both values and the fix.
+        """
 
     def no_weight_decay(self) -> set[str]:
         """Names of this head's parameters exempt from weight decay besides biases and norm

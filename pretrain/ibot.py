@@ -17,8 +17,10 @@ the student's projection head and the teacher's EMA of it) with ``head.type: ide
 student's tokens go to the target's projection head as they are), ``recipe.global_crops: 2``
 and a teacher (``recipe.teacher``, evaluate: teacher as in the paper's released checkpoints).
 
-Not reproduced: local crops (the encoders take one input size; config validation refuses
-``recipe.local_crops > 0``), the reference's separate ``shared_head_teacher`` flag (one
+Not reproduced: local crops (the reference's ViT runs, README: ``--local_crops_number 10``,
+``--local_crops_scale 0.05 0.25``, 96 px in ``DataAugmentationiBOT``; the class-token loss
+:func:`dino_cls_loss` takes them, but the encoders take one input size and the data path one
+crop size, so config validation refuses ``recipe.local_crops > 0``), the reference's separate ``shared_head_teacher`` flag (one
 ``shared_head`` for both), freezing the last layer in the first epoch and the weight-decay
 schedule.
 """
@@ -163,17 +165,25 @@ def soft_cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor
 
 def dino_cls_loss(student: torch.Tensor, teacher_probs: torch.Tensor, temp: float) -> torch.Tensor:
     """DINO's cross-view loss: the student's class token of each crop predicts the teacher's of
-    every other crop, averaged over images and over the ``V * (V - 1)`` pairs.
+    every other global crop, averaged over images and over the pairs.
+
+    The teacher sees the ``G`` global crops only; the student sees them and, after them, any
+    local crops (``V - G``, reference: ``iBOTLoss.forward``: ``student_local_cls`` appended,
+    every pair ``(q, v)`` of a teacher crop ``q < G`` and a student crop ``v`` with ``v != q``).
+    Without local crops that is the ``G * (G - 1)`` pairs of different global crops; with them
+    ``G * (V - 1)`` pairs.
 
     Args:
-        student: Student class-token logits ``[B, V, K]``.
-        teacher_probs: Teacher distributions ``[B, V, K]`` (centred and sharpened).
+        student: Student class-token logits ``[B, V, K]``, the global crops first.
+        teacher_probs: Teacher distributions ``[B, G, K]`` (centred and sharpened), ``G <= V``.
         temp: Student temperature.
     """
-    v = student.shape[1]
+    g, v = teacher_probs.shape[1], student.shape[1]
+    if g > v:
+        raise ValueError(f"{g} teacher crops but only {v} student crops: the student sees every crop")
     terms = [
         soft_cross_entropy(teacher_probs[:, q], student[:, s], temp).mean()
-        for q in range(v)
+        for q in range(g)
         for s in range(v)
         if s != q
     ]

@@ -38,9 +38,9 @@ from torch import nn
 from harness.core.config import HeadConfig, MaskingConfig
 from pretrain.heads import HEADS
 from pretrain.mae import MAEDecoder
-from pretrain.masking import MASKERS, Masker
+from pretrain.masking import MASKERS, PREDICTED, UNPREDICTED, VISIBLE, Masker
 
-CONTEXT, TARGET, OUTSIDE = 0, 1, 2
+CONTEXT, TARGET, OUTSIDE = VISIBLE, PREDICTED, UNPREDICTED
 
 
 def block_size(
@@ -58,10 +58,15 @@ def block_size(
 class MultiBlockMasker(Masker):
     """I-JEPA's context and target blocks as per-patch codes ``[B, L]`` (uint8).
 
+    Its target blocks overlap at random, so the predicted count varies per image
+    (``varying_predicted``).
+
     ``last_sizes`` keeps the batch's ``(target (h, w), context (h, w))`` and ``last_targets``
     the target rectangles ``(top, left, h, w)`` of every image of the last batch; the tests
     check them against the configured scales and aspects.
     """
+
+    varying_predicted = True
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         super().__init__(cfg, grid, patch_size)
@@ -134,6 +139,7 @@ class JEPAPredictor(MAEDecoder):
     """
 
     narrow = True
+    predicts_subset = True
 
     def __init__(
         self,

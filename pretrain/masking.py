@@ -52,6 +52,11 @@ of the generator state. ``block``, ``random_blocks`` and ``random_region`` hit t
 when BEiT's rejection loop stops short, the block mask grows by random neighbouring units, and
 the last random block is cut to the count.
 
+``masking.predict_fraction`` below 1 (CAPI's ``prediction_subsampling``, :class:`SubsetMasker`)
+wraps any of them: of each image's masked patches only a random subset is predicted, the rest
+stay hidden from the encoder without a prediction or a loss (code 2, as I-JEPA's patches
+outside both blocks).
+
 The unit grid and the count come from :func:`harness.core.config.plan_masking`, the same rule that
 config validation applies: a unit that is not whole patches tiling the image, or a count that
 masks every unit or none, is an error (with the numbers), never clamped.
@@ -81,6 +86,9 @@ class Masker:
             ``ratio_var`` / ``mask_prob`` need it, visible-only encoding refuses it).
         causal: Every token is predicted from the ones before it: the encoder attends causally
             (the model passes its ``causal`` option; iGPT's autoregressive objective).
+        varying_predicted: The number of predicted patches varies per image although the hidden
+            count does not (I-JEPA's overlapping target blocks); config validation refuses it,
+            like ``per_image_ratio``, for a head that needs equal counts.
 
     Raises:
         ConfigError: From :func:`harness.core.config.plan_masking`: the units do not fit the grid or
@@ -89,6 +97,7 @@ class Masker:
 
     per_image_ratio: ClassVar[bool] = False
     causal: ClassVar[bool] = False
+    varying_predicted: ClassVar[bool] = False
 
     def __init__(self, cfg: MaskingConfig, grid: tuple[int, int], patch_size: int) -> None:
         self.cfg = cfg
@@ -437,11 +446,60 @@ class D2V2InverseBlockMasker(UnitMasker):
         return ~visible.reshape(self.unit_grid)
 
 
+#: Codes of a mask that predicts a subset of its hidden patches (:class:`SubsetMasker`, I-JEPA's
+#: multi-block masks): seen by the encoder, hidden and predicted, hidden and not predicted.
+#: ``mask != 0`` is what the encoder does not see and ``mask == 1`` what the loss reads, the
+#: same tests as for a boolean mask.
+VISIBLE, PREDICTED, UNPREDICTED = 0, 1, 2
+
+
+class SubsetMasker:
+    """Predict a random subset of each image's masked patches (CAPI's ``prediction_subsampling``;
+    reference: facebookresearch/capi ``data.py``, ``collate_data_and_cast``).
+
+    ``base`` draws the masks; of the ``n`` patches an image predicts (True, or code 1) a uniform
+    random ``int(n * fraction)`` keep code 1 and the others become :data:`UNPREDICTED` (still
+    hidden from the encoder, no prediction, no loss). The reference draws the subset the same
+    way (``int(n_masked * prediction_subsampling)`` per image, a random permutation of the
+    masked positions). At least one patch stays predicted in an image that predicts any
+    (harness's choice: the reference's counts never round to 0).
+
+    Args:
+        base: The recipe's masker.
+        fraction: Share of the masked patches predicted, in (0, 1].
+    """
+
+    def __init__(self, base: Masker, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"masking.predict_fraction {fraction} is not in (0, 1]")
+        self.base = base
+        self.fraction = fraction
+
+    @property
+    def num_masked(self) -> int:
+        """Hidden patches per sample (predicted or not)."""
+        return self.base.num_masked
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Codes ``[B, L]`` (uint8): :data:`VISIBLE`, :data:`PREDICTED`, :data:`UNPREDICTED`."""
+        codes = self.base(batch_size, generator=generator).to(torch.uint8)  # [B, L]
+        predicted = codes == PREDICTED
+        counts = predicted.sum(dim=1).tolist()
+        keep = torch.tensor(
+            [max(1, int(n * self.fraction)) if n else 0 for n in counts], dtype=torch.long
+        )  # [B]
+        # a uniform random order of each image's predicted patches: the others sort last
+        noise = torch.rand(codes.shape, generator=generator).masked_fill(~predicted, 2.0)
+        rank = noise.argsort(dim=1).argsort(dim=1)  # [B, L] place of each patch in that order
+        dropped = predicted & (rank >= keep.unsqueeze(1))
+        return codes.masked_fill(dropped, UNPREDICTED)
+
+
 class ViewMasker:
     """Masks for several views of each image: ``[B, V, L]``, each view masked independently by
     ``base`` (iBOT masks each global crop with its own ratio)."""
 
-    def __init__(self, base: Masker, views: int) -> None:
+    def __init__(self, base: Masker | SubsetMasker, views: int) -> None:
         self.base = base
         self.views = views
 

@@ -55,7 +55,14 @@ from harness.core.errors import CheckpointError
 from pretrain.encoders import ENCODERS, create_encoder
 from pretrain.encoders.conv import mask_to_pixels
 from pretrain.heads import HEADS
-from pretrain.masking import MASKERS, Masker, ViewMasker, create_masker, mask_to_indices
+from pretrain.masking import (
+    MASKERS,
+    Masker,
+    SubsetMasker,
+    ViewMasker,
+    create_masker,
+    mask_to_indices,
+)
 from pretrain.targets import TARGETS, ImageSampler, TargetOut, to_unit
 from pretrain.vit_mpp import corrupt_and_encode
 
@@ -123,14 +130,17 @@ class MIMModel(nn.Module):
             raise ValueError(
                 "masking.mask_token_prob / random_token_prob need a ViT or Swin encoder"
             )
-        self.masker: Masker | ViewMasker = create_masker(
+        base: Masker | SubsetMasker = create_masker(
             m, self.encoder.grid_size, self.encoder.patch_size
         )
+        if m.predict_fraction < 1.0:  # codes [B, L]: a random subset of the masked is predicted
+            base = SubsetMasker(base, m.predict_fraction)
+        self.masker: Masker | SubsetMasker | ViewMasker = base
         if recipe.global_crops > 1:  # [B, V, L]: one mask per view
-            self.masker = ViewMasker(self.masker, recipe.global_crops)
+            self.masker = ViewMasker(base, recipe.global_crops)
         self.clones = recipe.clone_batch
         if self.clones > 1:  # [B, C, L]: one mask per clone (validated: not with views)
-            self.masker = ViewMasker(self.masker, self.clones)
+            self.masker = ViewMasker(base, self.clones)
         self.discriminator = (
             ce.Discriminator(int(encoder_cfg.img_size)) if recipe.loss.adv_weight > 0 else None  # type: ignore[arg-type]
         )

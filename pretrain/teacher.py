@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import LossConfig, TargetConfig, TeacherConfig
+from harness.core.config.recipe import check_top_k
 from pretrain.losses import reconstruction_loss
 from pretrain.targets import TARGETS, Target, TargetOut
 
@@ -130,12 +131,8 @@ class LatentTarget(Target):
                 f"{encoder.family} encoder does not give at one width and grid: use a ViT or BEiT "
                 "encoder (encoder.arch: vit_*), or a pixel target (target.type: pixels)"
             )
-        depth = int(encoder.num_layers)
-        if cfg.latent.top_k > depth:
-            raise ValueError(
-                f"target.latent.top_k {cfg.latent.top_k} exceeds the encoder's {depth} blocks: "
-                f"set target.latent.top_k to at most {depth}"
-            )
+        check_top_k(cfg.latent.top_k, int(encoder.num_layers), "target.latent",
+                    f"the {encoder.family} encoder")  # fmt: skip
         if cfg.latent.cls_weight > 0 and int(encoder.num_prefix_tokens) < 1:
             raise ValueError(
                 f"target.latent.cls_weight {cfg.latent.cls_weight} regresses the student's class "

@@ -138,8 +138,8 @@ def test_axis_names_come_from_the_registries(recipe, match):
 def test_discrete_pairs_follow_the_registered_classes():
     with pytest.raises(ValueError, match=r"target 'tokens' is discrete: set loss.type: cross_entropy \(got 'l2'\)"):
         RecipeConfig(name="beit", loss={"type": "l2"})
-    with pytest.raises(ValueError, match=(r"loss 'cross_entropy' needs a discrete target \(clusters, color_bins, "
-                                          r"color_clusters, ibot, mean_color, relative_position, selfie, tokens\); target 'pixels' is continuous: use "
+    with pytest.raises(ValueError, match=(r"loss 'cross_entropy' needs a discrete target \(color_bins, color_clusters, "
+                                          r"ibot, mean_color, online_clusters, relative_position, selfie, tokens\); target 'pixels' is continuous: use "
                                           r"l1, l2 or smooth_l1")):
         RecipeConfig(name="simmim", loss={"type": "cross_entropy"})
 

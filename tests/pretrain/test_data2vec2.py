@@ -244,13 +244,21 @@ def test_impossible_combinations_fail_at_validation(recipe, match):
         RecipeConfig(**{**D2V2, **recipe})
 
 
+def test_conv_groups_that_do_not_divide_the_encoder_fail_at_validation():
+    rec = {**D2V2, "head": {"depth": 1, "dim": 30, "groups": 5}}
+    with pytest.raises(ValueError, match=r"recipe: head.groups 5 does not divide the encoder's "
+                       r"width 32.*\(encoder 'vit_micro_32'\)"):
+        PretrainConfig(encoder=ENC, recipe=rec)
+
+
 def test_impossible_combinations_fail_when_the_model_is_built():
     with pytest.raises(ValueError, match="head.groups 5 does not divide the encoder's width 32"):
         _model(head={"depth": 1, "dim": 30, "groups": 5})
     with pytest.raises(ValueError, match="head.groups 3 does not divide the encoder's width 32.*"
                        "common divisor of 32 and 24"):
         _model(head={"depth": 1, "dim": 24, "groups": 3})
-    with pytest.raises(ValueError, match="top_k 10 exceeds the encoder's 2 blocks"):
+    with pytest.raises(ValueError, match="top_k 10 averages the teacher's last 10 blocks, but "
+                       "the vit encoder has 2 blocks"):
         MIMModel(ENC, RecipeConfig(name="data2vec2"))
     with pytest.raises(ConfigError, match="every patch of every sample is masked"):
         create_masker(MaskingConfig(strategy="d2v2_inverse_block", ratio=0.99), (4, 4), 8)

@@ -120,6 +120,22 @@ def test_dino_loss_by_hand():
     assert float(dino_cls_loss(student, teacher, temp=1.0)) == pytest.approx(expect)
 
 
+def test_dino_loss_with_local_crops_by_hand():
+    # 2 global crops seen by both, 2 local crops by the student only (iBOT's multi-crop)
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, G=2, K=2]
+    ln3 = math.log(3.0)
+    student = torch.tensor([[[0.0, 0.0], [ln3, 0.0], [0.0, ln3], [ln3, 0.0]]])  # [1, V=4, 2]
+    # student p: global 0 [1/2, 1/2], global 1 [3/4, 1/4], local 2 [1/4, 3/4], local 3 [3/4, 1/4]
+    # teacher 0 (one-hot class 0) with students 1, 2, 3: -ln 3/4, -ln 1/4, -ln 3/4
+    # teacher 1 (one-hot class 1) with students 0, 2, 3: -ln 1/2, -ln 3/4, -ln 1/4
+    # 6 = G * (V - 1) pairs (reference iBOTLoss: every (q, v) with v != q)
+    logs = [0.75, 0.25, 0.75, 0.5, 0.75, 0.25]
+    expect = -sum(math.log(x) for x in logs) / 6
+    assert float(dino_cls_loss(student, teacher, temp=1.0)) == pytest.approx(expect)
+    with pytest.raises(ValueError, match="2 teacher crops but only 1 student crops"):
+        dino_cls_loss(student[:, :1], teacher, temp=1.0)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_dino_head_shapes_and_weight_norm(shared):
     cfg = IBOTConfig(out_dim=12, patch_out_dim=12 if shared else 7, hidden_dim=16,
@@ -251,6 +267,9 @@ def test_ibot_teacher_head_follows_the_student_head():
         ({"name": "beit", "masking": {"ratio_var": 0.1}}, r"ratio_var 0.1.*strategy 'block'"),
         ({"name": "mae", "masking": {"strategy": "ibot_block"}}, r"'ibot_block'.*encoder_mode"),
         ({"name": "ibot", "target": {"ibot": {"patch_out_dim": 10}}}, r"out_dim 8192 != patch_out_dim 10"),
+        # CAPI's target type was 'clusters', which read like target.clusters (colour clusters)
+        ({"name": "capi", "target": {"type": "clusters"}},
+         r"target.type 'clusters' was renamed 'online_clusters'.*use target.type: online_clusters"),
     ],
 )
 def test_combinations_that_cannot_work_fail_at_validation(rec, match):

@@ -235,7 +235,7 @@ def test_recipe_trains_on_a_fixed_batch(case):
 
 # trained on a fixed batch in tests/pretrain/test_ibot_capi.py (two views, soft targets: their
 # predictions are not one row per patch of the target's width)
-IBOT_CAPI_HEADS, IBOT_CAPI_TARGETS = {"identity", "cross_attention"}, {"ibot", "clusters"}
+IBOT_CAPI_HEADS, IBOT_CAPI_TARGETS = {"identity", "cross_attention"}, {"ibot", "online_clusters"}
 # trained on a fixed batch in tests/pretrain/test_lineage.py (their own models: scores over the
 # masked patches, one classification per pair)
 LINEAGE_HEADS = {"attention_pooling", "pair_classifier"}

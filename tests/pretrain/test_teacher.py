@@ -11,7 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.core.config import EncoderConfig, PretrainConfig, RecipeConfig, TeacherConfig, to_plain
+from harness.core.config import (
+    EncoderConfig,
+    EncoderEntry,
+    PretrainConfig,
+    RecipeConfig,
+    TeacherConfig,
+    to_plain,
+)
 from pretrain.engine import param_groups, pretrain
 from pretrain.model import MIMModel
 from pretrain.teacher import EMATeacher, momentum_at, target_std
@@ -142,8 +149,22 @@ def test_a_teacher_on_an_encoder_without_per_block_outputs_is_refused():
     with pytest.raises(ValueError, match="conv encoder .* use a ViT or BEiT encoder"):
         # data2vec's own init rule is for ViTs (refused first for a conv encoder): timm's here
         MIMModel(EncoderConfig(arch="ce_conv_32"), RecipeConfig(**D2V, encoder_init="timm"))
-    with pytest.raises(ValueError, match="top_k 6 exceeds the encoder's 2 blocks"):
+    # a model built without a validated config still refuses (the same rule, check_top_k)
+    with pytest.raises(ValueError, match="top_k 6 averages the teacher's last 6 blocks, but the "
+                       "vit encoder has 2 blocks"):
         MIMModel(ENC, RecipeConfig(name="data2vec"))
+
+
+@pytest.mark.parametrize("name,k", [("data2vec", 6), ("data2vec2", 10)])
+def test_top_k_deeper_than_the_encoder_fails_at_validation(name, k):
+    with pytest.raises(ValueError, match=rf"recipe.target.latent.top_k {k} averages the teacher's "
+                       rf"last {k} blocks, but encoder 'vit_micro_32' has 2 blocks: set "
+                       r"recipe.target.latent.top_k to at most 2"):
+        PretrainConfig(encoder=ENC, recipe={"name": name})
+    with pytest.raises(ValueError, match=rf"pretrain.recipe.target.latent.top_k {k}"):
+        EncoderEntry(name="e", encoder=ENC, pretrain={"recipe": {"name": name}})
+    ok = {"name": name, "target": {"latent": {"top_k": 2}}}
+    assert PretrainConfig(encoder=ENC, recipe=ok).recipe.target.latent.top_k == 2
 
 
 def test_new_keys_are_left_out_of_dumps_at_their_defaults():

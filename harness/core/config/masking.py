@@ -88,9 +88,14 @@ class MaskingConfig(StrictModel):
         ratio_adjust: ``d2v2_inverse_block``: added to the visible share when the number of
             squares is drawn, to make up for their overlap (data2vec 2.0's
             ``mask_prob_adjust`` 0.07).
+        predict_fraction: Share of each image's masked patches that the head predicts and the
+            loss reads, a uniform random subset (CAPI's ``prediction_subsampling`` 0.05); the
+            others stay hidden from the encoder (:class:`pretrain.masking.SubsetMasker`). 1:
+            every masked patch. Only heads that build their predictions at the predicted
+            positions take less than 1 (their class's ``predicts_subset``).
 
-    ``multiblock``, ``ratio_var``, ``mask_prob``, ``block_length`` and ``ratio_adjust`` are left
-    out of dumps at their defaults (hashes kept).
+    ``multiblock``, ``ratio_var``, ``mask_prob``, ``block_length``, ``ratio_adjust`` and
+    ``predict_fraction`` are left out of dumps at their defaults (hashes kept).
     """
 
     strategy: str = "random"
@@ -106,6 +111,7 @@ class MaskingConfig(StrictModel):
     multiblock: MultiBlockConfig = Field(default_factory=MultiBlockConfig)
     block_length: int = Field(3, ge=2)
     ratio_adjust: float = Field(0.0, ge=0.0, lt=1.0)
+    predict_fraction: float = Field(1.0, gt=0.0, le=1.0)
 
     @field_validator("strategy")
     @classmethod
@@ -138,7 +144,10 @@ class MaskingConfig(StrictModel):
     @model_serializer(mode="wrap")
     def _omit_new_keys_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # added after configs were hashed: left out of dumps at their defaults (hashes kept)
-        names = ("multiblock", "ratio_var", "mask_prob", "block_length", "ratio_adjust")
+        names = (
+            "multiblock", "ratio_var", "mask_prob", "block_length", "ratio_adjust",
+            "predict_fraction",
+        )  # fmt: skip
         return omit_at_default(self, handler(self), names)
 
 

@@ -312,8 +312,10 @@ class TargetConfig(StrictModel):
             Table 5's 8-bin and 256-bin, Table 13's 2 to 256), ``mean_color`` (the patch's mean
             color with ``bins`` per channel, one ``bins^3``-way class: ViT's 3-bit color with 8),
             ``tokens`` (BEiT), ``ibot`` (iBOT: the EMA teacher's softmax over projected tokens),
-            ``clusters`` (CAPI: the EMA teacher's patch tokens clustered online with
-            Sinkhorn-Knopp; not the ``clusters`` field below, which counts colour clusters),
+            ``online_clusters`` (CAPI: the EMA teacher's patch tokens clustered online with
+            Sinkhorn-Knopp; named ``clusters`` until it was renamed, apart from the ``clusters``
+            field below, which counts colour clusters: the old spelling is refused with the
+            new one named),
             ``selfie`` (the right patch among the image's masked patches, Selfie) and
             ``relative_position`` (which of 8 neighbours a patch is, context prediction).
         bins: Color bins per channel for ``color_bins`` and ``mean_color``.
@@ -331,7 +333,7 @@ class TargetConfig(StrictModel):
             ``tokenizer``'s ``train_images`` and ``kmeans_iters``). Left out of dumps at 512.
         ibot: The projection heads, temperatures and centring for ``ibot``. Left out of dumps
             at its default.
-        clustering: The clustering head for the ``clusters`` target (CAPI). Left out of dumps
+        clustering: The clustering head for the ``online_clusters`` target (CAPI). Left out of dumps
             at its default.
         latent: The teacher's features for ``latent`` (data2vec, I-JEPA); left out of dumps at
             its default, so configs hashed before it existed keep their hashes.
@@ -350,6 +352,12 @@ class TargetConfig(StrictModel):
     @field_validator("type")
     @classmethod
     def _known_target(cls, value: str) -> str:
+        if value == "clusters":  # CAPI's target before it was renamed
+            raise ValueError(
+                "target.type 'clusters' was renamed 'online_clusters' (CAPI: the EMA teacher's "
+                "tokens clustered online), apart from target.clusters (the colour-cluster count "
+                "of target.type color_clusters): use target.type: online_clusters"
+            )
         return check_name(TARGETS, value)
 
     @model_validator(mode="after")
@@ -565,7 +573,43 @@ class RecipeConfig(StrictModel):
                 f"input's resolution; remove target.resolution ({self.target.resolution})"
             )
         self._check_views()
+        self._check_predict_fraction()
+        self._check_equal_counts()
         return self
+
+    def _check_equal_counts(self) -> None:
+        """A head that needs the same predicted count in every image (its class's
+        ``equal_counts``) refuses a masker whose count varies (``per_image_ratio``, or
+        ``varying_predicted``)."""
+        masker = MASKERS.get(self.masking.strategy)
+        if HEADS.get(self.head.type).equal_counts and (
+            masker.per_image_ratio or masker.varying_predicted
+        ):
+            fits = [n for n in MASKERS.names() if not MASKERS.get(n).per_image_ratio
+                    and not MASKERS.get(n).varying_predicted and not MASKERS.get(n).causal]  # fmt: skip
+            raise ValueError(
+                f"head '{self.head.type}' predicts the same number of patches in every image, "
+                f"but masking.strategy '{self.masking.strategy}' predicts a different number in "
+                f"each: use masking.strategy: {_or_list(fits)}"
+            )
+
+    def _check_predict_fraction(self) -> None:
+        """Predicting a subset of the masked patches needs a head that predicts at given
+        positions (its class's ``predicts_subset``)."""
+        f = self.masking.predict_fraction
+        if f < 1.0 and not HEADS.get(self.head.type).predicts_subset:
+            takes = [n for n in HEADS.names() if HEADS.get(n).predicts_subset]
+            raise ValueError(
+                f"masking.predict_fraction {f} predicts a random subset of the masked patches, "
+                f"but head '{self.head.type}' predicts every position of the grid (a subset "
+                f"would only drop loss terms): set masking.predict_fraction: 1 or head.type: "
+                f"{_or_list(takes)}"
+            )
+        if f < 1.0 and self.loss.on == "all":
+            raise ValueError(
+                f"masking.predict_fraction {f} predicts a subset of the masked patches, but "
+                "loss.on 'all' reads every patch: set loss.on: masked or predict_fraction: 1"
+            )
 
     def _check_views(self) -> None:
         """Several crops need a target that compares them; per-image mask counts need mask
@@ -672,6 +716,73 @@ def _check_controlled(data: dict[str, Any]) -> None:
 def _or_list(names: list[str]) -> str:
     """``a, b or c``."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_encoder_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str) -> None:
+    """Everything about a recipe that depends on the encoder, checked once the encoder is
+    resolved (a pretraining config, a suite's pretrained encoder): the target's resolution and
+    patchwise encoding (:func:`check_target_fits`), a narrow head's width
+    (:func:`check_head_width`), what the head's class says of the encoder's width (its
+    ``check_config``: data2vec 2.0's grouped convolutions, CAPI's attention heads) and the teacher's blocks
+    (:func:`check_top_k`).
+
+    Args:
+        recipe: The recipe.
+        encoder: The encoder config (preset filled in).
+        where: The key path of the recipe in messages.
+
+    Raises:
+        ValueError: The message names both values and the fix.
+    """
+    check_target_fits(recipe, encoder, where)
+    check_head_width(recipe, encoder, where)
+    try:
+        HEADS.get(recipe.head.type).check_config(recipe.head, int(encoder.embed_dim))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc} (encoder '{encoder.arch}')") from None
+    if TARGETS.get(recipe.target.type).needs_teacher and encoder.depth is not None:
+        check_top_k(recipe.target.latent.top_k, int(encoder.depth), f"{where}.target.latent",
+                    f"encoder '{encoder.arch}'")  # fmt: skip
+
+
+def check_top_k(top_k: int, depth: int, where: str, encoder: str) -> None:
+    """The one rule for a teacher target's ``latent.top_k``: it averages the last ``top_k``
+    block outputs, so it may not exceed the encoder's ``depth`` blocks. Config validation
+    (:func:`check_encoder_fits`) and the target's construction
+    (:class:`pretrain.teacher.LatentTarget`, for a model built without a validated config) call
+    it.
+
+    Args:
+        top_k: ``target.latent.top_k``.
+        depth: The encoder's blocks.
+        where: The key path of ``latent`` in messages.
+        encoder: The encoder's name in messages.
+
+    Raises:
+        ValueError: Naming both values and the fix.
+    """
+    if top_k > depth:
+        raise ValueError(
+            f"{where}.top_k {top_k} averages the teacher's last {top_k} blocks, but {encoder} "
+            f"has {depth} blocks: set {where}.top_k to at most {depth} or use a deeper encoder "
+            "(encoder.depth or a larger encoder.arch)"
+        )
+
+
+def check_head_width(recipe: RecipeConfig, encoder: EncoderConfig, where: str = "recipe") -> None:
+    """A narrow head (I-JEPA's predictor, its class's ``narrow``) may not be wider than the
+    encoder.
+
+    Raises:
+        ValueError: ``head.dim`` exceeds ``encoder.embed_dim``.
+    """
+    width = int(encoder.embed_dim)  # type: ignore[arg-type]
+    if HEADS.get(recipe.head.type).narrow and recipe.head.dim > width:
+        raise ValueError(
+            f"{where}.head.dim {recipe.head.dim} is wider than the encoder ({encoder.arch}: "
+            f"embed_dim {width}); head '{recipe.head.type}' is a bottleneck: set {where}.head.dim "
+            f"to at most {width} (I-JEPA: 384 for ViT-H's 1280)"
+        )
 
 
 def check_target_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str) -> None:

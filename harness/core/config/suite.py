@@ -17,7 +17,7 @@ from harness.core.config.base import StrictModel
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import EncoderConfig
 from harness.core.config.masking import check_masking_fits
-from harness.core.config.recipe import EncoderSetup, check_target_fits
+from harness.core.config.recipe import EncoderSetup, check_encoder_fits
 from harness.core.config.tasks import TaskConfig, parse_task_config
 from harness.core.config.train import PretrainSpec, dump_encoder, resolve_encoder
 from harness.core.registry import Registry, did_you_mean
@@ -95,7 +95,7 @@ class EncoderEntry(StrictModel):
             object.__setattr__(self, "encoder", resolve_encoder(self.encoder, self.pretrain.recipe))
             masking = self.pretrain.recipe.masking
             check_masking_fits(masking, self.encoder, "pretrain.recipe.masking")
-            check_target_fits(self.pretrain.recipe, self.encoder, "pretrain.recipe")
+            check_encoder_fits(self.pretrain.recipe, self.encoder, "pretrain.recipe")
         return self
 
     @model_serializer(mode="wrap")

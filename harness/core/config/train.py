@@ -7,12 +7,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from harness.core.config.axes import ENCODER_INITS, HEADS
+from harness.core.config.axes import ENCODER_INITS
 from harness.core.config.base import ConfigError, StrictModel, omit_at_default
 from harness.core.config.data import DataConfig
 from harness.core.config.encoder import ENCODER_PRESETS, VARIANT_FIELDS, EncoderConfig
 from harness.core.config.masking import check_masking_fits
-from harness.core.config.recipe import RecipeConfig, check_target_fits
+from harness.core.config.recipe import RecipeConfig, check_encoder_fits
 from harness.core.config.recipe_files import recipe_train_defaults
 
 
@@ -155,8 +155,7 @@ class PretrainConfig(StrictModel):
         # assigned without re-validation (validate_assignment would run this validator again)
         object.__setattr__(self, "encoder", resolve_encoder(self.encoder, self.recipe))
         check_masking_fits(self.recipe.masking, self.encoder, "recipe.masking")
-        check_target_fits(self.recipe, self.encoder, "recipe")
-        check_head_width(self.recipe, self.encoder)
+        check_encoder_fits(self.recipe, self.encoder, "recipe")
         if self.data.fast_decode and self.recipe.global_crops > 1:
             raise ConfigError(
                 f"data.fast_decode decodes each image once at reduced size for one crop, but "
@@ -169,20 +168,3 @@ class PretrainConfig(StrictModel):
         out = handler(self)
         dump_encoder(out, self.encoder, self.recipe)
         return out
-
-
-def check_head_width(recipe: RecipeConfig, encoder: EncoderConfig) -> None:
-    """A narrow head (I-JEPA's predictor, its class's ``narrow``) may not be wider than the
-    encoder.
-
-    Raises:
-        ConfigError: ``recipe.head.dim`` exceeds ``encoder.embed_dim``.
-    """
-    width = int(encoder.embed_dim)  # type: ignore[arg-type]
-    if HEADS.get(recipe.head.type).narrow and recipe.head.dim > width:
-        raise ConfigError(
-            f"recipe.head.dim {recipe.head.dim} is wider than the encoder ({encoder.arch}: "
-            f"embed_dim {width}); head '{recipe.head.type}' is a bottleneck: set recipe.head.dim "
-            f"to at most {width} (I-JEPA: 384 for ViT-H's 1280)"
-        )
-
