@@ -45,7 +45,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -729,25 +728,9 @@ def _collapsed_steps(history: list[dict[str, float]], threshold: float) -> int:
 
 
 def _sync_unless(run: _Run, last: bool) -> Any:
-    """No gradient reduction for every micro-batch but the last of a step (DDP's ``no_sync``,
-    FSDP's gradient sync off); a no-op context for a single process and for the last micro-batch,
-    whose backward reduces the sum."""
-    if last:
-        return contextlib.nullcontext()
-    if run.ddp is not None:
-        return run.ddp.no_sync()
-    if run.fsdp:
-        return _fsdp_no_sync(run.model)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: torch.nn.Module) -> Any:
-    parallel.set_gradient_sync(model, False)
-    try:
-        yield
-    finally:
-        parallel.set_gradient_sync(model, True)
+    """No gradient reduction for every micro-batch but the last of a step
+    (:func:`harness.core.parallel.gradient_sync_unless` on the DDP wrapper or the sharded model)."""
+    return parallel.gradient_sync_unless(run.ddp if run.ddp is not None else run.model, last)
 
 
 def _on_nonfinite(run: _Run, value: float, lr: float) -> None:
