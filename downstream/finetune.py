@@ -395,6 +395,7 @@ class Finetune(Task):
     version = 1
     metrics = {"top1": True, "top5": True}
     config_cls = FinetuneConfig
+    data_parallel = True
 
     def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
         """The ImageFolder's train and val splits, with the same classes."""

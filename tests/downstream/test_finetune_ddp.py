@@ -9,6 +9,7 @@ Run as a script under torchrun, this file is the worker of the slow test (see ``
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -131,6 +132,41 @@ def test_finetune_ddp_fsdp_and_resume_match_one_process(tiny_imagefolder, tmp_pa
     for rank in (0, 1):
         msg = (out / f"odd_error_rank{rank}.txt").read_text()
         assert "micro_batch_size 3 must divide batch_size 8 (its 4 per rank" in msg
+
+
+@pytest.mark.slow
+def test_suite_under_torchrun_fine_tunes_on_every_rank(tiny_imagefolder, tmp_path):
+    """``mimbench run --launcher torchrun``: fine-tuning on 2 ranks (one record, written by rank
+    0), then the process group closes and rank 0 alone runs the linear probe."""
+    import subprocess
+
+    import yaml
+
+    from harness.core.records import load_records
+
+    suite = {
+        "kind": "suite", "name": "ftddp", "output_dir": str(tmp_path / "out"), "seeds": [0],
+        "data": {"source": str(tiny_imagefolder), "eval_crop_pct": 1.0},
+        "encoders": [{"name": "random", "encoder": {"arch": "vit_micro_32"}}],
+        "tasks": [{"name": "finetune", "epochs": 1, "batch_size": 8, "base_lr": 0.05},
+                  {"name": "linear_probe", "epochs": 2, "batch_size": 8, "lrs": [0.1]}],
+    }  # fmt: skip
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    cmd = [sys.executable, "-m", "harness.cli", "run", str(path), "--launcher", "torchrun",
+           "--nproc-per-node", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("Leaderboard written to") == 1  # rank 0 alone reports
+    records = {r.task.name: r for r in load_records(tmp_path / "out" / "ftddp" / "records")}
+    assert sorted(records) == ["finetune", "linear_probe"]
+    assert all(r.status == "ok" for r in records.values())
+    assert records["finetune"].details["resolved"]["world_size"] == 2
+    assert "world_size" not in records["linear_probe"].details
+    logs = [p.read_text() for p in (tmp_path / "out" / "ftddp").rglob("log.txt")]
+    assert sum(t.count("[finetune] val top1") for t in logs) == 1  # rank 0 alone writes logs
 
 
 def test_micro_batch_must_divide_the_batch(tiny_imagefolder, tmp_path):
