@@ -32,6 +32,13 @@ sharded with one FSDP unit per block (``fsdp``, :func:`harness.core.parallel.sha
 checkpoints hold full state dicts either way (resume and the saved classifier read as without
 it). Validation is split over the ranks and its logits gathered, so every rank reports the same
 metric. Rank 0 alone logs and writes files (checkpoints atomically, the classifier).
+
+A non-finite loss (any micro-batch of a step, on any rank: one verdict for all) follows
+``nonfinite``, the pretraining's policy (:class:`harness.core.training.NonfinitePolicy`): ``stop``
+raises naming the step; ``skip`` makes no update that step and counts it; ``restore`` reloads the
+last checkpoint (a fresh run writes one at step 0) and multiplies the lr by
+``nonfinite_lr_factor``; more than ``nonfinite_max_events`` in a row stop the run. Each event is
+logged and listed in the checkpoint and the record (``details.nonfinite``).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from harness.core.config.base import omit_at_default
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DatasetError,
     FullySeededDataset,
     SkipTally,
     check_classification_data,
@@ -74,6 +82,7 @@ from harness.core.errors import CheckpointError
 from harness.core.tracking import ScalarLogger, progress
 from harness.core.training import (
     GradAccumulation,
+    NonfinitePolicy,
     ResumableCheckpoint,
     autocast,
     autocast_dtype,
@@ -138,10 +147,20 @@ class FinetuneConfig(TaskConfig):
         fsdp: Under torchrun, shard parameters, gradients and optimizer state over the ranks
             (PyTorch's ``fully_shard``, one unit per encoder block) instead of DDP; ignored by
             one process. Left out of dumps while off.
+        nonfinite: What a non-finite loss does: ``stop`` (raise, naming the step), ``skip`` (no
+            update this step, counted), ``restore`` (reload the last checkpoint, lr times
+            ``nonfinite_lr_factor`` from then on). The three are left out of dumps at their
+            defaults.
+        nonfinite_lr_factor: The lr multiplier of each ``restore`` event.
+        nonfinite_max_events: Consecutive non-finite events (no finite step between) after which
+            ``skip`` and ``restore`` give up with the ``stop`` error.
     """
 
     #: Added after runs were recorded: dropped from dumps while at their default.
-    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("activation_checkpointing", "fsdp")
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = (
+        "activation_checkpointing", "fsdp", "nonfinite", "nonfinite_lr_factor",
+        "nonfinite_max_events",
+    )  # fmt: skip
 
     name: Literal["finetune"] = "finetune"
     epochs: int | None = Field(None, ge=1)
@@ -178,6 +197,9 @@ class FinetuneConfig(TaskConfig):
     strict_data: bool = False
     activation_checkpointing: bool = False
     fsdp: bool = False
+    nonfinite: Literal["stop", "skip", "restore"] = "stop"
+    nonfinite_lr_factor: float = Field(0.5, gt=0, lt=1)
+    nonfinite_max_events: int = Field(3, ge=1)
 
     @model_serializer(mode="wrap")
     def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -489,7 +511,9 @@ class _FinetuneRun:
     mixer: Any
     criterion: nn.Module
     ckpt: ResumableCheckpoint
+    nonfinite: NonfinitePolicy
     step: int = 0
+    restart: bool = False  # a checkpoint was restored: the loop goes on from run.step
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     skipped: int = 0
@@ -629,6 +653,7 @@ def _setup(
         mixer=mixer,
         criterion=criterion,
         ckpt=task_checkpoint(ctx.out_dir / ckpt_name, cfg, encoder, ctx.data, ctx.seed),
+        nonfinite=NonfinitePolicy(cfg.nonfinite, cfg.nonfinite_lr_factor, cfg.nonfinite_max_events),
     )
 
 
@@ -686,7 +711,21 @@ def _restore(run: _FinetuneRun) -> None:
     """
     # rank 0 decides; under torchrun every rank loads the same file
     if not distributed.broadcast_object(run.ckpt.exists()):
+        if run.cfg.nonfinite == "restore":  # what a non-finite loss before any checkpoint restores
+            _save_checkpoint(run)
         return
+    run.nonfinite.load_state(_load_state(run))
+    run.log(f"[finetune] resumed at step {run.step}/{run.total} from {run.ckpt.path}")
+
+
+def _load_state(run: _FinetuneRun) -> dict[str, Any]:
+    """Model, optimizer, step, history, evaluations and skip count from the checkpoint (every
+    rank reads the file; full state dicts, loaded into a sharded model as into any other);
+    returns the checkpoint.
+
+    Raises:
+        CheckpointError: This rank cannot see the file rank 0 wrote.
+    """
     if not run.ckpt.exists():
         raise CheckpointError(
             f"rank {run.rank} cannot see {run.ckpt.path}, which rank 0 resumes from: the output "
@@ -694,11 +733,11 @@ def _restore(run: _FinetuneRun) -> None:
         )
     ck = run.ckpt.load()
     assert ck is not None
-    parallel.load_model_state(run.model, ck["model"])  # full state dicts, sharded or not
+    parallel.load_model_state(run.model, ck["model"])
     parallel.load_optimizer_state(run.model, run.opt, ck["optimizer"])
     run.step, run.history, run.evals = int(ck["step"]), list(ck["history"]), list(ck["evals"])
     run.skipped = int(ck["skipped"])
-    run.log(f"[finetune] resumed at step {run.step}/{run.total} from {run.ckpt.path}")
+    return ck
 
 
 def _save_checkpoint(run: _FinetuneRun) -> None:
@@ -710,6 +749,7 @@ def _save_checkpoint(run: _FinetuneRun) -> None:
         "history": run.history,
         "evals": run.evals,
         "skipped": run.skipped,
+        **run.nonfinite.state(),
     }
     if run.rank == 0:
         run.ckpt.save(state)
@@ -731,7 +771,7 @@ def _train(run: _FinetuneRun) -> None:
             micro_batches = epoch_batches(
                 run.n, ctx.seed, epoch, cfg.batch_size, batch_idx, micro=run.micro
             )[run.rank :: run.world]  # every rank's share of each step
-            step_skipped = 0
+            step_skipped, bad = 0, None  # bad: a non-finite loss of the step
             loader = DataLoader(
                 run.seeded,
                 batch_sampler=micro_batches,
@@ -742,25 +782,42 @@ def _train(run: _FinetuneRun) -> None:
             run.model.train()
             for i, (x, y, keep) in enumerate(loader):
                 if run.accum.starts(i):
-                    lr = lr_at(run.step, run.total, run.warmup, run.peak, cfg.min_lr)
+                    lr = run.nonfinite.lr_scale * lr_at(
+                        run.step, run.total, run.warmup, run.peak, cfg.min_lr
+                    )
                     set_lr(run.opt, lr)
                 step_skipped += int((~keep).sum())
                 run.train_skips.add(micro_batches[i], keep)
                 run.train_skips.report(run.log)  # each unreadable file named once
                 run.train_skips.check_readable()
                 with parallel.gradient_sync_unless(run.net, last=run.accum.ends(i)):
-                    last_loss = _micro_step(run, x, y, i)
+                    loss = _micro_step(run, x, y, i)
+                last_loss = math.nan if loss is None else loss  # nan: no readable image
+                if bad is None and loss is not None and not math.isfinite(loss):
+                    bad = loss
                 if not run.accum.ends(i):
                     continue
-                if run.world > 1:  # the loss of the step's last micro-batch (the last rank's)
-                    gathered = distributed.all_gather_object((last_loss, step_skipped))
-                    last_loss, step_skipped = gathered[-1][0], sum(g[1] for g in gathered)
+                last_loss, step_skipped, bad = _step_verdict(run, last_loss, step_skipped, bad)
                 run.skipped += step_skipped
                 step_skipped = 0
+                if bad is not None:
+                    _on_nonfinite(run, bad, lr)
+                    bad = None
+                    if run.restart:  # a restored checkpoint: the epoch's loader from run.step
+                        run.restart = False
+                        bar.n = run.step
+                        bar.refresh()
+                        break
+                    bar.update(1)
+                    _after_step(run, epoch, math.nan, lr, scalars, step_at_start, t_train0)
+                    if run.step >= run.total:
+                        break
+                    continue
                 clip_and_step(run.opt, run.model.parameters(), cfg.clip_grad)
                 run.opt.zero_grad(set_to_none=True)
                 run.step += 1
                 run.history.append({"step": run.step, "loss": last_loss, "lr": lr})
+                run.nonfinite.stepped(run.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
                 scalars.scalars({"finetune/loss": last_loss, "finetune/lr": lr}, run.step)
@@ -772,17 +829,26 @@ def _train(run: _FinetuneRun) -> None:
         scalars.close()
 
 
-def _micro_step(run: _FinetuneRun, x: torch.Tensor, y: torch.Tensor, i: int) -> float:
-    """Forward and backward of micro-batch ``i`` of the step (``x``: ``[b, 3, H, W]``); its loss
-    (nan when no image of it was readable).
+def _micro_step(run: _FinetuneRun, x: torch.Tensor, y: torch.Tensor, i: int) -> float | None:
+    """Forward and backward of micro-batch ``i`` of this rank's share of the step (``x``:
+    ``[b, 3, H, W]``); its loss, which may be non-finite (the caller's verdict: the backward runs
+    all the same, so every rank takes part in the gradient reduction), or None when no image of
+    it was readable.
 
     Raises:
-        FloatingPointError: The loss is not finite.
+        DatasetError: Under torchrun, no image of the micro-batch was readable (a rank cannot
+            sit out a data-parallel backward).
     """
     if x.shape[0] % 2 and run.mixer is not None:  # batch mixing pairs samples up
         x, y = x[:-1], y[:-1]
     if x.shape[0] == 0:
-        return float("nan")
+        if run.world > 1:
+            raise DatasetError(
+                f"step {run.step}: no image of a micro-batch of rank {run.rank} is readable (or "
+                "one is left, which mixup cannot pair), which data-parallel fine-tuning cannot "
+                "skip; remove the unreadable files (named above) or raise micro_batch_size"
+            )
+        return None
     # the micro-batch's index in the step over all ranks (rank r holds r, r + w, ...)
     index = (i % run.accum.k) * run.world + run.rank
     _seed_step(run.ctx.seed, run.step * run.micro_per_step + index, run.device)
@@ -791,12 +857,44 @@ def _micro_step(run: _FinetuneRun, x: torch.Tensor, y: torch.Tensor, i: int) -> 
         x, y = run.mixer(x, y)
     with autocast(run.device, run.amp):
         loss = run.criterion(run.net(x), y)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"fine-tuning loss is {loss.item()} at step {run.step}: lower base_lr or set clip_grad"
-        )
     run.accum.backward(loss)
     return float(loss.item())
+
+
+def _step_verdict(
+    run: _FinetuneRun, last_loss: float, skipped: int, bad: float | None
+) -> tuple[float, int, float | None]:
+    """What every rank agrees on at the end of a step: the loss of its last micro-batch (the last
+    rank's), the unreadable images of all ranks, and a non-finite loss of any rank (or None)."""
+    if run.world == 1:
+        return last_loss, skipped, bad
+    gathered = distributed.all_gather_object((last_loss, skipped, bad))
+    worst = next((g[2] for g in gathered if g[2] is not None), None)
+    return gathered[-1][0], sum(g[1] for g in gathered), worst
+
+
+def _on_nonfinite(run: _FinetuneRun, value: float, lr: float) -> None:
+    """A non-finite loss at step ``run.step`` under ``nonfinite``
+    (:class:`harness.core.training.NonfinitePolicy`, the pretraining's): ``skip`` counts the step
+    without an update, ``restore`` reloads the last checkpoint and lowers the lr (the loop goes
+    on from its step); each is an event in the log, the checkpoint and the record.
+
+    Raises:
+        FloatingPointError: ``stop``, or more than ``nonfinite_max_events`` events in a row.
+    """
+    policy = run.nonfinite
+    run.opt.zero_grad(set_to_none=True)
+    at = run.step
+    event = policy.event(at, value, lr, run.ckpt.path if run.ckpt.exists() else None)
+    if event["action"] == "skip":
+        run.step += 1
+        what = "step skipped (no update)"
+    else:
+        _load_state(run)  # the events and lr scale stay this run's
+        policy.restored(event, run.step)
+        run.restart = True
+        what = f"restored step {run.step} from {run.ckpt.path}, lr x {policy.lr_scale:.3g} from now on"
+    run.log(f"[finetune] step {at}: loss is {value}; {what} {policy.record(event)}")
 
 
 def _after_step(
@@ -864,6 +962,7 @@ def _finish(run: _FinetuneRun, t_train: float, t0: float) -> TaskResult:
             "num_train": run.n,
             "num_val": n_val,
             "skipped_images": {"train_batches_total": run.skipped, "val": val_skipped},
+            **({"nonfinite": run.nonfinite.summary()} if cfg.nonfinite != "stop" else {}),
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "evals": run.evals,
