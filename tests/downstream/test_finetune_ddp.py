@@ -1,7 +1,8 @@
 """Data-parallel fine-tuning on 2 gloo processes on CPU: DDP follows one process with the same
 global batch (and micro-batches of half of it, each rank's share), FSDP (with activation
 checkpointing) follows DDP, and a run cut after a checkpoint resumes as the uninterrupted one;
-every rank reports the same metric, rank 0 alone writes.
+every rank reports the same metric, rank 0 alone writes; a non-finite loss on one rank makes
+every rank skip the step, as one process does.
 
 Run as a script under torchrun, this file is the worker of the slow test (see ``_worker``).
 """
@@ -55,6 +56,7 @@ def _run(data: str | Path, out: Path, cfg: FinetuneConfig, log=None):
 def _worker(out: Path, data: str) -> None:
     """One torchrun worker: DDP and FSDP runs, each also cut at step 5 and resumed; every rank
     writes the metrics it got, rank 0 the resumed runs' logs."""
+    from test_finetune_nonfinite import nonfinite_at  # this folder (the script's)
     from torchrun import cut_at  # tests/torchrun.py
 
     import downstream.finetune as finetune
@@ -73,6 +75,10 @@ def _worker(out: Path, data: str) -> None:
         _run(data, out / f"{name}_cut", _cfg(**keys), log=lines.append)
         if rank == 0:
             (out / f"{name}_cut_log.txt").write_text("\n".join(lines))
+    # a non-finite loss on rank 1 alone (its micro-batch of step 2): every rank skips the step
+    with nonfinite_at({2} if rank == 1 else set()):
+        res = _run(data, out / "skip", _cfg(nonfinite="skip"))
+    (out / f"skip_details_rank{rank}.json").write_text(json.dumps(res.details["nonfinite"]))
     try:
         _run(data, out / "odd", _cfg(micro_batch_size=3))
     except ConfigError as exc:
@@ -129,6 +135,19 @@ def test_finetune_ddp_fsdp_and_resume_match_one_process(tiny_imagefolder, tmp_pa
             k: v.shape for k, v in ref["model"].items()
         }
         assert f"resumed at step {CUT_AT - 1}/6" in (out / f"{name}_cut_log.txt").read_text()
+    # skip: the step whose second micro-batch (rank 1's) was poisoned, on both layouts
+    from test_finetune_nonfinite import nonfinite_at
+
+    with nonfinite_at({5}):  # micro-batch 1 of step 2
+        one_skip = _run(tiny_imagefolder, tmp_path / "one_skip", _cfg(micro_batch_size=4,
+                                                                      nonfinite="skip"))  # fmt: skip
+    skip_diff = max_abs_diff(_weights(tmp_path / "one_skip"), _weights(out / "skip"))
+    print(f"max |dw| 1 process vs DDP, a step skipped = {skip_diff:.3g}")
+    assert skip_diff <= WEIGHT_ATOL
+    for rank in (0, 1):
+        nf = json.loads((out / f"skip_details_rank{rank}.json").read_text())
+        assert nf == one_skip.details["nonfinite"]
+        assert [(e["step"], e["action"]) for e in nf["events"]] == [(2, "skip")]
     for rank in (0, 1):
         msg = (out / f"odd_error_rank{rank}.txt").read_text()
         assert "micro_batch_size 3 must divide batch_size 8 (its 4 per rank" in msg
