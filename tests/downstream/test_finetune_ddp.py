@@ -155,8 +155,9 @@ def test_finetune_ddp_fsdp_and_resume_match_one_process(tiny_imagefolder, tmp_pa
 
 @pytest.mark.slow
 def test_suite_under_torchrun_fine_tunes_on_every_rank(tiny_imagefolder, tmp_path):
-    """``mimbench run --launcher torchrun``: fine-tuning on 2 ranks (one record, written by rank
-    0), then the process group closes and rank 0 alone runs the linear probe."""
+    """``mimbench run --launcher torchrun``: fine-tuning and partial fine-tuning (k = 0: the head
+    alone trains) on 2 ranks (one record each, written by rank 0), then the process group closes
+    and rank 0 alone runs the linear probe."""
     import subprocess
 
     import yaml
@@ -168,6 +169,7 @@ def test_suite_under_torchrun_fine_tunes_on_every_rank(tiny_imagefolder, tmp_pat
         "data": {"source": str(tiny_imagefolder), "eval_crop_pct": 1.0},
         "encoders": [{"name": "random", "encoder": {"arch": "vit_micro_32"}}],
         "tasks": [{"name": "finetune", "epochs": 1, "batch_size": 8, "base_lr": 0.05},
+                  {"name": "partial_finetune", "epochs": 1, "batch_size": 8, "blocks": [0, 1]},
                   {"name": "linear_probe", "epochs": 2, "batch_size": 8, "lrs": [0.1]}],
     }  # fmt: skip
     path = tmp_path / "suite.yaml"
@@ -180,9 +182,10 @@ def test_suite_under_torchrun_fine_tunes_on_every_rank(tiny_imagefolder, tmp_pat
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("Leaderboard written to") == 1  # rank 0 alone reports
     records = {r.task.name: r for r in load_records(tmp_path / "out" / "ftddp" / "records")}
-    assert sorted(records) == ["finetune", "linear_probe"]
-    assert all(r.status == "ok" for r in records.values())
+    assert sorted(records) == ["finetune", "linear_probe", "partial_finetune"]
+    assert all(r.status == "ok" for r in records.values()), [r.error for r in records.values()]
     assert records["finetune"].details["resolved"]["world_size"] == 2
+    assert set(records["partial_finetune"].metrics) == {"top1_k0", "top1_k1"}
     assert "world_size" not in records["linear_probe"].details
     logs = [p.read_text() for p in (tmp_path / "out" / "ftddp").rglob("log.txt")]
     assert sum(t.count("[finetune] val top1") for t in logs) == 1  # rank 0 alone writes logs
