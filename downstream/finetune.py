@@ -594,7 +594,7 @@ def _setup(
     val = imagefolder_checked(root, "val", eval_transform(img, ctx.data.eval_crop_pct), strict)
     num_classes = len(train.classes)
     n = len(train)
-    local = local_batch_size(cfg.batch_size, world)  # each rank's share of a step
+    local = local_batch_size(cfg.batch_size, world, f"{cfg.name}.batch_size")  # a rank's share
     micro = min(cfg.micro_batch_size or cfg.batch_size, local)
     if local % micro:
         per_rank = f" (its {local} per rank of the {world} processes)" if world > 1 else ""

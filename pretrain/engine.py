@@ -137,11 +137,14 @@ def param_groups(model: MIMModel, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def local_batch_size(global_batch: int, world_size: int) -> int:
+def local_batch_size(global_batch: int, world_size: int, key: str = "train.batch_size") -> int:
     """Each rank's share of the global batch; it must divide evenly.
 
     Equal slices make DDP's gradient average over ranks equal the gradient of the mean loss over
     the global batch, so a run on ``world_size`` processes follows the single-process run.
+
+    Args:
+        key: The config key the error names (fine-tuning: its task's ``batch_size``).
 
     Raises:
         ConfigError: ``global_batch`` is not a multiple of ``world_size``.
@@ -149,8 +152,8 @@ def local_batch_size(global_batch: int, world_size: int) -> int:
     if global_batch % world_size != 0:
         lo = global_batch // world_size * world_size
         raise ConfigError(
-            f"train.batch_size={global_batch} (the global batch) is not divisible by the "
-            f"{world_size} processes of this distributed run: set train.batch_size to a multiple "
+            f"{key}={global_batch} (the global batch) is not divisible by the "
+            f"{world_size} processes of this distributed run: set {key} to a multiple "
             f"of {world_size} (e.g. {max(lo, world_size)} or {lo + world_size}) or change "
             "--nproc-per-node / --nnodes"
         )
