@@ -295,7 +295,8 @@ def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C
     records_dir = root / "records"
     if main:
         records_dir.mkdir(parents=True, exist_ok=True)
-    ok_records = [r for r in load_records(records_dir) if r.status == "ok"]
+    # rank 0 decides what runs (the other ranks follow its verdicts below)
+    ok_records = [r for r in load_records(records_dir) if r.status == "ok"] if main else []
     done = {(r.config_hash, row_key(r.sweep)): r for r in ok_records}
     by_hash = {r.config_hash: r for r in ok_records}  # another row's run of the same config
     mine = row_key(sweep)
