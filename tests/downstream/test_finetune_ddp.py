@@ -64,6 +64,15 @@ def _worker(out: Path, data: str) -> None:
     torch.set_num_threads(1)
     distributed.init_from_env()
     rank = distributed.get_rank()
+    wrap, sizes = finetune._data_parallel, {}
+
+    def recording(model, fsdp, device):  # what each rank holds of each parameter once wrapped
+        net = wrap(model, fsdp, device)
+        local = [p.to_local().numel() if fsdp else p.numel() for p in model.parameters()]
+        sizes["fsdp" if fsdp else "ddp"] = [sum(p.numel() for p in model.parameters()), sum(local)]
+        return net
+
+    finetune._data_parallel = recording
     for name, keys in RUNS.items():
         res = _run(data, out / name, _cfg(**keys))
         (out / f"{name}_metrics_rank{rank}.json").write_text(json.dumps(res.metrics))
@@ -79,6 +88,8 @@ def _worker(out: Path, data: str) -> None:
     with nonfinite_at({2} if rank == 1 else set()):
         res = _run(data, out / "skip", _cfg(nonfinite="skip"))
     (out / f"skip_details_rank{rank}.json").write_text(json.dumps(res.details["nonfinite"]))
+    if rank == 0:
+        (out / "sizes.json").write_text(json.dumps(sizes))
     try:
         _run(data, out / "odd", _cfg(micro_batch_size=3))
     except ConfigError as exc:
@@ -113,6 +124,9 @@ def test_finetune_ddp_fsdp_and_resume_match_one_process(tiny_imagefolder, tmp_pa
     assert all(v <= WEIGHT_ATOL for v in diffs.values()), diffs
     assert moved > 1000 * WEIGHT_ATOL  # not trivially met by barely trained weights
 
+    sizes = json.loads((out / "sizes.json").read_text())  # [global, this rank's] numel
+    assert sizes["ddp"][0] == sizes["ddp"][1] == sizes["fsdp"][0]  # DDP: a whole replica
+    assert sizes["fsdp"][1] <= 0.6 * sizes["fsdp"][0]  # FSDP: about half on each rank
     for name in RUNS:
         per_rank = [json.loads((out / f"{name}_metrics_rank{r}.json").read_text()) for r in (0, 1)]
         assert per_rank[0] == per_rank[1]  # every rank reports the gathered metric
@@ -188,7 +202,8 @@ def test_suite_under_torchrun_fine_tunes_on_every_rank(tiny_imagefolder, tmp_pat
     assert set(records["partial_finetune"].metrics) == {"top1_k0", "top1_k1"}
     assert "world_size" not in records["linear_probe"].details
     logs = [p.read_text() for p in (tmp_path / "out" / "ftddp").rglob("log.txt")]
-    assert sum(t.count("[finetune] val top1") for t in logs) == 1  # rank 0 alone writes logs
+    # one line per fine-tuning (finetune, partial k = 0 and 1): rank 0 alone writes the logs
+    assert sum(t.count("[finetune] val top1") for t in logs) == 3
 
 
 def test_micro_batch_must_divide_the_batch(tiny_imagefolder, tmp_path):
