@@ -97,6 +97,9 @@ class Task(ABC):
     version: ClassVar[int]
     metrics: ClassVar[dict[str, bool]]  # metric name -> higher_is_better
     config_cls: ClassVar[type[TaskConfig]]
+    #: Under torchrun (or a multi-process SLURM job) the task runs on every rank of the process
+    #: group, data-parallel, and rank 0 writes its record; the other tasks run on rank 0 alone.
+    data_parallel: ClassVar[bool] = False
 
     def metric_names(self, cfg: TaskConfig) -> dict[str, bool]:
         """The metrics (name -> higher_is_better) a run with ``cfg`` reports: :attr:`metrics`,

@@ -20,6 +20,25 @@ Resume works as in pretraining: a checkpoint (model, optimizer, step) is written
 drop path are functions of (seed, epoch / step, index), so a resumed run follows the
 uninterrupted one; a checkpoint of another config or encoder is refused
 (:func:`downstream.resume.task_checkpoint`).
+
+Data parallel under ``torchrun`` (:mod:`harness.core.distributed`; the runner runs this task on
+every rank, :attr:`Task.data_parallel`), the pretraining engine's convention: ``batch_size`` is the
+global batch, cut into micro-batches of ``micro_batch_size`` (at most ``batch_size / ranks``), and
+rank ``r`` of ``w`` takes micro-batches ``r, r + w, ...`` of each step. Mixup / cutmix and drop path
+of a micro-batch are seeded by its index in the step, not by the rank, so ``w`` ranks compute the
+micro-batches of one process with ``micro_batch_size = batch_size / w`` and their averaged
+gradient is that process's accumulated one. The model is wrapped in DistributedDataParallel, or
+sharded with one FSDP unit per block (``fsdp``, :func:`harness.core.parallel.shard_blocks`);
+checkpoints hold full state dicts either way (resume and the saved classifier read as without
+it). Validation is split over the ranks and its logits gathered, so every rank reports the same
+metric. Rank 0 alone logs and writes files (checkpoints atomically, the classifier).
+
+A non-finite loss (any micro-batch of a step, on any rank: one verdict for all) follows
+``nonfinite``, the pretraining's policy (:class:`harness.core.training.NonfinitePolicy`): ``stop``
+raises naming the step; ``skip`` makes no update that step and counts it; ``restore`` reloads the
+last checkpoint (a fresh run writes one at step 0) and multiplies the lr by
+``nonfinite_lr_factor``; more than ``nonfinite_max_events`` in a row stop the run. Each event is
+logged and listed in the checkpoint and the record (``details.nonfinite``).
 """
 
 from __future__ import annotations
@@ -42,12 +61,13 @@ from torch.utils.data import DataLoader
 
 from downstream.classifier import SavedClassifier, register_classifier, save_classifier
 from downstream.linear_probe import topk_accuracy
-from harness.core import parallel
+from harness.core import distributed, parallel
 from harness.core.config import ConfigError, DataConfig, EncoderConfig, TaskConfig
 from harness.core.config.base import omit_at_default
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DatasetError,
     FullySeededDataset,
     SkipTally,
     check_classification_data,
@@ -58,9 +78,11 @@ from harness.core.data.datasets import (
     resolve_imagefolder_root,
 )
 from harness.core.data.fastdecode import with_draft_crop
+from harness.core.errors import CheckpointError
 from harness.core.tracking import ScalarLogger, progress
 from harness.core.training import (
     GradAccumulation,
+    NonfinitePolicy,
     ResumableCheckpoint,
     autocast,
     autocast_dtype,
@@ -73,6 +95,7 @@ from harness.core.training import (
 )
 from pretrain.encoders import create_encoder
 from pretrain.encoders.base import Encoder
+from pretrain.engine import local_batch_size
 
 from .base import BenchBatch, Task, TaskContext, TaskResult, register_task
 from .resume import task_checkpoint
@@ -121,10 +144,23 @@ class FinetuneConfig(TaskConfig):
         activation_checkpointing: Recompute each encoder block's activations in the backward
             pass instead of storing them (memory for compute; the same gradients). Left out of
             dumps and hashes while off, so runs recorded before it existed keep their keys.
+        fsdp: Under torchrun, shard parameters, gradients and optimizer state over the ranks
+            (PyTorch's ``fully_shard``, one unit per encoder block) instead of DDP; ignored by
+            one process. Left out of dumps while off.
+        nonfinite: What a non-finite loss does: ``stop`` (raise, naming the step), ``skip`` (no
+            update this step, counted), ``restore`` (reload the last checkpoint, lr times
+            ``nonfinite_lr_factor`` from then on). The three are left out of dumps at their
+            defaults.
+        nonfinite_lr_factor: The lr multiplier of each ``restore`` event.
+        nonfinite_max_events: Consecutive non-finite events (no finite step between) after which
+            ``skip`` and ``restore`` give up with the ``stop`` error.
     """
 
     #: Added after runs were recorded: dropped from dumps while at their default.
-    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("activation_checkpointing",)
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = (
+        "activation_checkpointing", "fsdp", "nonfinite", "nonfinite_lr_factor",
+        "nonfinite_max_events",
+    )  # fmt: skip
 
     name: Literal["finetune"] = "finetune"
     epochs: int | None = Field(None, ge=1)
@@ -160,6 +196,10 @@ class FinetuneConfig(TaskConfig):
     num_workers: int | None = Field(None, ge=0)
     strict_data: bool = False
     activation_checkpointing: bool = False
+    fsdp: bool = False
+    nonfinite: Literal["stop", "skip", "restore"] = "stop"
+    nonfinite_lr_factor: float = Field(0.5, gt=0, lt=1)
+    nonfinite_max_events: int = Field(3, ge=1)
 
     @model_serializer(mode="wrap")
     def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -319,16 +359,35 @@ def evaluate(
     device: torch.device,
     amp: torch.dtype | None,
     log: Any = None,
+    lockstep: torch.Tensor | None = None,
 ) -> tuple[float, float, int, int]:
-    """``(top1, top5, images, skipped)`` on a sequential loader of ``(x, y, kept)`` batches over
-    a checked ImageFolder (unreadable files are named on ``log`` when given)."""
+    """``(top1, top5, images, skipped)`` on a loader of ``(x, y, kept)`` batches over a checked
+    ImageFolder, in the order of its sampler (unreadable files are named on ``log`` when given).
+
+    Under torchrun each rank's loader holds its share of the split (:func:`_val_loader`); the
+    logits are gathered, so every rank returns the metric of the whole split.
+
+    Args:
+        lockstep: For a sharded model, whose forward is a collective: an input ``[1, 3, H, W]``
+            that a rank forwards (and drops) whenever it has no batch while another has, so
+            every rank runs the same number of forwards. None: each rank runs its own batches.
+    """
 
     model.eval()
     logits, labels = [], []
     skips = SkipTally(loader.dataset, "val")
-    for x, y, keep in loader:
-        skips.add(range(skips.seen, skips.seen + len(keep)), keep)
-        if x.numel() == 0:
+    order = list(loader.sampler)
+    batches = iter(loader)
+    rounds = len(loader)
+    if lockstep is not None:
+        rounds = max(distributed.all_gather_object(rounds))
+    for _ in range(rounds):
+        x, y, keep = next(batches, (None, None, None))
+        if keep is not None:
+            skips.add(order[skips.seen : skips.seen + len(keep)], keep)
+        if x is None or x.numel() == 0:
+            if lockstep is not None:
+                model(lockstep.to(device))
             continue
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(x.to(device, non_blocking=True))
@@ -337,8 +396,14 @@ def evaluate(
     if log is not None:
         skips.report(log)
     skips.check_readable()
-    lv, yv = torch.cat(logits), torch.cat(labels)
-    return topk_accuracy(lv, yv, 1), topk_accuracy(lv, yv, 5), int(yv.numel()), skips.num_skipped
+    parts = distributed.all_gather_object(
+        (torch.cat(logits) if logits else None, torch.cat(labels) if labels else None,
+         skips.num_skipped)
+    )  # fmt: skip
+    lv = torch.cat([p[0] for p in parts if p[0] is not None])
+    yv = torch.cat([p[1] for p in parts if p[1] is not None])
+    skipped = sum(p[2] for p in parts)
+    return topk_accuracy(lv, yv, 1), topk_accuracy(lv, yv, 5), int(yv.numel()), skipped
 
 
 # --------------------------------------------------------------------------- task
@@ -352,6 +417,7 @@ class Finetune(Task):
     version = 1
     metrics = {"top1": True, "top5": True}
     config_cls = FinetuneConfig
+    data_parallel = True
 
     def check_data(self, cfg: TaskConfig, data: DataConfig) -> None:
         """The ImageFolder's train and val splits, with the same classes."""
@@ -393,19 +459,22 @@ class Finetune(Task):
         t0 = time.time()
         run = _setup(encoder, cfg, ctx)
         _restore(run)
-        ctx.log(
+        run.log(
             f"[finetune] {run.n} images, {run.num_classes} classes, {run.steps_per_epoch} "
-            f"steps/epoch, {run.total} steps, batch {cfg.batch_size} ({run.accum.k} x "
+            f"steps/epoch, {run.total} steps, batch {cfg.batch_size} ({run.micro_per_step} x "
             f"{run.micro}), lr {run.peak:.3g}, layer decay {run.settings['layer_decay']}, drop "
             f"path {run.settings['drop_path']}, device {run.device}{' bf16' if run.amp else ' fp32'}"
+            + _parallel_note(run)
         )
         t_train0 = time.time()
         _train(run)
         result = _finish(run, time.time() - t_train0, t0)
-        classes = imagefolder_classes(resolve_imagefolder_root(ctx.data), "train")
-        save_classifier(ctx.out_dir, SavedClassifier(
-            "finetune", classes, {"global_pool": cfg.global_pool},
-            run.model.state_dict()))  # fmt: skip
+        state = parallel.model_state(run.model)  # a collective under FSDP: full tensors on rank 0
+        if run.rank == 0:
+            classes = imagefolder_classes(resolve_imagefolder_root(ctx.data), "train")
+            save_classifier(ctx.out_dir, SavedClassifier(
+                "finetune", classes, {"global_pool": cfg.global_pool}, state))  # fmt: skip
+        distributed.barrier()
         return result
 
 
@@ -416,6 +485,9 @@ class _FinetuneRun:
 
     cfg: FinetuneConfig
     ctx: TaskContext
+    log: Callable[[str], Any]  # ctx.log on rank 0, silent on the others
+    rank: int
+    world: int
     settings: dict[str, Any]
     device: torch.device
     amp: torch.dtype | None
@@ -426,17 +498,22 @@ class _FinetuneRun:
     num_classes: int
     n: int
     micro: int
-    accum: GradAccumulation
+    micro_per_step: int  # micro-batches of one step over all ranks
+    accum: GradAccumulation  # over this rank's micro-batches of a step
     steps_per_epoch: int
     total: int
     warmup: float
     peak: float
-    model: FinetuneModel
+    model: FinetuneModel  # sharded in place under FSDP
+    net: nn.Module  # what the steps call: the model, or its DDP wrapper
+    fsdp: bool
     opt: torch.optim.Optimizer
     mixer: Any
     criterion: nn.Module
     ckpt: ResumableCheckpoint
+    nonfinite: NonfinitePolicy
     step: int = 0
+    restart: bool = False  # a checkpoint was restored: the loop goes on from run.step
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     skipped: int = 0
@@ -501,10 +578,11 @@ def _setup(
         ckpt_name: The resumable checkpoint's file in the task directory.
 
     Raises:
-        ConfigError: ``micro_batch_size`` does not divide ``batch_size``, or the train split
-            holds less than one batch.
+        ConfigError: ``micro_batch_size`` does not divide ``batch_size`` (under torchrun: its
+            share per rank), or the train split holds less than one batch.
     """
     device = ctx.device
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     settings = resolve_settings(cfg, int(encoder.num_layers))
     img = int(encoder.cfg.img_size)
     root = resolve_imagefolder_root(ctx.data)
@@ -516,9 +594,14 @@ def _setup(
     val = imagefolder_checked(root, "val", eval_transform(img, ctx.data.eval_crop_pct), strict)
     num_classes = len(train.classes)
     n = len(train)
-    micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
-    if cfg.batch_size % micro:
-        raise ConfigError(f"micro_batch_size {micro} must divide batch_size {cfg.batch_size}")
+    local = local_batch_size(cfg.batch_size, world, f"{cfg.name}.batch_size")  # a rank's share
+    micro = min(cfg.micro_batch_size or cfg.batch_size, local)
+    if local % micro:
+        per_rank = f" (its {local} per rank of the {world} processes)" if world > 1 else ""
+        raise ConfigError(
+            f"micro_batch_size {micro} must divide batch_size {cfg.batch_size}{per_rank}: set "
+            f"micro_batch_size to a divisor of {local}"
+        )
     spe = steps_per_epoch(n, cfg.batch_size, "lower batch_size (the lr scales with it)")
     total = settings["epochs"] * spe
     if cfg.max_steps is not None:
@@ -534,8 +617,9 @@ def _setup(
         parallel.checkpoint_blocks(enc.residual_blocks())
     torch.manual_seed(ctx.seed)
     model = FinetuneModel(enc, num_classes, cfg.global_pool, cfg.head_init_std).to(device)
+    net = _data_parallel(model, cfg.fsdp and world > 1, device)  # after activation checkpointing
     groups = param_groups_layer_decay(model, cfg.weight_decay, settings["layer_decay"])
-    opt = torch.optim.AdamW(
+    opt = torch.optim.AdamW(  # after fully_shard: over the sharded parameters
         [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak, betas=cfg.betas
     )
     mixer, criterion = _mixer_and_criterion(cfg, num_classes)
@@ -543,29 +627,70 @@ def _setup(
     return _FinetuneRun(
         cfg=cfg,
         ctx=ctx,
+        log=ctx.log if rank == 0 else _silent,
+        rank=rank,
+        world=world,
         settings=settings,
         device=device,
         amp=autocast_dtype(cfg.precision, device),
         seeded=FullySeededDataset(train, ctx.seed),
         train_skips=SkipTally(train, "train"),
-        vloader=DataLoader(
-            val, batch_size=micro, shuffle=False, num_workers=workers, collate_fn=collate_skipping
-        ),
+        vloader=_val_loader(val, micro, workers, rank, world),
         workers=workers,
         num_classes=num_classes,
         n=n,
         micro=micro,
-        accum=GradAccumulation(cfg.batch_size // micro),
+        micro_per_step=cfg.batch_size // micro,
+        accum=GradAccumulation(local // micro),
         steps_per_epoch=spe,
         total=total,
         warmup=cfg.warmup_epochs * spe,
         peak=peak,
         model=model,
+        net=net,
+        fsdp=parallel.is_sharded(model),
         opt=opt,
         mixer=mixer,
         criterion=criterion,
         ckpt=task_checkpoint(ctx.out_dir / ckpt_name, cfg, encoder, ctx.data, ctx.seed),
+        nonfinite=NonfinitePolicy(cfg.nonfinite, cfg.nonfinite_lr_factor, cfg.nonfinite_max_events),
     )
+
+
+def _data_parallel(model: FinetuneModel, fsdp: bool, device: torch.device) -> nn.Module:
+    """What the steps call under torchrun: ``model`` sharded in place (FSDP: one unit per encoder
+    block, then the root; :func:`harness.core.parallel.shard_blocks`, the pretraining's) or
+    wrapped in DistributedDataParallel; ``model`` itself for one process."""
+    if distributed.get_world_size() == 1:
+        return model
+    if fsdp:
+        parallel.shard_blocks(model, model.encoder.residual_blocks(), device)
+        return model
+    # the encoder's final norm gets no gradient under global pooling: DDP must look for it
+    ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def _val_loader(val: Any, micro: int, workers: int, rank: int, world: int) -> DataLoader:
+    """Validation in order; under torchrun, rank ``r`` of ``w`` reads images ``r, r + w, ...``
+    (:func:`evaluate` gathers the logits)."""
+    share = list(range(rank, len(val), world)) if world > 1 else None
+    return DataLoader(val, batch_size=micro, shuffle=False, sampler=share, num_workers=workers,
+                      collate_fn=collate_skipping)  # fmt: skip
+
+
+def _parallel_note(run: _FinetuneRun) -> str:
+    """The start line's note on data parallelism and memory settings."""
+    notes = [f"ranks={run.world} (batch {run.cfg.batch_size // run.world} each)"] if run.world > 1 else []
+    notes += ["fsdp"] if run.fsdp else []
+    if run.cfg.fsdp and not run.fsdp:
+        notes.append("fsdp off (one process: nothing to shard)")
+    notes += ["activation-checkpointing"] if run.cfg.activation_checkpointing else []
+    return (", " + " ".join(notes)) if notes else ""
+
+
+def _silent(msg: str) -> None:
+    """The logger of ranks > 0."""
 
 
 def trains(encoder: Encoder, name: str, trainable_blocks: int | None) -> bool:
@@ -584,44 +709,69 @@ def _restore(run: _FinetuneRun) -> None:
     Raises:
         CheckpointError: The checkpoint was written by another config or encoder.
     """
-    ck = run.ckpt.load()
-    if ck is None:
+    # rank 0 decides; under torchrun every rank loads the same file
+    if not distributed.broadcast_object(run.ckpt.exists()):
+        if run.cfg.nonfinite == "restore":  # what a non-finite loss before any checkpoint restores
+            _save_checkpoint(run)
         return
-    run.model.load_state_dict(ck["model"])
-    run.opt.load_state_dict(ck["optimizer"])
+    run.nonfinite.load_state(_load_state(run))
+    run.log(f"[finetune] resumed at step {run.step}/{run.total} from {run.ckpt.path}")
+
+
+def _load_state(run: _FinetuneRun) -> dict[str, Any]:
+    """Model, optimizer, step, history, evaluations and skip count from the checkpoint (every
+    rank reads the file; full state dicts, loaded into a sharded model as into any other);
+    returns the checkpoint.
+
+    Raises:
+        CheckpointError: This rank cannot see the file rank 0 wrote.
+    """
+    if not run.ckpt.exists():
+        raise CheckpointError(
+            f"rank {run.rank} cannot see {run.ckpt.path}, which rank 0 resumes from: the output "
+            "directory must be on a file system every node shares"
+        )
+    ck = run.ckpt.load()
+    assert ck is not None
+    parallel.load_model_state(run.model, ck["model"])
+    parallel.load_optimizer_state(run.model, run.opt, ck["optimizer"])
     run.step, run.history, run.evals = int(ck["step"]), list(ck["history"]), list(ck["evals"])
     run.skipped = int(ck["skipped"])
-    run.ctx.log(f"[finetune] resumed at step {run.step}/{run.total} from {run.ckpt.path}")
+    return ck
 
 
 def _save_checkpoint(run: _FinetuneRun) -> None:
-    run.ckpt.save(
-        {
-            "model": run.model.state_dict(),
-            "optimizer": run.opt.state_dict(),
-            "step": run.step,
-            "history": run.history,
-            "evals": run.evals,
-            "skipped": run.skipped,
-        }
-    )
+    """The resumable state (a collective under torchrun: every rank calls it, rank 0 writes)."""
+    state = {
+        "model": parallel.model_state(run.model),  # full tensors, under FSDP too
+        "optimizer": parallel.optimizer_state(run.model, run.opt),
+        "step": run.step,
+        "history": run.history,
+        "evals": run.evals,
+        "skipped": run.skipped,
+        **run.nonfinite.state(),
+    }
+    if run.rank == 0:
+        run.ckpt.save(state)
 
 
 def _train(run: _FinetuneRun) -> None:
     """Optimizer steps until ``total``: each epoch's seeded order from the step reached on,
-    ``accum`` micro-batches per step."""
+    ``accum`` micro-batches per step (under torchrun: this rank's micro-batches of each step)."""
     cfg, ctx = run.cfg, run.ctx
     t_train0 = time.time()
     step_at_start = run.step
-    scalars = ScalarLogger(ctx.out_dir, run_name=ctx.out_dir.name)
-    bar = progress(total=run.total, initial=run.step, desc="finetune", unit="step")
+    scalars = ScalarLogger(ctx.out_dir, run_name=ctx.out_dir.name, enabled=run.rank == 0)
+    bar = progress(total=run.total, initial=run.step, desc="finetune", unit="step",
+                   enabled=run.rank == 0)  # fmt: skip
     try:
         while run.step < run.total:
             epoch, batch_idx = divmod(run.step, run.steps_per_epoch)
             run.seeded.set_epoch(epoch)
             micro_batches = epoch_batches(
                 run.n, ctx.seed, epoch, cfg.batch_size, batch_idx, micro=run.micro
-            )
+            )[run.rank :: run.world]  # every rank's share of each step
+            step_skipped, bad = 0, None  # bad: a non-finite loss of the step
             loader = DataLoader(
                 run.seeded,
                 batch_sampler=micro_batches,
@@ -632,19 +782,42 @@ def _train(run: _FinetuneRun) -> None:
             run.model.train()
             for i, (x, y, keep) in enumerate(loader):
                 if run.accum.starts(i):
-                    lr = lr_at(run.step, run.total, run.warmup, run.peak, cfg.min_lr)
+                    lr = run.nonfinite.lr_scale * lr_at(
+                        run.step, run.total, run.warmup, run.peak, cfg.min_lr
+                    )
                     set_lr(run.opt, lr)
-                run.skipped += int((~keep).sum())
+                step_skipped += int((~keep).sum())
                 run.train_skips.add(micro_batches[i], keep)
-                run.train_skips.report(ctx.log)  # each unreadable file named once
+                run.train_skips.report(run.log)  # each unreadable file named once
                 run.train_skips.check_readable()
-                last_loss = _micro_step(run, x, y, i)
+                with parallel.gradient_sync_unless(run.net, last=run.accum.ends(i)):
+                    loss = _micro_step(run, x, y, i)
+                last_loss = math.nan if loss is None else loss  # nan: no readable image
+                if bad is None and loss is not None and not math.isfinite(loss):
+                    bad = loss
                 if not run.accum.ends(i):
+                    continue
+                last_loss, step_skipped, bad = _step_verdict(run, last_loss, step_skipped, bad)
+                run.skipped += step_skipped
+                step_skipped = 0
+                if bad is not None:
+                    _on_nonfinite(run, bad, lr)
+                    bad = None
+                    if run.restart:  # a restored checkpoint: the epoch's loader from run.step
+                        run.restart = False
+                        bar.n = run.step
+                        bar.refresh()
+                        break
+                    bar.update(1)
+                    _after_step(run, epoch, math.nan, lr, scalars, step_at_start, t_train0)
+                    if run.step >= run.total:
+                        break
                     continue
                 clip_and_step(run.opt, run.model.parameters(), cfg.clip_grad)
                 run.opt.zero_grad(set_to_none=True)
                 run.step += 1
                 run.history.append({"step": run.step, "loss": last_loss, "lr": lr})
+                run.nonfinite.stepped(run.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
                 scalars.scalars({"finetune/loss": last_loss, "finetune/lr": lr}, run.step)
@@ -656,29 +829,72 @@ def _train(run: _FinetuneRun) -> None:
         scalars.close()
 
 
-def _micro_step(run: _FinetuneRun, x: torch.Tensor, y: torch.Tensor, i: int) -> float:
-    """Forward and backward of micro-batch ``i`` of the step (``x``: ``[b, 3, H, W]``); its loss
-    (nan when no image of it was readable).
+def _micro_step(run: _FinetuneRun, x: torch.Tensor, y: torch.Tensor, i: int) -> float | None:
+    """Forward and backward of micro-batch ``i`` of this rank's share of the step (``x``:
+    ``[b, 3, H, W]``); its loss, which may be non-finite (the caller's verdict: the backward runs
+    all the same, so every rank takes part in the gradient reduction), or None when no image of
+    it was readable.
 
     Raises:
-        FloatingPointError: The loss is not finite.
+        DatasetError: Under torchrun, no image of the micro-batch was readable (a rank cannot
+            sit out a data-parallel backward).
     """
     if x.shape[0] % 2 and run.mixer is not None:  # batch mixing pairs samples up
         x, y = x[:-1], y[:-1]
     if x.shape[0] == 0:
-        return float("nan")
-    _seed_step(run.ctx.seed, run.step * run.accum.k + i % run.accum.k, run.device)
+        if run.world > 1:
+            raise DatasetError(
+                f"step {run.step}: no image of a micro-batch of rank {run.rank} is readable (or "
+                "one is left, which mixup cannot pair), which data-parallel fine-tuning cannot "
+                "skip; remove the unreadable files (named above) or raise micro_batch_size"
+            )
+        return None
+    # the micro-batch's index in the step over all ranks (rank r holds r, r + w, ...)
+    index = (i % run.accum.k) * run.world + run.rank
+    _seed_step(run.ctx.seed, run.step * run.micro_per_step + index, run.device)
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
     if run.mixer is not None:
         x, y = run.mixer(x, y)
     with autocast(run.device, run.amp):
-        loss = run.criterion(run.model(x), y)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"fine-tuning loss is {loss.item()} at step {run.step}: lower base_lr or set clip_grad"
-        )
+        loss = run.criterion(run.net(x), y)
     run.accum.backward(loss)
     return float(loss.item())
+
+
+def _step_verdict(
+    run: _FinetuneRun, last_loss: float, skipped: int, bad: float | None
+) -> tuple[float, int, float | None]:
+    """What every rank agrees on at the end of a step: the loss of its last micro-batch (the last
+    rank's), the unreadable images of all ranks, and a non-finite loss of any rank (or None)."""
+    if run.world == 1:
+        return last_loss, skipped, bad
+    gathered = distributed.all_gather_object((last_loss, skipped, bad))
+    worst = next((g[2] for g in gathered if g[2] is not None), None)
+    return gathered[-1][0], sum(g[1] for g in gathered), worst
+
+
+def _on_nonfinite(run: _FinetuneRun, value: float, lr: float) -> None:
+    """A non-finite loss at step ``run.step`` under ``nonfinite``
+    (:class:`harness.core.training.NonfinitePolicy`, the pretraining's): ``skip`` counts the step
+    without an update, ``restore`` reloads the last checkpoint and lowers the lr (the loop goes
+    on from its step); each is an event in the log, the checkpoint and the record.
+
+    Raises:
+        FloatingPointError: ``stop``, or more than ``nonfinite_max_events`` events in a row.
+    """
+    policy = run.nonfinite
+    run.opt.zero_grad(set_to_none=True)
+    at = run.step
+    event = policy.event(at, value, lr, run.ckpt.path if run.ckpt.exists() else None)
+    if event["action"] == "skip":
+        run.step += 1
+        what = "step skipped (no update)"
+    else:
+        _load_state(run)  # the events and lr scale stay this run's
+        policy.restored(event, run.step)
+        run.restart = True
+        what = f"restored step {run.step} from {run.ckpt.path}, lr x {policy.lr_scale:.3g} from now on"
+    run.log(f"[finetune] step {at}: loss is {value}; {what} {policy.record(event)}")
 
 
 def _after_step(
@@ -696,7 +912,7 @@ def _after_step(
         _save_checkpoint(run)
     if step % cfg.log_every_steps == 0 or step == run.total:
         rate = (step - step_at_start) * cfg.batch_size / max(time.time() - t_train0, 1e-9)
-        run.ctx.log(
+        run.log(
             f"[finetune] step {step}/{run.total} epoch {epoch} loss {last_loss:.4f} "
             f"lr {lr:.3g} {rate:.1f} img/s"
         )
@@ -707,20 +923,27 @@ def _after_step(
         and (step // run.steps_per_epoch) % cfg.eval_every_epochs == 0
         and step < run.total
     ):
-        top1, top5, _, _ = evaluate(run.model, run.vloader, run.device, run.amp)
+        top1, top5, _, _ = _evaluate(run)
         run.evals.append({"epoch": step // run.steps_per_epoch, "top1": top1, "top5": top5})
         scalars.scalars({"finetune/val_top1": top1, "finetune/val_top5": top5}, step)
-        run.ctx.log(f"[finetune] epoch {step // run.steps_per_epoch}: val top1 {top1:.2f}")
+        run.log(f"[finetune] epoch {step // run.steps_per_epoch}: val top1 {top1:.2f}")
         run.model.train()
+
+
+def _evaluate(run: _FinetuneRun, log: Any = None) -> tuple[float, float, int, int]:
+    """:func:`evaluate` of the model being tuned (every rank calls it; under FSDP in lockstep)."""
+    img = int(run.model.encoder.cfg.img_size)
+    lockstep = torch.zeros(1, 3, img, img) if run.fsdp else None
+    return evaluate(run.model, run.vloader, run.device, run.amp, log, lockstep)
 
 
 def _finish(run: _FinetuneRun, t_train: float, t0: float) -> TaskResult:
     """Evaluate val after the last step, drop the checkpoint (unless kept), and report."""
-    cfg, ctx, step = run.cfg, run.ctx, run.step
-    top1, top5, n_val, val_skipped = evaluate(run.model, run.vloader, run.device, run.amp, ctx.log)
+    cfg, step = run.cfg, run.step
+    top1, top5, n_val, val_skipped = _evaluate(run, run.log)
     run.evals.append({"epoch": step / run.steps_per_epoch, "top1": top1, "top5": top5})
-    ctx.log(f"[finetune] val top1 {top1:.2f} top5 {top5:.2f} after {step} steps")
-    if not cfg.keep_checkpoint and run.ckpt.exists():
+    run.log(f"[finetune] val top1 {top1:.2f} top5 {top5:.2f} after {step} steps")
+    if not cfg.keep_checkpoint and run.rank == 0 and run.ckpt.exists():
         run.ckpt.path.unlink()
     losses = [h["loss"] for h in run.history if not math.isnan(h["loss"])]
     return TaskResult(
@@ -730,7 +953,8 @@ def _finish(run: _FinetuneRun, t_train: float, t0: float) -> TaskResult:
                 **run.settings,
                 "lr": run.peak,
                 "batch_size": cfg.batch_size,
-                "accum": run.accum.k,
+                "accum": run.micro_per_step,
+                **({"world_size": run.world, "fsdp": run.fsdp} if run.world > 1 else {}),
                 "steps": step,
                 "warmup_steps": run.warmup,
             },
@@ -738,6 +962,7 @@ def _finish(run: _FinetuneRun, t_train: float, t0: float) -> TaskResult:
             "num_train": run.n,
             "num_val": n_val,
             "skipped_images": {"train_batches_total": run.skipped, "val": val_skipped},
+            **({"nonfinite": run.nonfinite.summary()} if cfg.nonfinite != "stop" else {}),
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "evals": run.evals,

@@ -74,6 +74,7 @@ class PartialFinetune(Task):
     version = 1
     metrics = {metric_name(k): True for k in PartialFinetuneConfig().blocks}
     config_cls = PartialFinetuneConfig
+    data_parallel = True
 
     def metric_names(self, cfg: TaskConfig) -> dict[str, bool]:
         """One ``top1_k<k>`` per k of the config."""

@@ -3,8 +3,8 @@
 * ``inprocess``: everything in this process, in order (:func:`harness.runner.run_suite`).
 * ``torchrun``: the same command re-executed under ``python -m torch.distributed.run``, one
   process per GPU (or per CPU worker, gloo) on one or several machines; the pretrainings run
-  data-parallel across all of them and rank 0 runs the downstream tasks
-  (:mod:`harness.core.distributed`).
+  data-parallel across all of them, then the data-parallel tasks (fine-tuning), and rank 0 runs
+  the other downstream tasks (:mod:`harness.core.distributed`).
 * ``submitit-local`` / ``slurm``: one job per stage through submitit: a job per pretraining,
   then a job per task run that depends on its encoder's pretraining (``afterok`` on SLURM;
   on the local executor the dependents are submitted once the pretrainings finished). Jobs are
@@ -14,7 +14,9 @@
   (:func:`launch_submitit_sweep`). On SLURM with ``gpus_per_node > 1`` a pretraining job runs
   one process per GPU (``tasks_per_node``); each joins the job's process group
   (submitit's ``TorchDistributedEnvironment``), so the pretraining is data-parallel as under
-  torchrun: DDP, or FSDP with ``train.fsdp``. Task jobs stay one process.
+  torchrun: DDP, or FSDP with ``train.fsdp``. So does a job of a data-parallel task
+  (:attr:`downstream.base.Task.data_parallel`: fine-tuning, DDP or FSDP with its ``fsdp``); the
+  other task jobs stay one process.
 
   A task job never pretrains: if its encoder's pretraining did not finish (its job failed, which
   holds the task on SLURM through ``afterok``; the local executor has no dependencies), the job
@@ -289,8 +291,10 @@ def _launch(suites: list[SuiteConfig], infos: list[SweepInfo | None], kind: str,
                 if kind != "slurm":  # waits for the pretraining
                     _wait(dep[0], log)
             # the job never pretrains: a failed dependency blocks it (a failed record)
-            job = _submit(executor, kind, make(_task_filter(run, no_pretrain=True)),
-                          dep[0] if dep else None)
+            tasks = pre_tasks if run.task.data_parallel else 1  # fine-tuning: one per GPU
+            job = _submit(executor, kind, make(_task_filter(run, no_pretrain=True),
+                                               multiprocess=tasks > 1),
+                          dep[0] if dep else None, tasks=tasks)  # fmt: skip
             task_jobs[run.key] = (job, where)
             log(f"[launch] submitted {where}: job {job.job_id}")
     for job, _ in task_jobs.values():

@@ -20,9 +20,11 @@ and a task run already done for another row is not repeated: the row gets its ow
 that run's metrics (``details.reused_from`` names it).
 
 Under ``torchrun`` (a process group from :mod:`harness.core.distributed`), every rank first runs the
-pending pretrainings together, data-parallel; then the group is closed and rank 0 alone runs the
-downstream tasks and writes the records while the other ranks return (no collective spans a
-task, so no rank waits at a barrier for hours, and task code never sees a process group).
+pending pretrainings together, data-parallel, then the data-parallel tasks
+(:attr:`downstream.base.Task.data_parallel`: fine-tuning), rank 0 deciding what runs, holding the
+locks and writing the records; then the group is closed and rank 0 alone runs the other
+downstream tasks while the other ranks return (no collective spans a rank-0 task, so no rank
+waits at a barrier for hours, and those tasks never see a process group).
 """
 
 from __future__ import annotations
@@ -226,15 +228,16 @@ def run_sweep(rows: list[SweepRow], log: Any = print, command: list[str] | None 
     check_plans(plans)
     root = plans[0].root
     records_dir = root / "records"
-    if not _data_parallel_pretraining(lambda: [
+    rest = StageFilter(data_parallel=False) if distributed.get_world_size() > 1 else StageFilter()
+    if not _data_parallel_stages(lambda: [
         _run_plan(p, log, command, StageFilter(pretrain_only=True)) for p in plans
-    ]):
+    ] + [_run_plan(p, log, command, StageFilter(data_parallel=True)) for p in plans]):
         return records_dir
     plain = [to_plain(r.config) for r in rows]
     with stage_lock(suite_lock_path(root, plain), f"sweep {rows[0].info.name} in {root}"):
         for row, plan in zip(rows, plans, strict=True):
             log(f"[sweep] {row.info.name}: row {row.info.row + 1}/{row.info.rows}: {row.label}")
-            records_dir = _run_plan(plan, log, command, StageFilter())
+            records_dir = _run_plan(plan, log, command, rest)
     return records_dir
 
 
@@ -258,32 +261,42 @@ def run_suite(cfg: SuiteConfig, log: Any = print, command: list[str] | None = No
 
 
 def _run_plan(plan: SuitePlan, log: Any, command: list[str] | None, only: StageFilter) -> Path:
-    """:func:`run_suite` on the suite's stages: under torchrun the pretrainings first on every
-    rank; the selected stages checked (:func:`harness.stages.check_plans`), then run under the
-    suite's lock (a launcher job: under its stage's lock alone)."""
-    pre_only = replace(only, pretrain_only=True)
-    if not only.pretrain_only and not _data_parallel_pretraining(
-        lambda: _run_plan(plan, log, command, pre_only)
-    ):
-        return plan.root / "records"
-    check_plans([plan], only)
-    if only != StageFilter():  # one launcher job: its stage's lock is enough
-        return _run_stages(plan, log, command, only)
+    """:func:`run_suite` on the suite's stages: under torchrun the pretrainings and the
+    data-parallel tasks first on every rank; the selected stages checked
+    (:func:`harness.stages.check_plans`), then run under the suite's lock (a launcher job: under
+    its stage's lock alone)."""
+    rest = only
+    if not only.pretrain_only and only.data_parallel is None and distributed.get_world_size() > 1:
+        if not _data_parallel_stages(lambda: (
+            _run_plan(plan, log, command, replace(only, pretrain_only=True)),
+            _run_plan(plan, log, command, replace(only, data_parallel=True)),
+        )):  # fmt: skip
+            return plan.root / "records"
+        rest = replace(only, data_parallel=False)  # rank 0 alone, the group closed
+    check_plans([plan], rest)
+    # a launcher job (its stage's lock is enough), or the data-parallel phase (rank 0 holds each
+    # stage's lock; the caller, the suite's)
+    if replace(only, data_parallel=None) != StageFilter() or only.data_parallel:
+        return _run_stages(plan, log, command, rest)
     with stage_lock(suite_lock_path(plan.root, to_plain(plan.suite)),
                     f"suite {plan.suite.name} in {plan.root}"):
-        return _run_stages(plan, log, command, only)
+        return _run_stages(plan, log, command, rest)
 
 
 def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C901
                 only: StageFilter) -> Path:
-    """The body of :func:`run_suite` once the suite is checked (and locked)."""
+    """The body of :func:`run_suite` once the suite is checked (and locked). Under a process
+    group (the pretrainings and data-parallel tasks) every rank runs it: rank 0 decides what is
+    left to run, holds the locks and writes the records."""
     import torch
 
-
+    main = distributed.is_main()
     cfg, root, sweep = plan.suite, plan.root, plan.sweep
     records_dir = root / "records"
-    records_dir.mkdir(parents=True, exist_ok=True)
-    ok_records = [r for r in load_records(records_dir) if r.status == "ok"]
+    if main:
+        records_dir.mkdir(parents=True, exist_ok=True)
+    # rank 0 decides what runs (the other ranks follow its verdicts below)
+    ok_records = [r for r in load_records(records_dir) if r.status == "ok"] if main else []
     done = {(r.config_hash, row_key(r.sweep)): r for r in ok_records}
     by_hash = {r.config_hash: r for r in ok_records}  # another row's run of the same config
     mine = row_key(sweep)
@@ -310,6 +323,8 @@ def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C
                 done[(st.key, mine)] = rec
                 continue
             todo.append(st)
+        keys = distributed.broadcast_object([st.key for st in todo])  # rank 0's verdict
+        todo = [st for st in group.tasks if st.key in keys]
         if not todo:
             continue
         started = utc_now()
@@ -328,8 +343,10 @@ def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C
         info = handle.info.model_copy(update={"name": name})
         for st in todo:
             tdir = st.dir
-            with stage_lock(tdir / STAGE_LOCK, f"task run {tdir}"):
-                if _finished_meanwhile(records_dir, st.key, mine):  # by another process
+            with stage_lock(tdir / STAGE_LOCK, f"task run {tdir}") if main else nullcontext():
+                if distributed.broadcast_object(  # by another process
+                    main and _finished_meanwhile(records_dir, st.key, mine)
+                ):
                     log(f"[suite] {name} / {st.kind} / seed {seed}: done meanwhile, skipped")
                     continue
                 started = utc_now()
@@ -337,7 +354,7 @@ def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C
                 log(f"[suite] {name} / {st.kind} / seed {seed}: running")
                 try:
                     ctx = TaskContext(data=cfg.data, seed=seed, device=device, out_dir=tdir,
-                                      log=tee_log(log, tdir / "log.txt"),
+                                      log=tee_log(log, tdir / "log.txt") if main else _silent,
                                       inputs={s.kind: s.dir for s in st.inputs})
                     torch.manual_seed(seed)
                     result = st.task.run(handle.encoder, st.task_cfg, ctx)
@@ -357,7 +374,8 @@ def _run_stages(plan: SuitePlan, log: Any, command: list[str] | None,  # noqa: C
                     )
                 except Exception as exc:
                     log(f"[suite] {name} / {st.kind}: FAILED: {type(exc).__name__}: {exc}")
-                    _log_failure(tdir / "log.txt", exc)  # before the record: it is newer
+                    if main:
+                        _log_failure(tdir / "log.txt", exc)  # before the record: it is newer
                     rec = _failed_record(st, cfg, prov, started, t0, exc, info)
                 _write(records_dir, _in_row(rec, sweep, tags))
     return records_dir
@@ -369,13 +387,13 @@ def _finished_meanwhile(records_dir: Path, h: str, mine: tuple[str, str] | None)
                for r in load_records(records_dir))
 
 
-def _data_parallel_pretraining(pretrain_all: Callable[[], Any]) -> bool:
-    """Under torchrun: run ``pretrain_all`` on every rank (the engine trains data-parallel),
-    then close the process group. Returns whether this process goes on to the tasks: always
-    without a process group, rank 0 only with one."""
+def _data_parallel_stages(run_all: Callable[[], Any]) -> bool:
+    """Under torchrun: run ``run_all`` (the pretrainings, then the data-parallel tasks) on every
+    rank, then close the process group. Returns whether this process goes on to the other tasks:
+    always without a process group, rank 0 only with one."""
     if distributed.get_world_size() == 1:
         return True
-    pretrain_all()
+    run_all()
     main = distributed.is_main()
     distributed.barrier()
     distributed.cleanup()  # rank 0 runs the tasks as a plain process
@@ -383,7 +401,13 @@ def _data_parallel_pretraining(pretrain_all: Callable[[], Any]) -> bool:
 
 
 def _write(records_dir: Path, rec: Record) -> None:
-    write_record(rec, records_dir)
+    """Write ``rec`` (rank 0 alone under a process group)."""
+    if distributed.is_main():
+        write_record(rec, records_dir)
+
+
+def _silent(msg: str) -> None:
+    """The task log of ranks > 0."""
 
 
 def _in_row(rec: Record, sweep: SweepInfo | None, tags: dict[str, str]) -> Record:

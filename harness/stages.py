@@ -158,6 +158,9 @@ class StageFilter:
             job whose dependency failed).
         key: Only the task run of this key (one of several runs of the same task, e.g. the
             robustness runs of different classifiers; None: all).
+        data_parallel: Only the tasks that run on every rank of a process group
+            (:attr:`downstream.base.Task.data_parallel`: True), only the others (False), or
+            both (None).
     """
 
     encoder: str | None = None
@@ -166,6 +169,7 @@ class StageFilter:
     pretrain_only: bool = False
     no_pretrain: bool = False
     key: str | None = None
+    data_parallel: bool | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -273,7 +277,8 @@ class SuitePlan:
             if only.encoder not in (None, g.entry.name) or only.seed not in (None, g.seed):
                 continue
             tasks = () if only.pretrain_only else tuple(
-                t for t in g.tasks if only.task in (None, t.kind) and only.key in (None, t.key))
+                t for t in g.tasks if only.task in (None, t.kind) and only.key in (None, t.key)
+                and only.data_parallel in (None, t.task.data_parallel))
             out.append(EncoderStages(g.entry, g.seed, g.pretrain, tasks))
         return out
 

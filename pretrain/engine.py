@@ -45,7 +45,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -84,6 +83,7 @@ from harness.core.fsutil import (
 from harness.core.tracking import ScalarLogger, progress
 from harness.core.training import (
     GradAccumulation,
+    NonfinitePolicy,
     ResumableCheckpoint,
     autocast,
     autocast_dtype,
@@ -137,11 +137,14 @@ def param_groups(model: MIMModel, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def local_batch_size(global_batch: int, world_size: int) -> int:
+def local_batch_size(global_batch: int, world_size: int, key: str = "train.batch_size") -> int:
     """Each rank's share of the global batch; it must divide evenly.
 
     Equal slices make DDP's gradient average over ranks equal the gradient of the mean loss over
     the global batch, so a run on ``world_size`` processes follows the single-process run.
+
+    Args:
+        key: The config key the error names (fine-tuning: its task's ``batch_size``).
 
     Raises:
         ConfigError: ``global_batch`` is not a multiple of ``world_size``.
@@ -149,8 +152,8 @@ def local_batch_size(global_batch: int, world_size: int) -> int:
     if global_batch % world_size != 0:
         lo = global_batch // world_size * world_size
         raise ConfigError(
-            f"train.batch_size={global_batch} (the global batch) is not divisible by the "
-            f"{world_size} processes of this distributed run: set train.batch_size to a multiple "
+            f"{key}={global_batch} (the global batch) is not divisible by the "
+            f"{world_size} processes of this distributed run: set {key} to a multiple "
             f"of {world_size} (e.g. {max(lo, world_size)} or {lo + world_size}) or change "
             "--nproc-per-node / --nnodes"
         )
@@ -260,6 +263,7 @@ class _Run:
     opt: torch.optim.Optimizer
     net: torch.nn.Module  # what the steps call: the model, wrapped (DDP, compile) or not
     accum: GradAccumulation
+    nonfinite: NonfinitePolicy  # train.nonfinite's
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_before: set[str] = field(default_factory=set)  # met by earlier sessions of this run
@@ -268,10 +272,6 @@ class _Run:
     fsdp: bool = False  # the model is sharded (fully_shard)
     eager: torch.nn.Module | None = None  # run.net before torch.compile
     compile_error: str | None = None  # why compilation failed (then run.net is eager)
-    lr_scale: float = 1.0  # the product of the nonfinite 'restore' factors so far
-    nonfinite_events: list[dict[str, Any]] = field(default_factory=list)
-    nonfinite_streak: int = 0  # events since a step last got past the last event's step
-    last_event_step: int = 0
     restart: bool = False  # the state was restored: the loop goes on from run.step
 
     @property
@@ -416,6 +416,8 @@ def _setup(
         total_steps=total_steps, warmup_steps=t.warmup_epochs * spe, peak_lr=peak_lr,
         model=model, opt=_optimizer(model, cfg, peak_lr), net=model,
         accum=GradAccumulation(t.accum_steps),
+        nonfinite=NonfinitePolicy(t.nonfinite, t.nonfinite_lr_factor, t.nonfinite_max_events,
+                                  keys="train."),
     )  # fmt: skip
 
 
@@ -466,8 +468,7 @@ def _restore(run: _Run, ck: dict[str, Any]) -> None:
     run.feed.load_state_dict(ck)  # a stream refuses other numbers of ranks or workers
     _load_training_state(run, ck)
     run.skipped_before = set(ck.get("skipped_files", []))
-    run.lr_scale = float(ck.get("lr_scale", 1.0))
-    run.nonfinite_events = list(ck.get("nonfinite_events", []))
+    run.nonfinite.load_state(ck)
     if world > 1 and int(ck.get("world_size", 1)) != world:
         run.log(f"[pretrain {cfg.name}] checkpoint written by {ck.get('world_size', 1)} "
                 f"process(es), resumed by {world}: the data order and masks continue exactly; the "
@@ -551,8 +552,7 @@ def _save_checkpoint(run: _Run) -> None:
         "encoder_config": run.cfg.encoder.model_dump(mode="json"),  # what import builds
         "rng": _rng_state(run.device),
         "skipped_files": _skipped_files(run.skipped_before, run.skips),  # a collective too
-        "lr_scale": run.lr_scale,
-        "nonfinite_events": run.nonfinite_events,
+        **run.nonfinite.state(),
         **run.feed.state_dict(run.step),
     }
     if run.world > 1:
@@ -580,7 +580,7 @@ def _train(run: _Run, t0: float) -> None:
             for imgs, keep, indices in run.feed.epoch(epoch, batch_idx):
                 run.skips.add(indices, keep)
                 run.skips.report(run.log)  # names each unreadable file once
-                lr = run.lr_scale * lr_at(
+                lr = run.nonfinite.lr_scale * lr_at(
                     run.step, run.total_steps, run.warmup_steps, run.peak_lr, t.min_lr
                 )
                 set_lr(run.opt, lr)
@@ -651,8 +651,7 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
     run.last_loss = loss_value
     run.history.append({"step": run.step, "loss": loss_value, "lr": lr, **stats})
     _check_collapse(run, stats)
-    if run.step >= run.last_event_step:  # past the last non-finite event
-        run.nonfinite_streak = 0
+    run.nonfinite.stepped(run.step)
 
 
 def _forward_backward(
@@ -729,75 +728,35 @@ def _collapsed_steps(history: list[dict[str, float]], threshold: float) -> int:
 
 
 def _sync_unless(run: _Run, last: bool) -> Any:
-    """No gradient reduction for every micro-batch but the last of a step (DDP's ``no_sync``,
-    FSDP's gradient sync off); a no-op context for a single process and for the last micro-batch,
-    whose backward reduces the sum."""
-    if last:
-        return contextlib.nullcontext()
-    if run.ddp is not None:
-        return run.ddp.no_sync()
-    if run.fsdp:
-        return _fsdp_no_sync(run.model)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: torch.nn.Module) -> Any:
-    parallel.set_gradient_sync(model, False)
-    try:
-        yield
-    finally:
-        parallel.set_gradient_sync(model, True)
+    """No gradient reduction for every micro-batch but the last of a step
+    (:func:`harness.core.parallel.gradient_sync_unless` on the DDP wrapper or the sharded model)."""
+    return parallel.gradient_sync_unless(run.ddp if run.ddp is not None else run.model, last)
 
 
 def _on_nonfinite(run: _Run, value: float, lr: float) -> None:
-    """A non-finite loss at step ``run.step`` (counted as the error and the events count it:
-    the optimizer steps done before it) under ``train.nonfinite``: ``skip`` counts the step
-    without an update, ``restore`` reloads the last checkpoint and lowers the lr; each is an
-    event in the log, the summary and the checkpoint.
+    """A non-finite loss at step ``run.step`` under ``train.nonfinite``
+    (:class:`harness.core.training.NonfinitePolicy`): ``skip`` counts the step without an update,
+    ``restore`` reloads the last checkpoint and lowers the lr; each is an event in the log, the
+    summary and the checkpoint.
 
     Raises:
         FloatingPointError: ``stop``, or more than ``nonfinite_max_events`` events in a row.
     """
-    t = run.cfg.train
+    policy = run.nonfinite
     run.opt.zero_grad(set_to_none=True)
     at = run.step
-    run.nonfinite_streak += 1
-    run.last_event_step = max(run.last_event_step, at + 1)  # the step count once it succeeds
-    if t.nonfinite == "stop" or run.nonfinite_streak > t.nonfinite_max_events:
-        raise FloatingPointError(_nonfinite_message(run, value, at))
-    event: dict[str, Any] = {"step": at, "loss": str(value), "lr": lr, "action": t.nonfinite}
-    if t.nonfinite == "skip":
+    event = policy.event(at, value, lr, run.ckpt.path if run.ckpt.exists() else None)
+    if event["action"] == "skip":
         run.step += 1
         what = "step skipped (no update)"
     else:
         ck = run.ckpt.load()
         assert ck is not None  # a restoring run writes one before its first step
         _load_training_state(run, ck)
-        run.lr_scale *= t.nonfinite_lr_factor
+        policy.restored(event, run.step)
         run.restart = True
-        event |= {"restored_step": run.step, "lr_scale": run.lr_scale}
-        what = f"restored step {run.step} from {run.ckpt.path}, lr x {run.lr_scale:.3g} from now on"
-    run.nonfinite_events.append(event)
-    run.log(
-        f"[pretrain {run.cfg.name}] step {at}: loss is {value}; {what} (event "
-        f"{run.nonfinite_streak} in a row, at most {t.nonfinite_max_events})"
-    )
-
-
-def _nonfinite_message(run: _Run, value: float, at: int) -> str:
-    t = run.cfg.train
-    given_up = (
-        f" after {run.nonfinite_streak - 1} non-finite event(s) in a row "
-        f"(train.nonfinite_max_events={t.nonfinite_max_events}, policy '{t.nonfinite}')"
-        if t.nonfinite != "stop"
-        else ""
-    )
-    return (
-        f"loss is {value} at step {at}{given_up}; the last good checkpoint is "
-        f"{run.ckpt.path if run.ckpt.exists() else '(none yet)'}. Lower train.base_lr, set "
-        "train.clip_grad, or set train.nonfinite: skip / restore"
-    )
+        what = f"restored step {run.step} from {run.ckpt.path}, lr x {policy.lr_scale:.3g} from now on"
+    run.log(f"[pretrain {run.cfg.name}] step {at}: loss is {value}; {what} {policy.record(event)}")
 
 
 def _log_progress(run: _Run, epoch: int, lr: float, step_at_start: int, t0: float) -> None:
@@ -871,12 +830,7 @@ def _compute_summary(run: _Run) -> dict[str, Any]:
 
 def _nonfinite_summary(run: _Run) -> dict[str, Any]:
     """The policy, every event, the skipped steps, the restores and the lr scale reached."""
-    events = run.nonfinite_events
-    return {
-        "policy": run.cfg.train.nonfinite, "events": events,
-        "skipped_steps": sum(e["action"] == "skip" for e in events),
-        "restores": sum(e["action"] == "restore" for e in events), "lr_scale": run.lr_scale,
-    }  # fmt: skip
+    return run.nonfinite.summary()
 
 
 def summary_for_record(stage: Path) -> dict[str, Any]:

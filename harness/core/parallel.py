@@ -21,7 +21,8 @@ read the same whatever the wrapping.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 #: The ``torch.compile`` backend of :func:`compile_module` (tests swap in a cheaper one).
 COMPILE_BACKEND: Any = "inductor"
@@ -86,6 +88,27 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     micro-batches of an accumulated step: their gradients stay unsharded and add up locally)."""
     assert isinstance(model, FSDPModule)
     model.set_requires_gradient_sync(sync)
+
+
+@contextlib.contextmanager
+def gradient_sync_unless(net: nn.Module, last: bool) -> Iterator[None]:
+    """The context of one micro-batch's backward in an accumulated step: gradients are reduced
+    over the ranks on the ``last`` micro-batch only (DDP's ``no_sync``, FSDP's gradient sync off
+    before it), so the step's reduction sums what every micro-batch added. A no-op for the last
+    micro-batch and for a model that is neither DDP nor sharded (one process)."""
+    if last:
+        yield
+    elif isinstance(net, DistributedDataParallel):
+        with net.no_sync():
+            yield
+    elif is_sharded(net):
+        set_gradient_sync(net, False)
+        try:
+            yield
+        finally:
+            set_gradient_sync(net, True)
+    else:
+        yield
 
 
 def _full_options() -> StateDictOptions:

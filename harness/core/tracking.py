@@ -32,12 +32,13 @@ def progress_enabled() -> bool:
 
 
 def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc: str = "",
-             initial: int = 0, unit: str = "it") -> Any:
-    """A tqdm bar over ``iterable`` (or a manual one with ``total``), silent when disabled."""
+             initial: int = 0, unit: str = "it", enabled: bool = True) -> Any:
+    """A tqdm bar over ``iterable`` (or a manual one with ``total``), silent when disabled
+    (:func:`progress_enabled`) or not ``enabled`` (ranks > 0 under torchrun)."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
-                disable=not progress_enabled(), leave=False)  # fmt: skip
+                disable=not (enabled and progress_enabled()), leave=False)  # fmt: skip
 
 
 class ScalarLogger:

@@ -229,3 +229,90 @@ def clip_and_step(
     if clip_grad is not None:
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
     opt.step()
+
+
+# --------------------------------------------------------------------------- non-finite losses
+
+
+class NonfinitePolicy:
+    """What a training loop does about a non-finite loss (pretraining's ``train.nonfinite``,
+    fine-tuning's ``nonfinite``): ``stop`` raises naming the step; ``skip`` makes no update that
+    step and counts it; ``restore`` reloads the last checkpoint and multiplies the lr by
+    ``lr_factor`` from then on. More than ``max_events`` events with no finite step past the
+    last one give up with the ``stop`` error. The loop decides on one verdict for every rank
+    (the loss reduced over them) and calls :meth:`event`, then for a restore :meth:`restored`,
+    then :meth:`record`; after each finite step :meth:`stepped`. The events and the lr scale
+    travel in the checkpoint (:meth:`state`, :meth:`load_state`) and the summary (:meth:`summary`).
+
+    Args:
+        policy: ``stop``, ``skip`` or ``restore``.
+        lr_factor: The lr multiplier of each restore.
+        max_events: Events in a row before giving up.
+        keys: The prefix of the config keys the messages name (``train.`` in pretraining).
+    """
+
+    def __init__(self, policy: str, lr_factor: float, max_events: int, keys: str = "") -> None:
+        self.policy, self.lr_factor, self.max_events, self.keys = policy, lr_factor, max_events, keys
+        self.events: list[dict[str, Any]] = []
+        self.lr_scale = 1.0  # the product of the restore factors so far
+        self.streak = 0  # events since a step last got past the last event's step
+        self.last_event_step = 0
+
+    def event(self, step: int, value: float, lr: float, checkpoint: Path | None) -> dict[str, Any]:
+        """A non-finite loss ``value`` at step ``step`` (the optimizer steps done before it): the
+        event to act on (its ``action``: ``skip`` or ``restore``).
+
+        Args:
+            checkpoint: The last good checkpoint, named by the error (None: none yet).
+
+        Raises:
+            FloatingPointError: ``stop``, or more than ``max_events`` events in a row.
+        """
+        self.streak += 1
+        self.last_event_step = max(self.last_event_step, step + 1)  # the count once it succeeds
+        if self.policy == "stop" or self.streak > self.max_events:
+            given_up = (
+                f" after {self.streak - 1} non-finite event(s) in a row "
+                f"({self.keys}nonfinite_max_events={self.max_events}, policy '{self.policy}')"
+                if self.policy != "stop"
+                else ""
+            )
+            raise FloatingPointError(
+                f"loss is {value} at step {step}{given_up}; the last good checkpoint is "
+                f"{checkpoint or '(none yet)'}. Lower {self.keys}base_lr, set {self.keys}clip_grad, "
+                f"or set {self.keys}nonfinite: skip / restore"
+            )
+        return {"step": step, "loss": str(value), "lr": lr, "action": self.policy}
+
+    def restored(self, event: dict[str, Any], step: int) -> None:
+        """The checkpoint of step ``step`` was reloaded for ``event``: the lr is lowered."""
+        self.lr_scale *= self.lr_factor
+        event |= {"restored_step": step, "lr_scale": self.lr_scale}
+
+    def record(self, event: dict[str, Any]) -> str:
+        """Keep ``event``; the log's note of how many came in a row."""
+        self.events.append(event)
+        return f"(event {self.streak} in a row, at most {self.max_events})"
+
+    def stepped(self, step: int) -> None:
+        """A finite step brought the count to ``step``."""
+        if step >= self.last_event_step:  # past the last non-finite event
+            self.streak = 0
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the lr scale and the events so far."""
+        return {"lr_scale": self.lr_scale, "nonfinite_events": self.events}
+
+    def load_state(self, ck: dict[str, Any]) -> None:
+        """Take the lr scale and events of a checkpoint (absent keys: none yet)."""
+        self.lr_scale = float(ck.get("lr_scale", 1.0))
+        self.events = list(ck.get("nonfinite_events", []))
+
+    def summary(self) -> dict[str, Any]:
+        """The policy, every event, the skipped steps, the restores and the lr scale reached."""
+        return {
+            "policy": self.policy, "events": self.events,
+            "skipped_steps": sum(e["action"] == "skip" for e in self.events),
+            "restores": sum(e["action"] == "restore" for e in self.events),
+            "lr_scale": self.lr_scale,
+        }  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,29 @@ def test_pretraining_accumulation_matches_the_whole_batch(tiny_imagefolder, tmp_
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
     for k, v in whole.items():
         torch.testing.assert_close(accum[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_nonfinite_policy_counts_events_in_a_row_and_round_trips():
+    from harness.core.training import NonfinitePolicy
+
+    p = NonfinitePolicy("restore", 0.5, max_events=2, keys="train.")
+    e = p.event(4, float("nan"), 0.1, None)
+    assert e == {"step": 4, "loss": "nan", "lr": 0.1, "action": "restore"}
+    p.restored(e, 2)
+    assert p.record(e) == "(event 1 in a row, at most 2)" and p.lr_scale == 0.5
+    p.stepped(3)  # not past step 4 yet: the streak goes on
+    e2 = p.event(4, float("inf"), 0.05, Path("ck.pth"))
+    p.restored(e2, 2)
+    p.record(e2)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4 after 2 non-finite "
+                       r"event\(s\) in a row \(train.nonfinite_max_events=2, policy 'restore'\); "
+                       r"the last good checkpoint is ck.pth. Lower train.base_lr"):  # fmt: skip
+        p.event(4, float("nan"), 0.025, Path("ck.pth"))
+    q = NonfinitePolicy("restore", 0.5, max_events=2)
+    q.load_state(p.state())
+    assert q.summary() == p.summary() and q.summary()["restores"] == 2 and q.lr_scale == 0.25
+    q.stepped(5)  # past the last event: a new streak may start
+    q.record(q.event(7, float("nan"), 0.1, None))
+    with pytest.raises(FloatingPointError, match=r"^loss is nan at step 0; the last good checkpoint "
+                       r"is \(none yet\)\. Lower base_lr, set clip_grad, or set nonfinite"):  # fmt: skip
+        NonfinitePolicy("stop", 0.5, 3).event(0, float("nan"), 0.1, None)

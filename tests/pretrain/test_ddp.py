@@ -65,13 +65,11 @@ def _pcfg(raw: dict) -> PretrainConfig:
     return PretrainConfig(**{k: v for k, v in raw.items() if k != "kind"})
 
 
-class _Cut(Exception):
-    """Raised on every rank at the same step to simulate a crash after a checkpoint."""
-
-
 def _worker(out: Path, data: str) -> None:
     """One torchrun worker: for each recipe, an uninterrupted run, a run cut at step 5 then
     resumed, and a global batch of 5 on 2 ranks (which must be refused)."""
+    from torchrun import cut_at  # tests/torchrun.py
+
     import pretrain.engine as engine
 
     torch.set_num_threads(1)
@@ -80,20 +78,8 @@ def _worker(out: Path, data: str) -> None:
     for recipe in ("mae", "simmim"):
         cfg = _pcfg(_cfg(data, recipe))
         engine.pretrain(cfg, out / recipe / "full", log=lambda m: None)
-        original = engine.lr_at
-
-        def cut_at_5(step, *a, original=original, **k):
-            if step == 5:  # step 4's checkpoint is on disk; every rank stops here
-                raise _Cut
-            return original(step, *a, **k)
-
-        engine.lr_at = cut_at_5
-        try:
+        with cut_at(engine, 5):  # step 4's checkpoint is on disk; every rank stops here
             engine.pretrain(cfg, out / recipe / "cut", log=lambda m: None)
-        except _Cut:
-            pass
-        finally:
-            engine.lr_at = original
         assert not (out / recipe / "cut" / "summary.json").exists()
         lines: list[str] = []
         engine.pretrain(cfg, out / recipe / "cut", resume=True, log=lines.append)
@@ -116,17 +102,13 @@ def _losses(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_and_resume_exactly(tiny_imagefolder, tmp_path):
+    from torchrun import run_workers  # tests/torchrun.py
     from weights import max_abs_diff  # tests/weights.py (pytest puts tests/ on the path)
 
     from pretrain.engine import pretrain
 
     out = tmp_path / "ddp"
-    opts = TorchrunOptions(nproc_per_node=2)
-    cmd = torchrun_command([], opts)
-    cmd = [*cmd[: cmd.index("-m", 3)], str(Path(__file__)), str(out), str(tiny_imagefolder)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_workers(Path(__file__), str(out), str(tiny_imagefolder), timeout=600)
 
     for recipe in ("mae", "simmim"):
         ref = pretrain(

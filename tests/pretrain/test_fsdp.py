@@ -8,8 +8,6 @@ Run as a script under torchrun, this file is the worker of the slow test (see ``
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,9 +16,6 @@ import torch
 
 from harness.core import distributed
 from harness.core.config import PretrainConfig
-from harness.launch import TorchrunOptions, torchrun_command
-
-ROOT = Path(__file__).resolve().parents[2]
 
 #: Max abs difference allowed between FSDP's and DDP's encoder weights after 6 steps. Both see the
 #: same images and masks; FSDP reduce-scatters what DDP all-reduces (float32 summation order
@@ -38,10 +33,6 @@ def _cfg(data: str | Path, name: str, **train) -> PretrainConfig:
     )  # fmt: skip
 
 
-class _Cut(Exception):
-    """Raised on every rank at the same step to simulate a crash after a checkpoint."""
-
-
 #: The runs of the worker: name -> train keys.
 RUNS = {
     "ddp": {},
@@ -53,6 +44,8 @@ RUNS = {
 def _worker(out: Path, data: str) -> None:
     """One torchrun worker: DDP, FSDP (+ activation checkpointing), DDP with 2 micro-batches per
     rank, and an FSDP run cut after step 4's checkpoint then resumed."""
+    from torchrun import cut_at  # tests/torchrun.py
+
     import pretrain.engine as engine
 
     torch.set_num_threads(1)
@@ -67,20 +60,8 @@ def _worker(out: Path, data: str) -> None:
     for name, train in RUNS.items():
         engine.pretrain(_cfg(data, name, **train), out / name, log=lambda m: None)
     cfg = _cfg(data, "fsdp", **RUNS["fsdp"])
-    original = engine.lr_at
-
-    def cut_at_5(step, *a, original=original, **k):
-        if step == 5:  # step 4's checkpoint is on disk; every rank stops here
-            raise _Cut
-        return original(step, *a, **k)
-
-    engine.lr_at = cut_at_5
-    try:
+    with cut_at(engine, 5):  # step 4's checkpoint is on disk; every rank stops here
         engine.pretrain(cfg, out / "fsdp_cut", log=lambda m: None)
-    except _Cut:
-        pass
-    finally:
-        engine.lr_at = original
     lines: list[str] = []
     engine.pretrain(cfg, out / "fsdp_cut", resume=True, log=lines.append)
     if distributed.get_rank() == 0:
@@ -101,12 +82,10 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_resumes_exactly(tiny_imagefolder, tmp_path):
+    from torchrun import run_workers  # tests/torchrun.py
+
     out = tmp_path / "runs"
-    cmd = torchrun_command([], TorchrunOptions(nproc_per_node=2))
-    cmd = [*cmd[: cmd.index("-m", 3)], str(Path(__file__)), str(out), str(tiny_imagefolder)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_workers(Path(__file__), str(out), str(tiny_imagefolder))
 
     ddp, fsdp = _state(out / "ddp" / "encoder.pth"), _state(out / "fsdp" / "encoder.pth")
     init = _state_init()
