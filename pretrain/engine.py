@@ -38,8 +38,8 @@
   teacher where ``recipe.teacher.evaluate`` says so, named in the summary) and a PNG grid of
   original / masked / the recipe's rows (pixel targets: reconstruction and reconstruction with
   the visible patches pasted; HOG, colors and tokens: target and prediction drawn; latent
-  targets: the masks only, plus ``target_stats.png``, the target std and the student-teacher
-  cosine per step; steps whose target std falls below ``recipe.teacher.collapse_std`` are
+  targets: the masks only, plus ``target_stats.png``, the target std over the batch, its std
+  within each image (spatial collapse) and the student-teacher cosine per step; steps whose target std falls below ``recipe.teacher.collapse_std`` are
   logged and counted in the summary).
 """
 
@@ -850,13 +850,20 @@ def _teacher_summary(run: _Run, exported: str) -> dict[str, Any]:
     if teacher is None:
         return {}
     plot = run.out / TARGET_STATS
-    series = {k: [h.get(k, math.nan) for h in run.history] for k in ("target_std", "cosine")}
-    atomic_write_bytes(plot, render_series([h["step"] for h in run.history], series))
-    stds = [v for v in series["target_std"] if math.isfinite(v)]
+    keys = ("target_std", "target_std_within", "cosine")
+    series = {k: [h.get(k, math.nan) for h in run.history] for k in keys}
+    drawn = {  # targets without a within-image std (iBOT's, CAPI's distributions) keep two panels
+        k: v for k, v in series.items() if k != "target_std_within" or any(map(math.isfinite, v))
+    }
+    atomic_write_bytes(plot, render_series([h["step"] for h in run.history], drawn))
+    final = {k: next((v for v in reversed(series[k]) if math.isfinite(v)), None) for k in keys}
     return {
         "exported_encoder": exported,
         "target_stats": TARGET_STATS,
-        "final_target_std": stds[-1] if stds else None,
+        "final_target_std": final["target_std"],
+        # the spread within each image: near zero when each image's patches share one target
+        # (a spatial collapse that final_target_std, over every patch of the batch, misses)
+        "final_target_std_within": final["target_std_within"],
         "collapse": {
             "threshold": teacher.collapse_std,
             "steps": _collapsed_steps(run.history, teacher.collapse_std),

@@ -111,6 +111,18 @@ def target_std(values: torch.Tensor) -> float:
     return float(torch.sqrt(flat.var(dim=0) + 1e-6).mean())
 
 
+def within_image_std(values: torch.Tensor) -> float:
+    """Std of each channel over the patches of one image ``[B, L, D]``, averaged over channels
+    and images: near zero when every patch of an image gets the same target (a spatial collapse,
+    each image one vector), which :func:`target_std` over every patch of the batch misses as long
+    as the images differ. Its ratio to :func:`target_std` is the part of the targets' spread that
+    lies within images."""
+    v = values.detach().float()
+    if v.dim() != 3 or v.shape[1] < 2:
+        return float("nan")
+    return float(v.std(dim=1).mean())
+
+
 @TARGETS.register("latent")
 class LatentTarget(Target):
     """Features of an EMA teacher of the encoder, one ``D``-vector per patch.
@@ -206,9 +218,14 @@ class LatentTarget(Target):
         return w * pred.shape[0] * reconstruction_loss(pred, target, ones, cfg)
 
     def statistics(self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor) -> dict[str, float]:
-        """The target's std over the masked patches (collapse: near zero) and the cosine
-        between prediction and target there."""
+        """The target's std over the masked patches (collapse: near zero), its std within each
+        image (:func:`within_image_std`; spatial collapse: near zero) and the cosine between
+        prediction and target at the masked patches."""
         sel = mask.bool()
         t, p = tgt.value[sel].float(), pred.detach()[sel].float()  # [M, D]
         cos = float(F.cosine_similarity(p, t, dim=-1).mean()) if len(t) else float("nan")
-        return {"target_std": target_std(t), "cosine": cos}
+        return {
+            "target_std": target_std(t),
+            "target_std_within": within_image_std(tgt.value),
+            "cosine": cos,
+        }

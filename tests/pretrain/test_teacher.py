@@ -21,7 +21,7 @@ from harness.core.config import (
 )
 from pretrain.engine import param_groups, pretrain
 from pretrain.model import MIMModel
-from pretrain.teacher import EMATeacher, momentum_at, target_std
+from pretrain.teacher import EMATeacher, momentum_at, target_std, within_image_std
 
 ENC = EncoderConfig(arch="vit_micro_32")  # 2 blocks, width 32, 4x4 patches of 8 px
 D2V = {"name": "data2vec", "masking": {"min_block_patches": 2, "ratio": 0.5},
@@ -128,8 +128,21 @@ def test_target_std_and_cosine_show_a_collapse():
     model = _model()
     imgs, mask = torch.randn(2, 3, 32, 32), model.masker(2, torch.Generator().manual_seed(0))
     out = model(imgs, mask)
-    assert set(out.stats) == {"target_std", "cosine"}
+    assert set(out.stats) == {"target_std", "target_std_within", "cosine"}
     assert -1.0 <= out.stats["cosine"] <= 1.0 and out.stats["target_std"] > 0
+    assert out.stats["target_std_within"] == pytest.approx(within_image_std(out.target))
+
+
+def test_within_image_std_shows_a_spatial_collapse_the_batch_std_misses():
+    # every patch of an image gets its image's one vector; the images differ
+    per_image = torch.randn(8, 1, 16)
+    collapsed = per_image.expand(8, 49, 16)
+    assert within_image_std(collapsed) == pytest.approx(0.0, abs=1e-6)
+    assert target_std(collapsed.reshape(-1, 16)) > 0.5  # the batch-wide std sees nothing
+    x = torch.randn(4, 49, 16)
+    want = sum(float(x[b, :, c].std()) for b in range(4) for c in range(16)) / 64  # independent
+    assert within_image_std(x) == pytest.approx(want, rel=1e-5)
+    assert math.isnan(within_image_std(torch.randn(4, 1, 16)))  # one patch: no spread to read
 
 
 @pytest.mark.parametrize(
@@ -194,7 +207,8 @@ def test_pretraining_with_a_teacher_writes_stats_and_exports_per_config(tiny_ima
     saved = torch.load(res.encoder_path, weights_only=False)
     assert saved["mimbench"]["exported"] == "teacher"
     hist = [json.loads(line) for line in (res.out_dir / "loss.jsonl").read_text().splitlines()]
-    assert all({"target_std", "cosine"} <= set(h) for h in hist)
+    assert all({"target_std", "target_std_within", "cosine"} <= set(h) for h in hist)
+    assert summary["final_target_std_within"] == pytest.approx(hist[-1]["target_std_within"])
 
 
 @pytest.mark.slow
