@@ -195,13 +195,18 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
                         num_heads=1, mlp_ratio=1.0),
     # iGPT (Chen et al., ICML 2020): one token per pixel of a ``vocab_size``-entry colour-cluster
     # codebook; iGPT-S as openai/image-gpt src/run.py's defaults (n_embd 512, n_head 8, n_layer
-    # 24, n_px 32, n_vocab 512); img_size is the input resolution (the paper's 32, 48 or 64).
-    # Tiny ones for CPU tests and the demo.
+    # 24, n_px 32, n_vocab 512); iGPT-M and iGPT-L as the repo's README runs them ("--n_embd 1024
+    # --n_head 8 --n_layer 36", "--n_embd 1536 --n_head 16 --n_layer 48"); img_size is the input
+    # resolution (the paper's 32, 48 or 64). Tiny ones for CPU tests and the demo.
     "igpt_micro_8": dict(family="igpt", img_size=8, patch_size=1, embed_dim=32, depth=2,
                          num_heads=2, mlp_ratio=4.0, vocab_size=512),
     "igpt_tiny_16": dict(family="igpt", img_size=16, patch_size=1, embed_dim=128, depth=6,
                          num_heads=4, mlp_ratio=4.0, vocab_size=512),
     "igpt_s_32": dict(family="igpt", img_size=32, patch_size=1, embed_dim=512, depth=24,
                       num_heads=8, mlp_ratio=4.0, vocab_size=512),
+    "igpt_m_32": dict(family="igpt", img_size=32, patch_size=1, embed_dim=1024, depth=36,
+                      num_heads=8, mlp_ratio=4.0, vocab_size=512),
+    "igpt_l_32": dict(family="igpt", img_size=32, patch_size=1, embed_dim=1536, depth=48,
+                      num_heads=16, mlp_ratio=4.0, vocab_size=512),
 }
 
