@@ -13,7 +13,9 @@ state dicts keep timm's key names) with the embedding and block order of the rel
   eps 1e-6 (``data2vec2.py``: ``make_layer_norm`` is ``nn.LayerNorm(eps=cfg.norm_eps)``, default
   and ``config/v2/base_images_only_task.yaml`` ``norm_eps: 1e-6``; timm's ViT norms are 1e-6 too),
   and the final ``self.norm`` exists only when ``layer_norm_first`` (default False; the
-  modality's ``BlockEncoder`` norm then runs before the blocks instead, ``modules.py``).
+  modality's ``BlockEncoder`` norm then runs before the blocks instead, ``modules.py``). CAPI's
+  ``baselines/data2vec2_loader.py`` builds the same layout in timm (``pre_norm=True,
+  final_norm=False``, post-norm blocks).
 * ``vit_avgpool``: a ViT without a class token, pooled by averaging its output tokens (I-JEPA,
   Assran et al., CVPR 2023; facebookresearch/ijepa ``src/models/vision_transformer.py``):
   position embedding over the patches, pre-norm blocks and the final norm.

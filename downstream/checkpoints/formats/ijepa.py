@@ -24,8 +24,9 @@ class IjepaFormat(CheckpointFormat):
     The released ``.pth.tar`` is ``src/train.py`` ``save_checkpoint``'s dict: ``encoder``,
     ``predictor``, ``target_encoder`` (each a ``DistributedDataParallel`` state dict, so every
     key starts with ``module.``), ``opt``, ``scaler``, ``epoch``, ``loss``, ``batch_size``,
-    ``world_size``, ``lr``. The reader takes ``target_encoder`` (what I-JEPA evaluates) over
-    ``encoder`` and strips ``module.``. ``src/models/vision_transformer.py`` ``VisionTransformer``
+    ``world_size``, ``lr``. The reader takes ``target_encoder`` over ``encoder`` and strips
+    ``module.`` (which of the two the paper evaluates is not in the reference code; CAPI's
+    ``baselines/ijepa_loader.py`` loads ``encoder``, the context encoder, with the same keys). ``src/models/vision_transformer.py`` ``VisionTransformer``
     has no class token (features are the average of the output tokens), a fixed sin-cos
     ``pos_embed`` ``[1, N, D]`` over the patches only (a ``requires_grad=False`` parameter, so
     stored), timm's block keys (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``,
