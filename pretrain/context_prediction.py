@@ -19,8 +19,9 @@ Here:
 * The shared network is the encoder of the encoder contract applied to each patch on its own
   (a conv encoder: :func:`pretrain.selfie.pool_patches`, the mean of its output map). The paper's
   AlexNet-style trunk up to fc6 is that encoder; what the tasks evaluate is it, on whole images.
-* :class:`PairClassifier` (``head.type: pair_classifier``) is the paper's fc7 + fc8 on the
-  concatenated embeddings: a hidden layer of ``head.dim`` with ReLU, then 8 logits.
+* :class:`PairClassifier` (``head.type: pair_classifier``) is the reference's head on the
+  concatenated embeddings (cdoersch/deepcontext ``train.py`` ``gen_net``: ``fc7`` and ``fc8``,
+  4096 units each with ReLU, then ``fc9``, 8 logits): two hidden layers of ``head.dim``.
 * ``recipe.pairs.color``: ``drop`` (per patch one channel kept, the other two Gaussian noise of
   ``noise_std`` times the kept channel's std around the dataset mean, zero after normalisation),
   ``project`` (the harness's reading of the paper's projection: the component of each pixel
@@ -142,11 +143,12 @@ class RelativePositionTarget(Target):
 
 @HEADS.register("pair_classifier")
 class PairClassifier(Head):
-    """The paper's fc7 + fc8 over the two patch embeddings concatenated: ``[B, 2C] -> [B, 8]``.
+    """The reference's fc7 + fc8 + fc9 over the two patch embeddings concatenated
+    (cdoersch/deepcontext ``train.py`` ``gen_net``): ``[B, 2C] -> [B, dim] -> [B, dim] -> [B, 8]``.
 
     Args:
         encoder: The conv encoder (its width).
-        cfg: ``dim``: the hidden width (the paper's fc7: 4096).
+        cfg: ``dim``: the hidden width (the reference's fc7 and fc8: 4096).
         out_dim: 8 positions.
         pixel_channels: Unused.
         pred_grid: Unused.
@@ -168,13 +170,14 @@ class PairClassifier(Head):
         super().__init__()
         c = int(encoder.num_features)
         self.fc7 = nn.Linear(2 * c, cfg.dim)
-        self.fc8 = nn.Linear(cfg.dim, out_dim)
+        self.fc8 = nn.Linear(cfg.dim, cfg.dim)
+        self.fc9 = nn.Linear(cfg.dim, out_dim)
 
     def forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``tokens``: the pair's embeddings concatenated ``[B, 2C]`` -> logits ``[B, 8]``."""
-        return self.fc8(F.relu(self.fc7(tokens)))
+        return self.fc9(F.relu(self.fc8(F.relu(self.fc7(tokens)))))
 
 
 @register_model("relative_position")

@@ -37,6 +37,7 @@ from torch import nn
 
 from harness.core.config import HeadConfig, MaskingConfig
 from pretrain.heads import HEADS
+from pretrain.inits import linear_norm_init
 from pretrain.mae import MAEDecoder
 from pretrain.masking import MASKERS, PREDICTED, UNPREDICTED, VISIBLE, Masker
 
@@ -150,7 +151,12 @@ class JEPAPredictor(MAEDecoder):
         pred_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(encoder, cfg, out_dim, pixel_channels, pred_grid)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)  # the reference's mask token init
+        # The reference's predictor as src/helper.py init_model leaves it: every linear layer
+        # trunc-normal(0.02) with zero bias (re-initialised after the predictor's own
+        # fix_init_weight, so no residual rescale), LayerNorms 1 / 0, the mask token
+        # trunc-normal(0.02); MAE's xavier-uniform from the parent is replaced.
+        self.apply(linear_norm_init(lambda t: nn.init.trunc_normal_(t, std=0.02)))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor | None = None

@@ -35,11 +35,16 @@ trunk's ``nn.Linear`` / ``nn.LayerNorm`` modules.
               ``Data2VecVisionModel.__init__``: SimMIM's ViT rule (torch's ``trunc_normal_``, cut
               at +-2) on the transformer and the class / mask tokens, but the patch embedding (built
               outside the transformer) keeps PyTorch's default conv init.
-``ijepa``     I-JEPA (Assran et al., CVPR 2023), ``src/models/vision_transformer.py``
-              ``VisionTransformer._init_weights`` / ``fix_init_weight``: truncated-normal(0.02) cut
-              at +-2 on linear layers and the patch-embedding conv, block ``l``'s attention output
-              and MLP second layer divided by ``sqrt(2 l)``: SimMIM's ViT rule (the reference has
-              no class token; the fixed sin-cos positions are not initialised).
+``ijepa``     I-JEPA (Assran et al., CVPR 2023) as its training runs: ``src/models/
+              vision_transformer.py`` ``VisionTransformer.__init__`` inits linear layers and the
+              patch-embedding conv truncated-normal(0.02) cut at +-2 (``src/utils/tensors.py``
+              ``trunc_normal_``, a=-2, b=2) with zero biases and rescales block ``l``'s output
+              layers by ``1 / sqrt(2 l)`` (``fix_init_weight``), but ``src/helper.py``
+              ``init_model`` then re-initialises every ``nn.Linear`` of the built encoder
+              truncated-normal(0.02) with zero bias, which undoes that rescale: linears and
+              the patch embedding truncated-normal(0.02), no rescale (the reference has no class
+              or mask token in its encoder; ours get the same truncated normal; the fixed
+              sin-cos positions are not initialised).
 ============  =====================================================================================
 
 The rules for MAE, BEiT, data2vec and I-JEPA are written for ViTs (a class token, one width);
@@ -117,10 +122,13 @@ def mae_init(encoder: Encoder) -> None:
     nn.init.normal_(parts.mask_token, std=0.02)
 
 
-def _beit_style(encoder: Encoder, std_cut: float | None, patch_embed: bool = True) -> None:
+def _beit_style(
+    encoder: Encoder, std_cut: float | None, patch_embed: bool = True, rescale: bool = True
+) -> None:
     """BEiT's and SimMIM-ViT's rule: truncated normal(0.02) cut at ``+-std_cut`` (None: timm's
     default cut at +-2) on linear, patch embedding (unless ``patch_embed`` is False: left as
-    built), tokens and a learned position embedding, then :func:`rescale_residual_out`."""
+    built), tokens and a learned position embedding, then (unless ``rescale`` is False)
+    :func:`rescale_residual_out`."""
     bounds = {"a": -std_cut, "b": std_cut} if std_cut is not None else {}
 
     def tn(t: torch.Tensor) -> None:
@@ -135,7 +143,8 @@ def _beit_style(encoder: Encoder, std_cut: float | None, patch_embed: bool = Tru
     for p in (parts.class_token, parts.mask_token, parts.learned_pos_embed):
         if p is not None:
             tn(p)
-    rescale_residual_out(parts)
+    if rescale:
+        rescale_residual_out(parts)
 
 
 @_register("beit", VIT_FAMILIES, "BEiT modeling_pretrain.py _init_weights + fix_init_weight")
@@ -178,11 +187,17 @@ def data2vec_init(encoder: Encoder) -> None:
     _beit_style(encoder, std_cut=None, patch_embed=False)
 
 
-@_register("ijepa", VIT_FAMILIES, "I-JEPA vision_transformer.py _init_weights + fix_init_weight")
+@_register(
+    "ijepa",
+    VIT_FAMILIES,
+    "I-JEPA vision_transformer.py _init_weights, then helper.py init_model's re-init of every "
+    "linear (which undoes fix_init_weight's rescale)",
+)
 @torch.no_grad()
 def ijepa_init(encoder: Encoder) -> None:
-    """I-JEPA's init: SimMIM's ViT rule (truncated normal cut at +-2, residual rescale)."""
-    _beit_style(encoder, std_cut=None)
+    """I-JEPA's init as ``src/train.py`` builds the encoder: truncated normal(0.02) cut at +-2
+    on linear layers, the patch embedding and the tokens, no residual rescale."""
+    _beit_style(encoder, std_cut=None, rescale=False)
 
 
 def encoder_definition(encoder: EncoderConfig, recipe: RecipeConfig) -> dict[str, Any]:

@@ -28,7 +28,8 @@ output std ``1 / sqrt(D * depth)``), an MLP of width ``4 D`` with the sigmoid GE
   read the same shifted, causal sequence (features of the model as it was trained).
 
 The token ids' output logits are the recipe's head (``linear``, :mod:`pretrain.simmim`); the
-reference's separate output embedding ``wtet`` is that head.
+reference's separate output embedding ``wtet`` is that head (the reference starts it at zero,
+``stddev=0.0``; the ``linear`` head keeps its own init).
 
 Sequence length is ``H * W`` (1024 at 32^2, 4096 at 64^2) and attention is quadratic in it:
 :func:`attention_bytes` estimates what the attention matrices of one image need for the backward

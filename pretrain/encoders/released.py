@@ -9,7 +9,13 @@ state dicts keep timm's key names) with the embedding and block order of the rel
   ``layer_norm_first=False``): fixed position embedding on the patches only, the class token
   (its ``extra_tokens``) prepended without a position, a LayerNorm before the blocks (the
   context encoder's ``norm``), post-norm blocks (``x = norm1(x + attn(x))``, ``x = norm2(x +
-  mlp(x))``) and no final norm; its per-block outputs are already normed.
+  mlp(x))``) and no final norm; its per-block outputs are already normed. Every LayerNorm has
+  eps 1e-6 (``data2vec2.py``: ``make_layer_norm`` is ``nn.LayerNorm(eps=cfg.norm_eps)``, default
+  and ``config/v2/base_images_only_task.yaml`` ``norm_eps: 1e-6``; timm's ViT norms are 1e-6 too),
+  and the final ``self.norm`` exists only when ``layer_norm_first`` (default False; the
+  modality's ``BlockEncoder`` norm then runs before the blocks instead, ``modules.py``). CAPI's
+  ``baselines/data2vec2_loader.py`` builds the same layout in timm (``pre_norm=True,
+  final_norm=False``, post-norm blocks).
 * ``vit_avgpool``: a ViT without a class token, pooled by averaging its output tokens (I-JEPA,
   Assran et al., CVPR 2023; facebookresearch/ijepa ``src/models/vision_transformer.py``):
   position embedding over the patches, pre-norm blocks and the final norm.
@@ -72,6 +78,7 @@ class _ReleasedViT(Encoder):
         super().__init__(cfg, options)
         self.vit = VisionTransformer(**self._timm_kwargs(), block_fn=self._block_fn())
         if self.options["norm_pre"]:  # timm's pre_norm would also drop the patch bias
+            # eps 1e-6: data2vec 2.0's norm_eps (data2vec2.py make_layer_norm)
             self.vit.norm_pre = nn.LayerNorm(self.embed_dim, eps=1e-6)
         self._set_grid(tuple(self.vit.patch_embed.grid_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))

@@ -238,32 +238,45 @@ def data2vec2_layout(enc: torch.nn.Module, n_pre: int = 1) -> dict:
 
 
 def ijepa_layout(enc: torch.nn.Module) -> dict:
-    """I-JEPA's checkpoint: DDP-prefixed student ``encoder``, ``predictor`` and the EMA
-    ``target_encoder`` (the weights of ``enc``), with the optimizer's epoch and lr."""
+    """I-JEPA's checkpoint (``src/train.py`` ``save_checkpoint``): DDP-prefixed student
+    ``encoder``, ``predictor`` and the EMA ``target_encoder`` (the weights of ``enc``), the
+    optimizer and (bfloat16 runs) grad-scaler state, epoch, loss, batch size, world size, lr."""
     sd = enc.timm_state_dict()
     student = {f"module.{k}": torch.randn_like(v) for k, v in sd.items()}
     predictor = {"module.predictor_embed.weight": torch.randn(16, 32),
                  "module.mask_token": torch.randn(1, 1, 16)}  # fmt: skip
     return {"encoder": student, "predictor": predictor,
             "target_encoder": {f"module.{k}": v for k, v in sd.items()},
+            "opt": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0},
             "epoch": 3, "loss": 0.5, "batch_size": 8, "world_size": 1, "lr": 1e-3}  # fmt: skip
 
 
-def ibot_layout(enc: ViTEncoder) -> dict:
-    """iBOT's checkpoint: the DDP student and the teacher, each a ViT under ``backbone.`` (its
-    mask token ``masked_embed`` ``[1, D]``) beside the iBOT head under ``head.``."""
-    def model(sd: dict[str, torch.Tensor], token: torch.Tensor) -> dict[str, torch.Tensor]:
+def ibot_layout(enc: ViTEncoder, teacher_mask_token: bool = False) -> dict:
+    """iBOT's checkpoint (``main_ibot.py`` ``save_dict``): the DDP student and the teacher, each
+    a ``MultiCropWrapper`` (the ViT under ``backbone.``, the iBOT head under ``head.``), the
+    optimizer, the epoch, the pickled ``args`` and the loss's centers (``ibot_loss``). Only the
+    student is built with ``masked_im_modeling=True``, so only it holds the mask token
+    ``masked_embed`` ``[1, D]`` (the teacher loads the student's weights with ``strict=False``);
+    ``teacher_mask_token`` adds one to the teacher, for the converter's mapping of it."""
+
+    def model(sd: dict[str, torch.Tensor], token: torch.Tensor | None) -> dict[str, torch.Tensor]:
         out = {f"backbone.{k}": v for k, v in sd.items()}
-        out["backbone.masked_embed"] = token.reshape(1, -1)
+        if token is not None:
+            out["backbone.masked_embed"] = token.reshape(1, -1)
         out["head.mlp.0.weight"] = torch.randn(64, 32)
         out["head.last_layer.weight_g"] = torch.ones(100, 1)
         out["head.last_layer2.weight_v"] = torch.randn(100, 16)
         return out
 
+    token = enc.mask_token.detach()
     student = {f"module.{k}": torch.randn_like(v)
-               for k, v in model(enc.timm_state_dict(), enc.mask_token.detach()).items()}  # fmt: skip
-    return {"student": student, "teacher": model(enc.timm_state_dict(), enc.mask_token.detach()),
-            "epoch": 5, "args": argparse.Namespace(arch="vit_micro")}  # fmt: skip
+               for k, v in model(enc.timm_state_dict(), token).items()}  # fmt: skip
+    teacher = model(enc.timm_state_dict(), token if teacher_mask_token else None)
+    return {"student": student, "teacher": teacher,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "params": [0, 1]}]},
+            "epoch": 5, "args": argparse.Namespace(arch="vit_micro"),
+            "ibot_loss": {"center": torch.zeros(1, 100), "center2": torch.zeros(1, 1, 100)}}  # fmt: skip
 
 
 def cae_layout(enc: BeitEncoder) -> dict:

@@ -61,8 +61,9 @@ def _release(name: str) -> tuple:
 
 RELEASES = ["data2vec2", "ijepa", "ibot", "cae", "beit2"]
 #: Releases with an encoder-side mask token (the others drop masked patches, or mask in the
-#: regressor): only their masked forward is the source's.
-WITH_MASK_TOKEN = ("ibot", "beit2")
+#: regressor; iBOT's evaluated teacher is built without one): only their masked forward is the
+#: source's.
+WITH_MASK_TOKEN = ("beit2",)
 
 
 def _contract_outputs(enc: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -109,6 +110,19 @@ def test_imports_take_the_teacher_the_releases_evaluate(tmp_path):
         torch.save(obj, tmp_path / "x.pth")
         _, rep = load_checkpoint(tmp_path / "x.pth", **kwargs)
         assert rep.container == {"ibot": "teacher", "ijepa": "target_encoder"}[name]
+
+
+def test_ibot_mask_token_maps_when_the_teacher_holds_one(tmp_path):
+    """``masked_embed`` ``[1, D]`` becomes the encoder's ``[1, 1, D]`` mask token; the released
+    teacher has none (only the student is built with ``masked_im_modeling``)."""
+    source = random_vit(seed=33)
+    assert "backbone.masked_embed" not in ibot_layout(source)["teacher"]
+    torch.save(ibot_layout(source, teacher_mask_token=True), tmp_path / "x.pth")
+    got, rep = load_checkpoint(tmp_path / "x.pth", cfg=MICRO)
+    assert rep.detected == "ibot" and not rep.missing and not rep.unexpected
+    assert torch.equal(got.mask_token.detach(), source.mask_token.detach().reshape(1, 1, -1))
+    ref, out = _contract_outputs(source), _contract_outputs(got)
+    assert torch.allclose(out["masked"], ref["masked"], rtol=0, atol=1e-5)
 
 
 def test_pooling_follows_the_class_token():

@@ -80,10 +80,10 @@ def test_recipe_file_values_are_the_resolved_values(name):
     if raw["recipe"]["encoder_init"] == "default":  # left out of dumps at its default: hashes kept
         assert "encoder_init" not in plain["recipe"]
     else:  # a paper's rule (mae, beit, simmim) or timm's named (iBOT: DINO's ViT init is timm's;
-        # CAPI, data2vec 2.0: no rule of their own; iGPT: its family's own init): part of the
-        # config and of its hash
+        # data2vec 2.0: no rule of its own; iGPT: its family's own init; CAPI's model.py init is
+        # MAE's rule): part of the config and of its hash
         assert plain["recipe"]["encoder_init"] == raw["recipe"]["encoder_init"]
-        own = {"ibot": "timm", "capi": "timm", "data2vec2": "timm", "igpt": "timm",
+        own = {"ibot": "timm", "capi": "mae", "data2vec2": "timm", "igpt": "timm",
                "igpt_bert": "timm"}
         assert raw["recipe"]["encoder_init"] == own.get(name, name)
     assert "encoder_setup" not in plain["recipe"]  # 'paper' is left out of dumps

@@ -146,3 +146,19 @@ def test_arch_label_names_every_value_off_the_preset():
     assert arch_label(EncoderConfig(arch="vit_tiny_32", pos_embed="learned")) == "vit_tiny_32"
     label = arch_label(EncoderConfig(arch="vit_tiny_32", num_heads=2, depth=3, img_size=48))
     assert label == "vit_tiny_32(depth=3, num_heads=2, img_size=48)"
+
+
+@pytest.mark.parametrize(
+    "arch, millions",
+    # the Swin repo's MODELHUB.md, "SimMIM Pretrained Swin-V2 Models" (backbone weights only):
+    # SwinV2-Base 87M, SwinV2-Huge 655M
+    [("swinv2_base_192", 87), ("swinv2_huge_192", 655)],
+)
+def test_swinv2_presets_have_the_released_backbone_sizes(arch, millions):
+    """Built on the meta device (no memory): the backbone's parameters, rounded to millions,
+    are the released size, so the preset's width and stage depths are the release's."""
+    from pretrain.encoders import create_encoder
+
+    with torch.device("meta"):
+        enc = create_encoder(EncoderConfig(arch=arch))
+    assert round(sum(p.numel() for p in enc.parameters()) / 1e6) == millions

@@ -92,8 +92,8 @@ def test_timm_rule_keeps_timms_init_and_default_is_its_old_name():
 
 @pytest.mark.parametrize(
     "init, cut",
-    # BEiT cuts at +-std; SimMIM, I-JEPA and data2vec use a cut at +-2 (100 std)
-    [("beit", 1.0), ("simmim", 100.0), ("ijepa", 100.0), ("data2vec", 100.0)],
+    # BEiT cuts at +-std; SimMIM and data2vec use a cut at +-2 (100 std)
+    [("beit", 1.0), ("simmim", 100.0), ("data2vec", 100.0)],
 )
 def test_beit_and_simmim_rules_rescale_block_outputs(init, cut):
     beit = dict(rel_pos_bias="shared", layer_scale=0.1, pos_embed="none")
@@ -119,6 +119,23 @@ def test_beit_and_simmim_rules_rescale_block_outputs(init, cut):
     table = enc.beit.rel_pos_bias.relative_position_bias_table
     assert _max(table) == 0.0  # BEiT's tables start at zero
     assert _close(_std(parts.class_token), base, rel=0.12)
+
+
+def test_ijepa_rule_is_truncated_normal_without_rescale():
+    """I-JEPA's ``helper.py`` ``init_model`` re-initialises every linear layer trunc-normal(0.02)
+    after the model's own ``fix_init_weight``, so no block is rescaled; the patch-embedding conv
+    keeps the model's trunc-normal(0.02) with a zero bias."""
+    enc = _built("ijepa", seed=1)
+    parts = enc.init_parts()
+    assert _close(_std(parts.patch_embed.weight), 0.02)
+    assert _max(parts.patch_embed.bias) == 0.0
+    for blk in enc.vit.blocks:
+        for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+            assert _close(_std(lin.weight), 0.02), lin
+            assert _max(lin.bias) == 0.0
+    # the last block's fc2 would be 0.02 / sqrt(6) ~ 0.0082 under a rescale
+    assert _std(enc.vit.blocks[-1].mlp.fc2.weight) > 0.019
+    assert _close(_std(parts.class_token), 0.02, rel=0.12)
 
 
 def test_simmim_rule_on_swinv2_zeroes_the_residual_post_norms():

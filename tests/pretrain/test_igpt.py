@@ -229,6 +229,28 @@ def test_resume_restores_the_codebook_and_refuses_an_unfitted_one(tmp_path):
     assert (tmp_path / "o" / "config.yaml").read_bytes() == before
 
 
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize(
+    "arch, width, depth, heads",
+    # openai/image-gpt README: iGPT-S / M / L run with --n_embd, --n_head, --n_layer
+    [("igpt_s_32", 512, 24, 8), ("igpt_m_32", 1024, 36, 8), ("igpt_l_32", 1536, 48, 16)],
+)
+def test_presets_have_the_readmes_shapes_and_parameter_count(arch, width, depth, heads):
+    """Built on the meta device (no memory): the reference's parameters, counted from
+    ``src/model.py`` (q, k, v, c_proj D x D; c_fc D x 4D and its projection 4D x D; no biases;
+    norm gains g only; wte 512 x D, wpe 1024 x D, ln_f D; sos D for the autoregressive model
+    only) and the encoder's own."""
+    with torch.device("meta"):
+        enc = create_encoder(EncoderConfig(arch=arch))
+    assert (enc.embed_dim, enc.num_layers, enc.cfg.num_heads) == (width, depth, heads)
+    d = width
+    per_block = 4 * d * d + 8 * d * d + 2 * d
+    expected = depth * per_block + 512 * d + 1024 * d + d + (d if enc.causal else 0)
+    assert sum(p.numel() for p in enc.parameters()) == expected
+
+
 # --------------------------------------------------------------------------- bad input
 
 

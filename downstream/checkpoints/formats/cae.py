@@ -26,7 +26,11 @@ _NOT_ENCODER = {
 class CaeFormat(CheckpointFormat):
     """The encoder under ``encoder.`` (a BEiT-style ViT: q / v biases, layer scale
     ``gamma_1`` / ``gamma_2`` when trained with it, the sin-cos absolute position embedding with
-    its class position as stored, no relative position bias) onto the BEiT wrapper; the
+    its class position as stored, no relative position bias) onto the BEiT wrapper. The
+    position embedding has a class entry: ``models/modeling_cae_helper.py``
+    ``VisionTransformerEncoder`` builds it with ``build_2d_sincos_position_embedding(...,
+    use_cls_token=True)``, a zero ``[1, 1, D]`` row before the patches' sin-cos rows, kept as a
+    non-trainable parameter (so stored, ``[1, 1 + N, D]``). The
     alignment encoder, regressor, decoder and their mask token / positions are dropped; any other
     key is refused. Detected before ``simmim`` (which also has ``encoder.``) by the regressor.
     """

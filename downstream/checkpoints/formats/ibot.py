@@ -13,12 +13,18 @@ from downstream.checkpoints.report import ImportReport
 
 @register_format
 class IbotFormat(CheckpointFormat):
-    """The teacher (``teacher``, which iBOT evaluates; the reader takes it over ``student``):
-    a DINO-style timm ViT under ``backbone.`` beside the projection head under ``head.``
-    (``iBOTHead``: the DINO class-token head and the patch head, dropped). The backbone maps as a
-    timm ViT; its mask token ``masked_embed`` ``[1, D]`` becomes the encoder's. Any key outside
+    """iBOT's full checkpoint, ``main_ibot.py`` ``save_dict``: ``student`` (DDP, ``module.``),
+    ``teacher``, ``optimizer``, ``epoch``, ``args``, ``ibot_loss`` (and ``fp16_scaler``). The
+    reader takes ``teacher`` (which iBOT evaluates) over ``student``. Each is a
+    ``utils.MultiCropWrapper``: the ViT of ``models/vision_transformer.py`` (timm's key names:
+    ``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.i.{norm1,attn.qkv,attn.proj,
+    norm2,mlp.fc1,mlp.fc2}``, ``norm``) under ``backbone.`` beside ``iBOTHead`` under ``head.``
+    (the DINO class-token head and the patch head, dropped). The backbone maps as a timm ViT.
+    Only the student is built with ``masked_im_modeling``, so the released teacher has no mask
+    token; a ``masked_embed`` ``[1, D]`` where present becomes the encoder's. Any key outside
     ``backbone.`` / ``head.`` is refused. Detected before mmpretrain (whose ``backbone.`` holds
-    ``layers.i``, not ``blocks.i``).
+    ``layers.i``, not ``blocks.i``). The README's ``backbone`` downloads
+    (``extract_backbone_weights.py``: ``{"state_dict": backbone keys}``) are plain timm ViTs.
     """
 
     name = "ibot"

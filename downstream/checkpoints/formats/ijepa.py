@@ -19,12 +19,20 @@ _ENCODER_KEY = re.compile(
 
 @register_format
 class IjepaFormat(CheckpointFormat):
-    """The EMA target encoder (``target_encoder``, which I-JEPA evaluates; the reader takes it
-    over ``encoder`` and the predictor, and strips DDP's ``module.``) onto the ``vit_avgpool``
-    wrapper: no class token (features are the average of the output tokens), the sin-cos
-    position embedding over the patches as stored, timm's block keys, the final norm. Any other
-    key is refused. The number of heads is not in the weights: the named architecture or the
-    public convention of the width (assumed; I-JEPA's ViT-H/14 has 16 heads, as timm's).
+    """The EMA target encoder onto the ``vit_avgpool`` wrapper.
+
+    The released ``.pth.tar`` is ``src/train.py`` ``save_checkpoint``'s dict: ``encoder``,
+    ``predictor``, ``target_encoder`` (each a ``DistributedDataParallel`` state dict, so every
+    key starts with ``module.``), ``opt``, ``scaler``, ``epoch``, ``loss``, ``batch_size``,
+    ``world_size``, ``lr``. The reader takes ``target_encoder`` over ``encoder`` and strips
+    ``module.`` (which of the two the paper evaluates is not in the reference code; CAPI's
+    ``baselines/ijepa_loader.py`` loads ``encoder``, the context encoder, with the same keys). ``src/models/vision_transformer.py`` ``VisionTransformer``
+    has no class token (features are the average of the output tokens), a fixed sin-cos
+    ``pos_embed`` ``[1, N, D]`` over the patches only (a ``requires_grad=False`` parameter, so
+    stored), timm's block keys (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``,
+    ``mlp.fc2``) and a final ``norm``. Any other key is refused. The number of heads is not in
+    the weights: the named architecture or the public convention of the width (assumed; the
+    file's ``vit_huge`` is 1280 wide, depth 32, 16 heads, as timm's ViT-H).
     """
 
     name = "ijepa"

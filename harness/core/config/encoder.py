@@ -187,6 +187,14 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "swinv2_base_192": dict(timm_name="swinv2_base_window12_192", family="swinv2", img_size=192,
                             patch_size=4, embed_dim=128, depth=24, num_heads=4, mlp_ratio=4.0,
                             stage_depths=(2, 2, 18, 2), stage_heads=(4, 8, 16, 32), window_size=12),
+    # SwinV2-H: embed 352, depths 2-2-18-2, heads 11-22-44-88 as timm's swin_transformer_v2_cr.py
+    # swinv2_cr_huge_* (whose comment says the head count is not certain; 11 keeps SwinV2's 32
+    # channels a head); the width and depths give 655.2M backbone parameters, the Swin repo's
+    # MODELHUB.md "SimMIM Pretrained Swin-V2 Models" SwinV2-Huge 655M. 192 px and window 12 are
+    # the harness's choice, following swinv2_base_192's SimMIM pretraining config.
+    "swinv2_huge_192": dict(timm_name="swinv2_base_window12_192", family="swinv2", img_size=192,
+                            patch_size=4, embed_dim=352, depth=24, num_heads=11, mlp_ratio=4.0,
+                            stage_depths=(2, 2, 18, 2), stage_heads=(11, 22, 44, 88), window_size=12),
     # Context Encoder's convolutional encoder (Pathak et al. 2016): ``depth`` stride-2 4x4 convs
     # ending at ``embed_dim`` channels; ``patch_size`` is the masking unit in pixels.
     "ce_conv_32": dict(family="conv", img_size=32, patch_size=4, embed_dim=64, depth=3,
@@ -195,13 +203,18 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
                         num_heads=1, mlp_ratio=1.0),
     # iGPT (Chen et al., ICML 2020): one token per pixel of a ``vocab_size``-entry colour-cluster
     # codebook; iGPT-S as openai/image-gpt src/run.py's defaults (n_embd 512, n_head 8, n_layer
-    # 24, n_px 32, n_vocab 512); img_size is the input resolution (the paper's 32, 48 or 64).
-    # Tiny ones for CPU tests and the demo.
+    # 24, n_px 32, n_vocab 512); iGPT-M and iGPT-L as the repo's README runs them ("--n_embd 1024
+    # --n_head 8 --n_layer 36", "--n_embd 1536 --n_head 16 --n_layer 48"); img_size is the input
+    # resolution (the paper's 32, 48 or 64). Tiny ones for CPU tests and the demo.
     "igpt_micro_8": dict(family="igpt", img_size=8, patch_size=1, embed_dim=32, depth=2,
                          num_heads=2, mlp_ratio=4.0, vocab_size=512),
     "igpt_tiny_16": dict(family="igpt", img_size=16, patch_size=1, embed_dim=128, depth=6,
                          num_heads=4, mlp_ratio=4.0, vocab_size=512),
     "igpt_s_32": dict(family="igpt", img_size=32, patch_size=1, embed_dim=512, depth=24,
                       num_heads=8, mlp_ratio=4.0, vocab_size=512),
+    "igpt_m_32": dict(family="igpt", img_size=32, patch_size=1, embed_dim=1024, depth=36,
+                      num_heads=8, mlp_ratio=4.0, vocab_size=512),
+    "igpt_l_32": dict(family="igpt", img_size=32, patch_size=1, embed_dim=1536, depth=48,
+                      num_heads=16, mlp_ratio=4.0, vocab_size=512),
 }
 
