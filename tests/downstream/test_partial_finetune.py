@@ -60,6 +60,10 @@ def test_task_reports_one_metric_per_k_and_the_curve(tiny_imagefolder, tmp_path)
     pts = res.details["curve"]["points"]
     assert [p[0] for p in pts] == [0, 1, 2]
     assert [p[1] for p in pts] == [res.metrics[m] for m in ("top1_k0", "top1_k1", "top1_all")]
+    seconds = res.details["metric_seconds"]  # each k timed on its own (report --with-time)
+    assert seconds == {m: c["seconds"] for m, c in zip(("top1_k0", "top1_k1", "top1_all"),
+                                                       res.details["per_k"], strict=True)}
+    assert all(s > 0 for s in seconds.values())
     params = [c["trainable_params"] for c in res.details["per_k"]]
     assert params[0] < params[1] < params[2]
     assert not list(tmp_path.glob("partial_k*_checkpoint.pth"))  # removed after each k
