@@ -11,7 +11,8 @@ of epochs per k (fewer tuned blocks want a longer schedule); here every k uses `
 
 Each k is one metric, ``top1_k<k>`` (``top1_all``), so the leaderboard shows the curve as
 columns, and the record's ``curve`` detail holds (k, top-1) pairs, which the HTML and markdown
-reports plot (blocks fine-tuned vs top-1, one line per encoder).
+reports plot (blocks fine-tuned vs top-1, one line per encoder). ``metric_seconds`` holds each
+k's wall seconds (its fine-tuning and evaluation), which ``mimbench report --with-time`` shows.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class PartialFinetune(Task):
                 "curve": {"x": "blocks fine-tuned", "y": "top-1 (%)",
                           "points": [[c["blocks"], c["top1"]] for c in curve]},  # fmt: skip
                 "per_k": curve,
+                "metric_seconds": {metric_name(k): c["seconds"]
+                                   for k, c in zip(cfg.blocks, curve, strict=True)},
                 "depth": depth,
                 "total_seconds": time.time() - t0,
             },

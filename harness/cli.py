@@ -353,9 +353,27 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     records = Path(args.records)
-    _print_report(records, Path(args.out) if args.out else records.parent,
-                  Path(args.published) if args.published else None)
+    out = Path(args.out) if args.out else records.parent
+    _print_report(records, out, Path(args.published) if args.published else None)
+    if args.with_time:
+        _print_wall_time(records, out)
     return 0
+
+
+def _print_wall_time(records_dir: Path, out_dir: Path) -> None:
+    """Write ``wall_time.{md,csv}`` (top-1 beside wall seconds per encoder and task) and print
+    the markdown."""
+    from harness.core.fsutil import atomic_write_text
+    from harness.core.records import scan_records
+    from harness.wall_time import format_wall_time_csv, format_wall_time_markdown, wall_time_frame
+
+    frame = wall_time_frame(scan_records(records_dir).records)
+    md = format_wall_time_markdown(frame)
+    atomic_write_text(out_dir / "wall_time.md", md)
+    atomic_write_text(out_dir / "wall_time.csv", format_wall_time_csv(frame))
+    print()
+    print(md)
+    print(f"Wall times written to: {out_dir / 'wall_time.md'}, {out_dir / 'wall_time.csv'}")
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
@@ -596,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--published", help="published numbers put beside ours in the md and html "
                     "leaderboards where a row's recipe (or imported checkpoint format) and "
                     "encoder match (default: results/published.yaml)")
+    sp.add_argument("--with-time", action="store_true",
+                    help="also write wall_time.{md,csv}: each encoder's top-1 metrics beside the "
+                    "wall seconds of the runs behind them, task by task")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("ablation", help="collate a sweep's records into its ablation table "
