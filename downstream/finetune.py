@@ -882,19 +882,16 @@ def _on_nonfinite(run: _FinetuneRun, value: float, lr: float) -> None:
     Raises:
         FloatingPointError: ``stop``, or more than ``nonfinite_max_events`` events in a row.
     """
-    policy = run.nonfinite
     run.opt.zero_grad(set_to_none=True)
     at = run.step
-    event = policy.event(at, value, lr, run.ckpt.path if run.ckpt.exists() else None)
-    if event["action"] == "skip":
-        run.step += 1
-        what = "step skipped (no update)"
-    else:
+
+    def reload() -> int:
         _load_state(run)  # the events and lr scale stay this run's
-        policy.restored(event, run.step)
         run.restart = True
-        what = f"restored step {run.step} from {run.ckpt.path}, lr x {policy.lr_scale:.3g} from now on"
-    run.log(f"[finetune] step {at}: loss is {value}; {what} {policy.record(event)}")
+        return run.step
+
+    run.step, what = run.nonfinite.handle(at, value, lr, run.ckpt.path if run.ckpt.exists() else None, reload)
+    run.log(f"[finetune] step {at}: loss is {value}; {what}")
 
 
 def _after_step(

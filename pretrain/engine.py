@@ -742,21 +742,18 @@ def _on_nonfinite(run: _Run, value: float, lr: float) -> None:
     Raises:
         FloatingPointError: ``stop``, or more than ``nonfinite_max_events`` events in a row.
     """
-    policy = run.nonfinite
     run.opt.zero_grad(set_to_none=True)
     at = run.step
-    event = policy.event(at, value, lr, run.ckpt.path if run.ckpt.exists() else None)
-    if event["action"] == "skip":
-        run.step += 1
-        what = "step skipped (no update)"
-    else:
+
+    def reload() -> int:
         ck = run.ckpt.load()
         assert ck is not None  # a restoring run writes one before its first step
         _load_training_state(run, ck)
-        policy.restored(event, run.step)
         run.restart = True
-        what = f"restored step {run.step} from {run.ckpt.path}, lr x {policy.lr_scale:.3g} from now on"
-    run.log(f"[pretrain {run.cfg.name}] step {at}: loss is {value}; {what} {policy.record(event)}")
+        return run.step
+
+    run.step, what = run.nonfinite.handle(at, value, lr, run.ckpt.path if run.ckpt.exists() else None, reload)
+    run.log(f"[pretrain {run.cfg.name}] step {at}: loss is {value}; {what}")
 
 
 def _log_progress(run: _Run, epoch: int, lr: float, step_at_start: int, t0: float) -> None:

@@ -20,7 +20,7 @@ fine-tuning (:mod:`downstream.finetune`) and MAE's linear probe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +293,24 @@ class NonfinitePolicy:
         """Keep ``event``; the log's note of how many came in a row."""
         self.events.append(event)
         return f"(event {self.streak} in a row, at most {self.max_events})"
+
+    def handle(
+        self, step: int, value: float, lr: float, checkpoint: Path | None, reload: Callable[[], int]
+    ) -> tuple[int, str]:
+        """Act on a non-finite loss at step ``step``: ``skip`` moves to the next step without an
+        update, ``restore`` calls ``reload`` (loads the last checkpoint into the loop, returns its
+        step) and lowers the lr. Returns the step to go on from and the log's words for it.
+
+        Raises:
+            FloatingPointError: ``stop``, or more than ``max_events`` events in a row.
+        """
+        event = self.event(step, value, lr, checkpoint)
+        if event["action"] == "skip":
+            return step + 1, f"step skipped (no update) {self.record(event)}"
+        at = reload()
+        self.restored(event, at)
+        what = f"restored step {at} from {checkpoint}, lr x {self.lr_scale:.3g} from now on"
+        return at, f"{what} {self.record(event)}"
 
     def stepped(self, step: int) -> None:
         """A finite step brought the count to ``step``."""
