@@ -76,7 +76,7 @@ def test_learns_a_separable_set_with_a_short_schedule(tmp_path):
     head alone (k = 0) and full fine-tuning far above chance, so a curve at chance on harder data
     is the schedule's doing, not labels misaligned with images, a frozen head or an eval
     transform that differs from training's (the probes_demo finding, results/README.md)."""
-    from tests.conftest import make_imagefolder
+    from conftest import make_imagefolder
 
     root = make_imagefolder(tmp_path / "data", classes=3, per_class=16)
     torch.manual_seed(0)
