@@ -243,7 +243,8 @@ class ClusterTarget(LatentTarget):
         return ClusterTargetOut(assign, clustering_loss=loss, logits=logits)
 
     def loss(
-        self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor, cfg: LossConfig
+        self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor, cfg: LossConfig,
+        local: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The student's cross-entropy over the masked patches (mean over all of them, as the
         reference's sum over predicted tokens divided by their number) plus the clustering

@@ -61,6 +61,7 @@ from harness.core import distributed, parallel
 from harness.core.config import ConfigError, PretrainConfig, dump_config, to_plain
 from harness.core.data.datasets import (
     CheckedImageFolder,
+    Crops,
     DatasetError,
     MultiView,
     SeededDataset,
@@ -391,9 +392,12 @@ def _setup(
     make_tf = fast_pretrain_transform if cfg.data.fast_decode else pretrain_transform
     tf = make_tf(img_size, t.crop_scale, t.hflip)
     # recipe.global_crops views of each image ([B, V, 3, H, W] batches for iBOT), else one (the
-    # transform itself: a LazyDecode crop stays one; fast_decode with views is refused in config)
-    views = cfg.recipe.global_crops
-    crops = tf if views == 1 else MultiView(tf, views)
+    # transform itself: a LazyDecode crop stays one; fast_decode with views is refused in config);
+    # recipe.local_crops smaller views as well (iBOT's multi-crop: Crops batches)
+    r = cfg.recipe
+    views, n_local = r.global_crops, r.local_crops
+    local_tf = pretrain_transform(r.local_crop_size, r.local_crop_scale, t.hflip) if n_local else None
+    crops = tf if views == 1 and not n_local else MultiView(tf, views, local_tf, n_local)
     base_ds = imagefolder_checked(
         root, "train", crops, strict=cfg.data.strict_data, min_classes=1
     )
@@ -585,7 +589,8 @@ def _train(run: _Run, t0: float) -> None:
                 )
                 set_lr(run.opt, lr)
                 mask = _local_mask(run, keep)  # [b, L]
-                if imgs.shape[0] == 0:  # every image unreadable: this step makes no update
+                # (an empty batch is a tensor; Crops hold at least one image)
+                if not isinstance(imgs, Crops) and imgs.shape[0] == 0:  # every image unreadable: this step makes no update
                     _check_batch_readable(run.skips, run.world, run.step)
                     run.step += 1
                     run.log(f"[pretrain {cfg.name}] step {run.step}: no readable image in the "
@@ -629,19 +634,22 @@ def _local_mask(run: _Run, keep: torch.Tensor) -> torch.Tensor:
     return mask[lo : lo + run.local_batch][keep]
 
 
-def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) -> None:
-    """One optimizer step on this rank's readable images ``[b, 3, H, W]`` and their masks
-    ``[b, L]`` (:func:`_forward_backward`); a non-finite loss goes to :func:`_on_nonfinite`
-    instead of the update.
+def _train_step(run: _Run, imgs: torch.Tensor | Crops, mask: torch.Tensor, lr: float) -> None:
+    """One optimizer step on this rank's readable images ``[b, 3, H, W]`` (or their views,
+    and with local crops :class:`Crops`) and their masks ``[b, L]`` (:func:`_forward_backward`);
+    a non-finite loss goes to :func:`_on_nonfinite` instead of the update.
 
     Raises:
         FloatingPointError: The loss is not finite and ``train.nonfinite`` gives up (the same
             verdict on every rank).
     """
-    imgs = to_device_normalized(imgs, run.device)  # uint8 from data.fast_decode: normalised here
+    views, local = imgs if isinstance(imgs, Crops) else (imgs, None)
+    views = to_device_normalized(views, run.device)  # uint8 from data.fast_decode: normalised here
+    if local is not None:
+        local = local.to(run.device, non_blocking=True)
     mask = mask.to(run.device, non_blocking=True)
     run.opt.zero_grad(set_to_none=True)
-    loss_value, stats = _forward_backward(run, imgs, mask)
+    loss_value, stats = _forward_backward(run, views, mask, local)
     if not math.isfinite(loss_value):  # the same verdict on every rank, before the update
         _on_nonfinite(run, loss_value, lr)
         return
@@ -655,24 +663,24 @@ def _train_step(run: _Run, imgs: torch.Tensor, mask: torch.Tensor, lr: float) ->
 
 
 def _forward_backward(
-    run: _Run, imgs: torch.Tensor, mask: torch.Tensor
+    run: _Run, imgs: torch.Tensor, mask: torch.Tensor, local: torch.Tensor | None
 ) -> tuple[float, dict[str, float]]:
     """The step's gradients, its loss (the mean over ranks) and the target's statistics of its
     last micro-batch (:attr:`pretrain.model.MIMOutput.stats`). A compiled model that fails
     (compilation happens at the first call, and again on a new input shape) is dropped for the
     eager one with one warning, and the step is redone eagerly from the same RNG state."""
     if not run.compiled:
-        local, stats = _accumulate(run, imgs, mask)
-        return distributed.all_reduce_mean(local), stats
+        local_loss, stats = _accumulate(run, imgs, mask, local)
+        return distributed.all_reduce_mean(local_loss), stats
     rng = _rng_state(run.device)
     try:
-        local, stats = _accumulate(run, imgs, mask)
+        local_loss, stats = _accumulate(run, imgs, mask, local)
     except Exception as exc:  # noqa: BLE001  (a compiler's failure has no one type)
         _uncompile(run, exc)
         _set_rng_state(rng, run.device)
         run.opt.zero_grad(set_to_none=True)
-        local, stats = _accumulate(run, imgs, mask)
-    return distributed.all_reduce_mean(local), stats
+        local_loss, stats = _accumulate(run, imgs, mask, local)
+    return distributed.all_reduce_mean(local_loss), stats
 
 
 def _uncompile(run: _Run, exc: BaseException) -> None:
@@ -684,7 +692,7 @@ def _uncompile(run: _Run, exc: BaseException) -> None:
 
 
 def _accumulate(
-    run: _Run, imgs: torch.Tensor, mask: torch.Tensor
+    run: _Run, imgs: torch.Tensor, mask: torch.Tensor, local: torch.Tensor | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward and backward of this rank's batch, accumulated over up to ``run.accum.k``
     micro-batches (each loss weighted by its share of the ``b`` images, so the step's gradient
@@ -693,18 +701,18 @@ def _accumulate(
     last micro-batch."""
     b = imgs.shape[0]
     parts = split_batch(b, run.accum.k)
-    local = torch.zeros((), device=run.device)
+    total = torch.zeros((), device=run.device)
     stats: dict[str, float] = {}
     for j, part in enumerate(parts):
         with _sync_unless(run, last=j == len(parts) - 1):
             with autocast(run.device, run.amp_dtype):
-                out = run.net(imgs[part], mask[part])
+                out = run.net(imgs[part], mask[part], None if local is None else local[part])
             loss, stats = out.loss, out.stats  # the statistics of the last micro-batch
             if len(parts) > 1:  # this micro-batch's share of the mean over the b images
                 loss = loss * ((part.stop - part.start) / b)
             loss.backward()
-        local = local + loss.detach().float()
-    return local, stats
+        total = total + loss.detach().float()
+    return total, stats
 
 
 def _check_collapse(run: _Run, stats: dict[str, float]) -> None:

@@ -27,14 +27,20 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from harness.core.config import ConfigError
-from harness.core.data.datasets import CheckedImageFolder, SeededDataset, collate_skipping
+from harness.core.data.datasets import (
+    CheckedImageFolder,
+    Crops,
+    SeededDataset,
+    collate_skipping,
+)
 from harness.core.data.fastdecode import loader_options
 from harness.core.data.shards import ShardStream, collate_stream
 from harness.core.errors import CheckpointError
 from harness.core.training import epoch_batches, steps_per_epoch
 
-#: One step's batch of one rank: images [b, 3, H, W], kept [n], the n samples' indices.
-Batch = tuple[torch.Tensor, torch.Tensor, list[int]]
+#: One step's batch of one rank: images [b, 3, H, W] (views [b, V, 3, H, W]; with local crops
+#: :class:`~harness.core.data.datasets.Crops`), kept [n], the n samples' indices.
+Batch = tuple[torch.Tensor | Crops, torch.Tensor, list[int]]
 
 
 

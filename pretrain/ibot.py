@@ -17,10 +17,14 @@ the student's projection head and the teacher's EMA of it) with ``head.type: ide
 student's tokens go to the target's projection head as they are), ``recipe.global_crops: 2``
 and a teacher (``recipe.teacher``, evaluate: teacher as in the paper's released checkpoints).
 
-Not reproduced: local crops (the reference's ViT runs, README: ``--local_crops_number 10``,
-``--local_crops_scale 0.05 0.25``, 96 px in ``DataAugmentationiBOT``; the class-token loss
-:func:`dino_cls_loss` takes them, but the encoders take one input size and the data path one
-crop size, so config validation refuses ``recipe.local_crops > 0``), the reference's separate ``shared_head_teacher`` flag (one
+Local crops (multi-crop, ``recipe.local_crops``; the reference's ViT runs, README:
+``--local_crops_number 10``, ``--local_crops_scale 0.05 0.25``, 96 px in ``DataAugmentationiBOT``):
+the student alone encodes them, unmasked, with its position embedding interpolated to their
+grid (:meth:`pretrain.encoders.base.Encoder.forward_resized`); their class tokens join
+:func:`dino_cls_loss` against every global crop of the teacher, never the patch loss
+(``iBOTLoss.forward``'s ``student_local_cls``).
+
+Not reproduced: the reference's separate ``shared_head_teacher`` flag (one
 ``shared_head`` for both), freezing the last layer in the first epoch and the weight-decay
 schedule.
 """
@@ -115,6 +119,12 @@ class DINOHead(nn.Module):
         z = F.normalize(self.mlp(tokens), dim=-1)  # [N, P + L, bottleneck]
         patch_layer = self.last_layer if self.patch_last_layer is None else self.patch_last_layer
         return self.last_layer(z[:, 0]), patch_layer(z[:, prefix:])
+
+    def cls_logits(self, cls: torch.Tensor) -> torch.Tensor:
+        """Class-token logits of class tokens alone, ``[..., D] -> [..., K]`` (the local
+        crops, whose patch tokens no loss reads; the MLP works token by token, so this is
+        :meth:`forward`'s class-token output)."""
+        return self.last_layer(F.normalize(self.mlp(cls), dim=-1))
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -259,6 +269,7 @@ class IBOTTarget(LatentTarget):
 
     discrete_target = True
     multi_view = True
+    takes_local_crops = True
 
     def __init__(self, cfg: TargetConfig, encoder: nn.Module, teacher: TeacherConfig) -> None:
         super().__init__(cfg, encoder, teacher)
@@ -313,10 +324,14 @@ class IBOTTarget(LatentTarget):
         )
 
     def loss(
-        self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor, cfg: LossConfig
+        self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor, cfg: LossConfig,
+        local: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``cls_weight * L_[CLS] + patch_weight * L_MIM`` of the student's tokens ``pred``
-        ``[B * V, 1 + L, D]`` (rows ``b * V + v``) against the teacher's distributions."""
+        ``[B * V, 1 + L, D]`` (rows ``b * V + v``) against the teacher's distributions; the
+        class tokens of the local crops ``local`` ``[B, V_local, D]`` (unmasked, student only)
+        join the class-token loss after the global crops (:func:`dino_cls_loss`), never the
+        patch loss."""
         assert isinstance(tgt, IBOTTargetOut) and tgt.cls is not None
         c = self.cfg.ibot
         b, v = tgt.cls.shape[:2]
@@ -325,8 +340,11 @@ class IBOTTarget(LatentTarget):
             s_patch.view(b, v, *s_patch.shape[1:]), tgt.value, mask.view(b, v, -1), c.student_temp
         )
         loss = c.patch_weight * patch
-        if c.cls_weight > 0 and v > 1:  # one crop (the mask picture): no pair to compare
-            loss = loss + c.cls_weight * dino_cls_loss(s_cls.view(b, v, -1), tgt.cls, c.student_temp)
+        student = s_cls.view(b, v, -1)  # [B, V, K]
+        if local is not None:  # [B, V + V_local, K]: the global crops first, as iBOTLoss
+            student = torch.cat([student, self.student_head.cls_logits(local)], dim=1)
+        if c.cls_weight > 0 and student.shape[1] > 1:  # one crop (the mask picture): no pair
+            loss = loss + c.cls_weight * dino_cls_loss(student, tgt.cls, c.student_temp)
         return loss
 
     @torch.no_grad()

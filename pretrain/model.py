@@ -112,6 +112,13 @@ class MIMModel(nn.Module):
                 "encoder_mode: mask_token"
             )
         self._check_codebook()
+        if recipe.local_crops and not self.encoder.resizable_input:
+            raise ValueError(
+                f"recipe.local_crops {recipe.local_crops}: local crops are "
+                f"{recipe.local_crop_size} px, the encoder's input {encoder_cfg.img_size} px, and "
+                f"a {self.encoder.family} encoder takes one input size ('{encoder_cfg.arch}'): "
+                "use a ViT encoder without relative position bias, or local_crops: 0"
+            )
         self.head = HEADS.get(recipe.head.type)(
             self.encoder,
             recipe.head,
@@ -235,13 +242,19 @@ class MIMModel(nn.Module):
             return corrupt_and_encode(self.encoder, imgs, mask, self.recipe.masking), None
         return self.encoder.forward_features(imgs, mask), None  # [B, P + h*w, C]
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
+    def forward(
+        self, imgs: torch.Tensor, mask: torch.Tensor, local: torch.Tensor | None = None
+    ) -> MIMOutput:
         """Encode with the recipe's mode, predict, and compute the loss.
 
         Args:
             imgs: Normalized images ``[B, C, H, W]``, or ``[B, V, C, H, W]``: ``V`` views of each
                 image (``recipe.global_crops``) for a target that compares views.
             mask: ``[B, L]`` boolean, True = masked, or ``[B, V, L]`` with views.
+            local: The local crops ``[B, V_local, C, h, w]`` (``recipe.local_crops``, a target
+                that ``takes_local_crops``): the student alone encodes them, unmasked, at their
+                own size (:meth:`~pretrain.encoders.base.Encoder.forward_resized`), and the
+                target's loss gets their class tokens ``[B, V_local, D]``; None: none.
 
         With views, the encoder and head see the ``B * V`` views as one batch (``pred``
         ``[B * V, ...]``, row ``b * V + v`` for view ``v`` of image ``b``) and the target gets
@@ -264,7 +277,7 @@ class MIMModel(nn.Module):
         tokens, ids_restore = self.encode(imgs, hidden)
         pred = self.head(tokens, mask, ids_restore)  # [B (* V or C), L', out_dim]
         tgt = _repeat_rows(self.target(target_in), clones)
-        loss = self.target.loss(pred, tgt, predicted, self.recipe.loss)
+        loss = self.target.loss(pred, tgt, predicted, self.recipe.loss, self._local_cls(local))
         parts = {"rec": loss.detach()}
         prefix = self.target.prefix_loss(tokens, tgt, self.recipe.loss)
         if prefix is not None:  # data2vec 2.0's class-token loss
@@ -279,6 +292,14 @@ class MIMModel(nn.Module):
             parts |= {"adv_g": g_adv.detach(), "adv_d": d_loss.detach()}
         stats = self.target.statistics(pred, tgt, predicted)
         return MIMOutput(loss, pred, tgt.value, mask, tgt.mean, tgt.std, parts, stats)
+
+    def _local_cls(self, local: torch.Tensor | None) -> torch.Tensor | None:
+        """The student's class tokens of the local crops ``[B, V_local, C, h, w]``:
+        ``[B, V_local, D]`` (None without local crops)."""
+        if local is None or local.shape[1] == 0:
+            return None
+        tokens = self.encoder.forward_resized(local.flatten(0, 1))  # [B * V_local, 1 + l, D]
+        return tokens[:, 0].view(*local.shape[:2], -1)
 
     def _paste(
         self, imgs: torch.Tensor, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor

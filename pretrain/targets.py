@@ -113,6 +113,9 @@ class Target(nn.Module):
         multi_view: Whether the target compares several views of each image: it gets them as
             ``[B, V, C, H, W]`` and the student's predictions of all ``B * V`` views (config
             validation allows ``recipe.global_crops > 1`` only then).
+        takes_local_crops: Whether the target's loss also takes the student's class tokens of
+            smaller local crops (iBOT's multi-crop; config validation allows
+            ``recipe.local_crops > 0`` only then): :meth:`loss` gets them as ``local``.
         needs_teacher: Whether the target is computed by an EMA teacher (config validation
             then requires ``recipe.teacher``, :mod:`pretrain.teacher`).
         needs_pairs: Whether the target classifies patch pairs (config validation then
@@ -128,6 +131,7 @@ class Target(nn.Module):
     discrete_target: ClassVar[bool] = False
     supports_resolution: ClassVar[bool] = False
     multi_view: ClassVar[bool] = False
+    takes_local_crops: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
     needs_pairs: ClassVar[bool] = False
     patchwise_encoder: ClassVar[bool] = False
@@ -222,10 +226,13 @@ class Target(nn.Module):
         raise NotImplementedError
 
     def loss(
-        self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor, cfg: LossConfig
+        self, pred: torch.Tensor, tgt: TargetOut, mask: torch.Tensor, cfg: LossConfig,
+        local: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The recipe's loss of ``pred`` ``[B, L', out_dim]`` against the target, averaged over
-        the cells of the prediction grid that the patch mask ``[B, L]`` covers."""
+        the cells of the prediction grid that the patch mask ``[B, L]`` covers. ``local``: the
+        student's class tokens of the local crops (only a target that ``takes_local_crops``
+        gets them; None here)."""
         weights = self.cell_mask(mask)
         if self.discrete:
             return classification_loss(pred, tgt.value, weights, cfg, self.num_classes)

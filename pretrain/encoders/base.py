@@ -98,6 +98,9 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         visible_only: Can encode the visible patches alone (MAE's encoder).
         token_input: Can run from given patch embeddings (:meth:`patch_tokens` then
             :meth:`forward_tokens`, ViT's masked patch prediction corrupts them in between).
+        resizable_input: Can encode images of another side than ``img_size`` (a multiple of
+            the patch size), its position embedding interpolated to their grid
+            (:meth:`forward_resized`: iBOT's local crops).
         full_grid_reason: Why a family without a visible-only forward needs every patch.
         option_defaults: The family's options and their defaults (stored in encoder files).
         tokenizes_pixels: The family reads each pixel as an id of a colour-cluster codebook that
@@ -110,6 +113,7 @@ class Encoder(nn.Module, metaclass=ABCMeta):
     isotropic: ClassVar[bool] = False
     visible_only: ClassVar[bool] = False
     token_input: ClassVar[bool] = False
+    resizable_input: ClassVar[bool] = False
     full_grid_reason: ClassVar[str] = "it needs every patch"
     option_defaults: ClassVar[dict[str, bool]] = {}
     tokenizes_pixels: ClassVar[bool] = False
@@ -207,6 +211,15 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         raise ValueError(
             f"a {self.family} encoder has no visible-only forward ({self.full_grid_reason}): "
             "encoder_mode 'visible' works with ViT encoders only; use encoder_mode: mask_token"
+        )
+
+    def forward_resized(self, x: torch.Tensor) -> torch.Tensor:
+        """Output tokens after the final norm of unmasked images of another side than
+        ``img_size`` (if ``resizable_input``), ``[B, P + N', D]`` over their own grid."""
+        raise ValueError(
+            f"a {self.family} encoder takes {self.cfg.img_size} px images only (no position "
+            "embedding interpolation): local crops (recipe.local_crops) need a ViT encoder; "
+            "set recipe.local_crops: 0"
         )
 
     def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from harness.core.config import EncoderConfig
@@ -75,6 +76,7 @@ class ViTEncoder(Encoder):
     isotropic: ClassVar[bool] = True
     visible_only: ClassVar[bool] = True
     token_input: ClassVar[bool] = True
+    resizable_input: ClassVar[bool] = True
 
     def __init__(self, cfg: EncoderConfig, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(cfg, options)
@@ -138,13 +140,35 @@ class ViTEncoder(Encoder):
         self._check_input(x)
         return self.vit.patch_embed(x)
 
-    def _add_positions(self, t: torch.Tensor) -> torch.Tensor:
-        """Position embeddings (if any) and the class token: ``[B, L, D] -> [B, 1 + L, D]``."""
+    def _add_positions(self, t: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """Position embeddings (if any; ``pos_embed`` ``[1, 1 + L, D]`` in place of the
+        encoder's own) and the class token: ``[B, L, D] -> [B, 1 + L, D]``."""
         cls = self.vit.cls_token
         if self.abs_pos:
-            t = t + self.vit.pos_embed[:, 1:, :]
-            cls = cls + self.vit.pos_embed[:, :1, :]
+            pos = self.vit.pos_embed if pos_embed is None else pos_embed
+            t = t + pos[:, 1:, :]
+            cls = cls + pos[:, :1, :]
         return torch.cat([cls.expand(t.shape[0], -1, -1), t], dim=1)
+
+    def forward_resized(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm of unmasked images ``[B, C, h, w]`` of another side
+        (a multiple of the patch size): the patch grid is theirs, the position embedding is
+        resampled to it, bicubic without antialiasing as the iBOT / DINO reference's
+        ``interpolate_pos_encoding`` (timm's ``resample_abs_pos_embed``); ``[B, 1 + L', D]``."""
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"a {h}x{w} image is not tiled by {p} px patches: use a multiple of {p}")
+        pe = self.vit.patch_embed
+        t = pe.norm(pe.proj(x).flatten(2).transpose(1, 2))  # [B, h*w/p^2, D]
+        pos = None
+        if self.abs_pos:
+            pos = resample_abs_pos_embed(
+                self.vit.pos_embed, new_size=[h // p, w // p], old_size=list(self.grid_size),
+                num_prefix_tokens=1, interpolation="bicubic", antialias=False,
+            )  # fmt: skip
+        t = self._add_positions(t, pos)
+        return self.vit.norm(self.vit.blocks(self.vit.norm_pre(t)))
 
     def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embedding, mask token, class token and position embedding.

@@ -489,8 +489,17 @@ class RecipeConfig(StrictModel):
         global_crops: Views of each image in a batch, each its own random resized crop (iBOT,
             DINO: 2); more than one needs a target that compares views (``ibot``). Left out of
             dumps at 1.
-        local_crops: Smaller crops seen by the student only (iBOT's multi-crop); the encoders
-            take one input size, so only 0 is accepted for now. Left out of dumps at 0.
+        local_crops: Smaller crops of each image seen by the student only, without masks
+            (iBOT's / DINO's multi-crop): their class tokens join the class-token loss against
+            every global crop of the teacher (a target that ``takes_local_crops``, ``ibot``).
+            Left out of dumps at 0.
+        local_crop_size: Side of the local crops in pixels (iBOT: 96 for 224 px global crops),
+            a multiple of the encoder's patch size, at most ``encoder.img_size``; the encoder
+            interpolates its position embedding to their grid. Unused without local crops; left
+            out of dumps at 96.
+        local_crop_scale: RandomResizedCrop area range of the local crops, in (0, 1] (the global
+            crops' is ``train.crop_scale``). Unused without local crops; left out of dumps at
+            the reference's default (0.05, 0.4).
         teacher: The EMA teacher of a target that has one (``latent``); ``None`` (left out of
             dumps) for every other target.
         pairs: The patch pairs of a target that classifies their relative position (context
@@ -511,6 +520,8 @@ class RecipeConfig(StrictModel):
     encoder_setup: EncoderSetup = "paper"
     global_crops: int = Field(1, ge=1)
     local_crops: int = Field(0, ge=0)
+    local_crop_size: int = Field(96, ge=1)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
     teacher: TeacherConfig | None = None
     pairs: PairsConfig | None = None
     clone_batch: int = Field(1, ge=1)
@@ -525,6 +536,17 @@ class RecipeConfig(StrictModel):
                 base.update(encoder_init="timm", encoder_defaults=None)
             return deep_merge(base, data)
         return data
+
+    @field_validator("local_crop_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not (0.0 < lo <= hi <= 1.0):
+            raise ValueError(
+                f"recipe.local_crop_scale {list(value)}: the crop's share of the image area, "
+                "[low, high] with 0 < low <= high <= 1 (iBOT's README: [0.05, 0.25])"
+            )
+        return value
 
     @field_validator("encoder_init")
     @classmethod
@@ -542,6 +564,8 @@ class RecipeConfig(StrictModel):
             "teacher",
             "global_crops",
             "local_crops",
+            "local_crop_size",
+            "local_crop_scale",
             "pairs",
             "clone_batch",
         )
@@ -628,11 +652,18 @@ class RecipeConfig(StrictModel):
                 f"(ibot.cls_weight {self.target.ibot.cls_weight}) but recipe.global_crops is "
                 f"{self.global_crops}: set global_crops: 2 or target.ibot.cls_weight: 0"
             )
-        if self.local_crops:
+        if self.local_crops and not target.takes_local_crops:
+            takes = [n for n in TARGETS.names() if TARGETS.get(n).takes_local_crops]
             raise ValueError(
-                f"recipe.local_crops {self.local_crops}: local crops are smaller than "
-                "encoder.img_size and the encoders here take one input size (no position-"
-                "embedding interpolation yet): set local_crops: 0"
+                f"recipe.local_crops {self.local_crops}: target '{self.target.type}' takes no "
+                f"local crops: set local_crops: 0 or target.type: {_or_list(takes)}"
+            )
+        if self.local_crops and (self.global_crops < 2 or self.target.ibot.cls_weight <= 0):
+            raise ValueError(
+                f"recipe.local_crops {self.local_crops}: local crops feed only the class-token "
+                f"loss against the teacher's global crops, which needs recipe.global_crops >= 2 "
+                f"(got {self.global_crops}) and target.ibot.cls_weight > 0 (got "
+                f"{self.target.ibot.cls_weight}): set local_crops: 0 or both of those"
             )
         if self.clone_batch > 1 and self.global_crops > 1:
             raise ValueError(
@@ -736,6 +767,7 @@ def check_encoder_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str)
     """
     check_target_fits(recipe, encoder, where)
     check_head_width(recipe, encoder, where)
+    check_local_crops_fit(recipe, encoder, where)
     try:
         HEADS.get(recipe.head.type).check_config(recipe.head, int(encoder.embed_dim))  # type: ignore[arg-type]
     except ValueError as exc:
@@ -743,6 +775,30 @@ def check_encoder_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str)
     if TARGETS.get(recipe.target.type).needs_teacher and encoder.depth is not None:
         check_top_k(recipe.target.latent.top_k, int(encoder.depth), f"{where}.target.latent",
                     f"encoder '{encoder.arch}'")  # fmt: skip
+
+
+def check_local_crops_fit(recipe: RecipeConfig, encoder: EncoderConfig, where: str) -> None:
+    """Local crops (``recipe.local_crops > 0``) need a side that the encoder's patches tile
+    and that is no larger than its ``img_size`` (the global crops' side).
+
+    Raises:
+        ValueError: The message names both values and the fix.
+    """
+    if not recipe.local_crops:
+        return
+    size, patch, img = recipe.local_crop_size, int(encoder.patch_size), int(encoder.img_size)  # type: ignore[arg-type]
+    if size % patch:
+        fits = [k * patch for k in (size // patch, size // patch + 1) if 0 < k * patch <= img]
+        raise ValueError(
+            f"{where}.local_crop_size {size} is not a multiple of the patch size {patch} of "
+            f"encoder '{encoder.arch}': use {_or_list([str(f) for f in fits])}"
+        )
+    if size > img:
+        raise ValueError(
+            f"{where}.local_crop_size {size} is larger than the global crops' side "
+            f"encoder.img_size {img} of encoder '{encoder.arch}': local crops are the small ones; "
+            f"lower local_crop_size (iBOT: 96 for 224)"
+        )
 
 
 def check_top_k(top_k: int, depth: int, where: str, encoder: str) -> None:

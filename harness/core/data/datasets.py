@@ -32,12 +32,14 @@ from harness.core.config import DataConfig
 from harness.core.data.imagefolder import (  # noqa: F401  (re-exported: the readers' names)
     IMG_EXTENSIONS,
     CheckedImageFolder,
+    Crops,
     DatasetError,
     LazyDecode,
     check_imagefolder_split,
     decode_sample,
     has_images,
     seed_cpu_rng,
+    stack_images,
     unreadable_image_error,
 )
 from harness.core.data.shapes import ShapesSpec, ensure_shapes
@@ -290,7 +292,7 @@ def collate_skipping(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torc
     good = [b for b in batch if b is not None]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), kept
-    imgs = torch.stack([b[0] for b in good])
+    imgs = stack_images([b[0] for b in good])
     labels = torch.tensor([int(b[1]) for b in good], dtype=torch.long)
     return imgs, labels, kept
 
@@ -309,16 +311,23 @@ def pretrain_transform(img_size: int, crop_scale: tuple[float, float], hflip: bo
 class MultiView:
     """``views`` independent draws of ``transform`` stacked, ``[V, C, H, W]`` per image: the
     global crops of DINO / iBOT (batched by :func:`collate_skipping` as ``[B, V, C, H, W]``).
-    One view is the transform's own output, ``[C, H, W]``."""
+    One view is the transform's own output, ``[C, H, W]``. With ``local_views`` draws of
+    ``local`` as well (the smaller local crops of iBOT's multi-crop, ``DataAugmentationiBOT``:
+    the global crops first, then the local ones), each image is :class:`Crops`."""
 
-    def __init__(self, transform: Any, views: int) -> None:
+    def __init__(self, transform: Any, views: int, local: Any = None, local_views: int = 0) -> None:
+        if local_views and local is None:
+            raise ValueError(f"{local_views} local views need their transform (local=...)")
         self.transform = transform
         self.views = views
+        self.local = local
+        self.local_views = local_views
 
-    def __call__(self, img: Any) -> torch.Tensor:
-        if self.views == 1:
-            return self.transform(img)
-        return torch.stack([self.transform(img) for _ in range(self.views)])
+    def __call__(self, img: Any) -> torch.Tensor | Crops:
+        views = torch.stack([self.transform(img) for _ in range(self.views)])
+        if self.local_views:
+            return Crops(views, torch.stack([self.local(img) for _ in range(self.local_views)]))
+        return views[0] if self.views == 1 else views
 
 
 def eval_transform(img_size: int, crop_pct: float = 0.875) -> Any:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -139,3 +140,19 @@ class CheckedImageFolder(datasets.ImageFolder):
         in cache fingerprints (one ``stat``, no image read)."""
         st = os.stat(path)
         return st.st_size, st.st_mtime_ns
+
+
+class Crops(NamedTuple):
+    """The multi-crop views of one image (``[G, C, H, W]`` global, ``[L, C, h, w]`` local) or
+    of a batch (``[B, G, C, H, W]``, ``[B, L, C, h, w]``: :func:`stack_images`)."""
+
+    views: torch.Tensor
+    local: torch.Tensor
+
+
+def stack_images(images: Sequence[Any]) -> Any:
+    """A batch of samples' images: the tensors stacked, ``[B, ...]``, or :class:`Crops`
+    stacked field by field."""
+    if isinstance(images[0], Crops):
+        return Crops(*(torch.stack(part) for part in zip(*images, strict=True)))
+    return torch.stack(list(images))

@@ -58,6 +58,7 @@ from harness.core.data.imagefolder import (
     check_imagefolder_split,
     decode_sample,
     seed_cpu_rng,
+    stack_images,
 )
 from harness.core.fsutil import atomic_write_json
 
@@ -390,7 +391,7 @@ def collate_stream(
     kept mask ``[len(batch)]``, every item's name, and ``"name: why"`` of the unreadable ones."""
     kept = torch.tensor([it.image is not None for it in batch], dtype=torch.bool)
     good = [it for it in batch if it.image is not None]
-    imgs = torch.stack([it.image for it in good]) if good else torch.empty(0)
+    imgs = stack_images([it.image for it in good]) if good else torch.empty(0)
     labels = torch.tensor([it.label for it in good], dtype=torch.long)
     bad = [f"{it.name}: {it.error}" for it in batch if it.image is None]
     return imgs, labels, kept, [it.name for it in batch], bad
