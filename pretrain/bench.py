@@ -16,7 +16,8 @@ backward). Timings on a shared CPU are noisy: the script prints the median of th
 ``target s`` times the target alone (no gradient) plus the after-step hook: for the latent
 recipes the EMA teacher's forward and update, the teacher's share of a step (``target %``: its
 time over the whole step's, which includes the same teacher pass). iBOT's batches are two views
-of each image (``recipe.global_crops``); data2vec 2.0's step encodes 16 masked clones of each
+of each image (``recipe.global_crops``) and its recipe's 10 local crops (``recipe.local_crops``,
+96 px, the student's alone); data2vec 2.0's step encodes 16 masked clones of each
 image (``recipe.clone_batch``) against one teacher pass (``data2vec2_clone1``: one clone).
 """
 
@@ -98,6 +99,15 @@ def random_batch(model: torch.nn.Module, batch: int, size: int, device: torch.de
     return torch.randn(*shape, device=device)
 
 
+def random_local(model: torch.nn.Module, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Random local crops of a recipe's step, ``[B, V_local, 3, h, h]`` (``recipe.local_crops``
+    at ``recipe.local_crop_size``, iBOT's multi-crop), or None without them."""
+    r = model.recipe
+    if not r.local_crops:
+        return None
+    return torch.randn(batch, r.local_crops, 3, r.local_crop_size, r.local_crop_size, device=device)
+
+
 def recipe_step(
     label: str, arch: str | None, batch: int, device: torch.device, tmp: str,
     compile: bool = False,
@@ -120,13 +130,14 @@ def recipe_step(
     model.prepare(lambda n: torch.randn(n, 3, size, size, device=device), log=lambda m: None)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     imgs = random_batch(model, batch, size, device)
+    local = random_local(model, batch, device)
     mask = model.masker(batch, generator=torch.Generator().manual_seed(0)).to(device)
     amp = device.type == "cuda"
     net = parallel.compile_module(model) if compile else model
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = net(imgs, mask).loss
+            loss = net(imgs, mask, local).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -215,9 +215,12 @@ class ContextPredictionModel(MIMModel):
         b = imgs.shape[0]
         return self.head(torch.cat([emb[:b], emb[b:]], dim=1), pairs)
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
+    def forward(
+        self, imgs: torch.Tensor, mask: torch.Tensor, local: torch.Tensor | None = None
+    ) -> MIMOutput:
         """``mask`` is the pair rows ``[B, 7]``; ``pred`` the logits ``[B, 1, 8]``, ``target``
-        the labels ``[B, 1]``."""
+        the labels ``[B, 1]`` (``local``: none, validation refuses local crops for this
+        target)."""
         logits = self.logits(imgs, mask)
         label = mask[:, LABEL]
         loss = F.cross_entropy(logits.float(), label)

@@ -195,8 +195,11 @@ class SelfieModel(MIMModel):
         b = imgs.shape[0]
         return pool_patches(self.encoder, cut_patches(imgs, self.unit)).view(b, -1, self.encoder.num_features)
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
-        """Scores ``[B, M, M]`` as ``pred``, the right candidates ``[B, M]`` as ``target``."""
+    def forward(
+        self, imgs: torch.Tensor, mask: torch.Tensor, local: torch.Tensor | None = None
+    ) -> MIMOutput:
+        """Scores ``[B, M, M]`` as ``pred``, the right candidates ``[B, M]`` as ``target``
+        (``local``: none, validation refuses local crops for this target)."""
         units = self.units(mask)
         emb = self.embed_patches(imgs)
         scores = self.head.score(emb, units, self.unit_grid, self.num_masked)
