@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from harness.core.config import (
@@ -18,7 +19,14 @@ from harness.core.config import (
     PretrainConfig,
     RecipeConfig,
 )
-from harness.core.data.datasets import MultiView, pretrain_transform
+from harness.core.data.datasets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Crops,
+    MultiView,
+    collate_skipping,
+    pretrain_transform,
+)
 from pretrain.capi import OnlineClustering, sinkhorn_knopp
 from pretrain.engine import param_groups, pretrain
 from pretrain.ibot import (
@@ -26,6 +34,7 @@ from pretrain.ibot import (
     DINOHead,
     dino_cls_loss,
     ibot_patch_loss,
+    soft_cross_entropy,
     teacher_temp_at,
 )
 from pretrain.masking import IBOTBlockMasker, create_masker
@@ -33,10 +42,14 @@ from pretrain.model import create_model
 
 ARCH = "vit_micro_32"
 # micro-sized heads: the recipes' 8192 / 16384 prototypes and 2048-wide MLPs are for ViT-B
+# the recipe's 10 local crops of 96 px are for 224 px global crops: the 32 px micro runs keep
+# none, or (MICRO_IBOT_LOCAL) two of 16 px, two patches a side
 MICRO_IBOT = {
     "name": "ibot",
+    "local_crops": 0,
     "target": {"ibot": {"out_dim": 64, "patch_out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}},
 }
+MICRO_IBOT_LOCAL = {**MICRO_IBOT, "local_crops": 2, "local_crop_size": 16}
 MICRO_CAPI = {
     "name": "capi",
     "head": {"depth": 1, "dim": 32, "num_heads": 2},
@@ -204,6 +217,126 @@ def test_view_masks_and_views_are_independent():
     assert views.shape == (2, 3, 32, 32) and not torch.equal(views[0], views[1])
 
 
+def _coordinate_image(n: int = 240) -> Image.Image:
+    """Red = x / (n - 1), green = y / (n - 1): a crop's pixels say where in the image it lies."""
+    ramp = torch.arange(n, dtype=torch.float64) / (n - 1)
+    rgb = torch.stack([ramp.view(1, n).expand(n, n), ramp.view(n, 1).expand(n, n),
+                       torch.zeros(n, n, dtype=torch.float64)], dim=-1)  # fmt: skip
+    return Image.fromarray((rgb * 255).round().to(torch.uint8).numpy())
+
+
+def _area_fractions(crops: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, s, s]`` normalized crops of :func:`_coordinate_image` -> the share of the image's
+    area each covers, from the span of its x and y coordinates."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = crops * std + mean
+    span = rgb.flatten(2).amax(-1) - rgb.flatten(2).amin(-1)  # [N, 3]
+    return span[:, 0] * span[:, 1]
+
+
+def test_local_crops_meet_the_recipe_files_size_and_scale():
+    rec = RecipeConfig(name="ibot")
+    # README: --local_crops_number 10, --local_crops_scale 0.05 0.25; DataAugmentationiBOT: 96 px
+    assert (rec.local_crops, rec.local_crop_size, rec.local_crop_scale) == (10, 96, (0.05, 0.25))
+    crops = MultiView(pretrain_transform(224, (0.25, 1.0), True), 2,
+                      pretrain_transform(rec.local_crop_size, rec.local_crop_scale, True),
+                      rec.local_crops)  # fmt: skip
+    img = _coordinate_image()
+    torch.manual_seed(0)
+    draws = [crops(img) for _ in range(60)]
+    assert all(isinstance(d, Crops) for d in draws)
+    views = torch.cat([d.views for d in draws])  # [120, 3, 224, 224]
+    local = torch.cat([d.local for d in draws])  # [600, 3, 96, 96]
+    assert views.shape[1:] == (3, 224, 224) and local.shape == (600, 3, 96, 96)
+    a_local, a_views = _area_fractions(local), _area_fractions(views)
+    # the spans miss about one source pixel a side of the 240: a few percent of a small crop
+    assert float(a_local.min()) > 0.05 * 0.85 and float(a_local.max()) < 0.25 * 1.02
+    assert abs(float(a_local.mean()) - 0.15) < 0.012  # uniform area in [0.05, 0.25]
+    assert float(a_local.std()) > 0.04  # spread over the range (uniform: 0.058)
+    assert float(a_views.min()) > 0.25 * 0.9 and float(a_views.mean()) > 0.45
+    # each crop its own draw: the 10 local crops of an image start at different places
+    assert all(len({tuple(c[:2, 0, 0].tolist()) for c in d.local}) == 10 for d in draws)
+
+
+def test_crops_batch_through_the_collate_with_unreadable_samples():
+    mv = MultiView(pretrain_transform(32, (0.25, 1.0), True), 2,
+                   pretrain_transform(16, (0.05, 0.25), True), 3)  # fmt: skip
+    img = Image.new("RGB", (48, 48), (120, 30, 200))
+    one = mv(img)
+    assert isinstance(one, Crops) and one.views.shape == (2, 3, 32, 32)
+    assert one.local.shape == (3, 3, 16, 16)
+    imgs, labels, kept = collate_skipping([(one, 0), None, (mv(img), 1)])
+    assert isinstance(imgs, Crops) and kept.tolist() == [True, False, True]
+    assert imgs.views.shape == (2, 2, 3, 32, 32) and imgs.local.shape == (2, 3, 3, 16, 16)
+    assert labels.tolist() == [0, 1] and torch.equal(imgs.views[0], one.views)
+    with pytest.raises(ValueError, match="3 local views need their transform"):
+        MultiView(pretrain_transform(32, (0.25, 1.0), True), 2, None, 3)
+
+
+def test_vit_encodes_other_sizes_with_resampled_positions():
+    torch.manual_seed(0)
+    enc = create_model(EncoderConfig(arch=ARCH), RecipeConfig(**MICRO_IBOT)).encoder.eval()
+    with torch.no_grad():
+        enc.vit.pos_embed.normal_()  # a position embedding whose interpolation shows
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(enc.forward_resized(x), enc.forward_features(x))  # own grid
+        small = torch.randn(2, 3, 16, 16)
+        out = enc.forward_resized(small)
+        assert out.shape == (2, 1 + 4, 32)
+        # independently: the 4x4 position grid resized to 2x2 (bicubic, as the reference's
+        # interpolate_pos_encoding), patch embedding, class token, blocks, final norm
+        pos = enc.vit.pos_embed
+        grid = pos[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+        small_pos = F.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False)
+        t = enc.vit.patch_embed.proj(small).flatten(2).transpose(1, 2)
+        t = t + small_pos.permute(0, 2, 3, 1).reshape(1, 4, 32)
+        t = torch.cat([(enc.vit.cls_token + pos[:, :1]).expand(2, -1, -1), t], dim=1)
+        torch.testing.assert_close(out, enc.vit.norm(enc.vit.blocks(t)))
+    with pytest.raises(ValueError, match="12x12 image is not tiled by 8 px patches"):
+        enc.forward_resized(torch.randn(1, 3, 12, 12))
+
+
+def test_local_crops_need_an_encoder_that_takes_other_sizes():
+    enc = EncoderConfig(arch=ARCH, rel_pos_bias="per_block")  # the beit family: one input size
+    with pytest.raises(ValueError, match=r"local_crops 2.*beit encoder takes one input size"):
+        create_model(enc, RecipeConfig(**MICRO_IBOT_LOCAL))
+
+
+def _local(n: int = 4, v: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, v, 3, 16, 16, generator=g)
+    x[..., 4:12, 4:12] += 1.0
+    return (x - 0.5) / 0.5
+
+
+def test_ibot_loss_with_local_crops_against_the_reference_loop():
+    torch.manual_seed(0)
+    model = create_model(EncoderConfig(arch=ARCH), RecipeConfig(**MICRO_IBOT_LOCAL)).eval()
+    model.set_run_length(10)
+    imgs, local = _views(), _local()
+    mask = model.masker(4, generator=torch.Generator().manual_seed(0))  # [4, 2, 16]
+    with torch.no_grad():
+        got = model(imgs, mask, local).loss
+        without = model(imgs, mask).loss
+        # iBOTLoss.forward: the student's class logits of the global crops, then of the local
+        # ones (through the head's full forward here), every (teacher q, student v != q) pair
+        tgt, enc, head = model.target(imgs), model.encoder, model.target.student_head
+        c = model.recipe.target.ibot
+        g_cls, g_patch = head(enc.forward_features(imgs.flatten(0, 1), mask.flatten(0, 1)))
+        l_cls, _ = head(enc.forward_resized(local.flatten(0, 1)))
+        student = torch.cat([g_cls.view(4, 2, -1), l_cls.view(4, 2, -1)], dim=1)  # [4, 4, K]
+        terms = [soft_cross_entropy(tgt.cls[:, q], student[:, v], c.student_temp).mean()
+                 for q in range(2) for v in range(4) if v != q]  # fmt: skip
+        assert len(terms) == 6  # G * (G + L - 1)
+        patch = ibot_patch_loss(g_patch.view(4, 2, 16, -1), tgt.value, mask, c.student_temp)
+        expect = c.patch_weight * patch + c.cls_weight * torch.stack(terms).mean()
+        plain = c.patch_weight * patch + c.cls_weight * torch.stack([terms[0], terms[3]]).mean()
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(without, plain)  # no local crops: the 2 global pairs
+    assert not torch.isclose(got, without)
+
+
 # --------------------------------------------------------------------------- recipes
 
 
@@ -214,12 +347,14 @@ def _views(n: int = 4, v: int = 2) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-@pytest.mark.parametrize("rec", [MICRO_IBOT, MICRO_CAPI], ids=["ibot", "capi"])
+@pytest.mark.parametrize("rec", [MICRO_IBOT, MICRO_IBOT_LOCAL, MICRO_CAPI],
+                         ids=["ibot", "ibot_local", "capi"])
 def test_recipe_trains_on_a_fixed_batch_and_the_teacher_gets_no_gradient(rec):
     torch.manual_seed(0)
     model = create_model(EncoderConfig(arch=ARCH), RecipeConfig(**rec))
     model.set_run_length(20)
-    imgs = _views() if rec is MICRO_IBOT else _views()[:, 0]
+    imgs = _views()[:, 0] if rec is MICRO_CAPI else _views()
+    local = _local() if rec is MICRO_IBOT_LOCAL else None
     mask = model.masker(4, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=2e-3)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -227,7 +362,7 @@ def test_recipe_trains_on_a_fixed_batch_and_the_teacher_gets_no_gradient(rec):
     assert teacher and not any(id(p) in in_opt for p in teacher)
     losses = []
     for step in range(1, 9):
-        out = model(imgs, mask)
+        out = model(imgs, mask, local)
         opt.zero_grad()
         out.loss.backward()
         assert all(p.grad is None for p in teacher)
@@ -237,7 +372,7 @@ def test_recipe_trains_on_a_fixed_batch_and_the_teacher_gets_no_gradient(rec):
     assert all(math.isfinite(x) for x in losses)
     # iBOT's first loss compares the student with its own copy (the teacher), so the first
     # update raises it; from there the student learns to match the teacher
-    start = 1 if rec is MICRO_IBOT else 0
+    start = 0 if rec is MICRO_CAPI else 1
     assert losses[-1] < losses[start], losses
 
 
@@ -263,7 +398,17 @@ def test_ibot_teacher_head_follows_the_student_head():
     [
         ({"name": "mae", "global_crops": 2}, r"global_crops 2.*target 'norm_pixels'"),
         ({"name": "ibot", "global_crops": 1}, r"cls_weight 1.0.*global_crops is 1"),
-        ({"name": "ibot", "local_crops": 10}, r"local_crops 10"),
+        # the recipe's 96 px local crops on 32 px global ones
+        ({"name": "ibot"}, r"local_crop_size 96 is larger than .*img_size 32.*lower local_crop_size"),
+        ({**MICRO_IBOT, "local_crops": 2, "local_crop_size": 12},
+         r"local_crop_size 12 is not a multiple of the patch size 8.*use 8 or 16"),
+        ({**MICRO_IBOT, "local_crops": -1}, r"local_crops\n.*greater than or equal to 0"),
+        ({**MICRO_IBOT_LOCAL, "local_crop_scale": [0.3, 0.2]}, r"local_crop_scale \[0.3, 0.2\]"),
+        ({**MICRO_IBOT_LOCAL, "local_crop_scale": [0.0, 0.2]}, r"0 < low <= high <= 1"),
+        ({**MICRO_IBOT_LOCAL, "local_crop_scale": [0.1, 1.5]}, r"0 < low <= high <= 1"),
+        ({"name": "mae", "local_crops": 2}, r"local_crops 2: target 'norm_pixels' takes no local"),
+        ({**MICRO_IBOT_LOCAL, "target": {"ibot": {"cls_weight": 0.0}}},
+         r"local crops feed only the class-token loss.*cls_weight > 0 \(got 0.0\)"),
         ({"name": "beit", "masking": {"ratio_var": 0.1}}, r"ratio_var 0.1.*strategy 'block'"),
         ({"name": "mae", "masking": {"strategy": "ibot_block"}}, r"'ibot_block'.*encoder_mode"),
         ({"name": "ibot", "target": {"ibot": {"patch_out_dim": 10}}}, r"out_dim 8192 != patch_out_dim 10"),
@@ -275,6 +420,15 @@ def test_ibot_teacher_head_follows_the_student_head():
 def test_combinations_that_cannot_work_fail_at_validation(rec, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         PretrainConfig(encoder={"arch": ARCH}, recipe=rec)
+
+
+def test_local_crop_keys_stay_out_of_dumps_at_their_defaults():
+    mae = RecipeConfig(name="mae").model_dump()
+    assert not {"local_crops", "local_crop_size", "local_crop_scale"} & set(mae)
+    ibot = RecipeConfig(name="ibot").model_dump()
+    assert (ibot["local_crops"], ibot["local_crop_scale"]) == (10, (0.05, 0.25))
+    assert "local_crop_size" not in ibot  # 96 is the schema default as well
+    assert "local_crops" not in RecipeConfig(**MICRO_IBOT).model_dump()
 
 
 def test_fast_decode_with_several_views_is_refused():
@@ -292,7 +446,8 @@ class _Cut(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rec", [MICRO_IBOT, MICRO_CAPI], ids=["ibot", "capi"])
+@pytest.mark.parametrize("rec", [MICRO_IBOT, MICRO_IBOT_LOCAL, MICRO_CAPI],
+                         ids=["ibot", "ibot_local", "capi"])
 def test_engine_resume_is_bitwise_with_teacher_centres_and_clustering(tiny_imagefolder, tmp_path, rec):
     train = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "base_lr": 1e-3, "lr_base_batch": 4,
              "max_steps": 4, "ckpt_every_steps": 2, "log_every_steps": 1, "num_recon_images": 2}
