@@ -307,8 +307,9 @@ def test_resume_is_bitwise_with_a_teacher_and_clones(tiny_imagefolder, tmp_path)
 def test_bench_times_clones_views_and_the_teachers_share(monkeypatch, tmp_path):
     from pretrain import bench
 
-    ibot = {"name": "ibot", "target": {"ibot": {"out_dim": 64, "patch_out_dim": 64,
-                                                "hidden_dim": 32, "bottleneck_dim": 16}}}  # fmt: skip
+    ibot = {"name": "ibot", "local_crops": 2, "local_crop_size": 16,  # two 16 px local crops
+            "target": {"ibot": {"out_dim": 64, "patch_out_dim": 64,
+                                "hidden_dim": 32, "bottleneck_dim": 16}}}  # fmt: skip
     monkeypatch.setitem(bench.BENCH_RECIPES, "d2v2_micro", ("vit_micro_32", D2V2))
     monkeypatch.setitem(bench.BENCH_RECIPES, "ibot_micro", ("vit_micro_32", ibot))
     for label in ("d2v2_micro", "ibot_micro"):  # clones [B, C, L] masks; views [B, V, ...] images
