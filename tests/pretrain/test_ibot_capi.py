@@ -27,6 +27,7 @@ from harness.core.data.datasets import (
     collate_skipping,
     pretrain_transform,
 )
+from harness.core.data.shards import StreamItem, collate_stream
 from pretrain.capi import OnlineClustering, sinkhorn_knopp
 from pretrain.engine import param_groups, pretrain
 from pretrain.ibot import (
@@ -270,6 +271,12 @@ def test_crops_batch_through_the_collate_with_unreadable_samples():
     assert isinstance(imgs, Crops) and kept.tolist() == [True, False, True]
     assert imgs.views.shape == (2, 2, 3, 32, 32) and imgs.local.shape == (2, 3, 3, 16, 16)
     assert labels.tolist() == [0, 1] and torch.equal(imgs.views[0], one.views)
+    # the shard stream's collate the same way (data.stream)
+    items = [StreamItem(one, 0, "a.tar/0.png"), StreamItem(None, 0, "a.tar/1.png", "broken"),
+             StreamItem(mv(img), 1, "a.tar/2.png")]  # fmt: skip
+    imgs, _, kept, _, bad = collate_stream(items)
+    assert isinstance(imgs, Crops) and imgs.local.shape == (2, 3, 3, 16, 16)
+    assert kept.tolist() == [True, False, True] and bad == ["a.tar/1.png: broken"]
     with pytest.raises(ValueError, match="3 local views need their transform"):
         MultiView(pretrain_transform(32, (0.25, 1.0), True), 2, None, 3)
 
