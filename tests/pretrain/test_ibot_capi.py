@@ -448,6 +448,26 @@ def test_fast_decode_with_several_views_is_refused():
 # --------------------------------------------------------------------------- engine and resume
 
 
+def test_engine_feeds_the_local_crops_to_the_student(tiny_imagefolder, tmp_path, monkeypatch):
+    from pretrain.encoders.vit import ViTEncoder
+
+    seen: list[tuple[int, ...]] = []
+    resized = ViTEncoder.forward_resized
+
+    def spy(self, x):
+        seen.append(tuple(x.shape))
+        return resized(self, x)
+
+    monkeypatch.setattr(ViTEncoder, "forward_resized", spy)
+    train = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "lr_base_batch": 4, "max_steps": 2,
+             "log_every_steps": 1, "num_recon_images": 2}
+    cfg = PretrainConfig(data={"source": str(tiny_imagefolder)}, encoder={"arch": ARCH},
+                         recipe=MICRO_IBOT_LOCAL, train=train)  # fmt: skip
+    res = pretrain(cfg, tmp_path / "run", log=lambda m: None)
+    assert res.steps == 2 and math.isfinite(res.final_loss)
+    assert seen == [(4 * 2, 3, 16, 16)] * 2  # 2 local crops of 16 px per image, once a step
+
+
 class _Cut(Exception):
     pass
 
