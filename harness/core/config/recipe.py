@@ -791,7 +791,7 @@ def check_local_crops_fit(recipe: RecipeConfig, encoder: EncoderConfig, where: s
         fits = [k * patch for k in (size // patch, size // patch + 1) if 0 < k * patch <= img]
         raise ValueError(
             f"{where}.local_crop_size {size} is not a multiple of the patch size {patch} of "
-            f"encoder '{encoder.arch}': use {_or_list([str(f) for f in fits])}"
+            f"encoder '{encoder.arch}': use {_or_list([str(f) for f in fits] or [str(patch)])}"
         )
     if size > img:
         raise ValueError(
