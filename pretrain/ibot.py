@@ -280,6 +280,11 @@ class IBOTTarget(LatentTarget):
         self.patch_center = Centering(c.patch_out_dim, c.patch_center_momentum)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
+    @classmethod
+    def class_token_weights(cls, cfg: TargetConfig) -> dict[str, float]:
+        """The DINO class-token loss (``ibot.cls_weight``) besides the latent target's."""
+        return {**super().class_token_weights(cfg), "ibot.cls_weight": cfg.ibot.cls_weight}
+
     def set_run_length(self, total_steps: int) -> None:
         super().set_run_length(total_steps)
         self.teacher_head.total_steps = total_steps

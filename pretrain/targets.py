@@ -139,6 +139,13 @@ class Target(nn.Module):
     num_classes: int = 0
     pixel_channels: int | None = None
 
+    @classmethod
+    def class_token_weights(cls, cfg: TargetConfig) -> dict[str, float]:
+        """The loss weights of this target that read the encoder's class token, by key path
+        under ``target`` (config validation refuses a positive one for an encoder family
+        without a class token, :func:`harness.core.config.recipe.check_target_encoder`)."""
+        return {}
+
     def __init__(self, cfg: TargetConfig, patch_size: int, grid: tuple[int, int]) -> None:
         super().__init__()
         self.cfg = cfg

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import LossConfig, TargetConfig, TeacherConfig
-from harness.core.config.recipe import check_top_k
+from harness.core.config.recipe import check_target_encoder, check_top_k
 from pretrain.losses import reconstruction_loss
 from pretrain.targets import TARGETS, Target, TargetOut
 
@@ -137,23 +137,18 @@ class LatentTarget(Target):
 
     def __init__(self, cfg: TargetConfig, encoder: nn.Module, teacher: TeacherConfig) -> None:
         super().__init__(cfg, int(encoder.patch_size), tuple(encoder.grid_size))  # type: ignore[arg-type]
-        if not encoder.isotropic:
-            raise ValueError(
-                f"target 'latent' averages the teacher's per-block outputs, which a "
-                f"{encoder.family} encoder does not give at one width and grid: use a ViT or BEiT "
-                "encoder (encoder.arch: vit_*), or a pixel target (target.type: pixels)"
-            )
-        check_top_k(cfg.latent.top_k, int(encoder.num_layers), "target.latent",
-                    f"the {encoder.family} encoder")  # fmt: skip
-        if cfg.latent.cls_weight > 0 and int(encoder.num_prefix_tokens) < 1:
-            raise ValueError(
-                f"target.latent.cls_weight {cfg.latent.cls_weight} regresses the student's class "
-                f"token, but the {encoder.family} encoder has none: set "
-                "target.latent.cls_weight: 0 or use an encoder with a class token"
-            )
+        name = f"the {encoder.family} encoder"
+        check_target_encoder(cfg, bool(encoder.isotropic), int(encoder.num_prefix_tokens),
+                             "target", name)  # fmt: skip
+        check_top_k(cfg.latent.top_k, int(encoder.num_layers), "target.latent", name)
         self.teacher = EMATeacher(encoder, teacher)
         self.prefix = int(encoder.num_prefix_tokens)
         self.out_dim = int(encoder.num_features)
+
+    @classmethod
+    def class_token_weights(cls, cfg: TargetConfig) -> dict[str, float]:
+        """data2vec 2.0's class-token regression (``latent.cls_weight``)."""
+        return {"latent.cls_weight": cfg.latent.cls_weight}
 
     @classmethod
     def from_encoder(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import EncoderConfig
+from harness.core.config.axes import ENCODER_FAMILIES
 from harness.core.errors import CheckpointError
 from harness.core.fsutil import atomic_torch_save
 from harness.core.registry import Registry
@@ -424,7 +425,8 @@ class Encoder(nn.Module, metaclass=ABCMeta):
         self.trunk.load_state_dict(dict(state_dict), strict=True)
 
 
-ENCODERS: Registry[type[Encoder]] = Registry("encoder")
+#: The families (core's registry, so config validation can read their class attributes).
+ENCODERS: Registry[type[Encoder]] = ENCODER_FAMILIES
 
 
 def register_encoder(cls: type[Encoder]) -> type[Encoder]:

@@ -168,6 +168,39 @@ def test_a_teacher_on_an_encoder_without_per_block_outputs_is_refused():
         MIMModel(ENC, RecipeConfig(name="data2vec"))
 
 
+@pytest.mark.parametrize("arch,family", [("ce_conv_32", "conv"), ("swin_micro_32", "swin")])
+def test_a_teacher_on_an_encoder_without_per_block_outputs_fails_at_validation(arch, family):
+    recipe = {"name": "data2vec", "encoder_init": "timm"}
+    with pytest.raises(ValueError, match=rf"recipe.target.type 'latent' is built from an EMA "
+                       rf"teacher's per-block outputs, which encoder '{arch}' \({family}\) does "
+                       r"not give at one width and grid: use a ViT or BEiT encoder"):
+        PretrainConfig(encoder={"arch": arch}, recipe=recipe)
+    with pytest.raises(ValueError, match=rf"pretrain.recipe.target.type 'latent' .* '{arch}'"):
+        EncoderEntry(name="e", encoder={"arch": arch}, pretrain={"recipe": recipe})
+
+
+@pytest.mark.parametrize(
+    "recipe,block",
+    [({"name": "ibot"}, "ibot"), ({"name": "data2vec2", "target": {"latent": {"top_k": 2}}}, "latent")],
+)
+def test_a_class_token_loss_on_an_encoder_without_a_class_token_fails_at_validation(recipe, block):
+    # iGPT's encoder is isotropic (a teacher can read it) but has no class token: iBOT's DINO
+    # loss and data2vec 2.0's class-token regression would read the first patch instead
+    recipe = {**recipe, "encoder_init": "timm"}
+    weight = {"ibot": 1.0, "latent": 0.01}[block]  # the recipe files' values
+    with pytest.raises(ValueError, match=rf"recipe.target.{block}.cls_weight {weight} weights a "
+                       r"loss on the class token, but encoder 'igpt_micro_8' \(igpt\) has no "
+                       rf"class token: set recipe.target.{block}.cls_weight: 0"):
+        PretrainConfig(encoder={"arch": "igpt_micro_8"}, recipe=recipe)
+
+
+def test_data2vec2_without_its_class_token_loss_runs_on_an_encoder_without_one():
+    recipe = {"name": "data2vec2", "encoder_init": "timm",
+              "target": {"latent": {"top_k": 2, "cls_weight": 0.0}}}  # fmt: skip
+    cfg = PretrainConfig(encoder={"arch": "igpt_micro_8"}, recipe=recipe)
+    assert cfg.recipe.target.latent.cls_weight == 0.0
+
+
 @pytest.mark.parametrize("name,k", [("data2vec", 6), ("data2vec2", 10)])
 def test_top_k_deeper_than_the_encoder_fails_at_validation(name, k):
     with pytest.raises(ValueError, match=rf"recipe.target.latent.top_k {k} averages the teacher's "

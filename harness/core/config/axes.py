@@ -1,5 +1,5 @@
 """The registries behind a recipe's axes: recipe files, masking strategies, heads, targets,
-tokenizers, losses and encoder initialisations.
+tokenizers, losses, encoder initialisations and encoder families.
 
 This layer only holds the registries; :mod:`pretrain` fills them (importing the package
 registers every recipe file and every part), as :mod:`downstream` fills
@@ -29,6 +29,10 @@ TARGETS: Registry[Any] = Registry("target")
 TOKENIZERS: Registry[Any] = Registry("tokenizer")
 #: ``recipe.loss.type`` -> loss (:mod:`pretrain.losses`).
 LOSSES: Registry[Any] = Registry("loss")
+#: Encoder family (``EncoderConfig.family``) -> encoder class (:mod:`pretrain.encoders`), whose
+#: class attributes (``isotropic``, ``num_prefix_tokens``) config validation reads as it reads a
+#: target's ``needs_teacher``.
+ENCODER_FAMILIES: Registry[Any] = Registry("encoder")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from harness.core.config.axes import (
+    ENCODER_FAMILIES,
     ENCODER_INITS,
     HEADS,
     LOSSES,
@@ -772,6 +773,9 @@ def check_encoder_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str)
         HEADS.get(recipe.head.type).check_config(recipe.head, int(encoder.embed_dim))  # type: ignore[arg-type]
     except ValueError as exc:
         raise ValueError(f"{where}: {exc} (encoder '{encoder.arch}')") from None
+    family = ENCODER_FAMILIES.get(encoder.family)
+    check_target_encoder(recipe.target, bool(family.isotropic), int(family.num_prefix_tokens),
+                         f"{where}.target", f"encoder '{encoder.arch}' ({encoder.family})")  # fmt: skip
     if TARGETS.get(recipe.target.type).needs_teacher and encoder.depth is not None:
         check_top_k(recipe.target.latent.top_k, int(encoder.depth), f"{where}.target.latent",
                     f"encoder '{encoder.arch}'")  # fmt: skip
@@ -799,6 +803,44 @@ def check_local_crops_fit(recipe: RecipeConfig, encoder: EncoderConfig, where: s
             f"encoder.img_size {img} of encoder '{encoder.arch}': local crops are the small ones; "
             f"lower local_crop_size (iBOT: 96 for 224)"
         )
+
+
+def check_target_encoder(
+    target: TargetConfig, isotropic: bool, class_tokens: int, where: str, encoder: str
+) -> None:
+    """The one rule for what a target needs of the encoder family's shape: an EMA teacher's
+    targets (its class's ``needs_teacher``) read per-block outputs at one width and grid (an
+    isotropic family: ViT, BEiT, iGPT), and a loss weight on the class token (its class's
+    ``class_token_weights``) needs a class token. Config validation
+    (:func:`check_encoder_fits`, reading the family's class in ``ENCODER_FAMILIES``) and the
+    target's construction (:class:`pretrain.teacher.LatentTarget`, reading the built encoder)
+    call it.
+
+    Args:
+        target: The recipe's target config.
+        isotropic: Whether every block outputs the final grid and width.
+        class_tokens: The encoder's class (prefix) tokens.
+        where: The key path of the target in messages.
+        encoder: The encoder's name in messages.
+
+    Raises:
+        ValueError: Naming the target, the encoder and the fix.
+    """
+    kind = TARGETS.get(target.type)
+    if kind.needs_teacher and not isotropic:
+        raise ValueError(
+            f"{where}.type '{target.type}' is built from an EMA teacher's per-block outputs, "
+            f"which {encoder} does not give at one width and grid: use a ViT or BEiT encoder "
+            f"(encoder.arch: vit_*), or a pixel target ({where}.type: pixels)"
+        )
+    if class_tokens < 1:
+        for key, weight in kind.class_token_weights(target).items():
+            if weight > 0:
+                raise ValueError(
+                    f"{where}.{key} {weight} weights a loss on the class token, but {encoder} "
+                    f"has no class token: set {where}.{key}: 0 or use an encoder with a class "
+                    "token (encoder.arch: vit_*)"
+                )
 
 
 def check_top_k(top_k: int, depth: int, where: str, encoder: str) -> None:
