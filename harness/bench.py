@@ -13,6 +13,10 @@ A *target* is one step kind at one encoder size:
   ``train.compile`` does): the warm-up step compiles (its seconds are the row's ``compile_s``),
   the timed steps run the compiled code; no FLOP count (the eager row's is the same).
   ``--compare pretrain/mae+compile pretrain/mae`` gives the speedup.
+  ``pretrain/<label>+fsdp`` times it sharded as ``train.fsdp`` shards it (one ``fully_shard``
+  unit per encoder block), on one device a process group of this process alone: FSDP's
+  overhead against the plain step (``--compare pretrain/mae+fsdp pretrain/mae``); no FLOP
+  count either.
 * ``task/<name>``: the step each registered task declares
   (:meth:`downstream.base.Task.bench_step`, on a random batch at ``--arch``): a frozen forward
   pass for the tasks that work on cached features (fast linear probe, kNN), one optimization
@@ -91,13 +95,20 @@ def all_targets() -> list[str]:
 
 #: The suffix of a pretraining target timed through ``torch.compile``.
 COMPILE_SUFFIX = "+compile"
+#: The suffix of a pretraining target timed sharded by FSDP (``fully_shard``).
+FSDP_SUFFIX = "+fsdp"
+
+
+def _base_label(label: str) -> str:
+    """A pretraining label without its ``+compile`` / ``+fsdp`` suffix."""
+    return label.removesuffix(COMPILE_SUFFIX).removesuffix(FSDP_SUFFIX)
 
 
 def check_targets(targets: list[str]) -> None:
     """Reject unknown target names with a did-you-mean."""
     known = all_targets()
     for t in targets:
-        base = t.removesuffix(COMPILE_SUFFIX) if t.startswith("pretrain/") else t
+        base = _base_label(t) if t.startswith("pretrain/") else t
         if base not in known:
             raise UserError(f"unknown bench target '{t}'{did_you_mean(t, known)}; known: {', '.join(known)}")
 
@@ -122,10 +133,11 @@ def task_step(task: str, arch: str, batch: int, device: Any) -> tuple[Callable[[
 
 
 def pretrain_step(label: str, arch: str | None, batch: int, device: Any, tmp: str) -> tuple[Callable[[], None], int, str]:
-    """A recipe's step; ``<label>+compile``: through ``torch.compile``."""
-    compiled = label.endswith(COMPILE_SUFFIX)
-    step, _, size, use_arch = recipe_step(label.removesuffix(COMPILE_SUFFIX), arch, batch, device,
-                                          tmp, compile=compiled)  # fmt: skip
+    """A recipe's step; ``<label>+compile``: through ``torch.compile``; ``<label>+fsdp``: sharded
+    by FSDP."""
+    step, _, size, use_arch = recipe_step(_base_label(label), arch, batch, device, tmp,
+                                          compile=label.endswith(COMPILE_SUFFIX),
+                                          fsdp=label.endswith(FSDP_SUFFIX))  # fmt: skip
     return step, size, use_arch
 
 
@@ -153,7 +165,8 @@ def measure(target: str, arch: str, batch: int, steps: int, device_name: str, fl
         times = time_step(step, steps, device)
         compile_s = time.perf_counter() - t0 - sum(times)  # the warm-up step (compiles)
         peak = peak_mb(device)  # before the flop count, whose dispatch mode adds its own memory
-        total = count_flops(step) if flops and not compiled else None
+        plain = not compiled and not name.endswith(FSDP_SUFFIX)  # FLOPs: the plain row's
+        total = count_flops(step) if flops and plain else None
     step_s = statistics.median(times)
     gflops = total / batch / 1e9 if total else None
     mfu = peak_fraction(total / step_s, dev_label) if total and device.type == "cuda" else None

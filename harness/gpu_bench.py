@@ -5,6 +5,10 @@ On a machine with a CUDA device it runs, each as its own ``mimbench bench`` proc
 * the pretraining steps (MAE, SimMIM) and the fine-tuning step at ViT-B/16 and ViT-L/16, bf16
   (``mimbench bench`` autocasts to bfloat16 on CUDA);
 * the pretraining steps compiled (``mimbench bench pretrain/<recipe>+compile``);
+* MAE at ViT-L/16 under FSDP on one device (``mimbench bench pretrain/mae+fsdp``: sharded as
+  ``train.fsdp`` shards it, over a process group of the one process) beside the plain step, so
+  its row gives FSDP's overhead on one device (two or more devices: ``torchrun ...
+  train.fsdp=true``);
 * the data benchmark (``mimbench bench data``: images per second per worker of the input
   pipelines);
 
@@ -13,8 +17,6 @@ one summary of img/s and MFU (model FLOPs utilization against the device's dense
 :data:`harness.core.measure.PEAK_TFLOPS`). A step that fails is reported and the others still
 run. Without a CUDA device it stops at once with ``no GPU: ...``; ``--dry-run`` prints the
 commands without running them (on any machine).
-
-FSDP is not part of it yet (see :data:`PARTS`).
 """
 
 from __future__ import annotations
@@ -43,12 +45,11 @@ COMPILED_TARGETS = ("pretrain/mae+compile", "pretrain/simmim+compile")
 #: The two sizes.
 ARCHS = ("vit_base_16", "vit_large_16")
 
+#: The FSDP run: this recipe at this size, sharded on one device, beside the same step plain.
+FSDP_RECIPE, FSDP_ARCH = "pretrain/mae", "vit_large_16"
+
 #: Parts that ``--skip`` can leave out.
-PARTS = ("eager", "compile", "data")
-# Not here yet: MAE ViT-L under FSDP on one device. ``mimbench bench`` has no FSDP step and the
-# engine shards only across two or more ranks (``train.fsdp`` on one process is a no-op, said in
-# its start line), so FSDP is measured with ``torchrun --nproc_per_node 2 ... train.fsdp=true``
-# on a machine with two GPUs (issue 15's note).
+PARTS = ("eager", "compile", "fsdp", "data")
 
 
 class NoGPUError(UserError):
@@ -94,6 +95,11 @@ def plan_runs(args: argparse.Namespace, out: Path) -> list[BenchRun]:
             name = f"{arch}-{part}"
             runs.append(BenchRun(name, part, ("bench", *targets, *common,
                                               "--csv", str(out / f"{name}.csv"))))
+    fsdp = f"{FSDP_RECIPE}+fsdp"
+    runs.append(BenchRun("fsdp", "fsdp", (
+        "bench", fsdp, FSDP_RECIPE, "--arch", FSDP_ARCH, "--batch", str(batch[FSDP_ARCH]),
+        "--steps", str(args.steps), "--device", "cuda", "--compare", fsdp, FSDP_RECIPE,
+        "--csv", str(out / "fsdp.csv"))))  # fmt: skip
     runs.append(BenchRun("data", "data", ("bench", "data", "--csv", str(out / "data.csv"))))
     return [r for r in runs if r.part not in args.skip]
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from harness.core import parallel
+from harness.core import distributed, parallel
 from harness.core.config import EncoderConfig, RecipeConfig
 from harness.core.measure import peak_mb, sync, time_step
 from pretrain.dall_e import DallEEncoder
@@ -110,12 +110,16 @@ def random_local(model: torch.nn.Module, batch: int, device: torch.device) -> to
 
 def recipe_step(
     label: str, arch: str | None, batch: int, device: torch.device, tmp: str,
-    compile: bool = False,
+    compile: bool = False, fsdp: bool = False,
 ) -> tuple[Callable[[], None], torch.nn.Module, int, str]:
     """One recipe's model and a closure doing one optimization step (forward, backward, AdamW)
     on a fixed random batch; ``arch`` replaces the default preset of the ViT recipes. With
     ``compile`` the model runs through ``torch.compile`` (what ``train.compile`` does; the first
-    call compiles).
+    call compiles). With ``fsdp`` it is sharded as the engine's ``train.fsdp`` shards it (one
+    ``fully_shard`` unit per encoder block, then the root; the optimizer over the sharded
+    parameters), over the ranks of the process group, or over this process alone when there is
+    none (:func:`harness.core.distributed.init_single_process`): FSDP's gather / reduce path on
+    one device.
 
     Returns:
         ``(step, model, image side, encoder preset used)``.
@@ -128,7 +132,10 @@ def recipe_step(
     model = create_model(enc, RecipeConfig(**recipe_overrides(label, tmp))).to(device)
     size = int(enc.img_size)  # type: ignore[arg-type]
     model.prepare(lambda n: torch.randn(n, 3, size, size, device=device), log=lambda m: None)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    if fsdp:
+        distributed.init_single_process()
+        parallel.shard_blocks(model, model.encoder.residual_blocks(), device)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)  # after sharding: over shards
     imgs = random_batch(model, batch, size, device)
     local = random_local(model, batch, device)
     mask = model.masker(batch, generator=torch.Generator().manual_seed(0)).to(device)

@@ -109,6 +109,16 @@ def init_from_env(backend: str | None = None, timeout_min: float = 30.0) -> Dist
     return e
 
 
+def init_single_process(backend: str | None = None) -> None:
+    """A process group of this process alone (world size 1, an in-memory store), so that code
+    needing one runs on one device, e.g. FSDP's ``fully_shard`` in ``mimbench bench
+    pretrain/<recipe>+fsdp``; nothing when a group exists. Leave it with :func:`cleanup`."""
+    if is_initialized():
+        return
+    dist.init_process_group(backend=backend or default_backend(), store=dist.HashStore(), rank=0,
+                            world_size=1)  # fmt: skip
+
+
 def is_initialized() -> bool:
     """Whether a process group exists in this process."""
     return dist.is_available() and dist.is_initialized()

@@ -139,6 +139,42 @@ def test_compile_targets_are_the_pretraining_targets_with_a_suffix():
 
     with pytest.raises(UserError, match="unknown bench target 'task/finetune\\+compile'"):
         bench.check_targets(["task/finetune+compile"])
+    bench.check_targets(["pretrain/mae+fsdp"])
+    with pytest.raises(UserError, match="unknown bench target 'task/finetune\\+fsdp'"):
+        bench.check_targets(["task/finetune+fsdp"])
+
+
+@pytest.mark.slow
+def test_an_fsdp_pretraining_step_on_one_process_is_sharded_and_trains(monkeypatch):
+    """``+fsdp`` on one CPU process: a one-rank gloo group, every encoder block its own
+    ``fully_shard`` unit, the step timed; its loss after some steps is the plain step's (FSDP
+    over one rank shards nothing away: the same AdamW updates, up to float reassociation)."""
+    import torch
+
+    from harness.core import distributed, parallel
+
+    recipe = ("vit_micro_32", {"name": "mae", "head": {"depth": 1, "dim": 32, "num_heads": 2}})
+    monkeypatch.setitem(pretrain_bench.BENCH_RECIPES, "mae_micro", recipe)
+    try:
+        losses = {}
+        for fsdp in (False, True):
+            step, model, _, _ = pretrain_bench.recipe_step("mae_micro", "vit_micro_32", 2,
+                                                           torch.device("cpu"), "", fsdp=fsdp)  # fmt: skip
+            assert parallel.is_sharded(model) == fsdp
+            for _ in range(3):
+                step()
+            imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+            mask = model.masker(2, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                losses[fsdp] = float(model(imgs, mask).loss)
+        assert distributed.get_world_size() == 1 and distributed.is_initialized()
+        assert abs(losses[True] - losses[False]) < 1e-4 * abs(losses[False]), losses
+        row = bench.measure("pretrain/mae_micro+fsdp", "vit_micro_32", batch=2, steps=1,
+                            device_name="cpu")  # fmt: skip
+        assert row["target"] == "pretrain/mae_micro+fsdp" and row["step_s"] > 0
+        assert row["gflops_per_img"] is None
+    finally:
+        distributed.cleanup()
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def test_the_commands_cover_both_sizes_compile_and_data(tmp_path):
     runs = gpu_bench.plan_runs(args, tmp_path)
     names = [r.name for r in runs]
     assert names == ["vit_base_16-eager", "vit_base_16-compile", "vit_large_16-eager",
-                     "vit_large_16-compile", "data"]
+                     "vit_large_16-compile", "fsdp", "data"]
     by = {r.name: " ".join(r.argv) for r in runs}
     assert by["vit_base_16-eager"].startswith("bench pretrain/mae pretrain/simmim task/finetune "
                                               "--arch vit_base_16 --batch 16 --steps 3")
@@ -47,9 +47,19 @@ def test_the_commands_cover_both_sizes_compile_and_data(tmp_path):
     assert "pretrain/mae+compile" in by["vit_large_16-compile"]
     assert "+compile" not in by["vit_large_16-eager"]
     assert by["data"] == f"bench data --csv {tmp_path / 'data.csv'}"
+    assert by["fsdp"] == ("bench pretrain/mae+fsdp pretrain/mae --arch vit_large_16 --batch 32 "
+                          "--steps 3 --device cuda --compare pretrain/mae+fsdp pretrain/mae "
+                          f"--csv {tmp_path / 'fsdp.csv'}")  # fmt: skip
+    from harness.bench import check_targets
+    from harness.cli import build_parser as cli_parser
+
+    check_targets(list(runs[4].argv[1:3]))  # the targets exist
+    parsed = cli_parser().parse_args(list(runs[4].argv))  # mimbench's own options take them
+    assert parsed.compare == [["pretrain/mae+fsdp", "pretrain/mae"]]
     assert all(f"--csv {tmp_path / (r.name + '.csv')}" in by[r.name] for r in runs)
     skipped = gpu_bench.plan_runs(
-        gpu_bench.build_parser().parse_args(["--skip", "compile", "--skip", "data"]), tmp_path)
+        gpu_bench.build_parser().parse_args(["--skip", "compile", "--skip", "data", "--skip",
+                                             "fsdp"]), tmp_path)  # fmt: skip
     assert [r.part for r in skipped] == ["eager", "eager"]
 
 
@@ -66,7 +76,7 @@ def test_bad_options_are_usage_errors(capsys):
 def test_dry_run_prints_the_commands_without_a_gpu(capsys):
     assert gpu_bench.main(["--dry-run", "--out", "X"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and all(line.startswith("mimbench bench ") for line in lines)
+    assert len(lines) == 6 and all(line.startswith("mimbench bench ") for line in lines)
 
 
 def test_summary_reads_the_csvs(tmp_path):
