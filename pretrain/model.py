@@ -51,6 +51,7 @@ import pretrain.context_encoder as ce
 import pretrain.inits  # noqa: F401  (registers the encoder initialisations)
 from harness.core.config import EncoderConfig, RecipeConfig
 from harness.core.config.axes import ENCODER_INITS
+from harness.core.config.recipe import check_local_crops_fit
 from harness.core.errors import CheckpointError
 from pretrain.encoders import ENCODERS, create_encoder
 from pretrain.encoders.conv import mask_to_pixels
@@ -112,13 +113,7 @@ class MIMModel(nn.Module):
                 "encoder_mode: mask_token"
             )
         self._check_codebook()
-        if recipe.local_crops and not self.encoder.resizable_input:
-            raise ValueError(
-                f"recipe.local_crops {recipe.local_crops}: local crops are "
-                f"{recipe.local_crop_size} px, the encoder's input {encoder_cfg.img_size} px, and "
-                f"a {self.encoder.family} encoder takes one input size ('{encoder_cfg.arch}'): "
-                "use a ViT encoder without relative position bias, or local_crops: 0"
-            )
+        check_local_crops_fit(recipe, encoder_cfg, "recipe")  # the validation's rule, again
         self.head = HEADS.get(recipe.head.type)(
             self.encoder,
             recipe.head,

@@ -308,6 +308,10 @@ def test_local_crops_need_an_encoder_that_takes_other_sizes():
     enc = EncoderConfig(arch=ARCH, rel_pos_bias="per_block")  # the beit family: one input size
     with pytest.raises(ValueError, match=r"local_crops 2.*beit encoder takes one input size"):
         create_model(enc, RecipeConfig(**MICRO_IBOT_LOCAL))
+    # and at validation (the family's class in core's registry), with the key path
+    with pytest.raises(ValueError, match=r"recipe.local_crops 2: .* a beit encoder takes one "
+                       r"input size .* or recipe.local_crops: 0"):
+        PretrainConfig(encoder=enc, recipe=MICRO_IBOT_LOCAL)
 
 
 def _local(n: int = 4, v: int = 2) -> torch.Tensor:

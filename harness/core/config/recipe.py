@@ -782,14 +782,22 @@ def check_encoder_fits(recipe: RecipeConfig, encoder: EncoderConfig, where: str)
 
 
 def check_local_crops_fit(recipe: RecipeConfig, encoder: EncoderConfig, where: str) -> None:
-    """Local crops (``recipe.local_crops > 0``) need a side that the encoder's patches tile
-    and that is no larger than its ``img_size`` (the global crops' side).
+    """Local crops (``recipe.local_crops > 0``) need an encoder family that takes another input
+    size (its class's ``resizable_input``), a side that the encoder's patches tile and that is
+    no larger than its ``img_size`` (the global crops' side).
 
     Raises:
         ValueError: The message names both values and the fix.
     """
     if not recipe.local_crops:
         return
+    if not ENCODER_FAMILIES.get(encoder.family).resizable_input:
+        raise ValueError(
+            f"{where}.local_crops {recipe.local_crops}: local crops are {recipe.local_crop_size} "
+            f"px, the encoder's input {encoder.img_size} px, and a {encoder.family} encoder takes "
+            f"one input size ('{encoder.arch}'): use a ViT encoder without relative position "
+            f"bias, or {where}.local_crops: 0"
+        )
     size, patch, img = recipe.local_crop_size, int(encoder.patch_size), int(encoder.img_size)  # type: ignore[arg-type]
     if size % patch:
         fits = [k * patch for k in (size // patch, size // patch + 1) if 0 < k * patch <= img]
