@@ -100,6 +100,7 @@ from pretrain.avgdist import encoder_avgdist
 from pretrain.feed import Feed, IndexFeed, StreamFeed
 from pretrain.inits import encoder_definition
 from pretrain.model import MIMModel, create_model
+from pretrain.teacher import teacher_mix
 from pretrain.viz import render_recon_grid, render_series
 
 CHECKPOINT = "checkpoint.pth"
@@ -862,8 +863,18 @@ def _teacher_summary(run: _Run, exported: str) -> dict[str, Any]:
     }
     atomic_write_bytes(plot, render_series([h["step"] for h in run.history], drawn))
     final = {k: next((v for v in reversed(series[k]) if math.isfinite(v)), None) for k in keys}
+    init_share, centre = teacher_mix(teacher, run.total_steps)
+    if exported == "teacher" and init_share > 0.01:
+        run.log(f"[pretrain {run.cfg.name}] the exported teacher still holds {init_share:.1%} of "
+                f"its random initialisation and averages students centred at {centre:.0%} of the "
+                f"run (momentum {teacher.momentum} -> {teacher.momentum_end} over "
+                f"{run.total_steps} steps): a schedule slow for this run")  # fmt: skip
     return {
         "exported_encoder": exported,
+        # what the exported teacher is made of (pretrain.teacher.teacher_mix): the share of its
+        # initialisation left and the mean step of the students it averages (fraction of the run)
+        "teacher_init_share": init_share,
+        "teacher_centre": None if math.isnan(centre) else centre,
         "target_stats": TARGET_STATS,
         "final_target_std": final["target_std"],
         # the spread within each image: near zero when each image's patches share one target

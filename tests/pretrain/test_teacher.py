@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from harness.core.config import (
     EncoderConfig,
@@ -21,7 +22,7 @@ from harness.core.config import (
 )
 from pretrain.engine import param_groups, pretrain
 from pretrain.model import MIMModel
-from pretrain.teacher import EMATeacher, momentum_at, target_std, within_image_std
+from pretrain.teacher import EMATeacher, momentum_at, target_std, teacher_mix, within_image_std
 
 ENC = EncoderConfig(arch="vit_micro_32")  # 2 blocks, width 32, 4x4 patches of 8 px
 D2V = {"name": "data2vec", "masking": {"min_block_patches": 2, "ratio": 0.5},
@@ -56,6 +57,40 @@ def test_ema_update_equals_a_hand_computation():
     for n, p in teacher.encoder.named_parameters():
         torch.testing.assert_close(p, 0.7 * before[n] + 0.3 * student[n])
     assert teacher.last_momentum == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("start, end, steps", [(0.99, 1.0, 40), (0.9, 0.99, 25), (0.5, 0.5, 10)])
+def test_teacher_mix_equals_the_updates_it_describes(start, end, steps):
+    # independent of teacher_mix's formula: run the EMA updates on one parameter whose teacher
+    # starts at 1 and whose student after step k is 0 (the share of the init left) or k (the
+    # mean step of the students averaged, once the init's part is taken out)
+    cfg = TeacherConfig(momentum=start, momentum_end=end)
+    share, centre = teacher_mix(cfg, steps)
+    for student_value, expect in ((lambda k: 0.0, share), (lambda k: float(k), None)):
+        student = nn.Linear(1, 1, bias=False)
+        ema = EMATeacher(student, cfg)
+        ema.total_steps = steps
+        with torch.no_grad():
+            ema.encoder.weight.fill_(1.0 if expect is not None else 0.0)
+            for k in range(1, steps + 1):
+                student.weight.fill_(student_value(k))
+                ema.update(student, k)
+        got = float(ema.encoder.weight)
+        if expect is not None:
+            assert got == pytest.approx(expect, rel=1e-5)
+        else:  # teacher = sum_k w_k * k with sum_k w_k = 1 - share
+            assert got / (1.0 - share) / steps == pytest.approx(centre, rel=1e-5)
+
+
+def test_teacher_mix_of_the_demo_schedule_is_mostly_an_early_average():
+    # latent_demo's I-JEPA entry before issue 13's fix: 0.99 -> 1.0 over its 540 steps keeps
+    # exp(-0.01 * 540 / 2) of the random init and centres on the student of half the run,
+    # where I-JEPA's own schedule over its ImageNet run centres near the end
+    share, centre = teacher_mix(TeacherConfig(momentum=0.99, momentum_end=1.0), 540)
+    assert share == pytest.approx(math.exp(-2.7), rel=0.05) and 0.45 < centre < 0.55
+    _, ref = teacher_mix(TeacherConfig(momentum=0.996, momentum_end=1.0), 300 * 625)
+    assert ref > 0.9
+    assert teacher_mix(TeacherConfig(momentum=0.99, momentum_end=1.0), 0)[0] == 1.0
 
 
 def test_teacher_gets_no_gradient_and_is_not_in_the_optimizer():
@@ -242,6 +277,8 @@ def test_pretraining_with_a_teacher_writes_stats_and_exports_per_config(tiny_ima
     hist = [json.loads(line) for line in (res.out_dir / "loss.jsonl").read_text().splitlines()]
     assert all({"target_std", "target_std_within", "cosine"} <= set(h) for h in hist)
     assert summary["final_target_std_within"] == pytest.approx(hist[-1]["target_std_within"])
+    share, centre = teacher_mix(cfg.recipe.teacher, 3)  # type: ignore[arg-type]
+    assert (summary["teacher_init_share"], summary["teacher_centre"]) == pytest.approx((share, centre))
 
 
 @pytest.mark.slow
