@@ -135,10 +135,10 @@ def _poison(monkeypatch, at_calls: set[int], snapshots: dict[int, dict[str, torc
     original = MIMModel.forward
     calls = {"n": 0}
 
-    def forward(self, imgs, mask):
+    def forward(self, imgs, mask, local=None):
         calls["n"] += 1
         snapshots[calls["n"]] = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
-        out = original(self, imgs, mask)
+        out = original(self, imgs, mask, local)
         if calls["n"] in at_calls:
             out.loss = out.loss * float("nan")
         return out

@@ -144,8 +144,8 @@ def test_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint(
     calls = {"n": 0}
     original = MIMModel.forward
 
-    def flaky(self, imgs, mask):
-        out = original(self, imgs, mask)
+    def flaky(self, imgs, mask, local=None):
+        out = original(self, imgs, mask, local)
         calls["n"] += 1
         if calls["n"] == 5:  # the 5th training step diverges
             out.loss = out.loss * float("nan")
