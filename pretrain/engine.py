@@ -69,6 +69,7 @@ from harness.core.data.datasets import (
     all_unreadable_error,
     eval_transform,
     imagefolder_checked,
+    photometric_ops,
     pretrain_transform,
     resolve_imagefolder_root,
 )
@@ -390,15 +391,23 @@ def _setup(
     img_size = int(cfg.encoder.img_size)  # type: ignore[arg-type]
     # unreadable files are skipped, counted and named on the log (fatal with data.strict_data)
     # data.fast_decode: JPEGs decoded at reduced size, uint8 batches normalised on the device
-    make_tf = fast_pretrain_transform if cfg.data.fast_decode else pretrain_transform
-    tf = make_tf(img_size, t.crop_scale, t.hflip)
+    # recipe.augment: the photometric ops of each kind of crop (the first global crop, the
+    # others, the local ones: DINO / iBOT give each its own); fast_decode with them is refused
+    # in config
+    r = cfg.recipe
+    if cfg.data.fast_decode:
+        tf = fast_pretrain_transform(img_size, t.crop_scale, t.hflip)
+        rest_tf = None
+    else:
+        tf = pretrain_transform(img_size, t.crop_scale, t.hflip, photometric_ops(r.augment, "first"))
+        rest_tf = pretrain_transform(img_size, t.crop_scale, t.hflip, photometric_ops(r.augment, "other"))
     # recipe.global_crops views of each image ([B, V, 3, H, W] batches for iBOT), else one (the
     # transform itself: a LazyDecode crop stays one; fast_decode with views is refused in config);
     # recipe.local_crops smaller views as well (iBOT's multi-crop: Crops batches)
-    r = cfg.recipe
     views, n_local = r.global_crops, r.local_crops
-    local_tf = pretrain_transform(r.local_crop_size, r.local_crop_scale, t.hflip) if n_local else None
-    crops = tf if views == 1 and not n_local else MultiView(tf, views, local_tf, n_local)
+    local_tf = (pretrain_transform(r.local_crop_size, r.local_crop_scale, t.hflip,
+                                   photometric_ops(r.augment, "local")) if n_local else None)  # fmt: skip
+    crops = tf if views == 1 and not n_local else MultiView(tf, views, local_tf, n_local, rest_tf)
     base_ds = imagefolder_checked(
         root, "train", crops, strict=cfg.data.strict_data, min_classes=1
     )

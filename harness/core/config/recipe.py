@@ -466,6 +466,11 @@ class EncoderDefaults(StrictModel):
 #: ``recipe.encoder_setup``: the paper's encoder (its init and definition) or one held equal.
 EncoderSetup = Literal["paper", "controlled"]
 
+#: The photometric augmentation sets of pretraining crops (``recipe.augment``): ``none``
+#: (crop and flip only) and ``dino`` (DINO's / iBOT's ``DataAugmentationDINO`` /
+#: ``DataAugmentationiBOT``: colour jitter, grayscale, Gaussian blur, solarization per view).
+AUGMENTS = ("none", "dino")
+
 
 class RecipeConfig(StrictModel):
     """A MIM recipe: masking + encoder mode + head + target + loss + encoder initialisation.
@@ -501,6 +506,12 @@ class RecipeConfig(StrictModel):
         local_crop_scale: RandomResizedCrop area range of the local crops, in (0, 1] (the global
             crops' is ``train.crop_scale``). Unused without local crops; left out of dumps at
             the reference's default (0.05, 0.4).
+        augment: The photometric augmentation set of the pretraining crops, after the random
+            resized crop and flip (:data:`AUGMENTS`): ``none`` (crop and flip only) or ``dino``
+            (DINO's and iBOT's colour jitter, grayscale, Gaussian blur and solarization, with the
+            first global crop, the other global crops and the local crops each given their own
+            probabilities: :func:`harness.core.data.datasets.photometric_ops`). Left out of
+            dumps at ``none``.
         teacher: The EMA teacher of a target that has one (``latent``); ``None`` (left out of
             dumps) for every other target.
         pairs: The patch pairs of a target that classifies their relative position (context
@@ -523,6 +534,7 @@ class RecipeConfig(StrictModel):
     local_crops: int = Field(0, ge=0)
     local_crop_size: int = Field(96, ge=1)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    augment: str = "none"
     teacher: TeacherConfig | None = None
     pairs: PairsConfig | None = None
     clone_batch: int = Field(1, ge=1)
@@ -549,6 +561,17 @@ class RecipeConfig(StrictModel):
             )
         return value
 
+    @field_validator("augment")
+    @classmethod
+    def _known_augment(cls, value: str) -> str:
+        if value not in AUGMENTS:
+            raise ValueError(
+                f"recipe.augment '{value}' is not an augmentation set: use "
+                f"{_or_list(list(AUGMENTS))} (dino: DINO's / iBOT's colour jitter, grayscale, blur "
+                "and solarization)"
+            )
+        return value
+
     @field_validator("encoder_init")
     @classmethod
     def _known_init(cls, value: str) -> str:
@@ -567,6 +590,7 @@ class RecipeConfig(StrictModel):
             "local_crops",
             "local_crop_size",
             "local_crop_scale",
+            "augment",
             "pairs",
             "clone_batch",
         )

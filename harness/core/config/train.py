@@ -161,6 +161,12 @@ class PretrainConfig(StrictModel):
                 f"data.fast_decode decodes each image once at reduced size for one crop, but "
                 f"recipe.global_crops is {self.recipe.global_crops}: set data.fast_decode: false"
             )
+        if self.data.fast_decode and self.recipe.augment != "none":
+            raise ConfigError(
+                f"data.fast_decode crops to uint8 tensors without the photometric ops of "
+                f"recipe.augment '{self.recipe.augment}': set data.fast_decode: false or "
+                "recipe.augment: none"
+            )
         return self
 
     @model_serializer(mode="wrap")

@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from harness.core.config import DataConfig
+from harness.core.config.recipe import AUGMENTS
 from harness.core.data.imagefolder import (  # noqa: F401  (re-exported: the readers' names)
     IMG_EXTENSIONS,
     CheckedImageFolder,
@@ -297,34 +299,117 @@ def collate_skipping(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torc
     return imgs, labels, kept
 
 
-def pretrain_transform(img_size: int, crop_scale: tuple[float, float], hflip: bool) -> Any:
-    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalization (MAE, SimMIM)."""
+def pretrain_transform(
+    img_size: int, crop_scale: tuple[float, float], hflip: bool, photometric: Sequence[Any] = ()
+) -> Any:
+    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalization (MAE, SimMIM),
+    with the ``photometric`` ops (:func:`photometric_ops`) on the PIL crop after the flip."""
     t: list[Any] = [
         transforms.RandomResizedCrop(img_size, scale=crop_scale, interpolation=InterpolationMode.BICUBIC)
     ]
     if hflip:
         t.append(transforms.RandomHorizontalFlip())
-    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    t += [*photometric, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(t)
+
+
+class RandomGaussianBlur:
+    """A PIL Gaussian blur (``ImageFilter.GaussianBlur``, PIL's own kernel) with probability
+    ``p``, its radius drawn uniformly from ``radius`` (DINO's / iBOT's ``utils.GaussianBlur``:
+    radius in [0.1, 2], applied when a uniform draw is at most ``p``). The draws come from
+    torch's generator, which :class:`SeededDataset` seeds per sample."""
+
+    def __init__(self, p: float, radius: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.p, self.radius = p, radius
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if float(torch.rand(())) > self.p:
+            return img
+        r = float(torch.empty(()).uniform_(*self.radius))
+        return img.filter(ImageFilter.GaussianBlur(radius=r))
+
+    def __repr__(self) -> str:
+        return f"RandomGaussianBlur(p={self.p}, radius={self.radius})"
+
+
+class RandomSolarize:
+    """``ImageOps.solarize`` (values at or above ``threshold`` inverted) with probability ``p``
+    (DINO's / iBOT's ``utils.Solarization``, PIL's default threshold 128); the draw comes from
+    torch's generator, which :class:`SeededDataset` seeds per sample."""
+
+    def __init__(self, p: float, threshold: int = 128) -> None:
+        self.p, self.threshold = p, threshold
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img, self.threshold) if float(torch.rand(())) < self.p else img
+
+    def __repr__(self) -> str:
+        return f"RandomSolarize(p={self.p}, threshold={self.threshold})"
+
+
+#: The crops one augmentation set tells apart: the first global crop, the other global crops,
+#: the local crops.
+VIEW_KINDS = ("first", "other", "local")
+
+# DINO / iBOT (bytedance/ibot main_ibot.py DataAugmentationiBOT, utils.GaussianBlur /
+# Solarization): blur and solarization probabilities of each view kind
+_DINO_BLUR_P = {"first": 1.0, "other": 0.1, "local": 0.5}
+_DINO_SOLARIZE_P = {"first": 0.0, "other": 0.2, "local": 0.0}
+
+
+def photometric_ops(augment: str, view: str) -> list[Any]:
+    """The photometric transforms of augmentation set ``augment`` (``recipe.augment``) for one
+    kind of crop (``view``, one of :data:`VIEW_KINDS`), applied to the PIL crop after the random
+    resized crop and flip.
+
+    ``dino``, as bytedance/ibot's ``DataAugmentationiBOT`` (DINO's): colour jitter (brightness
+    0.4, contrast 0.4, saturation 0.2, hue 0.1) with probability 0.8, grayscale with 0.2, a
+    Gaussian blur of radius in [0.1, 2] with 1.0 on the first global crop, 0.1 on the others and
+    0.5 on the local crops, and solarization with 0.2 on the global crops after the first.
+
+    Raises:
+        ValueError: An unknown set or view kind.
+    """
+    if view not in VIEW_KINDS:
+        raise ValueError(f"view '{view}' is not a kind of crop: use one of {', '.join(VIEW_KINDS)}")
+    if augment == "none":
+        return []
+    if augment != "dino":
+        raise ValueError(f"augment '{augment}' is not an augmentation set: use one of {', '.join(AUGMENTS)}")
+    ops: list[Any] = [
+        transforms.RandomApply(
+            [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+        ),
+        transforms.RandomGrayscale(p=0.2),
+        RandomGaussianBlur(_DINO_BLUR_P[view]),
+    ]
+    if _DINO_SOLARIZE_P[view] > 0:
+        ops.append(RandomSolarize(_DINO_SOLARIZE_P[view]))
+    return ops
 
 
 class MultiView:
     """``views`` independent draws of ``transform`` stacked, ``[V, C, H, W]`` per image: the
     global crops of DINO / iBOT (batched by :func:`collate_skipping` as ``[B, V, C, H, W]``).
-    One view is the transform's own output, ``[C, H, W]``. With ``local_views`` draws of
-    ``local`` as well (the smaller local crops of iBOT's multi-crop, ``DataAugmentationiBOT``:
-    the global crops first, then the local ones), each image is :class:`Crops`."""
+    One view is the transform's own output, ``[C, H, W]``. With ``rest``, the views after the
+    first are drawn from it instead (DINO / iBOT: the first global crop always blurred, the
+    others rarely, and solarized). With ``local_views`` draws of ``local`` as well (the smaller
+    local crops of iBOT's multi-crop, ``DataAugmentationiBOT``: the global crops first, then
+    the local ones), each image is :class:`Crops`."""
 
-    def __init__(self, transform: Any, views: int, local: Any = None, local_views: int = 0) -> None:
+    def __init__(
+        self, transform: Any, views: int, local: Any = None, local_views: int = 0, rest: Any = None
+    ) -> None:
         if local_views and local is None:
             raise ValueError(f"{local_views} local views need their transform (local=...)")
         self.transform = transform
         self.views = views
         self.local = local
         self.local_views = local_views
+        self.rest = transform if rest is None else rest
 
     def __call__(self, img: Any) -> torch.Tensor | Crops:
-        views = torch.stack([self.transform(img) for _ in range(self.views)])
+        views = torch.stack([self.transform(img)] + [self.rest(img) for _ in range(self.views - 1)])
         if self.local_views:
             return Crops(views, torch.stack([self.local(img) for _ in range(self.local_views)]))
         return views[0] if self.views == 1 else views
