@@ -53,3 +53,9 @@ def make_imagefolder(root: Path, classes: int = 3, per_class: int = 8, size: int
 @pytest.fixture
 def tiny_imagefolder(tmp_path: Path) -> Path:
     return make_imagefolder(tmp_path / "data")
+
+
+# Two optimizer steps at batch 4 with a picture at the end: the pretraining run the tests use
+# when they check what the engine builds or feeds, not what it learns.
+TWO_STEP_TRAIN = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "lr_base_batch": 4, "max_steps": 2,
+                  "log_every_steps": 1, "num_recon_images": 2}  # fmt: skip

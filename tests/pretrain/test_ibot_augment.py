@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from conftest import TWO_STEP_TRAIN
 from PIL import Image, ImageFilter
 from torchvision import transforms
 
@@ -244,8 +245,7 @@ def test_engine_builds_each_views_pipeline_from_the_recipe(tiny_imagefolder, tmp
         return checked(root, split, transform, **kw)
 
     monkeypatch.setattr(engine, "imagefolder_checked", capture)
-    train = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "lr_base_batch": 4, "max_steps": 2,
-             "log_every_steps": 1, "num_recon_images": 2}
+    train = TWO_STEP_TRAIN
     cfg = PretrainConfig(data={"source": str(tiny_imagefolder)}, encoder={"arch": ARCH},
                          recipe=MICRO_IBOT_LOCAL, train=train)  # fmt: skip
     res = pretrain(cfg, tmp_path / "run", log=lambda m: None)

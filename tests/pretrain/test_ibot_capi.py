@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TWO_STEP_TRAIN
 from PIL import Image
 
 from harness.core.config import (
@@ -463,8 +464,7 @@ def test_engine_feeds_the_local_crops_to_the_student(tiny_imagefolder, tmp_path,
         return resized(self, x)
 
     monkeypatch.setattr(ViTEncoder, "forward_resized", spy)
-    train = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "lr_base_batch": 4, "max_steps": 2,
-             "log_every_steps": 1, "num_recon_images": 2}
+    train = TWO_STEP_TRAIN
     cfg = PretrainConfig(data={"source": str(tiny_imagefolder)}, encoder={"arch": ARCH},
                          recipe=MICRO_IBOT_LOCAL, train=train)  # fmt: skip
     res = pretrain(cfg, tmp_path / "run", log=lambda m: None)
