@@ -145,6 +145,22 @@ def within_image_std(values: torch.Tensor) -> float:
     return float(v.std(dim=1).mean())
 
 
+def position_share(values: torch.Tensor) -> float:
+    """The share of the targets' variance that their position on the grid explains, ``values``
+    ``[N, L, D]`` (``N`` images, ``L`` positions): the variance of each position's mean over
+    the images divided by the total variance, summed over channels (a one-way ANOVA's
+    between-group share, positions as the groups). Near 1 when a patch's target is mostly its
+    position (the same vector at that place whatever the image): a predictor told the positions
+    can then lower its loss far without reading the context; near 0 when targets vary with the
+    image alone."""
+    v = values.detach().float()
+    if v.dim() != 3 or v.shape[0] < 2:
+        return float("nan")
+    total = v.reshape(-1, v.shape[-1]).var(dim=0, unbiased=False).sum()
+    between = v.mean(dim=0).var(dim=0, unbiased=False).sum()  # [L, D] position means
+    return float(between / total) if total > 0 else float("nan")
+
+
 @TARGETS.register("latent")
 class LatentTarget(Target):
     """Features of an EMA teacher of the encoder, one ``D``-vector per patch.

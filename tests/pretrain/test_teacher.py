@@ -22,7 +22,14 @@ from harness.core.config import (
 )
 from pretrain.engine import param_groups, pretrain
 from pretrain.model import MIMModel
-from pretrain.teacher import EMATeacher, momentum_at, target_std, teacher_mix, within_image_std
+from pretrain.teacher import (
+    EMATeacher,
+    momentum_at,
+    position_share,
+    target_std,
+    teacher_mix,
+    within_image_std,
+)
 
 ENC = EncoderConfig(arch="vit_micro_32")  # 2 blocks, width 32, 4x4 patches of 8 px
 D2V = {"name": "data2vec", "masking": {"min_block_patches": 2, "ratio": 0.5},
@@ -178,6 +185,26 @@ def test_within_image_std_shows_a_spatial_collapse_the_batch_std_misses():
     want = sum(float(x[b, :, c].std()) for b in range(4) for c in range(16)) / 64  # independent
     assert within_image_std(x) == pytest.approx(want, rel=1e-5)
     assert math.isnan(within_image_std(torch.randn(4, 1, 16)))  # one patch: no spread to read
+
+
+def test_position_share_is_the_between_position_variance_share():
+    # targets that are their position's vector alone: share 1; that vector plus image noise
+    # of equal variance: about a half; pure image noise: near 0
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, 16, 8, generator=g)
+    assert position_share(pos.expand(200, 16, 8)) == pytest.approx(1.0, abs=1e-6)
+    assert position_share(torch.randn(200, 16, 8, generator=g)) < 0.02
+    mixed = pos.expand(2000, 16, 8) + torch.randn(2000, 16, 8, generator=g) * float(pos.std())
+    assert 0.4 < position_share(mixed) < 0.6
+    # an independent two-loop computation of the one-way ANOVA share on a small tensor
+    x = torch.randn(5, 3, 2, generator=g, dtype=torch.float64)
+    n, L, D = x.shape
+    grand = [sum(float(x[i, j, d]) for i in range(n) for j in range(L)) / (n * L) for d in range(D)]
+    total = sum((float(x[i, j, d]) - grand[d]) ** 2 for i in range(n) for j in range(L) for d in range(D))
+    means = [[sum(float(x[i, j, d]) for i in range(n)) / n for d in range(D)] for j in range(L)]
+    between = n * sum((means[j][d] - grand[d]) ** 2 for j in range(L) for d in range(D))
+    assert position_share(x) == pytest.approx(between / total, rel=1e-5)
+    assert math.isnan(position_share(torch.randn(1, 4, 2)))  # one image: no spread over images
 
 
 @pytest.mark.parametrize(
