@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+import torch.nn.functional as F
 from torch import nn
 
 from harness.core.config import EncoderConfig
@@ -60,6 +60,29 @@ def set_sincos_pos_embed(pos_embed: nn.Parameter, grid: tuple[int, int]) -> None
         pos_embed.zero_()
         pos_embed[0, 1:].copy_(torch.from_numpy(pe))
     pos_embed.requires_grad_(False)
+
+
+def dino_resample_positions(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """A ``[1, 1 + H * W, D]`` position embedding (class token first) resampled to another
+    patch grid as the DINO / iBOT references do (bytedance/ibot models/vision_transformer.py,
+    ``interpolate_pos_encoding``): bicubic, no antialiasing, no corner alignment, and driven by a
+    *scale factor* of ``(new + 0.1) / old`` per side rather than by the output size, so the
+    sampled source coordinates are ``(i + 0.5) * old / (new + 0.1) - 0.5`` (slightly off
+    those of a size-driven resample, e.g. timm's ``resample_abs_pos_embed``). At the own grid
+    the embedding is returned unchanged, as there."""
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    (oh, ow), (nh, nw) = old_grid, new_grid
+    grid = pos_embed[:, 1:].reshape(1, oh, ow, -1).permute(0, 3, 1, 2)  # [1, D, H, W]
+    out = F.interpolate(
+        grid.float(), scale_factor=((nh + 0.1) / oh, (nw + 0.1) / ow), mode="bicubic",
+        align_corners=False,
+    ).to(pos_embed.dtype)  # fmt: skip
+    if out.shape[-2:] != (nh, nw):
+        raise ValueError(f"resampling a {oh}x{ow} position grid gave {tuple(out.shape[-2:])}, not {nh}x{nw}")
+    return torch.cat([pos_embed[:, :1], out.permute(0, 2, 3, 1).reshape(1, nh * nw, -1)], dim=1)
 
 
 @register_encoder
@@ -153,8 +176,8 @@ class ViTEncoder(Encoder):
     def forward_resized(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm of unmasked images ``[B, C, h, w]`` of another side
         (a multiple of the patch size): the patch grid is theirs, the position embedding is
-        resampled to it, bicubic without antialiasing as the iBOT / DINO reference's
-        ``interpolate_pos_encoding`` (timm's ``resample_abs_pos_embed``); ``[B, 1 + L', D]``."""
+        resampled to it by :func:`dino_resample_positions` (the iBOT / DINO reference's
+        ``interpolate_pos_encoding``); ``[B, 1 + L', D]``."""
         h, w = x.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
@@ -163,10 +186,7 @@ class ViTEncoder(Encoder):
         t = pe.norm(pe.proj(x).flatten(2).transpose(1, 2))  # [B, h*w/p^2, D]
         pos = None
         if self.abs_pos:
-            pos = resample_abs_pos_embed(
-                self.vit.pos_embed, new_size=[h // p, w // p], old_size=list(self.grid_size),
-                num_prefix_tokens=1, interpolation="bicubic", antialias=False,
-            )  # fmt: skip
+            pos = dino_resample_positions(self.vit.pos_embed, self.grid_size, (h // p, w // p))
         t = self._add_positions(t, pos)
         return self.vit.norm(self.vit.blocks(self.vit.norm_pre(t)))
 

@@ -292,11 +292,13 @@ def test_vit_encodes_other_sizes_with_resampled_positions():
         small = torch.randn(2, 3, 16, 16)
         out = enc.forward_resized(small)
         assert out.shape == (2, 1 + 4, 32)
-        # independently: the 4x4 position grid resized to 2x2 (bicubic, as the reference's
-        # interpolate_pos_encoding), patch embedding, class token, blocks, final norm
+        # independently, as the reference's interpolate_pos_encoding: the 4x4 position grid
+        # scaled by (2 + 0.1) / 4 (bicubic), patch embedding, class token, blocks, final norm
         pos = enc.vit.pos_embed
         grid = pos[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
-        small_pos = F.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False)
+        small_pos = F.interpolate(grid, scale_factor=(2.1 / 4, 2.1 / 4), mode="bicubic")
+        by_size = F.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False)
+        assert (small_pos - by_size).abs().max() > 1e-3  # a size-driven resample would fail here
         t = enc.vit.patch_embed.proj(small).flatten(2).transpose(1, 2)
         t = t + small_pos.permute(0, 2, 3, 1).reshape(1, 4, 32)
         t = torch.cat([(enc.vit.cls_token + pos[:, :1]).expand(2, -1, -1), t], dim=1)
