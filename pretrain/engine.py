@@ -40,7 +40,8 @@
   the visible patches pasted; HOG, colors and tokens: target and prediction drawn; latent
   targets: the masks only, plus ``target_stats.png``, the target std over the batch, its std
   within each image (spatial collapse) and the student-teacher cosine per step; steps whose target std falls below ``recipe.teacher.collapse_std`` are
-  logged and counted in the summary).
+  logged and counted in the summary, and a run whose targets spread within images less than
+  half as much as over the batch is logged and flagged as a spatial collapse).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ from pretrain.avgdist import encoder_avgdist
 from pretrain.feed import Feed, IndexFeed, StreamFeed
 from pretrain.inits import encoder_definition
 from pretrain.model import MIMModel, create_model
-from pretrain.teacher import teacher_mix
+from pretrain.teacher import SPATIAL_COLLAPSE_RATIO, teacher_mix, within_to_batch_ratio
 from pretrain.viz import render_recon_grid, render_series
 
 CHECKPOINT = "checkpoint.pth"
@@ -873,6 +874,13 @@ def _teacher_summary(run: _Run, exported: str) -> dict[str, Any]:
     atomic_write_bytes(plot, render_series([h["step"] for h in run.history], drawn))
     final = {k: next((v for v in reversed(series[k]) if math.isfinite(v)), None) for k in keys}
     init_share, centre = teacher_mix(teacher, run.total_steps)
+    ratio = within_to_batch_ratio(run.history)
+    spatial = ratio is not None and ratio < SPATIAL_COLLAPSE_RATIO
+    if spatial:
+        run.log(f"[pretrain {run.cfg.name}] spatial collapse: over the last logged steps the "
+                f"targets spread {ratio:.2f} times as much within an image as over the batch "
+                f"(below {SPATIAL_COLLAPSE_RATIO}): each image's patches get nearly one target, "
+                "which a predictor can copy from the visible patches; see target_stats.png")  # fmt: skip
     if exported == "teacher" and init_share > 0.01:
         run.log(f"[pretrain {run.cfg.name}] the exported teacher still holds {init_share:.1%} of "
                 f"its random initialisation and averages students centred at {centre:.0%} of the "
@@ -892,6 +900,12 @@ def _teacher_summary(run: _Run, exported: str) -> dict[str, Any]:
         "collapse": {
             "threshold": teacher.collapse_std,
             "steps": _collapsed_steps(run.history, teacher.collapse_std),
+        },
+        # pretrain.teacher.within_to_batch_ratio: None for targets without a within-image std
+        "spatial_collapse": {
+            "within_to_batch_std": ratio,
+            "threshold": SPATIAL_COLLAPSE_RATIO,
+            "flagged": spatial,
         },
     }
 

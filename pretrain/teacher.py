@@ -145,6 +145,27 @@ def within_image_std(values: torch.Tensor) -> float:
     return float(v.std(dim=1).mean())
 
 
+# A latent run whose targets spread within each image less than half as much as over the batch
+# (at least about three quarters of their variance one vector per image) is flagged as a
+# spatial collapse. Ours: at init a ViT's layer-normed targets sit near 0.75; issue 13's I-JEPA
+# demo run ended at 0.29, data2vec's at 0.85 (results/latent_demo/README section).
+SPATIAL_COLLAPSE_RATIO = 0.5
+
+
+def within_to_batch_ratio(history: list[dict[str, float]], last: int = 10) -> float | None:
+    """The mean of ``target_std_within / target_std`` over the last ``last`` logged steps that
+    have both (None when none has: a target without a within-image std, iBOT's or CAPI's
+    distributions). Below :data:`SPATIAL_COLLAPSE_RATIO`: a spatial collapse, which the
+    batch-wide std alone (the ``collapse_std`` check) does not see."""
+    pairs = [(h["target_std_within"], h["target_std"]) for h in history
+             if math.isfinite(h.get("target_std_within", math.nan))
+             and h.get("target_std", 0.0) > 0.0]  # fmt: skip
+    if not pairs:
+        return None
+    tail = pairs[-last:]
+    return sum(w / b for w, b in tail) / len(tail)
+
+
 def position_share(values: torch.Tensor) -> float:
     """The share of the targets' variance that their position on the grid explains, ``values``
     ``[N, L, D]`` (``N`` images, ``L`` positions): the variance of each position's mean over

@@ -23,12 +23,14 @@ from harness.core.config import (
 from pretrain.engine import param_groups, pretrain
 from pretrain.model import MIMModel
 from pretrain.teacher import (
+    SPATIAL_COLLAPSE_RATIO,
     EMATeacher,
     momentum_at,
     position_share,
     target_std,
     teacher_mix,
     within_image_std,
+    within_to_batch_ratio,
 )
 
 ENC = EncoderConfig(arch="vit_micro_32")  # 2 blocks, width 32, 4x4 patches of 8 px
@@ -309,6 +311,36 @@ def test_pretraining_with_a_teacher_writes_stats_and_exports_per_config(tiny_ima
     assert summary["final_target_std_within"] == pytest.approx(hist[-1]["target_std_within"])
     share, centre = teacher_mix(cfg.recipe.teacher, 3)  # type: ignore[arg-type]
     assert (summary["teacher_init_share"], summary["teacher_centre"]) == pytest.approx((share, centre))
+    want = sum(h["target_std_within"] / h["target_std"] for h in hist) / len(hist)  # 3 steps < 10
+    spatial = summary["spatial_collapse"]
+    assert spatial["within_to_batch_std"] == pytest.approx(want)
+    assert spatial["flagged"] == (want < SPATIAL_COLLAPSE_RATIO) and spatial["threshold"] == 0.5
+
+
+def test_within_to_batch_ratio_averages_the_last_logged_steps():
+    hist = [{"target_std": 1.0, "target_std_within": 0.9}] * 5 + [
+        {"target_std": 2.0, "target_std_within": 0.2 * (i + 1)} for i in range(10)
+    ]
+    assert within_to_batch_ratio(hist) == pytest.approx(sum(0.1 * (i + 1) for i in range(10)) / 10)
+    assert within_to_batch_ratio(hist, last=2) == pytest.approx((0.9 + 1.0) / 2)
+    assert within_to_batch_ratio([{"target_std": 1.0, "target_std_within": math.nan}]) is None
+    assert within_to_batch_ratio([]) is None
+
+
+def test_a_spatial_collapse_is_logged_and_flagged(tiny_imagefolder, tmp_path, monkeypatch):
+    from pretrain.teacher import LatentTarget
+
+    def one_vector_per_image(self, pred, tgt, mask):  # targets spread 10x less within images
+        return {"target_std": 1.0, "target_std_within": 0.1, "cosine": 0.5}
+
+    monkeypatch.setattr(LatentTarget, "statistics", one_vector_per_image)
+    lines: list[str] = []
+    res = pretrain(_cfg(tiny_imagefolder, 2, log_every_steps=1), tmp_path / "o", log=lines.append)
+    summary = json.loads((res.out_dir / "summary.json").read_text())
+    assert summary["spatial_collapse"] == {"within_to_batch_std": pytest.approx(0.1),
+                                           "threshold": 0.5, "flagged": True}  # fmt: skip
+    assert summary["collapse"]["steps"] == 0  # the batch-wide check sees nothing
+    assert any("spatial collapse" in m and "0.10 times" in m for m in lines)
 
 
 @pytest.mark.slow
