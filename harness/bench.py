@@ -185,15 +185,17 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of measured rows (and a row per failed target)."""
-    head = ("target", "arch", "img", "batch", "step s", "img/s", "peak MB", "GFLOP/img", "MFU")
+    head = ("target", "arch", "img", "batch", "step s", "img/s", "peak MB", "GFLOP/img", "MFU",
+            "compile s")  # fmt: skip
     body = []
     for r in rows:
         if "error" in r:
-            body.append((r["target"], r.get("arch", ""), "", "", "failed: " + r["error"][-60:], "", "", "", ""))
+            body.append((r["target"], r.get("arch", ""), "", "", "failed: " + r["error"][-60:], "", "", "", "", ""))
             continue
         body.append((r["target"], r["arch"], str(r["img"]), str(r["batch"]), _fmt(r["step_s"], 3),
                      _fmt(r["img_per_s"]), _fmt(r["peak_mb"], 0), _fmt(r["gflops_per_img"], 1),
-                     "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"))  # fmt: skip
+                     "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                     _fmt(r.get("compile_s"), 1)))  # fmt: skip
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip() for x in [head, *body]]
     return "\n".join(lines)
@@ -212,11 +214,12 @@ def compare(rows: list[dict[str, Any]], a: str, b: str) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Measured rows as CSV (one column per :data:`COLUMNS`, plus ``error``)."""
+    """Measured rows as CSV (one column per :data:`COLUMNS`, plus ``compile_s``: the warm-up
+    step's seconds of a ``+compile`` row, empty elsewhere; and ``error``)."""
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "error"], extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "compile_s", "error"], extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow(r)

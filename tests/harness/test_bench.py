@@ -86,7 +86,10 @@ def test_compare_table_and_csv(tmp_path):
     with open(tmp_path / "b.csv") as f:
         got = list(csv.DictReader(f))
     assert [r["target"] for r in got] == ["a", "b", "c"] and got[2]["error"] == "RuntimeError: boom"
-    assert float(got[1]["img_per_s"]) == 4.0
+    assert float(got[1]["img_per_s"]) == 4.0 and got[0]["compile_s"] == ""
+    bench.write_csv([{**rows[0], "compile_s": 12.5}], tmp_path / "c.csv")
+    with open(tmp_path / "c.csv") as f:
+        assert float(next(csv.DictReader(f))["compile_s"]) == 12.5  # a compiled row's warm-up
 
 
 def test_peak_fraction_uses_the_device_table():
@@ -189,3 +192,4 @@ def test_a_compiled_pretraining_step_is_timed(monkeypatch):
                         device_name="cpu")  # fmt: skip
     assert row["target"] == "pretrain/mae_micro+compile" and row["gflops_per_img"] is None
     assert row["compile_s"] > 0 and row["step_s"] > 0
+    assert f"{row['compile_s']:.1f}" in bench.format_table([row]).splitlines()[1]  # shown
