@@ -877,7 +877,7 @@ def _teacher_summary(run: _Run, exported: str) -> dict[str, Any]:
     ratio = within_to_batch_ratio(run.history)
     spatial = ratio is not None and ratio < SPATIAL_COLLAPSE_RATIO
     if spatial:
-        run.log(f"[pretrain {run.cfg.name}] spatial collapse: over the last logged steps the "
+        run.log(f"[pretrain {run.cfg.name}] spatial collapse: over the last 10 steps the "
                 f"targets spread {ratio:.2f} times as much within an image as over the batch "
                 f"(below {SPATIAL_COLLAPSE_RATIO}): each image's patches get nearly one target, "
                 "which a predictor can copy from the visible patches; see target_stats.png")  # fmt: skip

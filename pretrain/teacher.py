@@ -153,8 +153,8 @@ SPATIAL_COLLAPSE_RATIO = 0.5
 
 
 def within_to_batch_ratio(history: list[dict[str, float]], last: int = 10) -> float | None:
-    """The mean of ``target_std_within / target_std`` over the last ``last`` logged steps that
-    have both (None when none has: a target without a within-image std, iBOT's or CAPI's
+    """The mean of ``target_std_within / target_std`` over the last ``last`` steps of the run's
+    history (one entry per optimizer step) that have both (None when none has: a target without a within-image std, iBOT's or CAPI's
     distributions). Below :data:`SPATIAL_COLLAPSE_RATIO`: a spatial collapse, which the
     batch-wide std alone (the ``collapse_std`` check) does not see."""
     pairs = [(h["target_std_within"], h["target_std"]) for h in history

@@ -1,4 +1,5 @@
-"""How much of a latent-target run's loss a predictor can get from positions alone.
+"""How much of a latent-target run's loss a predictor can get without reading the predicted
+place: from positions alone, or from positions plus the image's average over its context.
 
 For each finished pretraining run given (a directory with ``config.yaml`` and
 ``checkpoint.pth``, a recipe with an EMA-teacher target), on the val split of its data at the
@@ -23,7 +24,7 @@ same figures before any training (the predictor then predicts nothing useful).
 If ``model`` is close to ``position``, the predictor learned little beyond where each patch is.
 Issue 13's I-JEPA demo row was read with this (results/latent_demo/README.md)::
 
-    python scripts/latent_position_shortcut.py runs/latent_demo/<run>/pretrain ...
+    python scripts/latent_position_shortcut.py --at-init runs/latent_demo/pretrain/<run> ...
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 from harness.core.config import PretrainConfig  # noqa: E402
 from harness.core.config.loading import load_config  # noqa: E402
-from harness.core.data.datasets import eval_transform, resolve_imagefolder_root  # noqa: E402
-from pretrain.engine import imagefolder_checked  # noqa: E402
+from harness.core.data.datasets import (  # noqa: E402
+    eval_transform,
+    imagefolder_checked,
+    resolve_imagefolder_root,
+)
 from pretrain.model import create_model  # noqa: E402
 from pretrain.targets import TargetOut  # noqa: E402
 from pretrain.teacher import position_share  # noqa: E402
