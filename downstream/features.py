@@ -40,7 +40,7 @@ from harness.core.data.datasets import (
     skipped_message,
     unreadable_image_error,
 )
-from harness.core.fsutil import atomic_write_bytes, canonical_json
+from harness.core.fsutil import atomic_write_bytes, cache_home, canonical_json
 from harness.core.tracking import progress
 from harness.core.training import autocast_dtype
 from pretrain.encoders.base import Encoder
@@ -52,8 +52,7 @@ FEATURE_CACHE_VERSION = 2  # 2: file sizes and mtimes in the key, skipped files 
 
 def default_feature_cache_dir() -> Path:
     """``$MIMBENCH_CACHE/features``, or ``~/.cache/mimbench/features``."""
-    env = os.environ.get("MIMBENCH_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "mimbench") / "features"
+    return cache_home() / "features"
 
 
 def encoder_fingerprint(encoder: nn.Module) -> str:

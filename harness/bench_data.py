@@ -45,6 +45,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from harness.cli_args import CliParser, int_at_least
+from harness.core.data import jpegcrop
 from harness.core.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -53,6 +54,7 @@ from harness.core.data.datasets import (
     imagefolder_checked,
 )
 from harness.core.data.fastdecode import (
+    DraftRandomResizedCrop,
     fast_pretrain_transform,
     loader_options,
     to_device_normalized,
@@ -191,6 +193,7 @@ def stage_profile(folder: Path, img: int, n: int = 64, repeat: int = 3) -> list[
     to_tensor, normalize = transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     batch = torch.stack(small)
     base_tf, fast_tf = _baseline_tf(img), fast_pretrain_transform(img, CROP_SCALE, True)
+    full_tf = DraftRandomResizedCrop(img, scale=CROP_SCALE, crop_decode=False)
 
     def tv_resize(i: int) -> torch.Tensor:
         x0, y0, x1, y1 = pil_boxes[i]
@@ -207,6 +210,8 @@ def stage_profile(folder: Path, img: int, n: int = 64, repeat: int = 3) -> list[
         "Normalize": lambda i: normalize(small[i].float()),
         "torchvision decode_jpeg (uint8 tensor)": lambda i: decode_jpeg(
             torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8), mode=ImageReadMode.RGB),
+        "libjpeg-turbo partial decode of the box (jpegcrop)": lambda i: jpegcrop.decode_box(
+            bytearray(datas[i]), boxes[i][0], boxes[i][1], boxes[i][2], boxes[i][3], pils[i].size[0]),
         "torch: uint8 antialiased bicubic resize of the box": tv_resize,
         "torch: flip (uint8)": lambda i: small[i].flip(-1),
         "uint8 batch normalised on the device (cpu)": lambda i: to_device_normalized(
@@ -214,6 +219,7 @@ def stage_profile(folder: Path, img: int, n: int = 64, repeat: int = 3) -> list[
         "whole baseline transform (decode to normalised)": lambda i: base_tf(
             Image.open(io.BytesIO(datas[i])).convert("RGB")),
         "whole fast transform (decode to uint8)": lambda i: fast_tf(Image.open(io.BytesIO(datas[i]))),
+        "whole fast transform, whole-image decode": lambda i: full_tf(Image.open(io.BytesIO(datas[i]))),
     }  # fmt: skip
     best = dict.fromkeys(stages, float("inf"))
     for _ in range(repeat):
@@ -278,6 +284,7 @@ def main(argv: list[str]) -> int:
         print(f"{args.images} JPEGs up to {args.width} x {args.height} ({mb:.1f} MB) and their "
               f"shards written in {time.time() - t0:.1f}s; crops of {args.img_size} px, batch "
               f"{args.batch}, {args.workers} worker(s), device {device}, best of {args.repeat}")
+        print(jpegcrop.status())
         rows = measure(folder, shards, args.img_size, args.batch, args.workers, args.repeat, device)
         stages = stage_profile(folder, args.img_size, repeat=args.repeat) if args.stages else []
     print(format_rows(rows))

@@ -66,7 +66,17 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || log "could not install chromium; the browser test will say so"
 fi
 
+# libjpeg-turbo's headers, for the JPEG crop decoder of the fast data path (a small C helper
+# built on first use; without them the fast path decodes whole images: same pixels, slower).
+if ! printf '#include <stdio.h>\n#include <jpeglib.h>\n' | cc -E -x c - >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  log "installing libjpeg-dev (headers of the JPEG crop decoder)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjpeg-dev >/dev/null) \
+    || log "could not install libjpeg-dev; the fast data path will decode whole images"
+fi
+
 log "installing mimbench with its extras"
 "${PIP[@]}" install -q -e "$ROOT[mm,dev]"
 "$VPY" -c 'import torch, torchvision, timm, mmcv.ops, mmdet, mmseg, mmengine, pandas; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__, "mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmseg", mmseg.__version__)'
+"$VPY" -m harness.core.data.jpegcrop
 log "environment ready in $(( $(date +%s) - t0 )) s: $VENV"

@@ -141,6 +141,13 @@ def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     return Path(path)
 
 
+def cache_home() -> Path:
+    """mimbench's cache directory: ``$MIMBENCH_CACHE``, or ``~/.cache/mimbench`` when the
+    variable is unset (generated datasets, feature caches, built helpers live under it)."""
+    env = os.environ.get("MIMBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mimbench"
+
+
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     """Returns the hex SHA-256 digest of a file, read in chunks.
 

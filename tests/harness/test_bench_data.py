@@ -19,6 +19,9 @@ def test_bench_data_prints_the_three_rows(tmp_path, capsys):
     names = [line.split(" | ")[0][2:] for line in stages]
     assert "torchvision decode_jpeg (uint8 tensor)" in names
     assert "whole fast transform (decode to uint8)" in names
+    assert "libjpeg-turbo partial decode of the box (jpegcrop)" in names
+    assert "whole fast transform, whole-image decode" in names
+    assert "JPEG crop decode on: libjpeg-turbo" in out or "JPEG crop decode off: " in out
     assert (tmp_path / "shards" / "manifest.json").is_file()  # --dir keeps what it wrote
     assert "load average" in out
 

@@ -18,7 +18,9 @@ path), then takes one of three routes:
   view (no copy) and resized by ``torch.nn.functional.interpolate(..., antialias=True)`` on the
   uint8 tensor: PIL's resampling (the same bicubic kernel, a = -0.5, widened by the downscale
   factor) in torch's vectorised uint8 kernel, within rounding of PIL's ``resize`` (mean absolute
-  difference about 0.05 grey levels on ImageNet-sized crops; the test states the bound). On
+  difference about 0.05 grey levels on ImageNet-sized crops; the test states the bound). Where
+  the helper of :mod:`~harness.core.data.jpegcrop` is built, only the box is decoded
+  (libjpeg-turbo's partial decode: the same pixels as the box of a full decode). On
   ImageNet-sized JPEGs at 224 px every crop takes this route; decode plus resize cost about
   half of PIL's (``mimbench bench data``; results/bench/issue15_data_cpu.txt).
 * ``pil`` (not a JPEG, or a JPEG in another mode, e.g. CMYK): the slow path's decode, crop and
@@ -45,6 +47,7 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
+from harness.core.data import jpegcrop
 from harness.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from harness.core.data.imagefolder import LazyDecode
 
@@ -74,6 +77,9 @@ class DraftRandomResizedCrop(LazyDecode):
         interpolation: Bicubic (the papers') or bilinear.
         output: ``uint8`` (a ``[3, size, size]`` uint8 tensor, normalised later on the device)
             or ``pil`` (an RGB image, for transforms that continue on PIL images).
+        crop_decode: On the ``tensor`` route, decode only the box where the JPEG crop decoder
+            is available (:mod:`~harness.core.data.jpegcrop`: the same pixels as decoding the
+            whole image, faster); False always decodes the whole image.
     """
 
     def __init__(
@@ -84,9 +90,13 @@ class DraftRandomResizedCrop(LazyDecode):
         hflip: bool = True,
         interpolation: InterpolationMode = InterpolationMode.BICUBIC,
         output: str = "uint8",
+        crop_decode: bool = True,
     ) -> None:
         if output not in ("uint8", "pil"):
             raise ValueError(f"output must be 'uint8' or 'pil', got {output!r}")
+        self.crop_decode = crop_decode
+        if crop_decode:  # build / load it here, before loader workers start, not in each
+            jpegcrop.library()
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.hflip, self.output = hflip, output
         self.resample = _PIL_INTERP[interpolation]
@@ -94,6 +104,7 @@ class DraftRandomResizedCrop(LazyDecode):
         self.last_box: tuple[int, int, int, int] | None = None  # (top, left, h, w): for tests
         self.last_draft = 1  # the reduction of the last decode (1: full size)
         self.last_route = ""  # the route of the last image: draft, tensor or pil
+        self.last_decode = ""  # on the tensor route: box (the crop decoder) or full
 
     def __repr__(self) -> str:
         return (f"DraftRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
@@ -111,8 +122,9 @@ class DraftRandomResizedCrop(LazyDecode):
             self.last_route = "tensor"
             fp.seek(0)
             data = bytearray(fp.read())
+            width = img.size[0]
             img.close()
-            x = self._tensor_crop(data, top, left, h, w)  # [3, S, S] uint8
+            x = self._tensor_crop(data, top, left, h, w, width)  # [3, S, S] uint8
             if flip:
                 x = x.flip(-1)
             return x if self.output == "uint8" else Image.fromarray(x.permute(1, 2, 0).numpy())
@@ -123,15 +135,21 @@ class DraftRandomResizedCrop(LazyDecode):
             return out
         return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
 
-    def _tensor_crop(self, data: bytearray, top: int, left: int, h: int, w: int) -> torch.Tensor:
-        """The box of a JPEG file's bytes decoded by libjpeg-turbo to a tensor and resized by
+    def _tensor_crop(self, data: bytearray, top: int, left: int, h: int, w: int,
+                     width: int) -> torch.Tensor:  # fmt: skip
+        """The box of a JPEG file's bytes decoded by libjpeg-turbo to a tensor (the box alone
+        where :mod:`~harness.core.data.jpegcrop` can, else the whole image) and resized by
         torch (uint8)."""
-        try:
-            x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError as exc:  # truncated or corrupt: PIL raises OSError for these
-            raise OSError(f"JPEG does not decode: {str(exc).splitlines()[-1]}") from None
-        box = x[None, :, top : top + h, left : left + w]  # [1, 3, h, w], a view
-        out = F.interpolate(box, size=(self.size, self.size), mode=self.torch_mode, antialias=True)
+        box = jpegcrop.decode_box(data, top, left, h, w, width) if self.crop_decode else None
+        self.last_decode = "box" if box is not None else "full"
+        if box is None:
+            try:
+                x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except RuntimeError as exc:  # truncated or corrupt: PIL raises OSError for these
+                raise OSError(f"JPEG does not decode: {str(exc).splitlines()[-1]}") from None
+            box = x[:, top : top + h, left : left + w]  # [3, h, w], a view
+        out = F.interpolate(box[None], size=(self.size, self.size), mode=self.torch_mode,
+                            antialias=True)  # fmt: skip
         return out[0]
 
     def _pil_crop(self, img: Image.Image, top: int, left: int, h: int, w: int) -> Image.Image:

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from harness.core.errors import UserError
+from harness.core.fsutil import cache_home
 
 CLASSES: tuple[str, ...] = (
     "circle",
@@ -627,8 +628,7 @@ def generate_shapes(
 
 def default_cache_root() -> Path:
     """``$MIMBENCH_CACHE/data``, or ``~/.cache/mimbench/data`` when the variable is unset."""
-    env = os.environ.get("MIMBENCH_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "mimbench") / "data"
+    return cache_home() / "data"
 
 
 def ensure_shapes(spec: ShapesSpec = ShapesSpec(), cache_root: str | Path | None = None) -> Path:
