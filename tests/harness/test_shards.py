@@ -51,6 +51,26 @@ def make_imagefolder(root: Path, train: int = 4, val: int = 2, size: tuple[int, 
     return root
 
 
+def members(out: Path, split: str, entry: dict) -> list:
+    """A shard's members as its index lists them."""
+    return shards.shard_members(out / split, entry)
+
+
+def rewrite_index(out: Path, split: str, shard: int, edit) -> dict:
+    """Edit one shard's index (``edit(members)``) and record its new sha256 in the manifest, as
+    a writer that got the index wrong would; returns the shard's manifest entry."""
+    man = read_manifest(out)
+    entry = man["splits"][split]["shards"][shard]
+    path = out / split / entry["index"]
+    index = json.loads(path.read_text())
+    edit(index["members"])
+    raw = json.dumps(index).encode()
+    path.write_bytes(raw)
+    entry["index_sha256"] = hashlib.sha256(raw).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(man))
+    return entry
+
+
 @pytest.fixture()
 def data(tmp_path):
     src = make_imagefolder(tmp_path / "if")
@@ -66,16 +86,20 @@ def test_manifest_and_tar_layout(data):
     train = man["splits"]["train"]
     assert train["samples"] == 12 and len(train["shards"]) == 6  # ceil(12 / 2)
     assert man["splits"]["val"]["samples"] == 6
+    assert man["version"] == 2 and "members" not in json.dumps(man)  # members in the indexes
     seen = set()
     for entry in train["shards"]:
         path = out / "train" / entry["name"]
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert entry["bytes"] == path.stat().st_size
+        index = out / "train" / entry["index"]
+        assert index.name == entry["name"].replace(".tar", ".idx.json")
+        assert entry["index_sha256"] == hashlib.sha256(index.read_bytes()).hexdigest()
         with tarfile.open(path) as tar:
             names = tar.getnames()
             # WebDataset's grouping: KEY.ext then KEY.cls, consecutive
             assert len(names) == 2 * entry["samples"]
-            for key, ext, label, off, size in entry["members"]:
+            for key, ext, label, off, size in members(out, "train", entry):
                 i = names.index(f"{key}.{ext}")
                 assert names[i + 1] == f"{key}.cls"
                 assert tar.extractfile(f"{key}.cls").read() == str(label).encode()
@@ -103,7 +127,8 @@ def test_interrupted_write_leaves_no_complete_looking_shard_and_no_manifest(tmp_
     with pytest.raises(KeyboardInterrupt):
         write_shards(src, tmp_path / "out", shard_size=2, log=lambda m: None)
     files = sorted(p.name for p in (tmp_path / "out" / "train").iterdir())
-    assert files == ["train-000000.tar", "train-000001.tar"]  # complete ones only, no temp
+    assert files == ["train-000000.idx.json", "train-000000.tar", "train-000001.idx.json",
+                     "train-000001.tar"]  # complete ones only, no temp  # fmt: skip
     assert not (tmp_path / "out" / "manifest.json").exists()
     with pytest.raises(DatasetError, match="manifest.json is missing"):
         read_manifest(tmp_path / "out")
@@ -139,7 +164,7 @@ def test_data_config_detects_or_insists_on_the_layout(data):
 def _damage_member(out: Path, split: str, shard: int, member: int) -> str:
     """Overwrite one image member's bytes with junk of the same size; returns its name."""
     entry = read_manifest(out)["splits"][split]["shards"][shard]
-    key, ext, _, off, size = entry["members"][member]
+    key, ext, _, off, size = members(out, split, entry)[member]
     path = out / split / entry["name"]
     raw = bytearray(path.read_bytes())
     raw[off : off + size] = b"\0" * size
@@ -150,14 +175,13 @@ def _damage_member(out: Path, split: str, shard: int, member: int) -> str:
 def test_random_access_skips_or_fails_on_damage(data):
     _, out = data
     bad = _damage_member(out, "val", 0, 1)  # same size: a member that does not decode
-    man = read_manifest(out)
-    renamed = man["splits"]["val"]["shards"][1]
-    renamed["members"][0][0] = "cat/renamed"  # the manifest no longer matches the shard
-    (out / "manifest.json").write_text(json.dumps(man))
+    # the index no longer matches the shard
+    renamed = rewrite_index(out, "val", 1, lambda ms: ms[0].__setitem__(0, "cat/renamed"))
+    ext = members(out, "val", renamed)[0][1]
     ds = imagefolder_checked(out, "val", None)
     names = [Path(p).relative_to(ds.root).as_posix() for p, _ in ds.samples]
     unreadable = {names[i] for i in range(len(ds)) if ds[i] is None}
-    assert unreadable == {bad, f"{renamed['name']}/cat/renamed.{renamed['members'][0][1]}"}
+    assert unreadable == {bad, f"{renamed['name']}/cat/renamed.{ext}"}
     strict = imagefolder_checked(out, "val", None, strict=True)
     i = names.index(bad)
     with pytest.raises(DatasetError, match=f"unreadable image .*{bad}"):
@@ -215,13 +239,13 @@ def test_stream_order_is_seeded_per_epoch_and_split_over_ranks(data):
     ranks = [_keys(_stream(out, rank=r, world=2), 0) for r in range(2)]
     assert not set(ranks[0]) & set(ranks[1])
     shard_of = {f"{k}": e["name"] for e in read_manifest(out)["splits"]["train"]["shards"]
-                for k in (f"{e['name']}/{m[0]}.{m[1]}" for m in e["members"])}  # fmt: skip
+                for k in (f"{e['name']}/{m[0]}.{m[1]}" for m in members(out, "train", e))}  # fmt: skip
     assert not {shard_of[k] for k in ranks[0]} & {shard_of[k] for k in ranks[1]}
     # unshuffled, a slot streams its shards in order: the buffer is what mixes them
     plain = _keys(_stream(out, buffer=0), 0)
     s = _stream(out, buffer=0)
     want = [f"{s.entries[i]['name']}/{m[0]}.{m[1]}" for i in s.slot_shards(0, 0, 0)
-            for m in s.entries[i]["members"]][: s.slot_samples()]  # fmt: skip
+            for m in members(out, "train", s.entries[i])][: s.slot_samples()]  # fmt: skip
     assert plain == want and sorted(plain) == sorted(a)
 
 
@@ -274,7 +298,7 @@ def test_webdataset_grouping_of_the_members(data):
             prefix, base = m.name.rsplit("/", 1)
             key, ext = base.split(".", 1)
             groups.setdefault(f"{prefix}/{key}", {})[ext] = tar.extractfile(m).read()
-    for key, ext, label, _, _ in entry["members"]:
+    for key, ext, label, _, _ in members(out, "train", entry):
         assert int(groups[key]["cls"]) == label
         Image.open(io.BytesIO(groups[key][ext])).load()
 
@@ -383,3 +407,82 @@ def test_the_synthetic_datasets_manifest_is_not_a_shard_manifest(tmp_path):
     with pytest.raises(shards.DatasetError, match="not valid JSON"):
         shards.read_manifest(tmp_path / "bad")
     assert not shards.is_shard_root(tmp_path)  # no manifest at all
+
+
+def test_a_missing_or_damaged_index(data):
+    """The stream yields the shard's samples as unreadable items (its count from the manifest,
+    so every slot keeps its length) naming the index; the random access reader cannot list the
+    shard's samples and stops, naming the index and the fix."""
+    _, out = data
+    full = _keys(_stream(out), 0)
+    man = read_manifest(out)
+    gone = man["splits"]["train"]["shards"][1]
+    (out / "train" / gone["index"]).unlink()
+    damaged = man["splits"]["train"]["shards"][4]
+    path = out / "train" / damaged["index"]
+    path.write_text(path.read_text().replace('"members"', '"membres"'))
+    stream = _stream(out)
+    stream.set_position(0)
+    tally, keys = StreamTally("train"), []
+    for _, _, _, names, why in DataLoader(stream, batch_size=2, collate_fn=collate_stream):
+        tally.add(why)
+        keys += names
+    assert len(keys) == len(full)
+    lost = {k for k in full if k.startswith((gone["name"], damaged["name"]))}
+    assert len(tally.skipped) == len(lost)
+    assert {k.split("/")[0] for k in tally.skipped} == {gone["name"], damaged["name"]}
+    whys = set(tally.skipped.values())
+    assert any(gone["index"] in w and "No such file" in w for w in whys)
+    assert any(damaged["index"] in w and "sha256" in w for w in whys)
+    with pytest.raises(DatasetError, match=f"cannot list the samples of shard .*{gone['name']}.*mimbench data shard"):
+        imagefolder_checked(out, "train", None)
+    with pytest.raises(DatasetError, match="unreadable sample"):
+        list(_stream(out, strict=True))
+
+
+def test_an_index_that_lists_other_members_than_the_manifest_counts(data):
+    _, out = data
+    entry = rewrite_index(out, "train", 0, lambda ms: ms.pop())
+    with pytest.raises(OSError, match=f"{entry['index']} lists 1 members, the manifest 2"):
+        members(out, "train", entry)
+
+
+def test_a_version_1_manifest_with_the_members_inline_is_still_read(data):
+    """Datasets written before the per-shard indexes: the same samples, order and batches."""
+    src, out = data
+    want_keys = _keys(_stream(out), 0)
+    want = imagefolder_checked(out, "train", None)
+    man = read_manifest(out)
+    for split in ("train", "val"):
+        for e in man["splits"][split]["shards"]:
+            e["members"] = members(out, split, e)
+            (out / split / e.pop("index")).unlink()
+            e.pop("index_sha256")
+    man["version"] = 1
+    (out / "manifest.json").write_text(json.dumps(man))
+    got = imagefolder_checked(out, "train", None)
+    assert got.samples == want.samples
+    assert np.array_equal(np.asarray(got[3][0]), np.asarray(want[3][0]))
+    assert _keys(_stream(out), 0) == want_keys
+    man["version"] = 3
+    (out / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DatasetError, match=r"version \(1, 2\)"):
+        read_manifest(out)
+
+
+@pytest.mark.slow
+def test_the_manifest_scale_benchmark_runs_and_shows_the_two_versions():
+    """``scripts/manifest_scale.py`` on a small split (no timing asserted): both rows, and the
+    version 2 manifest.json much smaller than version 1's (the members moved to the indexes)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "manifest_scale.py"), "--images",
+                          "3000", "--shard-size", "500"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.splitlines()
+            if line.startswith("| version")}  # fmt: skip
+    assert set(rows) == {"version 1", "version 2"}
+    v1_mb, v2_mb = float(rows["version 1"][1]), float(rows["version 2"][1])
+    assert v2_mb * 20 < v1_mb and float(rows["version 2"][2]) > 0  # index files written
