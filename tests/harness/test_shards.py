@@ -260,6 +260,17 @@ def test_stream_refuses_to_resume_with_other_workers_or_ranks(data):
         _stream(out, num_workers=4, world=2)
 
 
+def _tallied(stream: ShardStream) -> tuple[StreamTally, list[str]]:
+    """One epoch of ``stream`` from its start: its unreadable samples tallied, every name."""
+    stream.set_position(0)
+    tally, keys = StreamTally("train"), []
+    for imgs, _, kept, names, why in DataLoader(stream, batch_size=2, collate_fn=collate_stream):
+        tally.add(why)
+        keys += names
+        assert imgs.shape[0] == int(kept.sum())
+    return tally, keys
+
+
 def test_stream_counts_damaged_samples_and_keeps_its_length(data):
     _, out = data
     full = _keys(_stream(out), 0)
@@ -267,13 +278,7 @@ def test_stream_counts_damaged_samples_and_keeps_its_length(data):
     entry = read_manifest(out)["splits"]["train"]["shards"][3]
     path = out / "train" / entry["name"]
     path.write_bytes(path.read_bytes()[:-1024])  # truncated: its size no longer matches
-    stream = _stream(out)
-    stream.set_position(0)
-    tally, keys = StreamTally("train"), []
-    for imgs, _, kept, names, why in DataLoader(stream, batch_size=2, collate_fn=collate_stream):
-        tally.add(why)
-        keys += names
-        assert imgs.shape[0] == int(kept.sum())
+    tally, keys = _tallied(_stream(out))
     assert keys == full  # the same order, damaged samples in their places
     # shard 0 no longer matches its sha256: none of its samples is trusted
     lost = {k for k in full if k.startswith((bad.split("/")[0], entry["name"]))}
@@ -421,12 +426,7 @@ def test_a_missing_or_damaged_index(data):
     damaged = man["splits"]["train"]["shards"][4]
     path = out / "train" / damaged["index"]
     path.write_text(path.read_text().replace('"members"', '"membres"'))
-    stream = _stream(out)
-    stream.set_position(0)
-    tally, keys = StreamTally("train"), []
-    for _, _, _, names, why in DataLoader(stream, batch_size=2, collate_fn=collate_stream):
-        tally.add(why)
-        keys += names
+    tally, keys = _tallied(_stream(out))
     assert len(keys) == len(full)
     lost = {k for k in full if k.startswith((gone["name"], damaged["name"]))}
     assert len(tally.skipped) == len(lost)
