@@ -22,6 +22,7 @@ read the same whatever the wrapping.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -74,8 +75,28 @@ def shard_blocks(model: nn.Module, blocks: Iterable[nn.Module], device: torch.de
     for blk in blocks:
         fully_shard(blk, mesh=mesh)
         n += 1
+    # registered before fully_shard's own post-forward hook, so it runs first
+    model.register_forward_hook(_outputs_not_views)
     fully_shard(model, mesh=mesh)
     return n
+
+
+def _outputs_not_views(module: nn.Module, args: Any, output: Any) -> Any:
+    """The root's output with each tensor that requires grad and is a view of another (MAE's
+    prediction is its decoder's output without the class token: a slice) replaced by a copy.
+    FSDP hooks the root's outputs for its pre-backward step, and an in-place op on a view would
+    drop that hook without a word (it warns at every step when it sees one); the copies cost one
+    prediction-sized tensor per step, only under FSDP."""
+
+    def own(t: Any) -> Any:
+        return t.clone() if isinstance(t, torch.Tensor) and t.requires_grad and t._base is not None else t
+
+    if isinstance(output, torch.Tensor):
+        return own(output)
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        fields = {f.name: own(getattr(output, f.name)) for f in dataclasses.fields(output)}
+        return dataclasses.replace(output, **fields)
+    return output
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -151,7 +151,10 @@ def test_compile_targets_are_the_pretraining_targets_with_a_suffix():
 def test_an_fsdp_pretraining_step_on_one_process_is_sharded_and_trains(monkeypatch):
     """``+fsdp`` on one CPU process: a one-rank gloo group, every encoder block its own
     ``fully_shard`` unit, the step timed; its loss after some steps is the plain step's (FSDP
-    over one rank shards nothing away: the same AdamW updates, up to float reassociation)."""
+    over one rank shards nothing away: the same AdamW updates, up to float reassociation); no
+    output of the sharded root is a view that needs grad (FSDP warns of those)."""
+    import warnings
+
     import torch
 
     from harness.core import distributed, parallel
@@ -164,8 +167,12 @@ def test_an_fsdp_pretraining_step_on_one_process_is_sharded_and_trains(monkeypat
             step, model, _, _ = pretrain_bench.recipe_step("mae_micro", "vit_micro_32", 2,
                                                            torch.device("cpu"), "", fsdp=fsdp)  # fmt: skip
             assert parallel.is_sharded(model) == fsdp
-            for _ in range(3):
-                step()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                for _ in range(3):
+                    step()
+            # MAE's prediction is a slice: FSDP's warning that its hook on a view can be lost
+            assert not [w for w in seen if "view tensor" in str(w.message)], seen
             imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
             mask = model.masker(2, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
@@ -193,3 +200,34 @@ def test_a_compiled_pretraining_step_is_timed(monkeypatch):
     assert row["target"] == "pretrain/mae_micro+compile" and row["gflops_per_img"] is None
     assert row["compile_s"] > 0 and row["step_s"] > 0
     assert f"{row['compile_s']:.1f}" in bench.format_table([row]).splitlines()[1]  # shown
+
+
+def test_the_sharded_roots_view_outputs_become_copies():
+    """The forward hook :func:`~harness.core.parallel.shard_blocks` puts on the root: a view that
+    requires grad is copied (same values, its own storage, still in the graph); other tensors,
+    and outputs that are neither tensors nor dataclasses, pass through as they are."""
+    import dataclasses
+
+    import torch
+
+    from harness.core.parallel import _outputs_not_views
+
+    @dataclasses.dataclass
+    class Out:
+        pred: torch.Tensor
+        loss: torch.Tensor
+        mask: torch.Tensor
+        note: str = "x"
+
+    w = torch.randn(2, 5, 3, requires_grad=True)
+    full = w * 2
+    mask = torch.ones(2, 4).bool()[:, 1:]  # a view, no grad
+    out = _outputs_not_views(torch.nn.Identity(), (), Out(full[:, 1:], full.sum(), mask))
+    assert out.pred._base is None and torch.equal(out.pred, full[:, 1:])
+    assert out.mask is mask and out.note == "x"
+    out.pred.sum().backward()
+    assert torch.equal(w.grad, torch.cat([torch.zeros(2, 1, 3), 2 * torch.ones(2, 4, 3)], 1))
+    t = _outputs_not_views(torch.nn.Identity(), (), full[:, 1:])
+    assert t._base is None
+    pair = (full[:, 1:], 1)
+    assert _outputs_not_views(torch.nn.Identity(), (), pair) is pair
