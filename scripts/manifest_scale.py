@@ -15,7 +15,6 @@ version 2 the milliseconds to read one shard's index (what the stream does per s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import subprocess
@@ -26,8 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.core.data.shards import FORMAT, INDEX_SUFFIX, MANIFEST  # noqa: E402
-from harness.core.fsutil import canonical_json  # noqa: E402
+from harness.core.data.shards import FORMAT, INDEX_SUFFIX, MANIFEST, write_index  # noqa: E402
 
 PROBE = """
 import json, os, sys, time
@@ -76,11 +74,8 @@ def write(root: Path, images: int, shard_size: int, version: int) -> int:
                  "sha256": "0" * 64}  # fmt: skip
         if version == 1:
             entry["members"] = ms
-        else:
-            raw = (canonical_json({"shard": name, "members": ms}) + "\n").encode()
-            entry["index"] = name.removesuffix(".tar") + INDEX_SUFFIX
-            entry["index_sha256"] = hashlib.sha256(raw).hexdigest()
-            (root / "train" / entry["index"]).write_bytes(raw)
+        else:  # the index as `mimbench data shard` writes it (no tar beside it)
+            entry |= write_index(root / "train" / name, ms)
         shards.append(entry)
     man = {"format": FORMAT, "version": version, "classes": [f"c{c}" for c in range(1000)],
            "shard_size": shard_size, "seed": 0,

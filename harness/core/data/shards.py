@@ -205,17 +205,23 @@ def _write_shard(path: Path, samples: Sequence[tuple[str, str, int, Path]]) -> d
     finally:
         if tmp.exists():
             tmp.unlink()
-    index = path.name.removesuffix(".tar") + INDEX_SUFFIX
-    raw = (canonical_json({"shard": path.name, "members": members}) + "\n").encode()
-    atomic_write_bytes(path.with_name(index), raw)
     return {
         "name": path.name,
         "samples": len(members),
         "bytes": path.stat().st_size,
         "sha256": _sha256(path),
-        "index": index,
-        "index_sha256": hashlib.sha256(raw).hexdigest(),
+        **write_index(path, members),
     }
+
+
+def write_index(shard: Path, members: list[list[Any]]) -> dict[str, str]:
+    """Write the index of ``shard`` (its ``members``, ``[key, ext, label, offset, size]`` in the
+    tar's order) beside it, atomically; returns the manifest entry's ``index`` and
+    ``index_sha256``."""
+    index = shard.name.removesuffix(".tar") + INDEX_SUFFIX
+    raw = (canonical_json({"shard": shard.name, "members": members}) + "\n").encode()
+    atomic_write_bytes(shard.with_name(index), raw)
+    return {"index": index, "index_sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def _sha256(path: Path) -> str:
