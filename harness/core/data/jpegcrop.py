@@ -32,6 +32,7 @@ the status (``scripts/setup.sh`` runs it).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -98,29 +99,19 @@ def build() -> Path:
     return dest
 
 
-class _Loaded:
-    """The per-process state: the loaded library, or why there is none."""
-
-    lib: ctypes.CDLL | None = None
-    reason: str | None = None
-    tried = False
-
-
-def _load() -> None:
-    _Loaded.tried = True
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """This process's helper, built and loaded once: (the library, None) or (None, why not)."""
     if os.environ.get("MIMBENCH_JPEG_CROP", "1") == "0":
-        _Loaded.reason = "turned off (MIMBENCH_JPEG_CROP=0)"
-        return
+        return None, "turned off (MIMBENCH_JPEG_CROP=0)"
     try:
         # DEEPBIND: the helper's jpeg_* calls go to the libjpeg it was linked against even
         # where another copy's symbols are global in this process (glibc; elsewhere a no-op)
         lib = ctypes.CDLL(str(build()), mode=os.RTLD_LOCAL | getattr(os, "RTLD_DEEPBIND", 0))
     except JpegCropUnavailable as exc:
-        _Loaded.reason = str(exc)
-        return
+        return None, str(exc)
     except OSError as exc:  # built but not loadable (e.g. the library moved)
-        _Loaded.reason = f"could not load the JPEG crop decoder: {exc}"
-        return
+        return None, f"could not load the JPEG crop decoder: {exc}"
     lib.mim_jpegcrop_decode.restype = ctypes.c_int
     lib.mim_jpegcrop_decode.argtypes = [
         ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -128,27 +119,25 @@ def _load() -> None:
         ctypes.c_char_p,
     ]  # fmt: skip
     lib.mim_jpegcrop_version.restype = ctypes.c_int
-    _Loaded.lib = lib
+    return lib, None
 
 
 def library() -> ctypes.CDLL | None:
     """The helper, built and loaded on the first call in this process (None: unavailable,
     :func:`status` says why)."""
-    if not _Loaded.tried:
-        _load()
-    return _Loaded.lib
+    return _load()[0]
 
 
 def reset() -> None:
     """Forget this process's load (the next :func:`library` call builds / loads again)."""
-    _Loaded.lib, _Loaded.reason, _Loaded.tried = None, None, False
+    _load.cache_clear()
 
 
 def status() -> str:
     """One line: the partial decode in use (libjpeg-turbo's version, the library), or why not."""
-    lib = library()
+    lib, why = _load()
     if lib is None:
-        return f"JPEG crop decode off: {_Loaded.reason}"
+        return f"JPEG crop decode off: {why}"
     v = lib.mim_jpegcrop_version()
     return (f"JPEG crop decode on: libjpeg-turbo {v // 1_000_000}.{v // 1000 % 1000}.{v % 1000} "
             f"partial decode ({library_path()})")  # fmt: skip
